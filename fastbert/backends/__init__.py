@@ -1,0 +1,194 @@
+"""Compute backends and their registry.
+
+Backends only compute. ``fastbert.ops`` validates inputs, allocates every output and workspace,
+draws dropout seeds, handles autograd and picks the backend; a backend module exposes the same
+six functions, each writing into preallocated outputs and returning nothing:
+
+``attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
+dropout_p, seed, softmax_scale, allow_tf32, deterministic)``
+    Padded: q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads,
+    head_dim]`` (any strides, contiguous last dim), ``out`` like q, ``lse`` ``[batch, num_heads,
+    seqlen_q]`` fp32. Varlen: q/k/v/out ``[total_tokens, num_heads, head_dim]``, ``cu_seqlens``
+    ``[batch + 1]`` int32, ``lse`` ``[num_heads, total_tokens]`` fp32. ``attention_mask`` is None
+    or bool ``[batch, seqlen_k]`` (True = attend). ``attn_bias`` is None or a 4-D view
+    ``[batch, num_heads, seqlen_q, seqlen_k]`` (stride 0 on broadcast dims). ``seed`` is None
+    (no dropout) or int64 ``[2]`` holding two uint32 words (see ``_philox``). Empty rows write
+    ``out = 0`` and ``lse = +inf``. A backend whose capabilities say ``writes_lse=False`` may leave
+    ``lse`` untouched (it is then an empty tensor) and must not need it in backward.
+
+``attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, <same keywords>)``
+    Writes dq, dk, dv (like q, k, v) and, when ``dbias`` is not None, the full gradient of the
+    scores bias as fp32 ``[batch, num_heads, seqlen_q, seqlen_k]``; ``fastbert.ops`` reduces it
+    over the broadcast dims.
+
+``layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed)``
+    x/residual/y/h ``[rows, hidden]`` (contiguous), weight/bias/x_bias ``[hidden]`` or None.
+    Computes ``h = dropout(x + x_bias) + residual`` (``h`` is None when nothing is fused; then
+    h is x) and ``y = (h - mean) * rstd * weight + bias``; mean/rstd ``[rows]`` fp32.
+
+``layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
+seed)``
+    dx/dresidual ``[rows, hidden]`` (dresidual may be None), dweight/dbias/dx_bias fp32
+    ``[hidden]`` or None, reduced deterministically.
+
+``gelu_fwd(x, bias, y, *, approximate)`` / ``gelu_bwd(dy, x, bias, dx, dbias, *, approximate)``
+    x/y/dx ``[rows, hidden]`` (contiguous), bias ``[hidden]`` or None, dbias fp32 ``[hidden]``.
+
+Each backend registers a :class:`BackendSpec` here. Its ``reasons(op, call)`` lists every reason
+it cannot take a call (empty = it can); the dispatcher in ``fastbert.ops._dispatch`` walks them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+OPS = ("attention", "layer_norm", "gelu")
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What a backend needs to know to accept or refuse a call (metadata only, no values)."""
+
+    op: str
+    device: str  # "cpu" | "cuda" | ...
+    dtype: torch.dtype
+    head_dim: int | None = None
+    features: frozenset = frozenset()  # e.g. {"attention_mask", "attn_bias", "attn_bias_grad",
+    #                                     "varlen", "dropout", "deterministic", "tf32"}
+
+
+@dataclass
+class OpCaps:
+    """Declared capability of one backend for one op."""
+
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: Callable[[int], bool] | None = None  # None = any head_dim
+    head_dims_doc: str = "any"
+    features: frozenset = frozenset()  # supported features; unlisted ones are refused
+    writes_lse: bool = True
+
+
+ALL_FEATURES = frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
+                          "deterministic", "tf32", "x_bias", "residual", "weight", "bias"})
+
+
+@dataclass
+class BackendSpec:
+    """A registered backend: its capabilities, how to load it and whether auto dispatch may pick it."""
+
+    name: str
+    module: str  # import path of the compute module
+    caps: dict[str, OpCaps]
+    auto: tuple[str, ...] = ()  # ops for which auto dispatch may pick this backend
+    probe: Callable[[], str | None] = lambda: None  # reason unavailable, or None (cheap)
+    _module: ModuleType | None = field(default=None, repr=False)
+    _load_error: str | None = field(default=None, repr=False)
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run at all in this process (None when it can)."""
+        reason = self.probe()
+        if reason is not None:
+            return reason
+        self.load()
+        return self._load_error
+
+    def load(self) -> ModuleType | None:
+        """Import the compute module once; remember the error if it fails."""
+        if self._module is None and self._load_error is None:
+            try:
+                self._module = importlib.import_module(self.module)
+            except Exception as exc:  # a broken optional dependency must not break import fastbert
+                self._load_error = f"import {self.module} failed: {type(exc).__name__}: {exc}"
+        return self._module
+
+    def reasons(self, call: CallInfo) -> list[str]:
+        """Every reason this backend cannot take ``call``; empty when it can."""
+        out: list[str] = []
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return [reason]
+        caps = self.caps.get(call.op)
+        if caps is None:
+            return [f"does not implement {call.op}"]
+        if call.device not in caps.devices:
+            out.append(f"device {call.device!r} not in {caps.devices}")
+        if call.dtype not in caps.dtypes:
+            out.append(f"dtype {call.dtype} not in {[str(d) for d in caps.dtypes]}")
+        if call.head_dim is not None and caps.head_dims is not None and not caps.head_dims(call.head_dim):
+            out.append(f"head_dim {call.head_dim} not supported (supports {caps.head_dims_doc})")
+        missing = sorted(call.features - caps.features)
+        if missing:
+            out.append(f"features not supported: {', '.join(missing)}")
+        return out
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+
+
+def register_backend(spec: BackendSpec) -> None:
+    """Register (or replace) a backend by name."""
+    _REGISTRY[spec.name] = spec
+
+
+def get_backend(name: str) -> BackendSpec:
+    """The registered backend called ``name``; ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"backend: expected one of {sorted(_REGISTRY)}, got {name!r}") from None
+
+
+def all_backends() -> dict[str, BackendSpec]:
+    """All registered backends by name, in registration order."""
+    return dict(_REGISTRY)
+
+
+def _triton_probe() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (set TRITON_INTERPRET=1 before importing to run Triton kernels on the CPU)"
+    return None
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_ANY_DEVICE = ("cpu", "cuda")
+
+register_backend(BackendSpec(
+    name="reference",
+    module="fastbert.backends.reference",
+    caps={op: OpCaps(devices=_ANY_DEVICE, dtypes=_FLOATS + (torch.float64,), features=ALL_FEATURES)
+          for op in OPS},
+))
+register_backend(BackendSpec(
+    name="torch",
+    module="fastbert.backends.torch",
+    caps={op: OpCaps(devices=_ANY_DEVICE, dtypes=_FLOATS + (torch.float64,), features=ALL_FEATURES,
+                     writes_lse=False)
+          for op in OPS},
+    auto=OPS,
+))
+
+
+def _load_optional_backends() -> None:
+    """Let the Triton and CUDA backends declare themselves (each file registers its own spec)."""
+    for mod in ("fastbert.backends.triton", "fastbert.backends.cuda"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+_load_optional_backends()

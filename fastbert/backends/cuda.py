@@ -1,0 +1,10 @@
+"""CUDA C++ backend (declared; ``fastbert._C`` lands with the CUDA issue)."""
+
+from fastbert.backends import BackendSpec, register_backend
+
+register_backend(BackendSpec(
+    name="cuda",
+    module="fastbert.backends.cuda",
+    caps={},
+    probe=lambda: "the CUDA extension fastbert._C is not built yet",
+))

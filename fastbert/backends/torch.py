@@ -1,0 +1,153 @@
+"""The torch composite backend: ``scaled_dot_product_attention``, ``native_layer_norm``, ``F.gelu``.
+
+The fast default on CPU and the fallback everywhere. Varlen attention is re-padded only inside
+attention. With dropout, attention needs the shared Philox keep mask, which SDPA cannot take, so it
+runs the reference's composite math instead, and backward is that composite's backward (this
+backend writes no ``lse``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbert.backends._philox import rows_keep_mask
+from fastbert.backends.reference import (_pad_varlen, attention_math, attention_math_bwd,
+                                         attention_varlen_math_bwd)
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale):
+    """SDPA on ``[batch, seqlen, num_heads, head_dim]`` with empty rows returning zeros.
+
+    A row with no key would give NaN (or a backend-dependent value) and NaN gradients, so its mask
+    is opened to every key and its output zeroed afterwards: the row then passes zero gradients.
+    """
+    mask = None  # bool [B, 1|H, 1|Lq, Lk]: True = attend
+    if attention_mask is not None:
+        mask = attention_mask[:, None, None, :]
+    if attn_bias is not None:  # a -inf bias excludes a key like the padding mask (no host sync)
+        finite = ~torch.isneginf(attn_bias)
+        mask = finite if mask is None else mask & finite
+    has_key = None
+    if mask is not None:
+        has_key = mask.any(dim=-1, keepdim=True)  # [B, *, *, 1]
+        mask = mask | ~has_key
+    attn = mask
+    if attn_bias is not None:
+        bias = attn_bias.to(q.dtype)
+        attn = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=attn, scale=softmax_scale)  # [B, H, Lq, d]
+    if has_key is not None:
+        out = torch.where(has_key, out, 0.0)
+    return out.transpose(1, 2)
+
+
+def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
+               softmax_scale):
+    mask = attention_mask
+    if cu_seqlens is not None:
+        q, mask = _pad_varlen(q, cu_seqlens, max_seqlen)
+        k, _ = _pad_varlen(k, cu_seqlens, max_seqlen)
+        v, _ = _pad_varlen(v, cu_seqlens, max_seqlen)
+    if dropout_p > 0.0:
+        out, _ = attention_math(q, k, v, attention_mask=mask, attn_bias=attn_bias,
+                                dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
+    else:
+        out = _sdpa(q, k, v, mask, attn_bias, softmax_scale)
+    return out[mask] if cu_seqlens is not None else out
+
+
+def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
+                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False):
+    """Backend entry point (see ``fastbert.backends``); leaves ``lse`` unwritten."""
+    with torch.no_grad():
+        out.copy_(_attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
+                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
+                             seed=seed, softmax_scale=softmax_scale))
+
+
+def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
+                  cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
+                  deterministic=False):
+    """Backend entry point: the composite backward (recompute P with matmuls; see the reference)."""
+    kw = dict(attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
+    if cu_seqlens is not None:
+        grads = attention_varlen_math_bwd(dout, q, k, v, cu_seqlens, max_seqlen, **kw)
+    else:
+        grads = attention_math_bwd(dout, q, k, v, attention_mask=attention_mask, **kw)
+    dq.copy_(grads[0])
+    dk.copy_(grads[1])
+    dv.copy_(grads[2])
+    if dbias is not None:
+        dbias.copy_(grads[3])
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm (add & norm)
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed):
+    """Backend entry point: ``h = dropout(x + x_bias) + residual``, ``y = LN(h)``."""
+    hh = x
+    if x_bias is not None:
+        hh = hh + x_bias.to(x.dtype)
+    if dropout_p > 0.0:
+        keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
+        hh = hh * keep * (1.0 / (1.0 - dropout_p))
+    if residual is not None:
+        hh = hh + residual
+    yy, m, r = torch.native_layer_norm(hh, (x.shape[-1],), weight, bias, eps)
+    y.copy_(yy)
+    mean.copy_(m.view(-1))
+    rstd.copy_(r.view(-1))
+    if h is not None:
+        h.copy_(hh)
+
+
+def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
+                   seed):
+    """Backend entry point via ``aten.native_layer_norm_backward``."""
+    hidden = h.shape[-1]
+    stat = h.dtype if weight is None else torch.promote_types(h.dtype, weight.dtype)
+    stat = torch.float32 if stat in (torch.float16, torch.bfloat16) else stat
+    need_w = dweight is not None
+    dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
+        dy, h, (hidden,), mean.view(-1, 1).to(stat), rstd.view(-1, 1).to(stat), weight, None,
+        [True, need_w, False])
+    if need_w:
+        dweight.copy_(dw)
+    if dbias is not None:
+        dbias.copy_(dy.sum(0, dtype=torch.float32))
+    if dresidual is not None:
+        dresidual.copy_(dh)
+    if dropout_p > 0.0:
+        keep = rows_keep_mask(seed, dropout_p, h.shape[0], hidden, device=h.device)
+        dh = dh * keep * (1.0 / (1.0 - dropout_p))
+    dx.copy_(dh)
+    if dx_bias is not None:
+        dx_bias.copy_(dx.sum(0, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU with bias
+# ----------------------------------------------------------------------------------------------
+
+
+def gelu_fwd(x, bias, y, *, approximate):
+    """Backend entry point: ``y = F.gelu(x + bias)``."""
+    z = x if bias is None else x + bias.to(x.dtype)
+    y.copy_(F.gelu(z, approximate=approximate))
+
+
+def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
+    """Backend entry point via ``aten.gelu_backward``; dbias summed in fp32."""
+    z = x if bias is None else x + bias.to(x.dtype)
+    dx.copy_(torch.ops.aten.gelu_backward(dy, z, approximate=approximate))
+    if dbias is not None:
+        dbias.copy_(dx.sum(0, dtype=torch.float32))

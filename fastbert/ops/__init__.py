@@ -1,0 +1,14 @@
+"""The functional API: ``attention``, ``layer_norm``, ``gelu``.
+
+Validation, output allocation, dropout seeds, autograd and dispatch live here once; backends only
+compute. Each op direction is a ``torch.library.custom_op`` (``fastbert::attention_fwd`` ...) with
+a fake implementation, so ``torch.compile(fullgraph=True)`` traces through it.
+"""
+
+from fastbert.ops._common import poisoned_outputs, set_poison_outputs
+from fastbert.ops._dispatch import resolve
+from fastbert.ops.attention import attention
+from fastbert.ops.gelu import gelu
+from fastbert.ops.layer_norm import layer_norm
+
+__all__ = ["attention", "layer_norm", "gelu", "resolve", "poisoned_outputs", "set_poison_outputs"]

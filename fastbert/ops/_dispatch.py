@@ -1,0 +1,64 @@
+"""Dispatch by declared capability (after xformers' fmha dispatch).
+
+Order: the ``backend=`` argument > the ``FASTBERT_BACKEND`` environment variable > auto. Auto walks
+a priority list (CPU: torch; GPU: triton, then cuda once verified for the op, then torch) and takes
+the first backend whose ``reasons()`` is empty, logging once per (op, backend) when it falls back. A
+forced backend that cannot take the call raises ``RuntimeError`` listing every reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastbert.backends import CallInfo, all_backends, get_backend
+
+logger = logging.getLogger("fastbert")
+
+AUTO_ORDER = {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")}
+_logged: set = set()
+
+
+def _log_once(key, msg: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(msg)
+
+
+def resolve(call: CallInfo, backend: str | None = None) -> str:
+    """Name of the backend that runs ``call``.
+
+    Raises:
+        ValueError: ``backend`` (or ``FASTBERT_BACKEND``) names no registered backend.
+        RuntimeError: a forced backend cannot take the call (every reason listed), or, in auto
+            mode, no backend can.
+    """
+    forced = backend or os.environ.get("FASTBERT_BACKEND") or None
+    if forced is not None and forced != "auto":
+        spec = get_backend(forced)
+        reasons = spec.reasons(call)
+        if reasons:
+            source = "backend=" if backend else "FASTBERT_BACKEND="
+            raise RuntimeError(
+                f"fastbert.ops.{call.op}: {source}{forced!r} cannot run this call "
+                f"(device={call.device}, dtype={call.dtype}, head_dim={call.head_dim}, "
+                f"features={sorted(call.features)}):\n  - " + "\n  - ".join(reasons))
+        return forced
+    tried: list[str] = []
+    for name in AUTO_ORDER.get(call.device, ("torch",)):
+        spec = all_backends().get(name)
+        if spec is None or call.op not in spec.auto:
+            continue
+        reasons = spec.reasons(call)
+        if not reasons:
+            if tried:
+                _log_once((call.op, name, tuple(tried)),
+                          f"fastbert.ops.{call.op}: using {name!r}; skipped: {'; '.join(tried)}")
+            return name
+        tried.append(f"{name}: {', '.join(reasons)}")
+    raise RuntimeError(f"fastbert.ops.{call.op}: no backend can run this call:\n  - " + "\n  - ".join(tried))
+
+
+def backend_module(name: str):
+    """The compute module of backend ``name`` (loaded once)."""
+    return get_backend(name).load()

@@ -1,0 +1,254 @@
+"""Fused masked multi-head attention: validation, dispatch, custom ops and autograd."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastbert.backends import CallInfo, get_backend
+from fastbert.ops._common import (allow_tf32, autocast_dtype, check, check_dropout_p, check_tensor,
+                                  deterministic, draw_seed, new_empty, no_autocast,
+                                  value_checks_enabled)
+from fastbert.ops._dispatch import backend_module, resolve
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _lse_shape(q: Tensor, varlen: bool, backend: str) -> tuple:
+    if not get_backend(backend).caps["attention"].writes_lse:
+        return (0,)
+    if varlen:
+        return (q.shape[1], q.shape[0])  # [num_heads, total_tokens]
+    return (q.shape[0], q.shape[2], q.shape[1])  # [batch, num_heads, seqlen_q]
+
+
+def _bias4d(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """attn_bias as a stride-0 view ``[batch, num_heads, seqlen_q, seqlen_k]`` (no copy)."""
+    if attn_bias is None:
+        return None
+    batch, seqlen_q, num_heads, _ = q.shape
+    return attn_bias.expand(batch, num_heads, seqlen_q, k.shape[1])
+
+
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
+                   attn_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], seed: Optional[Tensor],
+                   max_seqlen: int, dropout_p: float, softmax_scale: float, allow_tf32: bool,
+                   deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+    varlen = cu_seqlens is not None
+    out = new_empty(q.shape, q.dtype, q.device)
+    lse = new_empty(_lse_shape(q, varlen, backend), torch.float32, q.device)
+    if q.numel() == 0 or k.numel() == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    with no_autocast(q.device.type):
+        backend_module(backend).attention_fwd(
+            q, k, v, out, lse, attention_mask=attention_mask, attn_bias=_bias4d(attn_bias, q, k),
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
+            softmax_scale=softmax_scale, allow_tf32=allow_tf32, deterministic=deterministic)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
+      allow_tf32, deterministic, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(_lse_shape(q, cu_seqlens is not None, backend), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   attention_mask: Optional[Tensor], attn_bias: Optional[Tensor],
+                   cu_seqlens: Optional[Tensor], seed: Optional[Tensor], max_seqlen: int,
+                   dropout_p: float, softmax_scale: float, allow_tf32: bool, deterministic: bool,
+                   bias_requires_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq = new_empty(q.shape, q.dtype, q.device)
+    dk = new_empty(k.shape, k.dtype, k.device)
+    dv = new_empty(v.shape, v.dtype, v.device)
+    bias4d = _bias4d(attn_bias, q, k)
+    # The scores-bias gradient is computed in full ([batch, heads, seqlen_q, seqlen_k] fp32, the
+    # workspace this costs) and reduced here over the broadcast dims, deterministically.
+    dbias_full = new_empty(bias4d.shape, torch.float32, q.device) if bias_requires_grad else None
+    if q.numel() == 0 or k.numel() == 0:
+        for t in (dq, dk, dv) + ((dbias_full,) if bias_requires_grad else ()):
+            t.zero_()
+    else:
+        with no_autocast(q.device.type):
+            backend_module(backend).attention_bwd(
+                dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dbias_full,
+                attention_mask=attention_mask, attn_bias=bias4d, cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
+                allow_tf32=allow_tf32, deterministic=deterministic)
+    if not bias_requires_grad:
+        return dq, dk, dv, q.new_empty((0,))
+    dbias = dbias_full.sum_to_size(attn_bias.shape if attn_bias.dim() == 4 else
+                                   (1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+    return dq, dk, dv, dbias.reshape(attn_bias.shape).to(attn_bias.dtype)
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+      softmax_scale, allow_tf32, deterministic, bias_requires_grad, backend):
+    dbias = torch.empty_like(attn_bias) if bias_requires_grad else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
+     tf32, det, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed)
+    ctx.args = (max_seqlen, dropout_p, softmax_scale, tf32, det, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed = ctx.saved_tensors
+    max_seqlen, dropout_p, softmax_scale, tf32, det, backend = ctx.args
+    bias_grad = attn_bias is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, attention_mask, attn_bias,
+                                       cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale, tf32,
+                                       det, bias_grad, backend)
+    return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 8
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: Optional[int]) -> None:
+    cu = cu_seqlens.tolist()
+    check(cu[0] == 0, ValueError, f"cu_seqlens: expected cu_seqlens[0] == 0, got {cu[0]}")
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    check(all(n >= 0 for n in lengths), ValueError, f"cu_seqlens: expected non-decreasing values, got {cu}")
+    check(cu[-1] == total_tokens, ValueError,
+          f"cu_seqlens: expected cu_seqlens[-1] == total_tokens == {total_tokens}, got {cu[-1]}")
+    if max_seqlen is not None:
+        check(max(lengths) <= max_seqlen, ValueError,
+              f"max_seqlen: expected >= the longest sequence ({max(lengths)}), got {max_seqlen}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tensor] = None,
+              attn_bias: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+              max_seqlen: Optional[int] = None, dropout_p: float = 0.0,
+              softmax_scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """Masked multi-head scaled dot-product attention, differentiable in q, k, v and attn_bias.
+
+    ``out = dropout(softmax(softmax_scale * q @ k^T + attn_bias, masked)) @ v`` per head
+    (Vaswani et al. 2017, eq. 1); kernels tile it with the online softmax (Dao 2023).
+
+    Args:
+        q: padded ``(batch, seqlen_q, num_heads, head_dim)`` or varlen
+            ``(total_tokens, num_heads, head_dim)``; fp16, bf16, fp32 or fp64. Any strides with a
+            contiguous last dim are read in place.
+        k, v: like q (padded: ``(batch, seqlen_k, num_heads, head_dim)``; seqlen_k may differ from
+            seqlen_q). Same dtype and device as q.
+        attention_mask: ``(batch, seqlen_k)``, bool or integer; nonzero / True = attend, 0 = padding
+            (BERT's and Hugging Face's convention, the inverse of torch's ``key_padding_mask``).
+            Padded layout only.
+        attn_bias: additive scores bias broadcastable to ``(batch, num_heads, seqlen_q, seqlen_k)``,
+            read in place through stride-0 dims; scores are ``softmax_scale * q @ k^T + attn_bias``.
+            A ``-inf`` entry excludes that key. A ``finfo.min`` bias is a finite number: a row whose
+            keys are all biased that way averages V (as Hugging Face's eager path does). Its
+            gradient costs an fp32 ``(batch, num_heads, seqlen_q, seqlen_k)`` workspace, reduced
+            over the broadcast dims deterministically. Not supported with ``cu_seqlens``.
+        cu_seqlens: ``(batch + 1,)`` int32 cumulative sequence lengths for the varlen layout
+            (self-attention; zero-length sequences allowed).
+        max_seqlen: longest sequence in ``cu_seqlens``; computed when None (one host sync).
+        dropout_p: dropout on the attention probabilities, ``0 <= dropout_p < 1``, inverted scaling
+            ``1 / (1 - dropout_p)``; the keep mask comes from the shared Philox scheme seeded from
+            torch's RNG, identical across layouts and backends.
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        backend: force a backend (``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"``, ...);
+            else ``FASTBERT_BACKEND``, else automatic.
+
+    Returns:
+        ``out`` with q's shape and dtype. A query row with no key to attend (every key masked or
+        biased ``-inf``) is **empty**: it returns zeros and passes zero gradients, never NaN.
+
+    Raises:
+        TypeError: a non-tensor, a non-float dtype, dtypes that differ, or non-int32 cu_seqlens.
+        ValueError: wrong ndim, mismatched batch/heads/head_dim/seqlen, a mask or bias of the wrong
+            shape, ``attention_mask`` or ``attn_bias`` together with ``cu_seqlens``, a bad
+            ``dropout_p``; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
+            ``cu_seqlens`` values that are not non-decreasing from 0 to ``total_tokens``. The fast
+            GPU path trusts tensor values.
+        RuntimeError: a forced backend cannot take the call (every reason is listed).
+    """
+    varlen = cu_seqlens is not None
+    ndim = 3 if varlen else 4
+    check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
+    check_tensor("k", k, ndim=ndim, device=q.device)
+    check_tensor("v", v, ndim=ndim, device=q.device)
+    check(k.dtype == q.dtype and v.dtype == q.dtype, TypeError,
+          f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
+    hd = q.shape[-1]
+    check(k.shape[-2] == q.shape[-2] and v.shape[-2] == q.shape[-2], ValueError,
+          f"num_heads: expected q, k, v to agree, got q {q.shape[-2]}, k {k.shape[-2]}, v {v.shape[-2]}")
+    check(k.shape[-1] == hd and v.shape[-1] == hd, ValueError,
+          f"head_dim: expected q, k, v to agree, got q {hd}, k {k.shape[-1]}, v {v.shape[-1]}")
+    check(hd > 0, ValueError, f"head_dim: expected > 0, got {hd}")
+    check(k.shape[:-2] == v.shape[:-2], ValueError,
+          f"k, v: expected the same leading shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    dropout_p = check_dropout_p(dropout_p)
+    if varlen:
+        check(attention_mask is None, ValueError,
+              "attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")
+        check(attn_bias is None, ValueError, "attn_bias: not supported with cu_seqlens (use the padded layout)")
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check(cu_seqlens.numel() >= 1, ValueError, "cu_seqlens: expected batch + 1 >= 1 entries, got 0")
+        check(k.shape[0] == q.shape[0], ValueError,
+              f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
+        if value_checks_enabled(cu_seqlens):
+            _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+        if max_seqlen is None:
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            max_seqlen = int(lengths.max().item()) if lengths.numel() else 0  # one host sync
+    else:
+        check(k.shape[0] == q.shape[0], ValueError, f"k: expected batch {q.shape[0]}, got {k.shape[0]}")
+        check(max_seqlen is None, ValueError, "max_seqlen: only meaningful with cu_seqlens")
+        batch, seqlen_k = q.shape[0], k.shape[1]
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, ndim=2, device=q.device)
+            check(tuple(attention_mask.shape) == (batch, seqlen_k), ValueError,
+                  f"attention_mask: expected shape (batch, seqlen_k) = {(batch, seqlen_k)}, "
+                  f"got {tuple(attention_mask.shape)}")
+            if attention_mask.dtype != torch.bool:
+                attention_mask = attention_mask != 0
+        if attn_bias is not None:
+            check_tensor("attn_bias", attn_bias, dtypes=_FLOAT_DTYPES, device=q.device)
+            full = (batch, q.shape[2], q.shape[1], seqlen_k)
+            ok = attn_bias.dim() <= 4 and all(
+                s in (1, f) for s, f in zip(reversed(attn_bias.shape), reversed(full)))
+            check(ok, ValueError, f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
+                                  f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    ac = autocast_dtype(q.device.type)
+    if ac is not None:  # attention runs in the autocast dtype
+        q, k, v = q.to(ac), k.to(ac), v.to(ac)
+        attn_bias = attn_bias.to(ac) if attn_bias is not None else None
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(hd)
+    features = set()
+    if attention_mask is not None:
+        features.add("attention_mask")
+    if attn_bias is not None:
+        features.add("attn_bias")
+        if attn_bias.requires_grad:
+            features.add("attn_bias_grad")
+    if varlen:
+        features.add("varlen")
+    if dropout_p > 0.0:
+        features.add("dropout")
+    det, tf32 = deterministic(), allow_tf32(q)
+    if det:
+        features.add("deterministic")
+    if tf32:
+        features.add("tf32")
+    name = resolve(CallInfo("attention", q.device.type, q.dtype, hd, frozenset(features)), backend)
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    out, _ = _attention_fwd(q, k, v, attention_mask, attn_bias, cu_seqlens, seed,
+                            int(max_seqlen or 0), dropout_p, float(softmax_scale), tf32, det, name)
+    return out

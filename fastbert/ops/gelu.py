@@ -1,0 +1,105 @@
+"""GELU with a fused bias: validation, dispatch, custom ops and autograd."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastbert.backends import CallInfo
+from fastbert.ops._common import autocast_dtype, check, check_tensor, new_empty, no_autocast
+from fastbert.ops._dispatch import backend_module, resolve
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+APPROXIMATE = ("none", "tanh")
+
+
+@torch.library.custom_op("fastbert::gelu_fwd", mutates_args=())
+def _gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+    y = new_empty(x.shape, x.dtype, x.device)
+    if x.numel():
+        with no_autocast(x.device.type):
+            backend_module(backend).gelu_fwd(x, bias, y, approximate=approximate)
+    return y
+
+
+@_gelu_fwd.register_fake
+def _(x, bias, approximate, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())
+def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
+              backend: str) -> tuple[Tensor, Tensor]:
+    dx = new_empty(x.shape, x.dtype, x.device)
+    dbias = new_empty((x.shape[-1],) if need_dbias else (0,), torch.float32, x.device)
+    if x.numel():
+        with no_autocast(x.device.type):
+            backend_module(backend).gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
+                                             approximate=approximate)
+    else:
+        dbias.zero_()
+    return dx, dbias
+
+
+@_gelu_bwd.register_fake
+def _(dy, x, bias, need_dbias, approximate, backend):
+    return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.args = (approximate, backend)
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    approximate, backend = ctx.args
+    need_dbias = bias is not None and ctx.needs_input_grad[1]
+    dx, dbias = _gelu_bwd(dy, x, bias, need_dbias, approximate, backend)
+    return dx, (dbias.to(bias.dtype) if need_dbias else None), None, None
+
+
+_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
+         backend: Optional[str] = None) -> Tensor:
+    """GELU of ``x + bias`` (Hendrycks & Gimpel 2016), computed in fp32, stored in x's dtype.
+
+    ``approximate="none"``: ``z * Phi(z) = 0.5 z (1 + erf(z / sqrt(2)))`` (BERT's ``gelu``);
+    ``"tanh"``: ``0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3)))`` (``gelu_new``).
+
+    Args:
+        x: ``(..., hidden)``; fp16, bf16, fp32 or fp64.
+        bias: ``(hidden,)`` or None, x's dtype or fp32 (the preceding dense layer's bias, fused).
+        approximate: ``"none"`` or ``"tanh"``.
+        backend: force a backend, else ``FASTBERT_BACKEND``, else automatic.
+
+    Returns:
+        y with x's shape and dtype (the autocast dtype under autocast).
+
+    Raises:
+        TypeError / ValueError naming the argument, expected and actual value;
+        RuntimeError when a forced backend cannot run the call.
+    """
+    check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
+    check(approximate in APPROXIMATE, ValueError, f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    hidden = x.shape[-1]
+    ac = autocast_dtype(x.device.type)
+    if ac is not None:  # GELU runs in the autocast dtype
+        x = x.to(ac)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        check(bias.shape[0] == hidden, ValueError, f"bias: expected shape ({hidden},), got {tuple(bias.shape)}")
+        if ac is not None:
+            bias = bias.to(ac)
+        check(bias.dtype in (x.dtype, torch.float32), TypeError,
+              f"bias: expected dtype {x.dtype} or torch.float32, got {bias.dtype}")
+    features = frozenset({"bias"}) if bias is not None else frozenset()
+    name = resolve(CallInfo("gelu", x.device.type, x.dtype, None, features), backend)
+    shape = x.shape
+    y = _gelu_fwd(x.reshape(-1, hidden).contiguous() if x.dim() else x, bias, approximate, name)
+    return y.view(shape)

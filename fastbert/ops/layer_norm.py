@@ -1,0 +1,162 @@
+"""LayerNorm with BERT's add & norm fusion: validation, dispatch, custom ops and autograd."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastbert.backends import CallInfo
+from fastbert.ops._common import (autocast_dtype, check, check_dropout_p, check_tensor, draw_seed,
+                                  new_empty, no_autocast)
+from fastbert.ops._dispatch import backend_module, resolve
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.library.custom_op("fastbert::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    residual: Optional[Tensor], x_bias: Optional[Tensor], seed: Optional[Tensor],
+                    eps: float, dropout_p: float, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    rows = x.shape[0]
+    fused = residual is not None or x_bias is not None or dropout_p > 0.0
+    y = new_empty(x.shape, x.dtype, x.device)
+    mean = new_empty((rows,), torch.float32, x.device)
+    rstd = new_empty((rows,), torch.float32, x.device)
+    h = new_empty(x.shape if fused else (0,), x.dtype, x.device)
+    if x.numel():
+        with no_autocast(x.device.type):
+            backend_module(backend).layer_norm_fwd(
+                x, weight, bias, residual, x_bias, y, mean, rstd, h if fused else None, eps=eps,
+                dropout_p=dropout_p, seed=seed)
+    return y, mean, rstd, h
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
+    fused = residual is not None or x_bias is not None or dropout_p > 0.0
+    rows = x.shape[0]
+    return (torch.empty_like(x), x.new_empty((rows,), dtype=torch.float32),
+            x.new_empty((rows,), dtype=torch.float32), x.new_empty(x.shape if fused else (0,)))
+
+
+@torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                    seed: Optional[Tensor], dropout_p: float, need_dweight: bool, need_dbias: bool,
+                    need_dresidual: bool, need_dx_bias: bool, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    hidden = h.shape[-1]
+    dev = h.device
+    dx = new_empty(h.shape, h.dtype, dev)
+    dw = new_empty((hidden,), torch.float32, dev) if need_dweight else None
+    db = new_empty((hidden,), torch.float32, dev) if need_dbias else None
+    dres = new_empty(h.shape, h.dtype, dev) if need_dresidual else None
+    dxb = new_empty((hidden,), torch.float32, dev) if need_dx_bias else None
+    if h.numel():
+        with no_autocast(dev.type):
+            backend_module(backend).layer_norm_bwd(dy.contiguous(), h, weight, mean, rstd, dx, dw, db,
+                                                   dres, dxb, dropout_p=dropout_p, seed=seed)
+    else:
+        for t in (dx, dw, db, dres, dxb):
+            if t is not None:
+                t.zero_()
+    # Outputs may not alias each other: a fresh empty tensor for every gradient not asked for.
+    return (dx,) + tuple(h.new_empty((0,)) if t is None else t for t in (dw, db, dres, dxb))
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight, need_dbias, need_dresidual,
+      need_dx_bias, backend):
+    hidden = h.shape[-1]
+    vec = lambda need: h.new_empty((hidden,) if need else (0,), dtype=torch.float32)  # noqa: E731
+    return (torch.empty_like(h), vec(need_dweight), vec(need_dbias),
+            torch.empty_like(h) if need_dresidual else h.new_empty((0,)), vec(need_dx_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend = inputs
+    y, mean, rstd, h = output
+    fused = residual is not None or x_bias is not None or dropout_p > 0.0
+    ctx.save_for_backward(h if fused else x, weight, mean, rstd, seed)
+    ctx.args = (dropout_p, backend)
+    ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, x_bias))
+    ctx.has = (weight is not None, bias is not None, residual is not None, x_bias is not None)
+
+
+def _backward(ctx, dy, dmean, drstd, dh):
+    h, weight, mean, rstd, seed = ctx.saved_tensors
+    dropout_p, backend = ctx.args
+    nig = ctx.needs_input_grad
+    has_w, has_b, has_res, has_xb = ctx.has
+    dx, dw, db, dres, dxb = _layer_norm_bwd(
+        dy, h, weight, mean, rstd, seed, dropout_p, has_w and nig[1], has_b and nig[2],
+        has_res and nig[3], has_xb and nig[4], backend)
+    # Parameter gradients accumulate in fp32 and take their parameter's dtype.
+    dw, db, dxb = (g.to(dt) if dt is not None and g.numel() else None
+                   for g, dt in zip((dw, db, dxb), ctx.param_dtypes))
+    return dx, dw, db, (dres if dres.numel() else None), dxb, None, None, None, None
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
+               eps: float = 1e-5, residual: Optional[Tensor] = None, x_bias: Optional[Tensor] = None,
+               dropout_p: float = 0.0, backend: Optional[str] = None) -> Tensor:
+    """BERT's add & norm: ``y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias``.
+
+    LayerNorm over the last dim (Ba et al. 2016, eqs. 3-4): ``(h - mean) / sqrt(var + eps)`` with
+    statistics in fp32 and the stable two-pass variance. An all-zero row normalises to zeros, so
+    it returns ``bias``.
+
+    Args:
+        x: ``(..., hidden)``; fp16, bf16, fp32 or fp64.
+        weight, bias: ``(hidden,)`` or None; x's dtype or fp32 (fp32 parameters with fp16/bf16 x
+            are accepted; y takes x's dtype).
+        eps: added to the variance (models pass their ``layer_norm_eps``); >= 0.
+        residual: x's shape and dtype, added after dropout (the sub-layer input in BERT).
+        x_bias: ``(hidden,)`` added to x before dropout (the bias of the preceding dense layer,
+            fused here).
+        dropout_p: dropout on ``x + x_bias``, ``0 <= dropout_p < 1`` (shared Philox scheme, keyed
+            by (row, column) of the flattened ``(rows, hidden)`` view).
+        backend: force a backend, else ``FASTBERT_BACKEND``, else automatic.
+
+    Returns:
+        y with x's shape and dtype.
+
+    Raises:
+        TypeError / ValueError: naming the argument, expected and actual value (ndim, hidden size,
+            dtype, device, dropout_p, eps). RuntimeError: a forced backend cannot run the call.
+    """
+    check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
+    hidden = x.shape[-1]
+    check(hidden > 0, ValueError, f"x: expected hidden size > 0, got shape {tuple(x.shape)}")
+    check(isinstance(eps, (int, float)) and eps >= 0, ValueError, f"eps: expected a float >= 0, got {eps!r}")
+    dropout_p = check_dropout_p(dropout_p)
+    ac = autocast_dtype(x.device.type)
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        if t is not None:
+            check_tensor(name, t, ndim=1, device=x.device)
+            check(t.shape[0] == hidden, ValueError, f"{name}: expected shape ({hidden},), got {tuple(t.shape)}")
+            check(t.dtype in (x.dtype, torch.float32), TypeError,
+                  f"{name}: expected dtype {x.dtype} or torch.float32, got {t.dtype}")
+    if residual is not None:
+        check_tensor("residual", residual, device=x.device)
+        check(residual.shape == x.shape, ValueError,
+              f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if ac is not None:  # under autocast the residual stream takes x's dtype, as fused LN does
+            residual = residual.to(x.dtype)
+        check(residual.dtype == x.dtype, TypeError, f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
+    shape = x.shape
+    x2 = x.reshape(-1, hidden).contiguous()
+    res2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    features = {n for n, t in (("weight", weight), ("bias", bias), ("residual", residual),
+                               ("x_bias", x_bias)) if t is not None}
+    if dropout_p > 0.0:
+        features.add("dropout")
+    name = resolve(CallInfo("layer_norm", x.device.type, x.dtype, None, frozenset(features)), backend)
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
+    y, _, _, _ = _layer_norm_fwd(x2, weight, bias, res2, x_bias, seed, float(eps), dropout_p, name)
+    return y.view(shape)
