@@ -73,6 +73,7 @@ class OpCaps:
     head_dims_doc: str = "any"
     features: frozenset = frozenset()  # supported features; unlisted ones are refused
     writes_lse: bool = True
+    module: str | None = None  # compute module for this op when not the backend's own module
 
 
 ALL_FEATURES = frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
@@ -84,39 +85,45 @@ class BackendSpec:
     """A registered backend: its capabilities, how to load it and whether auto dispatch may pick it."""
 
     name: str
-    module: str  # import path of the compute module
+    module: str | None  # import path of the compute module (or per op: ``OpCaps.module``)
     caps: dict[str, OpCaps]
     auto: tuple[str, ...] = ()  # ops for which auto dispatch may pick this backend
     probe: Callable[[], str | None] = lambda: None  # reason unavailable, or None (cheap)
-    _module: ModuleType | None = field(default=None, repr=False)
-    _load_error: str | None = field(default=None, repr=False)
+    _modules: dict = field(default_factory=dict, repr=False)  # path -> module or error string
 
-    def unavailable_reason(self) -> str | None:
-        """Why this backend cannot run at all in this process (None when it can)."""
+    def _module_path(self, op: str | None) -> str | None:
+        caps = self.caps.get(op) if op is not None else None
+        return (caps.module if caps is not None and caps.module else None) or self.module
+
+    def unavailable_reason(self, op: str | None = None) -> str | None:
+        """Why this backend (for ``op``) cannot run in this process (None when it can)."""
         reason = self.probe()
         if reason is not None:
             return reason
-        self.load()
-        return self._load_error
+        mod = self.load(op)
+        return mod if isinstance(mod, str) else None
 
-    def load(self) -> ModuleType | None:
-        """Import the compute module once; remember the error if it fails."""
-        if self._module is None and self._load_error is None:
+    def load(self, op: str | None = None) -> ModuleType | str:
+        """Import the compute module (of ``op``) once; returns it, or the import error as a string."""
+        path = self._module_path(op)
+        if path is None:
+            return f"no compute module declared for {op}"
+        if path not in self._modules:
             try:
-                self._module = importlib.import_module(self.module)
+                self._modules[path] = importlib.import_module(path)
             except Exception as exc:  # a broken optional dependency must not break import fastbert
-                self._load_error = f"import {self.module} failed: {type(exc).__name__}: {exc}"
-        return self._module
+                self._modules[path] = f"import {path} failed: {type(exc).__name__}: {exc}"
+        return self._modules[path]
 
     def reasons(self, call: CallInfo) -> list[str]:
         """Every reason this backend cannot take ``call``; empty when it can."""
         out: list[str] = []
-        reason = self.unavailable_reason()
-        if reason is not None:
-            return [reason]
         caps = self.caps.get(call.op)
         if caps is None:
             return [f"does not implement {call.op}"]
+        reason = self.unavailable_reason(call.op)
+        if reason is not None:
+            return [reason]
         if call.device not in caps.devices:
             out.append(f"device {call.device!r} not in {caps.devices}")
         if call.dtype not in caps.dtypes:

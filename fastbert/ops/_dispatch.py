@@ -59,6 +59,9 @@ def resolve(call: CallInfo, backend: str | None = None) -> str:
     raise RuntimeError(f"fastbert.ops.{call.op}: no backend can run this call:\n  - " + "\n  - ".join(tried))
 
 
-def backend_module(name: str):
-    """The compute module of backend ``name`` (loaded once)."""
-    return get_backend(name).load()
+def backend_module(name: str, op: str):
+    """The compute module of backend ``name`` for ``op`` (loaded once)."""
+    mod = get_backend(name).load(op)
+    if isinstance(mod, str):
+        raise RuntimeError(f"fastbert.ops.{op}: backend {name!r} is unavailable: {mod}")
+    return mod

@@ -46,7 +46,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Ten
         lse.fill_(float("inf"))
         return out, lse
     with no_autocast(q.device.type):
-        backend_module(backend).attention_fwd(
+        backend_module(backend, "attention").attention_fwd(
             q, k, v, out, lse, attention_mask=attention_mask, attn_bias=_bias4d(attn_bias, q, k),
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
             softmax_scale=softmax_scale, allow_tf32=allow_tf32, deterministic=deterministic)
@@ -78,7 +78,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             t.zero_()
     else:
         with no_autocast(q.device.type):
-            backend_module(backend).attention_bwd(
+            backend_module(backend, "attention").attention_bwd(
                 dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dbias_full,
                 attention_mask=attention_mask, attn_bias=bias4d, cu_seqlens=cu_seqlens,
                 max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,

@@ -20,7 +20,7 @@ def _gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str)
     y = new_empty(x.shape, x.dtype, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend).gelu_fwd(x, bias, y, approximate=approximate)
+            backend_module(backend, "gelu").gelu_fwd(x, bias, y, approximate=approximate)
     return y
 
 
@@ -36,7 +36,7 @@ def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, a
     dbias = new_empty((x.shape[-1],) if need_dbias else (0,), torch.float32, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend).gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
+            backend_module(backend, "gelu").gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
                                              approximate=approximate)
     else:
         dbias.zero_()

@@ -28,7 +28,7 @@ def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     h = new_empty(x.shape if fused else (0,), x.dtype, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend).layer_norm_fwd(
+            backend_module(backend, "layer_norm").layer_norm_fwd(
                 x, weight, bias, residual, x_bias, y, mean, rstd, h if fused else None, eps=eps,
                 dropout_p=dropout_p, seed=seed)
     return y, mean, rstd, h
@@ -56,7 +56,7 @@ def _layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tenso
     dxb = new_empty((hidden,), torch.float32, dev) if need_dx_bias else None
     if h.numel():
         with no_autocast(dev.type):
-            backend_module(backend).layer_norm_bwd(dy.contiguous(), h, weight, mean, rstd, dx, dw, db,
+            backend_module(backend, "layer_norm").layer_norm_bwd(dy.contiguous(), h, weight, mean, rstd, dx, dw, db,
                                                    dres, dxb, dropout_p=dropout_p, seed=seed)
     else:
         for t in (dx, dw, db, dres, dxb):
