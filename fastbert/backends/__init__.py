@@ -18,7 +18,7 @@ dropout_p, seed, softmax_scale, allow_tf32, deterministic)``
 
 ``attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, <same keywords>)``
     Writes dq, dk, dv (like q, k, v) and, when ``dbias`` is not None, the full gradient of the
-    scores bias as fp32 ``[batch, num_heads, seqlen_q, seqlen_k]``; ``fastbert.ops`` reduces it
+    scores bias as fp32 (fp64 for fp64 inputs) ``[batch, num_heads, seqlen_q, seqlen_k]``; ``fastbert.ops`` reduces it
     over the broadcast dims.
 
 ``layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed)``

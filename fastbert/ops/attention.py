@@ -70,9 +70,10 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)
     bias4d = _bias4d(attn_bias, q, k)
-    # The scores-bias gradient is computed in full ([batch, heads, seqlen_q, seqlen_k] fp32, the
-    # workspace this costs) and reduced here over the broadcast dims, deterministically.
-    dbias_full = new_empty(bias4d.shape, torch.float32, q.device) if bias_requires_grad else None
+    # The scores-bias gradient is computed in full ([batch, heads, seqlen_q, seqlen_k] fp32 (fp64
+    # for fp64 inputs), the workspace this costs) and reduced here over the broadcast dims, deterministically.
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dbias_full = new_empty(bias4d.shape, acc, q.device) if bias_requires_grad else None
     if q.numel() == 0 or k.numel() == 0:
         for t in (dq, dk, dv) + ((dbias_full,) if bias_requires_grad else ()):
             t.zero_()

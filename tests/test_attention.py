@@ -1,0 +1,297 @@
+"""fastbert.ops.attention: the reference against independent implementations, the torch backend
+against the reference, empty rows, masks, dropout, varlen, validation errors, custom-op checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tolerance import assert_close_to_ref
+
+from fastbert.backends._philox import attention_keep_mask
+from fastbert.ops import attention
+
+CPU_BACKENDS = ("reference", "torch")
+
+
+def _qkv(batch, seqlen_q, seqlen_k, num_heads, head_dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda L: torch.randn(batch, L, num_heads, head_dim, generator=g, dtype=torch.float64)  # noqa: E731
+    return [t.to(dtype) for t in (mk(seqlen_q), mk(seqlen_k), mk(seqlen_k))]
+
+
+def _mask(batch, seqlen_k, seed=0, empty_row=False):
+    g = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(1, seqlen_k + 1, (batch,), generator=g)
+    if empty_row:
+        lengths[0] = 0
+    return torch.arange(seqlen_k)[None, :] < lengths[:, None]  # bool [B, Lk]
+
+
+def _sdpa_math(q, k, v, mask=None, bias=None, scale=None):
+    """Independent implementation: SDPA's math backend with a bool mask (rows with a key only)."""
+    attn = None
+    if mask is not None:
+        attn = mask[:, None, None, :].expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    if bias is not None:
+        b = bias.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        attn = b if attn is None else b.masked_fill(~attn, float("-inf"))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attn, scale=scale)
+    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------- the reference is independent
+
+@pytest.mark.parametrize("batch,seqlen_q,seqlen_k,num_heads,head_dim", [
+    (1, 1, 1, 1, 26), (3, 7, 7, 2, 32), (2, 97, 97, 3, 40), (3, 7, 13, 2, 64), (1, 17, 17, 2, 80),
+    (2, 7, 7, 1, 96), (1, 9, 9, 2, 128)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_matches_sdpa_math(batch, seqlen_q, seqlen_k, num_heads, head_dim, with_bias):
+    q, k, v = (t.requires_grad_() for t in _qkv(batch, seqlen_q, seqlen_k, num_heads, head_dim, torch.float64))
+    mask = _mask(batch, seqlen_k)
+    bias = torch.randn(batch, 1, seqlen_q, seqlen_k, dtype=torch.float64, requires_grad=True) if with_bias else None
+    out = attention(q, k, v, attention_mask=mask, attn_bias=bias, backend="reference")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v] + ([bias] if with_bias else []), dout)
+    ref = _sdpa_math(q, k, v, mask, bias)
+    ref_grads = torch.autograd.grad(ref, [q, k, v] + ([bias] if with_bias else []), dout)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+
+
+def test_reference_varlen_matches_per_sequence_loop():
+    lengths = [5, 0, 1, 9]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    total, heads, hd = sum(lengths), 2, 16
+    q, k, v = (torch.randn(total, heads, hd, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, cu_seqlens=cu, backend="reference")
+    parts = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if b > a:
+            parts.append(_sdpa_math(q[None, a:b], k[None, a:b], v[None, a:b])[0])
+    torch.testing.assert_close(out, torch.cat(parts), atol=1e-12, rtol=1e-12)
+    dout = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, [q, k, v], dout)
+    g2 = torch.autograd.grad(torch.cat(parts), [q, k, v], dout)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_gradcheck_fp64():
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 4, 2, 5, torch.float64))
+    mask = _mask(2, 4, empty_row=False)
+    bias = torch.randn(2, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    f = lambda q, k, v, b: attention(q, k, v, attention_mask=mask, attn_bias=b, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
+# ---------------------------------------------------------------- the torch backend vs reference
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("batch,seqlen,num_heads,head_dim,bias_shape", [
+    (1, 1, 1, 32, None), (3, 7, 2, 40, "b11k"), (2, 97, 2, 64, "11qk"), (3, 7, 3, 26, "bhqk"),
+    (1, 17, 2, 80, None), (2, 7, 2, 96, "b11k"), (1, 9, 1, 128, None)])
+def test_torch_backend_matches_reference(dtype, batch, seqlen, num_heads, head_dim, bias_shape, poison):
+    q, k, v = _qkv(batch, seqlen, seqlen, num_heads, head_dim, dtype, seed=batch + seqlen)
+    mask = _mask(batch, seqlen, seed=seqlen)
+    shapes = {"b11k": (batch, 1, 1, seqlen), "11qk": (1, 1, seqlen, seqlen), "bhqk": (batch, num_heads, seqlen, seqlen)}
+    bias = torch.randn(shapes[bias_shape], dtype=torch.float64).to(dtype) if bias_shape else None
+    leaves = [t.requires_grad_() for t in (q, k, v)] + ([bias.requires_grad_()] if bias is not None else [])
+
+    def run(backend, cast):
+        xs = [t.detach().to(cast).requires_grad_() for t in leaves]
+        b = xs[3] if bias is not None else None
+        out = attention(xs[0], xs[1], xs[2], attention_mask=mask, attn_bias=b, backend=backend)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(cast)
+        return [out] + list(torch.autograd.grad(out, xs, dout))
+
+    got = run("torch", dtype)
+    hi = run("reference", torch.float64)
+    lo = run("reference", dtype)
+    for name, g, h, l in zip(["out", "dq", "dk", "dv", "dbias"], got, hi, lo):
+        assert_close_to_ref(g, h, l, name=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_varlen_matches_padded(backend):
+    batch, seqlen, heads, hd = 3, 11, 2, 16
+    q, k, v = _qkv(batch, seqlen, seqlen, heads, hd, torch.float32)
+    mask = _mask(batch, seqlen, seed=3)
+    mask[1] = False  # an empty sequence
+    lengths = mask.sum(1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    # Varlen packs the first `length` tokens of each sequence: padded queries beyond it are dropped.
+    packed = [t[mask] for t in (q, k, v)]
+    out_p = attention(q, k, v, attention_mask=mask, backend=backend)[mask]
+    out_v = attention(*packed, cu_seqlens=cu, backend=backend)
+    torch.testing.assert_close(out_v, out_p, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- empty rows, masks, dropout
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_rows_zero_output_and_grads(backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 5, 5, 2, 8, torch.float32))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0] = False  # sequence 0 has no key at all
+    bias = torch.zeros(2, 2, 5, 5)
+    bias[1, 0, 2, :] = float("-inf")  # one row of sequence 1, head 0, excluded by the bias
+    bias.requires_grad_()
+    out = attention(q, k, v, attention_mask=mask, attn_bias=bias, backend=backend)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[1, 2, 0], torch.zeros_like(out[1, 2, 0]))
+    grads = torch.autograd.grad(out.square().sum(), [q, k, v, bias])
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert torch.equal(grads[0][0], torch.zeros_like(grads[0][0]))
+    assert torch.equal(grads[0][1, 2, 0], torch.zeros_like(grads[0][1, 2, 0]))
+
+
+def test_finfo_min_bias_row_averages_v():
+    """A bias of finfo.min is finite: such a row averages V (Hugging Face's eager behaviour)."""
+    q, k, v = _qkv(1, 3, 4, 1, 8, torch.float32)
+    bias = torch.full((1, 1, 3, 4), torch.finfo(torch.float32).min)
+    out = attention(q, k, v, attn_bias=bias, backend="reference")
+    torch.testing.assert_close(out[0, :, 0], v[0, :, 0].mean(0).expand(3, 8))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mask_bool_and_int64_identical(backend):
+    q, k, v = _qkv(3, 6, 6, 2, 8, torch.float32)
+    mask = _mask(3, 6, seed=5)
+    a = attention(q, k, v, attention_mask=mask, backend=backend)
+    b = attention(q, k, v, attention_mask=mask.to(torch.int64), backend=backend)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_same_seed_same_result_and_keep_rate(backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 64, 64, 2, 16, torch.float32))
+    torch.manual_seed(123)
+    a = attention(q, k, v, dropout_p=0.25, backend=backend)
+    ga = torch.autograd.grad(a.sum(), [q, k, v])
+    torch.manual_seed(123)
+    b = attention(q, k, v, dropout_p=0.25, backend=backend)
+    gb = torch.autograd.grad(b.sum(), [q, k, v])
+    assert torch.equal(a, b)
+    for x, y in zip(ga, gb):
+        assert torch.equal(x, y)
+    torch.manual_seed(124)
+    assert not torch.equal(a, attention(q, k, v, dropout_p=0.25, backend=backend))
+    keep = attention_keep_mask(torch.tensor([5, 9]), 0.25, 4, 4, 64, 64)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.75) < 5 * math.sqrt(0.25 * 0.75 / n)  # 5 sigma
+
+
+def test_dropout_masks_equal_across_padded_and_varlen_layouts():
+    """Same seed -> same mask for the padded and varlen layouts (counters are logical positions)."""
+    batch, seqlen, heads, hd = 2, 6, 2, 8
+    q, k, v = _qkv(batch, seqlen, seqlen, heads, hd, torch.float64)
+    mask = torch.ones(batch, seqlen, dtype=torch.bool)
+    mask[1, 4:] = False
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    torch.manual_seed(9)
+    out_p = attention(q, k, v, attention_mask=mask, dropout_p=0.5, backend="reference")
+    torch.manual_seed(9)
+    # Sequence 1 has 4 tokens: in the padded layout keys 4, 5 are masked, so rows see the same keys.
+    out_v = attention(*(t[mask] for t in (q, k, v)), cu_seqlens=cu, dropout_p=0.5, backend="reference")
+    torch.testing.assert_close(out_v, out_p[mask], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_parity_with_reference(backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 9, 9, 2, 8, torch.float64))
+    mask = _mask(2, 9, seed=2)
+    torch.manual_seed(5)
+    a = attention(q, k, v, attention_mask=mask, dropout_p=0.3, backend=backend)
+    torch.manual_seed(5)
+    b = attention(q, k, v, attention_mask=mask, dropout_p=0.3, backend="reference")
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_empty_inputs_return_empty():
+    q = torch.randn(0, 5, 2, 8, requires_grad=True)
+    out = attention(q, q, q)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    qv = torch.randn(0, 2, 8)
+    assert attention(qv, qv, qv, cu_seqlens=torch.tensor([0, 0], dtype=torch.int32)).shape == qv.shape
+
+
+def test_strided_views_read_in_place():
+    x = torch.randn(2, 7, 3 * 2 * 16)  # a fused QKV projection output
+    q, k, v = x.view(2, 7, 3, 2, 16).unbind(2)
+    assert not q.is_contiguous()
+    out = attention(q, k, v, backend="torch")
+    ref = attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- validation
+
+def test_bad_inputs_raise_naming_the_argument():
+    q = torch.randn(2, 5, 2, 8)
+    with pytest.raises(ValueError, match="q: expected 4 dims"):
+        attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="num_heads"):
+        attention(q, torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8))
+    with pytest.raises(ValueError, match=r"attention_mask: expected shape \(batch, seqlen_k\) = \(2, 5\), got \(2, 4\)"):
+        attention(q, q, q, attention_mask=torch.ones(2, 4))
+    with pytest.raises(TypeError, match="expected dtype"):
+        attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match="k, v: expected q's dtype"):
+        attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="attn_bias: expected a shape broadcastable"):
+        attention(q, q, q, attn_bias=torch.randn(2, 2, 5, 4))
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, q, q, dropout_p=1.0)
+    qv = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="attention_mask: must be None with cu_seqlens"):
+        attention(qv, qv, qv, cu_seqlens=cu, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="attn_bias: not supported with cu_seqlens"):
+        attention(qv, qv, qv, cu_seqlens=cu, attn_bias=torch.zeros(1))
+    with pytest.raises(TypeError, match="cu_seqlens: expected dtype"):
+        attention(qv, qv, qv, cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected cu_seqlens\[-1\] == total_tokens == 6, got 5"):
+        attention(qv, qv, qv, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention(qv, qv, qv, cu_seqlens=torch.tensor([0, 4, 2, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=3)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        attention(q, q, q, backend="nope")
+
+
+# ---------------------------------------------------------------- custom op / compile / autocast
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 4, 2, 8, torch.float32))
+    mask = _mask(2, 4)
+    bias = torch.randn(1, 2, 4, 4, requires_grad=True)
+    args = (q, k, v, mask, bias, None, torch.tensor([1, 2]), 0, 0.1, 0.35, False, False, backend)
+    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, v = _qkv(2, 5, 5, 2, 8, torch.float32)
+    mask = _mask(2, 5)
+    f = lambda q, k, v: attention(q, k, v, attention_mask=mask, backend="torch")  # noqa: E731
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+
+def test_autocast_runs_in_autocast_dtype():
+    q, k, v = _qkv(2, 5, 5, 2, 8, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert_close_to_ref(out, attention(q, k, v, backend="reference"),
+                        attention(*(t.bfloat16() for t in (q, k, v)), backend="reference"))
