@@ -122,3 +122,15 @@ def philox_words(counters, key, dropout_p: float = 0.0):
     _philox_words_kernel[(triton.cdiv(n, block),)](counters, key, out, keep, n,
                                                    dropout_threshold(dropout_p), BLOCK=block)
     return out, keep.bool()
+
+
+def aot_variants(full: bool = False):
+    """Ahead-of-time compile of the Philox test kernel (see ``_aot``): the threshold as an i32, as
+    the constant 1 Triton makes of the value 1, and as an i64 (thresholds >= 2**31)."""
+    from fastbert.backends.triton._aot import AotVariant, pointer
+
+    sig = {"c_ptr": pointer("i64"), "key_ptr": pointer("i64"), "out_ptr": pointer("i64"),
+           "keep_ptr": pointer("i8"), "n": 4099}
+    thresholds = (17, 1, 2**31 + 5) if full else (2**31 + 5,)
+    return [AotVariant(f"philox threshold={t}", _philox_words_kernel, sig | {"threshold": t}, {"BLOCK": 1024},
+                       num_warps=4) for t in thresholds]
