@@ -1,7 +1,8 @@
-"""``python -m fastbert`` runs the command line."""
+"""``python -m fastbert`` runs the command line (the same as the ``fastbert`` console script)."""
 
 import sys
 
 from fastbert.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
