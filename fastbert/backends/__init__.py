@@ -24,15 +24,17 @@ dropout_p, seed, softmax_scale, allow_tf32, deterministic)``
 ``layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed)``
     x/residual/y/h ``[rows, hidden]`` (contiguous), weight/bias/x_bias ``[hidden]`` or None.
     Computes ``h = dropout(x + x_bias) + residual`` (``h`` is None when nothing is fused; then
-    h is x) and ``y = (h - mean) * rstd * weight + bias``; mean/rstd ``[rows]`` fp32.
+    h is x) and ``y = (h - mean) * rstd * weight + bias``; mean/rstd ``[rows]`` fp32 (fp64 for
+    fp64 x).
 
 ``layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
 seed)``
-    dx/dresidual ``[rows, hidden]`` (dresidual may be None), dweight/dbias/dx_bias fp32
-    ``[hidden]`` or None, reduced deterministically.
+    dx/dresidual ``[rows, hidden]`` (dresidual may be None), dweight/dbias/dx_bias fp32 (fp64 for
+    fp64) ``[hidden]`` or None, reduced deterministically.
 
 ``gelu_fwd(x, bias, y, *, approximate)`` / ``gelu_bwd(dy, x, bias, dx, dbias, *, approximate)``
-    x/y/dx ``[rows, hidden]`` (contiguous), bias ``[hidden]`` or None, dbias fp32 ``[hidden]``.
+    x/y/dx ``[rows, hidden]`` (contiguous), bias ``[hidden]`` or None, dbias fp32 (fp64 for fp64)
+    ``[hidden]``.
 
 Each backend registers a :class:`BackendSpec` here. Its ``reasons(op, call)`` lists every reason
 it cannot take a call (empty = it can); the dispatcher in ``fastbert.ops._dispatch`` walks them.

@@ -133,7 +133,7 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     zscale = torch.ones((), dtype=cdt, device=q.device)
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
-        zscale = keep / (1.0 - dropout_p)
+        zscale = (keep / (1.0 - dropout_p)).to(cdt)  # keep the low-precision dtype (matmuls below)
     dv = (probs * zscale).to(cdt).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]
     delta = (dprobs * probs).sum(dim=-1, keepdim=True)  # = rowsum(dO * O)
@@ -187,7 +187,7 @@ def layer_norm_math(h, weight, bias, eps):
     """LayerNorm over the last dim (Ba et al. 2016): ``(h - mean) / sqrt(var + eps) * w + b``.
 
     Statistics in fp32 (fp64 for fp64 input) with the two-pass variance ``mean((h - mean)^2)``;
-    returns ``(y, mean, rstd)`` with y in h's dtype and mean/rstd ``[rows]`` fp32.
+    returns ``(y, mean, rstd)`` with y in h's dtype and mean/rstd ``[rows]`` in the statistics dtype.
     """
     stat_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     hf = h.to(stat_dtype)
@@ -199,7 +199,7 @@ def layer_norm_math(h, weight, bias, eps):
         y = y * weight.to(stat_dtype)
     if bias is not None:
         y = y + bias.to(stat_dtype)
-    return y.to(h.dtype), mean.squeeze(-1).float(), rstd.squeeze(-1).float()
+    return y.to(h.dtype), mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed):
@@ -250,11 +250,15 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def gelu_math(x, approximate="none"):
-    """GELU (Hendrycks & Gimpel 2016): ``x * Phi(x)`` exactly with erf, or the tanh approximation
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
+    """GELU (Hendrycks & Gimpel 2016): ``x * Phi(x)`` exactly, or the tanh approximation
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``.
+
+    ``Phi(x) = 0.5 erfc(-x / sqrt(2))`` and ``0.5 (1 + tanh(u)) = sigmoid(2 u)``: the same values
+    without the cancellation of ``1 + erf`` / ``1 + tanh`` that loses every digit in fp32 for x < -4.
+    """
     if approximate == "tanh":
-        return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+        return x * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    return 0.5 * x * torch.erfc(-x / math.sqrt(2.0))
 
 
 def gelu_fwd(x, bias, y, *, approximate):
@@ -266,10 +270,10 @@ def gelu_fwd(x, bias, y, *, approximate):
 
 def gelu_grad_math(z, approximate="none"):
     """d gelu / dz: ``Phi(z) + z phi(z)`` exactly, or the derivative of the tanh form."""
-    if approximate == "tanh":
-        t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
-    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    if approximate == "tanh":  # with s = sigmoid(2u) = 0.5 (1 + tanh u): d/dz z s = s + 2 z s (1 - s) u'
+        s = torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
+        return s + 2.0 * z * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+    cdf = 0.5 * torch.erfc(-z / math.sqrt(2.0))
     pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
     return cdf + z * pdf
 

@@ -1,4 +1,4 @@
-"""The torch composite backend: ``scaled_dot_product_attention``, ``native_layer_norm``, ``F.gelu``.
+"""The torch composite backend: ``scaled_dot_product_attention``, ``native_layer_norm``, GELU math.
 
 The fast default on CPU and the fallback everywhere. Varlen attention is re-padded only inside
 attention. With dropout, attention needs the shared Philox keep mask, which SDPA cannot take, so it
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.backends._philox import rows_keep_mask
+from fastbert.backends import reference
 from fastbert.backends.reference import (_pad_varlen, attention_math, attention_math_bwd,
                                          attention_varlen_math_bwd)
 
@@ -116,14 +117,14 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     hidden = h.shape[-1]
     stat = h.dtype if weight is None else torch.promote_types(h.dtype, weight.dtype)
     stat = torch.float32 if stat in (torch.float16, torch.bfloat16) else stat
-    need_w = dweight is not None
-    dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
+    dh, _, _ = torch.ops.aten.native_layer_norm_backward(
         dy, h, (hidden,), mean.view(-1, 1).to(stat), rstd.view(-1, 1).to(stat), weight, None,
-        [True, need_w, False])
-    if need_w:
-        dweight.copy_(dw)
+        [True, False, False])
+    if dweight is not None:  # accumulated in fp32 (aten rounds xhat to h's dtype for fp16/bf16)
+        xhat = (h.to(stat) - mean.view(-1, 1).to(stat)) * rstd.view(-1, 1).to(stat)
+        dweight.copy_((dy.to(stat) * xhat).sum(0))
     if dbias is not None:
-        dbias.copy_(dy.sum(0, dtype=torch.float32))
+        dbias.copy_(dy.sum(0, dtype=stat))
     if dresidual is not None:
         dresidual.copy_(dh)
     if dropout_p > 0.0:
@@ -131,7 +132,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
         dh = dh * keep * (1.0 / (1.0 - dropout_p))
     dx.copy_(dh)
     if dx_bias is not None:
-        dx_bias.copy_(dx.sum(0, dtype=torch.float32))
+        dx_bias.copy_(dh.sum(0, dtype=stat))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,15 +140,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
 # ----------------------------------------------------------------------------------------------
 
 
-def gelu_fwd(x, bias, y, *, approximate):
-    """Backend entry point: ``y = F.gelu(x + bias)``."""
-    z = x if bias is None else x + bias.to(x.dtype)
-    y.copy_(F.gelu(z, approximate=approximate))
-
-
-def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
-    """Backend entry point via ``aten.gelu_backward``; dbias summed in fp32."""
-    z = x if bias is None else x + bias.to(x.dtype)
-    dx.copy_(torch.ops.aten.gelu_backward(dy, z, approximate=approximate))
-    if dbias is not None:
-        dbias.copy_(dx.sum(0, dtype=torch.float32))
+# Not F.gelu: its ``1 + erf`` (and ``1 + tanh``) cancels for x < -4, off by whole units in the last
+# place of fp16/bf16 there; the reference's erfc / sigmoid form in fp32 is exact, so it serves here.
+gelu_fwd = reference.gelu_fwd
+gelu_bwd = reference.gelu_bwd

@@ -33,7 +33,8 @@ def _(x, bias, approximate, backend):
 def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
               backend: str) -> tuple[Tensor, Tensor]:
     dx = new_empty(x.shape, x.dtype, x.device)
-    dbias = new_empty((x.shape[-1],) if need_dbias else (0,), torch.float32, x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
+    dbias = new_empty((x.shape[-1],) if need_dbias else (0,), acc, x.device)
     if x.numel():
         with no_autocast(x.device.type):
             backend_module(backend, "gelu").gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
@@ -45,7 +46,8 @@ def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, a
 
 @_gelu_bwd.register_fake
 def _(dy, x, bias, need_dbias, approximate, backend):
-    return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=torch.float32)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):

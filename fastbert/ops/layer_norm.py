@@ -15,6 +15,11 @@ from fastbert.ops._dispatch import backend_module, resolve
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics and parameter-gradient accumulators: fp32, fp64 for fp64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("fastbert::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     residual: Optional[Tensor], x_bias: Optional[Tensor], seed: Optional[Tensor],
@@ -23,8 +28,8 @@ def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     rows = x.shape[0]
     fused = residual is not None or x_bias is not None or dropout_p > 0.0
     y = new_empty(x.shape, x.dtype, x.device)
-    mean = new_empty((rows,), torch.float32, x.device)
-    rstd = new_empty((rows,), torch.float32, x.device)
+    mean = new_empty((rows,), _stat_dtype(x), x.device)
+    rstd = new_empty((rows,), _stat_dtype(x), x.device)
     h = new_empty(x.shape if fused else (0,), x.dtype, x.device)
     if x.numel():
         with no_autocast(x.device.type):
@@ -38,8 +43,8 @@ def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 def _(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
     fused = residual is not None or x_bias is not None or dropout_p > 0.0
     rows = x.shape[0]
-    return (torch.empty_like(x), x.new_empty((rows,), dtype=torch.float32),
-            x.new_empty((rows,), dtype=torch.float32), x.new_empty(x.shape if fused else (0,)))
+    return (torch.empty_like(x), x.new_empty((rows,), dtype=_stat_dtype(x)),
+            x.new_empty((rows,), dtype=_stat_dtype(x)), x.new_empty(x.shape if fused else (0,)))
 
 
 @torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())
@@ -50,10 +55,11 @@ def _layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tenso
     hidden = h.shape[-1]
     dev = h.device
     dx = new_empty(h.shape, h.dtype, dev)
-    dw = new_empty((hidden,), torch.float32, dev) if need_dweight else None
-    db = new_empty((hidden,), torch.float32, dev) if need_dbias else None
+    acc = _stat_dtype(h)
+    dw = new_empty((hidden,), acc, dev) if need_dweight else None
+    db = new_empty((hidden,), acc, dev) if need_dbias else None
     dres = new_empty(h.shape, h.dtype, dev) if need_dresidual else None
-    dxb = new_empty((hidden,), torch.float32, dev) if need_dx_bias else None
+    dxb = new_empty((hidden,), acc, dev) if need_dx_bias else None
     if h.numel():
         with no_autocast(dev.type):
             backend_module(backend, "layer_norm").layer_norm_bwd(dy.contiguous(), h, weight, mean, rstd, dx, dw, db,
@@ -70,7 +76,7 @@ def _layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tenso
 def _(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight, need_dbias, need_dresidual,
       need_dx_bias, backend):
     hidden = h.shape[-1]
-    vec = lambda need: h.new_empty((hidden,) if need else (0,), dtype=torch.float32)  # noqa: E731
+    vec = lambda need: h.new_empty((hidden,) if need else (0,), dtype=_stat_dtype(h))  # noqa: E731
     return (torch.empty_like(h), vec(need_dweight), vec(need_dbias),
             torch.empty_like(h) if need_dresidual else h.new_empty((0,)), vec(need_dx_bias))
 
