@@ -1,0 +1,68 @@
+"""Dispatch by declared capability: order, forced backends, reasons, environment override."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastbert.backends import ALL_FEATURES, BackendSpec, CallInfo, OpCaps, all_backends, register_backend
+from fastbert.ops import attention, resolve
+
+
+def test_auto_on_cpu_picks_torch():
+    for op in ("attention", "layer_norm", "gelu"):
+        assert resolve(CallInfo(op, "cpu", torch.float32, 64 if op == "attention" else None)) == "torch"
+
+
+def test_forced_backend_that_cannot_run_lists_every_reason():
+    spec = BackendSpec(name="_narrow", module="fastbert.backends.reference", caps={
+        "attention": OpCaps(devices=("cuda",), dtypes=(torch.float16,), head_dims=lambda d: d == 64,
+                            head_dims_doc="64", features=frozenset())})
+    register_backend(spec)
+    try:
+        q = torch.randn(1, 3, 2, 40)
+        with pytest.raises(RuntimeError) as info:
+            attention(q, q, q, attention_mask=torch.ones(1, 3), backend="_narrow")
+        msg = str(info.value)
+        for part in ("device 'cpu'", "dtype torch.float32", "head_dim 40 not supported (supports 64)",
+                     "features not supported: attention_mask"):
+            assert part in msg, msg
+    finally:
+        from fastbert.backends import _REGISTRY
+
+        _REGISTRY.pop("_narrow", None)
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("FASTBERT_BACKEND", "reference")
+    assert resolve(CallInfo("gelu", "cpu", torch.float32)) == "reference"
+    monkeypatch.setenv("FASTBERT_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        resolve(CallInfo("gelu", "cpu", torch.float32))
+    # the argument wins over the environment
+    assert resolve(CallInfo("gelu", "cpu", torch.float32), backend="torch") == "torch"
+
+
+def test_unavailable_backends_say_why():
+    for name, spec in all_backends().items():
+        for op in ("attention", "layer_norm", "gelu"):
+            reasons = spec.reasons(CallInfo(op, "cpu", torch.float32, 64 if op == "attention" else None))
+            assert all(isinstance(r, str) and r for r in reasons), (name, op, reasons)
+
+
+def test_reference_declares_every_feature():
+    caps = all_backends()["reference"].caps
+    assert all(c.features == ALL_FEATURES for c in caps.values())
+
+
+def test_import_never_fails_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import fastbert, torch\n"
+            "from fastbert.backends import all_backends, CallInfo\n"
+            "r = all_backends()['triton'].reasons(CallInfo('gelu', 'cpu', torch.float32))\n"
+            "print(r)\n"
+            "assert r and 'triton' in r[0], r\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
