@@ -299,7 +299,7 @@ class DemoResult:
     (non-padding) tokens; ``max_abs_diff_pooler``: the same for ``pooler_output``; ``passed``: both
     <= ``atol``. ``similarity[i][j]``: cosine similarity of the mean-pooled (over real tokens)
     fastbert embeddings of ``labels[i]`` and ``labels[j]`` (the single sentences). Tokens/s count
-    real tokens only; None when the backend is interpreted (not a speed).
+    real tokens only; None when the backend is interpreted (not a speed) or ``timing_runs`` is 0.
     """
 
     model_dir: str
@@ -376,7 +376,7 @@ def check_model_dir(path) -> Path:
     except (OSError, ValueError) as exc:
         raise DemoError(f"--model: {str(p / 'config.json')!r} is not valid JSON ({exc})") from None
     if model_type != "bert":
-        raise DemoError(f"--model: expected config.json model_type 'bert', got {model_type!r}")
+        raise DemoError(f"--model: expected config.json model_type 'bert' in {str(path)!r}, got {model_type!r}")
     return p
 
 
@@ -449,7 +449,8 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
             :func:`default_model_dir`. Read offline (``HF_HUB_OFFLINE=1``, ``local_files_only``).
         backend: passed to fastbert's ``BertModel`` (None = auto dispatch).
         device: ``"cpu"``/``"cuda"``; default CUDA when available.
-        warmup, repeats: untimed and timed forward passes per model for tokens/s (median).
+        warmup, repeats: untimed and timed forward passes per model for tokens/s (median);
+            ``repeats=0`` skips the throughput measurement (tokens/s None).
         atol: the parity threshold (fp32).
 
     Raises:
@@ -459,15 +460,15 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     model_dir = check_model_dir(model if model is not None else default_model_dir())
-    if repeats < 1:
-        raise DemoError(f"--repeats: expected >= 1, got {repeats}")
+    if repeats < 0 or warmup < 0:
+        raise DemoError(f"--repeats/--warmup: expected >= 0, got {repeats}/{warmup}")
     try:
         import transformers
     except ImportError:
         raise DemoError("the demo needs transformers: pip install 'fastbert[demo]'") from None
     import torch
 
-    from fastbert.backends import all_backends
+    from fastbert.backends import OPS, all_backends
     from fastbert.models import BertModel
 
     if backend is not None and backend != "auto" and backend not in all_backends():
@@ -481,14 +482,23 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
     mask = batch["attention_mask"].bool()
     num_real = int(mask.sum())
 
-    ours = BertModel.from_pretrained(str(model_dir), backend=backend).to(device).eval()
+    try:
+        ours = BertModel.from_pretrained(str(model_dir), backend=backend)
+    except (NotImplementedError, ValueError, KeyError, OSError) as exc:
+        raise DemoError(f"--model: fastbert cannot load {str(model_dir)!r}: {exc}") from exc
+    ours = ours.to(device=device, dtype=torch.float32).eval()
     theirs = transformers.BertModel.from_pretrained(
         str(model_dir), local_files_only=True, dtype=torch.float32).to(device).eval()
 
     with torch.inference_mode(), _record_backends() as used:
-        out_ours = ours(**batch)
+        try:
+            out_ours = ours(**batch)
+        except RuntimeError as exc:
+            if backend in (None, "auto"):
+                raise
+            raise DemoError(f"--backend: {backend!r} cannot run this model here: {exc}") from exc
         out_theirs = theirs(**batch)
-    backends = {op: ", ".join(sorted(names)) for op, names in sorted(used.items())}
+    backends = {op: ", ".join(sorted(used[op])) for op in OPS if op in used}
 
     h_ours, h_theirs = out_ours.last_hidden_state, out_theirs.last_hidden_state
     diff_hidden = (h_ours - h_theirs).abs()[mask].max().item()
@@ -517,14 +527,17 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
     else:
         def sync():
             return None
+    tps_ours = tps_theirs = None
+    if repeats == 0:
+        notes.append("throughput not measured (--repeats 0)")
     with torch.inference_mode():
-        tps_theirs = num_real / _median_seconds(lambda: theirs(**batch), warmup=warmup,
-                                                repeats=repeats, sync=sync)
+        if repeats > 0:
+            tps_theirs = num_real / _median_seconds(lambda: theirs(**batch), warmup=warmup,
+                                                    repeats=repeats, sync=sync)
         if interpreted:
-            tps_ours = None
-            notes.append("tokens/s n/a: an interpreted backend ran (TRITON_INTERPRET=1), "
+            notes.append("fastbert tokens/s n/a: an interpreted backend ran (TRITON_INTERPRET=1), "
                          "its speed means nothing")
-        else:
+        elif repeats > 0:
             tps_ours = num_real / _median_seconds(lambda: ours(**batch), warmup=warmup,
                                                   repeats=repeats, sync=sync)
 
@@ -542,8 +555,10 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
         seconds=time.perf_counter() - t_start, notes=notes)
 
 
-def _fmt_rate(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:,.0f}"
+def _fmt_rate(x: float | None, runs: int) -> str:
+    if x is None:
+        return "n/a" if runs else "not timed"
+    return f"{x:,.0f}"
 
 
 def print_demo(r: DemoResult, out: _Plain) -> None:
@@ -578,8 +593,8 @@ def print_demo(r: DemoResult, out: _Plain) -> None:
               + [["-", label, f"{a} / {b}"] for label, a, b in r.pairs],
               title="Sentences (pairs are encoded as segment A / B, parity only)")
     out.table(["model", "tokens/s"],
-              [["fastbert", _fmt_rate(r.tokens_per_s_fastbert)],
-               ["transformers", _fmt_rate(r.tokens_per_s_transformers)]],
+              [["fastbert", _fmt_rate(r.tokens_per_s_fastbert, r.timing_runs)],
+               ["transformers", _fmt_rate(r.tokens_per_s_transformers, r.timing_runs)]],
               title=f"Throughput (real tokens, median of {r.timing_runs} runs after warm-up)",
               right=(1,))
     for note in r.notes:
@@ -653,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: auto dispatch)")
     demo.add_argument("--device", choices=("cpu", "cuda"), default=None,
                       help="default: cuda if available, else cpu")
-    demo.add_argument("--repeats", type=int, default=5, help="timed runs per model (median; default 5)")
+    demo.add_argument("--repeats", type=int, default=5, help="timed runs per model (median; default 5; 0 skips timing)")
     demo.add_argument("--warmup", type=int, default=1, help="untimed runs per model (default 1)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.add_argument("--plain", action="store_true", help="plain text even if rich is installed")
