@@ -227,3 +227,98 @@ def test_hidden_act_mapping_matches_transformers(hidden_act):
         # gelu_fast/gelu_accurate are Hugging Face's own tanh approximations: close, not equal.
         tol = 2e-3 if hidden_act in ("gelu_fast", "gelu_accurate") else 1e-6
         torch.testing.assert_close(intermediate(x), ref, atol=tol, rtol=0)
+
+
+# ---- heads and losses (dropout off: eval mode) -----------------------------------------------
+
+
+def hf_twin(fb_model, hf_cls):
+    """A transformers model with fb_model's config and weights (strict load)."""
+    cfg = transformers.BertConfig(**{k: v for k, v in fb_model.config.to_dict().items() if k != "model_type"})
+    cfg._attn_implementation = "eager"
+    hf = hf_cls(cfg).eval()
+    hf.load_state_dict(fb_model.state_dict(), strict=True)
+    return hf
+
+
+def mlm_labels(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    pick = (torch.rand(batch["input_ids"].shape, generator=g) < 0.3) & batch["attention_mask"].bool()
+    pick[0, 1] = True
+    return torch.where(pick, torch.randint(0, 99, pick.shape, generator=g), -100)
+
+
+def assert_grads_match(fb, hf, names):
+    fb_params, hf_params = dict(fb.named_parameters()), dict(hf.named_parameters())
+    for name in names:
+        torch.testing.assert_close(fb_params[name].grad, hf_params[name].grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pretraining_loss_and_grads_match_transformers(backend):
+    from fastbert.models import BertForPreTraining
+
+    torch.manual_seed(7)
+    fb = BertForPreTraining(small_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+                            backend=backend).eval()
+    hf = hf_twin(fb, transformers.BertForPreTraining)
+    batch = random_batch()
+    labels, nsp = mlm_labels(batch, 8), torch.tensor([0, 1, 0])
+    out = fb(**batch, labels=labels, next_sentence_label=nsp)
+    ref = hf(**batch, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    # Appendix A.2: mean masked-LM CE over the labelled positions + mean NSP CE.
+    lbl = labels != -100
+    mlm = torch.nn.functional.cross_entropy(out.prediction_logits[lbl], labels[lbl])
+    nsp_ce = torch.nn.functional.cross_entropy(out.seq_relationship_logits, nsp)
+    torch.testing.assert_close(out.loss, mlm + nsp_ce)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_grads_match(fb, hf, ["bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight",
+                                "bert.encoder.layer.0.attention.self.query.weight",
+                                "bert.encoder.layer.1.intermediate.dense.bias",
+                                "bert.encoder.layer.1.output.LayerNorm.bias", "cls.predictions.bias",
+                                "cls.predictions.transform.dense.bias", "cls.seq_relationship.weight"])
+    # No loss without both labels (as Hugging Face).
+    assert fb(**batch, labels=labels).loss is None and fb(**batch).loss is None
+
+
+def test_masked_lm_loss_matches_transformers():
+    from fastbert.models import BertForMaskedLM
+
+    torch.manual_seed(9)
+    fb = BertForMaskedLM(small_config(hidden_act="gelu_new")).eval()
+    hf = hf_twin(fb, transformers.BertForMaskedLM)
+    batch = random_batch()
+    labels = mlm_labels(batch, 10)
+    out, ref = fb(**batch, labels=labels), hf(**batch, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-5, rtol=1e-5)
+    assert fb(**batch).loss is None
+    assert fb(**batch, labels=labels, return_dict=False)[0] is not None
+
+
+@pytest.mark.parametrize("num_labels,problem_type,kind", [
+    (1, None, "regression"), (3, None, "single"), (3, "multi_label_classification", "multi")])
+def test_sequence_classification_loss_matches_transformers(num_labels, problem_type, kind):
+    from fastbert.models import BertForSequenceClassification
+
+    torch.manual_seed(11)
+    fb = BertForSequenceClassification(small_config(num_labels=num_labels, problem_type=problem_type)).eval()
+    hf = hf_twin(fb, transformers.BertForSequenceClassification)
+    batch = random_batch()
+    if kind == "regression":
+        labels = torch.rand(3) * 5  # an STS-B-like similarity score
+    elif kind == "single":
+        labels = torch.tensor([2, 0, 1])
+    else:
+        labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    out, ref = fb(**batch, labels=labels), hf(**batch, labels=labels)
+    assert out.logits.shape == (3, num_labels)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_grads_match(fb, hf, ["classifier.weight", "bert.pooler.dense.weight",
+                                "bert.encoder.layer.0.output.dense.weight"])
