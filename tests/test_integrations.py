@@ -132,6 +132,49 @@ def test_mask_function_hands_over_padding_mask(batch):
     assert out.shape == mask.shape and torch.equal(out, m2d)
 
 
+def test_output_attentions_returns_probabilities(batch):
+    eager = _load(attn_implementation="eager").eval()
+    model = patch(_load()).eval()
+    with torch.no_grad():
+        ref = eager(**batch, output_attentions=True)
+        out = model(**batch, output_attentions=True)
+    assert len(out.attentions) == eager.config.num_hidden_layers
+    mask = batch["attention_mask"].bool()
+    for a, r in zip(out.attentions, ref.attentions):
+        assert a.shape == (4, 12, mask.shape[1], mask.shape[1])
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
+        assert (a[~mask[:, None, None, :].expand_as(a)] == 0).all(), "padded keys get probability 0"
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state[mask], ref.last_hidden_state[mask], rtol=1e-4, atol=1e-4)
+
+
+def _integrated_gradients(model, batch, steps=16):
+    """Integrated gradients (Sundararajan et al. 2017, eq. 3, right Riemann sum) of the
+    classifier's logit 1 w.r.t. the input embeddings of sentence 0, from a zero baseline; the
+    ``steps`` interpolation points run as one batch."""
+    ids = batch["input_ids"][:1]
+    mask = batch["attention_mask"][:1]
+    emb = model.get_input_embeddings()(ids).detach()
+    alphas = torch.arange(1, steps + 1, dtype=emb.dtype).div(steps).view(-1, 1, 1)
+    path = (alphas * emb).requires_grad_(True)
+    logits = model(inputs_embeds=path, attention_mask=mask.expand(steps, -1)).logits
+    logits[:, 1].sum().backward()
+    return emb * path.grad.mean(0, keepdim=True), path.grad
+
+
+def test_gradients_reach_inputs_embeds_for_attribution(batch):
+    def load():
+        torch.manual_seed(0)  # the classifier head is newly initialised
+        return BertForSequenceClassification.from_pretrained(CHECKPOINT, num_labels=2, **NO_DROPOUT).eval()
+
+    ref_lo, ref_hi = load(), load().double()
+    ig, grad = _integrated_gradients(patch(load()), batch)
+    assert grad is not None and grad.abs().sum() > 0
+    ig_lo, _ = _integrated_gradients(ref_lo, batch)
+    ig_hi, _ = _integrated_gradients(ref_hi, batch)
+    assert_close_to_ref(ig, ig_hi, ig_lo, factor=3.0, name="integrated gradients")
+
+
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForMaskedLM, BertForPreTraining])
 def test_patch_heads(cls):
     torch.manual_seed(0)
