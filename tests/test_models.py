@@ -322,3 +322,47 @@ def test_sequence_classification_loss_matches_transformers(num_labels, problem_t
     ref.loss.backward()
     assert_grads_match(fb, hf, ["classifier.weight", "bert.pooler.dense.weight",
                                 "bert.encoder.layer.0.output.dense.weight"])
+
+
+# ---- output_attentions / output_hidden_states ------------------------------------------------
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+def test_attentions_and_hidden_states_match_transformers(hf_model, fb_model, real_inputs, unpad):
+    fb_model.backend, fb_model.unpad = "torch", unpad
+    inputs = real_inputs[0]
+    batch, seqlen = inputs["input_ids"].shape
+    layers, heads = fb_model.config.num_hidden_layers, fb_model.config.num_attention_heads
+    with torch.no_grad():
+        ref = hf_model(**inputs, output_attentions=True, output_hidden_states=True)
+        out = fb_model(**inputs, output_attentions=True, output_hidden_states=True)
+        plain = fb_model(**inputs)
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    assert all(h.shape == (batch, seqlen, 384) for h in out.hidden_states)
+    assert all(a.shape == (batch, heads, seqlen, seqlen) for a in out.attentions)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+    real = inputs["attention_mask"].bool()
+    for i, (h, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        assert (h - r)[real].abs().max() <= 1e-4, f"hidden_states[{i}]"
+    for i, (a, r) in enumerate(zip(out.attentions, ref.attentions)):
+        # Rows of real query tokens, every key (padding keys have probability 0 in both).
+        a, r = a.transpose(1, 2)[real], r.transpose(1, 2)[real]  # [real tokens, heads, seqlen]
+        assert (a - r).abs().max() <= 1e-5, f"attentions[{i}]"
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
+    tup = fb_model(**inputs, output_attentions=True, output_hidden_states=True, return_dict=False)
+    assert len(tup) == 4 and len(tup[2]) == layers + 1 and len(tup[3]) == layers
+
+
+def test_attentions_with_precomputed_metadata():
+    torch.manual_seed(12)
+    model = BertModel(small_config()).eval()
+    batch = random_batch()
+    indices, cu_seqlens, max_seqlen = unpad_metadata(batch["attention_mask"])
+    with torch.no_grad():
+        a = model(**batch, output_attentions=True).attentions
+        b = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], output_attentions=True,
+                  indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).attentions
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert (a[0][1, :, :, 1:] == 0).all()  # sequence 1 has one real token: only key 0 attends
