@@ -1,0 +1,511 @@
+"""Triton fused masked multi-head attention, forward and backward (the ``triton`` backend's compute module).
+
+Forward: the tiled online softmax of FlashAttention-2 (Dao 2023, Algorithm 1). Each program owns
+``BLOCK_M`` query rows of one (sequence, head), walks the key blocks once, keeps the running row
+max ``m`` and sum ``l`` in fp32 (base-2 exponentials, scores pre-multiplied by log2(e)), and writes
+``out`` and the natural-log ``lse = m + log(l)`` (``+inf`` for an empty row).
+
+Backward (Dao 2023, Algorithm 2, split in two passes so that nothing is accumulated atomically):
+a preprocess kernel computes ``delta = rowsum(dO * O)``; a key-block kernel walks the query
+blocks and accumulates dK and dV (and writes d(attn_bias) per element); a query-block kernel
+walks the key blocks and accumulates dQ. Both recompute ``P = exp(S - lse)``. Every output element
+is owned by exactly one program, so the backward is deterministic with or without
+``deterministic=True`` (it costs recomputing S and dO V^T once more than an atomic dQ would).
+Workspace: ``delta``, fp32 like ``lse`` (allocated here from torch's allocator).
+
+Features (all combinable): padded ``[batch, seqlen, num_heads, head_dim]`` and varlen
+``[total_tokens, num_heads, head_dim]`` + int32 ``cu_seqlens`` layouts (zero-length sequences
+allowed); strided q/k/v/out read in place (contiguous last dim); a bool ``attention_mask``
+``[batch, seqlen_k]`` (True = attend); an additive ``attn_bias`` 4-D view read through its strides
+(stride 0 on broadcast dims); dropout on P with the shared Philox4x32-10 scheme (counter = key
+column, query row, head, sequence, positions within the sequence; key = the two seed words, loaded
+in the kernel so no host sync; nothing of size L x L is stored); head_dim any multiple of 8 up to
+256 in power-of-two buckets with masked lanes; fp16, bf16, fp32 (IEEE unless ``allow_tf32``),
+fp32 accumulation, P cast to the input dtype before ``P @ V``.
+
+Launch hygiene: batch x heads on grid axis 0, query/key blocks on axis 1; 64-bit base offsets;
+sequence lengths and seqlen-dependent strides are not specialized; block sizes come from a
+heuristic table per head_dim bucket, dtype and arch (:func:`attention_config`), never autotuned.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert.backends._philox import dropout_threshold
+from fastbert.backends.triton._philox import philox_keep, philox_seed
+
+# Kernels are defined once per process; TRITON_INTERPRET applies to the whole process (conftest).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634  # scores are kept in log2 units: exp(x) = exp2(x * log2(e))
+
+# Arguments that vary with the sequence length (and strides that contain it) are not specialized,
+# so a new sequence length never recompiles a kernel.
+_FWD_NO_SPEC = ["seqlen_q", "seqlen_k", "stride_lb", "stride_lh", "stride_mb", "stride_bb",
+                "stride_bh", "stride_bm"]
+_BWD_NO_SPEC = _FWD_NO_SPEC + ["stride_db", "stride_dh", "stride_dm"]
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in fp32.
+
+    UPCAST is set only under the interpreter for bf16: Triton 3.9's interpreter returns garbage
+    for ``tl.dot`` on bf16 operands, so there the operands are widened to fp32 first (exact, the
+    values are still bf16 values). The compiled bf16 path is covered by the ahead-of-time compile.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
+            stride_mn, qk_scale, DTYPE: tl.constexpr, HAS_MASK: tl.constexpr,
+            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores ``(softmax_scale * q k^T + attn_bias) * log2(e)`` of one [BLOCK_M, BLOCK_N] tile in
+    fp32, ``-inf`` where the key is outside the sequence, masked out, or biased ``-inf``."""
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    valid = (offs_n < len_k)[None, :]
+    if HAS_MASK:
+        keym = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < len_k, other=0)
+        valid = valid & (keym != 0)[None, :]
+    if HAS_BIAS:
+        inside = (offs_m < len_q)[:, None] & (offs_n < len_k)[None, :]
+        bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :] * stride_bn,
+                       mask=inside, other=0.0)
+        # The bias is added in the inputs' dtype, as the reference does (scores + bias.to(dtype)).
+        bias = bias.to(DTYPE).to(tl.float32)
+        s = s + bias * 1.4426950408889634
+        valid = valid & (bias != float("-inf"))
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first token of sequence b in the packed layout, its query length, its key length)."""
+    if VARLEN:
+        start = tl.load(CuSeqlens + b)
+        end = tl.load(CuSeqlens + b + 1)
+        return start, end - start, end - start
+    else:
+        return b * 0, seqlen_q + b * 0, seqlen_k + b * 0
+
+
+@triton.jit(do_not_specialize=_FWD_NO_SPEC)
+def _attn_fwd_kernel(
+    Q,  # [batch, seqlen_q, num_heads, head_dim] or [total_tokens, num_heads, head_dim]
+    K,  # like Q with seqlen_k
+    V,  # like K
+    Out,  # like Q: the attention output
+    Lse,  # fp32 [batch, num_heads, seqlen_q] or [num_heads, total_tokens]: natural-log row sums
+    Mask,  # uint8 [batch, seqlen_k] (nonzero = attend) when HAS_MASK
+    Bias,  # [batch, num_heads, seqlen_q, seqlen_k] view (stride 0 on broadcast dims) when HAS_BIAS
+    CuSeqlens,  # int32 [batch + 1] when VARLEN
+    Seed,  # int64 [2]: the Philox key words, when HAS_DROPOUT
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    dtype = Q.dtype.element_ty
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < len_q
+    tok_m = (start + offs_m).to(tl.int64)  # token index of each query row in the layout
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    bias_base = Bias + b64 * stride_bb + h64 * stride_bh
+    mask_base = Mask + b64 * stride_mb
+    qk_scale = softmax_scale * 1.4426950408889634
+    if HAS_DROPOUT:
+        k0, k1 = philox_seed(Seed)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i), before dropout
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, len_k, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_ok = (offs_n < len_k)[:, None] & d_ok[None, :]
+        tok_n = (start + offs_n).to(tl.int64)
+        k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
+                    stride_mn, qk_scale, dtype, HAS_MASK, HAS_BIAS, PRECISION, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no key so far has m = -inf: subtract 0 instead, so exp2(-inf) = 0, never NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        acc += _dot(p.to(dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0  # no key to attend: out = 0 (acc is 0), lse = +inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Out + b64 * stride_ob + h64 * stride_oh + tok_m[:, None] * stride_om + offs_d[None, :],
+             out.to(dtype), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b64 * stride_lb + h64 * stride_lh + tok_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
+def _attn_bwd_preprocess_kernel(
+    Out,  # like Q: forward output
+    DOut,  # like Q: gradient of the output
+    Delta,  # fp32, like Lse: rowsum(dO * O)
+    CuSeqlens,  # int32 [batch + 1] when VARLEN
+    stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
+    num_heads, seqlen_q,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, len_q, _ = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_q, VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tok_m = (start + offs_m).to(tl.int64)
+    ok = (offs_m < len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + tok_m[:, None] * stride_om + offs_d[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + tok_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + tok_m, tl.sum(o * do, 1), mask=offs_m < len_q)
+
+
+@triton.jit(do_not_specialize=_BWD_NO_SPEC)
+def _attn_bwd_dkdv_kernel(
+    Q, K, V,  # forward inputs (layouts as in the forward kernel)
+    DOut,  # like Q: gradient of the output
+    Lse,  # fp32 like the forward's Lse
+    Delta,  # fp32 like Lse: rowsum(dO * O)
+    DK, DV,  # like K, V: outputs
+    DBias,  # fp32 [batch, num_heads, seqlen_q, seqlen_k]: output when STORE_DBIAS
+    Mask, Bias, CuSeqlens, Seed,  # as in the forward kernel
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dm,
+    num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # With Z = keep / (1 - p) (1 without dropout) and P recomputed as exp(S - lse):
+    #   dV = (P * Z)^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - delta),  dK = scale * dS^T Q,
+    #   d(attn_bias) = dS.
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, VARLEN)
+    if pid_n * BLOCK_N >= len_k:
+        return
+    dtype = Q.dtype.element_ty
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n < len_k)[:, None] & d_ok[None, :]
+    tok_n = (start + offs_n).to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + tok_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DOut + b64 * stride_dob + h64 * stride_doh
+    l_base = b64 * stride_lb + h64 * stride_lh
+    bias_base = Bias + b64 * stride_bb + h64 * stride_bh
+    db_base = DBias + b64 * stride_db + h64 * stride_dh
+    mask_base = Mask + b64 * stride_mb
+    qk_scale = softmax_scale * 1.4426950408889634
+    if HAS_DROPOUT:
+        k0, k1 = philox_seed(Seed)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, len_q, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < len_q
+        tok_m = (start + offs_m).to(tl.int64)
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
+        do = tl.load(do_base + tok_m[:, None] * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
+        # lse = +inf outside the sequence and on empty rows: P = exp2(-inf) = 0 there.
+        lse2 = tl.load(Lse + l_base + tok_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(Delta + l_base + tok_m, mask=row_ok, other=0.0)
+        s = _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
+                    stride_mn, qk_scale, dtype, HAS_MASK, HAS_BIAS, PRECISION, UPCAST)
+        p = tl.where(s == float("-inf"), 0.0, tl.exp2(s - lse2[:, None]))
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        if HAS_DROPOUT:
+            keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
+            pz = tl.where(keep, p * dropout_scale, 0.0)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        else:
+            pz = p
+        dv += _dot(tl.trans(pz.to(dtype)), do, PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        if STORE_DBIAS:
+            tl.store(db_base + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :], ds,
+                     mask=row_ok[:, None] & (offs_n < len_k)[None, :])
+        dk += _dot(tl.trans(ds.to(dtype)), q, PRECISION, UPCAST)
+    dk = dk * softmax_scale
+    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + tok_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(dtype), mask=kv_ok)
+    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + tok_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(dtype), mask=kv_ok)
+
+
+@triton.jit(do_not_specialize=_FWD_NO_SPEC)
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta,  # as in the dK/dV kernel
+    DQ,  # like Q: output
+    Mask, Bias, CuSeqlens, Seed,  # as in the forward kernel
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+    stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # dQ = scale * dS K with dS = P * ((dO V^T) * Z - delta), as in the dK/dV kernel.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    dtype = Q.dtype.element_ty
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < len_q
+    q_ok = row_ok[:, None] & d_ok[None, :]
+    tok_m = (start + offs_m).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qm + offs_d[None, :],
+                mask=q_ok, other=0.0)
+    do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + tok_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=q_ok, other=0.0)
+    l_base = b64 * stride_lb + h64 * stride_lh
+    lse2 = tl.load(Lse + l_base + tok_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + l_base + tok_m, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    bias_base = Bias + b64 * stride_bb + h64 * stride_bh
+    mask_base = Mask + b64 * stride_mb
+    qk_scale = softmax_scale * 1.4426950408889634
+    if HAS_DROPOUT:
+        k0, k1 = philox_seed(Seed)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, len_k, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_ok = (offs_n < len_k)[:, None] & d_ok[None, :]
+        tok_n = (start + offs_n).to(tl.int64)
+        k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
+                    stride_mn, qk_scale, dtype, HAS_MASK, HAS_BIAS, PRECISION, UPCAST)
+        p = tl.where(s == float("-inf"), 0.0, tl.exp2(s - lse2[:, None]))
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        if HAS_DROPOUT:
+            keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(dtype), k, PRECISION, UPCAST)
+    dq = dq * softmax_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + tok_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(dtype), mask=q_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration table and launchers
+# ----------------------------------------------------------------------------------------------
+
+# Smallest tile tl.dot takes is 16 in every dimension.
+_MIN_BLOCK = 16
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """The power-of-two tile width (>= 16) that holds ``head_dim``; padded lanes are masked."""
+    return max(_MIN_BLOCK, triton.next_power_of_2(head_dim))
+
+
+# (kind, head_dim bucket, dtype itemsize class, sm major) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# kind: "fwd" (BLOCK_M query rows per program), "dkdv" (BLOCK_N keys per program, BLOCK_M query
+# rows per inner step), "dq" (BLOCK_M query rows per program). "16" = fp16/bf16, "32" = fp32.
+# Chosen so that the highest-pressure variant (mask + bias + dbias + dropout) compiles without
+# spills for 16-bit dtypes up to head_dim 128 (tests/test_triton_aot_attention.py is the gate).
+_CONFIGS = {
+    ("fwd", 16): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+                  256: (64, 64, 8, 2)},
+    ("fwd", 32): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2),
+                  256: (32, 32, 8, 1)},
+    ("dkdv", 16): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2),
+                   256: (16, 64, 8, 1)},
+    ("dkdv", 32): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 1),
+                   256: (16, 32, 8, 1)},
+    ("dq", 16): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2),
+                 256: (32, 32, 8, 1)},
+    ("dq", 32): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 1),
+                 256: (16, 32, 8, 1)},
+}
+# Under the interpreter every program runs in sequence on the CPU: small square tiles keep the
+# masked work on short test sequences low.
+_INTERPRET_CONFIG = (32, 32, 1, 1)
+
+
+def attention_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int | None = None,
+                     interpret: bool = INTERPRET) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for ``kind`` in ``"fwd" | "dkdv" | "dq"``.
+
+    A heuristic table per head_dim bucket, dtype and arch (``arch``: compute capability major,
+    e.g. 8 or 9; the table is shared by sm_80 and sm_90 today) instead of runtime autotuning, so
+    launches are deterministic and CUDA-graph safe.
+    """
+    if interpret:
+        return _INTERPRET_CONFIG
+    size = 32 if dtype == torch.float32 else 16
+    return _CONFIGS[(kind, size)][head_dim_bucket(head_dim)]
+
+
+def _layout(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch stride, token stride, head stride) of q/k/v/out-like tensors."""
+    if varlen:  # [total_tokens, num_heads, head_dim]
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)  # [batch, seqlen, num_heads, head_dim]
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch stride, head stride) of lse-like tensors; the last (token) stride is 1."""
+    if varlen:  # [num_heads, total_tokens]
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)  # [batch, num_heads, seqlen_q]
+
+
+def _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32):
+    """Shared launch arguments of the forward and backward kernels."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        batch = cu_seqlens.numel() - 1
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        seqlen_q = seqlen_k = int(max_seqlen)
+    else:
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        seqlen_k = k.shape[1]
+    dummy = q  # never read: the matching constexpr flag is off
+    mask = attention_mask.view(torch.uint8) if attention_mask is not None else dummy
+    mask_strides = attention_mask.stride() if attention_mask is not None else (0, 0)
+    bias = attn_bias if attn_bias is not None else dummy
+    bias_strides = attn_bias.stride() if attn_bias is not None else (0, 0, 0, 0)
+    has_dropout = dropout_p > 0.0
+    return dict(
+        varlen=varlen, batch=batch, num_heads=num_heads, head_dim=head_dim, seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k, mask=mask, mask_strides=mask_strides, bias=bias, bias_strides=bias_strides,
+        cu=cu_seqlens if varlen else dummy, seed=seed if has_dropout else dummy,
+        thresh=dropout_threshold(dropout_p) if has_dropout else 0,
+        dscale=1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+        flags=dict(HEAD_DIM=head_dim, HAS_MASK=attention_mask is not None,
+                   HAS_BIAS=attn_bias is not None, VARLEN=varlen, HAS_DROPOUT=has_dropout),
+        precision="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
+        upcast=INTERPRET and q.dtype == torch.bfloat16,
+        arch=None if INTERPRET or q.device.type != "cuda" else torch.cuda.get_device_capability(q.device)[0],
+    )
+
+
+def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
+                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False):
+    """Backend entry point (contract in :mod:`fastbert.backends`): writes ``out`` and ``lse``."""
+    c = _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32)
+    if c["batch"] * c["num_heads"] == 0 or c["seqlen_q"] == 0:
+        return
+    block_m, block_n, warps, stages = attention_config("fwd", c["head_dim"], q.dtype, c["arch"])
+    grid = (c["batch"] * c["num_heads"], triton.cdiv(c["seqlen_q"], block_m))
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, c["mask"], c["bias"], c["cu"], c["seed"],
+        *_layout(q, c["varlen"]), *_layout(k, c["varlen"]), *_layout(v, c["varlen"]),
+        *_layout(out, c["varlen"]), *_lse_strides(lse, c["varlen"]), *c["mask_strides"],
+        *c["bias_strides"], c["num_heads"], c["seqlen_q"], c["seqlen_k"], float(softmax_scale),
+        c["thresh"], c["dscale"], **c["flags"], BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=head_dim_bucket(c["head_dim"]), PRECISION=c["precision"], UPCAST=c["upcast"],
+        num_warps=warps, num_stages=stages)
+
+
+def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
+                  cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
+                  deterministic=False):
+    """Backend entry point: writes dq, dk, dv and, when ``dbias`` is given, the full fp32
+    ``[batch, num_heads, seqlen_q, seqlen_k]`` scores-bias gradient. Deterministic always (no
+    atomics), so ``deterministic`` needs nothing extra. Workspace: ``delta`` fp32 like ``lse``."""
+    c = _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32)
+    if c["batch"] * c["num_heads"] == 0 or c["seqlen_q"] == 0:
+        return
+    varlen, bh, head_dim = c["varlen"], c["batch"] * c["num_heads"], c["head_dim"]
+    block_d = head_dim_bucket(head_dim)
+    delta = torch.empty_like(lse)
+    lse_strides = _lse_strides(lse, varlen)
+
+    block_m, _, warps, _ = attention_config("dq", head_dim, q.dtype, c["arch"])
+    _attn_bwd_preprocess_kernel[(bh, triton.cdiv(c["seqlen_q"], block_m))](
+        out, dout, delta, c["cu"], *_layout(out, varlen), *_layout(dout, varlen), *lse_strides,
+        c["num_heads"], c["seqlen_q"], HEAD_DIM=head_dim, VARLEN=varlen, BLOCK_M=block_m,
+        BLOCK_D=block_d, num_warps=warps)
+
+    common = dict(**c["flags"], BLOCK_D=block_d, PRECISION=c["precision"], UPCAST=c["upcast"])
+    tail = (c["num_heads"], c["seqlen_q"], c["seqlen_k"], float(softmax_scale), c["thresh"], c["dscale"])
+    block_m, block_n, warps, stages = attention_config("dkdv", head_dim, q.dtype, c["arch"])
+    store_dbias = dbias is not None
+    _attn_bwd_dkdv_kernel[(bh, triton.cdiv(c["seqlen_k"], block_n))](
+        q, k, v, dout, lse, delta, dk, dv, dbias if store_dbias else delta, c["mask"], c["bias"],
+        c["cu"], c["seed"], *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen),
+        *_layout(dout, varlen), *_layout(dk, varlen), *_layout(dv, varlen), *lse_strides,
+        *c["mask_strides"], *c["bias_strides"],
+        *(dbias.stride()[:3] if store_dbias else (0, 0, 0)), *tail, **common,
+        STORE_DBIAS=store_dbias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+    block_m, block_n, warps, stages = attention_config("dq", head_dim, q.dtype, c["arch"])
+    _attn_bwd_dq_kernel[(bh, triton.cdiv(c["seqlen_q"], block_m))](
+        q, k, v, dout, lse, delta, dq, c["mask"], c["bias"], c["cu"], c["seed"],
+        *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(dout, varlen),
+        *_layout(dq, varlen), *lse_strides, *c["mask_strides"], *c["bias_strides"], *tail, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
