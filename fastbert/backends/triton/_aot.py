@@ -143,6 +143,18 @@ class AotVariant:
     spill_budget: int = 0
 
 
+def split_launch(fn, kwargs: Mapping[str, Any]) -> tuple[dict, dict, int, int]:
+    """Split launch keyword arguments ``fn[grid](**kwargs)`` into ``(signature, constexprs,
+    num_warps, num_stages)`` for :func:`compile_kernel` / :class:`AotVariant`."""
+    kw = dict(kwargs)
+    num_warps = kw.pop("num_warps", 4)
+    num_stages = kw.pop("num_stages", 3)
+    constexpr = {p.name for p in fn.params if p.is_constexpr}
+    sig = {k: v for k, v in kw.items() if k not in constexpr}
+    consts = {k: v for k, v in kw.items() if k in constexpr}
+    return sig, consts, num_warps, num_stages
+
+
 def _target(arch: int):
     from triton.backends.compiler import GPUTarget
 

@@ -38,34 +38,31 @@ _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
 
 
 @triton.jit
-def _u32(v):
-    """Any integer scalar/tensor (or a constexpr) as uint32, keeping the low 32 bits."""
-    return tl.cast(v, tl.uint32)
-
-
-@triton.jit
 def philox_word0(c0, c1, c2, c3, k0, k1):
     """Output word 0 of Philox4x32-10 for counter ``(c0, c1, c2, c3)`` and key ``(k0, k1)``.
 
     Arguments are integer scalars or tensors (broadcastable; int32/int64 values are reduced to
     their low 32 bits); returns uint32 with their broadcast shape.
     """
-    c0 = _u32(c0)
-    c1 = _u32(c1)
-    c2 = _u32(c2)
-    c3 = _u32(c3)
-    k0 = _u32(k0)
-    k1 = _u32(k1)
-    m0 = _u32(_M0)
-    m1 = _u32(_M1)
+    # tl.cast (a builtin, not a nested jit call: cheap under the interpreter) keeps the low 32 bits.
+    c0 = tl.cast(c0, tl.uint32)
+    c1 = tl.cast(c1, tl.uint32)
+    c2 = tl.cast(c2, tl.uint32)
+    c3 = tl.cast(c3, tl.uint32)
+    k0 = tl.cast(k0, tl.uint32)
+    k1 = tl.cast(k1, tl.uint32)
+    m0 = tl.cast(_M0, tl.uint32)
+    m1 = tl.cast(_M1, tl.uint32)
+    w0 = tl.cast(_W0, tl.uint32)
+    w1 = tl.cast(_W1, tl.uint32)
     for _ in tl.static_range(_ROUNDS):
         hi0 = tl.umulhi(c0, m0)
         lo0 = c0 * m0
         hi1 = tl.umulhi(c2, m1)
         lo1 = c2 * m1
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + _u32(_W0)
-        k1 = k1 + _u32(_W1)
+        k0 = k0 + w0
+        k1 = k1 + w1
     return c0
 
 
@@ -75,7 +72,7 @@ def philox_keep(c0, c1, c2, c3, k0, k1, threshold):
 
     ``threshold`` is ``dropout_threshold(dropout_p)`` from the host (0 keeps everything).
     """
-    return philox_word0(c0, c1, c2, c3, k0, k1) >= _u32(threshold)
+    return philox_word0(c0, c1, c2, c3, k0, k1) >= tl.cast(threshold, tl.uint32)
 
 
 @triton.jit
@@ -84,8 +81,8 @@ def philox_seed(seed_ptr):
 
     Loaded on the device, so drawing a seed never syncs the host.
     """
-    k0 = _u32(tl.load(seed_ptr))
-    k1 = _u32(tl.load(seed_ptr + 1))
+    k0 = tl.cast(tl.load(seed_ptr), tl.uint32)
+    k1 = tl.cast(tl.load(seed_ptr + 1), tl.uint32)
     return k0, k1
 
 
