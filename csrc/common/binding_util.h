@@ -1,0 +1,115 @@
+// Helpers for the pybind11 side (plain C++, compiled by the host compiler in both modules).
+//
+// Pointers and the stream cross the boundary as Python ints (tensor.data_ptr(),
+// torch.cuda.current_stream().cuda_stream); 0 means "None". The binding checks only what a
+// raw-pointer API can: null pointers, alignment, sizes > 0, strides >= 0 (fb::ArgError ->
+// ValueError), selects the pointers' device (DeviceGuard) and launches on the given stream. It
+// never allocates and never synchronises.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "dtype.h"
+#include "error.h"
+
+#ifndef FASTBERT_HOST
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fb::bind {
+
+#ifdef FASTBERT_HOST
+using Stream = void*;
+#else
+using Stream = cudaStream_t;
+#endif
+
+// A pointer argument: `name` for the error message, `required` = may not be null, `align` in bytes.
+inline const void* ptr(const char* name, std::uintptr_t value, std::size_t align, bool required) {
+  FB_CHECK_ARG(!required || value != 0, name, ": expected a non-null pointer, got 0 (None)");
+  FB_CHECK_ARG(value % align == 0, name, ": expected a pointer aligned to ", align, " bytes, got 0x", std::hex,
+               value);
+  return reinterpret_cast<const void*>(value);
+}
+inline void* mut_ptr(const char* name, std::uintptr_t value, std::size_t align, bool required) {
+  return const_cast<void*>(ptr(name, value, align, required));
+}
+
+inline void positive(const char* name, long long value) {
+  FB_CHECK_ARG(value > 0, name, ": expected > 0, got ", value);
+}
+inline void non_negative(const char* name, long long value) {
+  FB_CHECK_ARG(value >= 0, name, ": expected >= 0, got ", value);
+}
+
+inline DType dtype(const char* name, int code) {
+  FB_CHECK_ARG(code >= 0 && code <= 2, name, ": expected a dtype code 0 (float32), 1 (float16) or 2 (bfloat16), got ",
+               code);
+  return static_cast<DType>(code);
+}
+
+// The uint32 keep threshold for dropout_p, as _philox.dropout_threshold: round(p * 2^32) with
+// ties to even (Python's round), capped at 2^32 - 1. An element is kept iff its word >= this.
+inline uint32_t dropout_threshold(double dropout_p) {
+  const double t = std::nearbyint(dropout_p * 4294967296.0);
+  return t >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(t);
+}
+
+inline Stream stream(std::uintptr_t value) { return reinterpret_cast<Stream>(value); }
+
+// Number of CUDA devices; 0 with `why` set when there is no driver or device (never throws).
+inline int device_count(std::string* why = nullptr) {
+#ifdef FASTBERT_HOST
+  if (why) *why = "host build: kernels run on the CPU";
+  return 0;
+#else
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    if (why) *why = str_cat(cudaGetErrorName(err), ": ", cudaGetErrorString(err));
+    cudaGetLastError();  // clear it so later calls report their own errors
+    return 0;
+  }
+  if (n == 0 && why) *why = "no CUDA device";
+  return n;
+#endif
+}
+
+// Makes `device` current for the launch and restores the previous device afterwards. Raises
+// fb::RuntimeError (not a crash) when no CUDA device exists. No-op in the host build, which
+// expects device == -1 (CPU pointers).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+#ifdef FASTBERT_HOST
+    FB_CHECK_ARG(device == -1, "device: the host build runs on CPU pointers (device -1), got ", device);
+#else
+    std::string why;
+    const int n = device_count(&why);
+    if (n == 0) throw RuntimeError("fastbert._C: no usable CUDA device (" + why + ")");
+    FB_CHECK_ARG(device >= 0 && device < n, "device: expected a CUDA device index in [0, ", n, "), got ", device);
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+#endif
+  }
+  ~DeviceGuard() {
+#ifndef FASTBERT_HOST
+    if (prev_ >= 0) cudaSetDevice(prev_);
+#endif
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+#ifndef FASTBERT_HOST
+  static void check(cudaError_t err, const char* what) {
+    if (err != cudaSuccess)
+      throw RuntimeError(str_cat("CUDA error ", cudaGetErrorName(err), ": ", cudaGetErrorString(err), " (", what, ")"));
+  }
+#endif
+  int prev_ = -1;
+};
+
+}  // namespace fb::bind

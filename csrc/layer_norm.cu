@@ -1,0 +1,284 @@
+// LayerNorm forward/backward with BERT's add & norm fusion (Ba et al. 2016, eqs. 3-4):
+//   h = dropout(x + x_bias) + residual,  y = (h - mean) * rstd * weight + bias,
+// statistics in fp32 from a one-pass Welford accumulation per thread merged with Chan et al.'s
+// pairwise formula (stable: no E[h^2] - E[h]^2 cancellation). One block per row; the fused h is
+// stored in x's dtype and the statistics are taken of that stored value, so backward (which
+// reads h) sees exactly the h the forward normalised.
+#include <climits>
+#include <initializer_list>
+
+#include "common/launch.cuh"
+#include "common/philox.cuh"
+#include "common/platform.cuh"
+#include "common/rows.cuh"
+#include "common/vec.cuh"
+#include "common/warp.cuh"
+#include "layer_norm.h"
+
+namespace fb {
+namespace {
+
+struct Welford {
+  float n, mean, m2;
+};
+
+FB_DEVICE Welford welford_add(Welford a, float v) {
+  a.n += 1.0f;
+  const float d = v - a.mean;
+  a.mean += d / a.n;
+  a.m2 += d * (v - a.mean);
+  return a;
+}
+
+// Chan, Golub & LeVeque (1979): merge two partial (count, mean, M2) triples.
+FB_DEVICE Welford welford_merge(Welford a, Welford b) {
+  const float n = a.n + b.n;
+  if (n == 0.0f) return a;
+  const float d = b.mean - a.mean;
+  return Welford{n, a.mean + d * (b.n / n), a.m2 + b.m2 + d * d * (a.n * b.n / n)};
+}
+
+struct Pair {
+  float a, b;
+};
+
+FB_DEVICE bool keep(uint32_t col, long long row, PhiloxKey key, uint32_t threshold) {
+  const uint64_t r = static_cast<uint64_t>(row);
+  return philox_word0(col, static_cast<uint32_t>(r), static_cast<uint32_t>(r >> 32), 0u, key) >= threshold;
+}
+
+template <class T>
+__global__ void __launch_bounds__(512) layer_norm_fwd_kernel(LayerNormFwdParams p, bool vec) {
+  constexpr int K = Vec<T>::kSize;
+  __shared__ Welford scratch[32];
+  const long long row = blockIdx.x;
+  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;  // fault 1: the last column is lost
+  const int nchunks = (ncols + K - 1) / K;
+  const long long off = row * p.hidden;
+  const T* x = static_cast<const T*>(p.x) + off;
+  const T* res = p.residual ? static_cast<const T*>(p.residual) + off : nullptr;
+  T* h = p.h ? static_cast<T*>(p.h) + off : nullptr;
+  const PhiloxKey key = p.dropout ? philox_key(p.seed) : PhiloxKey{0u, 0u};
+
+  // Pass 1: h (stored when fused) and its Welford statistics.
+  Welford acc{0.0f, 0.0f, 0.0f};
+  for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
+    float v[K];
+    load_chunk(x, c, ncols, vec, v);
+    if (h) {
+      float r[K];
+      if (res) load_chunk(res, c, ncols, vec, r);
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const int col = c * K + j;
+        if (col >= ncols) break;
+        float t = v[j];
+        if (p.x_bias) t += load_float(p.x_bias, p.x_bias_dtype, col);
+        if (p.dropout) t = keep(static_cast<uint32_t>(col), row, key, p.keep_threshold) ? t * p.keep_scale : 0.0f;
+        if (res) t += r[j];
+        v[j] = round_to<T>(t);
+      }
+      store_chunk(h, c, ncols, vec, v);
+    }
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      if (c * K + j < ncols) acc = welford_add(acc, v[j]);
+  }
+  acc = block_allreduce(acc, [](Welford a, Welford b) { return welford_merge(a, b); }, scratch, p.fault);
+  const float mean = acc.mean;
+  const float rstd = rsqrt(acc.m2 / static_cast<float>(p.hidden) + p.eps);
+  if (thread_rank() == 0) {
+    p.mean[row] = mean;
+    p.rstd[row] = rstd;
+  }
+
+  // Pass 2: normalise (each thread re-reads the chunks it wrote itself).
+  const T* src = h ? h : x;
+  T* y = static_cast<T*>(p.y) + off;
+  for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
+    float v[K];
+    load_chunk(src, c, ncols, vec, v);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int col = c * K + j;
+      if (col >= ncols) break;
+      float t = (v[j] - mean) * rstd;
+      if (p.weight) t *= load_float(p.weight, p.weight_dtype, col);
+      if (p.bias) t += load_float(p.bias, p.bias_dtype, col);
+      v[j] = t;
+    }
+    store_chunk(y, c, ncols, vec, v);
+  }
+}
+
+// Backward, per row (xhat = (h - mean) * rstd, g = dy * weight, n = hidden):
+//   dh = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dresidual = dh,
+//   dx = dh * keep / (1 - p)   (keep = the forward's Philox mask; dx = dh without dropout).
+template <class T>
+__global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdParams p, bool vec) {
+  constexpr int K = Vec<T>::kSize;
+  __shared__ Pair scratch[32];
+  const long long row = blockIdx.x;
+  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;
+  const int nchunks = (ncols + K - 1) / K;
+  const long long off = row * p.hidden;
+  const T* dy = static_cast<const T*>(p.dy) + off;
+  const T* h = static_cast<const T*>(p.h) + off;
+  const float mean = p.mean[row], rstd = p.rstd[row];
+  const PhiloxKey key = p.dropout ? philox_key(p.seed) : PhiloxKey{0u, 0u};
+
+  Pair s{0.0f, 0.0f};
+  for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
+    float d[K], v[K];
+    load_chunk(dy, c, ncols, vec, d);
+    load_chunk(h, c, ncols, vec, v);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int col = c * K + j;
+      if (col >= ncols) break;
+      const float g = p.weight ? d[j] * load_float(p.weight, p.weight_dtype, col) : d[j];
+      s.a += g;
+      s.b += g * ((v[j] - mean) * rstd);
+    }
+  }
+  s = block_allreduce(s, [](Pair u, Pair w) { return Pair{u.a + w.a, u.b + w.b}; }, scratch, p.fault);
+  const float inv_n = 1.0f / static_cast<float>(p.hidden);
+  const float mean_g = s.a * inv_n, mean_gx = s.b * inv_n;
+  if (p.dx_bias && thread_rank() == 0) {  // for the column kernel's d(x_bias)
+    float* stats = p.workspace + 3LL * column_splits(p.rows) * p.hidden;
+    stats[2 * row] = mean_g;
+    stats[2 * row + 1] = mean_gx;
+  }
+
+  T* dx = static_cast<T*>(p.dx) + off;
+  T* dres = p.dresidual ? static_cast<T*>(p.dresidual) + off : nullptr;
+  for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
+    float d[K], v[K];
+    load_chunk(dy, c, ncols, vec, d);
+    load_chunk(h, c, ncols, vec, v);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int col = c * K + j;
+      if (col >= ncols) break;
+      const float g = p.weight ? d[j] * load_float(p.weight, p.weight_dtype, col) : d[j];
+      v[j] = rstd * (g - mean_g - (v[j] - mean) * rstd * mean_gx);
+    }
+    if (dres) store_chunk(dres, c, ncols, vec, v);
+    if (p.dropout) {
+#pragma unroll
+      for (int j = 0; j < K; ++j)
+        v[j] = keep(static_cast<uint32_t>(c * K + j), row, key, p.keep_threshold) ? v[j] * p.keep_scale : 0.0f;
+    }
+    store_chunk(dx, c, ncols, vec, v);
+  }
+}
+
+// Column sums, first stage: split s of the rows writes partial sums of
+//   dweight = sum_rows(dy * xhat), dbias = sum_rows(dy), dx_bias = sum_rows(dx)   (fp32)
+// to workspace[(k * splits + s) * hidden + col]; column_sum_kernel adds the splits in order.
+template <class T>
+__global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwdParams p, bool vec) {
+  constexpr int K = Vec<T>::kSize;
+  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;
+  const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c * K >= ncols) return;  // no barriers in this kernel
+  const int splits = static_cast<int>(gridDim.y);
+  const long long per_split = (p.rows + splits - 1) / splits;
+  const long long r0 = blockIdx.y * per_split;
+  const long long r1 = r0 + per_split < p.rows ? r0 + per_split : p.rows;
+  const float* stats = p.workspace + 3LL * splits * p.hidden;
+  const PhiloxKey key = p.dropout ? philox_key(p.seed) : PhiloxKey{0u, 0u};
+  float w[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const int col = c * K + j;
+    w[j] = p.weight && col < ncols ? load_float(p.weight, p.weight_dtype, col) : 1.0f;
+  }
+  float sw[K] = {}, sb[K] = {}, sx[K] = {};
+  for (long long r = r0; r < r1; ++r) {
+    float d[K], v[K];
+    load_chunk(static_cast<const T*>(p.dy) + r * p.hidden, c, ncols, vec, d);
+    load_chunk(static_cast<const T*>(p.h) + r * p.hidden, c, ncols, vec, v);
+    const float mean = p.mean[r], rstd = p.rstd[r];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const float xhat = (v[j] - mean) * rstd;
+      sw[j] += d[j] * xhat;
+      sb[j] += d[j];
+      if (p.dx_bias) {
+        float dh = rstd * (d[j] * w[j] - stats[2 * r] - xhat * stats[2 * r + 1]);
+        if (p.dropout)
+          dh = keep(static_cast<uint32_t>(c * K + j), r, key, p.keep_threshold) ? dh * p.keep_scale : 0.0f;
+        sx[j] += dh;
+      }
+    }
+  }
+  float* part = p.workspace + static_cast<long long>(blockIdx.y) * p.hidden;
+  const long long plane = static_cast<long long>(splits) * p.hidden;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const int col = c * K + j;
+    if (col >= ncols) break;
+    part[col] = sw[j];
+    part[plane + col] = sb[j];
+    part[2 * plane + col] = sx[j];
+  }
+}
+
+template <class T>
+bool use_vec(int hidden, std::initializer_list<const void*> ptrs) {
+  if (hidden % Vec<T>::kSize != 0) return false;
+  for (const void* q : ptrs)
+    if (q && !is_aligned16(q)) return false;
+  return true;
+}
+
+template <class T>
+void fwd(const LayerNormFwdParams& p, Stream stream) {
+  const bool vec = p.fault == 0 && use_vec<T>(p.hidden, {p.x, p.residual, p.y, p.h});
+  launch(layer_norm_fwd_kernel<T>, dim3(static_cast<unsigned>(p.rows)),
+         dim3(row_block_threads(p.hidden, Vec<T>::kSize)), 0, stream, p, vec);
+}
+
+template <class T>
+void bwd(const LayerNormBwdParams& p, Stream stream) {
+  constexpr int K = Vec<T>::kSize;
+  const bool vec = p.fault == 0 && use_vec<T>(p.hidden, {p.dy, p.h, p.dx, p.dresidual});
+  launch(layer_norm_bwd_rows_kernel<T>, dim3(static_cast<unsigned>(p.rows)), dim3(row_block_threads(p.hidden, K)),
+         0, stream, p, vec);
+  if (!p.dweight && !p.dbias && !p.dx_bias) return;
+  const int splits = column_splits(p.rows);
+  const int nchunks = (p.hidden + K - 1) / K;
+  launch(layer_norm_bwd_columns_kernel<T>, dim3((nchunks + 63) / 64, splits), dim3(64), 0, stream, p, vec);
+  ColumnSumParams cs{p.workspace, {p.dweight, p.dbias, p.dx_bias}, splits, p.hidden,
+                     p.fault == 1 ? p.hidden - 1 : p.hidden};
+  launch_column_sum(cs, stream);
+}
+
+void check_rows(long long rows) {
+  FB_CHECK_ARG(rows <= INT_MAX, "rows: expected <= ", INT_MAX, " (one block per row), got ", rows);
+}
+
+}  // namespace
+
+void layer_norm_fwd(const LayerNormFwdParams& p, void* stream) {
+  check_rows(p.rows);
+  const Stream s = static_cast<Stream>(stream);
+  switch (p.dtype) {
+    case DType::kFloat16: return fwd<__half>(p, s);
+    case DType::kBFloat16: return fwd<__nv_bfloat16>(p, s);
+    default: return fwd<float>(p, s);
+  }
+}
+
+void layer_norm_bwd(const LayerNormBwdParams& p, void* stream) {
+  check_rows(p.rows);
+  const Stream s = static_cast<Stream>(stream);
+  switch (p.dtype) {
+    case DType::kFloat16: return bwd<__half>(p, s);
+    case DType::kBFloat16: return bwd<__nv_bfloat16>(p, s);
+    default: return bwd<float>(p, s);
+  }
+}
+
+}  // namespace fb
