@@ -1,6 +1,9 @@
 """The ``fastbert`` command line: env, bench forwarding, --version, and the demo (real checkpoint)."""
 
+import contextlib
+import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -134,9 +137,6 @@ _QUICK = ["--device", "cpu", "--repeats", "1", "--warmup", "0"]
 
 @pytest.fixture(scope="module")
 def demo_json():
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["demo", "--json", *_QUICK])
@@ -186,9 +186,6 @@ def test_demo_reference_backend():
 
 
 def test_demo_command_prints_parity_and_similarity():
-    import os
-    import re
-
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-m", "fastbert", "demo", "--plain", *_QUICK], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env=env)
@@ -214,8 +211,6 @@ def test_demo_interpreted_backend_reports_na(monkeypatch, demo_json):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not _interpreted("triton")
     fields = dict(demo_json[1], tokens_per_s_fastbert=None, interpreted=True)
-    import io
-
     buf = io.StringIO()
     print_demo(DemoResult(**fields), _Plain(buf))
     out = buf.getvalue()
@@ -245,3 +240,13 @@ def test_demo_unknown_backend_is_a_clear_error(capsys):
     assert main(["demo", "--backend", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--backend" in err and "'nope'" in err and "'torch'" in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (CPU)")
+def test_demo_triton_interpreted():
+    r = run_demo(backend="triton", device="cpu", repeats=1, warmup=0)
+    assert r.passed, (r.max_abs_diff_hidden, r.max_abs_diff_pooler)
+    assert r.backends == {"attention": "triton", "layer_norm": "triton", "gelu": "triton"}
+    assert r.interpreted and r.tokens_per_s_fastbert is None and r.tokens_per_s_transformers > 0
+    _check_similarity(r.labels, r.similarity)
