@@ -145,9 +145,8 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
   const float inv_n = 1.0f / static_cast<float>(p.hidden);
   const float mean_g = s.a * inv_n, mean_gx = s.b * inv_n;
   if (p.dx_bias && thread_rank() == 0) {  // for the column kernel's d(x_bias)
-    float* stats = p.workspace + 3LL * column_splits(p.rows) * p.hidden;
-    stats[2 * row] = mean_g;
-    stats[2 * row + 1] = mean_gx;
+    p.row_stats[2 * row] = mean_g;
+    p.row_stats[2 * row + 1] = mean_gx;
   }
 
   T* dx = static_cast<T*>(p.dx) + off;
@@ -186,7 +185,7 @@ __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwd
   const long long per_split = (p.rows + splits - 1) / splits;
   const long long r0 = blockIdx.y * per_split;
   const long long r1 = r0 + per_split < p.rows ? r0 + per_split : p.rows;
-  const float* stats = p.workspace + 3LL * splits * p.hidden;
+  const float* stats = p.row_stats;
   const PhiloxKey key = p.dropout ? philox_key(p.seed) : PhiloxKey{0u, 0u};
   float w[K];
 #pragma unroll
@@ -241,8 +240,9 @@ void fwd(const LayerNormFwdParams& p, Stream stream) {
 }
 
 template <class T>
-void bwd(const LayerNormBwdParams& p, Stream stream) {
+void bwd(LayerNormBwdParams p, Stream stream) {
   constexpr int K = Vec<T>::kSize;
+  p.row_stats = p.dx_bias ? p.workspace + 3LL * column_splits(p.rows) * p.hidden : nullptr;
   const bool vec = p.fault == 0 && use_vec<T>(p.hidden, {p.dy, p.h, p.dx, p.dresidual});
   launch(layer_norm_bwd_rows_kernel<T>, dim3(static_cast<unsigned>(p.rows)), dim3(row_block_threads(p.hidden, K)),
          0, stream, p, vec);

@@ -42,6 +42,7 @@ struct LayerNormBwdParams {
   float* dx_bias;        // [hidden] or null
   const int64_t* seed;   // [2] or null
   float* workspace;      // layer_norm_bwd_workspace_bytes(rows, hidden, ...) bytes
+  float* row_stats;      // set by layer_norm_bwd: [rows, 2] inside the workspace (dx_bias only)
   long long rows;
   int hidden;
   DType dtype, weight_dtype;

@@ -30,6 +30,7 @@
 #endif
 
 #define FB_DEVICE __device__ __forceinline__
+#define FB_HOST_DEVICE __host__ __device__ __forceinline__
 
 namespace fb {
 

@@ -47,7 +47,7 @@ struct alignas(16) Vec {
   T v[kSize];
 };
 
-FB_DEVICE bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+FB_HOST_DEVICE bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // 16-byte load/store; `p` must be 16-byte aligned.
 template <class T>
