@@ -184,3 +184,170 @@ def test_pairwise_grid_covers_every_pair():
         for va, vb in itertools.product(AXES[a], AXES[b]):
             if _feasible({a: va, b: vb}):
                 assert any(c[a] == va and c[b] == vb for c in cases), (a, va, b, vb)
+
+
+@pytest.mark.parametrize("head_dim", (8, 24, 136, 256))
+def test_parity_other_head_dims(head_dim, poison):
+    """The bucket edges outside the main grid (8 and 24: buckets 16 and 32; 136, 256: bucket 256)."""
+    case = dict(head_dim=head_dim, seqlen=19, batch=2, layout="padded", bias="B11K", dtype=torch.float16,
+                dropout=0.0)
+    _check_parity(case)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_parity_cross_lengths(dtype, poison):
+    """seqlen_q != seqlen_k (padded layout), full bias with gradient, mask, dropout."""
+    gen = torch.Generator().manual_seed(3)
+    batch, seqlen_q, seqlen_k, heads, hd = 2, 21, 45, 2, 40
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    inp = dict(q=rnd(batch, seqlen_q, heads, hd), k=rnd(batch, seqlen_k, heads, hd),
+               v=rnd(batch, seqlen_k, heads, hd), dout=rnd(batch, seqlen_q, heads, hd), dropout_p=0.2,
+               dtype=dtype, kw=dict(attention_mask=torch.arange(seqlen_k)[None, :] < torch.tensor([[45], [30]]),
+                                    attn_bias=rnd(batch, heads, seqlen_q, seqlen_k)))
+
+    def run(dt, backend):
+        leaves = [inp[n].to(dt).requires_grad_() for n in ("q", "k", "v")]
+        bias = inp["kw"]["attn_bias"].to(dt).requires_grad_()
+        torch.manual_seed(11)
+        out = ops.attention(*leaves, attention_mask=inp["kw"]["attention_mask"], attn_bias=bias,
+                            dropout_p=inp["dropout_p"], backend=backend)
+        grads = torch.autograd.grad(out, leaves + [bias], inp["dout"].to(dt))
+        return dict(zip(("out", "dq", "dk", "dv", "dbias"), (out.detach(),) + grads))
+
+    got, hi, lo = run(dtype, "triton"), run(torch.float64, "reference"), run(dtype, "reference")
+    for name in hi:
+        assert_close_to_ref(got[name], hi[name], lo[name], name=name, floor_eps=_floor_eps(name, inp, hi))
+
+
+def _lse(q, k, v, backend, **kw):
+    """(out, lse) straight from the forward custom op (the public API returns only out)."""
+    args = dict(attention_mask=None, attn_bias=None, cu_seqlens=None, seed=None, max_seqlen=0,
+                dropout_p=0.0, softmax_scale=q.shape[-1] ** -0.5, allow_tf32=False, deterministic=False)
+    args.update(kw)
+    return torch.ops.fastbert.attention_fwd(q, k, v, args["attention_mask"], args["attn_bias"],
+                                            args["cu_seqlens"], args["seed"], args["max_seqlen"],
+                                            args["dropout_p"], args["softmax_scale"], args["allow_tf32"],
+                                            args["deterministic"], backend)
+
+
+def test_empty_rows_zero_output_zero_grads_lse_inf(poison):
+    """A row with no key (all keys masked, or every key biased -inf) returns zeros, lse = +inf,
+    zero gradients, and no NaN anywhere; the other rows still match the reference."""
+    gen = torch.Generator().manual_seed(5)
+    batch, seqlen, heads, hd = 3, 23, 2, 32
+    q, k, v, dout = (torch.randn(batch, seqlen, heads, hd, generator=gen) for _ in range(4))
+    mask = torch.ones(batch, seqlen, dtype=torch.bool)
+    mask[1] = False  # sequence 1: every key is padding -> every row of it is empty
+    mask[2, 10:] = False
+    bias = torch.randn(batch, heads, seqlen, seqlen, generator=gen)
+    bias[2, 1, 4, :] = float("-inf")  # one row with every key biased away
+    bias[0, 0, :, 3] = float("-inf")  # one key excluded for a whole head (rows still have keys)
+    bias[2, 0, 7, :10] = float("-inf")  # with the mask, row 7 of head 0 has no key either
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = ops.attention(*leaves[:3], attention_mask=mask, attn_bias=leaves[3], backend=backend)
+        results[backend] = (out.detach(),) + torch.autograd.grad(out, leaves, dout)
+    got, ref = results["triton"], results["reference"]
+    for name, g, r in zip(("out", "dq", "dk", "dv", "dbias"), got, ref):
+        assert not torch.isnan(g).any(), name
+        assert_close_to_ref(g, r, name=name, floor_eps=16.0)
+    out, dq, _, _, dbias = got
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dbias[1] == 0).all()
+    assert (out[2, 4, 1] == 0).all() and (dq[2, 4, 1] == 0).all() and (dbias[2, 1, 4] == 0).all()
+    assert (out[2, 7, 0] == 0).all() and (dq[2, 7, 0] == 0).all()
+    _, lse = _lse(q, k, v, "triton", attention_mask=mask, attn_bias=bias)
+    _, lse_ref = _lse(q, k, v, "reference", attention_mask=mask, attn_bias=bias)
+    assert torch.isinf(lse[1]).all() and lse[2, 1, 4] == float("inf") and lse[2, 0, 7] == float("inf")
+    torch.testing.assert_close(lse, lse_ref)
+
+
+def test_lse_varlen_matches_reference(poison):
+    """lse [num_heads, total_tokens] in the varlen layout, incl. a zero-length sequence."""
+    gen = torch.Generator().manual_seed(6)
+    cu = torch.tensor([0, 9, 9, 40], dtype=torch.int32)
+    q, k, v = (torch.randn(40, 2, 64, generator=gen) for _ in range(3))
+    out, lse = _lse(q, k, v, "triton", cu_seqlens=cu, max_seqlen=31)
+    out_ref, lse_ref = _lse(q, k, v, "reference", cu_seqlens=cu, max_seqlen=31)
+    assert lse.shape == (2, 40)
+    torch.testing.assert_close(lse, lse_ref)
+    torch.testing.assert_close(out, out_ref)
+
+
+def test_dropout_same_seed_same_result_and_mask_is_the_shared_scheme(poison):
+    """Same torch seed -> identical output and gradients; another seed -> another mask. The mask
+    read back from the output (V = identity, uniform scores) is exactly the shared Philox mask,
+    and its keep rate is within 5 sigma of 1 - p."""
+    from fastbert.ops._common import draw_seed
+
+    batch, heads, seqlen, p = 2, 2, 64, 0.3
+    gen = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(batch, seqlen, heads, seqlen, generator=gen) for _ in range(2))
+    v = torch.eye(seqlen).expand(batch, heads, seqlen, seqlen).transpose(1, 2).contiguous()  # v[b, j, h] = e_j
+    dout = torch.randn(batch, seqlen, heads, seqlen, generator=gen)
+
+    def run(seed):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(seed)
+        out = ops.attention(*leaves, dropout_p=p, softmax_scale=0.0, backend="triton")
+        return (out.detach(),) + torch.autograd.grad(out, leaves, dout)
+
+    a, b, c = run(21), run(21), run(22)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0], c[0])
+    # Uniform probabilities 1/seqlen: out[b, i, h, j] = keep[b, h, i, j] / (seqlen * (1 - p)).
+    keep = (a[0] > 0).permute(0, 2, 1, 3)
+    torch.manual_seed(21)
+    expected = attention_keep_mask(draw_seed(torch.device("cpu")), p, batch, heads, seqlen, seqlen)
+    assert torch.equal(keep, expected)
+    torch.testing.assert_close(a[0][a[0] > 0], torch.full_like(a[0][a[0] > 0], 1 / (seqlen * (1 - p))))
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+
+
+def test_deterministic_flag(poison):
+    """With torch's deterministic mode on, the backend takes the call ("deterministic" declared)
+    and gradients are bitwise reproducible and equal to the default mode's (no atomics anywhere)."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v, dout = (torch.randn(2, 33, 2, 32, generator=gen, dtype=torch.float16) for _ in range(4))
+    bias = torch.randn(1, 2, 1, 33, generator=gen, dtype=torch.float16)
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = ops.attention(*leaves[:3], attn_bias=leaves[3], backend="triton")
+        return torch.autograd.grad(out, leaves, dout)
+
+    default = grads()
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for x, y, z in zip(first, second, default):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_opcheck_attention_fwd():
+    """torch.library.opcheck on the forward custom op with the Triton backend (tiny case):
+    schema, fake tensor, autograd registration and AOT dispatch."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 5, 2, 16, generator=gen).requires_grad_() for _ in range(3))
+    mask = torch.tensor([[True, True, True, False, True]])
+    bias = torch.randn(1, 2, 5, 5, generator=gen).requires_grad_()
+    seed = torch.tensor([12345, 678], dtype=torch.int64)
+    args = (q, k, v, mask, bias, None, seed, 0, 0.25, 0.25, False, False, "triton")
+    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
+
+
+def test_capabilities_declared_honestly():
+    from fastbert.backends import get_backend
+    from fastbert.backends.triton import ATTENTION_HEAD_DIMS
+
+    caps = get_backend("triton").caps["attention"]
+    assert {"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout", "deterministic",
+            "tf32"} <= caps.features
+    assert all(caps.head_dims(d) for d in ATTENTION_HEAD_DIMS) and not caps.head_dims(26)
+    assert ATTENTION_HEAD_DIMS == tuple(range(8, 257, 8))

@@ -377,14 +377,14 @@ def head_dim_bucket(head_dim: int) -> int:
 # Chosen so that the highest-pressure variant (mask + bias + dbias + dropout) compiles without
 # spills for 16-bit dtypes up to head_dim 128 (tests/test_triton_aot_attention.py is the gate).
 _CONFIGS = {
-    ("fwd", 16): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
-                  256: (64, 64, 8, 2)},
-    ("fwd", 32): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2),
-                  256: (32, 32, 8, 1)},
-    ("dkdv", 16): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2),
-                   256: (16, 64, 8, 1)},
-    ("dkdv", 32): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 1),
+    ("fwd", 16): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3),
+                  256: (64, 32, 8, 2)},
+    ("fwd", 32): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (64, 16, 8, 2),
+                  256: (32, 16, 8, 1)},
+    ("dkdv", 16): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 8, 2), 128: (16, 64, 8, 2),
                    256: (16, 32, 8, 1)},
+    ("dkdv", 32): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (16, 32, 8, 2), 128: (16, 32, 8, 1),
+                   256: (16, 16, 8, 1)},
     ("dq", 16): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2),
                  256: (32, 32, 8, 1)},
     ("dq", 32): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 1),
@@ -409,103 +409,204 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int | N
     return _CONFIGS[(kind, size)][head_dim_bucket(head_dim)]
 
 
-def _layout(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch stride, token stride, head stride) of q/k/v/out-like tensors."""
-    if varlen:  # [total_tokens, num_heads, head_dim]
-        return 0, x.stride(0), x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)  # [batch, seqlen, num_heads, head_dim]
+def _device_arch(q: torch.Tensor) -> int | None:
+    """Compute capability major of q's GPU (None under the interpreter / off CUDA)."""
+    if INTERPRET or q.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(q.device)[0]
 
 
-def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
-    """(batch stride, head stride) of lse-like tensors; the last (token) stride is 1."""
-    if varlen:  # [num_heads, total_tokens]
-        return 0, lse.stride(0)
-    return lse.stride(0), lse.stride(1)  # [batch, num_heads, seqlen_q]
-
-
-def _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32):
-    """Shared launch arguments of the forward and backward kernels."""
+def _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32, arch):
+    """Launch arguments shared by the forward and backward kernels, by parameter name."""
     varlen = cu_seqlens is not None
     if varlen:
-        batch = cu_seqlens.numel() - 1
+        batch = cu_seqlens.shape[0] - 1
         num_heads, head_dim = q.shape[1], q.shape[2]
         seqlen_q = seqlen_k = int(max_seqlen)
     else:
         batch, seqlen_q, num_heads, head_dim = q.shape
         seqlen_k = k.shape[1]
     dummy = q  # never read: the matching constexpr flag is off
-    mask = attention_mask.view(torch.uint8) if attention_mask is not None else dummy
-    mask_strides = attention_mask.stride() if attention_mask is not None else (0, 0)
-    bias = attn_bias if attn_bias is not None else dummy
-    bias_strides = attn_bias.stride() if attn_bias is not None else (0, 0, 0, 0)
     has_dropout = dropout_p > 0.0
-    return dict(
-        varlen=varlen, batch=batch, num_heads=num_heads, head_dim=head_dim, seqlen_q=seqlen_q,
-        seqlen_k=seqlen_k, mask=mask, mask_strides=mask_strides, bias=bias, bias_strides=bias_strides,
-        cu=cu_seqlens if varlen else dummy, seed=seed if has_dropout else dummy,
-        thresh=dropout_threshold(dropout_p) if has_dropout else 0,
-        dscale=1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
-        flags=dict(HEAD_DIM=head_dim, HAS_MASK=attention_mask is not None,
-                   HAS_BIAS=attn_bias is not None, VARLEN=varlen, HAS_DROPOUT=has_dropout),
-        precision="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
-        upcast=INTERPRET and q.dtype == torch.bfloat16,
-        arch=None if INTERPRET or q.device.type != "cuda" else torch.cuda.get_device_capability(q.device)[0],
+    mask_strides = attention_mask.stride() if attention_mask is not None else (0, 0)
+    bias_strides = attn_bias.stride() if attn_bias is not None else (0, 0, 0, 0)
+    args = dict(
+        Mask=attention_mask.view(torch.uint8) if attention_mask is not None else dummy,
+        Bias=attn_bias if attn_bias is not None else dummy,
+        CuSeqlens=cu_seqlens if varlen else dummy, Seed=seed if has_dropout else dummy,
+        stride_mb=mask_strides[0], stride_mn=mask_strides[1],
+        stride_bb=bias_strides[0], stride_bh=bias_strides[1], stride_bm=bias_strides[2],
+        stride_bn=bias_strides[3],
+        num_heads=num_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        dropout_thresh=dropout_threshold(dropout_p) if has_dropout else 0,
+        dropout_scale=1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+        HEAD_DIM=head_dim, HAS_MASK=attention_mask is not None, HAS_BIAS=attn_bias is not None,
+        VARLEN=varlen, HAS_DROPOUT=has_dropout, BLOCK_D=head_dim_bucket(head_dim),
+        PRECISION="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )
+    return args, batch * num_heads, seqlen_q, seqlen_k, varlen
+
+
+def _strides(prefix: str, x: torch.Tensor, varlen: bool, names=("b", "m", "h")) -> dict:
+    """``{stride_<prefix><b|m|h>: ...}`` for a q/k/v/out-like tensor: (batch, token, head) strides;
+    the batch stride is 0 in the varlen layout (tokens are packed)."""
+    values = (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+    return {f"stride_{prefix}{n}": s for n, s in zip(names, values)}
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
+    """(batch, head) strides of lse-like tensors; the token stride is 1."""
+    values = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    return dict(stride_lb=values[0], stride_lh=values[1])
+
+
+def fwd_launch(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p,
+               seed, softmax_scale, allow_tf32, arch):
+    """``(grid, kwargs)`` of the forward kernel launch (shared by the launcher and the AOT compile)."""
+    args, bh, seqlen_q, _, varlen = _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen,
+                                            dropout_p, seed, allow_tf32, arch)
+    block_m, block_n, warps, stages = attention_config("fwd", q.shape[-1], q.dtype, arch)
+    kw = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **args, **_strides("q", q, varlen),
+              **_strides("k", k, varlen, "bnh"), **_strides("v", v, varlen, "bnh"),
+              **_strides("o", out, varlen), **_lse_strides(lse, varlen),
+              softmax_scale=float(softmax_scale), BLOCK_M=block_m, BLOCK_N=block_n,
+              num_warps=warps, num_stages=stages)
+    return (bh, triton.cdiv(seqlen_q, block_m)), kw
+
+
+def bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta, *, attention_mask, attn_bias,
+                 cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32, arch):
+    """``[(kernel, grid, kwargs)]`` of the three backward launches, in order (preprocess, dK/dV,
+    dQ); shared by the launcher and the AOT compile. ``delta``: fp32 workspace like ``lse``."""
+    args, bh, seqlen_q, seqlen_k, varlen = _common(q, k, attention_mask, attn_bias, cu_seqlens,
+                                                   max_seqlen, dropout_p, seed, allow_tf32, arch)
+    head_dim = q.shape[-1]
+    tensors = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, **_strides("q", q, varlen),
+                   **_strides("k", k, varlen, "bnh"), **_strides("v", v, varlen, "bnh"),
+                   **_strides("do", dout, varlen), **_lse_strides(lse, varlen))
+    launches = []
+
+    block_m, _, warps, _ = attention_config("dq", head_dim, q.dtype, arch)
+    pre = dict(Out=out, DOut=dout, Delta=delta, CuSeqlens=args["CuSeqlens"], **_strides("o", out, varlen),
+               **_strides("do", dout, varlen), **_lse_strides(lse, varlen), num_heads=args["num_heads"],
+               seqlen_q=seqlen_q, HEAD_DIM=head_dim, VARLEN=varlen, BLOCK_M=block_m,
+               BLOCK_D=args["BLOCK_D"], num_warps=warps, num_stages=1)
+    launches.append((_attn_bwd_preprocess_kernel, (bh, triton.cdiv(seqlen_q, block_m)), pre))
+
+    block_m, block_n, warps, stages = attention_config("dkdv", head_dim, q.dtype, arch)
+    store_dbias = dbias is not None
+    db_strides = dbias.stride()[:3] if store_dbias else (0, 0, 0)
+    dkdv = dict(**tensors, **args, DK=dk, DV=dv, DBias=dbias if store_dbias else delta,
+                **_strides("dk", dk, varlen, "bnh"), **_strides("dv", dv, varlen, "bnh"),
+                stride_db=db_strides[0], stride_dh=db_strides[1], stride_dm=db_strides[2],
+                softmax_scale=float(softmax_scale), STORE_DBIAS=store_dbias, BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    launches.append((_attn_bwd_dkdv_kernel, (bh, triton.cdiv(seqlen_k, block_n)), dkdv))
+
+    block_m, block_n, warps, stages = attention_config("dq", head_dim, q.dtype, arch)
+    dqk = dict(**tensors, **args, DQ=dq, **_strides("dq", dq, varlen), softmax_scale=float(softmax_scale),
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    launches.append((_attn_bwd_dq_kernel, (bh, triton.cdiv(seqlen_q, block_m)), dqk))
+    return launches
 
 
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                   dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False):
     """Backend entry point (contract in :mod:`fastbert.backends`): writes ``out`` and ``lse``."""
-    c = _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32)
-    if c["batch"] * c["num_heads"] == 0 or c["seqlen_q"] == 0:
+    grid, kw = fwd_launch(q, k, v, out, lse, attention_mask=attention_mask, attn_bias=attn_bias,
+                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
+                          softmax_scale=softmax_scale, allow_tf32=allow_tf32, arch=_device_arch(q))
+    if grid[0] * grid[1] == 0:
         return
-    block_m, block_n, warps, stages = attention_config("fwd", c["head_dim"], q.dtype, c["arch"])
-    grid = (c["batch"] * c["num_heads"], triton.cdiv(c["seqlen_q"], block_m))
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, c["mask"], c["bias"], c["cu"], c["seed"],
-        *_layout(q, c["varlen"]), *_layout(k, c["varlen"]), *_layout(v, c["varlen"]),
-        *_layout(out, c["varlen"]), *_lse_strides(lse, c["varlen"]), *c["mask_strides"],
-        *c["bias_strides"], c["num_heads"], c["seqlen_q"], c["seqlen_k"], float(softmax_scale),
-        c["thresh"], c["dscale"], **c["flags"], BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=head_dim_bucket(c["head_dim"]), PRECISION=c["precision"], UPCAST=c["upcast"],
-        num_warps=warps, num_stages=stages)
+    _attn_fwd_kernel[grid](**kw)
 
 
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
                   deterministic=False):
     """Backend entry point: writes dq, dk, dv and, when ``dbias`` is given, the full fp32
-    ``[batch, num_heads, seqlen_q, seqlen_k]`` scores-bias gradient. Deterministic always (no
-    atomics), so ``deterministic`` needs nothing extra. Workspace: ``delta`` fp32 like ``lse``."""
-    c = _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32)
-    if c["batch"] * c["num_heads"] == 0 or c["seqlen_q"] == 0:
-        return
-    varlen, bh, head_dim = c["varlen"], c["batch"] * c["num_heads"], c["head_dim"]
-    block_d = head_dim_bucket(head_dim)
+    ``[batch, num_heads, seqlen_q, seqlen_k]`` scores-bias gradient.
+
+    Deterministic always (every output element has one owner, no atomics), so
+    ``deterministic=True`` needs nothing extra. Workspace: ``delta``, fp32 like ``lse``.
+    """
     delta = torch.empty_like(lse)
-    lse_strides = _lse_strides(lse, varlen)
+    launches = bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta,
+                            attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
+                            max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
+                            softmax_scale=softmax_scale, allow_tf32=allow_tf32, arch=_device_arch(q))
+    for kernel, grid, kw in launches:
+        if grid[0] * grid[1] == 0:
+            return
+        kernel[grid](**kw)
 
-    block_m, _, warps, _ = attention_config("dq", head_dim, q.dtype, c["arch"])
-    _attn_bwd_preprocess_kernel[(bh, triton.cdiv(c["seqlen_q"], block_m))](
-        out, dout, delta, c["cu"], *_layout(out, varlen), *_layout(dout, varlen), *lse_strides,
-        c["num_heads"], c["seqlen_q"], HEAD_DIM=head_dim, VARLEN=varlen, BLOCK_M=block_m,
-        BLOCK_D=block_d, num_warps=warps)
 
-    common = dict(**c["flags"], BLOCK_D=block_d, PRECISION=c["precision"], UPCAST=c["upcast"])
-    tail = (c["num_heads"], c["seqlen_q"], c["seqlen_k"], float(softmax_scale), c["thresh"], c["dscale"])
-    block_m, block_n, warps, stages = attention_config("dkdv", head_dim, q.dtype, c["arch"])
-    store_dbias = dbias is not None
-    _attn_bwd_dkdv_kernel[(bh, triton.cdiv(c["seqlen_k"], block_n))](
-        q, k, v, dout, lse, delta, dk, dv, dbias if store_dbias else delta, c["mask"], c["bias"],
-        c["cu"], c["seed"], *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen),
-        *_layout(dout, varlen), *_layout(dk, varlen), *_layout(dv, varlen), *lse_strides,
-        *c["mask_strides"], *c["bias_strides"],
-        *(dbias.stride()[:3] if store_dbias else (0, 0, 0)), *tail, **common,
-        STORE_DBIAS=store_dbias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile variants (fastbert.backends.triton._aot; gate: tests/test_triton_aot_attention.py)
+# ----------------------------------------------------------------------------------------------
 
-    block_m, block_n, warps, stages = attention_config("dq", head_dim, q.dtype, c["arch"])
-    _attn_bwd_dq_kernel[(bh, triton.cdiv(c["seqlen_q"], block_m))](
-        q, k, v, dout, lse, delta, dq, c["mask"], c["bias"], c["cu"], c["seed"],
-        *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(dout, varlen),
-        *_layout(dq, varlen), *lse_strides, *c["mask_strides"], *c["bias_strides"], *tail, **common,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+# head_dims compiled in CI: one per bucket, the bucket's own width (its largest member).
+AOT_HEAD_DIMS = (16, 32, 64, 128, 256)
+# Spill budgets (bytes of spill stores + loads) where zero is not reached; zero everywhere else.
+# The gate is zero for fp16/bf16 up to head_dim 128; these are recorded budgets.
+AOT_SPILL_BUDGETS: dict[tuple[str, str, int], int] = {}
+
+
+def _aot_spill_budget(kind: str, dtype: torch.dtype, head_dim: int) -> int:
+    return AOT_SPILL_BUDGETS.get((kind, str(dtype).replace("torch.", ""), head_dim_bucket(head_dim)), 0)
+
+
+def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False, arch: int = 90,
+                 batch: int = 4, seqlen: int = 512, num_heads: int = 12):
+    """``[(label, kernel, kwargs)]`` of every attention launch for one configuration, built by the
+    launchers' own argument builders from meta tensors (data_ptr 0: 16-byte aligned, like torch's
+    allocations). Padded: every feature on (mask, bias with gradient, dropout); varlen: dropout."""
+    meta = dict(device="meta")
+    tokens = (batch * seqlen,) if varlen else (batch, seqlen)
+    qkv = torch.empty(*tokens, 3, num_heads, head_dim, dtype=dtype, **meta)  # q, k, v read in place
+    q, k, v = qkv.unbind(-3)
+    out, dout = torch.empty_like(q), torch.empty_like(q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if varlen:
+        lse = torch.empty(num_heads, batch * seqlen, dtype=torch.float32, **meta)
+        kw = dict(attention_mask=None, attn_bias=None, max_seqlen=seqlen,
+                  cu_seqlens=torch.empty(batch + 1, dtype=torch.int32, **meta))
+        dbias = None
+    else:
+        lse = torch.empty(batch, num_heads, seqlen, dtype=torch.float32, **meta)
+        bias = torch.empty(batch, num_heads, seqlen, seqlen, dtype=dtype, **meta)
+        kw = dict(attention_mask=torch.empty(batch, seqlen, dtype=torch.bool, **meta), attn_bias=bias,
+                  cu_seqlens=None, max_seqlen=None)
+        dbias = torch.empty(bias.shape, dtype=torch.float32, **meta)
+    kw.update(dropout_p=0.1, seed=torch.empty(2, dtype=torch.int64, **meta), softmax_scale=head_dim ** -0.5,
+              allow_tf32=False, arch=arch)
+    _, fkw = fwd_launch(q, k, v, out, lse, **kw)
+    launches = [("fwd", _attn_fwd_kernel, fkw)]
+    names = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
+    for name, (kernel, _, bkw) in zip(names, bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias,
+                                                          torch.empty_like(lse), **kw)):
+        launches.append((name, kernel, bkw))
+    return launches
+
+
+def aot_variants(full: bool = False):
+    """Ahead-of-time compile variants: per head_dim bucket and dtype, the highest-pressure variant
+    of each kernel (padded, every feature on); ``full`` adds the non-power-of-two head_dims, the
+    varlen layout and the preprocess kernel. One config table serves sm_80 and sm_90 today, so each
+    variant is compiled for both."""
+    from fastbert.backends.triton._aot import AotVariant, split_launch
+
+    head_dims = AOT_HEAD_DIMS + ((40, 80, 96, 200) if full else ())
+    out = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in head_dims:
+            for varlen in ((False, True) if full else (False,)):
+                for kind, kernel, kw in aot_launches(dtype, head_dim, varlen=varlen):
+                    if kind == "bwd_preprocess" and not full:
+                        continue  # a row reduction: no register pressure to gate
+                    label = (f"attention_{kind} {str(dtype)[6:]} d={head_dim}"
+                             f"{' varlen' if varlen else ''}")
+                    out.append(AotVariant(label, kernel, *split_launch(kernel, kw),
+                                          spill_budget=_aot_spill_budget(kind, dtype, head_dim)))
+    return out
