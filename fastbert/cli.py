@@ -92,7 +92,7 @@ class _Plain:
 
 
 class _Rich(_Plain):
-    """``rich`` tables; styles in the cells are rich markup-free (plain strings) plus a row style."""
+    """``rich`` tables (cells are printed literally: no markup, no highlighting)."""
 
     def __init__(self, file=None):
         from rich.console import Console
@@ -453,7 +453,8 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
         atol: the parity threshold (fp32).
 
     Raises:
-        DemoError: bad ``model`` directory, missing demo dependencies, or an unknown backend.
+        DemoError: a bad ``model`` directory or one fastbert cannot load, missing demo
+            dependencies, an unknown backend, or a forced backend that cannot run the model here.
     """
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
