@@ -201,3 +201,26 @@ def test_save_file_round_trip_of_real_checkpoint(tmp_path):
     ref = transformers.BertModel.from_pretrained(str(CHECKPOINT), attn_implementation="eager").eval()
     for (name, a), b in zip(ref.state_dict().items(), hf.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_sequence_classification_round_trip_and_bare_load(tmp_path):
+    from fastbert.models import BertForSequenceClassification
+
+    torch.manual_seed(6)
+    cfg = small_config(id2label={0: "neg", 1: "pos", 2: "neutral"})
+    fb = BertForSequenceClassification(cfg).eval()
+    fb.save_pretrained(tmp_path)
+    again = BertForSequenceClassification.from_pretrained(tmp_path)
+    assert again.config.id2label == cfg.id2label and again.num_labels == 3
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, fb(**inputs).logits)
+        hf = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path), attn_implementation="eager")
+        torch.testing.assert_close(hf.eval()(**inputs).logits, fb(**inputs).logits, atol=1e-5, rtol=1e-5)
+    bare = BertModel.from_pretrained(tmp_path)  # classifier.* ignored by a bare encoder
+    assert torch.equal(bare.pooler.dense.weight, fb.bert.pooler.dense.weight)
+    # Fine-tuning from an encoder-only checkpoint: the head model needs its head; model.bert does not.
+    clf = BertForSequenceClassification(small_config(num_labels=2))
+    with pytest.raises(RuntimeError, match=r"missing: \['classifier\.weight', 'classifier\.bias'\]"):
+        clf.load_hf_state_dict(bare.state_dict())
+    clf.bert.load_hf_state_dict(bare.state_dict())

@@ -41,12 +41,15 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def real_inputs():
+def real_inputs(hf_model):
+    """[(inputs, transformers' outputs with hidden_states and attentions)] for singles and pairs."""
     tok = transformers.AutoTokenizer.from_pretrained(str(CHECKPOINT))
     singles = tok(SENTENCES, padding=True, return_tensors="pt")
     pairs = tok(*PAIRS, padding=True, return_tensors="pt")
     assert (singles["attention_mask"] == 0).any() and (pairs["token_type_ids"] == 1).any()
-    return [dict(singles), dict(pairs)]
+    with torch.no_grad():
+        return [(dict(x), hf_model(**x, output_attentions=True, output_hidden_states=True))
+                for x in (singles, pairs)]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +59,10 @@ def fb_model():
 
 @pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_real_checkpoint_matches_transformers(hf_model, fb_model, real_inputs, backend, unpad, poison):
+def test_real_checkpoint_matches_transformers(fb_model, real_inputs, backend, unpad, poison):
     fb_model.backend, fb_model.unpad = backend, unpad
-    for inputs in real_inputs:
+    for inputs, ref in real_inputs:
         with torch.no_grad():
-            ref = hf_model(**inputs)
             out = fb_model(**inputs)
         real = inputs["attention_mask"].bool()
         diff_hidden = (out.last_hidden_state - ref.last_hidden_state)[real].abs().max().item()
@@ -152,15 +154,46 @@ def test_inputs_embeds_and_return_tuple():
         model(batch["input_ids"], inputs_embeds=embeds)
     with pytest.raises(ValueError, match="attention_mask"):
         model(batch["input_ids"], attention_mask=batch["attention_mask"][:, :-1])
+    with pytest.raises(ValueError, match="input_ids: expected 2 dims"):
+        model(batch["input_ids"][0])
+    with pytest.raises(TypeError, match="input_ids: expected an integer dtype"):
+        model(batch["input_ids"].float())
+    with pytest.raises(ValueError, match="inputs_embeds: expected 3 dims"):
+        model(inputs_embeds=embeds[0])
 
 
 def test_padded_mode_compiles_fullgraph():
     torch.manual_seed(4)
-    model = BertModel(small_config(num_hidden_layers=1), unpad=False, backend="torch").eval()
+    model = BertModel(small_config(num_hidden_layers=1), unpad=False, backend="torch").train()
     batch = random_batch()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    real = batch["attention_mask"].bool()
+    # Eager first: fastbert.ops imports a backend's compute module on its first call, which
+    # Dynamo cannot trace (reported to the ops layer).
+    eager = model(**batch)
+    eager.last_hidden_state[real].sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(want) == len(list(model.parameters())) - 2  # all but the pooler
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # inductor: ~60 s on CPU
+    out = compiled(**batch)
+    torch.testing.assert_close(out.last_hidden_state, eager.last_hidden_state)
+    out.last_hidden_state[real].sum().backward()
+    for name, p in model.named_parameters():
+        if name in want:
+            torch.testing.assert_close(p.grad, want[name], msg=name)
+
+
+def test_unpadded_mode_compiles_with_precomputed_metadata():
+    torch.manual_seed(4)
+    model = BertModel(small_config(num_hidden_layers=1), backend="torch").eval()
+    batch = random_batch()
+    indices, cu_seqlens, max_seqlen = unpad_metadata(batch["attention_mask"])  # outside the graph
     with torch.no_grad():
-        torch.testing.assert_close(compiled(**batch).last_hidden_state, model(**batch).last_hidden_state)
+        eager = model(**batch).last_hidden_state
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(batch["input_ids"], token_type_ids=batch["token_type_ids"], indices=indices,
+                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).last_hidden_state
+    torch.testing.assert_close(out, eager)
 
 
 # ---- unpad / pad helpers ---------------------------------------------------------------------
@@ -328,13 +361,12 @@ def test_sequence_classification_loss_matches_transformers(num_labels, problem_t
 
 
 @pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
-def test_attentions_and_hidden_states_match_transformers(hf_model, fb_model, real_inputs, unpad):
+def test_attentions_and_hidden_states_match_transformers(fb_model, real_inputs, unpad):
     fb_model.backend, fb_model.unpad = "torch", unpad
-    inputs = real_inputs[0]
+    inputs, ref = real_inputs[0]
     batch, seqlen = inputs["input_ids"].shape
     layers, heads = fb_model.config.num_hidden_layers, fb_model.config.num_attention_heads
     with torch.no_grad():
-        ref = hf_model(**inputs, output_attentions=True, output_hidden_states=True)
         out = fb_model(**inputs, output_attentions=True, output_hidden_states=True)
         plain = fb_model(**inputs)
     assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers

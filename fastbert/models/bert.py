@@ -223,8 +223,10 @@ IGNORED_KEY_SUFFIXES = ("embeddings.position_ids",)
 # Keys of the MLM decoder tied to other parameters: never saved, accepted when loading.
 TIED_KEYS = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
              "cls.predictions.decoder.bias": "cls.predictions.bias"}
-# Head prefixes ignored when a bare BertModel loads a checkpoint with heads.
-HEAD_PREFIXES = ("cls.",)
+# Hugging Face BERT head modules (pre-training/MLM/NSP: cls; sequence/token classification and
+# multiple choice: classifier; question answering: qa_outputs): ignored when a bare BertModel loads
+# a checkpoint with a head.
+HEAD_PREFIXES = ("cls.", "classifier.", "qa_outputs.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +338,9 @@ class BertPreTrainedModel(nn.Module):
           ``*.LayerNorm.bias`` (:data:`KEY_RENAMES`);
         - ignored: ``*embeddings.position_ids`` (a buffer older versions saved);
         - the encoder prefix ``bert.`` may be present or absent;
-        - a bare :class:`BertModel` ignores head keys ``cls.*``;
+        - a bare :class:`BertModel` ignores head keys (``cls.*``, ``classifier.*``, ``qa_outputs.*``);
+          a head model requires its own head's keys (to start fine-tuning from an encoder-only
+          checkpoint, load it into ``model.bert``);
         - the tied MLM decoder keys ``cls.predictions.decoder.weight`` / ``.bias`` are optional
           (tied to the word embeddings / ``cls.predictions.bias``); when present they are dropped
           (the source of the tie is loaded) except ``decoder.bias`` standing in for a missing
@@ -346,6 +350,7 @@ class BertPreTrainedModel(nn.Module):
             RuntimeError: listing every missing and every unexpected key after the table.
         """
         prefix = self._prefix()
+        heads = HEAD_PREFIXES + tuple(f"{name}." for name, _ in self.named_children() if name != "bert")
         tied = self._tied_keys()
         sd = {}
         for key, value in state_dict.items():
@@ -354,8 +359,8 @@ class BertPreTrainedModel(nn.Module):
                     key = key[: -len(old)] + new
             if key.endswith(IGNORED_KEY_SUFFIXES):
                 continue
-            if prefix and not key.startswith(prefix) and not key.startswith(HEAD_PREFIXES):
-                key = prefix + key  # an encoder-only checkpoint loaded under a head model
+            if prefix and not key.startswith((prefix,) + heads):
+                key = prefix + key  # encoder keys of an encoder-only checkpoint
             elif not prefix and key.startswith(self.base_model_prefix + "."):
                 key = key[len(self.base_model_prefix) + 1:]  # a head checkpoint loaded as BertModel
             if not prefix and key.startswith(HEAD_PREFIXES):
@@ -472,15 +477,27 @@ class BertModel(BertPreTrainedModel):
 
         Returns:
             last_hidden_state ``(batch, seqlen, hidden)`` (zeros at padding when unpadded),
-            pooler_output ``(batch, hidden)``, hidden_states, attentions.
+            pooler_output ``(batch, hidden)`` (from position 0, the [CLS] token: with left padding
+            in the unpadded mode that row is zeros), hidden_states, attentions (a
+            :class:`BaseModelOutputWithPoolingAndCrossAttentions`, or its non-None fields as a
+            tuple when ``return_dict=False``).
 
         Raises:
-            ValueError: both or neither of input_ids / inputs_embeds; a wrongly shaped
-                attention_mask; only one of indices / cu_seqlens.
+            ValueError: both or neither of input_ids / inputs_embeds; input_ids not 2-D or
+                inputs_embeds not 3-D; a wrongly shaped attention_mask; only one of indices /
+                cu_seqlens. TypeError: input_ids not integer.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids, inputs_embeds: expected exactly one of them, got "
                              f"{'both' if input_ids is not None else 'neither'}")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids: expected 2 dims (batch, seqlen), got shape {tuple(input_ids.shape)}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+        elif inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds: expected 3 dims (batch, seqlen, hidden), got shape "
+                             f"{tuple(inputs_embeds.shape)}")
         if (indices is None) != (cu_seqlens is None):
             raise ValueError("indices, cu_seqlens: expected both (from unpad_metadata) or neither")
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
