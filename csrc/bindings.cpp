@@ -20,6 +20,10 @@
 #define FASTBERT_CUDA_ARCHS ""
 #endif
 
+namespace fb {
+void harness(int mode, int* out, unsigned grid, unsigned block, std::size_t smem_bytes, void* stream);
+}
+
 namespace py = pybind11;
 using namespace py::literals;
 
@@ -251,6 +255,18 @@ PYBIND11_MODULE(FASTBERT_EXT_NAME, m) {
         return py::make_tuple(n, n > 0 ? std::string() : why);
       },
       "(number of CUDA devices, reason when 0); never raises.");
+  m.def(
+      "_harness",
+      [](int mode, std::uintptr_t out, unsigned grid, unsigned block, std::size_t smem_bytes, std::uintptr_t stream,
+         int device) {
+        int* o = static_cast<int*>(fb::bind::mut_ptr("out", out, 4, true));
+        fb::bind::positive("grid", grid);
+        fb::bind::positive("block", block);
+        fb::bind::DeviceGuard guard(device);
+        fb::harness(mode, o, grid, block, smem_bytes, fb::bind::stream(stream));
+      },
+      py::kw_only(), "mode"_a, "out"_a, "grid"_a, "block"_a, "smem_bytes"_a = 0, "stream"_a = 0, "device"_a,
+      "Execution-model self-test kernels (tests/test_cuda_harness.py); out: int32 [grid * block, 4].");
   fb::register_layer_norm(m);
   fb::register_gelu(m);
 #ifdef FASTBERT_HAS_ATTENTION

@@ -1,0 +1,10 @@
+"""Compute module of the ``cuda-host`` backend: the backend contract bound to ``fastbert._C_host``
+(the CUDA kernels compiled for the CPU and run by the fiber execution model; tests only).
+"""
+
+from fastbert.backends._cuda_ops import bind
+
+_f = bind("_C_host")
+attention_fwd, attention_bwd = _f["attention_fwd"], _f["attention_bwd"]
+layer_norm_fwd, layer_norm_bwd = _f["layer_norm_fwd"], _f["layer_norm_bwd"]
+gelu_fwd, gelu_bwd = _f["gelu_fwd"], _f["gelu_bwd"]

@@ -1,0 +1,58 @@
+"""CUDA LayerNorm kernels (csrc/layer_norm.cu) vs the reference: on the CPU through ``cuda-host``
+(the same kernel source under the fiber execution model) and on a GPU through ``cuda``, from the
+one case list in ``_cuda_cases``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cuda_cases import LAYER_NORM_CASES, check_layer_norm_case
+
+from fastbert.backends import get_backend
+from fastbert.backends._philox import rows_keep_mask
+
+
+def _require(backend: str) -> None:
+    reason = get_backend(backend).unavailable_reason("layer_norm")
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=str)
+def test_cuda_host_layer_norm_matches_reference(case, poison):
+    _require("cuda-host")
+    check_layer_norm_case(case, "cuda-host", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=str)
+def test_cuda_layer_norm_matches_reference(case, poison):
+    _require("cuda")
+    check_layer_norm_case(case, "cuda", "cuda")
+
+
+def _dropout_mask(backend: str, device: str, rows: int, hidden: int, dtype) -> tuple:
+    """h = dropout(x) from the backend's forward (contract call) and the reference keep mask."""
+    mod = get_backend(backend).load("layer_norm")
+    x = torch.rand(rows, hidden, device=device).add_(0.5).to(dtype)  # no zeros: h == 0 <=> dropped
+    seed = torch.tensor([0x12345678, 0x9ABCDEF0], dtype=torch.int64, device=device)
+    y, h = torch.empty_like(x), torch.full_like(x, float("nan"))
+    mean = torch.empty(rows, device=device)
+    rstd = torch.empty(rows, device=device)
+    mod.layer_norm_fwd(x, None, None, None, None, y, mean, rstd, h, eps=1e-5, dropout_p=0.3, seed=seed)
+    return h != 0, rows_keep_mask(seed, 0.3, rows, hidden, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_host_dropout_mask_is_the_reference_mask(dtype):
+    _require("cuda-host")
+    got, ref = _dropout_mask("cuda-host", "cpu", 9, 1023, dtype)
+    assert torch.equal(got, ref)
+    assert 0.6 < ref.float().mean() < 0.8
+
+
+@pytest.mark.gpu
+def test_cuda_dropout_mask_is_the_reference_mask():
+    _require("cuda")
+    got, ref = _dropout_mask("cuda", "cuda", 9, 1023, torch.float16)
+    assert torch.equal(got, ref)
