@@ -1,0 +1,256 @@
+"""What a benchmark is: a case (one op, direction and size) with the implementations to time.
+
+A :class:`Case` holds the work formula, a reference and a list of :class:`Impl`; an impl's
+``prepare()`` builds its inputs (or model) and returns a :class:`Prepared` whose ``run`` is the
+timed call and whose ``result()`` is checked against the reference once before timing. The runner
+(``fastbert.bench.runner``) and the pytest-benchmark files in ``benchmarks/`` both consume these.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fastbert.bench.formulas import Work
+
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The BERT shape a benchmark takes its sizes from."""
+
+    name: str
+    hidden_size: int
+    num_attention_heads: int
+    intermediate_size: int
+    num_hidden_layers: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+MODEL_SHAPES = {
+    "base": ModelShape("base", 768, 12, 3072, 12),  # BERT-base (Devlin et al. 2019)
+    "large": ModelShape("large", 1024, 16, 4096, 24),  # BERT-large
+}
+
+
+@dataclass
+class Options:
+    """What to run; filled from the command line by ``fastbert.bench.runner.parse_args``."""
+
+    ops: tuple[str, ...] = ("attention", "layer_norm", "gelu", "encoder")
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    quick: bool = False
+    models: tuple[str, ...] = ("base",)
+    fill: float = 0.5
+    backends: Optional[tuple[str, ...]] = None  # fastbert backends to time (None = all available)
+    compile: bool = True  # torch.compile competitors
+    directions: tuple[str, ...] = ("fwd", "bwd")  # ops; the encoder has "infer" and "train"
+    encoder_modes: tuple[str, ...] = ("infer", "train")
+    seqlens: Optional[tuple[int, ...]] = None
+    batch: Optional[int] = None
+    layers: Optional[int] = None
+    rows: Optional[tuple[int, ...]] = None
+    cuda_graphs: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Prepared:
+    """A ready-to-time implementation: ``run()`` is timed; ``result()`` is checked once."""
+
+    run: Callable[[], object]
+    result: Callable[[], object]
+    info: dict = field(default_factory=dict)  # e.g. {"sdpa_backend": "FLASH_ATTENTION"}
+
+
+@dataclass
+class Impl:
+    """One implementation of a case: a fastbert backend or a competitor.
+
+    ``skip`` is the reason it is not timed (unavailable, interpreted, refused by capability).
+    """
+
+    name: str
+    kind: str  # "fastbert" | "competitor"
+    prepare: Optional[Callable[[], Prepared]] = None
+    skip: Optional[str] = None
+    default: bool = False  # the fastbert implementation the competitors' ratios refer to
+
+
+@dataclass
+class Case:
+    """One op, direction and size, with its work formula, reference and implementations.
+
+    ``reference()`` returns ``(hi, lo)``: the reference result in high precision (fp64 on the
+    CPU, fp32 on the GPU) and in the benchmark dtype; an impl passes the check when
+    ``max|result - hi| <= max(factor * max|lo - hi|, floor_eps * eps(dtype) * max(1, max|hi|))``
+    (STYLE.md's tolerance rule).
+    """
+
+    op: str
+    direction: str
+    label: str
+    params: dict
+    x: float  # the plot's x value
+    x_name: str
+    dtype: torch.dtype
+    device: str
+    work: Work
+    reference: Callable[[], tuple]
+    impls: list[Impl]
+    check_factor: float = 2.0
+    floor_eps: float = 8.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _flat(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [t for item in x for t in _flat(item)]
+
+
+def check_result(result, hi, lo, dtype: torch.dtype, factor: float, floor_eps: float) -> dict:
+    """Compare ``result`` with the reference (tensors or tuples of tensors, compared pairwise).
+
+    Returns ``{"ok", "max_abs_err", "tol", "torch_err"}``; NaN anywhere fails.
+    """
+    out, ref_hi, ref_lo = _flat(result), _flat(hi), _flat(lo)
+    if len(out) != len(ref_hi):
+        return {"ok": False, "max_abs_err": None, "tol": None, "torch_err": None,
+                "error": f"expected {len(ref_hi)} result tensors, got {len(out)}"}
+    err = base = 0.0
+    mag = 1.0
+    ok = True
+    for o, r, lw in zip(out, ref_hi, ref_lo):
+        if tuple(o.shape) != tuple(r.shape):
+            return {"ok": False, "max_abs_err": None, "tol": None, "torch_err": None,
+                    "error": f"shape {tuple(o.shape)} != reference {tuple(r.shape)}"}
+        if o.numel() == 0:
+            continue
+        o64, r64 = o.detach().double().cpu(), r.detach().double().cpu()
+        if torch.isnan(o64).any():
+            ok = False
+        err = max(err, (o64 - r64).abs().max().item())
+        base = max(base, (lw.detach().double().cpu() - r64).abs().max().item())
+        mag = max(mag, r64.abs().max().item())
+    tol = max(factor * base, floor_eps * EPS[dtype] * mag)
+    ok = ok and err <= tol
+    return {"ok": ok, "max_abs_err": err, "tol": tol, "torch_err": base}
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def variable_lengths(batch: int, seqlen: int, fill: float, seed: int = 0) -> list[int]:
+    """Realistic variable lengths with mean ``fill * seqlen`` (the longest at ``seqlen`` for fill >= 0.5).
+
+    Lengths spread evenly over ``[(2 fill - 1) seqlen, seqlen]`` when fill >= 0.5, over
+    ``[1, 2 fill seqlen]`` below (a stratified uniform sample, so even a small batch has the
+    requested fill), in an order shuffled by ``seed``. A batch of one gets ``fill * seqlen``.
+    """
+    if not 0.0 < fill <= 1.0:
+        raise ValueError(f"fill: expected 0 < fill <= 1, got {fill}")
+    if batch == 1:
+        return [max(1, round(fill * seqlen))]
+    lo, hi = (max(1, round((2 * fill - 1) * seqlen)), seqlen) if fill >= 0.5 else (1, max(1, round(2 * fill * seqlen)))
+    lengths = [round(lo + (hi - lo) * i / (batch - 1)) for i in range(batch)]
+    order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [lengths[i] for i in order]
+
+
+def cu_seqlens_of(lengths: Sequence[int], device) -> torch.Tensor:
+    """``(batch + 1,)`` int32 cumulative sequence lengths."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(list(lengths), dtype=torch.int32).cumsum(0)
+    return cu.to(device)
+
+
+def padding_mask(lengths: Sequence[int], seqlen: int, device) -> torch.Tensor:
+    """bool ``(batch, seqlen)``: True at real tokens (BERT's convention, 1 = attend)."""
+    return torch.arange(seqlen)[None, :] < torch.tensor(list(lengths))[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# fastbert backends and competitors
+# ------------------------------------------------------------------------------------------------
+
+
+def emulated_reason(name: str, device: str) -> Optional[str]:
+    """Why backend ``name`` would run emulated here (never timed), or None."""
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "runs in the Triton interpreter here (TRITON_INTERPRET=1); the interpreter is never timed"
+    if "host" in name and device == "cpu":
+        return "the CUDA kernels' host build is a test emulation; it is never timed"
+    return None
+
+
+def fastbert_backends(call, opts: Options) -> list[tuple[str, Optional[str], bool]]:
+    """``(name, skip_reason, is_default)`` for every registered fastbert backend to list for ``call``.
+
+    The reference backend is listed only when asked for (``--backend reference``): the eager
+    composite competitor is the same math without dispatch. The default is the backend automatic
+    dispatch picks for ``call``.
+    """
+    from fastbert.backends import all_backends
+    from fastbert.ops import resolve
+
+    try:
+        default = resolve(call, "auto")
+    except RuntimeError:
+        default = None
+    out = []
+    for name, spec in all_backends().items():
+        if opts.backends is not None and name not in opts.backends:
+            continue
+        if opts.backends is None and name == "reference":
+            continue
+        reason = emulated_reason(name, call.device)
+        if reason is None:
+            reasons = spec.reasons(call)
+            reason = "; ".join(reasons) if reasons else None
+        out.append((name, reason, name == default))
+    if not any(d and r is None for _, r, d in out):  # auto's pick is not listed: take the first runnable
+        for i, (name, reason, _) in enumerate(out):
+            if reason is None:
+                out[i] = (name, None, True)
+                break
+    return out
+
+
+def sdpa_backend_name(q, k, v, attn_mask) -> str:
+    """Which SDPA kernel torch picks for these ``[batch, heads, seqlen, head_dim]`` inputs."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = int(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False))
+        names = {int(getattr(SDPBackend, n).value): n for n in dir(SDPBackend) if n.isupper()}
+        return names.get(choice, str(choice))
+    except Exception as exc:  # private API: fall back to the enabled flags
+        flags = {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")()
+                 for n in ("flash", "mem_efficient", "math") if hasattr(torch.backends.cuda, f"{n}_sdp_enabled")}
+        return f"unknown ({type(exc).__name__}); enabled: {flags}"
+
+
+def optional_import(name: str):
+    """``(module, None)`` or ``(None, reason)`` for an optional competitor."""
+    try:
+        import importlib
+
+        return importlib.import_module(name), None
+    except Exception as exc:
+        return None, f"{name} is not importable ({type(exc).__name__}: {exc})"
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

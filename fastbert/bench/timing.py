@@ -1,0 +1,108 @@
+"""Timing: every sample kept, summarised by the median and the interquartile range.
+
+GPU: each sample is one call bracketed by CUDA events on the current stream, with the L2 cache
+flushed (a 256 MiB buffer overwritten) before it, so no call reads what the previous one left in
+L2; warm-up calls (Triton compilation, autotuning, ``torch.compile``, allocator growth) run first
+and are not recorded. CPU: the same protocol with ``time.perf_counter`` around each call under a
+fixed ``torch.set_num_threads`` (no cache flush: a CPU run measures what a user sees).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current GPU's L2 (H100/H200: 50 MiB)
+
+
+@dataclass
+class Stats:
+    """Per-call times in seconds, in the order they were taken."""
+
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def quantile(self, q: float) -> float:
+        """Linear-interpolated quantile ``q`` in [0, 1] of the samples."""
+        s = sorted(self.samples)
+        if len(s) == 1:
+            return s[0]
+        pos = q * (len(s) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range ``q75 - q25`` (seconds): the spread reported beside the median."""
+        return self.quantile(0.75) - self.quantile(0.25)
+
+
+@dataclass
+class TimingPlan:
+    """How many calls to make: ``warmup`` unrecorded calls, then samples until both ``min_reps``
+    samples and ``min_time_s`` of measured time are reached, or ``max_reps`` samples."""
+
+    warmup: int = 3
+    min_reps: int = 10
+    max_reps: int = 200
+    min_time_s: float = 1.0
+
+    @classmethod
+    def quick(cls) -> "TimingPlan":
+        return cls(warmup=1, min_reps=3, max_reps=5, min_time_s=0.0)
+
+
+_flush_buffers: dict = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _flush_buffers:
+        _flush_buffers[key] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    return _flush_buffers[key]
+
+
+def measure(fn: Callable[[], object], device: torch.device | str, plan: TimingPlan) -> Stats:
+    """Time ``fn()`` per call on ``device`` ("cpu" or a CUDA device) following ``plan``."""
+    device = torch.device(device)
+    for _ in range(plan.warmup):
+        fn()
+    if device.type == "cuda":
+        return _measure_cuda(fn, device, plan)
+    stats = Stats()
+    total = 0.0
+    while len(stats.samples) < plan.max_reps and (len(stats.samples) < plan.min_reps or total < plan.min_time_s):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        stats.samples.append(dt)
+        total += dt
+    return stats
+
+
+def _measure_cuda(fn, device, plan) -> Stats:
+    flush = _l2_flush_buffer(device)
+    torch.cuda.synchronize(device)
+    # Estimate the per-call time to size the run without a sync per sample.
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    est = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(plan.max_reps, max(plan.min_reps, plan.min_time_s / est)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()  # evict L2 between samples
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return Stats([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])

@@ -1,0 +1,164 @@
+"""The benchmark suite: formulas, statistics, the reference check, and a CPU smoke run of
+``fastbert bench --quick`` through the CLI (JSON schema and plots; never an assertion on speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastbert.bench.core import Case, Impl, Prepared, check_result, variable_lengths
+from fastbert.bench.formulas import attention_flops, encoder_tokens, gelu_bytes, layer_norm_bytes
+from fastbert.bench.runner import run_case
+from fastbert.bench.timing import Stats, TimingPlan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_attention_flops_count_valid_pairs_only():
+    # lengths 3 and 5 padded to 5: valid pairs 9 + 25 = 34, not 2 * 25
+    fwd = attention_flops([3, 5], num_heads=2, head_dim=4, direction="fwd")
+    assert fwd.amount == 4 * 34 * 2 * 4 and fwd.unit == "FLOP"
+    assert attention_flops([3, 5], 2, 4, "bwd").amount == 2.5 * fwd.amount
+    assert fwd.rate(1e-3) == (pytest.approx(fwd.amount / 1e-3 / 1e12), "TFLOP/s")
+
+
+def test_byte_and_token_formulas():
+    # add & norm, bf16 x with bf16 params: x, residual, y + three [hidden] vectors
+    assert layer_norm_bytes(10, 8, torch.bfloat16, "fwd").amount == 3 * 10 * 8 * 2 + 3 * 8 * 2
+    assert layer_norm_bytes(10, 8, torch.float32, "bwd").amount == 4 * 10 * 8 * 4 + 2 * 10 * 4 + 4 * 8 * 4
+    assert gelu_bytes(10, 8, torch.float16, "fwd").amount == 2 * 10 * 8 * 2 + 8 * 2
+    assert gelu_bytes(10, 8, torch.float32, "bwd").amount == 3 * 10 * 8 * 4 + 2 * 8 * 4
+    tokens = encoder_tokens([3, 5, 1])
+    assert tokens.amount == 9 and tokens.rate(0.5) == (18.0, "tokens/s")
+
+
+@pytest.mark.parametrize("batch, seqlen, fill", [(4, 128, 0.5), (32, 512, 0.5), (7, 100, 0.8), (5, 64, 0.25),
+                                                 (3, 16, 1.0), (1, 97, 0.5)])
+def test_variable_lengths_have_the_requested_fill(batch, seqlen, fill):
+    lengths = variable_lengths(batch, seqlen, fill, seed=3)
+    assert len(lengths) == batch and all(1 <= n <= seqlen for n in lengths)
+    assert abs(sum(lengths) / (batch * seqlen) - fill) < 0.02
+    if fill >= 0.5 and batch > 1:
+        assert max(lengths) == seqlen
+    assert variable_lengths(batch, seqlen, fill, seed=3) == lengths
+    with pytest.raises(ValueError, match="fill"):
+        variable_lengths(batch, seqlen, 0.0)
+
+
+def test_stats_median_and_iqr():
+    s = Stats([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s.median == 3.0 and s.quantile(0.25) == 2.0 and s.quantile(0.75) == 4.0 and s.iqr == 2.0
+    assert Stats([7.0]).iqr == 0.0
+
+
+def test_check_result_applies_the_tolerance_rule():
+    g = torch.Generator().manual_seed(0)
+    hi = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    lo = hi.float()
+    ok = check_result(hi.float(), hi, lo, torch.float32, factor=2.0, floor_eps=4.0)
+    assert ok["ok"] and ok["max_abs_err"] <= ok["tol"]
+    bad = hi.float().clone()
+    bad[3, 4] += 1e-3
+    assert not check_result(bad, hi, lo, torch.float32, 2.0, 4.0)["ok"]
+    nan = hi.float().clone()
+    nan[0, 0] = float("nan")
+    assert not check_result(nan, hi, lo, torch.float32, 2.0, 4.0)["ok"]
+    assert not check_result(hi.float()[:3], hi, lo, torch.float32, 2.0, 4.0)["ok"]  # shape
+
+
+def test_run_case_records_checks_skips_errors_and_ratios():
+    x = torch.randn(1000, dtype=torch.float64)
+    ref = (x, x.float())
+
+    def impl(name, kind, fn, default=False, skip=None):
+        return Impl(name, kind, prepare=lambda: Prepared(run=fn, result=fn), skip=skip, default=default)
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    from fastbert.bench.formulas import Work
+
+    case = Case(op="gelu", direction="fwd", label="t", params={}, x=1, x_name="rows", dtype=torch.float32,
+                device="cpu", work=Work(4000.0, "B", "x + y"), reference=lambda: ref,
+                impls=[impl("fastbert[a]", "fastbert", lambda: x.float() * 1.0, default=True),
+                       impl("wrong", "competitor", lambda: x.float() + 1.0),
+                       impl("slow", "competitor", lambda: (x.float() * 1.0).sort().values.sort().values[x.argsort().argsort()]),
+                       impl("absent", "competitor", None, skip="not importable"),
+                       impl("broken", "competitor", broken)])
+    rec = run_case(case, TimingPlan(warmup=1, min_reps=3, max_reps=3, min_time_s=0.0))
+    by = {r["impl"]: r for r in rec["results"]}
+    assert by["fastbert[a]"]["default"] and by["fastbert[a]"]["check"]["ok"]
+    assert by["wrong"]["status"] == "ok" and not by["wrong"]["check"]["ok"]  # timed, but flagged
+    assert by["slow"]["check"]["ok"]
+    assert by["absent"]["status"] == "skipped" and by["absent"]["note"] == "not importable"
+    assert by["broken"]["status"] == "error" and "kernel exploded" in by["broken"]["note"]
+    base = by["fastbert[a]"]["median_s"]
+    assert by["slow"]["fastbert_speedup"] == pytest.approx(by["slow"]["median_s"] / base)
+    assert set(by["fastbert[a]"]["speedup_vs"]) == {"wrong", "slow"}
+    assert all(len(r["samples_s"]) == 3 for r in rec["results"] if r["status"] == "ok")
+
+
+def test_fastbert_bench_quick_smoke(tmp_path):
+    """``fastbert bench --quick`` on the CPU (tiny sizes): schema, samples, rates, plots."""
+    from fastbert.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "--quick", "--out", str(out), "--seqlens", "48", "--batch", "2",
+               "--rows", "64,128", "--layers", "1", "--no-progress"])
+    assert rc == 0, (out / "bench.txt").read_text()
+    record = json.loads((out / "bench.json").read_text())
+    assert record["schema"] == "fastbert.bench/1" and record["complete"]
+    for key in ("timestamp", "command", "options", "timing", "env", "cases", "description"):
+        assert key in record
+    env = record["env"]
+    assert env["device"] and env["threads"] >= 1 and env["versions"]["torch"] == torch.__version__
+    assert "sha" in env["git"] and env["device_name"]
+    assert {c["op"] for c in record["cases"]} == {"attention", "layer_norm", "gelu", "encoder"}
+    assert {(c["op"], c["direction"]) for c in record["cases"]} >= {
+        ("attention", "fwd"), ("attention", "bwd"), ("encoder", "infer"), ("encoder", "train")}
+    timed = set()
+    for case in record["cases"]:
+        assert case["work"]["amount"] > 0 and case["work"]["formula"]
+        for r in case["results"]:
+            assert r["status"] in ("ok", "skipped"), r
+            if r["impl"].startswith("fastbert[triton]"):  # interpreted under the tests' TRITON_INTERPRET=1
+                assert r["status"] == "skipped" and "interpreter" in r["note"]
+            if r["status"] == "skipped":
+                assert r["note"]
+                continue
+            timed.add(r["impl"])
+            assert r["check"]["ok"], r
+            assert len(r["samples_s"]) >= 3 and all(s > 0 for s in r["samples_s"])
+            assert r["median_s"] > 0 and r["iqr_s"] >= 0 and r["rate"] > 0 and r["rate_unit"]
+        assert sum(r["default"] for r in case["results"]) == 1
+        assert all(r["fastbert_speedup"] > 0 for r in case["results"]
+                   if r["status"] == "ok" and not r["default"])
+    assert {"fastbert[torch]", "torch-eager", "torch-sdpa", "hf-sdpa", "hf-eager"} <= timed
+    sdpa = [r for c in record["cases"] for r in c["results"] if r["impl"] == "torch-sdpa"]
+    assert all(r["info"]["sdpa_backend"] for r in sdpa)
+    for op in ("attention", "layer_norm", "gelu", "encoder"):
+        png = out / f"{op}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "bench.txt").read_text()
+    assert "hf-sdpa" in table and "tok/s" in table and "TFLOP/s" in table
+
+
+def test_device_check_dry_run(tmp_path):
+    """The device check's plumbing: every stage listed, results where $OUT says, few flat files."""
+    out = tmp_path / "dc"
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "device_check.sh"), "--dry-run"],
+                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    summary = (out / "summary.txt").read_text()
+    for stage in ("env", "build", "tests", "bench"):
+        assert re.search(rf"^{stage}\s+dry-run", summary, re.M), summary
+    names = os.listdir(out)
+    assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    assert all((out / n).is_file() for n in names)
