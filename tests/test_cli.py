@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -291,3 +292,18 @@ def test_demo_triton_interpreted():
     assert r.backends == {"attention": "triton", "layer_norm": "triton", "gelu": "triton"}
     assert r.interpreted and r.tokens_per_s_fastbert is None and r.tokens_per_s_transformers > 0
     _check_similarity(r.labels, r.similarity)
+
+
+def test_demo_timing_stops_at_its_budget():
+    from fastbert.cli import _median_seconds
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.02)
+
+    sec, runs = _median_seconds(fn, warmup=1, repeats=1000, sync=lambda: None, budget_s=0.1)
+    assert 1 <= runs < 1000 and len(calls) == runs + 1 and sec >= 0.02
+    sec, runs = _median_seconds(fn, warmup=0, repeats=3, sync=lambda: None, budget_s=0.0)
+    assert runs == 1  # at least one timed run
