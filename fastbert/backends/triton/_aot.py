@@ -357,26 +357,55 @@ def collect_variants(full: bool = False, modules=KERNEL_MODULES) -> list[AotVari
     return out
 
 
-def check_variants(variants, archs=ARCHS, *, out=sys.stdout) -> tuple[list[dict], list[str]]:
-    """Compile each variant for each arch; returns (rows, failures), printing one line per compile."""
+def _compile_row(variant: AotVariant, arch: int) -> tuple[dict | None, str | None, str]:
+    """Compile one (variant, arch): (table row or None, failure or None, one-line report)."""
+    try:
+        r = compile_variant(variant, arch).resources
+    except Exception as exc:  # report every failing variant, not just the first
+        root = exc
+        while root.__cause__ is not None:  # Triton chains one error per nested jit call
+            root = root.__cause__
+        msg = f"{type(root).__name__}: {root}"
+        return None, f"{variant.label} sm_{arch}: compile failed: {msg}", \
+            f"FAIL {variant.label:48s} sm_{arch}: {msg[-1500:]}"
+    row = {"label": variant.label, "spill_budget": variant.spill_budget} | asdict(r)
+    ok = r.spill_stores is not None and r.spill_bytes <= variant.spill_budget
+    failure = None if ok else (f"{variant.label} sm_{arch}: spills {r.spill_stores}/{r.spill_loads} bytes "
+                               f"(stores/loads) > budget {variant.spill_budget}")
+    line = (f"{'ok  ' if ok else 'FAIL'} {variant.label:48s} sm_{arch} warps={r.num_warps} REG={r.registers} "
+            f"STACK={r.stack} LOCAL={r.local} SHARED={r.shared}+{r.shared_dynamic} "
+            f"spill={r.spill_stores}/{r.spill_loads} ({r.compile_s:.1f}s)")
+    return row, failure, line
+
+
+_JOBS: list = []  # (variant, arch) pairs, inherited by forked workers
+
+
+def _compile_job(i: int):
+    return _compile_row(*_JOBS[i])
+
+
+def check_variants(variants, archs=ARCHS, *, jobs: int = 1, out=sys.stdout) -> tuple[list[dict], list[str]]:
+    """Compile each variant for each arch (``jobs`` forked worker processes when > 1); returns
+    (rows, failures), printing one line per compile."""
+    global _JOBS
+    _JOBS = [(v, arch) for v in variants for arch in archs]
     rows, failures = [], []
-    for v in variants:
-        for arch in archs:
-            try:
-                r = compile_variant(v, arch).resources
-            except Exception as exc:  # report every failing variant, not just the first
-                failures.append(f"{v.label} sm_{arch}: compile failed: {type(exc).__name__}: {exc}")
-                print(f"FAIL {v.label:48s} sm_{arch}: {type(exc).__name__}: {str(exc)[:300]}", file=out)
-                continue
-            row = {"label": v.label, "spill_budget": v.spill_budget} | asdict(r)
-            rows.append(row)
-            ok = r.spill_stores is not None and r.spill_bytes <= v.spill_budget
-            if not ok:
-                failures.append(f"{v.label} sm_{arch}: spills {r.spill_stores}/{r.spill_loads} bytes "
-                                f"(stores/loads) > budget {v.spill_budget}")
-            print(f"{'ok  ' if ok else 'FAIL'} {v.label:48s} sm_{arch} warps={r.num_warps} REG={r.registers} "
-                  f"STACK={r.stack} LOCAL={r.local} SHARED={r.shared}+{r.shared_dynamic} "
-                  f"spill={r.spill_stores}/{r.spill_loads} ({r.compile_s:.1f}s)", file=out, flush=True)
+    if jobs > 1 and len(_JOBS) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.imap(_compile_job, range(len(_JOBS)))
+            for row, failure, line in results:
+                print(line, file=out, flush=True)
+                rows += [row] if row is not None else []
+                failures += [failure] if failure is not None else []
+    else:
+        for i in range(len(_JOBS)):
+            row, failure, line = _compile_job(i)
+            print(line, file=out, flush=True)
+            rows += [row] if row is not None else []
+            failures += [failure] if failure is not None else []
     return rows, failures
 
 
@@ -390,6 +419,7 @@ def main(argv=None) -> int:
     p.add_argument("--module", nargs="+", default=list(KERNEL_MODULES), help="kernel modules to compile")
     p.add_argument("--match", default=None, help="only variants whose label contains this string")
     p.add_argument("--json", default=None, help="write the per-kernel resource table here")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compile processes")
     a = p.parse_args(argv)
     import triton
 
@@ -397,7 +427,7 @@ def main(argv=None) -> int:
     if a.match:
         variants = [v for v in variants if a.match in v.label]
     print(f"triton {triton.__version__}: {len(variants)} variants x archs {a.arch}", flush=True)
-    rows, failures = check_variants(variants, a.arch)
+    rows, failures = check_variants(variants, a.arch, jobs=a.jobs)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"triton": triton.__version__, "kernels": rows, "failures": failures}, f, indent=1)

@@ -1,0 +1,205 @@
+"""Triton GELU with a fused bias, forward and backward (the ``triton`` backend's compute module for
+``gelu``).
+
+GELU (Hendrycks & Gimpel 2016, sec. 2), on ``z = x + bias`` in fp32, stored in x's dtype:
+
+- exact: ``gelu(z) = z * Phi(z)``, ``gelu'(z) = Phi(z) + z * phi(z)``;
+- tanh form: ``0.5 z (1 + tanh(u))`` with ``u = sqrt(2/pi) (z + 0.044715 z^3)``, written as
+  ``z * sigmoid(2u)`` (the same function: ``1 + tanh(u) = 2 sigmoid(2u)``), whose derivative is
+  ``s + 2 z s (1 - s) u'`` with ``s = sigmoid(2u)``, ``u' = sqrt(2/pi) (1 + 3 * 0.044715 z^2)``.
+
+``Phi(z) = 0.5 (1 + erf(z / sqrt(2)))`` loses every digit in fp32 for z below about -4 (1 + erf
+cancels), which is the range an fp16/bf16 activation can still represent. For ``z < -1`` the
+kernel uses ``Phi(z) = 0.5 erfc(-z / sqrt(2))`` with the Chebyshev fit of erfc in Press et al.,
+*Numerical Recipes* (2nd ed., sec. 6.2, ``erfcc``: fractional error below 1.2e-7 everywhere),
+so the negative tail keeps full relative precision.
+
+Backward: ``dx = dy * gelu'(z)``; ``dbias = sum_rows(dx)`` in fp32, deterministic: ``P`` row
+programs per column block keep fp32 partial sums over a fixed set of row tiles, written to a
+``[P, hidden]`` fp32 workspace (torch's allocator) and summed by ``torch.sum`` in a fixed order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert.backends.triton.layer_norm import cast_rne
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TILE_SCALE = 16 if INTERPRET else 1  # taller tiles under the interpreter (cost per operation)
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _phi_cdf(z):
+    """Standard normal CDF Phi(z) in fp32, accurate in relative terms in the negative tail."""
+    a = tl.abs(z) * _SQRT1_2
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    erfc_a = t * tl.exp(-a * a + poly)  # erfc(|z| / sqrt(2))
+    return tl.where(z < -1.0, 0.5 * erfc_a, 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)))
+
+
+@triton.jit
+def _gelu_and_grad(z, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
+    """(gelu(z), gelu'(z)) in fp32; the gradient is 0 when not NEED_GRAD."""
+    if APPROX_TANH:
+        u = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+        s = 1.0 / (1.0 + tl.exp(-2.0 * u))  # sigmoid(2u) = (1 + tanh(u)) / 2
+        y = z * s
+        grad = 0.0
+        if NEED_GRAD:
+            grad = s + 2.0 * z * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+    else:
+        cdf = _phi_cdf(z)
+        y = z * cdf
+        grad = 0.0
+        if NEED_GRAD:
+            grad = cdf + z * (_INV_SQRT_2PI * tl.exp(-0.5 * z * z))
+    return y, grad
+
+
+@triton.jit
+def _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS: tl.constexpr):
+    z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _gelu_fwd_kernel(
+    x_ptr,  # [rows, hidden] input (contiguous)
+    b_ptr,  # [hidden] bias or None
+    y_ptr,  # [rows, hidden] output, x's dtype
+    rows, hidden,
+    HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row_idx = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden
+    mask = (row_idx < rows)[:, None] & col_mask[None, :]
+    offs = row_idx[:, None] * hidden + cols[None, :]
+    z = _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS)
+    y, _ = _gelu_and_grad(z, APPROX_TANH, False)
+    tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["rows", "num_tiles"])
+def _gelu_bwd_kernel(
+    dy_ptr,    # [rows, hidden] upstream gradient (contiguous)
+    x_ptr,     # [rows, hidden] forward input
+    b_ptr,     # [hidden] bias or None
+    dx_ptr,    # [rows, hidden] gradient of x, x's dtype
+    part_ptr,  # [P, hidden] fp32 partial sums of dbias, or None
+    rows, hidden, num_tiles,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        row_idx = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = (row_idx < rows)[:, None] & col_mask[None, :]
+        offs = row_idx[:, None] * hidden + cols[None, :]
+        z = _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS)
+        _, grad = _gelu_and_grad(z, APPROX_TANH, True)
+        dx = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad
+        tl.store(dx_ptr + offs, cast_rne(dx, dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DBIAS:
+            acc += tl.sum(dx, axis=0)  # masked lanes have dy = 0
+    if NEED_DBIAS:
+        tl.store(part_ptr + pid.to(tl.int64) * hidden + cols, acc, mask=col_mask)
+
+
+def config(hidden: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)``: column blocks of up to 1024, ~4096-element tiles."""
+    block_n = min(triton.next_power_of_2(hidden), 1024)
+    block_m = max(1, 4096 // block_n) * _TILE_SCALE
+    return block_m, block_n, 8 if block_m * block_n >= 4096 else 4
+
+
+def fwd_launch(x, bias, y, *, rows: int, hidden: int, approximate: str):
+    """``(grid, kwargs)`` of the forward launch (shared by the launcher and ``aot_variants``)."""
+    block_m, block_n, num_warps = config(hidden)
+    kwargs = dict(x_ptr=x, b_ptr=bias, y_ptr=y, rows=rows, hidden=hidden, HAS_BIAS=bias is not None,
+                  APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return (triton.cdiv(rows, block_m), triton.cdiv(hidden, block_n)), kwargs
+
+
+def bwd_launch(dy, x, bias, dx, partials, *, rows: int, hidden: int, approximate: str, num_programs: int):
+    """``(grid, kwargs)`` of the backward launch; ``partials`` is ``[num_programs, hidden]`` fp32 or None."""
+    block_m, block_n, num_warps = config(hidden)
+    kwargs = dict(dy_ptr=dy, x_ptr=x, b_ptr=bias, dx_ptr=dx, part_ptr=partials, rows=rows, hidden=hidden,
+                  num_tiles=triton.cdiv(rows, block_m), HAS_BIAS=bias is not None,
+                  NEED_DBIAS=partials is not None, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
+                  BLOCK_N=block_n, num_warps=num_warps)
+    return (num_programs, triton.cdiv(hidden, block_n)), kwargs
+
+
+def _device_ctx(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def gelu_fwd(x, bias, y, *, approximate):
+    """Backend entry point (see ``fastbert.backends``): ``y = gelu(x + bias)``."""
+    rows, hidden = x.shape
+    grid, kwargs = fwd_launch(x, bias, y, rows=rows, hidden=hidden, approximate=approximate)
+    with _device_ctx(x):
+        _gelu_fwd_kernel[grid](**kwargs)
+
+
+def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
+    """Backend entry point: ``dx = dy * gelu'(x + bias)``; ``dbias = sum_rows(dx)`` (fp32) when asked.
+
+    Workspace: ``[P, hidden]`` fp32 partial sums of dbias (P row programs: up to 4 per SM over the
+    column blocks on a GPU).
+    """
+    rows, hidden = x.shape
+    block_m, block_n, _ = config(hidden)
+    num_tiles = triton.cdiv(rows, block_m)
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        progs = max(1, min(num_tiles, triton.cdiv(4 * sms, triton.cdiv(hidden, block_n))))
+    else:
+        progs = max(1, min(num_tiles, 8))
+    partials = torch.empty((progs, hidden), dtype=torch.float32, device=x.device) if dbias is not None else None
+    grid, kwargs = bwd_launch(dy, x, bias, dx, partials, rows=rows, hidden=hidden, approximate=approximate,
+                              num_programs=progs)
+    with _device_ctx(x):
+        _gelu_bwd_kernel[grid](**kwargs)
+    if dbias is not None:
+        torch.sum(partials, dim=0, out=dbias)  # fixed-order reduction: deterministic
+
+
+def aot_variants(full: bool = False):
+    """Ahead-of-time compile variants: bias on, erf and tanh, hidden 3072 (BERT-base FFN) and 4096,
+    fp16 and bf16 (fp32 and more widths with ``full``). Spill budget 0."""
+    from fastbert.backends.triton._aot import AotVariant, pointer, split_launch
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if full else (torch.float16, torch.bfloat16)
+    hiddens = (384, 1023, 1536, 3072, 4096) if full else (3072,)
+    out = []
+    for dt in dtypes:
+        for hidden in hiddens:
+            for approximate in ("none", "tanh"):
+                t, f32 = pointer(dt), pointer(torch.float32)
+                _, fkw = fwd_launch(t, t, t, rows=4096, hidden=hidden, approximate=approximate)
+                name = f"{str(dt)[6:]} hidden={hidden} approximate={approximate}"
+                out.append(AotVariant(f"gelu_fwd {name}", _gelu_fwd_kernel, *split_launch(_gelu_fwd_kernel, fkw)))
+                _, bkw = bwd_launch(t, t, t, t, f32, rows=4096, hidden=hidden, approximate=approximate,
+                                    num_programs=176)
+                out.append(AotVariant(f"gelu_bwd {name}", _gelu_bwd_kernel, *split_launch(_gelu_bwd_kernel, bkw)))
+    return out
