@@ -80,10 +80,13 @@ class BertSelfAttention(OpsModule, nn.Module):
                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                 output_attentions: bool = False, probs_mask: Optional[Tensor] = None,
                 indices: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-        heads = hidden_states.shape[:-1] + (self.num_attention_heads, self.attention_head_size)
-        q = self.query(hidden_states).view(heads)  # [batch, seqlen, H, d] or [total, H, d]
-        k = self.key(hidden_states).view(heads)
-        v = self.value(hidden_states).view(heads)
+        # One GEMM for the three projections (the parameters stay separate, so state_dict keys are
+        # Hugging Face's); q, k, v are strided views of its output, read in place by attention().
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # [3 * hidden, hidden]
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(hidden_states, weight, bias)  # [..., 3 * hidden]
+        qkv = qkv.view(hidden_states.shape[:-1] + (3, self.num_attention_heads, self.attention_head_size))
+        q, k, v = qkv.unbind(-3)  # each [batch, seqlen, H, d] or [total, H, d], strided
         p = self.dropout_p if self.training else 0.0
         out = attention(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
                         max_seqlen=max_seqlen, dropout_p=p, backend=self.backend)
