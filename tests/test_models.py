@@ -101,6 +101,25 @@ def test_padded_and_unpadded_agree(backend):
     assert (padded.last_hidden_state[~real] != 0).any()  # padded rows are computed like any other
 
 
+@pytest.mark.parametrize("mask", [[[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], [[0] * 5] * 3],
+                         ids=["empty-row", "all-padding"])
+def test_empty_sequences_give_no_nan(mask):
+    torch.manual_seed(13)
+    model = BertModel(small_config()).eval()
+    mask = torch.tensor(mask)
+    input_ids = torch.randint(1, 99, (3, 5))
+    for unpad in (True, False):
+        model.unpad = unpad
+        out = model(input_ids, mask, output_attentions=True)
+        assert not out.last_hidden_state.isnan().any() and not out.pooler_output.isnan().any()
+        assert not out.attentions[0].isnan().any()
+        out.last_hidden_state.sum().backward()
+        assert all(not p.grad.isnan().any() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()
+        if unpad:
+            assert (out.last_hidden_state[mask == 0] == 0).all()
+
+
 def test_precomputed_unpad_metadata_and_left_padding():
     torch.manual_seed(1)
     model = BertModel(small_config()).eval()
