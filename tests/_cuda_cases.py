@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from _tolerance import assert_close_to_ref
 
-from fastbert.ops import gelu, layer_norm
+from fastbert.ops import attention, gelu, layer_norm
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -152,3 +152,166 @@ def check_gelu_case(case: GeluCase, backend: str, device) -> None:
     lo = _gelu_run(case, inputs, "reference", device, case.dtype)
     for (name, g), (_, h), (_, l) in zip(got, hi, lo):
         assert_close_to_ref(g.cpu(), h.cpu(), l.cpu(), name=f"{case} {name}")
+
+
+# ==============================================================================================
+# Attention (csrc/attention_fwd.cu, csrc/attention_bwd.cu) — the attention kernels' section
+# ==============================================================================================
+# Every case runs forward and backward through ``fastbert.ops.attention`` and compares out, dq, dk,
+# dv and (bias cases, with a gradient) dbias against the reference in fp64 and in the case's dtype.
+# Axes, each value at least once: fp32/fp16/bf16; head_dim 8/32/40/64/80/96/128/256 (every bucket,
+# padded lanes); seqlen 1/17/33/97 with seqlen_q != seqlen_k; attention_mask; attn_bias
+# [1,1,Lq,Lk] / [B,1,1,Lk] / [B,H,Lq,Lk]; dropout (the reference's Philox mask); varlen with an
+# empty sequence; empty rows (a fully masked sequence, -inf bias rows); strided q/k/v views of a
+# packed QKV tensor.
+
+ATTENTION_BIAS_SHAPES = {"11QK": "[1,1,Lq,Lk]", "B11K": "[B,1,1,Lk]", "BHQK": "[B,H,Lq,Lk]"}
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    dtype: torch.dtype
+    head_dim: int
+    seqlen_q: int = 17  # varlen: ignored (lengths below)
+    seqlen_k: int = 17
+    batch: int = 2
+    num_heads: int = 2
+    layout: str = "padded"  # "padded" | "packed" (strided views of one QKV tensor) | "varlen"
+    lengths: tuple = ()  # varlen sequence lengths (0 allowed)
+    mask: bool = False  # attention_mask, with the last sequence fully masked (empty rows)
+    bias: str | None = None  # a key of ATTENTION_BIAS_SHAPES; "BHQK" carries -inf rows (empty rows)
+    dropout_p: float = 0.0
+
+    def __str__(self) -> str:
+        shape = (f"varlen{'_'.join(map(str, self.lengths))}" if self.layout == "varlen"
+                 else f"{self.layout}{self.batch}x{self.seqlen_q}x{self.seqlen_k}")
+        feats = [f for f, on in (("mask", self.mask), (f"bias{self.bias}", self.bias),
+                                 (f"p{self.dropout_p}", self.dropout_p > 0)) if on]
+        return f"{str(self.dtype)[6:]}-d{self.head_dim}-h{self.num_heads}-{shape}-{'+'.join(feats) or 'plain'}"
+
+
+ATTENTION_CASES = (
+    AttentionCase(F16, 64, 17, 17, mask=True),
+    AttentionCase(BF16, 40, 17, 97, bias="11QK", dropout_p=0.1),
+    AttentionCase(F32, 80, 97, 17, num_heads=1, mask=True, bias="B11K"),
+    AttentionCase(F16, 96, 1, 97, bias="BHQK", dropout_p=0.2),
+    AttentionCase(F16, 32, layout="varlen", lengths=(17, 0, 33), dropout_p=0.1),
+    AttentionCase(BF16, 128, layout="varlen", lengths=(1, 0, 40)),
+    AttentionCase(F32, 64, layout="varlen", lengths=(0, 97), num_heads=1, dropout_p=0.2),
+    AttentionCase(F16, 128, 33, 33, layout="packed", mask=True),
+    AttentionCase(BF16, 256, 17, 17, batch=1, bias="BHQK"),
+    AttentionCase(F32, 8, 17, 33, mask=True, dropout_p=0.3),
+    AttentionCase(F32, 256, 17, 17, batch=1, num_heads=1, bias="11QK"),
+    AttentionCase(BF16, 64, 33, 33, layout="packed", dropout_p=0.1, bias="B11K"),
+)
+
+
+def attention_inputs(case: AttentionCase, seed: int = 0) -> dict:
+    """fp64 master copies of the case's inputs (cast per run)."""
+    g = torch.Generator().manual_seed(seed + case.head_dim * 7919 + case.seqlen_q * 31 + case.seqlen_k)
+    h, d = case.num_heads, case.head_dim
+    t: dict = {}
+    if case.layout == "varlen":
+        total = sum(case.lengths)
+        cu = [0]
+        for n in case.lengths:
+            cu.append(cu[-1] + n)
+        t["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
+        t["max_seqlen"] = max(case.lengths)
+        for n in ("q", "k", "v", "dout"):
+            t[n] = _randn(g, total, h, d)
+        return t
+    b, lq, lk = case.batch, case.seqlen_q, case.seqlen_k
+    if case.layout == "packed":  # q/k/v are strided views [b, l, h, d] of one [b, l, 3, h, d] tensor
+        assert lq == lk, "packed QKV needs seqlen_q == seqlen_k"
+        t["qkv"] = _randn(g, b, lq, 3, h, d)
+    else:
+        t["q"], t["k"], t["v"] = _randn(g, b, lq, h, d), _randn(g, b, lk, h, d), _randn(g, b, lk, h, d)
+    t["dout"] = _randn(g, b, lq, h, d)
+    if case.mask:
+        mask = torch.rand(b, lk, generator=g) > 0.3
+        mask[:, 0] = True
+        mask[-1] = False  # the last sequence attends to nothing: every row of it is empty
+        t["attention_mask"] = mask
+    if case.bias is not None:
+        shape = {"11QK": (1, 1, lq, lk), "B11K": (b, 1, 1, lk), "BHQK": (b, h, lq, lk)}[case.bias]
+        bias = _randn(g, *shape)
+        if case.bias == "BHQK":
+            bias[0, 0, lq // 2] = float("-inf")  # an empty row
+            bias[-1, -1, :, lk // 2] = float("-inf")  # an excluded key
+        t["attn_bias"] = bias
+    return t
+
+
+def _attn_run(case: AttentionCase, inputs: dict, backend: str, device, dtype) -> dict:
+    """out and every gradient on ``backend``, computing in ``dtype``."""
+    def leaf(name):
+        return inputs[name].to(device=device, dtype=dtype).requires_grad_()
+
+    kw = {}
+    if case.layout == "packed":
+        qkv = leaf("qkv")
+        q, k, v = qkv.unbind(2)
+        leaves = [qkv]
+    else:
+        q, k, v = leaf("q"), leaf("k"), leaf("v")
+        leaves = [q, k, v]
+    if case.layout == "varlen":
+        kw["cu_seqlens"] = inputs["cu_seqlens"].to(device)
+        kw["max_seqlen"] = inputs["max_seqlen"]
+    if "attention_mask" in inputs:
+        kw["attention_mask"] = inputs["attention_mask"].to(device)
+    if "attn_bias" in inputs:
+        kw["attn_bias"] = leaf("attn_bias")
+        leaves.append(kw["attn_bias"])
+    torch.manual_seed(1234)  # the dropout seed: the same draw for every run on this device
+    out = attention(q, k, v, dropout_p=case.dropout_p, backend=backend, **kw)
+    grads = torch.autograd.grad(out, leaves, inputs["dout"].to(device=device, dtype=dtype))
+    if case.layout == "packed":
+        dq, dk, dv = grads[0].unbind(2)
+    else:
+        dq, dk, dv = grads[:3]
+    res = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+    if "attn_bias" in inputs:
+        res["dbias"] = grads[-1]
+    return res
+
+
+def attention_floor_eps(name: str, case: AttentionCase, inputs: dict, ref: dict) -> float:
+    """Tolerance floor (in eps of the dtype, relative to max(1, |ref|)) for output ``name``.
+
+    As in tests/test_triton_attention.py: FA2's ``D = rowsum(dO * O)`` from the stored, rounded O
+    cancels against ``dP = dO V^T`` in ``dS = P * (dP - D)``. Where the true dS is ~0 (one key:
+    P = 1) the kernel keeps a few ulp of ``|D|`` while the reference, taking D from dP itself,
+    cancels exactly, so PyTorch's own error is 0 and only the floor applies. The magnitude that
+    cancels is ``|D|`` for dS (times ``sqrt(n)`` for a broadcast bias, a sum of n entries) and
+    ``softmax_scale * |D| * |k|`` (``|q|``) for dq (dk). fp32 gets 16 eps (both errors are a few
+    ulp from different summation orders and the recomputed P, their ratio is noise).
+    """
+    few = 16.0 if case.dtype == torch.float32 else 4.0
+    if name in ("out", "dv"):
+        return few
+    delta = (inputs["dout"] * ref["out"].cpu()).sum(-1).abs().max().item()
+    if name == "dbias":
+        n_full = ref["dq"].numel() // ref["dq"].shape[-1] * case.seqlen_k
+        mag = delta * (n_full / ref["dbias"].numel()) ** 0.5
+    else:
+        other = inputs["qkv"] if case.layout == "packed" else inputs["k" if name == "dq" else "q"]
+        mag = case.head_dim ** -0.5 * delta * other.abs().max().item()
+    return few * max(1.0, mag) / max(1.0, ref[name].abs().max().item())
+
+
+def check_attention_case(case: AttentionCase, backend: str, device) -> None:
+    """out and every gradient of ``case`` on ``backend`` vs the reference (fp64 and low precision);
+    empty rows must give exact zeros (output and dq) and nothing may be NaN."""
+    inputs = attention_inputs(case)
+    got = _attn_run(case, inputs, backend, device, case.dtype)
+    hi = _attn_run(case, inputs, "reference", device, torch.float64)
+    lo = _attn_run(case, inputs, "reference", device, case.dtype)
+    assert set(got) == set(hi)
+    for name in hi:
+        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=f"{case} {name}",
+                            floor_eps=attention_floor_eps(name, case, inputs, hi))
+    if case.mask:  # the fully masked last sequence: exact zeros, not just small numbers
+        assert torch.equal(got["out"][-1].cpu(), torch.zeros_like(got["out"][-1].cpu())), f"{case}: empty rows"
+        assert torch.equal(got["dq"][-1].cpu(), torch.zeros_like(got["dq"][-1].cpu())), f"{case}: empty-row dq"

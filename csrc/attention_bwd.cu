@@ -1,0 +1,303 @@
+// Fused masked multi-head attention, backward (FlashAttention-2, Dao 2023, Algorithm 2), with P
+// recomputed from the forward's lse instead of stored:
+//
+//   S  = scale * Q K^T + bias             (masked entries excluded: P = 0 there)
+//   P  = exp(S - lse)                     (lse = +inf on empty rows, so P = 0 there)
+//   Z  = keep / (1 - p)                   (dropout multiplier, the shared Philox mask; 1 without)
+//   D  = rowsum(dO * O)                   (= rowsum(dP * P))
+//   dV = (P * Z)^T dO
+//   dP = (dO V^T) * Z
+//   dS = P * (dP - D)
+//   dQ = scale * dS K,   dK = scale * dS^T Q,   d(bias) = dS   (fp32, [batch, heads, Lq, Lk])
+//
+// Deterministic without atomics or workspace: two kernels, each owning its outputs.
+//   - dq kernel: grid (batch * heads, query tiles); a block owns kBlockM query rows, walks the key
+//     tiles and accumulates dQ in registers; it also writes dbias (each (i, j) exactly once).
+//   - dkdv kernel: grid (batch * heads, key tiles); a block owns kBlockM keys, walks the query
+//     tiles and accumulates dK and dV; here the "rows" of the fragments are keys, so the kernel
+//     computes S^T = K Q^T and dP^T = V dO^T. At the 256 bucket it runs twice (dV, then dK), as
+//     two 16 x 256 fp32 accumulators per warp would spill.
+// D is recomputed per query tile from O and dO (a dot product per row) rather than stored.
+// The price is recomputing S and dP in both kernels (7 matrix products instead of FA2's 5).
+#include "attention_common.cuh"
+#include "common/launch.cuh"
+
+namespace fb::attn {
+namespace {
+
+template <class T, int DP>
+struct BwdConfig {
+  // fp32 at the 256 bucket: 2 warps so four fp32 tiles fit in shared memory.
+  static constexpr int kWarps = (!kTensorCores<T> && DP == 256) ? 2 : 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;  // rows owned by the block (queries or keys)
+  static constexpr int kBlockN = kTensorCores<T> ? (DP <= 64 ? 64 : 32) : 32;  // rows walked per step
+  static constexpr int kLd = kLds<T, DP>;
+  static constexpr int kScratchLd = kBlockN + 4;
+  static constexpr size_t kTileBytes = sizeof(T) * kLd;
+  static constexpr size_t kScratchFloats = kTensorCores<T> ? 0 : size_t(kWarps) * 16 * kScratchLd;
+  // Owned tiles (2 x kBlockM rows), walked tiles (2 x kBlockN rows), D and lse (kBlockM floats each,
+  // enough for either kernel), P/dS staging (plain path), key flags (kBlockN bytes).
+  static constexpr size_t kSmemBytes = kTileBytes * (2 * kBlockM + 2 * kBlockN) +
+                                       sizeof(float) * (2 * kBlockM + kScratchFloats) + kBlockN;
+};
+
+// ---- dQ (and dbias) ----------------------------------------------------------------------------
+template <class T, int DP>
+__global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_kernel(const AttnParams p) {
+  using Cfg = BwdConfig<T, DP>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
+  constexpr int NT = kBlockN / 8, DT = DP / 8;
+
+  const int b = static_cast<int>(blockIdx.x) / p.num_heads, h = static_cast<int>(blockIdx.x) % p.num_heads;
+  const SeqInfo seq = seq_info(p, b);
+  const int m0 = static_cast<int>(blockIdx.y) * kBlockM;
+  if (m0 >= seq.seqlen_q) return;
+
+  FB_DYNAMIC_SMEM(unsigned char, smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kBlockM * kLd;
+  T* sK = sdO + kBlockM * kLd;
+  T* sV = sK + kBlockN * kLd;
+  float* sD = reinterpret_cast<float*>(sV + kBlockN * kLd);
+  float* sLse = sD + kBlockM;
+  float* scratch = sLse + kBlockM;
+  unsigned char* sKeyOk = reinterpret_cast<unsigned char*>(scratch + Cfg::kScratchFloats);
+
+  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
+  const int g = lane >> 2, t = lane & 3;
+  float* warp_scratch = scratch + warp * 16 * Cfg::kScratchLd;
+  const int nrows = seq.seqlen_q - m0;
+
+  load_tile<T, kBlockM, DP, Cfg::kThreads>(sQ, row_ptr<const T>(p.q, b, h, seq.q_row0 + m0), p.q.stride_seq,
+                                           nrows, p.head_dim, p.aligned16);
+  load_tile<T, kBlockM, DP, Cfg::kThreads>(sdO, row_ptr<const T>(p.dout, b, h, seq.q_row0 + m0),
+                                           p.dout.stride_seq, nrows, p.head_dim, p.aligned16);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  row_stats<T, kBlockM, DP, Cfg::kThreads>(sD, sLse, sdO, row_ptr<const T>(p.out, b, h, seq.q_row0 + m0),
+                                           p.out.stride_seq,
+                                           p.lse + b * p.lse_stride_batch + h * p.lse_stride_head + seq.q_row0 + m0,
+                                           nrows, p.head_dim);
+  __syncthreads();
+
+  const float scale_u = p.softmax_scale * kScoreUnit<T>;
+  const bool dropout = p.seed != nullptr;
+  const PhiloxKey key = dropout ? philox_key(p.seed) : PhiloxKey{0, 0};
+  const int row_i[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  const float lse_u[2] = {sLse[warp * 16 + g], sLse[warp * 16 + g + 8]};
+  const float delta[2] = {sD[warp * 16 + g], sD[warp * 16 + g + 8]};
+
+  float acc_dq[DT][4];
+#pragma unroll
+  for (int jd = 0; jd < DT; ++jd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dq[jd][e] = 0.0f;
+
+  for (int n0 = 0; n0 < seq.seqlen_k; n0 += kBlockN) {
+    __syncthreads();
+    load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
+                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
+    load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
+                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
+    cp_async_commit();
+    for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
+      sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
+    cp_async_wait_all();
+    __syncthreads();
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+    gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
+    gemm_nt<T, NT, DP>(dp, sdO + warp * 16 * kLd, sV, p.head_dim);
+
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = row_i[r], kj = n0 + col;
+        float pe = 0.0f;
+        if (sKeyOk[col] && i < seq.seqlen_q) {
+          float x = s[j][e] * scale_u;
+          const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
+          if (bias != -INFINITY) pe = exp_unit<T>(x + bias * kScoreUnit<T> - lse_u[r]);
+        }
+        const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
+        const float ds = pe * (dp[j][e] * z - delta[r]);
+        if (p.dbias != nullptr && i < seq.seqlen_q && kj < seq.seqlen_k)
+          p.dbias[b * p.dbias_stride[0] + h * p.dbias_stride[1] + static_cast<int64_t>(i) * p.dbias_stride[2] +
+                  static_cast<int64_t>(kj) * p.dbias_stride[3]] = ds;
+        s[j][e] = ds;
+      }
+    }
+    gemm_pn<T, NT, DT, DP>(acc_dq, s, sK, warp_scratch, p.head_dim);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    if (i >= seq.seqlen_q) continue;
+    T* dq = row_ptr<T>(p.dq, b, h, seq.q_row0 + i);
+#pragma unroll
+    for (int jd = 0; jd < DT; ++jd) {
+      const int col = jd * 8 + 2 * t;
+      if (col < p.head_dim)
+        store2(dq, col, acc_dq[jd][2 * r] * p.softmax_scale, acc_dq[jd][2 * r + 1] * p.softmax_scale);
+    }
+  }
+}
+
+// ---- dK and dV ---------------------------------------------------------------------------------
+// Which outputs a dkdv launch computes: both, or (the 256 bucket, where two 16 x 256 fp32
+// accumulators per warp would not fit in registers) one of them per launch.
+enum class KVOut : int { kBoth = 0, kDV = 1, kDK = 2 };
+
+template <class T, int DP, KVOut kOut>
+__global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv_kernel(const AttnParams p) {
+  using Cfg = BwdConfig<T, DP>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
+  constexpr int NT = kBlockN / 8, DT = DP / 8;
+  constexpr bool kDV = kOut != KVOut::kDK, kDK = kOut != KVOut::kDV;
+
+  const int b = static_cast<int>(blockIdx.x) / p.num_heads, h = static_cast<int>(blockIdx.x) % p.num_heads;
+  const SeqInfo seq = seq_info(p, b);
+  const int n0 = static_cast<int>(blockIdx.y) * kBlockM;  // first key of this block
+  if (n0 >= seq.seqlen_k) return;
+
+  FB_DYNAMIC_SMEM(unsigned char, smem);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kBlockM * kLd;
+  T* sQ = sV + kBlockM * kLd;
+  T* sdO = sQ + kBlockN * kLd;
+  float* sD = reinterpret_cast<float*>(sdO + kBlockN * kLd);
+  float* sLse = sD + kBlockM;
+  float* scratch = sLse + kBlockM;
+
+  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
+  const int g = lane >> 2, t = lane & 3;
+  float* warp_scratch = scratch + warp * 16 * Cfg::kScratchLd;
+
+  load_tile<T, kBlockM, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
+                                           seq.seqlen_k - n0, p.head_dim, p.aligned16);
+  load_tile<T, kBlockM, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
+                                           seq.seqlen_k - n0, p.head_dim, p.aligned16);
+  cp_async_commit();
+
+  const float scale_u = p.softmax_scale * kScoreUnit<T>;
+  const bool dropout = p.seed != nullptr;
+  const PhiloxKey key = dropout ? philox_key(p.seed) : PhiloxKey{0, 0};
+  const int key_j[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};  // this lane's keys
+  const bool key_ok[2] = {key_allowed(p, b, key_j[0], seq.seqlen_k), key_allowed(p, b, key_j[1], seq.seqlen_k)};
+
+  float acc_dk[kDK ? DT : 2][4], acc_dv[kDV ? DT : 2][4];  // (size 2 when unused)
+  for (auto& a : acc_dk)
+    for (float& x : a) x = 0.0f;
+  for (auto& a : acc_dv)
+    for (float& x : a) x = 0.0f;
+
+  for (int m0 = 0; m0 < seq.seqlen_q; m0 += kBlockN) {
+    const int nrows = seq.seqlen_q - m0;
+    __syncthreads();
+    load_tile<T, kBlockN, DP, Cfg::kThreads>(sQ, row_ptr<const T>(p.q, b, h, seq.q_row0 + m0), p.q.stride_seq,
+                                             nrows, p.head_dim, p.aligned16);
+    load_tile<T, kBlockN, DP, Cfg::kThreads>(sdO, row_ptr<const T>(p.dout, b, h, seq.q_row0 + m0),
+                                             p.dout.stride_seq, nrows, p.head_dim, p.aligned16);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    row_stats<T, kBlockN, DP, Cfg::kThreads>(sD, sLse, sdO, row_ptr<const T>(p.out, b, h, seq.q_row0 + m0),
+                                             p.out.stride_seq,
+                                             p.lse + b * p.lse_stride_batch + h * p.lse_stride_head + seq.q_row0 + m0,
+                                             nrows, p.head_dim);
+    __syncthreads();
+
+    float s[NT][4], dp[NT][4];  // S^T and dP^T: rows = this warp's keys, columns = queries m0..
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+    gemm_nt<T, NT, DP>(s, sK + warp * 16 * kLd, sQ, p.head_dim);
+    if constexpr (kDK) gemm_nt<T, NT, DP>(dp, sV + warp * 16 * kLd, sdO, p.head_dim);
+
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = m0 + col, kj = key_j[r];
+        float pe = 0.0f;
+        if (key_ok[r] && i < seq.seqlen_q) {
+          const float x = s[j][e] * scale_u;
+          const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
+          if (bias != -INFINITY) pe = exp_unit<T>(x + bias * kScoreUnit<T> - sLse[col]);
+        }
+        const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
+        s[j][e] = pe * z;                          // (P * Z)^T, for dV
+        dp[j][e] = pe * (dp[j][e] * z - sD[col]);  // dS^T, for dK
+      }
+    }
+    if constexpr (kDV) gemm_pn<T, NT, DT, DP>(acc_dv, s, sdO, warp_scratch, p.head_dim);
+    if constexpr (kDK) gemm_pn<T, NT, DT, DP>(acc_dk, dp, sQ, warp_scratch, p.head_dim);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int kj = key_j[r];
+    if (kj >= seq.seqlen_k) continue;
+    T* dk = row_ptr<T>(p.dk, b, h, seq.k_row0 + kj);
+    T* dv = row_ptr<T>(p.dv, b, h, seq.k_row0 + kj);
+#pragma unroll
+    for (int jd = 0; jd < DT; ++jd) {
+      const int col = jd * 8 + 2 * t;
+      if (col < p.head_dim) {
+        if constexpr (kDK)
+          store2(dk, col, acc_dk[jd][2 * r] * p.softmax_scale, acc_dk[jd][2 * r + 1] * p.softmax_scale);
+        if constexpr (kDV) store2(dv, col, acc_dv[jd][2 * r], acc_dv[jd][2 * r + 1]);
+      }
+    }
+  }
+}
+
+template <class T, int DP>
+void launch_bwd(const AttnParams& p, Stream stream) {
+  using Cfg = BwdConfig<T, DP>;
+  const unsigned bh = static_cast<unsigned>(p.batch * p.num_heads);
+  const dim3 grid_q(bh, static_cast<unsigned>((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM));
+  const dim3 grid_k(bh, static_cast<unsigned>((p.max_seqlen_k + Cfg::kBlockM - 1) / Cfg::kBlockM));
+  launch(attention_bwd_dq_kernel<T, DP>, grid_q, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
+  if constexpr (DP <= 128) {
+    launch(attention_bwd_dkdv_kernel<T, DP, KVOut::kBoth>, grid_k, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
+  } else {
+    launch(attention_bwd_dkdv_kernel<T, DP, KVOut::kDV>, grid_k, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
+    launch(attention_bwd_dkdv_kernel<T, DP, KVOut::kDK>, grid_k, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
+  }
+}
+
+template <class T>
+void launch_bwd_dtype(const AttnParams& p, Stream stream) {
+  switch (head_dim_bucket(p.head_dim)) {
+    case 32: return launch_bwd<T, 32>(p, stream);
+    case 64: return launch_bwd<T, 64>(p, stream);
+    case 128: return launch_bwd<T, 128>(p, stream);
+    default: return launch_bwd<T, 256>(p, stream);
+  }
+}
+
+}  // namespace
+}  // namespace fb::attn
+
+namespace fb {
+
+void attention_bwd_launch(const AttnParams& p, AttnStream stream) {
+  if (p.batch <= 0 || p.max_seqlen_q <= 0 || p.max_seqlen_k <= 0) return;
+  switch (p.dtype) {
+    case DType::kFloat16: return attn::launch_bwd_dtype<__half>(p, stream);
+    case DType::kBFloat16: return attn::launch_bwd_dtype<__nv_bfloat16>(p, stream);
+    default: return attn::launch_bwd_dtype<float>(p, stream);
+  }
+}
+
+}  // namespace fb

@@ -1,0 +1,197 @@
+// Fused masked multi-head attention, forward: out = dropout(softmax(scale * q k^T + bias)) v and
+// lse = logsumexp of the masked scores (Vaswani et al. 2017, eq. 1), tiled with the online softmax
+// of FlashAttention-2 (Dao 2023, Algorithm 1): per query row a running max m and sum l,
+//   m' = max(m, rowmax(S_j)),  P_j = exp(S_j - m'),  l' = exp(m - m') l + rowsum(P_j),
+//   O' = exp(m - m') O + dropout(P_j) V_j,   and at the end  O /= l,  lse = m + log(l).
+// fp16/bf16 keep the scores in log2 units so the exponentials are exp2 (kScoreUnit).
+//
+// Grid: (batch * num_heads, ceil(max_seqlen_q / kBlockM)); a block of kWarps warps owns kBlockM =
+// 16 * kWarps query rows (16 per warp) and walks the key tiles of kBlockN keys. A row with no key
+// to attend (every key masked or biased -inf) is empty: out = 0, lse = +inf. Dropout (the shared
+// Philox scheme) multiplies P after its row sum, so lse excludes it.
+#include "attention_common.cuh"
+#include "common/launch.cuh"
+
+namespace fb::attn {
+namespace {
+
+template <class T, int DP>
+struct FwdConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = kTensorCores<T> ? (DP <= 128 ? 64 : 32) : 32;
+  static constexpr int kLd = kLds<T, DP>;
+  static constexpr int kScratchLd = kBlockN + 4;  // plain path: per-warp P staging [16][kScratchLd]
+  static constexpr size_t kTileBytes = sizeof(T) * kLd;
+  static constexpr size_t kScratchFloats = kTensorCores<T> ? 0 : size_t(kWarps) * 16 * kScratchLd;
+  static constexpr size_t kSmemBytes =
+      kTileBytes * (kBlockM + 2 * kBlockN) + sizeof(float) * kScratchFloats + kBlockN;
+};
+
+template <class T, int DP>
+__global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kernel(const AttnParams p) {
+  using Cfg = FwdConfig<T, DP>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
+  constexpr int NT = kBlockN / 8;  // n-tiles of the scores
+  constexpr int DT = DP / 8;       // n-tiles of the output
+
+  const int b = static_cast<int>(blockIdx.x) / p.num_heads, h = static_cast<int>(blockIdx.x) % p.num_heads;
+  const SeqInfo seq = seq_info(p, b);
+  const int m0 = static_cast<int>(blockIdx.y) * kBlockM;
+  if (m0 >= seq.seqlen_q) return;  // the whole block: nothing of this sequence here
+
+  FB_DYNAMIC_SMEM(unsigned char, smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBlockM * kLd;
+  T* sV = sK + kBlockN * kLd;
+  float* scratch = reinterpret_cast<float*>(sV + kBlockN * kLd);
+  unsigned char* sKeyOk = reinterpret_cast<unsigned char*>(scratch + Cfg::kScratchFloats);
+
+  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
+  const int g = lane >> 2, t = lane & 3;
+  float* warp_scratch = scratch + warp * 16 * Cfg::kScratchLd;
+
+  load_tile<T, kBlockM, DP, Cfg::kThreads>(sQ, row_ptr<const T>(p.q, b, h, seq.q_row0 + m0), p.q.stride_seq,
+                                           seq.seqlen_q - m0, p.head_dim, p.aligned16);
+  cp_async_commit();
+
+  const float scale_u = p.softmax_scale * kScoreUnit<T>;  // scores in kScoreUnit<T> units
+  const bool dropout = p.seed != nullptr;
+  const PhiloxKey key = dropout ? philox_key(p.seed) : PhiloxKey{0, 0};
+  const int row_i[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};  // this lane's query rows
+
+  float m_i[2] = {-INFINITY, -INFINITY};  // running max (score units)
+  float l_i[2] = {0.0f, 0.0f};            // this lane's part of the running sum
+  float acc_o[DT][4];
+#pragma unroll
+  for (int jd = 0; jd < DT; ++jd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[jd][e] = 0.0f;
+
+  for (int n0 = 0; n0 < seq.seqlen_k; n0 += kBlockN) {
+    __syncthreads();  // every warp is done with the previous K/V tile
+    load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
+                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
+    load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
+                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
+    cp_async_commit();
+    for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
+      sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
+    cp_async_wait_all();
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+    gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
+
+    // Scale, bias and mask (score units); excluded scores become -inf.
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
+        float x = -INFINITY;
+        if (sKeyOk[col]) {
+          x = s[j][e] * scale_u;
+          if (p.attn_bias != nullptr && row_i[r] < seq.seqlen_q && n0 + col < seq.seqlen_k) {
+            const float bias = load_bias(p, b, h, row_i[r], n0 + col);
+            x = bias == -INFINITY ? -INFINITY : x + bias * kScoreUnit<T>;
+          }
+        }
+        s[j][e] = x;
+        row_max[r] = fmaxf(row_max[r], x);
+      }
+    }
+    float alpha[2], m_ref[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      // The 4 lanes of a row (t = 0..3) share its max.
+      row_max[r] = fmaxf(row_max[r], shfl_xor(row_max[r], 1));
+      row_max[r] = fmaxf(row_max[r], shfl_xor(row_max[r], 2));
+      const float m_new = fmaxf(m_i[r], row_max[r]);
+      m_ref[r] = m_new == -INFINITY ? 0.0f : m_new;  // no key yet: exp2(-inf - 0) = 0, not NaN
+      alpha[r] = exp_unit<T>(m_i[r] - m_ref[r]);
+      m_i[r] = m_new;
+      l_i[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        float pe = exp_unit<T>(s[j][e] - m_ref[r]);
+        l_i[r] += pe;
+        if (dropout && pe != 0.0f && dropout_factor(p, key, b, h, row_i[r], n0 + 8 * j + 2 * t + (e & 1)) == 0.0f)
+          pe = 0.0f;  // the 1 / (1 - p) scale is applied once at the end
+        s[j][e] = pe;
+      }
+    }
+#pragma unroll
+    for (int jd = 0; jd < DT; ++jd)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[jd][e] *= alpha[e >> 1];
+    gemm_pn<T, NT, DT, DP>(acc_o, s, sV, warp_scratch, p.head_dim);
+  }
+
+  // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_i[r] += shfl_xor(l_i[r], 1);
+    l_i[r] += shfl_xor(l_i[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    if (i >= seq.seqlen_q) continue;
+    const bool empty = l_i[r] == 0.0f;
+    const float inv = empty ? 0.0f : p.dropout_scale / l_i[r];
+    T* o = row_ptr<T>(p.out, b, h, seq.q_row0 + i);
+#pragma unroll
+    for (int jd = 0; jd < DT; ++jd) {
+      const int col = jd * 8 + 2 * t;
+      if (col < p.head_dim) store2(o, col, acc_o[jd][2 * r] * inv, acc_o[jd][2 * r + 1] * inv);
+    }
+    if (t == 0)
+      p.lse[b * p.lse_stride_batch + h * p.lse_stride_head + seq.q_row0 + i] =
+          empty ? INFINITY : m_i[r] / kScoreUnit<T> + logf(l_i[r]);
+  }
+}
+
+template <class T, int DP>
+void launch_fwd(const AttnParams& p, Stream stream) {
+  using Cfg = FwdConfig<T, DP>;
+  const dim3 grid(static_cast<unsigned>(p.batch * p.num_heads),
+                  static_cast<unsigned>((p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM));
+  launch(attention_fwd_kernel<T, DP>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
+}
+
+template <class T>
+void launch_fwd_dtype(const AttnParams& p, Stream stream) {
+  switch (head_dim_bucket(p.head_dim)) {
+    case 32: return launch_fwd<T, 32>(p, stream);
+    case 64: return launch_fwd<T, 64>(p, stream);
+    case 128: return launch_fwd<T, 128>(p, stream);
+    default: return launch_fwd<T, 256>(p, stream);
+  }
+}
+
+}  // namespace
+}  // namespace fb::attn
+
+namespace fb {
+
+void attention_fwd_launch(const AttnParams& p, AttnStream stream) {
+  if (p.max_seqlen_q <= 0 || p.batch <= 0) return;
+  switch (p.dtype) {
+    case DType::kFloat16: return attn::launch_fwd_dtype<__half>(p, stream);
+    case DType::kBFloat16: return attn::launch_fwd_dtype<__nv_bfloat16>(p, stream);
+    default: return attn::launch_fwd_dtype<float>(p, stream);
+  }
+}
+
+}  // namespace fb

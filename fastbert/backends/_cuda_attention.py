@@ -1,0 +1,109 @@
+"""Attention glue of the CUDA C++ backends (``cuda`` and ``cuda-host``): tensors -> raw pointers.
+
+Implements the attention half of the backend contract (``fastbert.backends``) on top of the
+extension's ``attention_fwd`` / ``attention_bwd`` (``csrc/attention_binding.cpp``), for either
+module: ``ext`` is ``fastbert._C`` (device pointers, torch's current stream) or
+``fastbert._C_host`` (CPU pointers, the same kernels run on CPU fibers). Nothing is allocated and
+nothing is synchronised here; ``fastbert.ops`` allocated every output.
+
+The kernels (``csrc/attention_fwd.cu``, ``csrc/attention_bwd.cu``): FlashAttention-2 tiling (Dao
+2023) with ``mma.sync`` tensor cores for fp16/bf16 and a plain fp32 path; head_dim in buckets of
+32/64/128/256 with the padded lanes masked, so every multiple of 8 up to 256 runs; a deterministic
+backward (no atomics: one kernel owns dq and dbias, another dk and dv) without workspace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastbert.backends import ALL_FEATURES
+from fastbert.backends._cuda_ops import dtype_code, fault_injection, launch_kwargs, ptr
+
+# head_dims the kernels take (one list for capabilities, tests and docs).
+HEAD_DIMS = tuple(range(8, 257, 8))
+HEAD_DIMS_DOC = "multiples of 8 up to 256"
+# Every attention feature; "tf32" is accepted and computed in IEEE fp32 (the plain fp32 path).
+FEATURES = ALL_FEATURES & frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
+                                     "deterministic", "tf32"})
+WRITES_LSE = True
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(stride_batch, stride_seq, stride_head) in elements; varlen rows have no batch stride."""
+    if varlen:  # [total_tokens, num_heads, head_dim]
+        return (0, t.stride(0), t.stride(1))
+    return (t.stride(0), t.stride(1), t.stride(2))  # [batch, seqlen, num_heads, head_dim]
+
+
+def _bias_args(attn_bias) -> dict:
+    if attn_bias is None:
+        return dict(attn_bias=0, bias_dtype=0, bias_strides=(0, 0, 0, 0))
+    if attn_bias.dtype == torch.float64:  # the kernels read fp32/fp16/bf16 biases
+        attn_bias = attn_bias.float()
+    return dict(attn_bias=ptr(attn_bias), bias_dtype=dtype_code(attn_bias), bias_strides=tuple(attn_bias.stride()))
+
+
+def _common(q, k, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
+            softmax_scale) -> dict:
+    varlen = cu_seqlens is not None
+    if varlen:
+        batch, num_heads, head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
+        seqlen_q = seqlen_k = int(max_seqlen)
+        lse_strides = (0, lse.stride(0))  # [num_heads, total_tokens]
+    else:
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        seqlen_k = k.shape[1]
+        lse_strides = (lse.stride(0), lse.stride(1))  # [batch, num_heads, seqlen_q]
+    mask = attention_mask
+    return dict(
+        lse=ptr(lse), lse_strides=lse_strides,
+        cu_seqlens=ptr(cu_seqlens) if varlen else 0,
+        attention_mask=ptr(mask) if mask is not None else 0,
+        mask_strides=tuple(mask.stride()) if mask is not None else (0, 0),
+        **_bias_args(attn_bias),
+        seed=ptr(seed) if (seed is not None and dropout_p > 0.0) else 0,
+        batch=batch, num_heads=num_heads, head_dim=head_dim, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        dtype=dtype_code(q), dropout_p=float(dropout_p), softmax_scale=float(softmax_scale),
+        fault_injection=fault_injection(), **launch_kwargs(q))
+
+
+def _check_layout(lse: torch.Tensor, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError(f"attention: expected a contiguous last dim, got strides {t.stride()}")
+    if lse.stride(-1) != 1:
+        raise ValueError(f"lse: expected a contiguous last dim, got strides {lse.stride()}")
+
+
+def attention_fwd(ext, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
+                  softmax_scale, allow_tf32=False, deterministic=False) -> None:
+    """Backend entry point (``fastbert.backends``): writes ``out`` and ``lse`` through ``ext``."""
+    varlen = cu_seqlens is not None
+    _check_layout(lse, q, k, v, out)
+    if varlen and int(max_seqlen) == 0:  # only empty sequences: nothing to compute
+        return
+    ext.attention_fwd(
+        q=ptr(q), q_strides=_strides3(q, varlen), k=ptr(k), k_strides=_strides3(k, varlen),
+        v=ptr(v), v_strides=_strides3(v, varlen), out=ptr(out), out_strides=_strides3(out, varlen),
+        **_common(q, k, out, lse, attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
+                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale))
+
+
+def attention_bwd(ext, dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias, cu_seqlens,
+                  max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False) -> None:
+    """Backend entry point: writes dq, dk, dv and (when ``dbias`` is given) the full fp32 dbias."""
+    varlen = cu_seqlens is not None
+    _check_layout(lse, dout, q, k, v, out, dq, dk, dv)
+    if varlen and int(max_seqlen) == 0:
+        return
+    if dbias is not None and dbias.dtype != torch.float32:
+        raise ValueError(f"dbias: expected float32, got {dbias.dtype}")
+    ext.attention_bwd(
+        dout=ptr(dout), dout_strides=_strides3(dout, varlen), q=ptr(q), q_strides=_strides3(q, varlen),
+        k=ptr(k), k_strides=_strides3(k, varlen), v=ptr(v), v_strides=_strides3(v, varlen),
+        out=ptr(out), out_strides=_strides3(out, varlen), dq=ptr(dq), dq_strides=_strides3(dq, varlen),
+        dk=ptr(dk), dk_strides=_strides3(dk, varlen), dv=ptr(dv), dv_strides=_strides3(dv, varlen),
+        dbias=ptr(dbias) if dbias is not None else 0,
+        dbias_strides=tuple(dbias.stride()) if dbias is not None else (0, 0, 0, 0),
+        **_common(q, k, out, lse, attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
+                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale))

@@ -1,0 +1,119 @@
+"""CUDA attention kernels (csrc/attention_fwd.cu, csrc/attention_bwd.cu) vs the reference: on the
+CPU through ``cuda-host`` (the same kernel source under the fiber execution model, with the
+tensor-core instructions emulated from their PTX fragment layouts) and on a GPU through ``cuda``,
+from the one case list in ``_cuda_cases``; plus the exact dropout mask, a planted bug the host run
+must catch, and the binding's argument checks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _cuda_cases import ATTENTION_CASES, AttentionCase, check_attention_case
+
+from fastbert.backends import get_backend
+from fastbert.backends._cuda_ops import load_extension
+from fastbert.backends._philox import attention_keep_mask
+
+
+def _require(backend: str) -> None:
+    reason = get_backend(backend).unavailable_reason("attention")
+    if reason is None and "attention" not in get_backend(backend).caps:
+        reason = "the extension has no attention kernels"
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_cuda_host_attention_matches_reference(case, poison):
+    _require("cuda-host")
+    check_attention_case(case, "cuda-host", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_cuda_attention_matches_reference(case, poison):
+    _require("cuda")
+    check_attention_case(case, "cuda", "cuda")
+
+
+def _dropout_keep(backend: str, device: str, dtype, p: float = 0.3) -> tuple:
+    """The kernel's keep mask, read off the forward with one-hot values (v[key j] = e_j, so
+    out[i, :] holds P[i, j] * keep[i, j] / (1 - p) in column j), and the reference's mask."""
+    mod = get_backend(backend).load("attention")
+    batch, lq, lk, heads, d = 2, 19, 24, 2, 32
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(batch, lq, heads, d, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(batch, lk, heads, d, generator=gen).to(device=device, dtype=dtype)
+    v = torch.eye(lk, d).view(1, lk, 1, d).expand(batch, lk, heads, d).to(device=device, dtype=dtype).contiguous()
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, heads, lq), float("nan"), device=device)
+    seed = torch.tensor([0x12345678, 0x9ABCDEF0], dtype=torch.int64, device=device)
+    mod.attention_fwd(q, k, v, out, lse, attention_mask=None, attn_bias=None, cu_seqlens=None, max_seqlen=0,
+                      dropout_p=p, seed=seed, softmax_scale=1.0 / math.sqrt(d))
+    got = (out[..., :lk] != 0).permute(0, 2, 1, 3).cpu()  # [batch, heads, lq, lk]
+    return got, attention_keep_mask(seed.cpu(), p, batch, heads, lq, lk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_host_dropout_mask_is_the_reference_mask(dtype):
+    _require("cuda-host")
+    got, ref = _dropout_keep("cuda-host", "cpu", dtype)
+    assert torch.equal(got, ref)
+    assert 0.6 < ref.float().mean() < 0.8
+
+
+@pytest.mark.gpu
+def test_cuda_dropout_mask_is_the_reference_mask():
+    _require("cuda")
+    got, ref = _dropout_keep("cuda", "cuda", torch.float16)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("case", [AttentionCase(torch.float16, 64, 17, 17),
+                                  AttentionCase(torch.float32, 40, 17, 33, batch=1)], ids=str)
+def test_cuda_host_planted_key_bound_bug_is_caught(case, monkeypatch):
+    """FASTBERT_CUDA_FAULT=1 lets key seqlen_k through the key-tile bound (an off-by-one): the
+    host run must fail parity, or the harness could not catch such a bug."""
+    _require("cuda-host")
+    check_attention_case(case, "cuda-host", "cpu")  # clean run passes
+    monkeypatch.setenv("FASTBERT_CUDA_FAULT", "1")
+    with pytest.raises(AssertionError):
+        check_attention_case(case, "cuda-host", "cpu")
+
+
+def _binding_kwargs() -> tuple:
+    """A valid attention_fwd call on tiny CPU tensors (host build), with overrides."""
+    q = torch.randn(1, 4, 1, 8)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 4)
+    kw = dict(q=q.data_ptr(), q_strides=(32, 8, 8), k=q.data_ptr(), k_strides=(32, 8, 8), v=q.data_ptr(),
+              v_strides=(32, 8, 8), out=out.data_ptr(), out_strides=(32, 8, 8), lse=lse.data_ptr(),
+              lse_strides=(4, 4), cu_seqlens=0, attention_mask=0, mask_strides=(0, 0), attn_bias=0, bias_dtype=0,
+              bias_strides=(0, 0, 0, 0), seed=0, batch=1, num_heads=1, head_dim=8, seqlen_q=4, seqlen_k=4, dtype=0,
+              dropout_p=0.0, softmax_scale=0.5, stream=0, device=-1)
+    return kw, (q, out, lse)
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(q=0), "q: expected a non-null pointer"),
+    (dict(out=0), "out: expected a non-null pointer"),
+    (dict(lse=2), "lse: expected a pointer aligned to 4 bytes"),
+    (dict(batch=0), "batch: expected > 0"),
+    (dict(seqlen_k=-1), "seqlen_k: expected > 0"),
+    (dict(head_dim=12), "head_dim: expected a multiple of 8 in [8, 256]"),
+    (dict(head_dim=264), "head_dim: expected a multiple of 8 in [8, 256]"),
+    (dict(k_strides=(32, -8, 8)), "k strides: expected stride_seq >= 0"),
+    (dict(dropout_p=0.5), "seed: expected a pointer"),
+    (dict(dtype=5), "dtype: expected a dtype code"),
+])
+def test_cuda_host_binding_rejects_bad_arguments(override, message):
+    ext = load_extension("_C_host")
+    if isinstance(ext, str) or not hasattr(ext, "attention_fwd"):
+        pytest.skip("fastbert._C_host with attention is not built")
+    kw, keep = _binding_kwargs()
+    kw.update(override)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ext.attention_fwd(**kw)
+    del keep
