@@ -281,6 +281,9 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))
 
 
+_SKIP_INIT = False  # True while from_pretrained builds a model whose weights it then loads
+
+
 class BertPreTrainedModel(nn.Module):
     """Shared init, backend/unpad switches, checkpoint loading and saving."""
 
@@ -306,10 +309,14 @@ class BertPreTrainedModel(nn.Module):
                 m._backend = name
         set_backend(self, name)
 
-    def _init_weights(self) -> None:
-        """Hugging Face's BERT init: normal(0, initializer_range) weights, zero biases, unit LayerNorm."""
+    def _init_weights(self, modules=None) -> None:
+        """Hugging Face's BERT init: normal(0, initializer_range) weights, zero biases, unit LayerNorm
+        (of ``modules``, default all); skipped inside ``from_pretrained``, which loads every weight."""
+        if _SKIP_INIT:
+            return
+        modules = list(self.modules()) if modules is None else modules
         std = self.config.initializer_range
-        for m in self.modules():
+        for m in modules:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
@@ -322,7 +329,7 @@ class BertPreTrainedModel(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():
+        for m in modules:
             if isinstance(m, BertLMPredictionHead):
                 nn.init.zeros_(m.bias)
 
@@ -401,7 +408,12 @@ class BertPreTrainedModel(nn.Module):
         """
         path = os.fspath(path)
         config = BertConfig.from_pretrained(path)
-        model = cls(config, unpad=unpad, backend=backend)
+        global _SKIP_INIT
+        _SKIP_INIT = True
+        try:
+            model = cls(config, unpad=unpad, backend=backend)
+        finally:
+            _SKIP_INIT = False
         st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
         if os.path.exists(st):
             from safetensors.torch import load_file
@@ -599,7 +611,7 @@ class _BertWithHead(BertPreTrainedModel):
         self.bert = BertModel(config, add_pooling_layer=add_pooling_layer, unpad=unpad)
 
     def _finish_init(self, backend):
-        self._init_weights()
+        self._init_weights([m for name, child in self.named_children() if name != "bert" for m in child.modules()])
         if self.config.tie_word_embeddings and hasattr(self, "cls"):
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         self.backend = backend
