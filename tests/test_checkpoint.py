@@ -119,6 +119,10 @@ def test_bare_model_ignores_cls_heads_and_tied_keys():
     pre2.load_hf_state_dict({k: v for k, v in sd.items() if not k.startswith("cls.predictions.decoder")})
     assert torch.equal(pre2.cls.predictions.decoder.weight, sd["bert.embeddings.word_embeddings.weight"])
     assert torch.equal(pre2.cls.predictions.decoder.bias, sd["cls.predictions.bias"])
+    # A checkpoint that saved only the decoder's side of the bias tie.
+    pre3 = BertForPreTraining(cfg)
+    pre3.load_hf_state_dict({k: v for k, v in sd.items() if k != "cls.predictions.bias"})
+    assert torch.equal(pre3.cls.predictions.bias, sd["cls.predictions.bias"])
 
 
 def test_missing_and_unexpected_keys_are_named():

@@ -373,8 +373,9 @@ class BertPreTrainedModel(nn.Module):
             if not prefix and key.startswith(HEAD_PREFIXES):
                 continue
             sd[key] = value
-        if "cls.predictions.decoder.bias" in sd and "cls.predictions.bias" not in sd and "cls.predictions.bias" in tied.values():
-            sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]
+        decoder_bias, head_bias = "cls.predictions.decoder.bias", "cls.predictions.bias"
+        if decoder_bias in sd and head_bias not in sd and head_bias in tied.values():
+            sd[head_bias] = sd[decoder_bias]  # a checkpoint that saved only the decoder's side of the tie
         for key in tied:
             sd.pop(key, None)
         expected = [k for k in self.state_dict() if k not in tied]
@@ -382,7 +383,8 @@ class BertPreTrainedModel(nn.Module):
         unexpected = [k for k in sd if k not in set(expected)]
         if missing or unexpected:
             raise RuntimeError(f"{type(self).__name__}: checkpoint keys do not match (after the renames and "
-                               f"ignorable keys of load_hf_state_dict):\n  missing: {missing}\n  unexpected: {unexpected}")
+                               f"ignorable keys of load_hf_state_dict):\n  missing: {missing}\n"
+                               f"  unexpected: {unexpected}")
         for key, source in tied.items():
             sd[key] = sd[source]
         self.load_state_dict(sd, strict=True)
