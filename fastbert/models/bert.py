@@ -170,7 +170,8 @@ class ModelOutput:
 @dataclass
 class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
     """last_hidden_state ``(batch, seqlen, hidden)``; pooler_output ``(batch, hidden)``;
-    hidden_states: embeddings + each layer's output, each ``(batch, seqlen, hidden)``;
+    hidden_states: embeddings + each layer's output, each ``(batch, seqlen, hidden)`` (zeros at
+    padding in the unpadded mode);
     attentions: per layer ``(batch, num_heads, seqlen, seqlen)``; cross_attentions: always None."""
 
     last_hidden_state: Optional[Tensor] = None

@@ -53,7 +53,8 @@ def _dense_add_norm(module, hidden_states: Tensor, input_tensor: Tensor) -> Tens
 
 
 class BertSelfAttention(OpsModule, nn.Module):
-    """Multi-head self-attention (Vaswani et al. 2017, eq. 1) with separate query/key/value projections.
+    """Multi-head self-attention (Vaswani et al. 2017, eq. 1); query/key/value are separate Linear
+    layers (Hugging Face's keys) projected in one GEMM.
 
     forward(hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     output_attentions=False, probs_mask=None, indices=None) -> (context, probs)
@@ -96,6 +97,9 @@ class BertSelfAttention(OpsModule, nn.Module):
             if cu_seqlens is None:
                 probs = attention_probs(q, k, attention_mask, scale)
             else:
+                if probs_mask is None or indices is None:
+                    raise ValueError("probs_mask, indices: output_attentions in the packed layout needs both "
+                                     "(the padded (batch, seqlen) mask and unpad_metadata's indices)")
                 batch, seqlen = probs_mask.shape
                 probs = attention_probs(pad_input(q, indices, batch, seqlen), pad_input(k, indices, batch, seqlen),
                                         probs_mask, scale)
