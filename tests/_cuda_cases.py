@@ -163,7 +163,7 @@ def check_gelu_case(case: GeluCase, backend: str, device) -> None:
 # padded lanes); seqlen 1/17/33/97 with seqlen_q != seqlen_k; attention_mask; attn_bias
 # [1,1,Lq,Lk] / [B,1,1,Lk] / [B,H,Lq,Lk]; dropout (the reference's Philox mask); varlen with an
 # empty sequence; empty rows (a fully masked sequence, -inf bias rows); strided q/k/v views of a
-# packed QKV tensor.
+# packed QKV tensor, 16-byte aligned (cp.async path) and not (element loads).
 
 ATTENTION_BIAS_SHAPES = {"11QK": "[1,1,Lq,Lk]", "B11K": "[B,1,1,Lk]", "BHQK": "[B,H,Lq,Lk]"}
 
@@ -176,7 +176,8 @@ class AttentionCase:
     seqlen_k: int = 17
     batch: int = 2
     num_heads: int = 2
-    layout: str = "padded"  # "padded" | "packed" (strided views of one QKV tensor) | "varlen"
+    layout: str = "padded"  # "padded" | "packed" (strided views of one QKV tensor) | "unaligned"
+    #                         (packed, one element past a 16-byte boundary: scalar loads) | "varlen"
     lengths: tuple = ()  # varlen sequence lengths (0 allowed)
     mask: bool = False  # attention_mask, with the last sequence fully masked (empty rows)
     bias: str | None = None  # a key of ATTENTION_BIAS_SHAPES; "BHQK" carries -inf rows (empty rows)
@@ -203,6 +204,8 @@ ATTENTION_CASES = (
     AttentionCase(F32, 8, 17, 33, mask=True, dropout_p=0.3),
     AttentionCase(F32, 256, 17, 17, batch=1, num_heads=1, bias="11QK"),
     AttentionCase(BF16, 64, 33, 33, layout="packed", dropout_p=0.1, bias="B11K"),
+    AttentionCase(F16, 80, 17, 17, layout="unaligned", mask=True, dropout_p=0.1),
+    AttentionCase(F32, 40, 33, 33, batch=1, layout="unaligned", bias="BHQK"),
 )
 
 
@@ -222,7 +225,7 @@ def attention_inputs(case: AttentionCase, seed: int = 0) -> dict:
             t[n] = _randn(g, total, h, d)
         return t
     b, lq, lk = case.batch, case.seqlen_q, case.seqlen_k
-    if case.layout == "packed":  # q/k/v are strided views [b, l, h, d] of one [b, l, 3, h, d] tensor
+    if case.layout in ("packed", "unaligned"):  # q/k/v: strided views [b, l, h, d] of [b, l, 3, h, d]
         assert lq == lk, "packed QKV needs seqlen_q == seqlen_k"
         t["qkv"] = _randn(g, b, lq, 3, h, d)
     else:
@@ -253,6 +256,11 @@ def _attn_run(case: AttentionCase, inputs: dict, backend: str, device, dtype) ->
         qkv = leaf("qkv")
         q, k, v = qkv.unbind(2)
         leaves = [qkv]
+    elif case.layout == "unaligned":  # the views start one element into a flat buffer
+        flat = inputs["qkv"].reshape(-1)
+        buf = torch.cat([flat[:1], flat]).to(device=device, dtype=dtype).requires_grad_()
+        q, k, v = buf[1:].view(inputs["qkv"].shape).unbind(2)
+        leaves = [buf]
     else:
         q, k, v = leaf("q"), leaf("k"), leaf("v")
         leaves = [q, k, v]
@@ -269,6 +277,8 @@ def _attn_run(case: AttentionCase, inputs: dict, backend: str, device, dtype) ->
     grads = torch.autograd.grad(out, leaves, inputs["dout"].to(device=device, dtype=dtype))
     if case.layout == "packed":
         dq, dk, dv = grads[0].unbind(2)
+    elif case.layout == "unaligned":
+        dq, dk, dv = grads[0][1:].view(inputs["qkv"].shape).unbind(2)
     else:
         dq, dk, dv = grads[:3]
     res = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
@@ -296,7 +306,7 @@ def attention_floor_eps(name: str, case: AttentionCase, inputs: dict, ref: dict)
         n_full = ref["dq"].numel() // ref["dq"].shape[-1] * case.seqlen_k
         mag = delta * (n_full / ref["dbias"].numel()) ** 0.5
     else:
-        other = inputs["qkv"] if case.layout == "packed" else inputs["k" if name == "dq" else "q"]
+        other = inputs["qkv"] if "qkv" in inputs else inputs["k" if name == "dq" else "q"]
         mag = case.head_dim ** -0.5 * delta * other.abs().max().item()
     return few * max(1.0, mag) / max(1.0, ref[name].abs().max().item())
 
