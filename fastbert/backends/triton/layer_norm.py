@@ -119,6 +119,12 @@ def _tile_rows(tile, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _offsets(row_idx, cols, hidden):
+    """Element offsets ``row * hidden + col`` of a tile, int64 (row_idx is int64)."""
+    return row_idx[:, None] * hidden + cols[None, :]
+
+
+@triton.jit
 def _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, rows, cols, mask, col_mask, k0, k1, threshold, scale,
               HAS_XBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
               STORE_H: tl.constexpr):
@@ -170,7 +176,7 @@ def _layer_norm_fwd_kernel(
         cols = tl.arange(0, BLOCK_N)
         col_mask = cols < hidden
         mask = row_mask[:, None] & col_mask[None, :]
-        offs = row_idx[:, None] * hidden + cols[None, :]
+        offs = _offsets(row_idx, cols, hidden)
         v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, mask, col_mask, k0, k1, threshold,
                       scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, STORE_H)
         mean = tl.sum(v, axis=1) / hidden
@@ -191,7 +197,7 @@ def _layer_norm_fwd_kernel(
             cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < hidden
             mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_idx[:, None] * hidden + cols[None, :]
+            offs = _offsets(row_idx, cols, hidden)
             v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, mask, col_mask, k0, k1,
                           threshold, scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, STORE_H)
             n_a = c * BLOCK_N * 1.0  # elements merged so far (earlier chunks are full)
@@ -207,7 +213,7 @@ def _layer_norm_fwd_kernel(
             cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < hidden
             mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_idx[:, None] * hidden + cols[None, :]
+            offs = _offsets(row_idx, cols, hidden)
             v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, mask, col_mask, k0, k1,
                           threshold, scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, False)
             out = (v - mean[:, None]) * rstd[:, None]
@@ -266,8 +272,9 @@ def _layer_norm_bwd_kernel(
 ):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
-    part_stride = num_progs.to(tl.int64) * hidden  # between the three partial-sum slots
-    part_row = part_ptr + pid.to(tl.int64) * hidden
+    if NEED_DWEIGHT or NEED_DBIAS or NEED_DXBIAS:
+        part_stride = num_progs.to(tl.int64) * hidden  # between the three partial-sum slots
+        part_row = part_ptr + pid.to(tl.int64) * hidden
     k0 = 0
     k1 = 0
     if HAS_DROPOUT:
@@ -282,7 +289,7 @@ def _layer_norm_bwd_kernel(
             row_idx = _tile_rows(tile, BLOCK_M)
             row_mask = row_idx < rows
             mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_idx[:, None] * hidden + cols[None, :]
+            offs = _offsets(row_idx, cols, hidden)
             mean = tl.load(mean_ptr + row_idx, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptr + row_idx, mask=row_mask, other=0.0)
             dy, xhat, g = _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT)
@@ -328,7 +335,7 @@ def _layer_norm_bwd_kernel(
                 cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
                 col_mask = cols < hidden
                 mask = row_mask[:, None] & col_mask[None, :]
-                offs = row_idx[:, None] * hidden + cols[None, :]
+                offs = _offsets(row_idx, cols, hidden)
                 dy, xhat, g = _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT)
                 c1 += tl.sum(g, axis=1)
                 c2 += tl.sum(g * xhat, axis=1)
@@ -338,7 +345,7 @@ def _layer_norm_bwd_kernel(
                 cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
                 col_mask = cols < hidden
                 mask = row_mask[:, None] & col_mask[None, :]
-                offs = row_idx[:, None] * hidden + cols[None, :]
+                offs = _offsets(row_idx, cols, hidden)
                 dy, xhat, g = _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT)
                 dh = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
                 dx = _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, mask, k0, k1, threshold, scale,

@@ -1,0 +1,276 @@
+"""Triton LayerNorm (add & norm fusion) through ``fastbert.ops.layer_norm(..., backend="triton")``:
+parity of the output and every gradient with the reference (STYLE.md's rule), the chunked path for
+wide rows, the dropout mask, edge values, 64-bit offsets, determinism and the custom-op checks.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (conftest). The interpreter rounds fp32 ->
+bf16 by truncation; the kernels round bf16 by hand there (``cast_rne``), so bf16 is checked too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _pairwise import covers_every_pair, full_product, pairwise
+from _tolerance import assert_close_to_ref
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastbert.backends import reference  # noqa: E402
+from fastbert.backends._philox import rows_keep_mask  # noqa: E402
+from fastbert.backends.triton import layer_norm as tln  # noqa: E402
+from fastbert.ops import layer_norm  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FUSIONS = ("none", "residual+x_bias", "dropout", "all", "no_affine")
+AXES = {
+    "hidden": (384, 768, 1023, 1024, 1536, 4096),
+    "rows": (1, 3, 1000),
+    "dtype": (torch.float32, torch.float16, torch.bfloat16),
+    "fusion": FUSIONS,
+}
+# Cost: elements, dropout (Philox in the fp64 reference) counted thrice.
+_COST = lambda c: c["rows"] * c["hidden"] * (3 if c["fusion"] in ("dropout", "all") else 1)  # noqa: E731
+CASES = pairwise(AXES, cost=_COST, overhead=1e6)
+
+
+def _case_id(c):
+    return f"{c['rows']}x{c['hidden']}-{str(c['dtype'])[6:]}-{c['fusion']}"
+
+
+def _inputs(rows, hidden, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(x=r(rows, hidden).to(dtype), weight=(1 + 0.1 * r(hidden)).float(), bias=(0.1 * r(hidden)).float(),
+                residual=r(rows, hidden).to(dtype), x_bias=(0.1 * r(hidden)).to(dtype),
+                dy=r(rows, hidden).to(dtype))
+
+
+def _run(backend, t, fusion, cast, eps=1e-12):
+    """Forward + backward with every tensor of the case's dtype cast to ``cast`` (parameters stay
+    fp32 unless ``cast`` is fp64); returns {name: tensor} for y and each input gradient."""
+    dtype = t["x"].dtype
+    conv = lambda v: v.detach().to(cast if (v.dtype == dtype or cast == torch.float64) else v.dtype)  # noqa: E731
+    leaves = {"x": conv(t["x"]).requires_grad_()}
+    if fusion != "no_affine":
+        leaves["weight"] = conv(t["weight"]).requires_grad_()
+        leaves["bias"] = conv(t["bias"]).requires_grad_()
+    if fusion in ("residual+x_bias", "all"):
+        leaves["residual"] = conv(t["residual"]).requires_grad_()
+        leaves["x_bias"] = conv(t["x_bias"]).requires_grad_()
+    p = 0.1 if fusion in ("dropout", "all") else 0.0
+    kw = {k: v for k, v in leaves.items() if k not in ("x", "weight", "bias")}
+    torch.manual_seed(11)  # the same dropout seed for every run
+    y = layer_norm(leaves["x"], leaves.get("weight"), leaves.get("bias"), eps=eps, dropout_p=p, backend=backend,
+                   **kw)
+    grads = torch.autograd.grad(y, list(leaves.values()), conv(t["dy"]))
+    return {"y": y} | {"d" + k: g for k, g in zip(leaves, grads)}
+
+
+def _check_parity(case, seed=0):
+    t = _inputs(case["rows"], case["hidden"], case["dtype"], seed)
+    if DEV != "cpu":
+        t = {k: v.to(DEV) for k, v in t.items()}
+    got = _run("triton", t, case["fusion"], case["dtype"])
+    hi = _run("reference", t, case["fusion"], torch.float64)
+    lo = _run("reference", t, case["fusion"], case["dtype"])
+    assert got.keys() == hi.keys()
+    for name in got:
+        assert got[name].dtype == lo[name].dtype, name
+        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=name)
+
+
+def test_grid_covers_every_pair():
+    assert covers_every_pair(CASES, AXES)
+    assert len(CASES) <= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_parity_pairwise(case, poison):
+    _check_parity(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", full_product(AXES), ids=_case_id)
+def test_parity_full(case, poison):
+    _check_parity(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_path_matches_reference(dtype, poison):
+    """Rows wider than one block (walked in chunks, Chan's merge of chunk statistics), forced with
+    256-wide chunks so it runs on small inputs; every fusion on, dx_bias / dresidual included."""
+    rows, hidden, p = 5, 1023, 0.2
+    t = _inputs(rows, hidden, dtype, seed=3)
+    t["x"] = (t["x"].double() + 50.0).to(dtype)  # a mean far from 0: the merge must stay stable
+    seed = torch.tensor([123456789, 987654321], dtype=torch.int64)
+    cfg_f, cfg_b = tln.fwd_config(hidden, block_n=256), tln.bwd_config(hidden, block_n=256)
+    assert cfg_f.num_chunks == 4 and cfg_b.num_chunks == 4
+
+    def fwd(mod, cast, **extra):
+        x, res, xb = (t[k].to(cast) for k in ("x", "residual", "x_bias"))
+        w, b = t["weight"].to(cast if cast == torch.float64 else torch.float32), t["bias"].to(
+            cast if cast == torch.float64 else torch.float32)
+        stat = torch.float64 if cast == torch.float64 else torch.float32
+        y, h = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+        mean, rstd = (torch.full((rows,), float("nan"), dtype=stat) for _ in range(2))
+        mod.layer_norm_fwd(x, w, b, res, xb, y, mean, rstd, h, eps=1e-5, dropout_p=p, seed=seed, **extra)
+        dy = t["dy"].to(cast)
+        dx, dres = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+        dw, db, dxb = (torch.full((hidden,), float("nan"), dtype=stat) for _ in range(3))
+        mod.layer_norm_bwd(dy, h, w, mean, rstd, dx, dw, db, dres, dxb, dropout_p=p, seed=seed,
+                           **({"config": cfg_b} if extra else {}))
+        return dict(y=y, h=h, mean=mean, rstd=rstd, dx=dx, dres=dres, dw=dw, db=db, dxb=dxb)
+
+    got = fwd(tln, dtype, config=cfg_f)
+    hi = fwd(reference, torch.float64)
+    lo = fwd(reference, dtype)
+    for name in got:
+        assert_close_to_ref(got[name], hi[name], lo[name], name=name)
+
+
+def test_dropout_mask_equals_reference():
+    rows, hidden, p = 37, 300, 0.3
+    x = torch.randn(rows, hidden) + 3.0  # no zeros: h == 0 exactly where dropped
+    seed = torch.tensor([0x12345678, 0x9ABCDEF0], dtype=torch.int64)
+    y, h = torch.empty_like(x), torch.full_like(x, float("nan"))
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    tln.layer_norm_fwd(x, None, None, None, None, y, mean, rstd, h, eps=1e-5, dropout_p=p, seed=seed)
+    keep = rows_keep_mask(seed, p, rows, hidden)
+    assert torch.equal(h != 0, keep)
+    torch.testing.assert_close(h, x * keep / (1 - p), rtol=1e-6, atol=0)
+    dx = torch.full_like(x, float("nan"))
+    tln.layer_norm_bwd(torch.randn(rows, hidden), h, None, mean, rstd, dx, None, None, None, None, dropout_p=p,
+                       seed=seed)
+    assert torch.equal(dx != 0, keep)
+
+
+def test_dropout_through_ops_matches_reference_exactly_in_fp64_parameters():
+    """Same seed, same mask: y of the triton and reference backends agree to fp32 rounding."""
+    t = _inputs(64, 384, torch.float32, seed=5)
+    ys = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(7)
+        ys.append(layer_norm(t["x"], t["weight"], t["bias"], residual=t["residual"], x_bias=t["x_bias"],
+                             dropout_p=0.5, backend=backend))
+    torch.testing.assert_close(ys[0], ys[1], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_mean_unit_spread(dtype, poison):
+    x = (2000.0 + torch.randn(6, 768, dtype=torch.float64)).to(dtype)
+    y = layer_norm(x, backend="triton")
+    hi = F.layer_norm(x.double(), (768,))
+    lo = layer_norm(x, backend="reference")
+    assert_close_to_ref(y, hi, lo, name="y")
+    # with the residual fused: the statistics see the rounded sum, like the reference in x's dtype
+    r = (1000.0 + torch.randn(6, 768, dtype=torch.float64)).to(dtype)
+    y = layer_norm(x, residual=r, backend="triton")
+    assert_close_to_ref(y, layer_norm(x.double(), residual=r.double(), backend="reference"),
+                        layer_norm(x, residual=r, backend="reference"), name="y fused")
+
+
+def test_large_magnitudes_fp16(poison):
+    t = _inputs(8, 1024, torch.float16, seed=9)
+    x = (t["x"].double() * 2e4).clamp(-3e4, 3e4).half()
+    res = (t["residual"].double() * 1e4).clamp(-3e4, 3e4).half()
+    out = {}
+    for backend, cast in (("triton", torch.float16), ("reference", torch.float64), ("reference", torch.float16)):
+        xx, rr = x.to(cast).requires_grad_(), res.to(cast).requires_grad_()
+        y = layer_norm(xx, t["weight"].to(cast if cast == torch.float64 else torch.float32), None, residual=rr,
+                       backend=backend)
+        out[(backend, cast)] = [y] + list(torch.autograd.grad(y, (xx, rr), t["dy"].to(cast)))
+    for i, name in enumerate(("y", "dx", "dresidual")):
+        got, hi, lo = (out[k][i] for k in out)
+        assert torch.isfinite(got).all(), name
+        assert_close_to_ref(got, hi, lo, name=name)
+
+
+def test_all_zero_fp16_rows_return_bias_like_torch(poison):
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(3, 256, dtype=torch.float16)
+    x[1] = torch.randn(256, generator=g).half()  # one ordinary row between zero rows
+    w = torch.randn(256, generator=g)
+    b = torch.randn(256, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = layer_norm(*leaves, eps=1e-12, backend="triton")
+    assert torch.equal(y[0], b.half()) and torch.equal(y[2], b.half())
+    dy = torch.randn(3, 256, generator=g).half()
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = F.layer_norm(ref_leaves[0], (256,), ref_leaves[1], ref_leaves[2], eps=1e-12)
+    torch.testing.assert_close(y, ref)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dy)
+    # rstd = 1e6 on the zero rows: torch's dx overflows fp16 to +-inf there, and so does ours.
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), name
+        assert not torch.isnan(got).any(), name
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite].float(), want[finite].float(), rtol=2e-3, atol=1e-3)
+        assert torch.equal(torch.sign(got[~finite]), torch.sign(want[~finite])), name
+
+
+def test_param_gradients_are_deterministic():
+    t = _inputs(300, 768, torch.float16, seed=4)
+    runs = []
+    for _ in range(2):
+        leaves = [t[k].clone().requires_grad_() for k in ("x", "weight", "bias", "residual", "x_bias")]
+        torch.manual_seed(3)
+        y = layer_norm(leaves[0], leaves[1], leaves[2], residual=leaves[3], x_bias=leaves[4], dropout_p=0.1,
+                       backend="triton")
+        runs.append(torch.autograd.grad(y, leaves, t["dy"]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@triton.jit
+def _offsets_kernel(tile_ptr, out_ptr, hidden, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.load(tile_ptr)
+    row_idx = tln._tile_rows(tile, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs = tln._offsets(row_idx, cols, hidden)
+    tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + cols[None, :], offs)
+
+
+def test_offsets_are_64_bit_past_2_31_elements():
+    """The offset math the kernels use, for row tiles whose elements lie past 2**31 (and 2**32)."""
+    block_m, block_n, hidden = 4, 8, 4096
+    for tile in (2**31 // (block_m * hidden) + 1, (2**33 // hidden) // block_m, (2**31 - 1) // block_m - 1):
+        out = torch.empty(block_m, block_n, dtype=torch.int64)
+        _offsets_kernel[(1,)](torch.tensor([tile], dtype=torch.int32), out, hidden, BLOCK_M=block_m, BLOCK_N=block_n)
+        rows = torch.arange(block_m, dtype=torch.int64) + tile * block_m
+        want = rows[:, None] * hidden + torch.arange(block_n)[None, :]
+        assert torch.equal(out, want), tile
+        assert want.max() > 2**31
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements_on_gpu():
+    hidden = 1024
+    rows = 2**31 // hidden + 5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.float16, generator=g)
+    res = torch.randn(rows, hidden, device="cuda", dtype=torch.float16, generator=g)
+    w = torch.randn(hidden, device="cuda", requires_grad=True)
+    xr = x.requires_grad_()
+    y = layer_norm(xr, w, None, residual=res, backend="triton")
+    tail = slice(rows - 7, rows)  # rows past element 2**31
+    ref = F.layer_norm((x[tail] + res[tail]).float(), (hidden,), w.float().detach())
+    torch.testing.assert_close(y[tail].float(), ref, atol=2e-2, rtol=1e-2)
+    dy = torch.zeros_like(y)
+    dy[tail] = 1.0
+    (dx,) = torch.autograd.grad(y, (xr,), dy)
+    assert torch.isfinite(dx[tail]).all() and dx[tail].abs().sum() > 0
+    assert dx[: rows - 7].abs().max() == 0
+
+
+def test_opcheck():
+    t = _inputs(3, 24, torch.float32, seed=1)
+    x, w, b, res, xb = (t[k].requires_grad_() for k in ("x", "weight", "bias", "residual", "x_bias"))
+    torch.library.opcheck(torch.ops.fastbert.layer_norm_fwd.default,
+                          (x, w, b, res, xb, torch.tensor([3, 4]), 1e-5, 0.2, "triton"))
+    torch.library.opcheck(torch.ops.fastbert.layer_norm_fwd.default,
+                          (x, None, None, None, None, None, 1e-12, 0.0, "triton"))
