@@ -181,12 +181,13 @@ class AttentionCase:
     lengths: tuple = ()  # varlen sequence lengths (0 allowed)
     mask: bool = False  # attention_mask, with the last sequence fully masked (empty rows)
     bias: str | None = None  # a key of ATTENTION_BIAS_SHAPES; "BHQK" carries -inf rows (empty rows)
+    bias_fp32: bool = False  # an fp32 bias beside fp16/bf16 q/k/v (read through its own dtype)
     dropout_p: float = 0.0
 
     def __str__(self) -> str:
         shape = (f"varlen{'_'.join(map(str, self.lengths))}" if self.layout == "varlen"
                  else f"{self.layout}{self.batch}x{self.seqlen_q}x{self.seqlen_k}")
-        feats = [f for f, on in (("mask", self.mask), (f"bias{self.bias}", self.bias),
+        feats = [f for f, on in (("mask", self.mask), (f"bias{self.bias}{'f32' * self.bias_fp32}", self.bias),
                                  (f"p{self.dropout_p}", self.dropout_p > 0)) if on]
         return f"{str(self.dtype)[6:]}-d{self.head_dim}-h{self.num_heads}-{shape}-{'+'.join(feats) or 'plain'}"
 
@@ -204,7 +205,7 @@ ATTENTION_CASES = (
     AttentionCase(F32, 8, 17, 33, mask=True, dropout_p=0.3),
     AttentionCase(F32, 256, 17, 17, batch=1, num_heads=1, bias="11QK"),
     AttentionCase(BF16, 64, 33, 33, layout="packed", dropout_p=0.1, bias="B11K"),
-    AttentionCase(F16, 80, 17, 17, layout="unaligned", mask=True, dropout_p=0.1),
+    AttentionCase(F16, 80, 17, 17, layout="unaligned", mask=True, dropout_p=0.1, bias="B11K", bias_fp32=True),
     AttentionCase(F32, 40, 33, 33, batch=1, layout="unaligned", bias="BHQK"),
 )
 
@@ -270,7 +271,8 @@ def _attn_run(case: AttentionCase, inputs: dict, backend: str, device, dtype) ->
     if "attention_mask" in inputs:
         kw["attention_mask"] = inputs["attention_mask"].to(device)
     if "attn_bias" in inputs:
-        kw["attn_bias"] = leaf("attn_bias")
+        bias_dtype = torch.float32 if case.bias_fp32 and dtype != torch.float64 else dtype
+        kw["attn_bias"] = inputs["attn_bias"].to(device=device, dtype=bias_dtype).requires_grad_()
         leaves.append(kw["attn_bias"])
     torch.manual_seed(1234)  # the dropout seed: the same draw for every run on this device
     out = attention(q, k, v, dropout_p=case.dropout_p, backend=backend, **kw)
