@@ -299,7 +299,7 @@ class DemoResult:
     <= ``atol``. ``similarity[i][j]``: cosine similarity of the mean-pooled (over real tokens)
     fastbert embeddings of ``labels[i]`` and ``labels[j]`` (the single sentences). Tokens/s count
     real tokens only; None when the backend is interpreted (not a speed) or ``timing_runs`` is 0;
-    ``timing_runs`` is the number of timed runs the medians are over (the fewer of the two models).
+    ``timing_runs`` is the number of timed runs (of each model, interleaved) the medians are over.
     """
 
     model_dir: str
@@ -414,21 +414,29 @@ def _interpreted(name: str) -> bool:
     return (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1") or name.endswith("-host")
 
 
-def _median_seconds(fn, *, warmup: int, repeats: int, sync, budget_s: float) -> tuple[float, int]:
-    """Median wall time of ``fn`` over up to ``repeats`` timed runs after ``warmup`` untimed ones,
-    stopping early (after at least one timed run) once ``budget_s`` seconds are spent, so the demo
-    stays short on a slow or busy machine. Returns (median seconds, timed runs)."""
+def _median_seconds(fns: dict, *, warmup: int, repeats: int, sync, budget_s: float) -> tuple[dict, int]:
+    """Median wall time of each function in ``fns`` over up to ``repeats`` timed rounds after
+    ``warmup`` untimed ones. Rounds interleave the functions (a, b, a, b ...) so that both see the
+    same machine load; timing stops early (after one round at least) once ``budget_s`` seconds
+    are spent, so the demo stays short on a slow or busy machine.
+
+    Returns ({name: median seconds}, timed rounds).
+    """
     t_begin = time.perf_counter()
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    times: list[float] = []
-    while len(times) < repeats and (not times or time.perf_counter() - t_begin < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times)
+    times: dict = {name: [] for name in fns}
+    rounds = 0
+    while rounds < repeats and (rounds == 0 or time.perf_counter() - t_begin < budget_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}, rounds
 
 
 def _tokenize(tokenizer, device):
@@ -445,7 +453,7 @@ def _tokenize(tokenizer, device):
 
 def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = None,
              device: str | None = None, warmup: int = 1, repeats: int = 5,
-             budget_s: float = 10.0, atol: float = PARITY_ATOL) -> DemoResult:
+             budget_s: float = 20.0, atol: float = PARITY_ATOL) -> DemoResult:
     """Run the demo and return what it measured (see :class:`DemoResult`); prints nothing.
 
     Args:
@@ -455,7 +463,7 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
         device: ``"cpu"``/``"cuda"``; default CUDA when available.
         warmup, repeats: untimed and timed forward passes per model for tokens/s (median);
             ``repeats=0`` skips the throughput measurement (tokens/s None).
-        budget_s: per model, timing stops early (after one timed run at least) once warm-up
+        budget_s: timing stops early (after one timed run of each model at least) once warm-up
             and timed runs took this many seconds.
         atol: the parity threshold (fp32).
 
@@ -535,25 +543,24 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
         def sync():
             return None
     tps_ours = tps_theirs = None
-    runs = [repeats]
+    rounds = 0
+    if interpreted:
+        notes.append("fastbert tokens/s n/a: an interpreted backend ran (TRITON_INTERPRET=1), "
+                     "its speed means nothing")
     if repeats == 0:
         notes.append("throughput not measured (--repeats 0)")
-    with torch.inference_mode():
-        if repeats > 0:
-            sec, n_runs = _median_seconds(lambda: theirs(**batch), warmup=warmup, repeats=repeats,
-                                          sync=sync, budget_s=budget_s)
-            tps_theirs, runs = num_real / sec, [n_runs]
-        if interpreted:
-            notes.append("fastbert tokens/s n/a: an interpreted backend ran (TRITON_INTERPRET=1), "
-                         "its speed means nothing")
-        elif repeats > 0:
-            sec, n_runs = _median_seconds(lambda: ours(**batch), warmup=warmup, repeats=repeats,
-                                          sync=sync, budget_s=budget_s)
-            tps_ours = num_real / sec
-            runs.append(n_runs)
-    if min(runs) < repeats:
-        notes.append(f"timing stopped after {min(runs)} of {repeats} runs (the {budget_s:g} s budget "
-                     "per model was spent: a slow or busy machine)")
+    else:
+        fns = {"transformers": lambda: theirs(**batch)}
+        if not interpreted:
+            fns["fastbert"] = lambda: ours(**batch)
+        with torch.inference_mode():
+            seconds, rounds = _median_seconds(fns, warmup=warmup, repeats=repeats, sync=sync,
+                                              budget_s=budget_s)
+        tps_theirs = num_real / seconds["transformers"]
+        tps_ours = num_real / seconds["fastbert"] if "fastbert" in seconds else None
+        if rounds < repeats:
+            notes.append(f"timing stopped after {rounds} of {repeats} runs (the {budget_s:g} s "
+                         "budget was spent: a slow or busy machine)")
 
     return DemoResult(
         model_dir=str(model_dir), device=device, backend_requested=backend, backends=backends,
@@ -565,7 +572,7 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
         min_paraphrase_similarity=min(para_sims) if para_sims else None,
         max_unrelated_similarity=max(unrelated) if unrelated else None,
         tokens_per_s_fastbert=tps_ours, tokens_per_s_transformers=tps_theirs,
-        interpreted=interpreted, timing_runs=min(runs), warmup_runs=warmup,
+        interpreted=interpreted, timing_runs=rounds, warmup_runs=warmup,
         seconds=time.perf_counter() - t_start, notes=notes)
 
 
@@ -688,8 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: cuda if available, else cpu")
     demo.add_argument("--repeats", type=int, default=5, help="timed runs per model (median; default 5; 0 skips timing)")
     demo.add_argument("--warmup", type=int, default=1, help="untimed runs per model (default 1)")
-    demo.add_argument("--time-budget", type=float, default=10.0, metavar="SECONDS",
-                      help="per model, stop timing early once this much time is spent (default 10)")
+    demo.add_argument("--time-budget", type=float, default=20.0, metavar="SECONDS",
+                      help="stop timing early once this much time is spent (default 20)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.add_argument("--plain", action="store_true", help="plain text even if rich is installed")
     demo.set_defaults(func=_cmd_demo)

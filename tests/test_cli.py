@@ -294,16 +294,21 @@ def test_demo_triton_interpreted():
     _check_similarity(r.labels, r.similarity)
 
 
-def test_demo_timing_stops_at_its_budget():
+def test_demo_timing_interleaves_and_stops_at_its_budget():
     from fastbert.cli import _median_seconds
 
     calls = []
 
-    def fn():
-        calls.append(1)
-        time.sleep(0.02)
+    def make(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+        return fn
 
-    sec, runs = _median_seconds(fn, warmup=1, repeats=1000, sync=lambda: None, budget_s=0.1)
-    assert 1 <= runs < 1000 and len(calls) == runs + 1 and sec >= 0.02
-    sec, runs = _median_seconds(fn, warmup=0, repeats=3, sync=lambda: None, budget_s=0.0)
-    assert runs == 1  # at least one timed run
+    fns = {"a": make("a", 0.02), "b": make("b", 0.0)}
+    med, rounds = _median_seconds(fns, warmup=1, repeats=1000, sync=lambda: None, budget_s=0.1)
+    assert 1 <= rounds < 1000 and calls == ["a", "b"] * (rounds + 1)
+    assert med["a"] >= 0.02 and med["b"] < med["a"]
+    calls.clear()
+    med, rounds = _median_seconds(fns, warmup=0, repeats=3, sync=lambda: None, budget_s=0.0)
+    assert rounds == 1 and calls == ["a", "b"]  # one timed round at least
