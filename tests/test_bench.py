@@ -72,7 +72,8 @@ def test_check_result_applies_the_tolerance_rule():
     assert not check_result(hi.float()[:3], hi, lo, torch.float32, 2.0, 4.0)["ok"]  # shape
 
 
-def test_run_case_records_checks_skips_errors_and_ratios():
+@pytest.mark.parametrize("interleave", [False, True])
+def test_run_case_records_checks_skips_errors_and_ratios(interleave):
     x = torch.randn(1000, dtype=torch.float64)
     ref = (x, x.float())
 
@@ -91,7 +92,8 @@ def test_run_case_records_checks_skips_errors_and_ratios():
                        impl("slow", "competitor", lambda: (x.float() * 1.0).sort().values.sort().values[x.argsort().argsort()]),
                        impl("absent", "competitor", None, skip="not importable"),
                        impl("broken", "competitor", broken)])
-    rec = run_case(case, TimingPlan(warmup=1, min_reps=3, max_reps=3, min_time_s=0.0))
+    rec = run_case(case, TimingPlan(warmup=1, min_reps=3, max_reps=3, min_time_s=0.0), interleave=interleave)
+    assert [r["impl"] for r in rec["results"]] == [i.name for i in case.impls]
     by = {r["impl"]: r for r in rec["results"]}
     assert by["fastbert[a]"]["default"] and by["fastbert[a]"]["check"]["ok"]
     assert by["wrong"]["status"] == "ok" and not by["wrong"]["check"]["ok"]  # timed, but flagged

@@ -30,6 +30,11 @@ CHECK_ROWS = 2  # sequences compared against the fp64 reference
 _MODELS: dict = {}  # (impl, shape, layers, device, dtype) -> model, reused across cases
 
 
+def release() -> None:
+    """Drop the cached models (the runner calls this when it is done)."""
+    _MODELS.clear()
+
+
 def sizes(opts: Options) -> list[tuple[int, int]]:
     """``(seqlen, batch)`` pairs."""
     if opts.seqlens:
@@ -190,38 +195,49 @@ def _prepare(setup: _Setup, impl: str, mode: str, backend=None, unpad=True, grap
     return Prepared(run=step, result=check)
 
 
+def _fastbert_variants(mode: str, graphs: bool) -> list[tuple[str, bool, bool]]:
+    """``(label, unpad, cuda_graph)`` of the fastbert rows of a mode."""
+    if mode == "train":
+        return [("fastbert", True, False)]
+    return [("fastbert", True, False), ("fastbert-padded", False, False)] + (
+        [("fastbert+graph", True, True)] if graphs else [])
+
+
+def _fastbert_impls(setup: _Setup, mode: str, variant, shape, opts: Options) -> list[Impl]:
+    """One row per fastbert backend; a backend runs the encoder when it takes all three ops with
+    the features this mode uses (varlen or padded attention, dropout when training)."""
+    label, unpad, graph = variant
+    device = torch.device(opts.device).type
+    dropout = {"dropout"} if mode == "train" else set()
+    calls = [CallInfo("attention", device, opts.dtype, shape.head_dim,
+                      frozenset({"varlen" if unpad else "attention_mask"} | dropout)),
+             CallInfo("layer_norm", device, opts.dtype, None,
+                      frozenset({"weight", "bias", "residual", "x_bias"} | dropout)),
+             CallInfo("gelu", device, opts.dtype, None, frozenset({"bias"}))]
+    listed = [fastbert_backends(c, opts) for c in calls]
+    impls = []
+    for name, _, default in listed[0]:
+        reasons = [r for per_op in listed for n, r, _ in per_op if n == name and r]
+        reason = emulated_reason(name, opts.device) or ("; ".join(dict.fromkeys(reasons)) or None)
+        impls.append(Impl(f"{label}[{name}]", "fastbert", skip=reason, default=default and label == "fastbert",
+                          prepare=lambda n=name, s=setup, m=mode: _prepare(s, "fastbert", m, backend=n,
+                                                                           unpad=unpad, graph=graph)))
+    return impls
+
+
 def cases(opts: Options) -> list[Case]:
     _MODELS.clear()
     out = []
     gpu = opts.device != "cpu"
-    transformers, hf_reason = optional_import("transformers")
+    _, hf_reason = optional_import("transformers")
     for model in opts.models:
         layers = num_layers(opts, model)
         shape = MODEL_SHAPES[model]
         for mode in opts.encoder_modes:
             for seqlen, batch in sizes(opts):
                 setup = _Setup(model, layers, batch, seqlen, opts)
-                impls = []
-                # a fastbert backend runs the encoder when it takes all three ops here
-                calls = [CallInfo("attention", "cuda" if gpu else "cpu", opts.dtype, shape.head_dim,
-                                  frozenset({"varlen"})),
-                         CallInfo("layer_norm", "cuda" if gpu else "cpu", opts.dtype, None,
-                                  frozenset({"weight", "bias", "residual", "x_bias"})),
-                         CallInfo("gelu", "cuda" if gpu else "cpu", opts.dtype, None, frozenset({"bias"}))]
-                listed = [fastbert_backends(c, opts) for c in calls]
-                for i, (name, _, default) in enumerate(listed[0]):
-                    reasons = [r for per_op in listed for n, r, _ in per_op if n == name and r]
-                    reason = emulated_reason(name, opts.device) or ("; ".join(dict.fromkeys(reasons)) or None)
-                    variants = [("fastbert", True, False)]
-                    if mode == "infer":
-                        variants.append(("fastbert-padded", False, False))
-                        if gpu and opts.cuda_graphs:
-                            variants.append(("fastbert+graph", True, True))
-                    for label, unpad, graph in variants:
-                        impls.append(Impl(f"{label}[{name}]", "fastbert", skip=reason,
-                                          default=default and label == "fastbert",
-                                          prepare=lambda n=name, u=unpad, g=graph, s=setup, m=mode:
-                                          _prepare(s, "fastbert", m, backend=n, unpad=u, graph=g)))
+                impls = [impl for variant in _fastbert_variants(mode, gpu and opts.cuda_graphs)
+                         for impl in _fastbert_impls(setup, mode, variant, shape, opts)]
                 for kind in ("sdpa", "eager"):
                     impls.append(Impl(f"hf-{kind}", "competitor", skip=hf_reason,
                                       prepare=lambda k=kind, s=setup, m=mode: _prepare(s, f"hf-{k}", m)))

@@ -27,7 +27,7 @@ import fastbert
 from fastbert.bench import attention, encoder, gelu, layer_norm
 from fastbert.bench.core import MODEL_SHAPES, Case, Options, check_result
 from fastbert.bench.report import table_lines, write_json, write_plots
-from fastbert.bench.timing import TimingPlan, measure
+from fastbert.bench.timing import TimingPlan, measure, measure_interleaved
 
 OPS = {"attention": attention, "layer_norm": layer_norm, "gelu": gelu, "encoder": encoder}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
     p.add_argument("--plot", choices=["per-op", "combined", "none"], default="per-op",
                    help="one PNG per op (default), one bench.png in all, or none")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time a case's implementations round-robin (default: on for the CPU, where "
+                        "the machine may be shared; off on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -151,16 +154,22 @@ def _result(impl, status, note=None, **kw) -> dict:
             "q75_s": None, "rate": None, "rate_unit": None, "fastbert_speedup": None, **kw}
 
 
-def run_case(case: Case, plan: TimingPlan, tick=lambda name: None) -> dict:
-    """Check and time every implementation of ``case``; returns its JSON record."""
+def run_case(case: Case, plan: TimingPlan, tick=lambda name: None, interleave: bool = False) -> dict:
+    """Check and time every implementation of ``case``; returns its JSON record.
+
+    ``interleave``: prepare and check all implementations first, then time them round-robin
+    (:func:`measure_interleaved`), so load drift on a shared machine hits all alike; otherwise
+    each is prepared, checked, timed and released in turn (less memory).
+    """
     t_case = time.perf_counter()
-    results = []
+    results: list = [None] * len(case.impls)
+    ready: list = []  # (index, impl, prepared, check) awaiting interleaved timing
     ref = None
     ref_error = None
-    for impl in case.impls:
+    for idx, impl in enumerate(case.impls):
         tick(impl.name)
         if impl.skip is not None:
-            results.append(_result(impl, "skipped", impl.skip))
+            results[idx] = _result(impl, "skipped", impl.skip)
             continue
         if ref is None and ref_error is None:
             try:
@@ -168,35 +177,62 @@ def run_case(case: Case, plan: TimingPlan, tick=lambda name: None) -> dict:
             except Exception as exc:
                 ref_error = f"reference failed: {type(exc).__name__}: {exc}"
         if ref_error is not None:
-            results.append(_result(impl, "error", ref_error))
+            results[idx] = _result(impl, "error", ref_error)
             continue
         prepared = None
         try:
             prepared = impl.prepare()
             check = check_result(prepared.result(), ref[0], ref[1], case.dtype, case.check_factor, case.floor_eps)
-            stats = measure(prepared.run, case.device, plan)
-            rate, unit = case.work.rate(stats.median)
-            r = _result(impl, "ok", check=check, info=dict(prepared.info), samples_s=stats.samples,
-                        median_s=stats.median, iqr_s=stats.iqr, q25_s=stats.quantile(0.25),
-                        q75_s=stats.quantile(0.75), rate=rate, rate_unit=unit)
-            r["default"] = impl.default
+            if interleave:
+                ready.append((idx, impl, prepared, check))
+                continue
+            results[idx] = _timed_result(impl, prepared, check, measure(prepared.run, case.device, plan), case)
         except Exception as exc:
-            line = traceback.extract_tb(exc.__traceback__)[-1]
-            r = _result(impl, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                                       f"({os.path.basename(line.filename)}:{line.lineno})")
+            results[idx] = _error_result(impl, exc)
         finally:
             del prepared
-            if case.op == "encoder":
-                gc.collect()
-            if torch.device(case.device).type == "cuda":
-                torch.cuda.empty_cache()
-        results.append(r)
+            _release(case)
+    if ready:
+        try:
+            all_stats = measure_interleaved([p.run for _, _, p, _ in ready], case.device, plan)
+            for (idx, impl, prepared, check), stats in zip(ready, all_stats):
+                results[idx] = _timed_result(impl, prepared, check, stats, case)
+        except Exception as exc:  # which one failed is unknown: all of this round are errors
+            for idx, impl, _, _ in ready:
+                results[idx] = _error_result(impl, exc)
+        finally:
+            ready.clear()
+            _release(case)
     _ratios(results)
     return {"op": case.op, "direction": case.direction, "label": case.label, "params": case.params,
             "x": case.x, "x_name": case.x_name, "dtype": str(case.dtype).replace("torch.", ""),
             "device": case.device, "work": {"amount": case.work.amount, "unit": case.work.unit,
                                             "formula": case.work.formula},
-            "notes": case.notes, "elapsed_s": round(time.perf_counter() - t_case, 3), "results": results}
+            "notes": case.notes, "elapsed_s": round(time.perf_counter() - t_case, 3),
+            "timing": "interleaved" if interleave else "sequential", "results": results}
+
+
+def _timed_result(impl, prepared, check, stats, case) -> dict:
+    rate, unit = case.work.rate(stats.median)
+    r = _result(impl, "ok", check=check, info=dict(prepared.info), samples_s=stats.samples,
+                median_s=stats.median, iqr_s=stats.iqr, q25_s=stats.quantile(0.25),
+                q75_s=stats.quantile(0.75), rate=rate, rate_unit=unit)
+    r["default"] = impl.default
+    return r
+
+
+def _error_result(impl, exc) -> dict:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" ({os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return _result(impl, "error", f"{type(exc).__name__}: {first}{where}")
+
+
+def _release(case) -> None:
+    if case.op == "encoder":
+        gc.collect()
+    if torch.device(case.device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _ratios(results: list[dict]) -> None:
@@ -214,7 +250,7 @@ def _ratios(results: list[dict]) -> None:
             base["speedup_vs"][r["impl"]] = r["fastbert_speedup"]
 
 
-class _Interrupted(Exception):
+class _Interrupted(BaseException):  # not caught by the per-implementation handler
     pass
 
 
@@ -232,14 +268,15 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="impl", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def describe(opts: Options, plan: TimingPlan) -> list[str]:
+def describe(opts: Options, plan: TimingPlan, interleave: bool = False) -> list[str]:
     """What is being run, stated in the output (sizes, layers, repetitions)."""
     lines = [f"fastbert {fastbert.__version__} bench | device {opts.device} | dtype "
              f"{str(opts.dtype).replace('torch.', '')} | threads {torch.get_num_threads()} | "
              f"{'quick' if opts.quick else 'full'} | models {','.join(opts.models)} | fill {opts.fill}"]
     lines.append(f"timing: {plan.warmup} warm-up calls excluded, then {plan.min_reps}..{plan.max_reps} samples "
                  f"(>= {plan.min_time_s} s measured); median and IQR"
-                 + ("; CUDA events, L2 flushed before each sample" if opts.device == "cuda" else "; wall clock"))
+                 + ("; CUDA events, L2 flushed before each sample" if opts.device == "cuda" else "; wall clock")
+                 + ("; a case's implementations interleaved round-robin" if interleave else ""))
     for op in opts.ops:
         if op in ("attention", "encoder"):
             szs = OPS[op].sizes(opts)
@@ -255,16 +292,20 @@ def describe(opts: Options, plan: TimingPlan) -> list[str]:
 
 
 def main(argv=None) -> int:
-    """Run the benchmarks of ``argv`` (see ``fastbert bench --help``); 0 when every timed
-    implementation passed its check, 1 otherwise."""
+    """Run the benchmarks of ``argv`` (see ``fastbert bench --help``).
+
+    Returns 0 when every fastbert implementation that ran passed its reference check, else 1
+    (a competitor's error or mismatch is reported in the table and JSON, not in the status).
+    """
     args = build_parser().parse_args(argv)
     opts = options_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = timing_plan(opts)
+    interleave = args.interleave if args.interleave is not None else opts.device == "cpu"
     os.makedirs(args.out, exist_ok=True)
     started = _dt.datetime.now(_dt.timezone.utc)
-    header = describe(opts, plan)
+    header = describe(opts, plan, interleave)
     for line in header:
         print(line, flush=True)
     record = {"schema": SCHEMA, "timestamp": started.isoformat(timespec="seconds"),
@@ -274,6 +315,7 @@ def main(argv=None) -> int:
               "timing": {"warmup": plan.warmup, "min_reps": plan.min_reps, "max_reps": plan.max_reps,
                          "min_time_s": plan.min_time_s,
                          "method": "cuda events, L2 flush" if opts.device == "cuda" else "wall clock",
+                         "order": "interleaved (round-robin per case)" if interleave else "sequential",
                          "statistics": "median, IQR (q75 - q25)"},
               "description": header, "env": environment(opts), "cases": [], "complete": False}
     json_path = os.path.join(args.out, "bench.json")
@@ -292,18 +334,20 @@ def main(argv=None) -> int:
                     bar.set_postfix_str(name)
                     bar.update(1)
 
-            rec = run_case(case, plan, tick)
+            rec = run_case(case, plan, tick, interleave=interleave)
             record["cases"].append(rec)
             write_json(json_path, record)
-            failed |= any(r["status"] == "error" or (r["check"] and not r["check"]["ok"]) for r in rec["results"])
+            failed |= any(r["kind"] == "fastbert" and (r["status"] == "error" or (r["check"] and not r["check"]["ok"]))
+                          for r in rec["results"])
             for line in table_lines([rec]):
                 say(line)
         record["complete"] = True
     except (_Interrupted, KeyboardInterrupt) as exc:
-        say(f"interrupted ({exc or 'KeyboardInterrupt'}): writing what was measured")
+        say(f"interrupted ({type(exc).__name__} {exc}): writing what was measured")
         failed = True
     finally:
         signal.signal(signal.SIGTERM, old)
+        encoder.release()
         if bar is not None:
             bar.close()
         record["elapsed_s"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 3)

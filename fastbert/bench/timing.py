@@ -106,3 +106,41 @@ def _measure_cuda(fn, device, plan) -> Stats:
         ends[i].record()
     torch.cuda.synchronize(device)
     return Stats([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
+
+
+def measure_interleaved(fns: list[Callable[[], object]], device: torch.device | str,
+                        plan: TimingPlan) -> list[Stats]:
+    """Time several implementations round-robin, one sample of each per round.
+
+    On a shared machine the load drifts over minutes; alternating the implementations (in an
+    order rotated every round) exposes each to the same drift, so their ratio stays meaningful
+    where back-to-back runs would not be. Same warm-up, sample counts and statistics as
+    :func:`measure`; ``min_time_s`` applies to each implementation.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    for fn in fns:
+        for _ in range(plan.warmup):
+            fn()
+    stats = [Stats() for _ in fns]
+    if not fns:
+        return stats
+    flush = _l2_flush_buffer(device) if cuda else None
+    rounds = 0
+    while rounds < plan.max_reps and (rounds < plan.min_reps or min(sum(s.samples) for s in stats) < plan.min_time_s):
+        shift = rounds % len(fns)
+        for i in [(j + shift) % len(fns) for j in range(len(fns))]:
+            if cuda:
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[i]()
+                end.record()
+                end.synchronize()
+                stats[i].samples.append(start.elapsed_time(end) * 1e-3)
+            else:
+                t0 = time.perf_counter()
+                fns[i]()
+                stats[i].samples.append(time.perf_counter() - t0)
+        rounds += 1
+    return stats
