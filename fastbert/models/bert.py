@@ -535,6 +535,8 @@ class BertModel(BertPreTrainedModel):
             mask = None
         else:
             hidden, mask = embeddings, attention_mask  # [batch, seqlen, hidden]
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask != 0  # once here, not in every layer's attention call
         to_padded = (lambda h: pad_input(h, indices, batch, seqlen)) if varlen else (lambda h: h)
         all_hidden = (to_padded(hidden),) if output_hidden_states else None
         all_probs = () if output_attentions else None
