@@ -98,8 +98,7 @@ def test_import_fastbert_without_the_extensions():
             "import fastbert, torch\n"
             "from fastbert.backends import get_backend\n"
             "print(get_backend('cuda').unavailable_reason('layer_norm'))\n"
-            "print(get_backend('cuda-host').unavailable_reason('gelu'))\n"
-            "print(fastbert.layer_norm(torch.ones(2, 4)).shape)\n")
+            "print(get_backend('cuda-host').unavailable_reason('gelu'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
