@@ -69,18 +69,31 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_o[jd][e] = 0.0f;
 
-  for (int n0 = 0; n0 < seq.seqlen_k; n0 += kBlockN) {
-    __syncthreads();  // every warp is done with the previous K/V tile
-    load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
-                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
-    load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
-                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
+  // K and V tiles are single-buffered and loaded one step ahead: K(n+1) streams in while the
+  // softmax and P V of tile n run, V(n+1) while the next Q K^T runs. cp.async groups are committed
+  // in the fixed order K, V, K, V, ... (empty at the end), so "all but the newest group done"
+  // (wait_group<1>) always means "the tile about to be read has landed".
+  const auto load_k = [&](int n0) {
+    if (n0 < seq.seqlen_k) {
+      load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+      for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
+        sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
+    }
     cp_async_commit();
-    for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
-      sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
-    cp_async_wait_all();
-    __syncthreads();
+  };
+  const auto load_v = [&](int n0) {
+    if (n0 < seq.seqlen_k)
+      load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+    cp_async_commit();
+  };
+  load_k(0);  // groups so far: Q, K(0), V(0)
+  load_v(0);
 
+  for (int n0 = 0; n0 < seq.seqlen_k; n0 += kBlockN) {
+    cp_async_wait_group<1>();  // Q and K(n0) have landed (V(n0) may not have)
+    __syncthreads();
     float s[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -107,6 +120,8 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
         row_max[r] = fmaxf(row_max[r], x);
       }
     }
+    __syncthreads();  // every warp is done with sK and sKeyOk: fetch the next K tile
+    load_k(n0 + kBlockN);
     float alpha[2], m_ref[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -135,7 +150,11 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
     for (int jd = 0; jd < DT; ++jd)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[jd][e] *= alpha[e >> 1];
+    cp_async_wait_group<1>();  // V(n0) has landed (K(n0 + kBlockN) may not have)
+    __syncthreads();
     gemm_pn<T, NT, DT, DP>(acc_o, s, sV, warp_scratch, p.head_dim);
+    __syncthreads();  // every warp is done with sV: fetch the next V tile
+    load_v(n0 + kBlockN);
   }
 
   // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.

@@ -8,6 +8,7 @@ must catch, and the binding's argument checks.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -37,6 +38,37 @@ def test_cuda_host_attention_matches_reference(case, poison):
 def test_cuda_attention_matches_reference(case, poison):
     _require("cuda")
     check_attention_case(case, "cuda", "cuda")
+
+
+def _sweep_cases(n: int = 40, seed: int = 0) -> list:
+    """Seeded random cases over the axes, with tile-boundary seqlens (63/64/65/128/129) and every
+    head_dim multiple of 8 bucket edge; the full sweep behind ``-m slow``."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        dtype = rng.choice([torch.float16, torch.bfloat16, torch.float32])
+        head_dim = rng.choice([8, 16, 24, 32, 40, 48, 56, 64, 72, 96, 104, 128, 136, 200, 256])
+        layout = rng.choice(["padded", "padded", "varlen", "packed", "unaligned"])
+        lq = rng.choice([1, 2, 15, 16, 31, 63, 64, 65, 128, 129])
+        lk = lq if layout in ("packed", "unaligned") else rng.choice([1, 7, 32, 63, 64, 65, 127, 128, 130])
+        kw = dict(num_heads=rng.choice([1, 3]), dropout_p=rng.choice([0.0, 0.0, 0.15]))
+        if layout == "varlen":
+            lengths = tuple(rng.choice([0, 1, 5, 64, 65, 100]) for _ in range(rng.choice([1, 2, 4])))
+            kw["lengths"] = lengths if max(lengths) else lengths + (3,)
+        else:
+            kw["batch"] = rng.choice([1, 2, 3])
+            kw["mask"] = kw["batch"] > 1 and rng.random() < 0.5
+            kw["bias"] = rng.choice([None, "11QK", "B11K", "BHQK"])
+            kw["bias_fp32"] = kw["bias"] is not None and dtype != torch.float32 and rng.random() < 0.3
+        cases.append(AttentionCase(dtype, head_dim, lq, lk, layout=layout, **kw))
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _sweep_cases(), ids=str)
+def test_cuda_host_attention_sweep(case, poison):
+    _require("cuda-host")
+    check_attention_case(case, "cuda-host", "cpu")
 
 
 def _dropout_keep(backend: str, device: str, dtype, p: float = 0.3) -> tuple:

@@ -2,7 +2,7 @@
 //
 //   mma_m16n8k16<T>   mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
 //   ldmatrix_x4/_x2   ldmatrix.sync.aligned.m8n8.{x4,x2}[.trans].shared.b16
-//   cp_async_16       cp.async.cg.shared.global (16 bytes) + commit / wait_all
+//   cp_async_16       cp.async.cg.shared.global (16 bytes) + commit / wait_group / wait_all
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" and
 // "Warp-level matrix load instruction: ldmatrix"), with lane = 4 * g + t (g = lane / 4, t = lane % 4);
@@ -208,6 +208,15 @@ FB_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src) {
 FB_DEVICE void cp_async_commit() {
 #if !FB_HOST_BUILD
   asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Wait until at most N of this thread's most recent cp.async groups are still in flight (other
+// threads still need a barrier before they read the data).
+template <int N>
+FB_DEVICE void cp_async_wait_group() {
+#if !FB_HOST_BUILD
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
