@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -194,16 +195,26 @@ def collect_env(device: str | None = None, dtype: str = "float32", head_dim: int
         "tokenizers": _version_of("tokenizers"),
         "fastbert": fastbert.__version__,
     }
-    try:
-        ext = importlib.import_module("fastbert._C")  # the CUDA extension, when built
-        versions["fastbert._C"] = getattr(ext, "__version__", "unknown")
-    except ModuleNotFoundError as exc:
-        versions["fastbert._C"] = None
-        if exc.name != "fastbert._C":
-            versions["fastbert._C (why not)"] = f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # built but broken: say how
-        versions["fastbert._C"] = None
-        versions["fastbert._C (why not)"] = f"{type(exc).__name__}: {exc}"
+    for ext_name in ("_C", "_C_host"):  # the CUDA extension and its CPU host build, when built
+        key = f"fastbert.{ext_name}"
+        try:
+            ext = importlib.import_module(key)
+        except ModuleNotFoundError as exc:
+            versions[key] = None
+            if exc.name != key:
+                versions[f"{key} (why not)"] = f"{type(exc).__name__}: {exc}"
+            continue
+        except Exception as exc:  # built but broken: say how
+            versions[key] = None
+            versions[f"{key} (why not)"] = f"{type(exc).__name__}: {exc}"
+            continue
+        version = getattr(ext, "__version__", None)
+        if version is None and callable(getattr(ext, "build_info", None)):
+            try:
+                version = ext.build_info().get("version")
+            except Exception:
+                version = None
+        versions[key] = version or "unknown"
 
     dev = {"default": device, "cpu": _cpu_name(),
            "cpu_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
@@ -279,13 +290,40 @@ def _cmd_env(args) -> int:
                     f"attention head_dim={call['head_dim']}, no optional features)")
     if info["cuda_build"] is not None:
         out.heading("CUDA build")
-        build = info["cuda_build"]
-        if isinstance(build, dict):
-            for k, v in build.items():
-                out.line(f"{k}: {v}")
-        else:
-            out.line(str(build))
+        _print_build(out, info["cuda_build"])
     return 0
+
+
+def _short_kernel(name: str) -> str:
+    """A demangled kernel name without namespaces, ``void`` and the parameter list."""
+    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"\(anonymous namespace\)::", "", name)
+    name = re.sub(r"\b\w+::", "", name)
+    return re.sub(r"\([^()<>]*\)$", "", name)
+
+
+def _print_build(out: _Plain, build, prefix: str = "") -> None:
+    """Print ``build_info()``: scalars as ``key: value``, lists of records (ptxas) as tables."""
+    if not isinstance(build, dict):
+        out.line(f"{prefix}{build}")
+        return
+    for key, value in build.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            columns = list(dict.fromkeys(k for row in value for k in row))
+            rows = [[_short_kernel(str(row.get(c, ""))) if c == "kernel" else str(row.get(c, ""))
+                     for c in columns] for row in value]
+            numeric = tuple(i for i, c in enumerate(columns)
+                            if all(isinstance(row.get(c), (int, float)) for row in value))
+            out.table(columns, rows, title=f"{prefix}{key} ({len(value)} entries)", right=numeric)
+        elif isinstance(value, dict):
+            scalars = {k: v for k, v in value.items()
+                       if not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
+            out.line(f"{prefix}{key}: " + ", ".join(f"{k}={v}" for k, v in scalars.items()))
+            tables = {k: v for k, v in value.items() if k not in scalars}
+            if tables:
+                _print_build(out, tables, prefix=f"{prefix}{key}.")
+        else:
+            out.line(f"{prefix}{key}: {value}")
 
 
 # ----------------------------------------------------------------------------------------- demo

@@ -82,6 +82,32 @@ def test_env_tables_name_every_backend_and_reason(capsys, monkeypatch, broken_ba
     assert fastbert.__version__ in out
 
 
+def test_env_prints_cuda_build_info(capsys, monkeypatch):
+    import fastbert.backends.cuda as cuda_backend
+
+    kernel = ("void fb::attn::(anonymous namespace)::attention_fwd_kernel<__half, 64>"
+              "(fb::AttnParams)")
+    info = {"_C": {"available": True, "cuda_version": "13.0", "archs": ["80-real", "90a-real"],
+                   "ptxas": [{"kernel": kernel, "arch": "sm_90a", "registers": 126,
+                              "spill_store_bytes": 0}]},
+            "_C_host": {"available": False, "reason": "not built"},
+            "verified_on_gpu": {"attention": False}}
+    monkeypatch.setattr(cuda_backend, "build_info", lambda: info, raising=False)
+    assert main(["env", "--plain", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA build" in out and "cuda_version=13.0" in out and "reason=not built" in out
+    assert re.search(r"^attention_fwd_kernel<__half, 64>\s+sm_90a\s+126\s+0$", out, re.M), out
+    assert main(["env", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["cuda_build"] == info
+
+    def broken():
+        raise RuntimeError("extension exploded")
+
+    monkeypatch.setattr(cuda_backend, "build_info", broken)
+    assert main(["env", "--json", "--device", "cpu"]) == 0
+    assert "extension exploded" in json.loads(capsys.readouterr().out)["cuda_build"]["error"]
+
+
 def test_env_bad_dtype_is_a_clear_error(capsys):
     assert main(["env", "--dtype", "int8"]) == 2
     err = capsys.readouterr().err
