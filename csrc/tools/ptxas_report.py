@@ -49,18 +49,32 @@ def demangle(names: list[str]) -> dict:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
+def short_name(name: str) -> str:
+    """``void fb::(anonymous namespace)::k<__half>(fb::P, bool)`` -> ``k<__half>``: readable in a table."""
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "").replace("fb::", "")
+    if name.endswith(")"):  # drop the parameter list: the last top-level parenthesised group
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    return name
+
+
 def main() -> int:
     log_dir, out_file, nvcc_version = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "?"
     rows = []
     for path in sorted(glob.glob(os.path.join(log_dir, "*.ptxas"))):
         with open(path) as f:
             rows += parse(f.read(), os.path.basename(path)[: -len(".ptxas")])
-    names = demangle(sorted({r["kernel"] for r in rows}))
+    names = {k: short_name(v) for k, v in demangle(sorted({r["kernel"] for r in rows})).items()}
     rows.sort(key=lambda r: (r["object"], names[r["kernel"]], r["arch"]))
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
     with open(out_file, "w") as f:
         f.write(f"# fastbert._C ptxas resource usage (nvcc -Xptxas -v; {nvcc_version})\n")
-        f.write("# one line per kernel and arch, tab-separated; kernel names demangled\n")
+        f.write("# one line per kernel and arch, tab-separated; kernel names demangled, without namespaces"
+                " and parameter lists\n")
         f.write("\t".join(COLUMNS) + "\n")
         for r in rows:
             r = dict(r, kernel=names[r["kernel"]])

@@ -38,11 +38,11 @@ def _cuda_probe() -> str | None:
     ext = load_extension("_C")
     if isinstance(ext, str):
         return ext
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible to torch"
-    count, why = ext.device_count()
+    count, why = ext.device_count()  # the extension's own runtime: names a too-old driver
     if count == 0:
         return f"fastbert._C sees no CUDA device ({why})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
     return None
 
 
