@@ -66,3 +66,15 @@ def test_import_never_fails_without_triton():
             "print(r)\n"
             "assert r and 'triton' in r[0], r\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_compile_fullgraph_in_a_fresh_process():
+    """No eager call first: dispatch must not import a backend module while Dynamo traces."""
+    code = ("import torch, fastbert\n"
+            "q = torch.randn(2, 5, 2, 8)\n"
+            "m = torch.ones(2, 5, dtype=torch.bool)\n"
+            "f = torch.compile(lambda q: fastbert.gelu(fastbert.layer_norm(fastbert.attention(q, q, q, "
+            "attention_mask=m))), fullgraph=True, backend='aot_eager')\n"
+            "torch.testing.assert_close(f(q), fastbert.gelu(fastbert.layer_norm(fastbert.attention(q, q, q, "
+            "attention_mask=m))))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)

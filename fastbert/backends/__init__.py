@@ -141,6 +141,17 @@ class BackendSpec:
 _REGISTRY: dict[str, BackendSpec] = {}
 
 
+def preload() -> None:
+    """Import the compute module of every backend that can run here, once.
+
+    Dispatch then never imports while ``torch.compile`` traces a first call (Dynamo cannot trace
+    ``importlib``); a backend that cannot load keeps its reason.
+    """
+    for spec in _REGISTRY.values():
+        for op in spec.caps:
+            spec.unavailable_reason(op)
+
+
 def register_backend(spec: BackendSpec) -> None:
     """Register (or replace) a backend by name."""
     _REGISTRY[spec.name] = spec

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 
-from fastbert.backends import CallInfo, all_backends, get_backend
+from fastbert.backends import CallInfo, all_backends, get_backend, preload
 
 logger = logging.getLogger("fastbert")
 
 AUTO_ORDER = {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")}
 _logged: set = set()
+
+preload()  # compute modules imported before any call can be traced by torch.compile
 
 
 def _log_once(key, msg: str) -> None:
