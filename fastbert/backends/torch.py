@@ -140,7 +140,23 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
 # ----------------------------------------------------------------------------------------------
 
 
-# Not F.gelu: its ``1 + erf`` (and ``1 + tanh``) cancels for x < -4, off by whole units in the last
-# place of fp16/bf16 there; the reference's erfc / sigmoid form in fp32 is exact, so it serves here.
-gelu_fwd = reference.gelu_fwd
-gelu_bwd = reference.gelu_bwd
+def gelu_fwd(x, bias, y, *, approximate):
+    """Backend entry point: ``y = gelu(x + bias)``.
+
+    fp32/fp64: ``F.gelu``. fp16/bf16: the reference's erfc / sigmoid form in fp32, because
+    ``F.gelu``'s ``1 + erf`` (``1 + tanh``) cancels for x < -4 and lands whole units in the last
+    place of fp16/bf16 away there; in fp32 that error stays below eps * |x|.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return reference.gelu_fwd(x, bias, y, approximate=approximate)
+    y.copy_(F.gelu(x if bias is None else x + bias.to(x.dtype), approximate=approximate))
+
+
+def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
+    """Backend entry point: ``aten.gelu_backward`` (fp32/fp64) or the reference (fp16/bf16)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return reference.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
+    z = x if bias is None else x + bias.to(x.dtype)
+    dx.copy_(torch.ops.aten.gelu_backward(dy, z, approximate=approximate))
+    if dbias is not None:
+        dbias.copy_(dx.sum(0, dtype=dbias.dtype))
