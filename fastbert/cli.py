@@ -583,8 +583,10 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
     tps_ours = tps_theirs = None
     rounds = 0
     if interpreted:
-        notes.append("fastbert tokens/s n/a: an interpreted backend ran (TRITON_INTERPRET=1), "
-                     "its speed means nothing")
+        why = sorted({"triton runs interpreted (TRITON_INTERPRET=1)" if name == "triton" else
+                      f"{name} runs the CUDA kernels on the CPU through the host harness"
+                      for names in used.values() for name in names if _interpreted(name)})
+        notes.append(f"fastbert tokens/s n/a: {'; '.join(why)}: its speed means nothing")
     if repeats == 0:
         notes.append("throughput not measured (--repeats 0)")
     else:

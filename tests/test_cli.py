@@ -311,12 +311,20 @@ def test_demo_unknown_backend_is_a_clear_error(capsys):
 
 @needs_demo
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (CPU)")
-def test_demo_triton_interpreted():
-    r = run_demo(backend="triton", device="cpu", repeats=1, warmup=0)
+@pytest.mark.parametrize("backend", ["triton", "cuda-host"])
+def test_demo_emulated_backend(backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU)")
+    spec = all_backends().get(backend)
+    reason = "not registered" if spec is None else "; ".join(
+        r for r in (spec.unavailable_reason(op) for op in OPS) if r)
+    if reason:
+        pytest.skip(f"{backend} unavailable: {reason}")
+    r = run_demo(backend=backend, device="cpu", repeats=1, warmup=0)
     assert r.passed, (r.max_abs_diff_hidden, r.max_abs_diff_pooler)
-    assert r.backends == {"attention": "triton", "layer_norm": "triton", "gelu": "triton"}
+    assert r.backends == {"attention": backend, "layer_norm": backend, "gelu": backend}
     assert r.interpreted and r.tokens_per_s_fastbert is None and r.tokens_per_s_transformers > 0
+    assert any(f"{backend} runs" in note for note in r.notes), r.notes
     _check_similarity(r.labels, r.similarity)
 
 
