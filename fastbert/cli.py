@@ -172,8 +172,10 @@ def _dtype_from_name(name: str):
 def collect_env(device: str | None = None, dtype: str = "float32", head_dim: int = 64) -> dict:
     """What ``fastbert env`` reports, as a JSON-serialisable dict.
 
-    Keys: ``versions`` (python, torch, triton, transformers, tokenizers, fastbert, fastbert._C),
-    ``device`` (kind, name, CUDA version, compute capability), ``environment`` (the variables that
+    Keys: ``versions`` (python, torch, triton, transformers, tokenizers, fastbert, and the
+    extensions fastbert._C / fastbert._C_host; None = not installed), ``device`` (default device,
+    CPU name and torch threads, torch's CUDA version, GPU name, compute capability and count when
+    a GPU is visible), ``environment`` (the variables that
     change dispatch), ``call`` (the call each backend was asked about: op, device, dtype,
     head_dim for attention, no optional features), ``backends`` (``{name: {op: {"available":
     bool, "auto": bool, "reasons": [str]}}}``), ``auto`` (``{op: backend}`` that auto dispatch picks
