@@ -69,12 +69,33 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
   float* warp_scratch = scratch + warp * 16 * Cfg::kScratchLd;
   const int nrows = seq.seqlen_q - m0;
 
+  // V and K tiles are single-buffered and loaded ahead: V is read first (dP = dO V^T), so V(n+1)
+  // streams in while S, dS and dQ of tile n run, and K(n+1) (read until dQ += dS K) while dP of
+  // tile n+1 runs. cp.async groups go Q+dO, V, K, V, K, ... (empty past the end), so
+  // wait_group<1> ("all but the newest done") always means "the tile about to be read has landed".
+  const auto load_v = [&](int n0) {
+    if (n0 < seq.seqlen_k)
+      load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+    cp_async_commit();
+  };
+  const auto load_k = [&](int n0) {
+    if (n0 < seq.seqlen_k) {
+      load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+      for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
+        sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
+    }
+    cp_async_commit();
+  };
   load_tile<T, kBlockM, DP, Cfg::kThreads>(sQ, row_ptr<const T>(p.q, b, h, seq.q_row0 + m0), p.q.stride_seq,
                                            nrows, p.head_dim, p.aligned16);
   load_tile<T, kBlockM, DP, Cfg::kThreads>(sdO, row_ptr<const T>(p.dout, b, h, seq.q_row0 + m0),
                                            p.dout.stride_seq, nrows, p.head_dim, p.aligned16);
   cp_async_commit();
-  cp_async_wait_all();
+  load_v(0);
+  load_k(0);
+  cp_async_wait_group<2>();  // Q and dO have landed
   __syncthreads();
   row_stats<T, kBlockM, DP, Cfg::kThreads>(sD, sLse, sdO, row_ptr<const T>(p.out, b, h, seq.q_row0 + m0),
                                            p.out.stride_seq,
@@ -96,24 +117,19 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
     for (int e = 0; e < 4; ++e) acc_dq[jd][e] = 0.0f;
 
   for (int n0 = 0; n0 < seq.seqlen_k; n0 += kBlockN) {
+    cp_async_wait_group<1>();  // V(n0) has landed (K(n0) may not have)
     __syncthreads();
-    load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
-                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
-    load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
-                                             seq.seqlen_k - n0, p.head_dim, p.aligned16);
-    cp_async_commit();
-    for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
-      sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
-    cp_async_wait_all();
-    __syncthreads();
-
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
-    gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
     gemm_nt<T, NT, DP>(dp, sdO + warp * 16 * kLd, sV, p.head_dim);
+    __syncthreads();  // every warp is done with sV: fetch the next V tile
+    load_v(n0 + kBlockN);
+    cp_async_wait_group<1>();  // K(n0) has landed (V(n0 + kBlockN) may not have)
+    __syncthreads();
+    gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
 
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -135,6 +151,8 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
       }
     }
     gemm_pn<T, NT, DT, DP>(acc_dq, s, sK, warp_scratch, p.head_dim);
+    __syncthreads();  // every warp is done with sK and sKeyOk: fetch the next K tile
+    load_k(n0 + kBlockN);
   }
 
 #pragma unroll
