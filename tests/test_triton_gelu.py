@@ -125,8 +125,11 @@ def test_dbias_is_deterministic():
     assert torch.equal(a["dbias"], b["dbias"]) and torch.equal(a["dx"], b["dx"])
 
 
-def test_opcheck():
-    x = torch.randn(3, 24, requires_grad=True)
-    b = torch.randn(24, requires_grad=True)
+def test_opcheck_and_compile():
+    x = torch.randn(3, 24, device=DEV, requires_grad=True)
+    b = torch.randn(24, device=DEV, requires_grad=True)
     torch.library.opcheck(torch.ops.fastbert.gelu_fwd.default, (x, b, "none", "triton"))
     torch.library.opcheck(torch.ops.fastbert.gelu_fwd.default, (x, None, "tanh", "triton"))
+    f = lambda x: gelu(x, bias=b, backend="triton")  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))

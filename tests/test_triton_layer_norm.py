@@ -106,7 +106,8 @@ def test_chunked_path_matches_reference(dtype, poison):
     rows, hidden, p = 5, 1023, 0.2
     t = _inputs(rows, hidden, dtype, seed=3)
     t["x"] = (t["x"].double() + 50.0).to(dtype)  # a mean far from 0: the merge must stay stable
-    seed = torch.tensor([123456789, 987654321], dtype=torch.int64)
+    t = {k: v.to(DEV) for k, v in t.items()}
+    seed = torch.tensor([123456789, 987654321], dtype=torch.int64, device=DEV)
     cfg_f, cfg_b = tln.fwd_config(hidden, block_n=256), tln.bwd_config(hidden, block_n=256)
     assert cfg_f.num_chunks == 4 and cfg_b.num_chunks == 4
 
@@ -116,11 +117,11 @@ def test_chunked_path_matches_reference(dtype, poison):
             cast if cast == torch.float64 else torch.float32)
         stat = torch.float64 if cast == torch.float64 else torch.float32
         y, h = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-        mean, rstd = (torch.full((rows,), float("nan"), dtype=stat) for _ in range(2))
+        mean, rstd = (torch.full((rows,), float("nan"), dtype=stat, device=DEV) for _ in range(2))
         mod.layer_norm_fwd(x, w, b, res, xb, y, mean, rstd, h, eps=1e-5, dropout_p=p, seed=seed, **extra)
         dy = t["dy"].to(cast)
         dx, dres = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-        dw, db, dxb = (torch.full((hidden,), float("nan"), dtype=stat) for _ in range(3))
+        dw, db, dxb = (torch.full((hidden,), float("nan"), dtype=stat, device=DEV) for _ in range(3))
         mod.layer_norm_bwd(dy, h, w, mean, rstd, dx, dw, db, dres, dxb, dropout_p=p, seed=seed,
                            **({"config": cfg_b} if extra else {}))
         return dict(y=y, h=h, mean=mean, rstd=rstd, dx=dx, dres=dres, dw=dw, db=db, dxb=dxb)
@@ -129,28 +130,28 @@ def test_chunked_path_matches_reference(dtype, poison):
     hi = fwd(reference, torch.float64)
     lo = fwd(reference, dtype)
     for name in got:
-        assert_close_to_ref(got[name], hi[name], lo[name], name=name)
+        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=name)
 
 
 def test_dropout_mask_equals_reference():
     rows, hidden, p = 37, 300, 0.3
-    x = torch.randn(rows, hidden) + 3.0  # no zeros: h == 0 exactly where dropped
-    seed = torch.tensor([0x12345678, 0x9ABCDEF0], dtype=torch.int64)
+    x = torch.randn(rows, hidden, device=DEV) + 3.0  # no zeros: h == 0 exactly where dropped
+    seed = torch.tensor([0x12345678, 0x9ABCDEF0], dtype=torch.int64, device=DEV)
     y, h = torch.empty_like(x), torch.full_like(x, float("nan"))
-    mean, rstd = torch.empty(rows), torch.empty(rows)
+    mean, rstd = torch.empty(rows, device=DEV), torch.empty(rows, device=DEV)
     tln.layer_norm_fwd(x, None, None, None, None, y, mean, rstd, h, eps=1e-5, dropout_p=p, seed=seed)
     keep = rows_keep_mask(seed, p, rows, hidden)
     assert torch.equal(h != 0, keep)
     torch.testing.assert_close(h, x * keep / (1 - p), rtol=1e-6, atol=0)
     dx = torch.full_like(x, float("nan"))
-    tln.layer_norm_bwd(torch.randn(rows, hidden), h, None, mean, rstd, dx, None, None, None, None, dropout_p=p,
+    tln.layer_norm_bwd(torch.randn(rows, hidden, device=DEV), h, None, mean, rstd, dx, None, None, None, None, dropout_p=p,
                        seed=seed)
     assert torch.equal(dx != 0, keep)
 
 
-def test_dropout_through_ops_matches_reference_exactly_in_fp64_parameters():
+def test_dropout_through_ops_matches_reference():
     """Same seed, same mask: y of the triton and reference backends agree to fp32 rounding."""
-    t = _inputs(64, 384, torch.float32, seed=5)
+    t = {k: v.to(DEV) for k, v in _inputs(64, 384, torch.float32, seed=5).items()}
     ys = []
     for backend in ("triton", "reference"):
         torch.manual_seed(7)
@@ -161,20 +162,20 @@ def test_dropout_through_ops_matches_reference_exactly_in_fp64_parameters():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_large_mean_unit_spread(dtype, poison):
-    x = (2000.0 + torch.randn(6, 768, dtype=torch.float64)).to(dtype)
+    x = (2000.0 + torch.randn(6, 768, dtype=torch.float64)).to(dtype).to(DEV)
     y = layer_norm(x, backend="triton")
     hi = F.layer_norm(x.double(), (768,))
     lo = layer_norm(x, backend="reference")
     assert_close_to_ref(y, hi, lo, name="y")
     # with the residual fused: the statistics see the rounded sum, like the reference in x's dtype
-    r = (1000.0 + torch.randn(6, 768, dtype=torch.float64)).to(dtype)
+    r = (1000.0 + torch.randn(6, 768, dtype=torch.float64)).to(dtype).to(DEV)
     y = layer_norm(x, residual=r, backend="triton")
     assert_close_to_ref(y, layer_norm(x.double(), residual=r.double(), backend="reference"),
                         layer_norm(x, residual=r, backend="reference"), name="y fused")
 
 
 def test_large_magnitudes_fp16(poison):
-    t = _inputs(8, 1024, torch.float16, seed=9)
+    t = {k: v.to(DEV) for k, v in _inputs(8, 1024, torch.float16, seed=9).items()}
     x = (t["x"].double() * 2e4).clamp(-3e4, 3e4).half()
     res = (t["residual"].double() * 1e4).clamp(-3e4, 3e4).half()
     out = {}
@@ -195,11 +196,11 @@ def test_all_zero_fp16_rows_return_bias_like_torch(poison):
     x[1] = torch.randn(256, generator=g).half()  # one ordinary row between zero rows
     w = torch.randn(256, generator=g)
     b = torch.randn(256, generator=g)
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = layer_norm(*leaves, eps=1e-12, backend="triton")
+    leaves = [t.to(DEV).requires_grad_() for t in (x, w, b)]
+    y = layer_norm(*leaves, eps=1e-12, backend="triton").cpu()
     assert torch.equal(y[0], b.half()) and torch.equal(y[2], b.half())
     dy = torch.randn(3, 256, generator=g).half()
-    grads = torch.autograd.grad(y, leaves, dy)
+    grads = [g.cpu() for g in torch.autograd.grad(y, leaves, dy.to(DEV))]
     ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     ref = F.layer_norm(ref_leaves[0], (256,), ref_leaves[1], ref_leaves[2], eps=1e-12)
     torch.testing.assert_close(y, ref)
@@ -214,7 +215,7 @@ def test_all_zero_fp16_rows_return_bias_like_torch(poison):
 
 
 def test_param_gradients_are_deterministic():
-    t = _inputs(300, 768, torch.float16, seed=4)
+    t = {k: v.to(DEV) for k, v in _inputs(300, 768, torch.float16, seed=4).items()}
     runs = []
     for _ in range(2):
         leaves = [t[k].clone().requires_grad_() for k in ("x", "weight", "bias", "residual", "x_bias")]
@@ -239,8 +240,10 @@ def test_offsets_are_64_bit_past_2_31_elements():
     """The offset math the kernels use, for row tiles whose elements lie past 2**31 (and 2**32)."""
     block_m, block_n, hidden = 4, 8, 4096
     for tile in (2**31 // (block_m * hidden) + 1, (2**33 // hidden) // block_m, (2**31 - 1) // block_m - 1):
-        out = torch.empty(block_m, block_n, dtype=torch.int64)
-        _offsets_kernel[(1,)](torch.tensor([tile], dtype=torch.int32), out, hidden, BLOCK_M=block_m, BLOCK_N=block_n)
+        out = torch.empty(block_m, block_n, dtype=torch.int64, device=DEV)
+        _offsets_kernel[(1,)](torch.tensor([tile], dtype=torch.int32, device=DEV), out, hidden, BLOCK_M=block_m,
+                              BLOCK_N=block_n)
+        out = out.cpu()
         rows = torch.arange(block_m, dtype=torch.int64) + tile * block_m
         want = rows[:, None] * hidden + torch.arange(block_n)[None, :]
         assert torch.equal(out, want), tile
@@ -267,10 +270,13 @@ def test_more_than_2_31_elements_on_gpu():
     assert dx[: rows - 7].abs().max() == 0
 
 
-def test_opcheck():
+def test_opcheck_and_compile():
     t = _inputs(3, 24, torch.float32, seed=1)
-    x, w, b, res, xb = (t[k].requires_grad_() for k in ("x", "weight", "bias", "residual", "x_bias"))
+    x, w, b, res, xb = (t[k].to(DEV).requires_grad_() for k in ("x", "weight", "bias", "residual", "x_bias"))
     torch.library.opcheck(torch.ops.fastbert.layer_norm_fwd.default,
-                          (x, w, b, res, xb, torch.tensor([3, 4]), 1e-5, 0.2, "triton"))
+                          (x, w, b, res, xb, torch.tensor([3, 4], device=DEV), 1e-5, 0.2, "triton"))
     torch.library.opcheck(torch.ops.fastbert.layer_norm_fwd.default,
                           (x, None, None, None, None, None, 1e-12, 0.0, "triton"))
+    f = lambda x, r: layer_norm(x, w, b, residual=r, x_bias=xb, backend="triton")  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, res), f(x, res))
