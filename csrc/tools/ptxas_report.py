@@ -1,6 +1,7 @@
 """Turn the captured ptxas logs into fastbert/_C_ptxas.txt (one line per kernel and arch).
 
-Usage: python ptxas_report.py LOG_DIR OUT_FILE NVCC_VERSION_STRING
+Usage: python ptxas_report.py LOG_DIR OUT_FILE NVCC_VERSION_STRING [OBJECT ...]
+With OBJECT paths (the target's objects), logs of objects no longer built are ignored.
 ptxas -v prints, per kernel and arch:
     ptxas info    : Compiling entry function '_Z...' for 'sm_80'
     ptxas info    : Function properties for _Z...
@@ -64,8 +65,11 @@ def short_name(name: str) -> str:
 
 def main() -> int:
     log_dir, out_file, nvcc_version = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "?"
+    objects = {os.path.basename(o) for o in sys.argv[4:]}
     rows = []
     for path in sorted(glob.glob(os.path.join(log_dir, "*.ptxas"))):
+        if objects and os.path.basename(path)[: -len(".ptxas")] not in objects:
+            continue
         with open(path) as f:
             rows += parse(f.read(), os.path.basename(path)[: -len(".ptxas")])
     names = {k: short_name(v) for k, v in demangle(sorted({r["kernel"] for r in rows})).items()}

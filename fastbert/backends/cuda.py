@@ -65,7 +65,8 @@ def _attention_caps(device: str, module: str) -> OpCaps | None:
         return None
     head_dims = tuple(attn.HEAD_DIMS)
     return OpCaps(devices=(device,), dtypes=DTYPES, head_dims=lambda d: d in head_dims,
-                  head_dims_doc=", ".join(map(str, head_dims)), features=frozenset(attn.FEATURES),
+                  head_dims_doc=getattr(attn, "HEAD_DIMS_DOC", ", ".join(map(str, head_dims))),
+                  features=frozenset(attn.FEATURES),
                   writes_lse=getattr(attn, "WRITES_LSE", True), module=module)
 
 
