@@ -99,6 +99,26 @@ def test_parity_full(case, poison):
     _check_parity(case)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_parameters_in_x_dtype_and_fp32_x_bias(dtype, poison):
+    """weight/bias in x's dtype (the pairwise grid uses fp32 ones) and an fp32 x_bias with low-precision x."""
+    rows, hidden = 7, 768
+    t = {k: v.to(DEV) for k, v in _inputs(rows, hidden, dtype, seed=8).items()}
+    out = {}
+    for backend, cast in (("triton", dtype), ("reference", torch.float64), ("reference", dtype)):
+        x, res, dy = (t[k].to(cast).requires_grad_() for k in ("x", "residual", "dy"))
+        w, b = (t[k].to(cast).requires_grad_() for k in ("weight", "bias"))
+        xb = t["x_bias"].to(torch.float64 if cast == torch.float64 else torch.float32).requires_grad_()
+        torch.manual_seed(2)
+        y = layer_norm(x, w, b, residual=res, x_bias=xb, dropout_p=0.1, backend=backend)
+        out[(backend, cast)] = [y] + list(torch.autograd.grad(y, (x, w, b, res, xb), dy.detach()))
+    names = ("y", "dx", "dweight", "dbias", "dresidual", "dx_bias")
+    for i, name in enumerate(names):
+        got, hi, lo = (out[k][i] for k in out)
+        assert got.dtype == lo.dtype, name
+        assert_close_to_ref(got.cpu(), hi.cpu(), lo.cpu(), name=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_path_matches_reference(dtype, poison):
     """Rows wider than one block (walked in chunks, Chan's merge of chunk statistics), forced with
