@@ -137,6 +137,14 @@ def test_bench_forwards_argv(monkeypatch):
     assert seen == [["--quick", "--op", "attention", "--help"]]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("fastbert.bench") is None, reason="no fastbert.bench")
+def test_bench_reaches_the_real_runner(capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse's --help exits 0
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--op" in capsys.readouterr().out
+
+
 def test_bench_missing_runner_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastbert.bench", None)  # import raises ModuleNotFoundError
     assert main(["bench"]) == 2
