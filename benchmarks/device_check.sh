@@ -9,7 +9,8 @@
 # stays under 8 minutes; the benchmarks get whatever the earlier stages leave):
 #   1. env    nvidia-smi, nvcc, Python package versions, `fastbert env`        -> setup.log
 #   2. build  pip install --no-deps --no-build-isolation --no-index -e .
-#             (FASTBERT_CUDA_ARCHS=90a, no host build, parallel CMake); a failed build is
+#             (FASTBERT_CUDA_ARCHS=90a, no host build, parallel CMake; wheels in
+#             $FASTBERT_WHEELS or ./wheels are installed first); a failed build is
 #             recorded and the later stages still run (tests import fastbert from the
 #             repository root)                                                  -> setup.log
 #   3. tests  pytest -m gpu tests (incl. CUDA-graph capture/replay tests)       -> tests.log, tests.xml
@@ -110,6 +111,11 @@ EOF
 }
 
 build() {
+    # build requirements the machine may lack (pybind11, cmake, ninja) can travel as wheels
+    local wheels="${FASTBERT_WHEELS:-./wheels}"
+    if compgen -G "$wheels/*.whl" > /dev/null; then
+        "$PY" -m pip install --no-index --no-deps "$wheels"/*.whl || echo "installing $wheels/*.whl failed"
+    fi
     FASTBERT_CUDA_ARCHS=90a FASTBERT_BUILD_HOST=0 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" MAX_JOBS="$(nproc)" \
         "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \
         && "$PY" -c "import fastbert._C as C; print('fastbert._C', getattr(C, '__version__', '?'), 'loaded')"

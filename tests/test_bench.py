@@ -112,7 +112,7 @@ def test_fastbert_bench_quick_smoke(tmp_path):
 
     out = tmp_path / "bench"
     rc = main(["bench", "--quick", "--out", str(out), "--seqlens", "48", "--batch", "2",
-               "--rows", "64,128", "--layers", "1", "--no-progress"])
+               "--rows", "64,128", "--layers", "1", "--reps", "3", "--warmup", "0", "--no-progress"])
     assert rc == 0, (out / "bench.txt").read_text()
     record = json.loads((out / "bench.json").read_text())
     assert record["schema"] == "fastbert.bench/1" and record["complete"]

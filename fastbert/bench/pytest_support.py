@@ -50,8 +50,9 @@ def run_benchmark(benchmark, case: Case, impl: Impl) -> None:
         synchronize(case.device)  # wall-clock timing: wait for the GPU
 
     benchmark.pedantic(run, rounds=max(plan.min_reps, 5), warmup_rounds=plan.warmup, iterations=1)
-    median = benchmark.stats.stats.median
-    rate, unit = case.work.rate(median)
     benchmark.extra_info.update(op=case.op, direction=case.direction, case=case.label, impl=impl.name,
                                 work=case.work.amount, work_unit=case.work.unit, formula=case.work.formula,
-                                rate=rate, rate_unit=unit, check=check, **prepared.info)
+                                check=check, **prepared.info)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        rate, unit = case.work.rate(benchmark.stats.stats.median)
+        benchmark.extra_info.update(rate=rate, rate_unit=unit)

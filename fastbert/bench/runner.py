@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fastbert backend(s) to time (repeatable; default: every available one but the reference)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile competitors")
     p.add_argument("--no-cuda-graphs", action="store_true", help="skip the CUDA-graph-replayed encoder rows")
+    p.add_argument("--reps", type=int, help="samples per implementation (overrides the plan's count and time)")
+    p.add_argument("--warmup", type=int, help="unrecorded warm-up calls per implementation")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     p.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
     p.add_argument("--plot", choices=["per-op", "combined", "none"], default="per-op",
@@ -302,6 +304,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = timing_plan(opts)
+    if args.reps is not None:
+        if args.reps < 1:
+            raise SystemExit(f"fastbert bench: --reps: expected >= 1, got {args.reps}")
+        plan.min_reps = plan.max_reps = args.reps
+        plan.min_time_s = 0.0
+    if args.warmup is not None:
+        if args.warmup < 0:
+            raise SystemExit(f"fastbert bench: --warmup: expected >= 0, got {args.warmup}")
+        plan.warmup = args.warmup
     interleave = args.interleave if args.interleave is not None else opts.device == "cpu"
     os.makedirs(args.out, exist_ok=True)
     started = _dt.datetime.now(_dt.timezone.utc)
