@@ -84,8 +84,6 @@ def test_aot_compile_kernels(tmp_path):
     _check_table(table, "")
 
 
-# CI runs this leg as a command of its own (see the module docstring); here it is opt-in.
-@pytest.mark.slow
 @pytest.mark.skipif(not SIDE_PYTHON.exists(), reason=f"no Triton 3.6 side environment at {SIDE_PYTHON}")
 def test_aot_compile_kernels_triton36(tmp_path):
     table, _ = _run_aot(SIDE_PYTHON, tmp_path, "--module", *MODULES)

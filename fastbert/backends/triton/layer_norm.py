@@ -363,10 +363,6 @@ def _layer_norm_bwd_kernel(
                 tl.debug_barrier()
 
 
-_fwd_kernel = _layer_norm_fwd_kernel
-_bwd_kernel = _layer_norm_bwd_kernel
-
-
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
     """(threshold, scale) for the kernels; (0, 1.0) without dropout."""
     if dropout_p > 0.0:
@@ -424,7 +420,7 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
     grid, kwargs = fwd_launch(x, weight, bias, residual, x_bias, seed, y, mean, rstd, h, rows=rows,
                               hidden=hidden, eps=eps, dropout_p=dropout_p, config=config)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _fwd_kernel[grid](**kwargs)
+        _layer_norm_fwd_kernel[grid](**kwargs)
 
 
 def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p, seed,
@@ -447,7 +443,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
                               need_dbias=dbias is not None, need_dx_bias=dx_bias is not None,
                               num_programs=progs, config=cfg)
     with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
-        _bwd_kernel[grid](**kwargs)
+        _layer_norm_bwd_kernel[grid](**kwargs)
     for slot, out in enumerate(sums):
         if out is not None:
             torch.sum(partials[slot], dim=0, out=out)  # fixed-order reduction: deterministic
@@ -468,10 +464,10 @@ def aot_variants(full: bool = False):
             t, f32, seed = pointer(dt), pointer(torch.float32), pointer(torch.int64)
             _, fkw = fwd_launch(t, f32, f32, t, t, seed, t, f32, f32, t, rows=rows, hidden=hidden, eps=1e-12,
                                 dropout_p=0.1)
-            out.append(AotVariant(f"layer_norm_fwd {str(dt)[6:]} hidden={hidden}", _fwd_kernel,
-                                  *split_launch(_fwd_kernel, fkw)))
+            out.append(AotVariant(f"layer_norm_fwd {str(dt)[6:]} hidden={hidden}", _layer_norm_fwd_kernel,
+                                  *split_launch(_layer_norm_fwd_kernel, fkw)))
             _, bkw = bwd_launch(t, t, f32, f32, f32, seed, t, t, f32, rows=rows, hidden=hidden, dropout_p=0.1,
                                 need_dweight=True, need_dbias=True, need_dx_bias=True, num_programs=528)
-            out.append(AotVariant(f"layer_norm_bwd {str(dt)[6:]} hidden={hidden}", _bwd_kernel,
-                                  *split_launch(_bwd_kernel, bkw)))
+            out.append(AotVariant(f"layer_norm_bwd {str(dt)[6:]} hidden={hidden}", _layer_norm_bwd_kernel,
+                                  *split_launch(_layer_norm_bwd_kernel, bkw)))
     return out
