@@ -49,7 +49,7 @@ struct AttnParams {
   DType dtype = DType::kFloat16;  // of q/k/v/out/dout/dq/dk/dv
   int batch = 0;
   int num_heads = 0;
-  int head_dim = 0;      // a multiple of 8 in [8, 256] (kernels pad it to a bucket of 32/64/128/256)
+  int head_dim = 0;      // a multiple of 8 in [8, 256] (kernels pad it to a bucket of 64/128/256)
   int max_seqlen_q = 0;  // padded: seqlen_q; varlen: max_seqlen
   int max_seqlen_k = 0;  // padded: seqlen_k; varlen: max_seqlen
 

@@ -297,7 +297,6 @@ void launch_bwd(const AttnParams& p, Stream stream) {
 template <class T>
 void launch_bwd_dtype(const AttnParams& p, Stream stream) {
   switch (head_dim_bucket(p.head_dim)) {
-    case 32: return launch_bwd<T, 32>(p, stream);
     case 64: return launch_bwd<T, 64>(p, stream);
     case 128: return launch_bwd<T, 128>(p, stream);
     default: return launch_bwd<T, 256>(p, stream);

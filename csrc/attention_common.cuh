@@ -8,7 +8,7 @@
 // plain path (fp32: scalar FMAs from shared memory), so both run the same masking code.
 //
 // Shared-memory tiles are [rows][kLds] with rows beyond the sequence and columns beyond head_dim
-// zero-filled, so a head_dim smaller than its bucket (DP = 32/64/128/256) costs no special case in
+// zero-filled, so a head_dim smaller than its bucket (DP = 64/128/256) costs no special case in
 // the products: the padded lanes multiply zeros. Loops over k-steps and output column tiles stop at
 // head_dim at run time.
 #pragma once
@@ -52,9 +52,11 @@ constexpr bool kTensorCores = !std::is_same_v<T, float>;
 template <class T, int DP>
 constexpr int kLds = DP + 16 / static_cast<int>(sizeof(T));
 
-// Head-dim bucket (the tile width) for a supported head_dim.
+// Head-dim bucket (the tile width) for a supported head_dim. Three buckets keep the build short;
+// a smaller head_dim skips the padded k-steps and column tiles at run time, so it costs registers
+// and shared memory, not tensor-core work.
 inline int head_dim_bucket(int head_dim) {
-  return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
+  return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
 }
 
 // Where sequence b starts (token row of its first element) and how long it is.

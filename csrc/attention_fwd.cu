@@ -192,7 +192,6 @@ void launch_fwd(const AttnParams& p, Stream stream) {
 template <class T>
 void launch_fwd_dtype(const AttnParams& p, Stream stream) {
   switch (head_dim_bucket(p.head_dim)) {
-    case 32: return launch_fwd<T, 32>(p, stream);
     case 64: return launch_fwd<T, 64>(p, stream);
     case 128: return launch_fwd<T, 128>(p, stream);
     default: return launch_fwd<T, 256>(p, stream);

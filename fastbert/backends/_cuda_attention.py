@@ -8,7 +8,7 @@ nothing is synchronised here; ``fastbert.ops`` allocated every output.
 
 The kernels (``csrc/attention_fwd.cu``, ``csrc/attention_bwd.cu``): FlashAttention-2 tiling (Dao
 2023) with ``mma.sync`` tensor cores for fp16/bf16 and a plain fp32 path; head_dim in buckets of
-32/64/128/256 with the padded lanes masked, so every multiple of 8 up to 256 runs; a deterministic
+64/128/256 with the padded lanes masked, so every multiple of 8 up to 256 runs; a deterministic
 backward (no atomics: one kernel owns dq and dbias, another dk and dv) without workspace.
 """
 
