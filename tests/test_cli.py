@@ -248,6 +248,18 @@ def test_demo_interpreted_backend_reports_na(monkeypatch, demo_json):
     assert re.search(r"^fastbert\s+n/a$", out, re.M), out
 
 
+@needs_demo
+def test_demo_parity_failure_exits_nonzero(monkeypatch, capsys, demo_json):
+    import fastbert.cli as cli
+
+    failed = DemoResult(**dict(demo_json[1], max_abs_diff_hidden=3e-3, passed=False))
+    monkeypatch.setattr(cli, "run_demo", lambda *a, **k: failed)
+    assert main(["demo", "--plain"]) == 1
+    out = capsys.readouterr().out
+    assert "parity: FAIL" in out
+    assert re.search(r"^last_hidden_state \(real tokens\)\s+3\.00e-03\s+FAIL$", out, re.M), out
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "no-weights", "not-bert"])
 def test_demo_bad_model_is_a_clear_error(tmp_path, capsys, case):
     path = tmp_path / "model"
