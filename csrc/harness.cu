@@ -48,6 +48,8 @@ __global__ void harness_kernel(int mode, int* out) {
       o[0] = shfl(static_cast<int>(lane), 0);
     else
       o[0] = static_cast<int>(shfl(static_cast<long long>(lane), 0));
+  } else if (mode == 6) {  // fault: a shuffle reads a lane outside its mask
+    if (lane < 16) o[0] = shfl(static_cast<int>(lane), 20, 0x0000ffffu);
   } else if (mode == 5) {  // the generic warp exchange (host build only)
 #if FB_HOST_BUILD
     const Gathered mine{static_cast<int>(lane), {0.5f * lane, 1.0f, -1.0f}};
@@ -63,7 +65,7 @@ __global__ void harness_kernel(int mode, int* out) {
 }  // namespace
 
 void harness(int mode, int* out, unsigned grid, unsigned block, std::size_t smem_bytes, void* stream) {
-  FB_CHECK_ARG(mode >= 0 && mode <= 5, "mode: expected 0..5, got ", mode);
+  FB_CHECK_ARG(mode >= 0 && mode <= 6, "mode: expected 0..6, got ", mode);
   launch(harness_kernel, dim3(grid), dim3(block), smem_bytes, static_cast<Stream>(stream), mode, out);
 }
 

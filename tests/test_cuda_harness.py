@@ -67,6 +67,7 @@ def test_host_generic_warp_exchange():
     (2, "deadlock.*warp 0 waits in a warp op"),  # lanes of the mask exited
     (3, "deadlock.*32 of 64 live threads wait at __syncthreads"),  # barrier vs warp op
     (4, "different warp ops.*payload 4 vs 8 bytes"),  # divergent warp code
+    (6, r"thread \(\d+,0,0\): shuffle reads a source lane outside its mask"),
 ])
 def test_host_runtime_reports_faults_a_gpu_would_hide(mode, message):
     with pytest.raises(RuntimeError, match=message):

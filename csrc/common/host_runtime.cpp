@@ -223,6 +223,8 @@ const unsigned char* warp_exchange(unsigned mask, const void* data, std::size_t 
 
 unsigned char* dynamic_smem() { return L().smem_base; }
 
+void fault(const char* what) { fail(str_cat(where(), ": ", what)); }
+
 void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, void (*body)(void*), void* ctx) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   Launch l;

@@ -67,6 +67,10 @@ void syncthreads();
 // The slots stay valid until the calling lane's next warp operation.
 const unsigned char* warp_exchange(unsigned mask, const void* data, std::size_t bytes);
 
+// Abort the running launch with fb::RuntimeError("<block/thread>: <what>") (a fault a GPU would
+// leave undefined, e.g. reading a shuffle source lane outside the mask).
+[[noreturn]] void fault(const char* what);
+
 // Dynamic shared memory of the running launch.
 unsigned char* dynamic_smem();
 

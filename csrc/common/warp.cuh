@@ -35,10 +35,10 @@ FB_DEVICE T shuffle_words(T v, F&& f) {
 }
 #else
 template <class T>
-T read_lane(const host::WarpSlots<T>& s, unsigned mask, unsigned src, T own) {
-  // A source lane outside the mask is undefined on the GPU; returning our own value keeps the
-  // host run deterministic (tests never rely on it).
-  return ((mask >> src) & 1u) ? s[src] : own;
+T read_lane(const host::WarpSlots<T>& s, unsigned mask, unsigned src) {
+  // Reading a source lane outside the mask is undefined on the GPU: a fault here.
+  if (!((mask >> src) & 1u)) host::fault("shuffle reads a source lane outside its mask");
+  return s[src];
 }
 #endif
 }  // namespace detail
@@ -47,7 +47,7 @@ template <class T>
 FB_DEVICE T shfl_xor(T v, int lane_mask, unsigned mask = kFullMask) {
 #if FB_HOST_BUILD
   const auto s = host::warp_all_gather(mask, v);
-  return detail::read_lane(s, mask, (lane_id() ^ static_cast<unsigned>(lane_mask)) & 31u, v);
+  return detail::read_lane(s, mask, (lane_id() ^ static_cast<unsigned>(lane_mask)) & 31u);
 #else
   return detail::shuffle_words(v, [&](auto w) { return __shfl_xor_sync(mask, w, lane_mask); });
 #endif
@@ -57,7 +57,7 @@ template <class T>
 FB_DEVICE T shfl(T v, int src_lane, unsigned mask = kFullMask) {
 #if FB_HOST_BUILD
   const auto s = host::warp_all_gather(mask, v);
-  return detail::read_lane(s, mask, static_cast<unsigned>(src_lane) & 31u, v);
+  return detail::read_lane(s, mask, static_cast<unsigned>(src_lane) & 31u);
 #else
   return detail::shuffle_words(v, [&](auto w) { return __shfl_sync(mask, w, src_lane); });
 #endif
@@ -68,7 +68,7 @@ FB_DEVICE T shfl_down(T v, unsigned delta, unsigned mask = kFullMask) {
 #if FB_HOST_BUILD
   const auto s = host::warp_all_gather(mask, v);
   const unsigned src = lane_id() + delta;
-  return src < 32 ? detail::read_lane(s, mask, src, v) : v;
+  return src < 32 ? detail::read_lane(s, mask, src) : v;
 #else
   return detail::shuffle_words(v, [&](auto w) { return __shfl_down_sync(mask, w, delta); });
 #endif
