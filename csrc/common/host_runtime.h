@@ -12,7 +12,8 @@
 // - Warp intrinsics go through a per-warp exchange: every lane deposits a value, all lanes read
 //   all 32 after the sync point (warp_all_gather). Faults a GPU would hide or hang on (a lane not
 //   in its own mask, lanes of one warp passing different masks or payload sizes, a mask naming an
-//   exited or missing lane, a deadlock between a block barrier and a warp op) raise RuntimeError.
+//   exited or missing lane, a shuffle reading a lane outside its mask, a deadlock between a block
+//   barrier and a warp op) raise RuntimeError.
 // What it cannot show: races and timing (everything between two sync points runs as one atomic
 // step per thread), memory-model effects, the GPU's math-function ulps, occupancy, and Hopper-only
 // paths (wgmma/TMA). See csrc/README.md.
