@@ -1,5 +1,6 @@
-"""The ONE list of CUDA parity cases for LayerNorm and GELU, run by the ``cuda-host`` tests on the
-CPU (CI) and by the ``gpu``-marked ``cuda`` tests on a GPU (device check), plus the checks both run.
+"""The ONE list of CUDA parity cases for LayerNorm, GELU and attention (its section at the end), run
+by the ``cuda-host`` tests on the CPU (CI) and by the ``gpu``-marked ``cuda`` tests on a GPU (device
+check), plus the checks both run.
 
 Every case runs forward and backward through ``fastbert.ops`` with the backend under test, with
 outputs poisoned (NaN) by the caller's ``poison`` fixture, and compares the output and every input
