@@ -182,3 +182,22 @@ def test_cuda_attention_captures_and_replays_in_a_cuda_graph():
     graph.replay()
     for c, e in zip(captured, step()):
         torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+
+def test_cuda_attention_capabilities_come_from_the_head_dim_list():
+    """The backends declare exactly the kernels' head_dim list (_cuda_attention.HEAD_DIMS): every
+    multiple of 8 up to 256, nothing else."""
+    from fastbert.backends import CallInfo
+    from fastbert.backends._cuda_attention import HEAD_DIMS
+
+    assert HEAD_DIMS == tuple(range(8, 257, 8))
+    for name in ("cuda-host", "cuda"):
+        caps = get_backend(name).caps.get("attention")
+        if caps is None:
+            pytest.skip(f"{name}: attention not registered")
+        assert all(caps.head_dims(d) for d in HEAD_DIMS)
+        assert not any(caps.head_dims(d) for d in (4, 12, 26, 264, 512))
+    _require("cuda-host")
+    call = CallInfo("attention", "cpu", torch.float16, 26, frozenset({"attention_mask"}))
+    assert get_backend("cuda-host").reasons(call) == ["head_dim 26 not supported (supports "
+                                                      + get_backend("cuda-host").caps["attention"].head_dims_doc + ")"]
