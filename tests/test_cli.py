@@ -211,6 +211,7 @@ def test_demo_reference_backend():
     assert r.max_abs_diff_hidden <= PARITY_ATOL and r.max_abs_diff_pooler <= PARITY_ATOL
     assert r.backends == {"attention": "reference", "layer_norm": "reference", "gelu": "reference"}
     _check_similarity(r.labels, r.similarity)
+    assert r.similarity_of("en cat", "en cat'") > r.similarity_of("en cat", "en market")
     assert r.tokens_per_s_fastbert is None and r.tokens_per_s_transformers is None  # not timed
 
 
