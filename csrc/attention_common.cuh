@@ -27,7 +27,6 @@
 namespace fb::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Units of the scores inside the kernels: the tensor-core paths keep them in log2 units (scaled by
 // log2(e)) so every exponential is one exp2; the fp32 path stays in natural units with expf, which
