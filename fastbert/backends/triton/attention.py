@@ -371,24 +371,33 @@ def head_dim_bucket(head_dim: int) -> int:
     return max(_MIN_BLOCK, triton.next_power_of_2(head_dim))
 
 
-# (kind, head_dim bucket, dtype itemsize class, sm major) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
-# kind: "fwd" (BLOCK_M query rows per program), "dkdv" (BLOCK_N keys per program, BLOCK_M query
-# rows per inner step), "dq" (BLOCK_M query rows per program). "16" = fp16/bf16, "32" = fp32.
-# Chosen so that the highest-pressure variant (mask + bias + dbias + dropout) compiles without
-# spills for 16-bit dtypes up to head_dim 128 (tests/test_triton_aot_attention.py is the gate).
+# kind -> dtype size class ("16" = fp16/bf16, "32" = fp32) -> head_dim bucket ->
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). kind: "fwd" (BLOCK_M query rows per program), "dkdv"
+# (BLOCK_N keys per program, BLOCK_M query rows per inner step), "dq" (BLOCK_M query rows per
+# program). Chosen by ahead-of-time compiles of the highest-pressure variant (mask + bias + dbias +
+# dropout, padded and varlen) for sm_80 and sm_90 so that fp16/bf16 up to head_dim 128 compile
+# without spills (tests/test_triton_aot_attention.py is the gate). The forward tile is at ptxas's
+# 255-register limit in most configs (Philox on the whole score tile, the bias tile and its
+# addresses); a head_dim that does not fill its bucket (masked lanes, e.g. 40, 80, 200) needs more
+# registers still and takes the narrower tiles of _MASKED_CONFIGS. IEEE fp32 has no tensor-core
+# tl.dot (FMA instead), so fp32 tiles are small; its spills are a recorded budget, not gated.
 _CONFIGS = {
-    ("fwd", 16): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3),
-                  256: (64, 32, 8, 2)},
+    ("fwd", 16): {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 3), 128: (128, 16, 8, 2),
+                  256: (64, 16, 8, 2)},
     ("fwd", 32): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (64, 16, 8, 2),
                   256: (32, 16, 8, 1)},
-    ("dkdv", 16): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 8, 2), 128: (16, 64, 8, 2),
+    ("dkdv", 16): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 64, 8, 2),
                    256: (16, 32, 8, 1)},
-    ("dkdv", 32): {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (16, 32, 8, 2), 128: (16, 32, 8, 1),
+    ("dkdv", 32): {16: (32, 16, 4, 1), 32: (32, 16, 4, 1), 64: (32, 16, 4, 1), 128: (16, 16, 4, 1),
                    256: (16, 16, 8, 1)},
     ("dq", 16): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2),
-                 256: (32, 32, 8, 1)},
-    ("dq", 32): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 1),
-                 256: (16, 32, 8, 1)},
+                 256: (32, 16, 8, 1)},
+    ("dq", 32): {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (32, 16, 8, 1),
+                 256: (16, 16, 8, 1)},
+}
+_MASKED_CONFIGS = {
+    ("fwd", 16): {16: (128, 16, 8, 2), 32: (128, 16, 8, 2), 64: (128, 16, 8, 2), 128: (128, 16, 8, 2),
+                  256: (32, 16, 8, 2)},
 }
 # Under the interpreter every program runs in sequence on the CPU: small square tiles keep the
 # masked work on short test sequences low.
@@ -399,14 +408,16 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int | N
                      interpret: bool = INTERPRET) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for ``kind`` in ``"fwd" | "dkdv" | "dq"``.
 
-    A heuristic table per head_dim bucket, dtype and arch (``arch``: compute capability major,
-    e.g. 8 or 9; the table is shared by sm_80 and sm_90 today) instead of runtime autotuning, so
-    launches are deterministic and CUDA-graph safe.
+    A heuristic table per head_dim bucket (and whether head_dim fills it), dtype and arch
+    (``arch``: compute capability major, 8 or 9; one table serves sm_80 and sm_90 today) instead
+    of runtime autotuning, so launches are deterministic and CUDA-graph safe.
     """
     if interpret:
         return _INTERPRET_CONFIG
-    size = 32 if dtype == torch.float32 else 16
-    return _CONFIGS[(kind, size)][head_dim_bucket(head_dim)]
+    key, bucket = (kind, 32 if dtype == torch.float32 else 16), head_dim_bucket(head_dim)
+    if head_dim != bucket and bucket in _MASKED_CONFIGS.get(key, {}):
+        return _MASKED_CONFIGS[key][bucket]
+    return _CONFIGS[key][bucket]
 
 
 def _device_arch(q: torch.Tensor) -> int | None:
@@ -546,10 +557,11 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
 # Ahead-of-time compile variants (fastbert.backends.triton._aot; gate: tests/test_triton_aot_attention.py)
 # ----------------------------------------------------------------------------------------------
 
-# head_dims compiled in CI: one per bucket, the bucket's own width (its largest member).
-AOT_HEAD_DIMS = (16, 32, 64, 128, 256)
-# Spill budgets (bytes of spill stores + loads) where zero is not reached; zero everywhere else.
-# The gate is zero for fp16/bf16 up to head_dim 128; these are recorded budgets.
+# CI compiles BERT's head_dim in fp16 and the largest zero-spill bucket in bf16 (the compiled bf16
+# tl.dot, which the interpreter cannot run); the full matrix (``full=True``, ``-m
+# slow``) compiles every bucket x dtype, the non-power-of-two head_dims and the varlen layout.
+AOT_CI = ((torch.float16, 64), (torch.bfloat16, 128))
+AOT_FULL_HEAD_DIMS = (8, 16, 24, 32, 40, 64, 80, 96, 128, 200, 256)
 AOT_SPILL_BUDGETS: dict[tuple[str, str, int], int] = {}
 
 
@@ -558,7 +570,8 @@ def _aot_spill_budget(kind: str, dtype: torch.dtype, head_dim: int) -> int:
 
 
 def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False, arch: int = 90,
-                 batch: int = 4, seqlen: int = 512, num_heads: int = 12):
+                 allow_tf32: bool = False, dropout: bool = True, batch: int = 4, seqlen: int = 512,
+                 num_heads: int = 12):
     """``[(label, kernel, kwargs)]`` of every attention launch for one configuration, built by the
     launchers' own argument builders from meta tensors (data_ptr 0: 16-byte aligned, like torch's
     allocations). Padded: every feature on (mask, bias with gradient, dropout); varlen: dropout."""
@@ -579,8 +592,8 @@ def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False, arc
         kw = dict(attention_mask=torch.empty(batch, seqlen, dtype=torch.bool, **meta), attn_bias=bias,
                   cu_seqlens=None, max_seqlen=None)
         dbias = torch.empty(bias.shape, dtype=torch.float32, **meta)
-    kw.update(dropout_p=0.1, seed=torch.empty(2, dtype=torch.int64, **meta), softmax_scale=head_dim ** -0.5,
-              allow_tf32=False, arch=arch)
+    kw.update(dropout_p=0.1 if dropout else 0.0, seed=torch.empty(2, dtype=torch.int64, **meta), softmax_scale=head_dim ** -0.5,
+              allow_tf32=allow_tf32, arch=arch)
     _, fkw = fwd_launch(q, k, v, out, lse, **kw)
     launches = [("fwd", _attn_fwd_kernel, fkw)]
     names = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
@@ -591,22 +604,25 @@ def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False, arc
 
 
 def aot_variants(full: bool = False):
-    """Ahead-of-time compile variants: per head_dim bucket and dtype, the highest-pressure variant
-    of each kernel (padded, every feature on); ``full`` adds the non-power-of-two head_dims, the
-    varlen layout and the preprocess kernel. One config table serves sm_80 and sm_90 today, so each
-    variant is compiled for both."""
+    """Ahead-of-time compile variants: the highest-pressure variant of each kernel (padded layout,
+    every feature on) for :data:`AOT_CI`; ``full`` compiles every head_dim bucket and dtype, the
+    non-power-of-two head_dims, the varlen layout and the preprocess kernel. One config table
+    serves sm_80 and sm_90 today, so each variant is compiled for both."""
     from fastbert.backends.triton._aot import AotVariant, split_launch
 
-    head_dims = AOT_HEAD_DIMS + ((40, 80, 96, 200) if full else ())
+    if full:
+        configs = [(dt, hd, varlen, False) for dt in (torch.float16, torch.bfloat16, torch.float32)
+                   for hd in AOT_FULL_HEAD_DIMS for varlen in (False, True)]
+        configs += [(torch.float32, hd, False, True) for hd in (64, 128)]  # the TF32 tl.dot
+    else:
+        configs = [(dt, hd, False, False) for dt, hd in AOT_CI]
     out = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in head_dims:
-            for varlen in ((False, True) if full else (False,)):
-                for kind, kernel, kw in aot_launches(dtype, head_dim, varlen=varlen):
-                    if kind == "bwd_preprocess" and not full:
-                        continue  # a row reduction: no register pressure to gate
-                    label = (f"attention_{kind} {str(dtype)[6:]} d={head_dim}"
-                             f"{' varlen' if varlen else ''}")
-                    out.append(AotVariant(label, kernel, *split_launch(kernel, kw),
-                                          spill_budget=_aot_spill_budget(kind, dtype, head_dim)))
+    for dtype, head_dim, varlen, tf32 in configs:
+        for kind, kernel, kw in aot_launches(dtype, head_dim, varlen=varlen, allow_tf32=tf32):
+            if kind == "bwd_preprocess" and not full:
+                continue  # a row reduction: no register pressure to gate
+            label = (f"attention_{kind} {str(dtype)[6:]} d={head_dim}{' varlen' if varlen else ''}"
+                     f"{' tf32' if tf32 else ''}")
+            out.append(AotVariant(label, kernel, *split_launch(kernel, kw),
+                                  spill_budget=_aot_spill_budget(kind, dtype, head_dim)))
     return out

@@ -1,0 +1,92 @@
+"""Ahead-of-time compile gate of the Triton attention kernels for sm_80 and sm_90 (no GPU needed).
+
+Compiles the highest-pressure variant (padded layout, mask + bias + dbias + dropout) of the
+forward, dK/dV and dQ kernels with the launchers' own arguments and the config table, and gates
+on ptxas spills: zero for fp16/bf16 up to head_dim 128, a recorded budget elsewhere
+(``AOT_SPILL_BUDGETS`` in the kernel module). Runs in a subprocess: this process interprets
+Triton, and interpreted and compiled Triton never mix in one process. The Triton 3.6 leg runs
+the same entry point in the side environment ``.venv-triton36`` when it exists.
+
+CI compiles ``AOT_CI``: fp16 at head_dim 64 (BERT's), bf16 at head_dim 128 (the largest gated
+bucket, and the only place the compiled bf16 ``tl.dot`` is checked without a GPU); the two
+archs compile concurrently. fp32 (IEEE fp32 ``tl.dot`` lowers to FMAs: slow to compile, spills
+are a recorded budget) is compiled only by the full matrix. ``-m slow`` compiles the full matrix (every bucket, the
+non-power-of-two head_dims, varlen, TF32, the preprocess kernel). The full matrix per bucket x
+dtype x arch is too slow for CI's time budget (about 5 s per compile, ~500 compiles).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIDE_PYTHON = ROOT / ".venv-triton36" / "bin" / "python"
+MODULE = "fastbert.backends.triton.attention"
+KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+PYTHONS = [pytest.param(sys.executable, id="triton-ci"),
+           pytest.param(SIDE_PYTHON, id="triton-3.6", marks=pytest.mark.skipif(
+               not SIDE_PYTHON.exists(), reason=f"no Triton 3.6 side environment at {SIDE_PYTHON}"))]
+
+
+def _run_aot(python, tmp_path, *args) -> dict:
+    """The AOT entry point for the attention module, one subprocess per arch, run concurrently
+    (each compile is single-threaded); returns the merged resource table."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    procs = []
+    for arch in (80, 90):
+        out = tmp_path / f"aot{arch}.json"
+        env_arch = dict(env, TRITON_CACHE_DIR=str(tmp_path / f"triton-cache-{arch}"))
+        procs.append((out, subprocess.Popen(
+            [str(python), "-m", "fastbert.backends.triton._aot", "--module", MODULE, "--arch", str(arch),
+             "--json", str(out), *args], cwd=ROOT, env=env_arch, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)))
+    merged = {"kernels": [], "failures": []}
+    for out, proc in procs:
+        stdout, stderr = proc.communicate(timeout=3600)
+        table = json.loads(out.read_text()) if out.exists() else {"kernels": [], "failures": []}
+        merged["triton"] = table.get("triton")
+        merged["kernels"] += table["kernels"]
+        merged["failures"] += table["failures"]
+        assert proc.returncode == 0, f"AOT compile failed:\n{stdout}\n{stderr[-4000:]}"
+    return merged
+
+
+def _head_dim(label: str) -> int:
+    return int(label.split("d=")[1].split()[0])
+
+
+def _check(table) -> None:
+    assert not table["failures"], table["failures"]
+    compiled = {(k["kernel"], k["arch"]) for k in table["kernels"]}
+    for kernel in KERNELS:
+        for arch in (80, 90):
+            assert (kernel, arch) in compiled, f"{kernel} not compiled for sm_{arch}"
+    for k in table["kernels"]:
+        assert k["spill_stores"] is not None, f"no ptxas spill statistics for {k['label']}"
+        assert k["spill_stores"] + k["spill_loads"] <= k["spill_budget"], k
+        if "float16" in k["label"] and _head_dim(k["label"]) <= 128:  # fp16 and bf16
+            assert k["spill_budget"] == 0, f"{k['label']}: fp16/bf16 up to head_dim 128 must not spill"
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_aot_attention_gate(python, tmp_path):
+    """The CI set (``AOT_CI``): fwd, dK/dV and dQ, every feature on, sm_80 and sm_90."""
+    table = _run_aot(python, tmp_path)
+    _check(table)
+    assert len(table["kernels"]) == 3 * 2 * 2, "3 kernels x 2 (dtype, head_dim) x 2 archs"
+    assert {k["label"].split()[1] for k in table["kernels"]} == {"float16", "bfloat16"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", PYTHONS)
+def test_aot_attention_full_matrix(python, tmp_path):
+    """Every head_dim bucket (and non-power-of-two head_dims), dtype, layout, TF32, every kernel."""
+    table = _run_aot(python, tmp_path, "--full")
+    _check(table)
