@@ -21,6 +21,7 @@ from fastbert.backends._cuda_ops import dtype_code, fault_injection, launch_kwar
 
 # head_dims the kernels take (one list for capabilities, tests and docs).
 HEAD_DIMS = tuple(range(8, 257, 8))
+HEAD_DIMS_DOC = "multiples of 8 up to 256"
 # Every attention feature; "tf32" is accepted and computed in IEEE fp32 (the plain fp32 path).
 FEATURES = ALL_FEATURES & frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
                                      "deterministic", "tf32"})
