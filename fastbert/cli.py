@@ -449,6 +449,21 @@ def _record_backends():
             mod.resolve = original
 
 
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers without its loading progress bars and warnings, restored afterwards."""
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _interpreted(name: str) -> bool:
     """True for a backend whose kernels run through an interpreter/emulator (its speed means nothing)."""
     return (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1") or name.endswith("-host")
@@ -529,21 +544,20 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
     if backend is not None and backend != "auto" and backend not in all_backends():
         raise DemoError(f"--backend: expected one of {['auto', *all_backends()]}, got {backend!r}")
     device = device or _default_device()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    with _quiet(transformers):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        try:
+            ours = BertModel.from_pretrained(str(model_dir), backend=backend)
+        except (NotImplementedError, ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise DemoError(f"--model: fastbert cannot load {str(model_dir)!r}: {exc}") from exc
+        theirs = transformers.BertModel.from_pretrained(
+            str(model_dir), local_files_only=True, dtype=torch.float32)
+    ours = ours.to(device=device, dtype=torch.float32).eval()
+    theirs = theirs.to(device).eval()
     batch = _tokenize(tokenizer, device)
     mask = batch["attention_mask"].bool()
     num_real = int(mask.sum())
-
-    try:
-        ours = BertModel.from_pretrained(str(model_dir), backend=backend)
-    except (NotImplementedError, ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise DemoError(f"--model: fastbert cannot load {str(model_dir)!r}: {exc}") from exc
-    ours = ours.to(device=device, dtype=torch.float32).eval()
-    theirs = transformers.BertModel.from_pretrained(
-        str(model_dir), local_files_only=True, dtype=torch.float32).to(device).eval()
 
     with torch.inference_mode(), _record_backends() as used:
         try:
