@@ -10,11 +10,14 @@ Commands:
     package, read offline) through fastbert's encoder and through ``transformers.BertModel`` on the
     same padded batch of English and Portuguese sentences and sentence pairs, and prints the
     backend each op used, the max abs difference (PASS <= 1e-4), a sentence similarity matrix and
-    tokens/s for both. Exit status 1 when parity fails, 2 on bad arguments.
+    tokens/s for both (real tokens only; the two models timed in interleaved rounds, median,
+    within a time budget; "n/a" for an interpreted or emulated backend). ``--json`` prints the
+    :class:`DemoResult`. Exit status 1 when parity fails, 2 on bad arguments.
 ``fastbert bench ...``
     Forwards its arguments to the benchmark runner ``fastbert.bench.main(argv)``.
 
-Output uses ``rich`` when it is installed (it is not a dependency) and plain text otherwise.
+Output uses ``rich`` when it is installed (it is not a dependency) and plain text otherwise
+(or with ``--plain``).
 """
 
 from __future__ import annotations
