@@ -83,9 +83,14 @@ def _assert_model_parity(model, ref_lo, ref_hi, batch, *, grads=True):
     if not grads:
         return
     assert g.keys() == g_hi.keys()
+    # A parameter gradient is a sum over every token of the batch: its rounding error grows like
+    # sqrt(tokens), so the floor is 4 eps * sqrt(tokens) (PyTorch's own fp32 error on one
+    # parameter can be luckily small; measured worst ratio to it 2.8, LayerNorm weights).
+    floor_eps = 4.0 * float(mask.sum()) ** 0.5
     for name in g:
         assert g[name] is not None, f"{name}: no gradient"
-        assert_close_to_ref(g[name], g_hi[name], g_lo[name], factor=3.0, name=f"grad {name}")
+        assert_close_to_ref(g[name], g_hi[name], g_lo[name], factor=3.0, floor_eps=floor_eps,
+                            name=f"grad {name}")
 
 
 @pytest.fixture(scope="module")
