@@ -194,6 +194,34 @@ def test_patch_heads(cls):
     torch.testing.assert_close(model(**b)[0], ref(**b)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_patch_forces_backend(monkeypatch):
+    """``patch(model, backend=...)`` reaches every fastbert op call (attention, add & norm, GELU)."""
+    import fastbert.integrations.transformers as hf_integration
+
+    seen = []
+    for op in ("attention", "layer_norm", "gelu"):
+        real = getattr(hf_integration, op)
+
+        def spy(*args, _real=real, _op=op, **kwargs):
+            seen.append((_op, kwargs.get("backend")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(hf_integration, op, spy)
+    torch.manual_seed(0)
+    ref = BertModel(_small_config()).eval()
+    model = BertModel(_small_config()).eval()
+    model.load_state_dict(ref.state_dict())
+    patch(model, backend="reference")
+    b = _random_batch()
+    with torch.no_grad():
+        out = model(**b).last_hidden_state
+        want = ref(**b).last_hidden_state
+    assert {op for op, _ in seen} == {"attention", "layer_norm", "gelu"}
+    assert all(backend == "reference" for _, backend in seen)
+    mask = b["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hidden_act, approximate", [("gelu_new", "tanh"), ("gelu_python", "none"),
                                                      ("relu", None)])
 def test_hidden_act_mapping(hidden_act, approximate):
