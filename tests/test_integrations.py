@@ -194,6 +194,34 @@ def test_patch_heads(cls):
     torch.testing.assert_close(model(**b)[0], ref(**b)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["roberta", "electra"])
+def test_patch_bert_family(family):
+    """Models with BERT's block layout (RoBERTa, ELECTRA) are rewired too: 3 blocks per layer."""
+    kwargs = _small_config().to_dict()
+    kwargs = {k: kwargs[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     "intermediate_size", "max_position_embeddings", "hidden_dropout_prob",
+                                     "attention_probs_dropout_prob")}
+    if family == "roberta":
+        config, cls = transformers.RobertaConfig(**kwargs), transformers.RobertaForSequenceClassification
+    else:
+        config, cls = transformers.ElectraConfig(embedding_size=64, **kwargs), transformers.ElectraForMaskedLM
+    torch.manual_seed(0)
+    ref = cls(config).train()
+    model = cls(config).train()
+    model.load_state_dict(ref.state_dict())
+    patch(model)
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 3 * config.num_hidden_layers
+    assert model.config._attn_implementation == "fastbert"
+    b = _random_batch()
+    out, want = model(**b)[0], ref(**b)[0]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    want.sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
 def test_patch_forces_backend(monkeypatch):
     """``patch(model, backend=...)`` reaches every fastbert op call (attention, add & norm, GELU)."""
     import fastbert.integrations.transformers as hf_integration

@@ -259,9 +259,9 @@ def is_patched(model: nn.Module) -> bool:
 def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     """Rewire a transformers BERT-family model in place to run on fastbert's fused ops.
 
-    ``BertModel`` and the ``BertFor*`` heads (and models with BERT's block layout: modules named
+    ``BertModel`` and the ``BertFor*`` heads, and models with BERT's block layout (modules named
     ``*SelfAttention`` / ``*SelfOutput`` / ``*Intermediate`` / ``*Output`` with the same
-    children). Attention switches to ``attn_implementation="fastbert"`` (see :func:`register`);
+    children; RoBERTa and ELECTRA are tested). Attention switches to ``attn_implementation="fastbert"`` (see :func:`register`);
     the add & norm blocks run ``layer_norm(dense_nobias(h), x_bias=dense.bias, residual=input,
     dropout_p=...)``; the intermediate block runs ``gelu(dense_nobias(h), bias=dense.bias)`` when
     ``config.hidden_act`` maps to fastbert's GELU (``gelu``, ``gelu_python`` -> erf; ``gelu_new``,
