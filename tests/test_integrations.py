@@ -345,3 +345,16 @@ def test_patch_rejects_other_models():
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="model: expected a BERT-family model"):
         patch(gpt2)
+
+
+def test_causal_call_without_mask_is_refused():
+    from fastbert.integrations.transformers import fastbert_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="attention_mask: a causal attention call needs a mask"):
+        fastbert_attention_forward(module, q, q, q, None)
+    module.is_causal = False
+    out, probs = fastbert_attention_forward(module, q, q, q, None)
+    assert out.shape == (1, 5, 2, 8) and probs is None

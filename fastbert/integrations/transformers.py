@@ -156,6 +156,12 @@ def fastbert_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
     if getattr(module, "num_key_value_groups", 1) != 1:
         raise ValueError(f"num_key_value_groups: attn_implementation='fastbert' supports 1 (BERT's "
                          f"multi-head attention), got {module.num_key_value_groups}")
+    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
+    if is_causal and attention_mask is None and query.shape[2] > 1:
+        # fastbert_mask always materialises causal masks; a causal call without one would
+        # silently attend to the future.
+        raise ValueError("attention_mask: a causal attention call needs a mask with "
+                         "attn_implementation='fastbert' (fastbert.ops.attention has no is_causal)")
     softmax_scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     mask2d, bias = _split_mask(attention_mask, query.dtype)
     if kwargs.get("output_attentions", False):
