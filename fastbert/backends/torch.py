@@ -1,7 +1,9 @@
 """The torch composite backend: ``scaled_dot_product_attention``, ``native_layer_norm``, GELU math.
 
-The fast default on CPU and the fallback everywhere. Varlen attention is re-padded only inside
-attention. With dropout, attention needs the shared Philox keep mask, which SDPA cannot take, so it
+The fast default on CPU and the fallback everywhere. Varlen attention runs one sequence at a time
+on CPU (no padding at all; reading ``cu_seqlens`` is a free host sync there) and is re-padded only
+inside attention elsewhere. Outputs are computed into the preallocated tensors (``out=``) where aten
+allows it, saving the copy a temporary would cost. With dropout, attention needs the shared Philox keep mask, which SDPA cannot take, so it
 runs the reference's composite math instead, and backward is that composite's backward (this
 backend writes no ``lse``).
 """
@@ -64,6 +66,22 @@ def _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale):
         out[start:end].copy_(o[0].transpose(0, 1))
 
 
+def _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale):
+    """Backward of :func:`_sdpa_per_sequence`: recompute each sequence's SDPA and differentiate it
+    (aten's CPU flash backward), writing the slices of dq/dk/dv. No padded rows, as in forward."""
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].detach().transpose(0, 1).unsqueeze(0).requires_grad_()
+                      for t in (q, k, v))
+        with torch.enable_grad():
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
+        grads = torch.autograd.grad(o, (qs, ks, vs), dout[start:end].transpose(0, 1).unsqueeze(0))
+        for g, dst in zip(grads, (dq, dk, dv)):
+            dst[start:end].copy_(g[0].transpose(0, 1))
+
+
 def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
                softmax_scale):
     mask = attention_mask
@@ -94,7 +112,11 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
                   deterministic=False):
-    """Backend entry point: the composite backward (recompute P with matmuls; see the reference)."""
+    """Backend entry point: the composite backward (recompute P with matmuls; see the reference),
+    or per sequence through SDPA's autograd where the forward ran per sequence."""
+    if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
+            and attn_bias is None):
+        return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
     kw = dict(attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
     if cu_seqlens is not None:
         grads = attention_varlen_math_bwd(dout, q, k, v, cu_seqlens, max_seqlen, **kw)
@@ -146,10 +168,15 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     hidden = h.shape[-1]
     stat = h.dtype if weight is None else torch.promote_types(h.dtype, weight.dtype)
     stat = torch.float32 if stat in (torch.float16, torch.bfloat16) else stat
-    dh, _, _ = torch.ops.aten.native_layer_norm_backward(
+    # fp32/fp64 with weight in h's dtype: aten's dweight already accumulates in that dtype, so it
+    # comes from the same pass as dh instead of three [rows, hidden] temporaries here.
+    aten_dweight = dweight is not None and h.dtype == stat and weight.dtype == stat
+    dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
         dy, h, (hidden,), mean.view(-1, 1).to(stat), rstd.view(-1, 1).to(stat), weight, None,
-        [True, False, False])
-    if dweight is not None:  # accumulated in fp32 (aten rounds xhat to h's dtype for fp16/bf16)
+        [True, aten_dweight, False])
+    if aten_dweight:
+        dweight.copy_(dw)
+    elif dweight is not None:  # accumulated in fp32 (aten rounds xhat to h's dtype for fp16/bf16)
         xhat = (h.to(stat) - mean.view(-1, 1).to(stat)) * rstd.view(-1, 1).to(stat)
         dweight.copy_((dy.to(stat) * xhat).sum(0))
     if dbias is not None:
@@ -158,8 +185,9 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
         dresidual.copy_(dh)
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], hidden, device=h.device)
-        dh = dh * keep * (1.0 / (1.0 - dropout_p))
-    dx.copy_(dh)
+        dh = torch.mul(dh, keep, out=dx).mul_(1.0 / (1.0 - dropout_p))
+    else:
+        dx.copy_(dh)
     if dx_bias is not None:
         dx_bias.copy_(dh.sum(0, dtype=stat))
 
@@ -186,7 +214,7 @@ def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
     """Backend entry point: ``aten.gelu_backward`` (fp32/fp64) or the reference (fp16/bf16)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return reference.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
-    z = x if bias is None else x + bias.to(x.dtype)
-    dx.copy_(torch.ops.aten.gelu_backward(dy, z, approximate=approximate))
+    z = x if bias is None else torch.add(x, bias.to(x.dtype), out=dx)  # dx as the z workspace
+    torch.ops.aten.gelu_backward.grad_input(dy, z, approximate=approximate, grad_input=dx)
     if dbias is not None:
         dbias.copy_(dx.sum(0, dtype=dbias.dtype))
