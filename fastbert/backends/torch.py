@@ -23,8 +23,9 @@ from fastbert.backends.reference import (_pad_varlen, attention_math, attention_
 # ----------------------------------------------------------------------------------------------
 
 
-def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale):
-    """SDPA on ``[batch, seqlen, num_heads, head_dim]`` with empty rows returning zeros.
+def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out=None):
+    """SDPA on ``[batch, seqlen, num_heads, head_dim]`` with empty rows returning zeros (into ``out``
+    when given, else a new tensor).
 
     A row with no key would give NaN (or a backend-dependent value) and NaN gradients, so its mask
     is opened to every key and its output zeroed afterwards: the row then passes zero gradients.
@@ -43,11 +44,15 @@ def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale):
     if attn_bias is not None:
         bias = attn_bias.to(q.dtype)
         attn = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=attn, scale=softmax_scale)  # [B, H, Lq, d]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=attn, scale=softmax_scale)  # [B, H, Lq, d]
+    if out is not None:  # write [B, Lq, H, d] straight into the preallocated output
+        if has_key is None:
+            return out.copy_(o.transpose(1, 2))
+        return torch.where(has_key.transpose(1, 2), o.transpose(1, 2), o.new_zeros(()), out=out)
     if has_key is not None:
-        out = torch.where(has_key, out, 0.0)
-    return out.transpose(1, 2)
+        o = torch.where(has_key, o, 0.0)
+    return o.transpose(1, 2)
 
 
 def _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale):
@@ -104,6 +109,8 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
         if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
                 and attn_bias is None):
             return _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale)
+        if cu_seqlens is None and dropout_p == 0.0:
+            return _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out=out)
         out.copy_(_attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
                              seed=seed, softmax_scale=softmax_scale))
