@@ -164,3 +164,15 @@ def test_device_check_dry_run(tmp_path):
     names = os.listdir(out)
     assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
     assert all((out / n).is_file() for n in names)
+
+
+def test_cpu_clock_ignores_time_spent_waiting():
+    """``clock="cpu"`` counts this process's CPU seconds: a sleeping call costs ~0 (wall: >= 20 ms)."""
+    import time
+
+    from fastbert.bench.timing import measure
+
+    nap = lambda: time.sleep(0.02)  # noqa: E731
+    wall = measure(nap, "cpu", TimingPlan(warmup=0, min_reps=2, max_reps=2, min_time_s=0.0))
+    cpu = measure(nap, "cpu", TimingPlan(warmup=0, min_reps=2, max_reps=2, min_time_s=0.0, clock="cpu"))
+    assert wall.median >= 0.02 and cpu.median < 0.01

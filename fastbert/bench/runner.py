@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="skip the CUDA-graph-replayed encoder rows")
     p.add_argument("--reps", type=int, help="samples per implementation (overrides the plan's count and time)")
     p.add_argument("--warmup", type=int, help="unrecorded warm-up calls per implementation")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="CPU timing: wall clock (default) or this process's CPU time, which other jobs "
+                        "on a shared machine do not inflate (sets --threads 1, where it equals the wall "
+                        "time on an idle core)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     p.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
     p.add_argument("--plot", choices=["per-op", "combined", "none"], default="per-op",
@@ -277,7 +281,8 @@ def describe(opts: Options, plan: TimingPlan, interleave: bool = False) -> list[
              f"{'quick' if opts.quick else 'full'} | models {','.join(opts.models)} | fill {opts.fill}"]
     lines.append(f"timing: {plan.warmup} warm-up calls excluded, then {plan.min_reps}..{plan.max_reps} samples "
                  f"(>= {plan.min_time_s} s measured); median and IQR"
-                 + ("; CUDA events, L2 flushed before each sample" if opts.device == "cuda" else "; wall clock")
+                 + ("; CUDA events, L2 flushed before each sample" if opts.device == "cuda" else
+                    "; process CPU time (1 thread)" if plan.clock == "cpu" else "; wall clock")
                  + ("; a case's implementations interleaved round-robin" if interleave else ""))
     for op in opts.ops:
         if op in ("attention", "encoder"):
@@ -301,9 +306,16 @@ def main(argv=None) -> int:
     """
     args = build_parser().parse_args(argv)
     opts = options_from(args)
+    if args.clock == "cpu":
+        if opts.device != "cpu":
+            raise SystemExit("fastbert bench: --clock cpu: only for --device cpu (GPU timing uses CUDA events)")
+        if args.threads not in (None, 1):
+            raise SystemExit(f"fastbert bench: --clock cpu: needs --threads 1 (CPU time sums threads), got {args.threads}")
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = timing_plan(opts)
+    plan.clock = args.clock
     if args.reps is not None:
         if args.reps < 1:
             raise SystemExit(f"fastbert bench: --reps: expected >= 1, got {args.reps}")
@@ -325,7 +337,8 @@ def main(argv=None) -> int:
                           for k, v in vars(opts).items()},
               "timing": {"warmup": plan.warmup, "min_reps": plan.min_reps, "max_reps": plan.max_reps,
                          "min_time_s": plan.min_time_s,
-                         "method": "cuda events, L2 flush" if opts.device == "cuda" else "wall clock",
+                         "method": "cuda events, L2 flush" if opts.device == "cuda" else
+                         ("process cpu time" if plan.clock == "cpu" else "wall clock"),
                          "order": "interleaved (round-robin per case)" if interleave else "sequential",
                          "statistics": "median, IQR (q75 - q25)"},
               "description": header, "env": environment(opts), "cases": [], "complete": False}

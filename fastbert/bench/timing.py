@@ -4,7 +4,9 @@ GPU: each sample is one call bracketed by CUDA events on the current stream, wit
 flushed (a 256 MiB buffer overwritten) before it, so no call reads what the previous one left in
 L2; warm-up calls (Triton compilation, autotuning, ``torch.compile``, allocator growth) run first
 and are not recorded. CPU: the same protocol with ``time.perf_counter`` around each call under a
-fixed ``torch.set_num_threads`` (no cache flush: a CPU run measures what a user sees).
+fixed ``torch.set_num_threads`` (no cache flush: a CPU run measures what a user sees), or, with
+``clock="cpu"`` at one thread, the process's CPU time, which other jobs on a shared machine do
+not inflate.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class TimingPlan:
     min_reps: int = 10
     max_reps: int = 200
     min_time_s: float = 1.0
+    clock: str = "wall"  # CPU only: "wall" (perf_counter) or "cpu" (this process's CPU time)
 
     @classmethod
     def quick(cls) -> "TimingPlan":
@@ -70,6 +73,12 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return _flush_buffers[key]
 
 
+def _cpu_clock(plan: TimingPlan):
+    """``time.process_time`` counts only this process's CPU seconds, so other jobs on a shared
+    machine do not inflate it; at one thread it equals the wall time on an idle core."""
+    return time.process_time if plan.clock == "cpu" else time.perf_counter
+
+
 def measure(fn: Callable[[], object], device: torch.device | str, plan: TimingPlan) -> Stats:
     """Time ``fn()`` per call on ``device`` ("cpu" or a CUDA device) following ``plan``."""
     device = torch.device(device)
@@ -77,12 +86,13 @@ def measure(fn: Callable[[], object], device: torch.device | str, plan: TimingPl
         fn()
     if device.type == "cuda":
         return _measure_cuda(fn, device, plan)
+    clock = _cpu_clock(plan)
     stats = Stats()
     total = 0.0
     while len(stats.samples) < plan.max_reps and (len(stats.samples) < plan.min_reps or total < plan.min_time_s):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         stats.samples.append(dt)
         total += dt
     return stats
@@ -126,6 +136,7 @@ def measure_interleaved(fns: list[Callable[[], object]], device: torch.device | 
     if not fns:
         return stats
     flush = _l2_flush_buffer(device) if cuda else None
+    clock = _cpu_clock(plan)
     rounds = 0
     while rounds < plan.max_reps and (rounds < plan.min_reps or min(sum(s.samples) for s in stats) < plan.min_time_s):
         shift = rounds % len(fns)
@@ -139,8 +150,8 @@ def measure_interleaved(fns: list[Callable[[], object]], device: torch.device | 
                 end.synchronize()
                 stats[i].samples.append(start.elapsed_time(end) * 1e-3)
             else:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[i]()
-                stats[i].samples.append(time.perf_counter() - t0)
+                stats[i].samples.append(clock() - t0)
         rounds += 1
     return stats
