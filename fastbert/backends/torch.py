@@ -78,11 +78,14 @@ def _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].detach().transpose(0, 1).unsqueeze(0).requires_grad_()
-                      for t in (q, k, v))
-        with torch.enable_grad():
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
-        grads = torch.autograd.grad(o, (qs, ks, vs), dout[start:end].transpose(0, 1).unsqueeze(0))
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        # Explicit aten forward + backward: inside a custom op autograd dispatch is excluded, so
+        # SDPA would record no graph even under torch.enable_grad().
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qs, ks, vs, 0.0, False, scale=softmax_scale)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout[start:end].transpose(0, 1).unsqueeze(0), qs, ks, vs, o, lse, 0.0, False,
+            scale=softmax_scale)
         for g, dst in zip(grads, (dq, dk, dv)):
             dst[start:end].copy_(g[0].transpose(0, 1))
 
