@@ -22,6 +22,28 @@ from fastbert.backends._philox import attention_keep_mask, rows_keep_mask
 # ----------------------------------------------------------------------------------------------
 
 
+def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale):
+    """Heads-first q, k, v, the masked scores ``[B, H, Lq, Lk]`` and the has-key mask ``[B, H, Lq, 1]``.
+
+    Excluded keys (padding, or a ``-inf`` bias) score ``-inf``; an empty row (no key at all) is
+    filled with 0 before the softmax so neither it nor its gradient is NaN, and is zeroed after.
+    """
+    cdt = q.dtype
+    # The seed's shapes, per sequence: x (L, D) -> Q, K, V (L, H, D/H) -> (H, L, D/H).
+    qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+    scores = softmax_scale * (qh @ kh.transpose(-1, -2))  # [B, H, Lq, Lk]
+    if attn_bias is not None:
+        scores = scores + attn_bias.to(cdt)
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].to(torch.bool)
+    if attn_bias is not None:
+        allowed = allowed & (attn_bias != float("-inf"))
+    has_key = allowed.any(dim=-1, keepdim=True)  # [B, H, Lq, 1]
+    scores = torch.where(has_key, torch.where(allowed, scores, float("-inf")), 0.0)
+    return qh, kh, vh, scores, has_key
+
+
 def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0, seed=None,
                    softmax_scale):
     """Masked multi-head attention on the padded layout; returns ``(out, lse)``.
@@ -36,22 +58,7 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     cdt = q.dtype
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    # The seed's shapes, per sequence: x (L, D) -> Q, K, V (L, H, D/H) -> (H, L, D/H).
-    qh = q.to(cdt).transpose(1, 2)  # [B, H, Lq, d]
-    kh = k.to(cdt).transpose(1, 2)  # [B, H, Lk, d]
-    vh = v.to(cdt).transpose(1, 2)  # [B, H, Lk, d]
-    scores = softmax_scale * (qh @ kh.transpose(-1, -2))  # [B, H, Lq, Lk]
-    if attn_bias is not None:
-        scores = scores + attn_bias.to(cdt)
-    allowed = torch.ones_like(scores, dtype=torch.bool)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].to(torch.bool)
-    if attn_bias is not None:
-        allowed = allowed & (attn_bias != float("-inf"))
-    has_key = allowed.any(dim=-1, keepdim=True)  # [B, H, Lq, 1]
-    # Empty rows: fill with 0 before the softmax (no NaN, also in the gradient), zero after it.
-    scores = torch.where(allowed, scores, float("-inf"))
-    scores = torch.where(has_key, scores, 0.0)
+    qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale)
     lse = torch.logsumexp(scores.float(), dim=-1)  # [B, H, Lq]
     lse = torch.where(has_key.squeeze(-1), lse, float("inf"))
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
@@ -117,18 +124,8 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     cdt = q.dtype
     batch, seqlen_q, num_heads, _ = q.shape
     seqlen_k = k.shape[1]
-    qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+    qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale)
     do = dout.to(cdt).transpose(1, 2)  # [B, H, Lq, d]
-    scores = softmax_scale * (qh @ kh.transpose(-1, -2))
-    if attn_bias is not None:
-        scores = scores + attn_bias.to(cdt)
-    allowed = torch.ones_like(scores, dtype=torch.bool)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].to(torch.bool)
-    if attn_bias is not None:
-        allowed = allowed & (attn_bias != float("-inf"))
-    has_key = allowed.any(dim=-1, keepdim=True)
-    scores = torch.where(has_key, torch.where(allowed, scores, float("-inf")), 0.0)
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     zscale = torch.ones((), dtype=cdt, device=q.device)
     if dropout_p > 0.0:
