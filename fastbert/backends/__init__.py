@@ -36,6 +36,10 @@ seed)``
     x/y/dx ``[rows, hidden]`` (contiguous), bias ``[hidden]`` or None, dbias fp32 (fp64 for fp64)
     ``[hidden]``.
 
+A backend that needs scratch memory (row sums, partial reductions) asks :func:`workspace` for it:
+the allocator is the one ``fastbert.ops`` uses for outputs, so the test switch that poisons every
+output with NaN poisons workspaces too, and allocation policy stays in one place.
+
 Each backend registers a :class:`BackendSpec` here. Its ``reasons(op, call)`` lists every reason
 it cannot take a call (empty = it can); the dispatcher in ``fastbert.ops._dispatch`` walks them.
 """
@@ -139,6 +143,22 @@ class BackendSpec:
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
+_workspace_allocator: Callable | None = None
+
+
+def set_workspace_allocator(fn: Callable) -> None:
+    """Install ``fn(shape, dtype, device) -> Tensor`` as the allocator of :func:`workspace`
+    (``fastbert.ops`` installs its own at import)."""
+    global _workspace_allocator
+    _workspace_allocator = fn
+
+
+def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Scratch memory for a backend from the ops layer's allocator (NaN-poisoned under the test
+    switch, so a kernel that reads scratch it never wrote fails its parity tests)."""
+    if _workspace_allocator is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return _workspace_allocator(shape, dtype, device)
 
 
 def preload() -> None:

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 
+from fastbert.backends import workspace
+
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 EXTENSIONS = ("_C", "_C_host")
 
@@ -65,7 +67,7 @@ def fault_injection() -> int:
 
 
 def _workspace(nbytes: int, like: torch.Tensor) -> torch.Tensor | None:
-    return torch.empty(((nbytes + 15) // 16) * 4, dtype=torch.float32, device=like.device) if nbytes else None
+    return workspace((((nbytes + 15) // 16) * 4,), torch.float32, like.device) if nbytes else None
 
 
 def _vec(t: torch.Tensor | None) -> torch.Tensor | None:

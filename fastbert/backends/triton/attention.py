@@ -11,7 +11,7 @@ blocks and accumulates dK and dV (and writes d(attn_bias) per element); a query-
 walks the key blocks and accumulates dQ. Both recompute ``P = exp(S - lse)``. Every output element
 is owned by exactly one program, so the backward is deterministic with or without
 ``deterministic=True`` (it costs recomputing S and dO V^T once more than an atomic dQ would).
-Workspace: ``delta``, fp32 like ``lse`` (allocated here from torch's allocator).
+Workspace: ``delta``, fp32 like ``lse`` (from ``fastbert.backends.workspace``, the ops layer's allocator).
 
 Features (all combinable): padded ``[batch, seqlen, num_heads, head_dim]`` and varlen
 ``[total_tokens, num_heads, head_dim]`` + int32 ``cu_seqlens`` layouts (zero-length sequences
@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbert.backends import workspace
 from fastbert.backends._philox import dropout_threshold
 from fastbert.backends.triton._philox import philox_keep, philox_seed
 
@@ -542,7 +543,7 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
     Deterministic always (every output element has one owner, no atomics), so
     ``deterministic=True`` needs nothing extra. Workspace: ``delta``, fp32 like ``lse``.
     """
-    delta = torch.empty_like(lse)
+    delta = workspace(lse.shape, torch.float32, lse.device)
     launches = bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta,
                             attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
                             max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbert.backends import workspace
 from fastbert.backends.triton.layer_norm import cast_rne
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -175,7 +176,7 @@ def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
         progs = max(1, min(num_tiles, triton.cdiv(4 * sms, triton.cdiv(hidden, block_n))))
     else:
         progs = max(1, min(num_tiles, 8))
-    partials = torch.empty((progs, hidden), dtype=torch.float32, device=x.device) if dbias is not None else None
+    partials = workspace((progs, hidden), torch.float32, x.device) if dbias is not None else None
     grid, kwargs = bwd_launch(dy, x, bias, dx, partials, rows=rows, hidden=hidden, approximate=approximate,
                               num_programs=progs)
     with _device_ctx(x):

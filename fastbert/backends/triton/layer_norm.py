@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbert.backends import workspace
 from fastbert.backends._philox import dropout_threshold
 from fastbert.backends.triton._philox import philox_keep, philox_seed
 
@@ -437,7 +438,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     sums = (dweight, dbias, dx_bias)
     partials = None
     if any(t is not None for t in sums):
-        partials = torch.empty((3, progs, hidden), dtype=torch.float32, device=h.device)
+        partials = workspace((3, progs, hidden), torch.float32, h.device)
     grid, kwargs = bwd_launch(dy, h, weight, mean, rstd, seed, dx, dresidual, partials, rows=rows,
                               hidden=hidden, dropout_p=dropout_p, need_dweight=dweight is not None,
                               need_dbias=dbias is not None, need_dx_bias=dx_bias is not None,
