@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fastbert
 from fastbert.backends import ALL_FEATURES, BackendSpec, CallInfo, OpCaps, all_backends, register_backend
 from fastbert.ops import attention, resolve
 
@@ -78,3 +79,22 @@ def test_compile_fullgraph_in_a_fresh_process():
             "torch.testing.assert_close(f(q), fastbert.gelu(fastbert.layer_norm(fastbert.attention(q, q, q, "
             "attention_mask=m))))\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+
+
+def test_compile_with_changing_float_arguments():
+    """After a recompile Dynamo passes floats symbolically: checks and messages must still work."""
+    x = torch.randn(4, 16)
+    q = torch.randn(1, 3, 2, 8)
+
+    def f(x, q, p, eps, scale):
+        return (fastbert.layer_norm(x, eps=eps, dropout_p=p),
+                fastbert.attention(q, q, q, dropout_p=p, softmax_scale=scale))
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for p, eps, scale in [(0.1, 1e-5, 0.3), (0.2, 1e-6, 0.4), (0.3, 1e-7, 0.5)]:
+        torch.manual_seed(0)
+        got = cf(x, q, p, eps, scale)
+        torch.manual_seed(0)
+        want = f(x, q, p, eps, scale)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)

@@ -63,11 +63,23 @@ def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None) -> None:
         check(t.device == device, ValueError, f"{name}: expected device {device}, got {t.device}")
 
 
+def as_float(name: str, value) -> float:
+    """A Python float from an int/float argument.
+
+    Under ``torch.compile`` a float argument can arrive symbolic (Dynamo makes it dynamic after a
+    recompile); ``float()`` specializes it so checks and messages see a plain number.
+    """
+    check(isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool),
+          TypeError, "%s: expected a float, got %s" % (name, type(value).__name__))
+    return float(value)
+
+
 def check_dropout_p(dropout_p) -> float:
-    """Validate ``0 <= dropout_p < 1``."""
-    check(isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0, ValueError,
-          f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    return float(dropout_p)
+    """Validate ``0 <= dropout_p < 1``; returns it as a float."""
+    p = as_float("dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {p!r}")
+    return p
 
 
 def value_checks_enabled(*tensors: torch.Tensor) -> bool:

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from fastbert.backends import CallInfo, get_backend
-from fastbert.ops._common import (allow_tf32, autocast_dtype, check, check_dropout_p, check_tensor,
-                                  deterministic, draw_seed, new_empty, no_autocast,
+from fastbert.ops._common import (allow_tf32, as_float, autocast_dtype, check, check_dropout_p,
+                                  check_tensor, deterministic, draw_seed, new_empty, no_autocast,
                                   value_checks_enabled)
 from fastbert.ops._dispatch import backend_module, resolve
 
@@ -230,8 +230,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     if ac is not None:  # attention runs in the autocast dtype
         q, k, v = q.to(ac), k.to(ac), v.to(ac)
         attn_bias = attn_bias.to(ac) if attn_bias is not None else None
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(hd)
+    softmax_scale = 1.0 / math.sqrt(hd) if softmax_scale is None else as_float("softmax_scale", softmax_scale)
     features = set()
     if attention_mask is not None:
         features.add("attention_mask")

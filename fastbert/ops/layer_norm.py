@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from fastbert.backends import CallInfo
-from fastbert.ops._common import (autocast_dtype, check, check_dropout_p, check_tensor, draw_seed,
-                                  new_empty, no_autocast)
+from fastbert.ops._common import (as_float, autocast_dtype, check, check_dropout_p, check_tensor,
+                                  draw_seed, new_empty, no_autocast)
 from fastbert.ops._dispatch import backend_module, resolve
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -139,7 +139,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
     hidden = x.shape[-1]
     check(hidden > 0, ValueError, f"x: expected hidden size > 0, got shape {tuple(x.shape)}")
-    check(isinstance(eps, (int, float)) and eps >= 0, ValueError, f"eps: expected a float >= 0, got {eps!r}")
+    eps = as_float("eps", eps)
+    if not eps >= 0.0:
+        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
     dropout_p = check_dropout_p(dropout_p)
     ac = autocast_dtype(x.device.type)
     for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
