@@ -316,3 +316,27 @@ def test_autocast_runs_in_autocast_dtype():
     assert out.dtype == torch.bfloat16
     assert_close_to_ref(out, attention(q, k, v, backend="reference"),
                         attention(*(t.bfloat16() for t in (q, k, v)), backend="reference"))
+
+
+def test_additive_or_non_binary_mask_is_an_error():
+    q = torch.randn(2, 4, 2, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask: expected 0/1 or bool values.*attn_bias"):
+        attention(q, q, q, attention_mask=(1 - mask.float()) * -10000.0)
+    with pytest.raises(ValueError, match="attention_mask: expected 0/1"):
+        attention(q, q, q, attention_mask=mask * 2)
+    # 0/1 floats are a padding mask like any other
+    torch.testing.assert_close(attention(q, q, q, attention_mask=mask.float()),
+                               attention(q, q, q, attention_mask=mask.bool()))
+
+
+def test_non_finite_softmax_scale_is_an_error():
+    q = torch.randn(1, 3, 2, 8)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softmax_scale: expected a finite number"):
+            attention(q, q, q, softmax_scale=bad)
+
+
+def test_empty_varlen_batch():
+    e = torch.randn(0, 2, 8)
+    assert attention(e, e, e, cu_seqlens=torch.tensor([0], dtype=torch.int32), max_seqlen=0).shape == (0, 2, 8)

@@ -474,3 +474,26 @@ def test_attentions_with_precomputed_metadata():
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert (a[0][1, :, :, 1:] == 0).all()  # sequence 1 has one real token: only key 0 attends
+
+
+def test_bad_model_inputs_name_the_argument():
+    from fastbert.models import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=16)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    for unpad in (True, False):
+        model.unpad = unpad
+        with pytest.raises(ValueError, match="attention_mask: expected 0/1 or bool values"):
+            model(ids, attention_mask=(1 - mask.float()) * -10000.0)
+    with pytest.raises(ValueError, match=r"input_ids: expected values in \[0, 49\], got values in \[0, 50\]"):
+        model(torch.tensor([[0, 50]]))
+    with pytest.raises(ValueError, match=r"token_type_ids: expected values in \[0, 1\]"):
+        model(ids, token_type_ids=torch.full((2, 6), 5))
+    with pytest.raises(ValueError, match=r"expected seqlen <= max_position_embeddings \(16\), got 17"):
+        model(torch.randint(0, 50, (1, 17)))
+    model.unpad = True
+    empty = model(torch.zeros(0, 6, dtype=torch.long), attention_mask=torch.zeros(0, 6, dtype=torch.long))
+    assert empty.last_hidden_state.shape == (0, 6, 32)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from fastbert.nn import LayerNorm, OpsModule, resolve_activation, set_backend
 from fastbert.nn.bert import BertLayer
 from fastbert.nn.padding import index_first_axis, pad_input, unpad_metadata
-from fastbert.ops import gelu, layer_norm
+from fastbert.ops import gelu, layer_norm, padding_mask, value_checks_enabled
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -251,6 +251,18 @@ class BertEmbeddings(OpsModule, nn.Module):
         self.dropout_p = config.hidden_dropout_prob
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None) -> Tensor:
+        seqlen = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        if position_ids is None and seqlen > self.position_embeddings.num_embeddings:
+            raise ValueError(f"input_ids: expected seqlen <= max_position_embeddings "
+                             f"({self.position_embeddings.num_embeddings}), got {seqlen}")
+        for name, ids, table in (("input_ids", input_ids, self.word_embeddings),
+                                 ("token_type_ids", token_type_ids, self.token_type_embeddings),
+                                 ("position_ids", position_ids, self.position_embeddings)):
+            if ids is not None and ids.numel() and value_checks_enabled(ids):
+                lo, hi = ids.min().item(), ids.max().item()
+                if lo < 0 or hi >= table.num_embeddings:
+                    raise ValueError(f"{name}: expected values in [0, {table.num_embeddings - 1}], "
+                                     f"got values in [{lo}, {hi}]")
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         batch, seqlen = inputs_embeds.shape[:2]
@@ -517,9 +529,8 @@ class BertModel(BertPreTrainedModel):
             raise ValueError("indices, cu_seqlens: expected both (from unpad_metadata) or neither")
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         batch, seqlen = embeddings.shape[:2]
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, seqlen):
-            raise ValueError(f"attention_mask: expected shape (batch, seqlen) = {(batch, seqlen)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask is not None:  # bool, values checked (an additive mask is an error)
+            attention_mask = padding_mask(attention_mask, batch, seqlen, embeddings.device)
         varlen = cu_seqlens is not None or (self.unpad and attention_mask is not None)
         kw: dict[str, Any] = {}
         probs_mask = attention_mask
@@ -535,8 +546,6 @@ class BertModel(BertPreTrainedModel):
             mask = None
         else:
             hidden, mask = embeddings, attention_mask  # [batch, seqlen, hidden]
-            if mask is not None and mask.dtype != torch.bool:
-                mask = mask != 0  # once here, not in every layer's attention call
         to_padded = (lambda h: pad_input(h, indices, batch, seqlen)) if varlen else (lambda h: h)
         all_hidden = (to_padded(hidden),) if output_hidden_states else None
         all_probs = () if output_attentions else None

@@ -5,10 +5,11 @@ compute. Each op direction is a ``torch.library.custom_op`` (``fastbert::attenti
 a fake implementation, so ``torch.compile(fullgraph=True)`` traces through it.
 """
 
-from fastbert.ops._common import poisoned_outputs, set_poison_outputs
+from fastbert.ops._common import poisoned_outputs, set_poison_outputs, value_checks_enabled
 from fastbert.ops._dispatch import resolve
-from fastbert.ops.attention import attention
+from fastbert.ops.attention import attention, padding_mask
 from fastbert.ops.gelu import gelu
 from fastbert.ops.layer_norm import layer_norm
 
-__all__ = ["attention", "layer_norm", "gelu", "resolve", "poisoned_outputs", "set_poison_outputs"]
+__all__ = ["attention", "layer_norm", "gelu", "padding_mask", "resolve", "poisoned_outputs",
+           "set_poison_outputs", "value_checks_enabled"]

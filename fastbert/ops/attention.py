@@ -126,9 +126,36 @@ def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: 
     check(all(n >= 0 for n in lengths), ValueError, f"cu_seqlens: expected non-decreasing values, got {cu}")
     check(cu[-1] == total_tokens, ValueError,
           f"cu_seqlens: expected cu_seqlens[-1] == total_tokens == {total_tokens}, got {cu[-1]}")
-    if max_seqlen is not None:
+    if max_seqlen is not None and lengths:
         check(max(lengths) <= max_seqlen, ValueError,
               f"max_seqlen: expected >= the longest sequence ({max(lengths)}), got {max_seqlen}")
+
+
+def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *,
+                 seqlen_name: str = "seqlen") -> Tensor:
+    """Validate a BERT padding mask and return it as bool ``(batch, seqlen)`` (True = attend).
+
+    Accepts bool, integer or floating 0/1 masks. For CPU tensors (or with
+    ``FASTBERT_CHECK_INPUTS=1``) the values are checked to be 0 or 1, so an additive mask
+    (0 / -10000 / -inf, which belongs in ``attn_bias``) is an error instead of an inverted mask.
+
+    Raises:
+        ValueError: wrong ndim or shape, or values other than 0 and 1.
+    """
+    check_tensor("attention_mask", attention_mask, ndim=2, device=device)
+    check(tuple(attention_mask.shape) == (batch, seqlen), ValueError,
+          f"attention_mask: expected shape (batch, {seqlen_name}) = {(batch, seqlen)}, "
+          f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if value_checks_enabled(attention_mask) and attention_mask.numel():
+        bad = (attention_mask != 0) & (attention_mask != 1)
+        if bool(bad.any()):
+            raise ValueError(
+                "attention_mask: expected 0/1 or bool values (1 = attend, 0 = padding), got values "
+                f"in [{attention_mask.min().item()}, {attention_mask.max().item()}]; an additive "
+                "mask (0 / -10000 / -inf) belongs in attn_bias")
+    return attention_mask != 0
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tensor] = None,
@@ -212,12 +239,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         check(max_seqlen is None, ValueError, "max_seqlen: only meaningful with cu_seqlens")
         batch, seqlen_k = q.shape[0], k.shape[1]
         if attention_mask is not None:
-            check_tensor("attention_mask", attention_mask, ndim=2, device=q.device)
-            check(tuple(attention_mask.shape) == (batch, seqlen_k), ValueError,
-                  f"attention_mask: expected shape (batch, seqlen_k) = {(batch, seqlen_k)}, "
-                  f"got {tuple(attention_mask.shape)}")
-            if attention_mask.dtype != torch.bool:
-                attention_mask = attention_mask != 0
+            attention_mask = padding_mask(attention_mask, batch, seqlen_k, q.device, seqlen_name="seqlen_k")
         if attn_bias is not None:
             check_tensor("attn_bias", attn_bias, dtypes=_FLOAT_DTYPES, device=q.device)
             full = (batch, q.shape[2], q.shape[1], seqlen_k)
@@ -231,6 +253,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         q, k, v = q.to(ac), k.to(ac), v.to(ac)
         attn_bias = attn_bias.to(ac) if attn_bias is not None else None
     softmax_scale = 1.0 / math.sqrt(hd) if softmax_scale is None else as_float("softmax_scale", softmax_scale)
+    if not softmax_scale - softmax_scale == 0.0:  # NaN or +-inf (math.isfinite does not trace)
+        raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
     features = set()
     if attention_mask is not None:
         features.add("attention_mask")
