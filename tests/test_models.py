@@ -497,3 +497,15 @@ def test_bad_model_inputs_name_the_argument():
     model.unpad = True
     empty = model(torch.zeros(0, 6, dtype=torch.long), attention_mask=torch.zeros(0, 6, dtype=torch.long))
     assert empty.last_hidden_state.shape == (0, 6, 32)
+
+
+def test_compiling_unpadded_without_metadata_says_what_to_do():
+    from fastbert.models import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    with pytest.raises(Exception, match="unpad_metadata"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(ids, attention_mask=mask)

@@ -536,6 +536,12 @@ class BertModel(BertPreTrainedModel):
         probs_mask = attention_mask
         if varlen:
             if cu_seqlens is None:
+                if torch.compiler.is_compiling():
+                    raise RuntimeError(
+                        "BertModel: the unpadded mode packs tokens with data-dependent shapes, which "
+                        "torch.compile cannot trace; pass indices, cu_seqlens, max_seqlen = "
+                        "unpad_metadata(attention_mask) computed outside the compiled region, or use "
+                        "BertModel(config, unpad=False)")
                 indices, cu_seqlens, max_seqlen = unpad_metadata(attention_mask)
             kw = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             if output_attentions:
