@@ -1,7 +1,7 @@
 """Philox4x32-10 counter-based RNG in plain torch integer ops, shared by the torch-level backends.
 
 Every backend (reference, torch, Triton, CUDA) derives dropout keep masks from the same scheme so
-that the same seed gives the same mask everywhere (DESIGN.md, "Dropout"):
+that the same seed gives the same mask everywhere:
 
 - key   = (seed[0], seed[1]): two uint32 words drawn by ``fastbert.ops`` per call;
 - counter = (c0, c1, c2, c3): the logical coordinates of the element

@@ -6,6 +6,10 @@ inside attention elsewhere. Outputs are computed into the preallocated tensors (
 allows it, saving the copy a temporary would cost. With dropout, attention needs the shared Philox keep mask, which SDPA cannot take, so it
 runs the reference's composite math instead, and backward is that composite's backward (this
 backend writes no ``lse``).
+
+Known difference from the reference: PyTorch's CPU ``scaled_dot_product_attention`` returns 0 for
+a query row containing NaN (the reference propagates NaN); non-finite ``softmax_scale`` is
+rejected by ``fastbert.ops`` for every backend.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class Case:
     ``reference()`` returns ``(hi, lo)``: the reference result in high precision (fp64 on the
     CPU, fp32 on the GPU) and in the benchmark dtype; an impl passes the check when
     ``max|result - hi| <= max(factor * max|lo - hi|, floor_eps * eps(dtype) * max(1, max|hi|))``
-    (STYLE.md's tolerance rule).
+    (the tolerance rule of tests/_tolerance.py).
     """
 
     op: str

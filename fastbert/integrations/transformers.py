@@ -46,7 +46,7 @@ from fastbert.ops import attention, gelu, layer_norm
 
 ATTN_IMPLEMENTATION = "fastbert"
 
-# Hugging Face ``hidden_act`` -> fastbert ``approximate`` (DESIGN.md); anything else keeps HF's.
+# Hugging Face ``hidden_act`` -> fastbert ``approximate``; anything else keeps HF's.
 HIDDEN_ACT_TO_APPROXIMATE = {
     "gelu": "none",
     "gelu_python": "none",

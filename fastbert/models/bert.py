@@ -43,7 +43,7 @@ _PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_clas
 class BertConfig:
     """BERT hyper-parameters with Hugging Face ``config.json`` names and defaults (BERT-base).
 
-    ``hidden_act`` maps as DESIGN.md says: ``gelu``/``gelu_python`` -> exact erf GELU,
+    ``hidden_act`` maps as follows: ``gelu``/``gelu_python`` -> exact erf GELU,
     ``gelu_new``/``gelu_pytorch_tanh``/``gelu_fast``/``gelu_accurate`` -> tanh GELU (both on
     fastbert.ops.gelu), others (``relu``, ``silu`` ...) run through torch. Special token ids come
     from the config (they differ between BERTs); ``pad_token_id`` is the word embedding's

@@ -110,7 +110,7 @@ def _replacement(m: nn.Module, backend: Optional[str]) -> Optional[nn.Module]:
     return new
 
 
-# Hugging Face ``hidden_act`` -> fastbert GELU form (DESIGN.md); anything else runs through torch.
+# Hugging Face ``hidden_act`` -> fastbert GELU form; anything else runs through torch.
 GELU_ACTS = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
              "gelu_fast": "tanh", "gelu_accurate": "tanh"}
 TORCH_ACTS: dict[str, Callable[[Tensor], Tensor]] = {

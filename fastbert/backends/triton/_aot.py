@@ -4,8 +4,8 @@ Why: CI has no GPU, so the interpreter checks what a kernel computes but not wha
 module compiles the real PTX/cubin for a target architecture (``triton.compile`` with a
 ``GPUTarget``) and reads what ptxas made of it: registers, stack, shared and local memory per
 kernel (``cuobjdump --dump-resource-usage`` on the cubin) and spill stores/loads (the ``ptxas -v``
-log of the very compile that produced the cubin). A spill is the gate (DESIGN.md, "Testing without
-a GPU").
+log of the very compile that produced the cubin). A spill is the gate: CI has no GPU, so this is
+where register pressure is checked.
 
 The variant compiled is the one the launcher runs: the signature, the constexprs and the
 specialization attributes (16-byte divisibility of pointers and integers, integers equal to 1

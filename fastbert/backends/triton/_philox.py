@@ -1,6 +1,6 @@
 """Philox4x32-10 for Triton kernels, bit-identical to :mod:`fastbert.backends._philox`.
 
-The shared dropout scheme (DESIGN.md, "Dropout"): key = the two uint32 seed words that
+The shared dropout scheme (see fastbert/backends/_philox.py): key = the two uint32 seed words that
 ``fastbert.ops`` draws per call, counter = the element's logical coordinates (LayerNorm:
 ``(column, row & 0xFFFFFFFF, row >> 32, 0)``; attention: ``(key column, query row, head,
 sequence)``), and an element is kept iff output word 0 is ``>= dropout_threshold(dropout_p)``
