@@ -2,10 +2,10 @@
 
 The fast default on CPU and the fallback everywhere. Varlen attention runs one sequence at a time
 on CPU (no padding at all; reading ``cu_seqlens`` is a free host sync there) and is re-padded only
-inside attention elsewhere. Outputs are computed into the preallocated tensors (``out=``) where aten
-allows it, saving the copy a temporary would cost. With dropout, attention needs the shared Philox keep mask, which SDPA cannot take, so it
-runs the reference's composite math instead, and backward is that composite's backward (this
-backend writes no ``lse``).
+inside attention elsewhere. Outputs are computed into the preallocated tensors (``out=``) where
+aten allows it, saving the copy a temporary would cost. With dropout, attention needs the shared
+Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
+backward is that composite's backward (this backend writes no ``lse``).
 
 Known difference from the reference: PyTorch's CPU ``scaled_dot_product_attention`` returns 0 for
 a query row containing NaN (the reference propagates NaN); non-finite ``softmax_scale`` is
