@@ -252,5 +252,6 @@ def optional_import(name: str):
 
 
 def synchronize(device: str) -> None:
+    """Wait for queued GPU work (no-op on the CPU) so wall-clock timings include it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

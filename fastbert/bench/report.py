@@ -8,6 +8,7 @@ from typing import Iterable
 
 
 def fmt_time(s: float | None) -> str:
+    """Seconds as us / ms / s with 3-4 significant digits; "-" for None."""
     if s is None:
         return "-"
     if s < 1e-3:
@@ -18,6 +19,7 @@ def fmt_time(s: float | None) -> str:
 
 
 def fmt_rate(value: float | None, unit: str | None) -> str:
+    """A rate in its unit (tokens/s with thousands separators); "-" for None."""
     if value is None:
         return "-"
     if unit == "tokens/s":

@@ -45,6 +45,7 @@ def _csv(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastbert bench`` argument parser (every option is described in its help)."""
     p = argparse.ArgumentParser(
         prog="fastbert bench",
         description="Benchmark fastbert's ops and encoder against PyTorch and Hugging Face "
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args) -> Options:
+    """Parsed arguments -> :class:`Options`, filling device, dtype and size defaults."""
     ops = tuple(OPS) if not args.op or "all" in args.op else tuple(dict.fromkeys(args.op))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -114,6 +116,7 @@ def options_from(args) -> Options:
 
 
 def timing_plan(opts: Options) -> TimingPlan:
+    """Warm-up and repetition counts for the device and ``--quick``."""
     if opts.device == "cpu":
         return TimingPlan.quick() if opts.quick else TimingPlan(warmup=2, min_reps=5, max_reps=50, min_time_s=1.0)
     if opts.quick:

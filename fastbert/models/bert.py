@@ -278,6 +278,8 @@ class BertEmbeddings(OpsModule, nn.Module):
 
 
 class BertEncoder(nn.Module):
+    """The stack of ``num_hidden_layers`` :class:`BertLayer` s (``encoder.layer.N`` keys); BertModel runs them."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
@@ -606,6 +608,8 @@ class BertLMPredictionHead(nn.Module):
 
 
 class BertOnlyMLMHead(nn.Module):
+    """``cls.predictions``: hidden ``(..., hidden)`` -> vocabulary logits ``(..., vocab_size)``."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
@@ -615,6 +619,9 @@ class BertOnlyMLMHead(nn.Module):
 
 
 class BertPreTrainingHeads(nn.Module):
+    """``cls``: MLM logits ``(..., vocab_size)`` from the sequence output and NSP logits
+    ``(batch, 2)`` from the pooled output (BERT paper, sec. 3.1; label 0 = IsNext)."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)

@@ -410,6 +410,8 @@ def check_variants(variants, archs=ARCHS, *, jobs: int = 1, out=sys.stdout) -> t
 
 
 def main(argv=None) -> int:
+    """Command line: compile the kernel modules' variants, print the resource table, exit 1 on a
+    compile failure or a spill over budget."""
     os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
     p = argparse.ArgumentParser(prog="python -m fastbert.backends.triton._aot",
                                 description="Compile fastbert's Triton kernels ahead of time and gate on spills.")
