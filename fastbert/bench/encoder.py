@@ -226,6 +226,7 @@ def _fastbert_impls(setup: _Setup, mode: str, variant, shape, opts: Options) -> 
 
 
 def cases(opts: Options) -> list[Case]:
+    """Every encoder case of ``opts``: model shapes x sequence lengths x modes (infer, train)."""
     _MODELS.clear()
     out = []
     gpu = opts.device != "cpu"

@@ -22,6 +22,7 @@ def eager_bias_gelu(x, bias):
 
 
 def reference_bias_gelu(x, bias):
+    """The reference math: exact erf GELU of ``x + bias`` (Hendrycks & Gimpel 2016)."""
     return gelu_math(x + bias)
 
 
@@ -71,6 +72,7 @@ def _fastbert_fn(backend):
 
 
 def cases(opts: Options) -> list[Case]:
+    """Every bias-GELU case of ``opts``: model shapes x row counts x directions."""
     out = []
     gpu = opts.device != "cpu"
     for model in opts.models:

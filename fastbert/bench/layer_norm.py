@@ -93,6 +93,7 @@ def _fastbert_fn(backend):
 
 
 def cases(opts: Options) -> list[Case]:
+    """Every add & norm case of ``opts``: model shapes x row counts x directions."""
     out = []
     gpu = opts.device != "cpu"
     for model in opts.models:

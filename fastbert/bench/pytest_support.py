@@ -13,6 +13,7 @@ from fastbert.bench.core import Case, Impl, check_result, synchronize
 
 
 def options():
+    """The benchmark options for the pytest-benchmark files, from ``FASTBERT_BENCH_ARGS``."""
     from fastbert.bench.runner import build_parser, options_from
 
     return options_from(build_parser().parse_args(shlex.split(os.environ.get("FASTBERT_BENCH_ARGS", "--quick"))))
