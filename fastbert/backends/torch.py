@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastbert.backends._philox import rows_keep_mask
 from fastbert.backends import reference
-from fastbert.backends.reference import (_pad_varlen, attention_math, attention_math_bwd,
-                                         attention_varlen_math_bwd)
+from fastbert.backends._philox import rows_keep_mask
+from fastbert.backends.reference import _pad_varlen, attention_math
 
 # ----------------------------------------------------------------------------------------------
 # attention
@@ -126,21 +125,14 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
                   deterministic=False):
-    """Backend entry point: the composite backward (recompute P with matmuls; see the reference),
-    or per sequence through SDPA's autograd where the forward ran per sequence."""
+    """Backend entry point: per sequence through SDPA's CPU backward where the forward ran per
+    sequence; otherwise the reference's composite backward (recompute P with matmuls)."""
     if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
             and attn_bias is None):
         return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
-    kw = dict(attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
-    if cu_seqlens is not None:
-        grads = attention_varlen_math_bwd(dout, q, k, v, cu_seqlens, max_seqlen, **kw)
-    else:
-        grads = attention_math_bwd(dout, q, k, v, attention_mask=attention_mask, **kw)
-    dq.copy_(grads[0])
-    dk.copy_(grads[1])
-    dv.copy_(grads[2])
-    if dbias is not None:
-        dbias.copy_(grads[3])
+    reference.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, attention_mask=attention_mask,
+                            attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                            dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
 
 
 # ----------------------------------------------------------------------------------------------
