@@ -65,9 +65,9 @@ def attention_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_he
     c1 = ar(seqlen_q).view(1, 1, -1, 1)
     c2 = ar(num_heads).view(1, -1, 1, 1)
     c3 = ar(batch).view(-1, 1, 1, 1)
-    shape = (batch, num_heads, seqlen_q, seqlen_k)
-    word = philox_word0(c0.expand(shape), c1.expand(shape), c2.expand(shape), c3.expand(shape), seed.to(dev))
-    return word >= dropout_threshold(dropout_p)
+    # Counters stay broadcast, not expanded: the first rounds then run on small tensors (exact).
+    word = philox_word0(c0, c1, c2, c3, seed.to(dev))
+    return (word >= dropout_threshold(dropout_p)).expand(batch, num_heads, seqlen_q, seqlen_k)
 
 
 def rows_keep_mask(seed: torch.Tensor, dropout_p: float, num_rows: int, hidden: int,
@@ -79,7 +79,6 @@ def rows_keep_mask(seed: torch.Tensor, dropout_p: float, num_rows: int, hidden: 
     dev = seed.device if device is None else device
     rows = torch.arange(num_rows, device=dev, dtype=torch.int64).view(-1, 1)
     cols = torch.arange(hidden, device=dev, dtype=torch.int64).view(1, -1)
-    shape = (num_rows, hidden)
-    word = philox_word0(cols.expand(shape), (rows & MASK32).expand(shape), (rows >> 32).expand(shape),
-                        torch.zeros(shape, dtype=torch.int64, device=dev), seed.to(dev))
-    return word >= dropout_threshold(dropout_p)
+    zero = torch.zeros((1, 1), dtype=torch.int64, device=dev)
+    word = philox_word0(cols, rows & MASK32, rows >> 32, zero, seed.to(dev))  # broadcast, exact
+    return (word >= dropout_threshold(dropout_p)).expand(num_rows, hidden)
