@@ -31,14 +31,27 @@ def dropout_threshold(dropout_p: float) -> int:
     return min(int(round(dropout_p * 4294967296.0)), MASK32)
 
 
-def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox4x32-10 on int64 tensors holding uint32 values; returns the four output words."""
+def _xor_into(a, b):
+    """``a ^ b``, in place on ``a`` (always a fresh temporary here) when it has the result's shape."""
+    if isinstance(b, int) or a.shape == torch.broadcast_shapes(a.shape, b.shape):
+        return a.bitwise_xor_(b)
+    return a ^ b
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on int64 tensors holding uint32 values; returns the four output words.
+
+    Counters may be broadcastable rather than full-size (the first rounds then run on small
+    tensors); temporaries are updated in place, never the inputs.
+    """
     for _ in range(PHILOX_ROUNDS):
         p0 = c0 * PHILOX_M0
         p1 = c2 * PHILOX_M1
-        hi0, lo0 = (p0 >> 32) & MASK32, p0 & MASK32
-        hi1, lo1 = (p1 >> 32) & MASK32, p1 & MASK32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        hi0 = (p0 >> 32).bitwise_and_(MASK32)
+        hi1 = (p1 >> 32).bitwise_and_(MASK32)
+        lo0 = p0.bitwise_and_(MASK32)
+        lo1 = p1.bitwise_and_(MASK32)
+        c0, c1, c2, c3 = _xor_into(_xor_into(hi1, c1), k0), lo1, _xor_into(_xor_into(hi0, c3), k1), lo0
         k0 = (k0 + PHILOX_W0) & MASK32
         k1 = (k1 + PHILOX_W1) & MASK32
     return c0, c1, c2, c3
