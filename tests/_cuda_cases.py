@@ -328,3 +328,17 @@ def check_attention_case(case: AttentionCase, backend: str, device) -> None:
     if case.mask:  # the fully masked last sequence: exact zeros, not just small numbers
         assert torch.equal(got["out"][-1].cpu(), torch.zeros_like(got["out"][-1].cpu())), f"{case}: empty rows"
         assert torch.equal(got["dq"][-1].cpu(), torch.zeros_like(got["dq"][-1].cpu())), f"{case}: empty-row dq"
+
+
+def require_backend(backend: str, op: str) -> None:
+    """Skip with the backend's own reason when ``backend`` cannot run ``op`` here."""
+    import pytest
+
+    from fastbert.backends import get_backend
+
+    spec = get_backend(backend)
+    reason = spec.unavailable_reason(op)
+    if reason is None and op not in spec.caps:
+        reason = f"the extension has no {op} kernels"
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")

@@ -12,31 +12,23 @@ import random
 
 import pytest
 import torch
-from _cuda_cases import ATTENTION_CASES, AttentionCase, check_attention_case
+from _cuda_cases import ATTENTION_CASES, AttentionCase, check_attention_case, require_backend
 
 from fastbert.backends import get_backend
 from fastbert.backends._cuda_ops import load_extension
 from fastbert.backends._philox import attention_keep_mask
 
 
-def _require(backend: str) -> None:
-    reason = get_backend(backend).unavailable_reason("attention")
-    if reason is None and "attention" not in get_backend(backend).caps:
-        reason = "the extension has no attention kernels"
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-
-
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
 def test_cuda_host_attention_matches_reference(case, poison):
-    _require("cuda-host")
+    require_backend("cuda-host", "attention")
     check_attention_case(case, "cuda-host", "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
 def test_cuda_attention_matches_reference(case, poison):
-    _require("cuda")
+    require_backend("cuda", "attention")
     check_attention_case(case, "cuda", "cuda")
 
 
@@ -67,7 +59,7 @@ def _sweep_cases(n: int = 40, seed: int = 0) -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", _sweep_cases(), ids=str)
 def test_cuda_host_attention_sweep(case, poison):
-    _require("cuda-host")
+    require_backend("cuda-host", "attention")
     check_attention_case(case, "cuda-host", "cpu")
 
 
@@ -91,7 +83,7 @@ def _dropout_keep(backend: str, device: str, dtype, p: float = 0.3) -> tuple:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_host_dropout_mask_is_the_reference_mask(dtype):
-    _require("cuda-host")
+    require_backend("cuda-host", "attention")
     got, ref = _dropout_keep("cuda-host", "cpu", dtype)
     assert torch.equal(got, ref)
     assert 0.6 < ref.float().mean() < 0.8
@@ -99,7 +91,7 @@ def test_cuda_host_dropout_mask_is_the_reference_mask(dtype):
 
 @pytest.mark.gpu
 def test_cuda_dropout_mask_is_the_reference_mask():
-    _require("cuda")
+    require_backend("cuda", "attention")
     got, ref = _dropout_keep("cuda", "cuda", torch.float16)
     assert torch.equal(got, ref)
 
@@ -109,7 +101,7 @@ def test_cuda_dropout_mask_is_the_reference_mask():
 def test_cuda_host_planted_key_bound_bug_is_caught(case, monkeypatch):
     """FASTBERT_CUDA_FAULT=1 lets key seqlen_k through the key-tile bound (an off-by-one): the
     host run must fail parity, or the harness could not catch such a bug."""
-    _require("cuda-host")
+    require_backend("cuda-host", "attention")
     check_attention_case(case, "cuda-host", "cpu")  # clean run passes
     monkeypatch.setenv("FASTBERT_CUDA_FAULT", "1")
     with pytest.raises(AssertionError):
@@ -156,7 +148,7 @@ def test_cuda_attention_captures_and_replays_in_a_cuda_graph():
     """Forward and backward (mask, bias with gradient; > 48 KiB of shared memory at head_dim 128)
     capture in a CUDA graph; a replay on new input values equals an eager run bit for bit (the
     backward has no atomics)."""
-    _require("cuda")
+    require_backend("cuda", "attention")
     from fastbert.ops import attention
 
     dev, dt = "cuda", torch.float16
@@ -197,7 +189,7 @@ def test_cuda_attention_capabilities_come_from_the_head_dim_list():
             pytest.skip(f"{name}: attention not registered")
         assert all(caps.head_dims(d) for d in HEAD_DIMS)
         assert not any(caps.head_dims(d) for d in (4, 12, 26, 264, 512))
-    _require("cuda-host")
+    require_backend("cuda-host", "attention")
     call = CallInfo("attention", "cpu", torch.float16, 26, frozenset({"attention_mask"}))
     assert get_backend("cuda-host").reasons(call) == ["head_dim 26 not supported (supports "
                                                       + get_backend("cuda-host").caps["attention"].head_dims_doc + ")"]

@@ -4,27 +4,19 @@ GPU through ``cuda``, from the one case list in ``_cuda_cases``."""
 from __future__ import annotations
 
 import pytest
-from _cuda_cases import GELU_CASES, check_gelu_case
-
-from fastbert.backends import get_backend
-
-
-def _require(backend: str) -> None:
-    reason = get_backend(backend).unavailable_reason("gelu")
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
+from _cuda_cases import GELU_CASES, check_gelu_case, require_backend
 
 
 @pytest.mark.parametrize("case", GELU_CASES, ids=str)
 def test_cuda_host_gelu_matches_reference(case, poison):
-    _require("cuda-host")
+    require_backend("cuda-host", "gelu")
     check_gelu_case(case, "cuda-host", "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GELU_CASES, ids=str)
 def test_cuda_gelu_matches_reference(case, poison):
-    _require("cuda")
+    require_backend("cuda", "gelu")
     check_gelu_case(case, "cuda", "cuda")
 
 
@@ -32,7 +24,7 @@ def test_cuda_gelu_matches_reference(case, poison):
 def test_cuda_gelu_captures_and_replays_in_a_cuda_graph():
     """Forward and backward (dbias workspace from torch's allocator) capture in a CUDA graph; a
     replay on new input values equals an eager run, bit for bit (deterministic reductions)."""
-    _require("cuda")
+    require_backend("cuda", "gelu")
     import torch
 
     from fastbert.ops import gelu

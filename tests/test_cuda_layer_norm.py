@@ -6,28 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cuda_cases import LAYER_NORM_CASES, check_layer_norm_case
+from _cuda_cases import LAYER_NORM_CASES, check_layer_norm_case, require_backend
 
 from fastbert.backends import get_backend
 from fastbert.backends._philox import rows_keep_mask
 
 
-def _require(backend: str) -> None:
-    reason = get_backend(backend).unavailable_reason("layer_norm")
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-
-
 @pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=str)
 def test_cuda_host_layer_norm_matches_reference(case, poison):
-    _require("cuda-host")
+    require_backend("cuda-host", "layer_norm")
     check_layer_norm_case(case, "cuda-host", "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=str)
 def test_cuda_layer_norm_matches_reference(case, poison):
-    _require("cuda")
+    require_backend("cuda", "layer_norm")
     check_layer_norm_case(case, "cuda", "cuda")
 
 
@@ -45,7 +39,7 @@ def _dropout_mask(backend: str, device: str, rows: int, hidden: int, dtype) -> t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_host_dropout_mask_is_the_reference_mask(dtype):
-    _require("cuda-host")
+    require_backend("cuda-host", "layer_norm")
     got, ref = _dropout_mask("cuda-host", "cpu", 9, 1023, dtype)
     assert torch.equal(got, ref)
     assert 0.6 < ref.float().mean() < 0.8
@@ -53,7 +47,7 @@ def test_cuda_host_dropout_mask_is_the_reference_mask(dtype):
 
 @pytest.mark.gpu
 def test_cuda_dropout_mask_is_the_reference_mask():
-    _require("cuda")
+    require_backend("cuda", "layer_norm")
     got, ref = _dropout_mask("cuda", "cuda", 9, 1023, torch.float16)
     assert torch.equal(got, ref)
 
@@ -62,7 +56,7 @@ def test_cuda_dropout_mask_is_the_reference_mask():
 def test_cuda_layer_norm_captures_and_replays_in_a_cuda_graph():
     """No host syncs or allocations outside torch's allocator: forward and backward capture in a
     CUDA graph, and a replay on new input values equals an eager run."""
-    _require("cuda")
+    require_backend("cuda", "layer_norm")
     from fastbert.ops import layer_norm
 
     dev = "cuda"
@@ -100,7 +94,7 @@ _BACKENDS = [("cuda-host", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mar
 def test_stable_variance_large_mean_and_zero_rows(backend, device):
     """Welford + Chan merging: a mean of 2000 with unit spread keeps fp32 accuracy (the naive
     E[h^2] - E[h]^2 would lose it); an all-zero row normalises to zeros and returns bias."""
-    _require(backend)
+    require_backend(backend, "layer_norm")
     import torch.nn.functional as F
 
     from fastbert.ops import layer_norm
@@ -118,7 +112,7 @@ def test_stable_variance_large_mean_and_zero_rows(backend, device):
 @pytest.mark.parametrize("backend,device", _BACKENDS)
 def test_backward_is_deterministic(backend, device):
     """dweight/dbias/dx_bias come from fixed-order partial sums: repeated runs are bit-identical."""
-    _require(backend)
+    require_backend(backend, "layer_norm")
     from fastbert.ops import layer_norm
 
     rows = 70 if backend == "cuda-host" else 8192
