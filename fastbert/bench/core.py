@@ -255,3 +255,21 @@ def synchronize(device: str) -> None:
     """Wait for queued GPU work (no-op on the CPU) so wall-clock timings include it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def elementwise_impls(call, opts: Options, prepare: Callable, fastbert_fn: Callable,
+                      eager_fn: Callable) -> list[Impl]:
+    """The implementations of a memory-bound op case: fastbert on every listed backend, the eager
+    composite and (unless ``--no-compile``/``--quick``) its ``torch.compile``.
+
+    ``prepare(fn)`` builds the case's :class:`Prepared` for one callable; ``fastbert_fn(backend)``
+    returns fastbert's callable for a backend.
+    """
+    impls = [Impl(f"fastbert[{name}]", "fastbert", skip=reason, default=default,
+                  prepare=lambda n=name: prepare(fastbert_fn(n)))
+             for name, reason, default in fastbert_backends(call, opts)]
+    impls.append(Impl("torch-eager", "competitor", prepare=lambda: prepare(eager_fn)))
+    impls.append(Impl("torch-compile", "competitor",
+                      prepare=lambda: prepare(torch.compile(eager_fn, dynamic=False)),
+                      skip=None if opts.compile else "torch.compile competitors are off (--quick or --no-compile)"))
+    return impls

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastbert.backends import CallInfo
 from fastbert.backends.reference import gelu_math
-from fastbert.bench.core import MODEL_SHAPES, Case, Impl, Options, Prepared, fastbert_backends
+from fastbert.bench.core import MODEL_SHAPES, Case, Options, Prepared, elementwise_impls
 from fastbert.bench.formulas import gelu_bytes
 from fastbert.bench.layer_norm import row_sizes
 
@@ -81,14 +81,8 @@ def cases(opts: Options) -> list[Case]:
             inp = _Inputs(rows, hidden, opts.dtype, opts.device, opts.seed)
             for direction in opts.directions:
                 call = CallInfo("gelu", torch.device(opts.device).type, opts.dtype, None, frozenset({"bias"}))
-                impls = [Impl(f"fastbert[{name}]", "fastbert", skip=reason, default=default,
-                              prepare=lambda n=name, d=direction, i=inp: _prepare(i, _fastbert_fn(n), d))
-                         for name, reason, default in fastbert_backends(call, opts)]
-                impls.append(Impl("torch-eager", "competitor",
-                                  prepare=lambda d=direction, i=inp: _prepare(i, eager_bias_gelu, d)))
-                impls.append(Impl("torch-compile", "competitor",
-                                  prepare=lambda d=direction, i=inp: _prepare(i, torch.compile(eager_bias_gelu, dynamic=False), d),
-                                  skip=None if opts.compile else "torch.compile competitors are off (--quick or --no-compile)"))
+                impls = elementwise_impls(call, opts, lambda fn, d=direction, i=inp: _prepare(i, fn, d),
+                                          _fastbert_fn, eager_bias_gelu)
                 hi = torch.float32 if gpu else torch.float64
                 out.append(Case(
                     op="gelu", direction=direction, label=f"{model} rows{rows} hidden{hidden}",

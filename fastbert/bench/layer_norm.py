@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastbert.backends import CallInfo
 from fastbert.backends.reference import add_dropout_residual, layer_norm_math
-from fastbert.bench.core import MODEL_SHAPES, Case, Impl, Options, Prepared, fastbert_backends
+from fastbert.bench.core import MODEL_SHAPES, Case, Options, Prepared, elementwise_impls
 from fastbert.bench.formulas import layer_norm_bytes
 
 EPS = 1e-12  # BERT's layer_norm_eps
@@ -103,14 +103,8 @@ def cases(opts: Options) -> list[Case]:
             for direction in opts.directions:
                 call = CallInfo("layer_norm", torch.device(opts.device).type, opts.dtype, None,
                                 frozenset({"weight", "bias", "residual", "x_bias"}))
-                impls = [Impl(f"fastbert[{name}]", "fastbert", skip=reason, default=default,
-                              prepare=lambda n=name, d=direction, i=inp: _prepare(i, _fastbert_fn(n), d))
-                         for name, reason, default in fastbert_backends(call, opts)]
-                impls.append(Impl("torch-eager", "competitor",
-                                  prepare=lambda d=direction, i=inp: _prepare(i, eager_add_norm, d)))
-                impls.append(Impl("torch-compile", "competitor",
-                                  prepare=lambda d=direction, i=inp: _prepare(i, torch.compile(eager_add_norm, dynamic=False), d),
-                                  skip=None if opts.compile else "torch.compile competitors are off (--quick or --no-compile)"))
+                impls = elementwise_impls(call, opts, lambda fn, d=direction, i=inp: _prepare(i, fn, d),
+                                          _fastbert_fn, eager_add_norm)
                 hi = torch.float32 if gpu else torch.float64
                 out.append(Case(
                     op="layer_norm", direction=direction, label=f"{model} rows{rows} hidden{hidden}",
