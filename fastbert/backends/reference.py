@@ -210,6 +210,20 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
         h.copy_(hh)
 
 
+def layer_norm_dh(dy, h, weight, mean, rstd):
+    """``(dh, xhat, dy)`` in the statistics dtype for rows of h with their saved mean / rstd:
+    ``dh = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``xhat = (h - mean) * rstd``,
+    ``g = dy * weight``. xhat is formed before it multiplies anything, so a row with a large mean
+    and a tiny variance loses nothing to cancellation."""
+    stat_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hf, dyf = h.to(stat_dtype), dy.to(stat_dtype)
+    r = rstd.to(stat_dtype)[:, None]
+    xhat = (hf - mean.to(stat_dtype)[:, None]) * r
+    g = dyf if weight is None else dyf * weight.to(stat_dtype)
+    dh = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dh, xhat, dyf
+
+
 def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
                    seed):
     """Backend entry point.
@@ -219,11 +233,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
       dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)
       dresidual = dh, dx = dh * keep / (1 - p), dx_bias = sum_rows(dx)
     """
-    stat_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    hf, dyf = h.to(stat_dtype), dy.to(stat_dtype)
-    xhat = (hf - mean.to(stat_dtype)[:, None]) * rstd.to(stat_dtype)[:, None]
-    g = dyf if weight is None else dyf * weight.to(stat_dtype)
-    dh = rstd.to(stat_dtype)[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dh, xhat, dyf = layer_norm_dh(dy, h, weight, mean, rstd)
     if dweight is not None:
         dweight.copy_((dyf * xhat).sum(0))
     if dbias is not None:

@@ -140,11 +140,40 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
 # ----------------------------------------------------------------------------------------------
 
 
+# A row whose |mean| * rstd (its mean in units of its spread) exceeds this is ill-conditioned for
+# aten's CPU kernels: the one-pass statistics lose about |mean| * rstd * 2^-24 in y (a constant
+# row of 100 with eps = 1e-12 has |mean| * rstd = 1e8: y is off by whole units), and the backward,
+# which expands xhat = (h - mean) * rstd into rstd * h - rstd * mean, loses more (measured on
+# 16 x 768 fp32 rows: 2-5x the reference's fp32 error from |mean| * rstd = 32 on; -4194304 for the
+# constant row). Such rows are found from the saved statistics alone and recomputed by the
+# reference's two-pass math; a row whose mean is small against its spread never is.
+ILL_CONDITIONED = 16.0
+
+
+def _ill_conditioned_rows(mean, rstd):
+    """Indices of the rows aten cannot be trusted with, or None (the common case: one [rows]
+    comparison and a nonzero, no [rows, hidden] work). Skipped while capturing a CUDA graph (the
+    nonzero is a host sync); on a GPU Triton or CUDA normally runs LayerNorm anyway."""
+    if mean.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    idx = (mean.abs() * rstd > ILL_CONDITIONED).nonzero().view(-1)
+    return idx if idx.numel() else None
+
+
+def _aten_params(weight, bias, dtype):
+    """weight/bias in one dtype aten's CPU kernels accept: x's dtype for fp32/fp64, fp32 for
+    fp16/bf16 (aten's mixed-dtype mode). Exact casts of ``[hidden]`` vectors."""
+    pdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return tuple(None if t is None else t.to(pdt) for t in (weight, bias))
+
+
 def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed):
     """Backend entry point: ``h = dropout(x + x_bias) + residual``, ``y = LN(h)``.
 
     Computes straight into the preallocated ``h`` (and, for fp32/fp64, ``y``/``mean``/``rstd`` via
     ``native_layer_norm.out``): no temporaries and no copies, in the same order of operations.
+    Rows that are ill-conditioned for aten (:data:`ILL_CONDITIONED`) are then recomputed by the
+    reference.
     """
     hh = x
     if h is not None:
@@ -158,32 +187,41 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
         if hh is not h:
             h.copy_(hh)
         hh = h
+    w, b = _aten_params(weight, bias, x.dtype)
     if mean.dtype == x.dtype:  # fp32/fp64: aten's statistics already have the contract's dtype
-        torch.ops.aten.native_layer_norm.out(hh, (x.shape[-1],), weight, bias, eps, out0=y,
+        torch.ops.aten.native_layer_norm.out(hh, (x.shape[-1],), w, b, eps, out0=y,
                                              out1=mean.view(-1, 1), out2=rstd.view(-1, 1))
-        return
-    yy, m, r = torch.native_layer_norm(hh, (x.shape[-1],), weight, bias, eps)
-    y.copy_(yy)
-    mean.copy_(m.view(-1))
-    rstd.copy_(r.view(-1))
+    else:
+        yy, m, r = torch.native_layer_norm(hh, (x.shape[-1],), w, b, eps)
+        y.copy_(yy)
+        mean.copy_(m.view(-1))
+        rstd.copy_(r.view(-1))
+    idx = _ill_conditioned_rows(mean, rstd)
+    if idx is not None:
+        y[idx], mean[idx], rstd[idx] = reference.layer_norm_math(hh[idx], weight, bias, eps)
 
 
 def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
                    seed):
-    """Backend entry point via ``aten.native_layer_norm_backward``."""
+    """Backend entry point via ``aten.native_layer_norm_backward``; ill-conditioned rows
+    (:data:`ILL_CONDITIONED`) take the reference's dh."""
     hidden = h.shape[-1]
-    stat = h.dtype if weight is None else torch.promote_types(h.dtype, weight.dtype)
-    stat = torch.float32 if stat in (torch.float16, torch.bfloat16) else stat
-    # fp32/fp64 with weight in h's dtype: aten's dweight already accumulates in that dtype, so it
-    # comes from the same pass as dh instead of three [rows, hidden] temporaries here.
-    aten_dweight = dweight is not None and h.dtype == stat and weight.dtype == stat
+    stat = mean.dtype  # fp32 (fp64 for fp64 h): aten's statistics dtype for every h with w in _aten_params
+    w, _ = _aten_params(weight, None, h.dtype)
+    if w is None and stat != h.dtype:  # fp16/bf16 statistics are fp32 only in aten's mixed mode
+        w = torch.ones(hidden, dtype=stat, device=h.device)
+    # fp32/fp64: aten's dweight already accumulates in the contract's dtype, so it comes from the
+    # same pass as dh instead of three [rows, hidden] temporaries here.
+    aten_dweight = dweight is not None and h.dtype == stat
     dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
-        dy, h, (hidden,), mean.view(-1, 1).to(stat), rstd.view(-1, 1).to(stat), weight, None,
-        [True, aten_dweight, False])
+        dy, h, (hidden,), mean.view(-1, 1), rstd.view(-1, 1), w, None, [True, aten_dweight, False])
+    idx = _ill_conditioned_rows(mean, rstd)
+    if idx is not None:
+        dh[idx] = reference.layer_norm_dh(dy[idx], h[idx], weight, mean[idx], rstd[idx])[0].to(dh.dtype)
     if aten_dweight:
         dweight.copy_(dw)
     elif dweight is not None:  # accumulated in fp32 (aten rounds xhat to h's dtype for fp16/bf16)
-        xhat = (h.to(stat) - mean.view(-1, 1).to(stat)) * rstd.view(-1, 1).to(stat)
+        xhat = (h.to(stat) - mean.view(-1, 1)) * rstd.view(-1, 1)
         dweight.copy_((dy.to(stat) * xhat).sum(0))
     if dbias is not None:
         dbias.copy_(dy.sum(0, dtype=stat))
@@ -208,7 +246,14 @@ def gelu_fwd(x, bias, y, *, approximate):
 
     fp32/fp64: ``F.gelu``. fp16/bf16: the reference's erfc / sigmoid form in fp32, because
     ``F.gelu``'s ``1 + erf`` (``1 + tanh``) cancels for x < -4 and lands whole units in the last
-    place of fp16/bf16 away there; in fp32 that error stays below eps * |x|.
+    place of fp16/bf16 away there.
+
+    fp32 accuracy (documented, not matched): aten's fp32 GELU keeps the absolute error below
+    ``2^-22 * max(1, |z|)`` (measured on [-20, 20]: 1.6e-7 * max(1, |z|), forward and gradient),
+    but in the negative tail its relative error grows: 4e-3 on [-4, -2], and ``gelu(-6)`` is -0
+    (the reference, Triton and CUDA give -5.9e-9). The erfc form would match the reference there
+    at 2.7x the cost of the fused ``F.gelu`` (1024 x 3072 fp32, 1 thread: 14.1 vs 5.2 ms), on the
+    FFN of every CPU forward; Hugging Face's BERT calls the same ``F.gelu``.
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         return reference.gelu_fwd(x, bias, y, approximate=approximate)
