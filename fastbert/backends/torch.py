@@ -210,17 +210,18 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     w, _ = _aten_params(weight, None, h.dtype)
     if w is None and stat != h.dtype:  # fp16/bf16 statistics are fp32 only in aten's mixed mode
         w = torch.ones(hidden, dtype=stat, device=h.device)
+    idx = _ill_conditioned_rows(mean, rstd)
     # fp32/fp64: aten's dweight already accumulates in the contract's dtype, so it comes from the
-    # same pass as dh instead of three [rows, hidden] temporaries here.
-    aten_dweight = dweight is not None and h.dtype == stat
+    # same pass as dh instead of three [rows, hidden] temporaries here (unless an ill-conditioned
+    # row is present: aten's dweight then cancels like its dh).
+    aten_dweight = dweight is not None and h.dtype == stat and idx is None
     dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
         dy, h, (hidden,), mean.view(-1, 1), rstd.view(-1, 1), w, None, [True, aten_dweight, False])
-    idx = _ill_conditioned_rows(mean, rstd)
     if idx is not None:
         dh[idx] = reference.layer_norm_dh(dy[idx], h[idx], weight, mean[idx], rstd[idx])[0].to(dh.dtype)
     if aten_dweight:
         dweight.copy_(dw)
-    elif dweight is not None:  # accumulated in fp32 (aten rounds xhat to h's dtype for fp16/bf16)
+    elif dweight is not None:  # in fp32 (aten rounds xhat to h's dtype for fp16/bf16), xhat formed first
         xhat = (h.to(stat) - mean.view(-1, 1)) * rstd.view(-1, 1)
         dweight.copy_((dy.to(stat) * xhat).sum(0))
     if dbias is not None:
