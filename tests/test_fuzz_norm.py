@@ -33,11 +33,11 @@ def _params(case_list):
     return [pytest.param(c, b, id=f"{b}-{case_id(c)}") for c in case_list for b in BACKENDS]
 
 
-def _cuda_host_results(case_list) -> dict:
+def _cuda_host_results(case_list, env=None) -> dict:
     """Run every cuda-host case of ``case_list`` in one child process; {case index: (ok, message)}.
     A case the child started but never finished (it crashed) fails with the child's exit status."""
     todo = [(i, c) for i, c in enumerate(case_list) if available(c, "cuda-host") is None]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE)] + sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE)] + sys.path), **(env or {}))
     proc = subprocess.run([sys.executable, str(HERE / "_fuzz_norm.py")], env=env, capture_output=True, text=True,
                           input=json.dumps([[c, "cuda-host"] for _, c in todo]), timeout=1800)
     results, started = {}, None
@@ -85,3 +85,15 @@ def test_fuzz(case, backend):
 @pytest.mark.parametrize("case,backend", _params(LONG))
 def test_fuzz_long(case, backend):
     _check(case, backend, LONG, "long")
+
+
+def test_a_crash_fails_the_case_it_died_in():
+    """The harness can fail: a child that aborts (as a segfaulting kernel would) on its second
+    case passes the first, fails the second naming the exit status, and never reaches the third."""
+    some = [c for c in DEFAULT if available(c, "cuda-host") is None and c["op"] == "gelu"][:3]
+    if len(some) < 3 or available(some[0], "cuda-host") is not None:
+        pytest.skip("cuda-host is unavailable")
+    got = _cuda_host_results(some, env={"FUZZ_NORM_CRASH_AT": "1"})
+    assert got[0] == (True, "")
+    assert not got[1][0] and "died here (exit status -6)" in got[1][1]
+    assert not got[2][0] and "not reached" in got[2][1]

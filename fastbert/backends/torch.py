@@ -141,17 +141,17 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
 
 
 # A row whose |mean| * rstd (its mean in units of its spread) exceeds this is ill-conditioned for
-# aten's CPU kernels: the one-pass statistics lose about |mean| * rstd * 2^-24 in y (a constant
-# row of 100 with eps = 1e-12 has |mean| * rstd = 1e8: y is off by whole units), and the backward,
-# which expands xhat = (h - mean) * rstd into rstd * h - rstd * mean, loses more (measured on
-# 16 x 768 fp32 rows: 2-5x the reference's fp32 error from |mean| * rstd = 32 on; -4194304 for the
-# constant row). Such rows are found from the saved statistics alone and recomputed by the
-# reference's two-pass math; a row whose mean is small against its spread never is.
+# aten's CPU forward: its one-pass statistics lose about |mean| * rstd * 2^-24 in y (a constant
+# row of 100 with eps = 1e-12 has |mean| * rstd = 1e8: y is off by whole units; measured on
+# 16 x 768 fp32 rows, aten's y error is 1.7x the reference's at |mean| * rstd = 32). Such rows are
+# found from the statistics alone and recomputed by the reference's two-pass math; a row whose
+# mean is small against its spread never is. (The backward is made stable another way: see
+# layer_norm_bwd.)
 ILL_CONDITIONED = 16.0
 
 
 def _ill_conditioned_rows(mean, rstd):
-    """Indices of the rows aten cannot be trusted with, or None (the common case: one [rows]
+    """Indices of the rows aten's forward cannot be trusted with, or None (the common case: one [rows]
     comparison and a nonzero, no [rows, hidden] work). Skipped while capturing a CUDA graph (the
     nonzero is a host sync); on a GPU Triton or CUDA normally runs LayerNorm anyway."""
     if mean.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -176,7 +176,11 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
     reference.
     """
     hh = x
-    if h is not None:
+    if h is not None and x.dtype in (torch.float16, torch.bfloat16):
+        # In fp32, rounded once to x's dtype, as the kernels and the reference store h.
+        h.copy_(reference.add_dropout_residual(x, residual, x_bias, dropout_p, seed))
+        hh = h
+    elif h is not None:
         if x_bias is not None:
             hh = torch.add(hh, x_bias.to(x.dtype), out=h)
         if dropout_p > 0.0:
@@ -203,38 +207,38 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
 
 def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
                    seed):
-    """Backend entry point via ``aten.native_layer_norm_backward``; ill-conditioned rows
-    (:data:`ILL_CONDITIONED`) take the reference's dh."""
+    """Backend entry point via ``aten.native_layer_norm_backward`` on the centred rows.
+
+    aten's backward forms ``dh = a * g + b * h + c`` with ``c = -b * mean - ...``: for a row whose
+    mean is large against its spread, ``b * h`` and ``b * mean`` cancel (measured: a gradient of
+    -4194304 for a constant row of 100, 2-5x the reference's fp32 error from |mean| * rstd = 32
+    on, 7x on 2-element rows at |mean| * rstd = 9). Handing it ``h - mean`` with a zero mean
+    makes ``b * h`` the reference's ``xhat`` term: stable for every row, for the cost of one
+    ``[rows, hidden]`` subtraction. fp16/bf16 run in fp32 (dh, dweight and dx_bias from unrounded
+    values, as the kernels compute them), rounded once into dx / dresidual. Rows of 1 or 2
+    elements, whose exact dh is 0, take the reference's form (aten's leaves rstd * |g| * 2^-24).
+    """
     hidden = h.shape[-1]
-    stat = mean.dtype  # fp32 (fp64 for fp64 h): aten's statistics dtype for every h with w in _aten_params
-    w, _ = _aten_params(weight, None, h.dtype)
-    if w is None and stat != h.dtype:  # fp16/bf16 statistics are fp32 only in aten's mixed mode
-        w = torch.ones(hidden, dtype=stat, device=h.device)
-    idx = _ill_conditioned_rows(mean, rstd)
-    # fp32/fp64: aten's dweight already accumulates in the contract's dtype, so it comes from the
-    # same pass as dh instead of three [rows, hidden] temporaries here (unless an ill-conditioned
-    # row is present: aten's dweight then cancels like its dh).
-    aten_dweight = dweight is not None and h.dtype == stat and idx is None
+    if hidden <= 2:  # y is constant in h (+-1 or 0): dh is 0, which aten's expanded form misses
+        return reference.layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias,
+                                        dropout_p=dropout_p, seed=seed)
+    stat = mean.dtype  # fp32, fp64 for fp64 h
+    centred = torch.sub(h.to(stat), mean.view(-1, 1))
     dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
-        dy, h, (hidden,), mean.view(-1, 1), rstd.view(-1, 1), w, None, [True, aten_dweight, False])
-    if idx is not None:
-        dh[idx] = reference.layer_norm_dh(dy[idx], h[idx], weight, mean[idx], rstd[idx])[0].to(dh.dtype)
-    if aten_dweight:
+        dy.to(stat), centred, (hidden,), torch.zeros_like(mean).view(-1, 1), rstd.view(-1, 1),
+        None if weight is None else weight.to(stat), None, [True, dweight is not None, False])
+    if dweight is not None:
         dweight.copy_(dw)
-    elif dweight is not None:  # in fp32 (aten rounds xhat to h's dtype for fp16/bf16), xhat formed first
-        xhat = (h.to(stat) - mean.view(-1, 1)) * rstd.view(-1, 1)
-        dweight.copy_((dy.to(stat) * xhat).sum(0))
     if dbias is not None:
         dbias.copy_(dy.sum(0, dtype=stat))
     if dresidual is not None:
         dresidual.copy_(dh)
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], hidden, device=h.device)
-        dh = torch.mul(dh, keep, out=dx).mul_(1.0 / (1.0 - dropout_p))
-    else:
-        dx.copy_(dh)
+        dh = dh.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
+    dx.copy_(dh)
     if dx_bias is not None:
-        dx_bias.copy_(dh.sum(0, dtype=stat))
+        dx_bias.copy_(dh.sum(0))
 
 
 # ----------------------------------------------------------------------------------------------
