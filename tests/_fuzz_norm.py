@@ -215,7 +215,7 @@ def run(c: dict, backend: str, cast: torch.dtype | None = None) -> dict:
 
 
 def _dh_scale(c: dict) -> float:
-    """``max(rstd * |dy * weight|) / (1 - p)`` over the rows, in fp64: the size of the terms LayerNorm's
+    """``max(rstd * |g| * (2 + xhat^2)) / (1 - p)`` over the rows, in fp64: the size of the terms LayerNorm's
     ``dh = rstd * (g - mean(g) - xhat * mean(g * xhat))`` cancels down to (on a short row, dh can
     be far smaller than them, and every formula keeps an error of a few eps of them)."""
     from fastbert.ops._common import draw_seed
@@ -229,11 +229,15 @@ def _dh_scale(c: dict) -> float:
     vec = lambda t: None if t is None else t.contiguous()  # noqa: E731
     torch.manual_seed(c["seed"])  # the seed layer_norm() draws first
     seed = draw_seed(torch.device("cpu")) if c["dropout_p"] > 0 else None
-    _, _, rstd, _ = torch.ops.fastbert.layer_norm_fwd(
+    _, mean, rstd, h = torch.ops.fastbert.layer_norm_fwd(
         rows(v["x"]), vec(v.get("weight")), vec(v.get("bias")), rows(v.get("residual")), vec(v.get("x_bias")),
         seed, c["eps"], c["dropout_p"], "reference")
+    h = rows(v["x"]) if h.numel() == 0 else h  # h is x when nothing is fused
+    xhat = (h - mean[:, None]) * rstd[:, None]
     g = rows(v["dy"]) * (1.0 if "weight" not in v else v["weight"])
-    return (rstd[:, None] * g.abs()).max().item() / (1.0 - c["dropout_p"])  # dx = dh * keep / (1 - p)
+    # |g|, |mean(g)| and |xhat * mean(g * xhat)| are each at most |g| (1, 1, max xhat^2) per row.
+    terms = rstd * g.abs().amax(-1) * (2.0 + xhat.square().amax(-1))
+    return terms.max().item() / (1.0 - c["dropout_p"])  # dx = dh * keep / (1 - p)
 
 
 def _floor_eps(c: dict, name: str, ref: torch.Tensor) -> float:
