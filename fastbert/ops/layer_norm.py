@@ -141,7 +141,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
     hidden = x.shape[-1]
     eps = as_float("eps", eps)
-    check(math.isfinite(eps) and eps >= 0.0, ValueError, f"eps: expected a finite float >= 0, got {eps!r}")
+    # A comparison, not math.isfinite: Dynamo passes a recompiled float symbolically (NaN fails it too).
+    check(0.0 <= eps < math.inf, ValueError, f"eps: expected a finite float >= 0, got {eps!r}")
     dropout_p = check_dropout_p(dropout_p)
     ac = autocast_dtype(x.device.type)
     weight, bias, x_bias = (None if t is None else check_vector(name, t, size=hidden, x=x)
