@@ -220,10 +220,10 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     -4194304 for a constant row of 100, 2-5x the reference's fp32 error from |mean| * rstd = 32
     on, 7x on 2-element rows at |mean| * rstd = 9). Handing it ``h - mean`` with a zero mean
     makes ``b * h`` the reference's ``xhat`` term: stable for every row, for the cost of one
-    ``[rows, hidden]`` subtraction, paid only when some row has ``|mean| * rstd >``
-    :data:`BWD_ILL_CONDITIONED` (measured on 1024 x 768 fp32 rows, 1 thread: +29%) or x is fp16 /
-    bf16. fp16/bf16 run in fp32 (dh, dweight and dx_bias from unrounded
-    values, as the kernels compute them), rounded once into dx / dresidual. Rows of 1 or 2
+    ``[rows, hidden]`` subtraction (measured on 1024 x 768 fp32 rows, 1 thread: +29% of the
+    backward), paid only when some row has ``|mean| * rstd >`` :data:`BWD_ILL_CONDITIONED` or x is
+    fp16 / bf16. fp16/bf16 run in fp32 (dh, dweight and dx_bias from unrounded values, as the
+    kernels compute them), rounded once into dx / dresidual. Rows of 1 or 2
     elements, whose exact dh is 0, take the reference's form (aten's leaves rstd * |g| * 2^-24).
     """
     hidden = h.shape[-1]
@@ -249,8 +249,9 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
         dresidual.copy_(dh)
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], hidden, device=h.device)
-        dh = dh.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
-    dx.copy_(dh)
+        dh = torch.mul(dh, keep, out=dx if dx.dtype == dh.dtype else None).mul_(1.0 / (1.0 - dropout_p))
+    if dh is not dx:
+        dx.copy_(dh)
     if dx_bias is not None:
         dx_bias.copy_(dh.sum(0))
 
