@@ -77,3 +77,62 @@ def test_opcheck_compile_autocast(backend):
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gelu(x, bias=b, backend=backend).dtype == torch.bfloat16
+
+
+# ---- issue 12: regressions (each failed before its fix) ----------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_in_empty_out(backend):
+    """Item 9: ``gelu(torch.randn(3, 0))`` raised "cannot reshape tensor of 0 elements"."""
+    for shape in ((3, 0), (0, 8), (2, 0, 4)):
+        x = torch.randn(*shape, requires_grad=True)
+        b = torch.randn(shape[-1], requires_grad=True)
+        y = gelu(x, bias=b, backend=backend)
+        assert y.shape == x.shape
+        dx, db = torch.autograd.grad(y.sum(), (x, b))
+        assert dx.shape == x.shape and torch.equal(db, torch.zeros_like(b))
+
+
+def test_dtype_message_names_each_allowed_dtype_once():
+    """Item 9: "expected dtype torch.float32 or torch.float32"."""
+    with pytest.raises(TypeError, match=r"bias: expected dtype torch.float32, got torch.float16$"):
+        gelu(torch.randn(2, 8), bias=torch.ones(8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_and_expanded_bias(backend, poison):
+    """Item 2 (every backend): a strided or stride-0 bias is read as its values."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 48, generator=g, requires_grad=True)
+    for base, view in ((torch.randn(96, generator=g), lambda t: t[::2]),
+                       (torch.randn(1, generator=g), lambda t: t.expand(48))):
+        base.requires_grad_()
+        y = gelu(x, bias=view(base), backend=backend)
+        dy = torch.randn(5, 48, generator=g)
+        ref = F.gelu(x + view(base))
+        torch.testing.assert_close(y, ref)
+        for a, r in zip(torch.autograd.grad(y, (x, base), dy), torch.autograd.grad(ref, (x, base), dy)):
+            torch.testing.assert_close(a, r)
+
+
+def test_torch_backend_fp32_tail_accuracy_is_the_documented_one():
+    """Item 9: fp32 on the torch backend is aten's GELU, documented in backends/torch.py's gelu_fwd:
+    absolute error below 2^-22 * max(1, |z|) everywhere, forward and gradient, while the reference
+    keeps relative precision in the negative tail (gelu(-6) = -5.9e-9, not -0)."""
+    z = torch.linspace(-20, 20, 20001)
+    for approximate in ("none", "tanh"):
+        exact = F.gelu(z.double(), approximate=approximate)
+        zs = z.clone().requires_grad_()
+        y = gelu(zs[None], approximate=approximate, backend="torch")[0]
+        bound = 2.0**-22 * z.double().abs().clamp(min=1)
+        assert ((y.double() - exact).abs() <= bound).all()
+        g, = torch.autograd.grad(y.sum(), zs)
+        ze = z.double().requires_grad_()
+        ge, = torch.autograd.grad(F.gelu(ze, approximate=approximate).sum(), ze)
+        assert ((g.double() - ge).abs() <= 4 * bound).all()
+    ref = gelu(torch.tensor([[-6.0, float("inf")]]), backend="reference")[0]
+    assert ref[0].item() == pytest.approx(-6 * 0.5 * torch.erfc(torch.tensor(6 / 2**0.5, dtype=torch.float64)).item(),
+                                          rel=1e-6)
+    assert ref[1].item() == float("inf")
+

@@ -157,3 +157,126 @@ def test_compile_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer_norm(x.bfloat16(), w, b, residual=res)
     assert y.dtype == torch.bfloat16
+
+
+# ---- issue 12: regressions (each failed before its fix) ----------------------------------------
+
+
+def test_torch_backend_constant_rows_eps_1e_12_are_exact(poison):
+    """Item 5: aten's one-pass statistics on a constant row gave y = 8 (not 0) and gradients of
+    -8388608; the rows found ill-conditioned from mean / rstd are recomputed by the reference."""
+    x = torch.full((2, 8), 154.125).half()
+    x[1] = -x[1]
+    assert torch.equal(layer_norm(x, eps=1e-12, backend="torch"), torch.zeros_like(x))
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.full((1, 64), 100.0), torch.randn(3, 64, generator=g)])
+    w, b = 1 + 0.1 * torch.randn(64, generator=g), torch.randn(64, generator=g)
+    dy = torch.randn(4, 64, generator=g)
+    out = {}
+    for backend, dt in (("torch", torch.float32), ("reference", torch.float64), ("reference", torch.float32)):
+        leaves = [t.to(dt).requires_grad_() for t in (x, w, b)]
+        y = layer_norm(*leaves, eps=1e-12, backend=backend)
+        out[backend, dt] = [y] + list(torch.autograd.grad(y, leaves, dy.to(dt)))
+    assert torch.equal(out["torch", torch.float32][0][0], b)  # the constant row returns bias
+    for name, got, hi, lo in zip(("y", "dx", "dweight", "dbias"), *out.values()):
+        assert_close_to_ref(got, hi, lo, name=name)
+
+
+@pytest.mark.parametrize("ratio", [100.0, 3000.0])
+def test_torch_backend_large_mean_rows_backward(ratio, poison):
+    """Item 5: rows whose mean is ``ratio`` spreads away from 0 (aten's backward lost 2-5x the
+    reference's fp32 error there) follow the tolerance rule in every gradient."""
+    g = torch.Generator().manual_seed(1)
+    x = ratio + torch.randn(6, 768, generator=g)
+    w = torch.randn(768, generator=g)
+    dy = torch.randn(6, 768, generator=g)
+    out = []
+    for backend, dt in (("torch", torch.float32), ("reference", torch.float64), ("reference", torch.float32)):
+        xs, ws = x.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+        y = layer_norm(xs, ws, eps=1e-12, backend=backend)
+        out.append([y] + list(torch.autograd.grad(y, (xs, ws), dy.to(dt))))
+    for name, got, hi, lo in zip(("y", "dx", "dweight"), *out):
+        assert_close_to_ref(got, hi, lo, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("params", ["x,x", "fp32,x", "x,fp32", "none,none", "none,x"])
+def test_torch_backend_takes_every_supported_param_dtype(dtype, params, poison):
+    """Item 6: half x with half weight failed in backward ("expected scalar type Half but found
+    Float"), fp32 weight with a half bias in forward ("mixed dtype (CPU)")."""
+    x, w, b, _, _ = _inputs(5, 96, dtype, seed=3)
+    pick = {"x": dtype, "fp32": torch.float32}
+    wd, bd = params.split(",")
+    dy = torch.randn(5, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def run(backend, cast):
+        xs = x.to(cast).requires_grad_()
+        ws = None if wd == "none" else w.to(torch.float64 if cast == torch.float64 else pick[wd]).requires_grad_()
+        bs = None if bd == "none" else b.to(torch.float64 if cast == torch.float64 else pick[bd]).requires_grad_()
+        leaves = [t for t in (xs, ws, bs) if t is not None]
+        y = layer_norm(xs, ws, bs, eps=1e-12, backend=backend)
+        return [y] + list(torch.autograd.grad(y, leaves, dy.to(cast)))
+
+    for got, hi, lo in zip(run("torch", dtype), run("reference", torch.float64), run("reference", dtype)):
+        assert got.dtype == lo.dtype
+        assert_close_to_ref(got, hi, lo)
+
+
+def test_half_module_trains_on_cpu():
+    """Item 6: ``model.to(torch.float16)`` training on CPU (fp16 weight and bias) failed in backward."""
+    from fastbert.nn import LayerNorm
+
+    ln = LayerNorm(32, eps=1e-12).to(torch.float16)
+    x = torch.randn(4, 32, dtype=torch.float16, requires_grad=True)
+    ln(x).float().square().sum().backward()
+    assert ln.weight.grad.dtype == torch.float16 and torch.isfinite(ln.weight.grad).all()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_in_empty_out(backend):
+    """Item 9: no rows, or hidden 0, gives an empty output and empty gradients."""
+    for shape in ((0, 16), (3, 0), (2, 0, 5)):
+        x = torch.randn(*shape, requires_grad=True)
+        w = torch.randn(shape[-1], requires_grad=True)
+        y = layer_norm(x, w, residual=torch.randn(*shape), backend=backend)
+        assert y.shape == x.shape
+        dx, dw = torch.autograd.grad(y.sum(), (x, w))
+        assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), -1e-12])
+def test_eps_rule_is_one_for_every_backend(eps):
+    """Item 9: eps = inf was accepted by two backends and rejected by the third; the rule is the
+    ops layer's: finite and >= 0 (0 is accepted, as by torch)."""
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"eps: expected a finite float >= 0, got"):
+        layer_norm(x, eps=eps)
+    torch.testing.assert_close(layer_norm(x, eps=0.0), F.layer_norm(x, (8,), eps=0.0))
+
+
+def test_dtype_message_names_each_allowed_dtype_once():
+    """Item 9: "expected dtype torch.float32 or torch.float32"."""
+    with pytest.raises(TypeError, match=r"weight: expected dtype torch.float32, got torch.float16$"):
+        layer_norm(torch.randn(2, 8), torch.ones(8, dtype=torch.float16))
+    with pytest.raises(TypeError, match=r"x_bias: expected dtype torch.bfloat16 or torch.float32, got torch.float64"):
+        layer_norm(torch.randn(2, 8).bfloat16(), x_bias=torch.ones(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_and_expanded_parameters(backend, poison):
+    """Item 2 (every backend): strided and stride-0 weight / bias / x_bias are read as their values."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 64, generator=g, requires_grad=True)
+    wb = torch.randn(128, generator=g, requires_grad=True)
+    bb = torch.randn(1, generator=g, requires_grad=True)
+    xbb = torch.randn(1, generator=g, requires_grad=True)
+    views = lambda: (wb[::2], bb.expand(64), xbb.expand(64))  # noqa: E731
+    y = layer_norm(x, *views()[:2], x_bias=views()[2], backend=backend)
+    w, b, xb = (t.detach().contiguous() for t in views())
+    torch.testing.assert_close(y, F.layer_norm(x.detach() + xb, (64,), w, b))
+    dy = torch.rand(3, 64, generator=g)
+    grads = torch.autograd.grad(y, (x, wb, bb, xbb), dy)
+    ref = torch.autograd.grad(F.layer_norm(x + xbb.expand(64), (64,), wb[::2], bb.expand(64)), (x, wb, bb, xbb), dy)
+    for a, r in zip(grads, ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)

@@ -133,3 +133,20 @@ def test_opcheck_and_compile():
     f = lambda x: gelu(x, bias=b, backend="triton")  # noqa: E731
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_strided_and_expanded_bias(poison):
+    """Issue 12 item 2: a strided or stride-0 bias was read as contiguous memory (wrong values or
+    NaN); the ops layer hands every backend a contiguous vector."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    dy = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    for base, view in ((torch.randn(80, generator=g, dtype=torch.float64), lambda t: t[::2]),
+                       (torch.randn(1, generator=g, dtype=torch.float64), lambda t: t.expand(40))):
+        out = []
+        for backend, cast in (("triton", torch.float32), ("reference", torch.float64), ("reference", torch.float32)):
+            xs, bs = x.to(DEV, cast).requires_grad_(), base.to(DEV, cast).requires_grad_()
+            y = gelu(xs, bias=view(bs), backend=backend)
+            out.append([y] + list(torch.autograd.grad(y, (xs, bs), dy.to(DEV, cast))))
+        for name, got, hi, lo in zip(("y", "dx", "dbias"), *out):
+            assert_close_to_ref(got.cpu(), hi.cpu(), lo.cpu(), name=name)

@@ -300,3 +300,25 @@ def test_opcheck_and_compile():
     f = lambda x, r: layer_norm(x, w, b, residual=r, x_bias=xb, backend="triton")  # noqa: E731
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, res), f(x, res))
+
+
+def test_strided_and_expanded_parameters(poison):
+    """Issue 12 item 2: ``layer_norm(x, torch.randn(64)[::2])`` was off by 5.66 and a stride-0
+    weight / bias / x_bias gave NaN; the ops layer hands every backend contiguous vectors."""
+    g = torch.Generator().manual_seed(12)
+    t = {k: v.to(DEV) for k, v in _inputs(5, 64, torch.float32, seed=12).items()}
+    bases = {"weight": torch.randn(128, generator=g), "bias": torch.randn(1, generator=g),
+             "x_bias": torch.randn(1, generator=g)}
+    views = {"weight": lambda b: b[::2], "bias": lambda b: b.expand(64), "x_bias": lambda b: b.expand(64)}
+    out = []
+    for backend, cast in (("triton", torch.float32), ("reference", torch.float64), ("reference", torch.float32)):
+        leaves = {k: b.to(DEV, cast).requires_grad_() for k, b in bases.items()}
+        x = t["x"].to(cast).requires_grad_()
+        v = {k: views[k](leaves[k]) for k in leaves}
+        y = layer_norm(x, v["weight"], v["bias"], x_bias=v["x_bias"], backend=backend)
+        out.append([y] + list(torch.autograd.grad(y, [x, *leaves.values()], t["dy"].to(cast))))
+    for name, got, hi, lo in zip(("y", "dx", "dweight", "dbias", "dx_bias"), *out):
+        # d(x_bias) of a stride-0 x_bias sums all 5 x 64 entries of dx, which cancel exactly (each row
+        # of an LN gradient sums to 0): its floor grows with sqrt(terms), as rounding noise does.
+        floor_eps = 4.0 * (5 * 64) ** 0.5 if name == "dx_bias" else 4.0
+        assert_close_to_ref(got.cpu(), hi.cpu(), lo.cpu(), name=name, floor_eps=floor_eps)

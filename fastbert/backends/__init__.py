@@ -22,7 +22,8 @@ dropout_p, seed, softmax_scale, allow_tf32, deterministic)``
     over the broadcast dims.
 
 ``layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed)``
-    x/residual/y/h ``[rows, hidden]`` (contiguous), weight/bias/x_bias ``[hidden]`` or None.
+    x/residual/y/h ``[rows, hidden]`` (contiguous), weight/bias/x_bias ``[hidden]`` (contiguous;
+    each x's dtype or fp32) or None.
     Computes ``h = dropout(x + x_bias) + residual`` (``h`` is None when nothing is fused; then
     h is x) and ``y = (h - mean) * rstd * weight + bias``; mean/rstd ``[rows]`` fp32 (fp64 for
     fp64 x).
@@ -33,7 +34,7 @@ seed)``
     fp64) ``[hidden]`` or None, reduced deterministically.
 
 ``gelu_fwd(x, bias, y, *, approximate)`` / ``gelu_bwd(dy, x, bias, dx, dbias, *, approximate)``
-    x/y/dx ``[rows, hidden]`` (contiguous), bias ``[hidden]`` or None, dbias fp32 (fp64 for fp64)
+    x/y/dx ``[rows, hidden]`` (contiguous), bias ``[hidden]`` (contiguous) or None, dbias fp32 (fp64 for fp64)
     ``[hidden]``.
 
 A backend that needs scratch memory (row sums, partial reductions) asks :func:`workspace` for it:

@@ -70,19 +70,14 @@ def _workspace(nbytes: int, like: torch.Tensor) -> torch.Tensor | None:
     return workspace((((nbytes + 15) // 16) * 4,), torch.float32, like.device) if nbytes else None
 
 
-def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
-    """1-D parameters cross the boundary as raw pointers: make them contiguous."""
-    return None if t is None else t.contiguous()
-
-
 # ----------------------------------------------------------------------------------------------
 # LayerNorm and GELU (the backend contract of fastbert.backends, bound to an extension)
 # ----------------------------------------------------------------------------------------------
 
 
 def layer_norm_fwd(ext, x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed):
-    """Contract ``layer_norm_fwd`` on ``ext``: x/residual/y/h ``[rows, hidden]`` contiguous."""
-    weight, bias, x_bias = _vec(weight), _vec(bias), _vec(x_bias)
+    """Contract ``layer_norm_fwd`` on ``ext``: x/residual/y/h ``[rows, hidden]`` and
+    weight/bias/x_bias ``[hidden]`` contiguous (``fastbert.ops`` guarantees it)."""
     rows, hidden = x.shape
     ext.layer_norm_fwd(
         x=ptr(x), weight=ptr(weight), bias=ptr(bias), residual=ptr(residual), x_bias=ptr(x_bias),
@@ -94,7 +89,6 @@ def layer_norm_fwd(ext, x, weight, bias, residual, x_bias, y, mean, rstd, h, *, 
 
 def layer_norm_bwd(ext, dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p, seed):
     """Contract ``layer_norm_bwd`` on ``ext``; dweight/dbias/dx_bias fp32, reduced deterministically."""
-    weight = _vec(weight)
     rows, hidden = h.shape
     columns = dweight is not None or dbias is not None or dx_bias is not None
     nbytes = ext.layer_norm_bwd_workspace_bytes(rows=rows, hidden=hidden, need_columns=columns,
@@ -110,7 +104,6 @@ def layer_norm_bwd(ext, dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual
 
 def gelu_fwd(ext, x, bias, y, *, approximate):
     """Contract ``gelu_fwd`` on ``ext``: x/y ``[rows, hidden]`` contiguous."""
-    bias = _vec(bias)
     hidden = x.shape[-1]
     ext.gelu_fwd(x=ptr(x), bias=ptr(bias), y=ptr(y), rows=x.numel() // hidden, hidden=hidden,
                  dtype=dtype_code(x), bias_dtype=dtype_code(bias), approximate=approximate,
@@ -119,7 +112,6 @@ def gelu_fwd(ext, x, bias, y, *, approximate):
 
 def gelu_bwd(ext, dy, x, bias, dx, dbias, *, approximate):
     """Contract ``gelu_bwd`` on ``ext``; dbias fp32, reduced deterministically."""
-    bias = _vec(bias)
     hidden = x.shape[-1]
     rows = x.numel() // hidden
     nbytes = ext.gelu_bwd_workspace_bytes(rows=rows, hidden=hidden, need_dbias=dbias is not None)

@@ -169,15 +169,26 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
 # ----------------------------------------------------------------------------------------------
 
 
+def _stat_dtype(t):
+    """LayerNorm's compute / statistics dtype: fp32, fp64 for fp64 input."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def add_dropout_residual(x, residual=None, x_bias=None, dropout_p=0.0, seed=None):
-    """``h = dropout(x + x_bias) + residual`` on ``[rows, hidden]`` (the pre-norm sum)."""
-    h = x if x_bias is None else x + x_bias
+    """``h = dropout(x + x_bias) + residual`` on ``[rows, hidden]`` (the pre-norm sum), computed in
+    fp32 (fp64 for fp64 x) and rounded once to x's dtype, as the kernels store it; the scale is
+    the multiplier ``1 / (1 - p)`` they use."""
+    if x_bias is None and residual is None and dropout_p == 0.0:
+        return x
+    h = x.to(_stat_dtype(x))
+    if x_bias is not None:
+        h = h + x_bias.to(h.dtype)
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
-        h = h * keep / (1.0 - dropout_p)
+        h = h * keep * (1.0 / (1.0 - dropout_p))
     if residual is not None:
-        h = h + residual
-    return h
+        h = h + residual.to(h.dtype)
+    return h.to(x.dtype)
 
 
 def layer_norm_math(h, weight, bias, eps):
@@ -186,7 +197,7 @@ def layer_norm_math(h, weight, bias, eps):
     Statistics in fp32 (fp64 for fp64 input) with the two-pass variance ``mean((h - mean)^2)``;
     returns ``(y, mean, rstd)`` with y in h's dtype and mean/rstd ``[rows]`` in the statistics dtype.
     """
-    stat_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    stat_dtype = _stat_dtype(h)
     hf = h.to(stat_dtype)
     mean = hf.mean(dim=-1, keepdim=True)
     var = ((hf - mean) ** 2).mean(dim=-1, keepdim=True)
@@ -210,6 +221,20 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
         h.copy_(hh)
 
 
+def layer_norm_dh(dy, h, weight, mean, rstd):
+    """``(dh, xhat, dy)`` in the statistics dtype for rows of h with their saved mean / rstd:
+    ``dh = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``xhat = (h - mean) * rstd``,
+    ``g = dy * weight``. xhat is formed before it multiplies anything, so a row with a large mean
+    and a tiny variance loses nothing to cancellation."""
+    stat_dtype = _stat_dtype(h)
+    hf, dyf = h.to(stat_dtype), dy.to(stat_dtype)
+    r = rstd.to(stat_dtype)[:, None]
+    xhat = (hf - mean.to(stat_dtype)[:, None]) * r
+    g = dyf if weight is None else dyf * weight.to(stat_dtype)
+    dh = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dh, xhat, dyf
+
+
 def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
                    seed):
     """Backend entry point.
@@ -219,11 +244,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
       dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)
       dresidual = dh, dx = dh * keep / (1 - p), dx_bias = sum_rows(dx)
     """
-    stat_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    hf, dyf = h.to(stat_dtype), dy.to(stat_dtype)
-    xhat = (hf - mean.to(stat_dtype)[:, None]) * rstd.to(stat_dtype)[:, None]
-    g = dyf if weight is None else dyf * weight.to(stat_dtype)
-    dh = rstd.to(stat_dtype)[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dh, xhat, dyf = layer_norm_dh(dy, h, weight, mean, rstd)
     if dweight is not None:
         dweight.copy_((dyf * xhat).sum(0))
     if dbias is not None:
@@ -233,7 +254,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     dxf = dh
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], h.shape[1], device=h.device)
-        dxf = dh * keep / (1.0 - dropout_p)
+        dxf = dh * keep * (1.0 / (1.0 - dropout_p))
     dx.copy_(dxf)
     if dx_bias is not None:
         dx_bias.copy_(dxf.sum(0))

@@ -63,6 +63,20 @@ def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None) -> None:
         check(t.device == device, ValueError, f"{name}: expected device {device}, got {t.device}")
 
 
+def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
+    """A ``(size,)`` parameter of x's dtype or fp32 on x's device; returns it contiguous.
+
+    Every backend then reads it as a plain array: a strided or expanded (stride-0) view costs one
+    copy of ``size`` elements here instead of a stride argument in every kernel.
+    """
+    check_tensor(name, t, ndim=1, device=x.device)
+    check(t.shape[0] == size, ValueError, f"{name}: expected shape ({size},), got {tuple(t.shape)}")
+    allowed = list(dict.fromkeys((x.dtype, torch.float32)))
+    check(t.dtype in allowed, TypeError,
+          f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    return t.contiguous()
+
+
 def as_float(name: str, value) -> float:
     """A Python float from an int/float argument.
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastbert.backends import CallInfo
-from fastbert.ops._common import autocast_dtype, check, check_tensor, new_empty, no_autocast
+from fastbert.ops._common import autocast_dtype, check, check_tensor, check_vector, new_empty, no_autocast
 from fastbert.ops._dispatch import backend_module, resolve
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -73,10 +74,16 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
 
     ``approximate="none"``: ``z * Phi(z) = 0.5 z (1 + erf(z / sqrt(2)))`` (BERT's ``gelu``);
     ``"tanh"``: ``0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3)))`` (``gelu_new``).
+    ``gelu(+inf) = +inf`` and ``gelu(-inf) = NaN`` (``-inf * 0``) on every backend. Accuracy: the
+    reference, Triton and CUDA keep relative precision in the negative tail (erfc / sigmoid forms);
+    the torch backend's fp32 path is aten's ``F.gelu``, whose error is absolute, below
+    ``2^-22 * max(1, |z|)`` (``gelu(-6)`` is -0 there; see ``fastbert.backends.torch.gelu_fwd``).
 
     Args:
-        x: ``(..., hidden)``; fp16, bf16, fp32 or fp64.
-        bias: ``(hidden,)`` or None, x's dtype or fp32 (the preceding dense layer's bias, fused).
+        x: ``(..., hidden)``; fp16, bf16, fp32 or fp64; any strides. Empty in, empty out.
+        bias: ``(hidden,)`` or None, x's dtype or fp32 (the preceding dense layer's bias, fused);
+            any strides (a strided or expanded view is copied once here, so every backend reads
+            a contiguous vector).
         approximate: ``"none"`` or ``"tanh"``.
         backend: force a backend, else ``FASTBERT_BACKEND``, else automatic.
 
@@ -94,14 +101,12 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
     if ac is not None:  # GELU runs in the autocast dtype
         x = x.to(ac)
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, device=x.device)
-        check(bias.shape[0] == hidden, ValueError, f"bias: expected shape ({hidden},), got {tuple(bias.shape)}")
-        if ac is not None:
+        if ac is not None and isinstance(bias, torch.Tensor):
             bias = bias.to(ac)
-        check(bias.dtype in (x.dtype, torch.float32), TypeError,
-              f"bias: expected dtype {x.dtype} or torch.float32, got {bias.dtype}")
+        bias = check_vector("bias", bias, size=hidden, x=x)
     features = frozenset({"bias"}) if bias is not None else frozenset()
     name = resolve(CallInfo("gelu", x.device.type, x.dtype, None, features), backend)
     shape = x.shape
-    y = _gelu_fwd(x.reshape(-1, hidden).contiguous() if x.dim() else x, bias, approximate, name)
+    # (rows, hidden), not reshape(-1, hidden): that is ambiguous for hidden == 0.
+    y = _gelu_fwd(x.reshape(math.prod(shape[:-1]), hidden).contiguous(), bias, approximate, name)
     return y.view(shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from fastbert.backends import CallInfo
 from fastbert.ops._common import (as_float, autocast_dtype, check, check_dropout_p, check_tensor,
-                                  draw_seed, new_empty, no_autocast)
+                                  check_vector, draw_seed, new_empty, no_autocast)
 from fastbert.ops._dispatch import backend_module, resolve
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -96,13 +97,11 @@ def _backward(ctx, dy, dmean, drstd, dh):
     dropout_p, backend = ctx.args
     nig = ctx.needs_input_grad
     has_w, has_b, has_res, has_xb = ctx.has
-    dx, dw, db, dres, dxb = _layer_norm_bwd(
-        dy, h, weight, mean, rstd, seed, dropout_p, has_w and nig[1], has_b and nig[2],
-        has_res and nig[3], has_xb and nig[4], backend)
+    need = (has_w and nig[1], has_b and nig[2], has_res and nig[3], has_xb and nig[4])
+    dx, dw, db, dres, dxb = _layer_norm_bwd(dy, h, weight, mean, rstd, seed, dropout_p, *need, backend)
     # Parameter gradients accumulate in fp32 and take their parameter's dtype.
-    dw, db, dxb = (g.to(dt) if dt is not None and g.numel() else None
-                   for g, dt in zip((dw, db, dxb), ctx.param_dtypes))
-    return dx, dw, db, (dres if dres.numel() else None), dxb, None, None, None, None
+    dw, db, dxb = (g.to(dt) if n else None for g, dt, n in zip((dw, db, dxb), ctx.param_dtypes, need[:2] + need[3:]))
+    return dx, dw, db, (dres if need[2] else None), dxb, None, None, None, None
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -115,16 +114,19 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
     LayerNorm over the last dim (Ba et al. 2016, eqs. 3-4): ``(h - mean) / sqrt(var + eps)`` with
     statistics in fp32 and the stable two-pass variance. An all-zero row normalises to zeros, so
-    it returns ``bias``.
+    it returns ``bias`` (for eps > 0; with ``eps = 0`` a constant row is 0 / 0 = NaN on every
+    backend, as in torch). Empty in (no rows, or hidden 0), empty out.
 
     Args:
-        x: ``(..., hidden)``; fp16, bf16, fp32 or fp64.
-        weight, bias: ``(hidden,)`` or None; x's dtype or fp32 (fp32 parameters with fp16/bf16 x
-            are accepted; y takes x's dtype).
-        eps: added to the variance (models pass their ``layer_norm_eps``); >= 0.
+        x: ``(..., hidden)``; fp16, bf16, fp32 or fp64; any strides.
+        weight, bias: ``(hidden,)`` or None; each x's dtype or fp32, independently (fp32
+            parameters with fp16/bf16 x are accepted; y takes x's dtype); any strides (a strided or
+            expanded view is copied once here, so every backend reads a contiguous vector).
+        eps: added to the variance (models pass their ``layer_norm_eps``); finite and >= 0 (the
+            rule for every backend; torch's ``F.layer_norm`` accepts 0 too).
         residual: x's shape and dtype, added after dropout (the sub-layer input in BERT).
-        x_bias: ``(hidden,)`` added to x before dropout (the bias of the preceding dense layer,
-            fused here).
+        x_bias: ``(hidden,)``, x's dtype or fp32, added to x before dropout (the bias of the
+            preceding dense layer, fused here).
         dropout_p: dropout on ``x + x_bias``, ``0 <= dropout_p < 1`` (shared Philox scheme, keyed
             by (row, column) of the flattened ``(rows, hidden)`` view).
         backend: force a backend, else ``FASTBERT_BACKEND``, else automatic.
@@ -138,18 +140,13 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     """
     check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
     hidden = x.shape[-1]
-    check(hidden > 0, ValueError, f"x: expected hidden size > 0, got shape {tuple(x.shape)}")
     eps = as_float("eps", eps)
-    if not eps >= 0.0:
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+    # A comparison, not math.isfinite: Dynamo passes a recompiled float symbolically (NaN fails it too).
+    check(0.0 <= eps < math.inf, ValueError, f"eps: expected a finite float >= 0, got {eps!r}")
     dropout_p = check_dropout_p(dropout_p)
     ac = autocast_dtype(x.device.type)
-    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
-        if t is not None:
-            check_tensor(name, t, ndim=1, device=x.device)
-            check(t.shape[0] == hidden, ValueError, f"{name}: expected shape ({hidden},), got {tuple(t.shape)}")
-            check(t.dtype in (x.dtype, torch.float32), TypeError,
-                  f"{name}: expected dtype {x.dtype} or torch.float32, got {t.dtype}")
+    weight, bias, x_bias = (None if t is None else check_vector(name, t, size=hidden, x=x)
+                            for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)))
     if residual is not None:
         check_tensor("residual", residual, device=x.device)
         check(residual.shape == x.shape, ValueError,
@@ -158,8 +155,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
             residual = residual.to(x.dtype)
         check(residual.dtype == x.dtype, TypeError, f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
     shape = x.shape
-    x2 = x.reshape(-1, hidden).contiguous()
-    res2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
+    x2 = x.reshape(rows, hidden).contiguous()
+    res2 = residual.reshape(rows, hidden).contiguous() if residual is not None else None
     features = {n for n, t in (("weight", weight), ("bias", bias), ("residual", residual),
                                ("x_bias", x_bias)) if t is not None}
     if dropout_p > 0.0:
