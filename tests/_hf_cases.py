@@ -25,7 +25,8 @@ FAMILIES = {  # model_type -> (transformers config class name, class prefix, its
 }
 # The default run: BERT with every head, one head per other family; the rest behind -m slow.
 DEFAULT_HEADS = {"roberta": "ForMaskedLM", "xlm-roberta": "ForSequenceClassification",
-                 "camembert": "ForQuestionAnswering", "electra": "ForPreTraining", "distilbert": "ForTokenClassification"}
+                 "camembert": "ForQuestionAnswering", "electra": "ForPreTraining",
+                 "distilbert": "ForTokenClassification"}
 VOCAB, SEQLEN, PAD = 99, 11, 1
 
 

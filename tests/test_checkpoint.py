@@ -2,7 +2,6 @@
 arguments, new-head reports, and clear errors for checkpoints that do not fit."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -127,7 +126,7 @@ def test_real_checkpoint_loads_and_saves_for_transformers(minilm, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_heads_start_from_an_encoder_checkpoint_and_report_it(tmp_path, caplog):
+def test_heads_start_from_an_encoder_checkpoint_and_report_it(tmp_path):
     torch.manual_seed(5)
     BertForMaskedLM(small_config()).save_pretrained(tmp_path)  # no pooler, no classifier
     bare, info = BertModel.from_pretrained(tmp_path, output_loading_info=True)
@@ -157,8 +156,8 @@ def test_checkpoints_that_do_not_fit_are_named(tmp_path):
     # Encoder weights missing: an error naming them (a head or the pooler may be new, not the encoder).
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
-    save_file({k: v for k, v in sd.items() if "layer.1.output" not in k}, str(tmp_path / "broken" / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({k: v for k, v in sd.items() if "layer.1.output" not in k},
+              str(tmp_path / "broken" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match=r"encoder\.layer\.1\.output\.LayerNorm\.bias"):
         BertModel.from_pretrained(tmp_path / "broken")
     # Another family's checkpoint into a BERT class: named, with the class to use.
@@ -197,7 +196,7 @@ def test_auto_classes_dispatch_without_touching_transformers(tmp_path):
     assert type(transformers.AutoModel.from_pretrained(tmp_path / "electra")).__module__.startswith("transformers")
 
 
-def test_legacy_checkpoint_keys_load(tmp_path, caplog):
+def test_legacy_checkpoint_keys_load(tmp_path):
     """gamma/beta LayerNorm names and a persistent position_ids buffer (old TF-converted checkpoints):
     transformers' loader renames / drops them, so fastbert's does."""
     torch.manual_seed(8)

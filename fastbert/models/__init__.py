@@ -18,8 +18,13 @@ from fastbert.models.distilbert import (DistilBertForMaskedLM, DistilBertForMult
 from fastbert.models.electra import (ElectraForMaskedLM, ElectraForMultipleChoice, ElectraForPreTraining,
                                      ElectraForQuestionAnswering, ElectraForSequenceClassification,
                                      ElectraForTokenClassification, ElectraModel)
-from fastbert.models.roberta import *  # noqa: F401,F403  RoBERTa, XLM-RoBERTa, CamemBERT
-from fastbert.models.roberta import __all__ as _roberta_all
+from fastbert.models.roberta import (  # RoBERTa, XLM-RoBERTa, CamemBERT
+    RobertaModel, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaForMultipleChoice,
+    RobertaForTokenClassification, RobertaForQuestionAnswering, XLMRobertaModel, XLMRobertaForMaskedLM,
+    XLMRobertaForSequenceClassification, XLMRobertaForMultipleChoice, XLMRobertaForTokenClassification,
+    XLMRobertaForQuestionAnswering, CamembertModel, CamembertForMaskedLM,
+    CamembertForSequenceClassification, CamembertForMultipleChoice, CamembertForTokenClassification,
+    CamembertForQuestionAnswering)
 from fastbert.nn.padding import pad_input, unpad_input, unpad_metadata
 from transformers import (BertConfig, CamembertConfig, DistilBertConfig, ElectraConfig,  # noqa: E402  re-exported
                           RobertaConfig, XLMRobertaConfig)
@@ -33,6 +38,13 @@ __all__ = ["AutoModel", "AutoModelForPreTraining", "AutoModelForMaskedLM", "Auto
            "ElectraForSequenceClassification", "ElectraForTokenClassification", "ElectraForQuestionAnswering",
            "ElectraForMultipleChoice", "DistilBertModel", "DistilBertForMaskedLM",
            "DistilBertForSequenceClassification", "DistilBertForTokenClassification",
-           "DistilBertForQuestionAnswering", "DistilBertForMultipleChoice", *_roberta_all,
+           "DistilBertForQuestionAnswering", "DistilBertForMultipleChoice", "RobertaModel", "RobertaForMaskedLM",
+           "RobertaForSequenceClassification",
+           "RobertaForMultipleChoice", "RobertaForTokenClassification", "RobertaForQuestionAnswering",
+           "XLMRobertaModel", "XLMRobertaForMaskedLM", "XLMRobertaForSequenceClassification",
+           "XLMRobertaForMultipleChoice", "XLMRobertaForTokenClassification",
+           "XLMRobertaForQuestionAnswering", "CamembertModel", "CamembertForMaskedLM",
+           "CamembertForSequenceClassification", "CamembertForMultipleChoice",
+           "CamembertForTokenClassification", "CamembertForQuestionAnswering",
            "unpad_input", "pad_input", "unpad_metadata", "BertConfig", "RobertaConfig", "XLMRobertaConfig",
            "CamembertConfig", "ElectraConfig", "DistilBertConfig"]

@@ -9,7 +9,7 @@ would hijack plain transformers for the whole process) and no checkpoint needs
 
 from __future__ import annotations
 
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 _FAMILIES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
              "electra": "Electra", "distilbert": "DistilBert"}

@@ -240,7 +240,6 @@ class BertForMaskedLM(_MLMOutputEmbeddings, MaskedLMTask, _BertHead):
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None,
                  sparse_prediction: bool = False):
         super().__init__(config)
-        check_encoder_config(config)
         self._build(config, False, unpad)
         self.cls = BertOnlyMLMHead(config)
         self.sparse_prediction = sparse_prediction

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CamembertConfig, RobertaConfig, XLMRobertaConfig
 
-from fastbert.models.bert import BertModel, BertPooler, bert_embeddings, classifier_dropout
+from fastbert.models.bert import BertModel, bert_embeddings, classifier_dropout
 from fastbert.models._base import FastbertPreTrainedModel
 from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
                                    SequenceClassificationTask, TokenClassificationTask)
