@@ -234,3 +234,12 @@ def test_pre_norm_layer_hook():
         h = h + layer.attn(layer.attn_norm(h))[0]
         h = h + layer.mlp(layer.mlp_norm(h))
     torch.testing.assert_close(padded[:1], final(h), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_mlm_benchmark_smoke():
+    from fastbert.bench.mlm import run
+
+    res = run(rounds=1, threads=1, layers=1, batch=3, seqlen=16)
+    assert set(res["rows"]) == {"hf-sdpa", "fastbert sparse_prediction", "fastbert"}
+    assert all(r["median_s"] > 0 for r in res["rows"].values()) and res["labelled"] > 0

@@ -53,6 +53,9 @@ class FastbertPreTrainedModel(PreTrainedModel):
 
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
+    # fastbert runs its own attention whatever config._attn_implementation says; declaring every
+    # implementation supported keeps transformers from refusing a config that names one.
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     def __init__(self, config: PreTrainedConfig, *args, **kwargs):
         want = self.config_class.model_type
