@@ -129,9 +129,12 @@ def build_model(cfg: PretrainConfig, vocab_size: int, pad_token_id: int):
                   attention_probs_dropout_prob=cfg.dropout, max_position_embeddings=max(cfg.max_seq_length, 64),
                   pad_token_id=pad_token_id)
     if cfg.model == "fastbert":
-        from fastbert.models import BertConfig, BertForPreTraining
+        from transformers import BertConfig
 
-        return BertForPreTraining(BertConfig(**kwargs))
+        from fastbert.models import BertForPreTraining
+
+        # sparse_prediction: the MLM head scores only the labelled tokens (~15%), same loss and grads.
+        return BertForPreTraining(BertConfig(**kwargs), sparse_prediction=True)
     if cfg.model == "transformers":
         import transformers
 
@@ -144,16 +147,21 @@ def build_model(cfg: PretrainConfig, vocab_size: int, pad_token_id: int):
 def pretraining_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean MLM + mean NSP, MLM, NSP) for a BertForPreTraining (fastbert's or transformers').
 
-    The MLM head runs on the labelled positions only (labels != -100): the same value as the
-    model's own loss, which projects every position onto the vocabulary.
+    The MLM head runs on the labelled positions only (labels != -100): fastbert's model does it
+    itself (``sparse_prediction=True``: logits ``(num_selected, vocab)``); for transformers' the
+    head is called on those rows here. The same value as the model's own loss either way.
     """
-    out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     token_type_ids=batch["token_type_ids"])
     labels = batch["labels"]
     selected = labels != -100  # (batch, seqlen)
-    scores = model.cls.predictions(out.last_hidden_state[selected])  # (num_selected, vocab)
+    if getattr(model, "sparse_prediction", False):
+        out = model(**batch)
+        scores, nsp_scores = out.prediction_logits, out.seq_relationship_logits  # (num_selected, vocab), (batch, 2)
+    else:
+        out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"])
+        scores = model.cls.predictions(out.last_hidden_state[selected])  # (num_selected, vocab)
+        nsp_scores = model.cls.seq_relationship(out.pooler_output)  # (batch, 2)
     mlm = F.cross_entropy(scores.float(), labels[selected], reduction="sum") / selected.sum().clamp(min=1)
-    nsp_scores = model.cls.seq_relationship(out.pooler_output)  # (batch, 2)
     nsp = F.cross_entropy(nsp_scores.float(), batch["next_sentence_label"])
     return mlm + nsp, mlm, nsp
 

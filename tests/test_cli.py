@@ -317,12 +317,12 @@ def test_demo_checkpoint_fastbert_cannot_load_is_a_clear_error(tiny_pretraining_
         (tmp_path / f.name).symlink_to(f)
     (tmp_path / "model.safetensors").unlink()
     weights = load_file(tiny_pretraining_dir / "model.safetensors")
-    del weights["bert.pooler.dense.weight"]  # a checkpoint without a pooler weight
+    del weights["bert.encoder.layer.0.output.dense.weight"]  # an encoder weight missing (a new pooler would load)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     assert main(["demo", "--model", str(tmp_path), "--device", "cpu", "--repeats", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fastbert demo: --model: fastbert cannot load {str(tmp_path)!r}")
-    assert "pooler.dense.weight" in err
+    assert "encoder.layer.0.output.dense.weight" in err
 
 
 @needs_demo

@@ -1,4 +1,4 @@
-"""fastbert.models.BertModel: real-checkpoint parity with transformers, padded vs unpadded, config."""
+"""fastbert.models.BertModel: real-checkpoint parity with transformers, padded vs unpadded, inputs, heads."""
 
 import importlib.resources
 import json
@@ -285,29 +285,23 @@ def test_unpad_pad_round_trip():
         unpad_metadata(mask[0])
 
 
-# ---- config ----------------------------------------------------------------------------------
+# ---- config (transformers' BertConfig; the model rejects what fastbert does not run) -----------
 
 
 @pytest.mark.parametrize("field,value", [("position_embedding_type", "relative_key"), ("is_decoder", True),
                                          ("add_cross_attention", True)])
-def test_config_rejects_unsupported(field, value):
+def test_model_rejects_unsupported_config(field, value):
     with pytest.raises(NotImplementedError, match=field):
-        BertConfig(**{field: value})
+        BertModel(small_config(**{field: value}))
 
 
-def test_config_from_dict_keeps_special_tokens_and_unknown_keys():
-    cfg = BertConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "pad_token_id": 3,
-                                "bos_token_id": 5, "model_type": "bert", "some_field": 7,
-                                "id2label": {"0": "neg", "1": "neu", "2": "pos"}})
-    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.num_labels, cfg.id2label[2]) == (3, 5, 3, "pos")
-    d = cfg.to_dict()
-    assert d["some_field"] == 7 and d["model_type"] == "bert" and d["label2id"]["pos"] == 2
-    assert BertConfig.from_dict(d) == cfg
+def test_config_switches_reach_the_modules():
     assert BertModel(small_config(pad_token_id=5)).embeddings.word_embeddings.padding_idx == 5
+    assert BertModel(small_config(type_vocab_size=3)).embeddings.token_type_embeddings.num_embeddings == 3
     with pytest.raises(ValueError, match="hidden_size"):
-        BertConfig(hidden_size=65, num_attention_heads=4)
+        BertModel(small_config(hidden_size=66, num_attention_heads=4))
     with pytest.raises(ValueError, match="hidden_act"):
-        BertConfig(hidden_act="no_such_act")
+        BertModel(small_config(hidden_act="no_such_act"))
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh",
@@ -340,7 +334,9 @@ def test_hidden_act_mapping_matches_transformers(hidden_act):
 
 def hf_twin(fb_model, hf_cls):
     """A transformers model with fb_model's config and weights (strict load)."""
-    cfg = transformers.BertConfig(**{k: v for k, v in fb_model.config.to_dict().items() if k != "model_type"})
+    import copy
+
+    cfg = copy.deepcopy(fb_model.config)
     cfg._attn_implementation = "eager"
     hf = getattr(transformers, hf_cls)(cfg).eval()
     hf.load_state_dict(fb_model.state_dict(), strict=True)

@@ -105,16 +105,13 @@ class _Setup:
 
                     model = BertModel._from_config(self.hf_config, attn_implementation=impl[3:])
                 else:
-                    from fastbert.models import BertConfig, BertModel
+                    from fastbert.models import BertModel
 
-                    model = BertModel(BertConfig.from_dict(self.hf_config.to_dict()), unpad=unpad, backend=backend)
+                    model = BertModel(self.hf_config, unpad=unpad, backend=backend)
             model = model.to(self.device, dtype)
             _MODELS[key] = model
         sd = {k: v.to(self.device, dtype) for k, v in self.state_dict.items()}
-        if impl.startswith("hf-"):
-            model.load_state_dict(sd)
-        else:
-            model.load_hf_state_dict(sd)
+        model.load_state_dict(sd)  # the same keys (fastbert models are transformers PreTrainedModels)
         return model
 
     def reference(self, dtype):

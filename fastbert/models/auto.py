@@ -1,0 +1,101 @@
+"""fastbert's own Auto classes: ``AutoConfig.from_pretrained(path).model_type`` -> the fastbert class.
+
+The table mirrors transformers' ``MODEL_MAPPING_NAMES`` / ``MODEL_FOR_*_MAPPING_NAMES`` for the
+supported families (so e.g. RoBERTa's ``AutoModelForPreTraining`` is its ``ForMaskedLM`` and
+ELECTRA's is the discriminator). Nothing is registered into transformers' Auto classes (that
+would hijack plain transformers for the whole process) and no checkpoint needs
+``trust_remote_code``: saved ``architectures`` name transformers' own classes.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+_FAMILIES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+             "electra": "Electra", "distilbert": "DistilBert"}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+# task -> (suffix per family); None = the family has no such head in transformers.
+_TASKS = {
+    "AutoModel": {t: "Model" for t in _FAMILIES},
+    "AutoModelForPreTraining": {"bert": "ForPreTraining", "electra": "ForPreTraining", "roberta": "ForMaskedLM",
+                                "xlm-roberta": "ForMaskedLM", "camembert": "ForMaskedLM",
+                                "distilbert": "ForMaskedLM"},
+    "AutoModelForMaskedLM": {t: "ForMaskedLM" for t in _FAMILIES},
+    "AutoModelForSequenceClassification": {t: "ForSequenceClassification" for t in _FAMILIES},
+    "AutoModelForTokenClassification": {t: "ForTokenClassification" for t in _FAMILIES},
+    "AutoModelForQuestionAnswering": {t: "ForQuestionAnswering" for t in _FAMILIES},
+    "AutoModelForMultipleChoice": {t: "ForMultipleChoice" for t in _FAMILIES},
+    "AutoModelForNextSentencePrediction": {"bert": "ForNextSentencePrediction"},
+}
+
+
+def model_class(model_type: str, task: str = "AutoModel"):
+    """The fastbert class for ``model_type`` and an Auto class name ``task``.
+
+    Raises:
+        ValueError: ``model_type`` not supported (the supported list is named), or the family has
+            no such head.
+    """
+    import fastbert.models as models
+
+    if model_type not in _FAMILIES:
+        raise ValueError(f"model_type: fastbert supports {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+    suffix = _TASKS[task].get(model_type)
+    if suffix is None:
+        have = [t for t, m in _TASKS[task].items()]
+        raise ValueError(f"{task}: model_type {model_type!r} has no such head (transformers has it for {have})")
+    return getattr(models, _FAMILIES[model_type] + suffix)
+
+
+def class_for(model_type: str, class_name: str) -> str:
+    """The name of the class of ``model_type``'s family matching ``class_name``'s head (for errors)."""
+    if model_type not in _FAMILIES:
+        return f"a supported model_type {list(SUPPORTED_MODEL_TYPES)} (got {model_type!r})"
+    for family in sorted(_FAMILIES.values(), key=len, reverse=True):
+        if class_name.startswith(family):
+            return _FAMILIES[model_type] + class_name[len(family):]
+    return _FAMILIES[model_type] + "Model"
+
+
+class _AutoFastbert:
+    """``from_pretrained(path, **kwargs)`` / ``from_config(config, **kwargs)`` dispatch on model_type."""
+
+    def __init__(self):
+        raise EnvironmentError(f"{type(self).__name__} is built by from_pretrained(path) or from_config(config)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig):
+            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only", "token", "subfolder")
+                   if k in kwargs}
+            config_dict, _ = PreTrainedConfig.get_config_dict(config or pretrained_model_name_or_path, **hub)
+            model_type = config_dict.get("model_type")
+        else:
+            model_type = config.model_type
+        return model_class(model_type, cls.__name__).from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                                      **kwargs)
+
+    @classmethod
+    def from_config(cls, config: PreTrainedConfig, **kwargs):
+        return model_class(config.model_type, cls.__name__)(config, **kwargs)
+
+
+def _auto(name: str):
+    return type(name, (_AutoFastbert,), {"__module__": __name__,
+                                         "__doc__": f"fastbert's {name}: model_type -> fastbert class."})
+
+
+AutoModel = _auto("AutoModel")
+AutoModelForPreTraining = _auto("AutoModelForPreTraining")
+AutoModelForMaskedLM = _auto("AutoModelForMaskedLM")
+AutoModelForSequenceClassification = _auto("AutoModelForSequenceClassification")
+AutoModelForTokenClassification = _auto("AutoModelForTokenClassification")
+AutoModelForQuestionAnswering = _auto("AutoModelForQuestionAnswering")
+AutoModelForMultipleChoice = _auto("AutoModelForMultipleChoice")
+AutoModelForNextSentencePrediction = _auto("AutoModelForNextSentencePrediction")
+
+__all__ = ["AutoModel", "AutoModelForPreTraining", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
+           "AutoModelForTokenClassification", "AutoModelForQuestionAnswering", "AutoModelForMultipleChoice",
+           "AutoModelForNextSentencePrediction", "SUPPORTED_MODEL_TYPES", "model_class"]

@@ -1,0 +1,142 @@
+"""DistilBERT (Sanh et al. 2019): BERT's post-norm encoder under its own module names
+(``distilbert.transformer.layer.N.{attention.{q,k,v,out}_lin, sa_layer_norm, ffn.lin1/2,
+output_layer_norm}``, :class:`fastbert.nn.bert.DistilBertBlock`), no token types, no pooler.
+Config fields: ``dim``, ``n_heads``, ``n_layers``, ``hidden_dim``, ``activation``, ``dropout``,
+``attention_dropout``, ``seq_classif_dropout``, ``qa_dropout``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from transformers import DistilBertConfig
+from transformers.modeling_outputs import BaseModelOutput
+
+from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, return_dict_of
+from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
+                                   SequenceClassificationTask, TokenClassificationTask)
+from fastbert.models.electra import _act
+from fastbert.nn import DistilBertBlock, Embeddings, Encoder, LayerNorm
+
+
+class DistilBertPreTrainedModel(FastbertPreTrainedModel):
+    config_class = DistilBertConfig
+    base_model_prefix = "distilbert"
+
+
+class DistilBertModel(EncoderModelMixin, DistilBertPreTrainedModel):
+    """Embeddings (word + position, LayerNorm eps 1e-12) -> ``transformer`` (N DistilBERT blocks).
+    forward as :meth:`fastbert.models.BertModel.forward` without token_type_ids; returns
+    ``BaseModelOutput`` (last_hidden_state, hidden_states, attentions)."""
+
+    encoder_name = "transformer"
+
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
+        super().__init__(config)
+        self.embeddings = Embeddings(config.vocab_size, config.dim, config.max_position_embeddings, type_vocab_size=0,
+                                     pad_token_id=config.pad_token_id, layer_norm_eps=1e-12, dropout_p=config.dropout)
+        self.transformer = Encoder(DistilBertBlock(config) for _ in range(config.n_layers))
+        self._unpad = unpad
+        self._fastbert_init(backend)
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                inputs_embeds: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, *, indices: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None):
+        enc = self.encode(input_ids, attention_mask, None, position_ids, inputs_embeds, output_attentions,
+                          output_hidden_states, indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        out = BaseModelOutput(last_hidden_state=enc.last_hidden_state, hidden_states=enc.hidden_states,
+                              attentions=enc.attentions)
+        return out if return_dict_of(self.config, return_dict) else out.to_tuple()
+
+
+class _DistilBertHead(DistilBertPreTrainedModel):
+    def _build(self, config, unpad: bool) -> None:
+        self.num_labels = config.num_labels
+        self.distilbert = DistilBertModel(config, unpad=unpad)
+
+    def _first_token(self, hidden: Tensor) -> Tensor:
+        """``dropout(relu(pre_classifier(h[:, 0])))`` (sequence classification, multiple choice)."""
+        return self.dropout(torch.relu(self.pre_classifier(hidden[:, 0])))
+
+
+class DistilBertForMaskedLM(MaskedLMTask, _DistilBertHead):
+    """``vocab_projector(vocab_layer_norm(act(vocab_transform(h))))``; the projector is tied to
+    the word embeddings."""
+
+    _tied_weights_keys = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None,
+                 sparse_prediction: bool = False):
+        super().__init__(config)
+        self.activation = _act(config.activation)
+        self._build(config, unpad)
+        self.vocab_transform = nn.Linear(config.dim, config.dim)
+        self.vocab_layer_norm = LayerNorm(config.dim, eps=1e-12)
+        self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
+        self.sparse_prediction = sparse_prediction
+        self._fastbert_init(backend)
+
+    def _head(self, hidden):
+        return self.vocab_projector(self.vocab_layer_norm(self.activation(self.vocab_transform(hidden))))
+
+    def get_output_embeddings(self):
+        return self.vocab_projector
+
+    def set_output_embeddings(self, new_embeddings):
+        self.vocab_projector = new_embeddings
+
+
+class DistilBertForSequenceClassification(SequenceClassificationTask, _DistilBertHead):
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
+        super().__init__(config)
+        self._build(config, unpad)
+        self.pre_classifier = nn.Linear(config.dim, config.dim)
+        self.classifier = nn.Linear(config.dim, config.num_labels)
+        self.dropout = nn.Dropout(config.seq_classif_dropout)
+        self._fastbert_init(backend)
+
+    def _head(self, hidden):
+        return self.classifier(self._first_token(hidden))
+
+
+class DistilBertForMultipleChoice(MultipleChoiceTask, _DistilBertHead):
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
+        super().__init__(config)
+        self._build(config, unpad)
+        self.pre_classifier = nn.Linear(config.dim, config.dim)
+        self.classifier = nn.Linear(config.dim, 1)
+        self.dropout = nn.Dropout(config.seq_classif_dropout)
+        self._fastbert_init(backend)
+
+    def _head(self, hidden):
+        return self.classifier(self._first_token(hidden))
+
+
+class DistilBertForTokenClassification(TokenClassificationTask, _DistilBertHead):
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
+        super().__init__(config)
+        self._build(config, unpad)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self._fastbert_init(backend)
+
+
+class DistilBertForQuestionAnswering(QuestionAnsweringTask, _DistilBertHead):
+    """``qa_outputs(dropout(h))`` (``qa_dropout``).
+
+    Raises:
+        ValueError: ``num_labels`` is not 2 (as transformers).
+    """
+
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
+        super().__init__(config)
+        if config.num_labels != 2:
+            raise ValueError(f"num_labels: DistilBertForQuestionAnswering expects 2, got {config.num_labels}")
+        self._build(config, unpad)
+        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
+        self.dropout = nn.Dropout(config.qa_dropout)
+        self._fastbert_init(backend)
