@@ -435,3 +435,39 @@ def test_demo_timing_interleaves_and_stops_at_its_budget():
     plan = TimingPlan(warmup=0, min_reps=3, max_reps=3, min_time_s=0.0, max_time_s=0.0)
     a, b = measure_interleaved(fns, "cpu", plan)
     assert len(a.samples) == len(b.samples) == 1 and sorted(calls) == ["a", "b"]  # one round at least
+
+
+# -------------------------------------------------------------------------------------- examples
+
+def _load_example(name: str):
+    """``examples/<name>.py`` (a script, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"fastbert_example_cli_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune"])
+def test_example_help_shows_defaults(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load_example(name).main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    expected = {"pretrain": ["optimizer steps (default: 300)", "--mlm-probability"],
+                "finetune": ["training epochs (default: 8", "--no-patch"]}[name]
+    for text in expected:
+        assert text in out, out
+
+
+def test_pretrain_loss_windows_never_overlap():
+    pretrain = _load_example("pretrain")
+    assert [pretrain.loss_windows(n) for n in (1, 2, 3, 30, 39, 40, 300)] == [1, 1, 1, 15, 19, 20, 20]
+    assert all(2 * pretrain.loss_windows(n) <= n for n in range(2, 100))
+
+
+def test_finetune_names_what_to_install(monkeypatch):
+    finetune = _load_example("finetune")
+    monkeypatch.setitem(finetune.REQUIRES, "no_such_module_xyz", "no-such-package")
+    with pytest.raises(SystemExit, match=r"needs no-such-package: pip install \"\.\[demo\]\""):
+        finetune.check_requirements()
