@@ -50,12 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastbert bench",
         description="Benchmark fastbert's ops and encoder against PyTorch and Hugging Face "
                     "implementations measured in the same run; prints a table and writes JSON "
-                    "and PNG plots to --out.")
+                    "and PNG plots (with matplotlib, in the demo extra) to --out, saying where.")
     p.add_argument("--op", action="append", choices=[*OPS, "all"],
                    help="what to run (repeatable; default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes, few repetitions, no torch.compile competitors (CPU: < 1 min; "
-                        "the CPU encoder runs 2 layers of BERT shape at batch 4, seq 128)")
+                   help="small sizes, few repetitions, no torch.compile competitors (the CPU encoder "
+                        "runs 2 layers of BERT shape at batch x seqlen 8x64 and 4x128; see the README "
+                        "for measured times)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on the CPU, bf16 on a GPU")
     p.add_argument("--model", type=_csv(str), default=("base",),
