@@ -84,12 +84,16 @@ class _Inputs:
         """
         if direction == "fwd":
             return [hi.abs().max().item()]
-        dtype = hi[0].dtype  # the high-precision reference's
-        out = self.reference("fwd", dtype)
-        q, k, _, dout = (t.to(dtype) for t in self.varlen)
-        delta = (dout * out).sum(-1).abs().max().item()
-        return [self.softmax_scale * delta * k.abs().max().item(),
-                self.softmax_scale * delta * q.abs().max().item(), hi[2].abs().max().item()]
+        key = ("floor_mags", hi[0].dtype)  # every implementation's check reuses them
+        if key not in self.__dict__:
+            dtype = hi[0].dtype  # the high-precision reference's
+            out = self.reference("fwd", dtype)
+            q, k, _, dout = (t.to(dtype) for t in self.varlen)
+            delta = (dout * out).sum(-1).abs().max().item()
+            self.__dict__[key] = [self.softmax_scale * delta * k.abs().max().item(),
+                                  self.softmax_scale * delta * q.abs().max().item(),
+                                  hi[2].abs().max().item()]
+        return self.__dict__[key]
 
     def reference(self, direction: str, dtype: torch.dtype):
         """The varlen reference (out, or (dq, dk, dv)) computed in ``dtype``."""
