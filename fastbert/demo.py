@@ -285,7 +285,7 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
                   f"transformers computes all {padded} padded positions ({num_real / padded:.0%} real)")
     if set(backends.values()) == {"torch"}:
         speed_note += (". Every op ran on fastbert's torch backend, i.e. PyTorch's own kernels: "
-                       "the speed-up here comes from skipping the padding, not from faster kernels "
+                       "any speed-up here comes from skipping the padding, not from faster kernels "
                        "(those are the triton and cuda backends, on a GPU)")
     language_note = _language_note(tokenizer, labels, sim) if model is None else None
 
