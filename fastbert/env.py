@@ -10,6 +10,7 @@ and the benchmarks alike. Printing is the command line's job (``fastbert.cli``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import os
 import platform
@@ -54,8 +55,10 @@ def emulated_reason(backend: str, device: str = "cpu") -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def nvidia_driver_found() -> bool:
-    """True when an NVIDIA driver is installed: its kernel module is loaded or libcuda loads."""
+    """True when an NVIDIA driver is installed: its kernel module is loaded or libcuda loads
+    (checked once per process)."""
     if os.path.exists("/proc/driver/nvidia/version"):
         return True
     for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):

@@ -181,6 +181,11 @@ def test_fastbert_bench_quick_smoke(tmp_path, capsys):
         assert all(r["fastbert_speedup"] > 0 for r in case["results"]
                    if r["status"] == "ok" and not r["default"])
     assert {"fastbert[torch]", "torch-eager", "torch-sdpa", "hf-sdpa", "hf-eager"} <= timed
+    from fastbert.env import nvidia_driver_found
+
+    if not nvidia_driver_found():  # skip reasons in a new user's words, as in `fastbert env`
+        notes = [r["note"] or "" for c in record["cases"] for r in c["results"]]
+        assert not any("cudaError" in n for n in notes), notes
     sdpa = [r for c in record["cases"] for r in c["results"] if r["impl"] == "torch-sdpa"]
     assert all(r["info"]["sdpa_backend"] for r in sdpa)
     for op in ("attention", "layer_norm", "gelu", "encoder"):

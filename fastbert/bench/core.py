@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from fastbert.bench.formulas import Work
-from fastbert.env import emulated_reason
+from fastbert.env import emulated_reason, explain_reason, nvidia_driver_found
 
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 
@@ -234,7 +234,7 @@ def fastbert_backends(call, opts: Options) -> list[tuple[str, Optional[str], boo
             continue
         reason = emulated_skip(name, call.device)
         if reason is None:
-            reasons = spec.reasons(call)
+            reasons = dict.fromkeys(explain_reason(r, nvidia_driver_found()) for r in spec.reasons(call))
             reason = "; ".join(reasons) if reasons else None
         out.append((name, reason, name == default))
     if not any(d and r is None for _, r, d in out):  # auto's pick is not listed: take the first runnable
