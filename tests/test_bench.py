@@ -70,6 +70,42 @@ def test_check_result_applies_the_tolerance_rule():
     nan[0, 0] = float("nan")
     assert not check_result(nan, hi, lo, torch.float32, 2.0, 4.0)["ok"]
     assert not check_result(hi.float()[:3], hi, lo, torch.float32, 2.0, 4.0)["ok"]  # shape
+    # tensor by tensor: a large tensor's tolerance does not cover a small one's error
+    small = hi * 1e-3
+    pair = check_result((hi.float(), small.float() + 1e-5), (hi, small), (lo, small.float()),
+                        torch.float32, 2.0, 4.0)
+    assert not pair["ok"] and pair["worst"] == 1
+
+
+def test_check_floor_is_the_magnitude_of_what_cancels():
+    """A gradient that is exactly 0 (attention's dq of a one-token sequence): the fp32 reference
+    is exact there, a correct FlashAttention-style backward keeps a few ulp of rowsum(dO * O).
+    The floor takes that magnitude (``floor_mags``), not the zero gradient's."""
+    zero = torch.zeros(4, 8, dtype=torch.float64)
+    residue = (zero + 3.5e-6).float()  # the 3.5e-06 torch-sdpa showed on the CPU
+    assert not check_result(residue, zero, zero.float(), torch.float32, 2.0, 16.0)["ok"]
+    assert check_result(residue, zero, zero.float(), torch.float32, 2.0, 16.0, floor_mags=[20.0])["ok"]
+    assert not check_result(residue + 1e-3, zero, zero.float(), torch.float32, 2.0, 16.0, floor_mags=[20.0])["ok"]
+
+
+def test_attention_backward_check_passes_sdpa_and_catches_an_error():
+    """The bench's attention backward check on a batch with a one-token sequence: SDPA (correct,
+    FlashAttention-style on the CPU) passes, the same gradients with one wrong entry fail."""
+    from fastbert.bench import attention
+    from fastbert.bench.core import Options
+
+    case = next(c for c in attention.cases(Options(ops=("attention",), seqlens=(16,), batch=3,
+                                                   directions=("bwd",)))
+                if c.op == "attention")
+    assert min(case.params["seqlens"]) == 1
+    sdpa = next(i for i in case.impls if i.name == "torch-sdpa").prepare()
+    ref = case.reference()
+    grads = sdpa.result()
+    assert case.check(grads, ref)["ok"], case.check(grads, ref)
+    wrong = tuple(g.clone() for g in grads)
+    wrong[0][-1, 0, 0] += 1e-3
+    bad = case.check(wrong, ref)
+    assert not bad["ok"] and bad["worst"] == 0
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -106,7 +142,7 @@ def test_run_case_records_checks_skips_errors_and_ratios(interleave):
     assert all(len(r["samples_s"]) == 3 for r in rec["results"] if r["status"] == "ok")
 
 
-def test_fastbert_bench_quick_smoke(tmp_path):
+def test_fastbert_bench_quick_smoke(tmp_path, capsys):
     """``fastbert bench --quick`` on the CPU (tiny sizes): schema, samples, rates, plots."""
     from fastbert.cli import main
 
@@ -114,6 +150,9 @@ def test_fastbert_bench_quick_smoke(tmp_path):
     rc = main(["bench", "--quick", "--out", str(out), "--seqlens", "48", "--batch", "2",
                "--rows", "64,128", "--layers", "1", "--reps", "3", "--warmup", "0", "--no-progress"])
     assert rc == 0, (out / "bench.txt").read_text()
+    printed = capsys.readouterr().out
+    assert "check = ok|FAIL error/tolerance" in printed  # the check column is explained
+    assert re.search(rf"^plots: {re.escape(str(out))}/attention\.png, ", printed, re.M), printed
     record = json.loads((out / "bench.json").read_text())
     assert record["schema"] == "fastbert.bench/1" and record["complete"]
     for key in ("timestamp", "command", "options", "timing", "env", "cases", "description"):
@@ -142,13 +181,47 @@ def test_fastbert_bench_quick_smoke(tmp_path):
         assert all(r["fastbert_speedup"] > 0 for r in case["results"]
                    if r["status"] == "ok" and not r["default"])
     assert {"fastbert[torch]", "torch-eager", "torch-sdpa", "hf-sdpa", "hf-eager"} <= timed
+    from fastbert.env import nvidia_driver_found
+
+    if not nvidia_driver_found():  # skip reasons in a new user's words, as in `fastbert env`
+        notes = [r["note"] or "" for c in record["cases"] for r in c["results"]]
+        assert not any("cudaError" in n for n in notes), notes
     sdpa = [r for c in record["cases"] for r in c["results"] if r["impl"] == "torch-sdpa"]
     assert all(r["info"]["sdpa_backend"] for r in sdpa)
     for op in ("attention", "layer_norm", "gelu", "encoder"):
         png = out / f"{op}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ticks = {c["x_tick"] for c in record["cases"] if c["op"] in ("attention", "encoder")}
+    assert ticks == {"2x48"} and all(c["x_name"].startswith("batch x seqlen")
+                                     for c in record["cases"] if c["op"] in ("attention", "encoder"))
     table = (out / "bench.txt").read_text()
     assert "hf-sdpa" in table and "tok/s" in table and "TFLOP/s" in table
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_quick_sizes_give_every_plot_more_than_one_point(device):
+    """Without size options every op's plot has two x points or more, and along the
+    batch x seqlen axis the padded tokens per batch stay fixed (rates compare)."""
+    from fastbert.bench import attention, encoder, layer_norm
+    from fastbert.bench.core import Options
+
+    for quick in (True, False):
+        opts = Options(device=device, quick=quick)
+        assert len(layer_norm.row_sizes(opts)) >= 2
+        for op in (attention, encoder):
+            pairs = op.sizes(opts)
+            assert len(pairs) >= 2 and len({s * b for s, b in pairs}) == 1, (op.__name__, quick, pairs)
+
+
+def test_plots_say_why_none_and_keep_one_style_per_impl(monkeypatch):
+    from fastbert.bench import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    paths, why = report.write_plots("/nonexistent", [], "t", combined=False)
+    assert paths == [] and "pip install matplotlib" in why
+    styles = [tuple(report.style(name).values()) for name in report._STYLES]
+    assert len(set(styles)) == len(styles)  # no two implementations look alike
+    assert report.style("a-new-impl") == report.style("a-new-impl")  # unknown names: fixed too
 
 
 def test_device_check_dry_run(tmp_path):

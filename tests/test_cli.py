@@ -1,4 +1,5 @@
-"""The ``fastbert`` command line: env, bench forwarding, --version, and the demo (real checkpoint)."""
+"""The ``fastbert`` command line (``fastbert.cli``) and what it prints: the environment report
+(``fastbert.env``), bench forwarding, --version, and the demo (``fastbert.demo``, real checkpoint)."""
 
 import contextlib
 import importlib.util
@@ -17,8 +18,9 @@ import torch
 
 import fastbert
 from fastbert.backends import OPS, BackendSpec, OpCaps, all_backends
-from fastbert.cli import (DEMO_PARAPHRASES, DEMO_SENTENCES, PARITY_ATOL, DemoResult, _interpreted,
-                          _Plain, main, print_demo, run_demo)
+from fastbert.cli import _Plain, main, print_demo
+from fastbert.demo import DEMO_PARAPHRASES, DEMO_SENTENCES, PARITY_ATOL, DemoResult, run_demo
+from fastbert.env import NO_GPU, emulated_reason
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,20 +84,31 @@ def test_env_tables_name_every_backend_and_reason(capsys, monkeypatch, broken_ba
     assert fastbert.__version__ in out
 
 
+def _fake_build_info(kernels: int = 1):
+    kernel = ("void fb::attn::(anonymous namespace)::attention_fwd_kernel<__half, 64>"
+              "(fb::AttnParams)")
+    rows = [{"kernel": kernel, "arch": "sm_90a", "registers": 126, "spill_store_bytes": 0}]
+    for i in range(1, kernels):  # the shipped report's shape: ~50 long template names per arch
+        rows.append({"kernel": f"void fb::attn::(anonymous namespace)::attention_bwd_dkdv_kernel"
+                               f"<__nv_bfloat16, {32 * i}, (fb::attn::KVOut)2>(fb::AttnParams)",
+                     "arch": ("sm_80", "sm_90a")[i % 2], "registers": 100 + i, "spill_store_bytes": 0})
+    return {"_C": {"available": True, "cuda_version": "13.0", "archs": ["80-real", "90a-real"],
+                   "ptxas": rows},
+            "_C_host": {"available": False, "reason": "not built"},
+            "verified_on_gpu": {"attention": False}}
+
+
 def test_env_prints_cuda_build_info(capsys, monkeypatch):
     import fastbert.backends.cuda as cuda_backend
 
-    kernel = ("void fb::attn::(anonymous namespace)::attention_fwd_kernel<__half, 64>"
-              "(fb::AttnParams)")
-    info = {"_C": {"available": True, "cuda_version": "13.0", "archs": ["80-real", "90a-real"],
-                   "ptxas": [{"kernel": kernel, "arch": "sm_90a", "registers": 126,
-                              "spill_store_bytes": 0}]},
-            "_C_host": {"available": False, "reason": "not built"},
-            "verified_on_gpu": {"attention": False}}
+    info = _fake_build_info()
     monkeypatch.setattr(cuda_backend, "build_info", lambda: info, raising=False)
-    assert main(["env", "--plain", "--device", "cpu"]) == 0
+    assert main(["env", "--plain", "--device", "cpu"]) == 0  # default: a summary per template
     out = capsys.readouterr().out
     assert "CUDA build" in out and "cuda_version=13.0" in out and "reason=not built" in out
+    assert re.search(r"^attention_fwd_kernel\s+sm_90a\s+1\s+126\s+0\s+0\s+0$", out, re.M), out
+    assert main(["env", "--plain", "--device", "cpu", "--ptxas"]) == 0  # every kernel
+    out = capsys.readouterr().out
     assert re.search(r"^attention_fwd_kernel<__half, 64>\s+sm_90a\s+126\s+0$", out, re.M), out
     assert main(["env", "--json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["cuda_build"] == info
@@ -106,6 +119,44 @@ def test_env_prints_cuda_build_info(capsys, monkeypatch):
     monkeypatch.setattr(cuda_backend, "build_info", broken)
     assert main(["env", "--json", "--device", "cpu"]) == 0
     assert "extension exploded" in json.loads(capsys.readouterr().out)["cuda_build"]["error"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rich") is None, reason="rich wraps at the width; plain never does")
+@pytest.mark.parametrize("ptxas", [False, True], ids=["summary", "every-kernel"])
+def test_env_at_80_columns_keeps_kernel_and_arch(capsys, monkeypatch, ptxas):
+    import fastbert.backends.cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "build_info", lambda: _fake_build_info(96), raising=False)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["env", "--device", "cpu"] + (["--ptxas"] if ptxas else [])) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    table = out[out.index("_C.ptxas"):]
+    # each row starts with the kernel's name (folded, never cut to an ellipsis) and shows its arch
+    rows = [line for line in table.splitlines() if re.search(r"\bsm_(80|90a)\b", line)]
+    assert len(rows) == (96 if ptxas else 3), table
+    assert all(re.match(r"attention_(fwd|bwd_dkdv)_kernel", row) for row in rows), table
+    assert "…" not in table
+
+
+def test_env_without_a_driver_says_so(capsys, monkeypatch):
+    import fastbert.backends as backends
+    import fastbert.env as env
+
+    runtime = ("fastbert._C sees no CUDA device (cudaErrorInsufficientDriver: CUDA driver version "
+               "is insufficient for CUDA runtime version)")
+    spec = BackendSpec(name="test-cuda", module=None,
+                       caps={"gelu": OpCaps(devices=("cuda",), dtypes=(torch.float32,))},
+                       probe=lambda: runtime)
+    monkeypatch.setitem(backends._REGISTRY, spec.name, spec)
+    monkeypatch.setattr(env, "nvidia_driver_found", lambda: False)
+    assert main(["env", "--json", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["test-cuda"]["gelu"]["reasons"] == [NO_GPU] == ["no NVIDIA driver / GPU found"]
+    assert info["device"]["nvidia_driver"] is False
+    monkeypatch.setattr(env, "nvidia_driver_found", lambda: True)  # a driver, too old: its own words
+    assert main(["env", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["backends"]["test-cuda"]["gelu"]["reasons"] == [runtime]
 
 
 def test_env_bad_dtype_is_a_clear_error(capsys):
@@ -203,6 +254,11 @@ def test_demo_matches_transformers_and_ranks_paraphrases(demo_json):
     assert (r["min_paraphrase_similarity"], r["max_unrelated_similarity"]) == pytest.approx((lo, hi))
     assert r["tokens_per_s_fastbert"] > 0 and r["tokens_per_s_transformers"] > 0
     assert r["interpreted"] is False
+    # it says where its speed comes from, and why the English model's Portuguese looks odd
+    assert f"the {r['num_real_tokens']} real tokens only" in r["speed_note"]
+    if expected == "torch":
+        assert "PyTorch's own kernels" in r["speed_note"] and "skipping the padding" in r["speed_note"]
+    assert "English only" in r["language_note"] and "pieces per word" in r["language_note"]
 
 
 @needs_demo
@@ -236,14 +292,17 @@ def test_demo_command_prints_parity_and_similarity():
         sim.append([float(x) for x in m.group(1).split()])
     _check_similarity(labels, sim)
     assert re.search(r"^fastbert\s+[\d,]+$", out, re.M) and re.search(r"^transformers\s+[\d,]+$", out, re.M)
+    assert re.search(r"^all-MiniLM-L6-v2 was trained on English only", out, re.M), out
+    assert re.search(r"^fastbert's encoder computes the \d+ real tokens only", out, re.M), out
 
 
 @needs_demo
 def test_demo_interpreted_backend_reports_na(monkeypatch, demo_json):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _interpreted("triton") and not _interpreted("torch") and not _interpreted("reference")
+    assert emulated_reason("triton") and not emulated_reason("torch") and not emulated_reason("reference")
+    assert emulated_reason("cuda-host", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not _interpreted("triton")
+    assert not emulated_reason("triton")
     fields = dict(demo_json[1], tokens_per_s_fastbert=None, interpreted=True)
     buf = io.StringIO()
     print_demo(DemoResult(**fields), _Plain(buf))
@@ -288,7 +347,7 @@ def tiny_pretraining_dir(tmp_path_factory):
     bert-base-uncased ships) with the MiniLM tokenizer: an 'any Hugging Face BERT directory'."""
     import transformers
 
-    from fastbert.cli import default_model_dir
+    from fastbert.demo import default_model_dir
 
     path = tmp_path_factory.mktemp("tiny-bert")
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
@@ -352,7 +411,9 @@ def test_demo_emulated_backend(backend):
 
 
 def test_demo_timing_interleaves_and_stops_at_its_budget():
-    from fastbert.cli import _median_seconds
+    """The demo's timing (``fastbert.bench.timing`` with a time budget): every round times each
+    model once, and the budget ends the run early, after one round at least."""
+    from fastbert.bench.timing import TimingPlan, measure_interleaved
 
     calls = []
 
@@ -362,10 +423,51 @@ def test_demo_timing_interleaves_and_stops_at_its_budget():
             time.sleep(seconds)
         return fn
 
-    fns = {"a": make("a", 0.02), "b": make("b", 0.0)}
-    med, rounds = _median_seconds(fns, warmup=1, repeats=1000, sync=lambda: None, budget_s=0.1)
-    assert 1 <= rounds < 1000 and calls == ["a", "b"] * (rounds + 1)
-    assert med["a"] >= 0.02 and med["b"] < med["a"]
+    fns = [make("a", 0.02), make("b", 0.0)]
+    plan = TimingPlan(warmup=1, min_reps=1000, max_reps=1000, min_time_s=0.0, max_time_s=0.1)
+    a, b = measure_interleaved(fns, "cpu", plan)
+    rounds = len(a.samples)
+    assert 1 <= rounds < 1000 and len(b.samples) == rounds
+    assert sorted(calls) == sorted(["a", "b"] * (rounds + 1))  # warm-up + one call per round each
+    assert all(sorted(calls[i:i + 2]) == ["a", "b"] for i in range(0, len(calls), 2))
+    assert a.median >= 0.02 and b.median < a.median
     calls.clear()
-    med, rounds = _median_seconds(fns, warmup=0, repeats=3, sync=lambda: None, budget_s=0.0)
-    assert rounds == 1 and calls == ["a", "b"]  # one timed round at least
+    plan = TimingPlan(warmup=0, min_reps=3, max_reps=3, min_time_s=0.0, max_time_s=0.0)
+    a, b = measure_interleaved(fns, "cpu", plan)
+    assert len(a.samples) == len(b.samples) == 1 and sorted(calls) == ["a", "b"]  # one round at least
+
+
+# -------------------------------------------------------------------------------------- examples
+
+def _load_example(name: str):
+    """``examples/<name>.py`` (a script, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"fastbert_example_cli_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune"])
+def test_example_help_shows_defaults(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load_example(name).main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    expected = {"pretrain": ["optimizer steps (default: 300)", "--mlm-probability"],
+                "finetune": ["training epochs (default: 8", "--no-patch"]}[name]
+    for text in expected:
+        assert text in out, out
+
+
+def test_pretrain_loss_windows_never_overlap():
+    pretrain = _load_example("pretrain")
+    assert [pretrain.loss_windows(n) for n in (1, 2, 3, 30, 39, 40, 300)] == [1, 1, 1, 15, 19, 20, 20]
+    assert all(2 * pretrain.loss_windows(n) <= n for n in range(2, 100))
+
+
+def test_finetune_names_what_to_install(monkeypatch):
+    finetune = _load_example("finetune")
+    monkeypatch.setitem(finetune.REQUIRES, "no_such_module_xyz", "no-such-package")
+    with pytest.raises(SystemExit, match=r"needs no-such-package: pip install \"\.\[demo\]\""):
+        finetune.check_requirements()

@@ -8,13 +8,13 @@ timed call and whose ``result()`` is checked against the reference once before t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from fastbert.bench.formulas import Work
+from fastbert.env import emulated_reason, explain_reason, nvidia_driver_found
 
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 
@@ -90,9 +90,12 @@ class Case:
     """One op, direction and size, with its work formula, reference and implementations.
 
     ``reference()`` returns ``(hi, lo)``: the reference result in high precision (fp64 on the
-    CPU, fp32 on the GPU) and in the benchmark dtype; an impl passes the check when
-    ``max|result - hi| <= max(factor * max|lo - hi|, floor_eps * eps(dtype) * max(1, max|hi|))``
-    (the tolerance rule of tests/_tolerance.py).
+    CPU, fp32 on the GPU) and in the benchmark dtype; an impl passes the check when, for every
+    result tensor, ``max|result - hi| <= max(factor * max|lo - hi|, floor_eps * eps(dtype) *
+    max(1, mag))`` (the tolerance rule of tests/_tolerance.py, see :func:`check_result`), where
+    ``mag`` is ``floor_mags(hi)[i]`` when given (the magnitude of the terms that cancel in that
+    tensor) and ``max|hi|`` otherwise. ``x`` places the case on the plot's x axis, labelled
+    ``x_name``; ``x_tick`` (e.g. ``"4x128"``) labels the point when more than ``x`` changes.
     """
 
     op: str
@@ -108,7 +111,14 @@ class Case:
     impls: list[Impl]
     check_factor: float = 2.0
     floor_eps: float = 8.0
+    floor_mags: Optional[Callable[[object], list]] = None  # hi reference -> magnitude per tensor
+    x_tick: str = ""
     notes: list[str] = field(default_factory=list)
+
+    def check(self, result, ref) -> dict:
+        """:func:`check_result` of ``result`` against ``ref = self.reference()`` with this case's rule."""
+        mags = self.floor_mags(ref[0]) if self.floor_mags is not None else None
+        return check_result(result, ref[0], ref[1], self.dtype, self.check_factor, self.floor_eps, mags)
 
 
 def _flat(x) -> list[torch.Tensor]:
@@ -117,33 +127,44 @@ def _flat(x) -> list[torch.Tensor]:
     return [t for item in x for t in _flat(item)]
 
 
-def check_result(result, hi, lo, dtype: torch.dtype, factor: float, floor_eps: float) -> dict:
-    """Compare ``result`` with the reference (tensors or tuples of tensors, compared pairwise).
+def check_result(result, hi, lo, dtype: torch.dtype, factor: float, floor_eps: float,
+                 floor_mags: Optional[Sequence[float]] = None) -> dict:
+    """Compare ``result`` with the reference, tensor by tensor (tuples are compared pairwise).
 
-    Returns ``{"ok", "max_abs_err", "tol", "torch_err"}``; NaN anywhere fails.
+    Tensor ``i`` passes when ``err_i = max|result_i - hi_i|`` is at most ``tol_i = max(factor *
+    torch_err_i, floor_eps * eps(dtype) * max(1, mag_i))``: ``torch_err_i = max|lo_i - hi_i|`` is
+    PyTorch's own error in ``dtype`` (the reference run in it), ``mag_i`` is ``floor_mags[i]``
+    (the magnitude of the terms that cancel in it) or else ``max|hi_i|``. The floor matters where
+    the reference is exact by construction: e.g. attention's dq of a one-token sequence is 0, the
+    reference's softmax backward cancels it exactly, while FlashAttention's backward keeps a few
+    ulp of ``rowsum(dO * O)`` there (see ``fastbert.bench.attention``).
+
+    Returns ``{"ok", "max_abs_err", "tol", "torch_err", "worst"}`` for the tensor closest to (or
+    furthest over) its tolerance, ``worst`` being its index; NaN anywhere fails.
     """
     out, ref_hi, ref_lo = _flat(result), _flat(hi), _flat(lo)
     if len(out) != len(ref_hi):
         return {"ok": False, "max_abs_err": None, "tol": None, "torch_err": None,
                 "error": f"expected {len(ref_hi)} result tensors, got {len(out)}"}
-    err = base = 0.0
-    mag = 1.0
-    ok = True
-    for o, r, lw in zip(out, ref_hi, ref_lo):
+    per_tensor = []  # (err / tol, record) per non-empty tensor
+    for i, (o, r, lw) in enumerate(zip(out, ref_hi, ref_lo)):
         if tuple(o.shape) != tuple(r.shape):
             return {"ok": False, "max_abs_err": None, "tol": None, "torch_err": None,
                     "error": f"shape {tuple(o.shape)} != reference {tuple(r.shape)}"}
         if o.numel() == 0:
             continue
         o64, r64 = o.detach().double().cpu(), r.detach().double().cpu()
-        if torch.isnan(o64).any():
-            ok = False
-        err = max(err, (o64 - r64).abs().max().item())
-        base = max(base, (lw.detach().double().cpu() - r64).abs().max().item())
-        mag = max(mag, r64.abs().max().item())
-    tol = max(factor * base, floor_eps * EPS[dtype] * mag)
-    ok = ok and err <= tol
-    return {"ok": ok, "max_abs_err": err, "tol": tol, "torch_err": base}
+        err = (o64 - r64).abs().max().item()
+        base = (lw.detach().double().cpu() - r64).abs().max().item()
+        mag = floor_mags[i] if floor_mags is not None else r64.abs().max().item()
+        tol = max(factor * base, floor_eps * EPS[dtype] * max(1.0, mag))
+        ok = err <= tol and not torch.isnan(o64).any().item()  # a NaN error compares False
+        per_tensor.append((err / tol if ok else float("inf"),
+                           {"ok": ok, "max_abs_err": err, "tol": tol, "torch_err": base, "worst": i}))
+    if not per_tensor:
+        return {"ok": True, "max_abs_err": 0.0, "tol": 0.0, "torch_err": 0.0, "worst": None}
+    worst = max(per_tensor, key=lambda t: t[0])[1]
+    return dict(worst, ok=all(rec["ok"] for _, rec in per_tensor))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,13 +206,10 @@ def padding_mask(lengths: Sequence[int], seqlen: int, device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def emulated_reason(name: str, device: str) -> Optional[str]:
-    """Why backend ``name`` would run emulated here (never timed), or None."""
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        return "runs in the Triton interpreter here (TRITON_INTERPRET=1); the interpreter is never timed"
-    if "host" in name and device == "cpu":
-        return "the CUDA kernels' host build is a test emulation; it is never timed"
-    return None
+def emulated_skip(name: str, device: str) -> Optional[str]:
+    """Why fastbert backend ``name`` is not timed on ``device`` because it runs emulated, or None."""
+    reason = emulated_reason(name, device)
+    return f"{reason}; an emulation is never timed" if reason else None
 
 
 def fastbert_backends(call, opts: Options) -> list[tuple[str, Optional[str], bool]]:
@@ -214,9 +232,9 @@ def fastbert_backends(call, opts: Options) -> list[tuple[str, Optional[str], boo
             continue
         if opts.backends is None and name == "reference":
             continue
-        reason = emulated_reason(name, call.device)
+        reason = emulated_skip(name, call.device)
         if reason is None:
-            reasons = spec.reasons(call)
+            reasons = dict.fromkeys(explain_reason(r, nvidia_driver_found()) for r in spec.reasons(call))
             reason = "; ".join(reasons) if reasons else None
         out.append((name, reason, name == default))
     if not any(d and r is None for _, r, d in out):  # auto's pick is not listed: take the first runnable

@@ -21,7 +21,7 @@ from functools import cached_property
 import torch
 
 from fastbert.backends import CallInfo
-from fastbert.bench.core import (MODEL_SHAPES, Case, Impl, Options, Prepared, emulated_reason,
+from fastbert.bench.core import (MODEL_SHAPES, Case, Impl, Options, Prepared, emulated_skip,
                                  fastbert_backends, optional_import, padding_mask, variable_lengths)
 from fastbert.bench.formulas import encoder_tokens
 
@@ -36,13 +36,14 @@ def release() -> None:
 
 
 def sizes(opts: Options) -> list[tuple[int, int]]:
-    """``(seqlen, batch)`` pairs."""
+    """``(seqlen, batch)`` pairs, the same padded tokens per batch at each size of a device and
+    mode (so rates compare along the plot's batch x seqlen axis)."""
     if opts.seqlens:
         return [(s, opts.batch or max(1, 4096 // s)) for s in opts.seqlens]
     if opts.device != "cpu":
         pairs = [(128, 32), (512, 8)] if opts.quick else [(128, 32), (256, 16), (512, 8)]
     else:
-        pairs = [(128, 4)] if opts.quick else [(128, 8), (512, 2)]
+        pairs = [(64, 8), (128, 4)] if opts.quick else [(128, 8), (512, 2)]
     return [(s, opts.batch or b) for s, b in pairs]
 
 
@@ -215,7 +216,7 @@ def _fastbert_impls(setup: _Setup, mode: str, variant, shape, opts: Options) -> 
     impls = []
     for name, _, default in listed[0]:
         reasons = [r for per_op in listed for n, r, _ in per_op if n == name and r]
-        reason = emulated_reason(name, opts.device) or ("; ".join(dict.fromkeys(reasons)) or None)
+        reason = emulated_skip(name, opts.device) or ("; ".join(dict.fromkeys(reasons)) or None)
         impls.append(Impl(f"{label}[{name}]", "fastbert", skip=reason, default=default and label == "fastbert",
                           prepare=lambda n=name, s=setup, m=mode: _prepare(s, "fastbert", m, backend=n,
                                                                            unpad=unpad, graph=graph)))
@@ -255,7 +256,8 @@ def cases(opts: Options) -> list[Case]:
                                 hidden=shape.hidden_size, seqlens=list(setup.lengths),
                                 optimizer="AdamW" if mode == "train" else None,
                                 dropout=0.1 if mode == "train" else 0.0),
-                    x=seqlen, x_name="seqlen", dtype=opts.dtype, device=opts.device,
+                    x=seqlen, x_tick=f"{batch}x{seqlen}", x_name="batch x seqlen", dtype=opts.dtype,
+                    device=opts.device,
                     work=encoder_tokens(setup.lengths),
                     reference=lambda s=setup: (s.reference(torch.float64), s.reference(s.dtype)),
                     impls=impls, check_factor=3.0, floor_eps=64.0,

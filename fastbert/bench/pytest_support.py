@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from fastbert.bench.core import Case, Impl, check_result, synchronize
+from fastbert.bench.core import Case, Impl, synchronize
 
 
 def options():
@@ -42,8 +42,7 @@ def run_benchmark(benchmark, case: Case, impl: Impl) -> None:
     if not hasattr(case, "_ref"):
         case._ref = case.reference()
     prepared = impl.prepare()
-    check = check_result(prepared.result(), case._ref[0], case._ref[1], case.dtype, case.check_factor,
-                         case.floor_eps)
+    check = case.check(prepared.result(), case._ref)
     assert check["ok"], f"{impl.name} differs from the reference: {check}"
 
     def run():

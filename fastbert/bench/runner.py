@@ -24,14 +24,14 @@ import traceback
 import torch
 
 import fastbert
+from fastbert import env as fastbert_env
 from fastbert.bench import attention, encoder, gelu, layer_norm
-from fastbert.bench.core import MODEL_SHAPES, Case, Options, check_result
-from fastbert.bench.report import table_lines, write_json, write_plots
+from fastbert.bench.core import MODEL_SHAPES, Case, Options
+from fastbert.bench.report import CHECK_LEGEND, table_lines, write_json, write_plots
 from fastbert.bench.timing import TimingPlan, measure, measure_interleaved
 
 OPS = {"attention": attention, "layer_norm": layer_norm, "gelu": gelu, "encoder": encoder}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {k: v for k, v in fastbert_env.DTYPES.items() if v != torch.float64}
 SCHEMA = "fastbert.bench/1"
 
 
@@ -50,12 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastbert bench",
         description="Benchmark fastbert's ops and encoder against PyTorch and Hugging Face "
                     "implementations measured in the same run; prints a table and writes JSON "
-                    "and PNG plots to --out.")
+                    "and PNG plots (with matplotlib, in the demo extra) to --out, saying where.")
     p.add_argument("--op", action="append", choices=[*OPS, "all"],
                    help="what to run (repeatable; default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes, few repetitions, no torch.compile competitors (CPU: < 1 min; "
-                        "the CPU encoder runs 2 layers of BERT shape at batch 4, seq 128)")
+                   help="small sizes, few repetitions, no torch.compile competitors (the CPU encoder "
+                        "runs 2 layers of BERT shape at batch x seqlen 8x64 and 4x128; see the README "
+                        "for measured times)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on the CPU, bf16 on a GPU")
     p.add_argument("--model", type=_csv(str), default=("base",),
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args) -> Options:
     """Parsed arguments -> :class:`Options`, filling device, dtype and size defaults."""
     ops = tuple(OPS) if not args.op or "all" in args.op else tuple(dict.fromkeys(args.op))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or fastbert_env.default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastbert bench: --device cuda, but torch sees no CUDA GPU")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
@@ -141,11 +142,8 @@ def environment(opts: Options) -> dict:
     env: dict = {"device": opts.device, "threads": torch.get_num_threads(), "platform": platform.platform(),
                  "git": _git()}
     try:
-        from fastbert.cli import collect_env
-
-        name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[opts.dtype]
-        env.update(collect_env(opts.device, name))
-    except Exception as exc:  # the CLI is optional here: keep the essentials
+        env.update(fastbert_env.collect_env(opts.device, str(opts.dtype).replace("torch.", "")))
+    except Exception as exc:  # a broken backend report must not lose the run: keep the essentials
         env["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                            "fastbert": fastbert.__version__}
         env["collect_env_error"] = f"{type(exc).__name__}: {exc}"
@@ -191,7 +189,7 @@ def run_case(case: Case, plan: TimingPlan, tick=lambda name: None, interleave: b
         prepared = None
         try:
             prepared = impl.prepare()
-            check = check_result(prepared.result(), ref[0], ref[1], case.dtype, case.check_factor, case.floor_eps)
+            check = case.check(prepared.result(), ref)
             if interleave:
                 ready.append((idx, impl, prepared, check))
                 continue
@@ -214,7 +212,7 @@ def run_case(case: Case, plan: TimingPlan, tick=lambda name: None, interleave: b
             _release(case)
     _ratios(results)
     return {"op": case.op, "direction": case.direction, "label": case.label, "params": case.params,
-            "x": case.x, "x_name": case.x_name, "dtype": str(case.dtype).replace("torch.", ""),
+            "x": case.x, "x_name": case.x_name, "x_tick": case.x_tick, "dtype": str(case.dtype).replace("torch.", ""),
             "device": case.device, "work": {"amount": case.work.amount, "unit": case.work.unit,
                                             "formula": case.work.formula},
             "notes": case.notes, "elapsed_s": round(time.perf_counter() - t_case, 3),
@@ -298,6 +296,7 @@ def describe(opts: Options, plan: TimingPlan, interleave: bool = False) -> list[
             lines.append(f"{op}: rows {list(layer_norm.row_sizes(opts))}, directions {','.join(opts.directions)}")
     if not opts.compile:
         lines.append("torch.compile competitors: off")
+    lines.append(CHECK_LEGEND)
     return lines
 
 
@@ -382,9 +381,9 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "bench.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(header + [f"measured {record['timestamp']} on {record['env'].get('device_name')}"]
                               + table_lines(record["cases"])) + "\n")
-        plots = [] if args.plot == "none" else write_plots(
+        plots, why_not = ([], "--plot none") if args.plot == "none" else write_plots(
             args.out, record["cases"], f"fastbert {fastbert.__version__} | {record['env'].get('device_name')} | "
             f"{str(opts.dtype).replace('torch.', '')} | {record['timestamp']}", combined=args.plot == "combined")
-        print(f"\nwrote {json_path}, {os.path.join(args.out, 'bench.txt')}"
-              + "".join(f", {p}" for p in plots) + f" ({record['elapsed_s']:.1f} s)", flush=True)
+        print(f"\nwrote {json_path} and {os.path.join(args.out, 'bench.txt')} ({record['elapsed_s']:.1f} s)", flush=True)
+        print(f"plots: {', '.join(plots)}" if plots else f"plots: none written ({why_not})", flush=True)
     return 1 if failed else 0

@@ -50,13 +50,26 @@ class Stats:
 @dataclass
 class TimingPlan:
     """How many calls to make: ``warmup`` unrecorded calls, then samples until both ``min_reps``
-    samples and ``min_time_s`` of measured time are reached, or ``max_reps`` samples."""
+    samples and ``min_time_s`` of measured time are reached, or ``max_reps`` samples, or (when
+    ``max_time_s`` is set) once warm-up and samples took ``max_time_s`` of wall time, after one
+    sample (one round) at least: a budget that keeps a run short on a slow or busy machine
+    (:func:`measure` on a GPU sizes its run up front and does not read it)."""
 
     warmup: int = 3
     min_reps: int = 10
     max_reps: int = 200
     min_time_s: float = 1.0
     clock: str = "wall"  # CPU only: "wall" (perf_counter) or "cpu" (this process's CPU time)
+    max_time_s: float | None = None
+
+    def more(self, samples: int, measured_s: float, started: float) -> bool:
+        """Whether to take another sample (round) after ``samples`` of them, ``measured_s``
+        seconds measured, the run having begun at ``time.perf_counter() == started``."""
+        if samples >= self.max_reps:
+            return False
+        if samples and self.max_time_s is not None and time.perf_counter() - started >= self.max_time_s:
+            return False
+        return samples < self.min_reps or measured_s < self.min_time_s
 
     @classmethod
     def quick(cls) -> "TimingPlan":
@@ -82,6 +95,7 @@ def _cpu_clock(plan: TimingPlan):
 def measure(fn: Callable[[], object], device: torch.device | str, plan: TimingPlan) -> Stats:
     """Time ``fn()`` per call on ``device`` ("cpu" or a CUDA device) following ``plan``."""
     device = torch.device(device)
+    started = time.perf_counter()
     for _ in range(plan.warmup):
         fn()
     if device.type == "cuda":
@@ -89,7 +103,7 @@ def measure(fn: Callable[[], object], device: torch.device | str, plan: TimingPl
     clock = _cpu_clock(plan)
     stats = Stats()
     total = 0.0
-    while len(stats.samples) < plan.max_reps and (len(stats.samples) < plan.min_reps or total < plan.min_time_s):
+    while plan.more(len(stats.samples), total, started):
         t0 = clock()
         fn()
         dt = clock() - t0
@@ -125,10 +139,11 @@ def measure_interleaved(fns: list[Callable[[], object]], device: torch.device | 
     On a shared machine the load drifts over minutes; alternating the implementations (in an
     order rotated every round) exposes each to the same drift, so their ratio stays meaningful
     where back-to-back runs would not be. Same warm-up, sample counts and statistics as
-    :func:`measure`; ``min_time_s`` applies to each implementation.
+    :func:`measure`; ``min_time_s`` applies to each implementation, ``max_time_s`` to all together.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
+    started = time.perf_counter()
     for fn in fns:
         for _ in range(plan.warmup):
             fn()
@@ -138,7 +153,7 @@ def measure_interleaved(fns: list[Callable[[], object]], device: torch.device | 
     flush = _l2_flush_buffer(device) if cuda else None
     clock = _cpu_clock(plan)
     rounds = 0
-    while rounds < plan.max_reps and (rounds < plan.min_reps or min(sum(s.samples) for s in stats) < plan.min_time_s):
+    while plan.more(rounds, min(sum(s.samples) for s in stats), started):
         shift = rounds % len(fns)
         for i in [(j + shift) % len(fns) for j in range(len(fns))]:
             if cuda:

@@ -8,6 +8,7 @@ forced backend that cannot take the call raises ``RuntimeError`` listing every r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -17,6 +18,7 @@ logger = logging.getLogger("fastbert")
 
 AUTO_ORDER = {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")}
 _logged: set = set()
+_recorders: list[dict] = []  # open record_dispatch() blocks; empty (the normal case) costs nothing
 
 preload()  # compute modules imported before any call can be traced by torch.compile
 
@@ -27,6 +29,21 @@ def _log_once(key, msg: str) -> None:
         logger.info(msg)
 
 
+@contextlib.contextmanager
+def record_dispatch():
+    """Record which backend :func:`resolve` picks for each op while the block runs.
+
+    Yields ``{op: {backend name, ...}}``, filled as calls resolve (what actually ran, not what was
+    expected to run; ``fastbert demo`` reports it). Blocks may nest; each sees every call.
+    """
+    used: dict[str, set] = {}
+    _recorders.append(used)
+    try:
+        yield used
+    finally:
+        _recorders.remove(used)
+
+
 def resolve(call: CallInfo, backend: str | None = None) -> str:
     """Name of the backend that runs ``call``.
 
@@ -35,6 +52,13 @@ def resolve(call: CallInfo, backend: str | None = None) -> str:
         RuntimeError: a forced backend cannot take the call (every reason listed), or, in auto
             mode, no backend can.
     """
+    name = _resolve(call, backend)
+    for used in _recorders:
+        used.setdefault(call.op, set()).add(name)
+    return name
+
+
+def _resolve(call: CallInfo, backend: str | None) -> str:
     forced = backend or os.environ.get("FASTBERT_BACKEND") or None
     if forced is not None and forced != "auto":
         spec = get_backend(forced)
