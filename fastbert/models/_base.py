@@ -21,6 +21,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import logging
 
+from fastbert.models._names import class_for
 from fastbert.nn import Embeddings, set_backend
 
 logger = logging.get_logger(__name__)
@@ -136,8 +137,6 @@ class FastbertPreTrainedModel(PreTrainedModel):
                    if k in kwargs})
             found = config_dict.get("model_type")
             if found != cls.config_class.model_type:
-                from fastbert.models.auto import class_for
-
                 raise ValueError(
                     f"{pretrained_model_name_or_path}: checkpoint has model_type {found!r}, but "
                     f"{cls.__name__} is for {cls.config_class.model_type!r}; use "

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-_FAMILIES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
-             "electra": "Electra", "distilbert": "DistilBert"}
-SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+from fastbert.models import bert, distilbert, electra, roberta
+from fastbert.models._names import _FAMILIES, SUPPORTED_MODEL_TYPES
+
+_CLASSES = {name: obj for module in (bert, distilbert, electra, roberta)
+            for name, obj in vars(module).items() if isinstance(obj, type)}
 
 # task -> (suffix per family); None = the family has no such head in transformers.
 _TASKS = {
@@ -37,25 +39,13 @@ def model_class(model_type: str, task: str = "AutoModel"):
         ValueError: ``model_type`` not supported (the supported list is named), or the family has
             no such head.
     """
-    import fastbert.models as models
-
     if model_type not in _FAMILIES:
         raise ValueError(f"model_type: fastbert supports {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
     suffix = _TASKS[task].get(model_type)
     if suffix is None:
         have = [t for t, m in _TASKS[task].items()]
         raise ValueError(f"{task}: model_type {model_type!r} has no such head (transformers has it for {have})")
-    return getattr(models, _FAMILIES[model_type] + suffix)
-
-
-def class_for(model_type: str, class_name: str) -> str:
-    """The name of the class of ``model_type``'s family matching ``class_name``'s head (for errors)."""
-    if model_type not in _FAMILIES:
-        return f"a supported model_type {list(SUPPORTED_MODEL_TYPES)} (got {model_type!r})"
-    for family in sorted(_FAMILIES.values(), key=len, reverse=True):
-        if class_name.startswith(family):
-            return _FAMILIES[model_type] + class_name[len(family):]
-    return _FAMILIES[model_type] + "Model"
+    return _CLASSES[_FAMILIES[model_type] + suffix]
 
 
 class _AutoFastbert:
