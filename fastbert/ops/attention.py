@@ -26,9 +26,16 @@ def _lse_shape(q: Tensor, varlen: bool, backend: str) -> tuple:
 
 
 def _bias4d(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """attn_bias as a stride-0 view ``[batch, num_heads, seqlen_q, seqlen_k]`` (no copy)."""
+    """attn_bias as a stride-0 view ``[batch, num_heads, seqlen_q, seqlen_k]`` (no copy) in a dtype
+    every backend reads: an fp64 bias beside fp16/bf16/fp32 q is rounded to fp32 (the accumulation
+    dtype), finite values saturating at +-finfo(fp32).max so that a finite bias stays finite
+    (``finfo(fp64).min`` is a finite number like ``finfo(fp32).min``; only ``-inf`` excludes a key).
+    """
     if attn_bias is None:
         return None
+    if attn_bias.dtype == torch.float64 and q.dtype != torch.float64:
+        big = torch.finfo(torch.float32).max
+        attn_bias = torch.where(attn_bias.isinf(), attn_bias, attn_bias.clamp(-big, big)).float()
     batch, seqlen_q, num_heads, _ = q.shape
     return attn_bias.expand(batch, num_heads, seqlen_q, k.shape[1])
 
@@ -117,6 +124,18 @@ def _backward(ctx, dout, dlse):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_max_seqlen(max_seqlen, total_tokens: int) -> None:
+    """Metadata check of a given ``max_seqlen``: an int in [0, total_tokens] (no sequence is longer
+    than all tokens together; a larger bound would only size grids and padding for nothing)."""
+    check(isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool), TypeError,
+          f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
+    check(0 <= max_seqlen <= total_tokens, ValueError,
+          f"max_seqlen: expected an int in [0, total_tokens] = [0, {total_tokens}], got {max_seqlen}")
 
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: Optional[int]) -> None:
@@ -208,6 +227,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     varlen = cu_seqlens is not None
     ndim = 3 if varlen else 4
     check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
+    check(q.device.type in _DEVICE_TYPES, ValueError,
+          f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
+          "have no values to attend; under torch.compile fake tensors take the fake implementation)")
     check_tensor("k", k, ndim=ndim, device=q.device)
     check_tensor("v", v, ndim=ndim, device=q.device)
     check(k.dtype == q.dtype and v.dtype == q.dtype, TypeError,
@@ -229,6 +251,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         check(cu_seqlens.numel() >= 1, ValueError, "cu_seqlens: expected batch + 1 >= 1 entries, got 0")
         check(k.shape[0] == q.shape[0], ValueError,
               f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
+        if max_seqlen is not None:
+            _check_max_seqlen(max_seqlen, q.shape[0])
+        # Backends read cu_seqlens as a flat int32 array: one contiguous copy here serves them all
+        # (a strided view is read through its strides by .tolist(), then as raw memory by a kernel).
+        cu_seqlens = cu_seqlens.contiguous()
         if value_checks_enabled(cu_seqlens):
             _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
         if max_seqlen is None:
@@ -250,8 +277,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     ac = autocast_dtype(q.device.type)
     if ac is not None:  # attention runs in the autocast dtype
+        # attn_bias keeps its dtype: it is added in fp32 (an fp32 -1e5 bias would be -inf in fp16).
         q, k, v = q.to(ac), k.to(ac), v.to(ac)
-        attn_bias = attn_bias.to(ac) if attn_bias is not None else None
     softmax_scale = 1.0 / math.sqrt(hd) if softmax_scale is None else as_float("softmax_scale", softmax_scale)
     if not softmax_scale - softmax_scale == 0.0:  # NaN or +-inf (math.isfinite does not trace)
         raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
