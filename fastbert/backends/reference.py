@@ -130,8 +130,9 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
                       softmax_scale=softmax_scale)
     out.copy_(o)
-    if lse.numel():
-        lse.copy_(l)
+    if lse.numel():  # the two planes (m, log l): the whole logsumexp in m, log l = 0
+        lse[0].copy_(l)
+        lse[1].zero_()
 
 
 def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0,

@@ -18,11 +18,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _lse_shape(q: Tensor, varlen: bool, backend: str) -> tuple:
+    """The forward's softmax statistics, two fp32 planes: the row max ``m`` and ``log(l)`` of the
+    row sum (logsumexp = m + log l). Kept apart so that backward's ``exp((s - m) - log l)`` stays
+    exact where ``m`` is huge (a row all biased ``finfo.min``: ``m + log l == m`` in fp32)."""
     if not get_backend(backend).caps["attention"].writes_lse:
         return (0,)
     if varlen:
-        return (q.shape[1], q.shape[0])  # [num_heads, total_tokens]
-    return (q.shape[0], q.shape[2], q.shape[1])  # [batch, num_heads, seqlen_q]
+        return (2, q.shape[1], q.shape[0])  # [2, num_heads, total_tokens]
+    return (2, q.shape[0], q.shape[2], q.shape[1])  # [2, batch, num_heads, seqlen_q]
 
 
 def _bias4d(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
@@ -50,7 +53,9 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Ten
     lse = new_empty(_lse_shape(q, varlen, backend), torch.float32, q.device)
     if q.numel() == 0 or k.numel() == 0:
         out.zero_()
-        lse.fill_(float("inf"))
+        if lse.numel():  # empty rows: (m, log l) = (+inf, 0)
+            lse[0].fill_(float("inf"))
+            lse[1].zero_()
         return out, lse
     with no_autocast(q.device.type):
         backend_module(backend, "attention").attention_fwd(
