@@ -310,10 +310,11 @@ def _attn_bwd_dkdv_kernel(
                      mask=row_ok[:, None] & (offs_n < len_k)[None, :])
         dk += _dot(tl.trans(ds.to(dtype)), q, PRECISION, UPCAST)
     dk = dk * softmax_scale
+    in_seq = (offs_n < len_k)[:, None] & d_ok[None, :]  # masked keys too: their dK, dV are zeros
     tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + tok_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(dtype), mask=kv_ok)
+             dk.to(dtype), mask=in_seq)
     tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + tok_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(dtype), mask=kv_ok)
+             dv.to(dtype), mask=in_seq)
 
 
 @triton.jit(do_not_specialize=_FWD_NO_SPEC)
