@@ -7,6 +7,10 @@ aten allows it, saving the copy a temporary would cost. With dropout, attention 
 Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
 backward is that composite's backward (this backend writes no ``lse``).
 
+Padded attention with a mask runs each sequence on its valid keys on CPU (masked keys never meet
+a product, whatever they hold; padded keys cost nothing), and reads a broadcast ``attn_bias`` in
+its compact shape (SDPA broadcasts it in place: no ``[B, H, Lq, Lk]`` temporaries).
+
 Known difference from the reference: PyTorch's CPU ``scaled_dot_product_attention`` returns 0 for
 a query row containing NaN (the reference propagates NaN); non-finite ``softmax_scale`` is
 rejected by ``fastbert.ops`` for every backend.

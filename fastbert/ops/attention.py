@@ -197,18 +197,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             contiguous last dim are read in place.
         k, v: like q (padded: ``(batch, seqlen_k, num_heads, head_dim)``; seqlen_k may differ from
             seqlen_q). Same dtype and device as q.
-        attention_mask: ``(batch, seqlen_k)``, bool or integer; nonzero / True = attend, 0 = padding
-            (BERT's and Hugging Face's convention, the inverse of torch's ``key_padding_mask``).
-            Padded layout only.
+        attention_mask: ``(batch, seqlen_k)``, bool, integer or floating 0/1; nonzero / True =
+            attend, 0 = padding (BERT's and Hugging Face's convention, the inverse of torch's
+            ``key_padding_mask``). Any strides. Padded layout only.
         attn_bias: additive scores bias broadcastable to ``(batch, num_heads, seqlen_q, seqlen_k)``,
             read in place through stride-0 dims; scores are ``softmax_scale * q @ k^T + attn_bias``.
-            A ``-inf`` entry excludes that key. A ``finfo.min`` bias is a finite number: a row whose
-            keys are all biased that way averages V (as Hugging Face's eager path does). Its
-            gradient costs an fp32 ``(batch, num_heads, seqlen_q, seqlen_k)`` workspace, reduced
-            over the broadcast dims deterministically. Not supported with ``cu_seqlens``.
+            Any float dtype, whatever q's: it is read in its own dtype and added in fp32 (fp64 for
+            fp64 q), so an fp32 -1e5 bias beside fp16 q stays finite (an fp64 bias beside
+            lower-precision q is rounded to fp32, finite values saturating at fp32's range). A
+            ``-inf`` entry excludes that key from that row. A ``finfo.min`` bias is a finite number:
+            a row whose keys are all biased that way is the exact softmax of its finite scores, as in
+            Hugging Face's eager path -- with ``finfo.min`` of fp32 / bf16 / fp64 the scores are equal
+            in fp32 and the row averages V; fp16's -65504 or -1e5 leave the row ``softmax(q k^T)``.
+            Its gradient costs an fp32 ``(batch, num_heads, seqlen_q, seqlen_k)`` workspace, reduced
+            over the broadcast dims deterministically, returned in the bias's dtype. Not supported
+            with ``cu_seqlens``.
         cu_seqlens: ``(batch + 1,)`` int32 cumulative sequence lengths for the varlen layout
-            (self-attention; zero-length sequences allowed).
-        max_seqlen: longest sequence in ``cu_seqlens``; computed when None (one host sync).
+            (self-attention; zero-length sequences allowed); any strides (the kernels get a
+            contiguous copy).
+        max_seqlen: longest sequence in ``cu_seqlens``, an int in ``[0, total_tokens]``; computed
+            when None (one host sync).
         dropout_p: dropout on the attention probabilities, ``0 <= dropout_p < 1``, inverted scaling
             ``1 / (1 - dropout_p)``; the keep mask comes from the shared Philox scheme seeded from
             torch's RNG, identical across layouts and backends.
@@ -220,11 +228,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         ``out`` with q's shape and dtype. A query row with no key to attend (every key masked or
         biased ``-inf``) is **empty**: it returns zeros and passes zero gradients, never NaN.
 
+    Masked positions: a key masked by ``attention_mask`` (or outside its ``cu_seqlens`` sequence)
+    has no influence on anything, whatever its K and V rows and its bias entries hold (NaN, Inf,
+    garbage: padding rows of a half-precision model can overflow); it is masked by replacement
+    (zero K / V rows, ``-inf`` scores), never by addition, and its dK and dV are exact zeros. A
+    ``-inf`` bias excludes a key from one row's softmax only: that key's K and V rows still meet
+    the other rows in the same matrix products, so they must be finite.
+
+    Numerics: scores, softmax and products accumulate in fp32 (fp64 for fp64 inputs); P is rounded
+    to q's dtype before ``P @ V``.
+
     Raises:
-        TypeError: a non-tensor, a non-float dtype, dtypes that differ, or non-int32 cu_seqlens.
-        ValueError: wrong ndim, mismatched batch/heads/head_dim/seqlen, a mask or bias of the wrong
-            shape, ``attention_mask`` or ``attn_bias`` together with ``cu_seqlens``, a bad
-            ``dropout_p``; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
+        TypeError: a non-tensor, a non-float dtype, dtypes that differ, non-int32 cu_seqlens, a
+            non-int ``max_seqlen``.
+        ValueError: a device other than cpu / cuda (meta tensors), wrong ndim, mismatched
+            batch/heads/head_dim/seqlen, a mask or bias of the wrong shape, ``attention_mask`` or
+            ``attn_bias`` together with ``cu_seqlens``, ``max_seqlen`` outside
+            ``[0, total_tokens]``, a bad ``dropout_p``; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
             ``cu_seqlens`` values that are not non-decreasing from 0 to ``total_tokens``. The fast
             GPU path trusts tensor values.
         RuntimeError: a forced backend cannot take the call (every reason is listed).
