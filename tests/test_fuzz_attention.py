@@ -34,7 +34,7 @@ F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat1
 DTYPE_NAMES = {F64: "f64", F32: "f32", F16: "f16", BF16: "bf16"}
 BACKENDS = ("reference", "torch", "triton", "cuda-host")
 DEFAULT_COUNTS = {"reference": 20, "torch": 50, "triton": 35, "cuda-host": 45}
-SLOW_COUNTS = {"reference": 150, "torch": 300, "triton": 150, "cuda-host": 200}
+SLOW_COUNTS = {"reference": 100, "torch": 200, "triton": 100, "cuda-host": 150}
 DEFAULT_SEED, SLOW_SEED = 12, 1012
 BIAS_SHAPES = ("K", "QK", "111K", "B11K", "1HQK", "B1QK", "H1K", "BHQK")
 
