@@ -402,3 +402,21 @@ def test_fuzz_case_counts():
     assert {b: len(c) for b, c in DEFAULT_CASES.items()} == DEFAULT_COUNTS
     assert {b: len(c) for b, c in SLOW_CASES.items()} == SLOW_COUNTS
     assert len(CASES_BY_ID) == sum(DEFAULT_COUNTS.values()) + sum(SLOW_COUNTS.values())
+
+
+def test_subprocess_runner_reports_a_crash_with_its_case(tmp_path, monkeypatch):
+    """The runner can fail: a child killed by SIGSEGV inside case "b" makes "b" a failure naming
+    it and the signal, and a new child still runs the cases after it."""
+    import os
+
+    (tmp_path / "_fuzz_crashy.py").write_text(
+        "import os, signal\n"
+        "def check_by_id(case_id):\n"
+        "    if case_id == 'b':\n"
+        "        os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "    assert case_id != 'c', 'case c fails'\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = SubprocessRunner("_fuzz_crashy").results(["a", "b", "c", "d"])
+    assert res["a"] is None and res["d"] is None
+    assert "CRASH in case b" in res["b"] and "status -11" in res["b"]
+    assert "case c fails" in res["c"]
