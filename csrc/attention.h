@@ -5,9 +5,9 @@
 // Layouts (the backend contract in fastbert/backends/__init__.py):
 //   padded: q/out/dout/dq [batch, seqlen_q, num_heads, head_dim], k/v/dk/dv [batch, seqlen_k,
 //           num_heads, head_dim], any strides with a contiguous last dim;
-//           lse [batch, num_heads, seqlen_q] fp32.
+//           lse [2, batch, num_heads, seqlen_q] fp32 (row max, log row sum).
 //   varlen: q/k/v/... [total_tokens, num_heads, head_dim] with int32 cu_seqlens [batch + 1]
-//           (stride_batch = 0; the row index is cu_seqlens[b] + position); lse [num_heads,
+//           (stride_batch = 0; the row index is cu_seqlens[b] + position); lse [2, num_heads,
 //           total_tokens] fp32.
 //   attention_mask: bool (1 byte) [batch, seqlen_k], 1 = attend.  attn_bias: a 4-D strided view
 //   [batch, num_heads, seqlen_q, seqlen_k] (stride 0 on broadcast dims) of fp32/fp16/bf16.
@@ -56,7 +56,11 @@ struct AttnParams {
   AttnTensor q, k, v, out;
   AttnTensor dout, dq, dk, dv;  // backward only
 
-  float* lse = nullptr;  // element (b, h, s) at lse + b * lse_stride_batch + h * lse_stride_head + s
+  // lse: two fp32 planes [2, ...]: plane 0 the row max m, plane 1 log(l) of the row sum, so that
+  // logsumexp = m + log(l) and the backward's P = exp((s - m) - log(l)) stays exact where m is huge
+  // (a row all biased finfo.min: m + log(l) == m in fp32). Empty rows: (+inf, 0).
+  float* lse = nullptr;  // element (plane, b, h, s) at lse + plane * lse_stride_plane + b * lse_stride_batch + h * lse_stride_head + s
+  int64_t lse_stride_plane = 0;
   int64_t lse_stride_batch = 0;  // (varlen: 0; s is then the token index cu_seqlens[b] + position)
   int64_t lse_stride_head = 0;
 

@@ -48,7 +48,7 @@ bool rows_aligned16(const AttnTensor& t, std::size_t elem) {
 AttnParams common_params(int dtype_code, long long batch, long long num_heads, long long head_dim, long long seqlen_q,
                          long long seqlen_k, std::uintptr_t q, const Strides3& q_strides, std::uintptr_t k,
                          const Strides3& k_strides, std::uintptr_t v, const Strides3& v_strides, std::uintptr_t out,
-                         const Strides3& out_strides, std::uintptr_t lse, const std::array<long long, 2>& lse_strides,
+                         const Strides3& out_strides, std::uintptr_t lse, const std::array<long long, 3>& lse_strides,
                          std::uintptr_t cu_seqlens, std::uintptr_t attention_mask,
                          const std::array<long long, 2>& mask_strides, std::uintptr_t attn_bias, int bias_dtype,
                          const Strides4& bias_strides, std::uintptr_t seed, double dropout_p, double softmax_scale,
@@ -62,6 +62,9 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
   FB_CHECK_ARG(attention_head_dim_supported(static_cast<int>(head_dim)) && head_dim <= 256,
                "head_dim: expected a multiple of 8 in [8, 256], got ", head_dim);
   FB_CHECK_ARG(batch * num_heads <= 2147483647LL, "batch * num_heads: expected <= 2^31 - 1, got ", batch * num_heads);
+  if (cu_seqlens != 0) {  // varlen: both are max_seqlen
+    FB_CHECK_ARG(seqlen_q <= (1LL << 30), "max_seqlen: expected <= 2^30, got ", seqlen_q);
+  }
   FB_CHECK_ARG(seqlen_q <= (1LL << 30) && seqlen_k <= (1LL << 30), "seqlen_q, seqlen_k: expected <= 2^30, got ",
                seqlen_q, ", ", seqlen_k);
   FB_CHECK_ARG(std::isfinite(softmax_scale), "softmax_scale: expected a finite value, got ", softmax_scale);
@@ -78,10 +81,12 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
   p.v = tensor("v", v, v_strides, elem, true);
   p.out = tensor("out", out, out_strides, elem, true);
   p.lse = static_cast<float*>(bind::mut_ptr("lse", lse, 4, true));
-  FB_CHECK_ARG(lse_strides[0] >= 0 && lse_strides[1] >= 0, "lse strides: expected >= 0, got (", lse_strides[0], ", ",
-               lse_strides[1], ")");
-  p.lse_stride_batch = lse_strides[0];
-  p.lse_stride_head = lse_strides[1];
+  FB_CHECK_ARG(lse_strides[0] > 0 && lse_strides[1] >= 0 && lse_strides[2] >= 0,
+               "lse strides: expected (plane > 0, batch >= 0, head >= 0), got (", lse_strides[0], ", ", lse_strides[1],
+               ", ", lse_strides[2], ")");
+  p.lse_stride_plane = lse_strides[0];
+  p.lse_stride_batch = lse_strides[1];
+  p.lse_stride_head = lse_strides[2];
   p.cu_seqlens = static_cast<const int32_t*>(bind::ptr("cu_seqlens", cu_seqlens, 4, false));
   p.attention_mask = static_cast<const uint8_t*>(bind::ptr("attention_mask", attention_mask, 1, false));
   FB_CHECK_ARG(mask_strides[0] >= 0 && mask_strides[1] >= 0, "attention_mask strides: expected >= 0, got (",
@@ -107,7 +112,7 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
 
 void attention_fwd_py(std::uintptr_t q, Strides3 q_strides, std::uintptr_t k, Strides3 k_strides, std::uintptr_t v,
                       Strides3 v_strides, std::uintptr_t out, Strides3 out_strides, std::uintptr_t lse,
-                      std::array<long long, 2> lse_strides, std::uintptr_t cu_seqlens, std::uintptr_t attention_mask,
+                      std::array<long long, 3> lse_strides, std::uintptr_t cu_seqlens, std::uintptr_t attention_mask,
                       std::array<long long, 2> mask_strides, std::uintptr_t attn_bias, int bias_dtype,
                       Strides4 bias_strides, std::uintptr_t seed, long long batch, long long num_heads,
                       long long head_dim, long long seqlen_q, long long seqlen_k, int dtype, double dropout_p,
@@ -124,7 +129,7 @@ void attention_fwd_py(std::uintptr_t q, Strides3 q_strides, std::uintptr_t k, St
 
 void attention_bwd_py(std::uintptr_t dout, Strides3 dout_strides, std::uintptr_t q, Strides3 q_strides,
                       std::uintptr_t k, Strides3 k_strides, std::uintptr_t v, Strides3 v_strides, std::uintptr_t out,
-                      Strides3 out_strides, std::uintptr_t lse, std::array<long long, 2> lse_strides,
+                      Strides3 out_strides, std::uintptr_t lse, std::array<long long, 3> lse_strides,
                       std::uintptr_t dq, Strides3 dq_strides, std::uintptr_t dk, Strides3 dk_strides,
                       std::uintptr_t dv, Strides3 dv_strides, std::uintptr_t dbias, Strides4 dbias_strides,
                       std::uintptr_t cu_seqlens, std::uintptr_t attention_mask, std::array<long long, 2> mask_strides,

@@ -2,7 +2,8 @@
 // recomputed from the forward's lse instead of stored:
 //
 //   S  = scale * Q K^T + bias             (masked entries excluded: P = 0 there)
-//   P  = exp(S - lse)                     (lse = +inf on empty rows, so P = 0 there)
+//   P  = exp((S - m) - log l)             (the forward's two lse planes; m = +inf on empty rows,
+//                                          so P = 0 there)
 //   Z  = keep / (1 - p)                   (dropout multiplier, the shared Philox mask; 1 without)
 //   D  = rowsum(dO * O)                   (= rowsum(dP * P))
 //   dV = (P * Z)^T dO
@@ -36,10 +37,11 @@ struct BwdConfig {
   static constexpr int kScratchLd = kBlockN + 4;
   static constexpr size_t kTileBytes = sizeof(T) * kLd;
   static constexpr size_t kScratchFloats = kTensorCores<T> ? 0 : size_t(kWarps) * 16 * kScratchLd;
-  // Owned tiles (2 x kBlockM rows), walked tiles (2 x kBlockN rows), D and lse (kBlockM floats each,
-  // enough for either kernel), P/dS staging (plain path), key flags (kBlockN bytes).
+  // Owned tiles (2 x kBlockM rows), walked tiles (2 x kBlockN rows), D (kBlockM floats) and the
+  // row statistics (kBlockM RowLse, enough for either kernel), P/dS staging (plain path), key flags
+  // (kBlockN bytes).
   static constexpr size_t kSmemBytes = kTileBytes * (2 * kBlockM + 2 * kBlockN) +
-                                       sizeof(float) * (2 * kBlockM + kScratchFloats) + kBlockN;
+                                       sizeof(float) * (3 * kBlockM + kScratchFloats) + kBlockN;
 };
 
 // ---- dQ (and dbias) ----------------------------------------------------------------------------
@@ -60,8 +62,8 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
   T* sK = sdO + kBlockM * kLd;
   T* sV = sK + kBlockN * kLd;
   float* sD = reinterpret_cast<float*>(sV + kBlockN * kLd);
-  float* sLse = sD + kBlockM;
-  float* scratch = sLse + kBlockM;
+  RowLse* sLse = reinterpret_cast<RowLse*>(sD + kBlockM);
+  float* scratch = reinterpret_cast<float*>(sLse + kBlockM);
   unsigned char* sKeyOk = reinterpret_cast<unsigned char*>(scratch + Cfg::kScratchFloats);
 
   const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
@@ -76,13 +78,15 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
   const auto load_v = [&](int n0) {
     if (n0 < seq.seqlen_k)
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
+                                               KeyRows{p, b, n0, seq.seqlen_k});
     cp_async_commit();
   };
   const auto load_k = [&](int n0) {
     if (n0 < seq.seqlen_k) {
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
+                                               KeyRows{p, b, n0, seq.seqlen_k});
       for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
         sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
     }
@@ -100,14 +104,14 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
   row_stats<T, kBlockM, DP, Cfg::kThreads>(sD, sLse, sdO, row_ptr<const T>(p.out, b, h, seq.q_row0 + m0),
                                            p.out.stride_seq,
                                            p.lse + b * p.lse_stride_batch + h * p.lse_stride_head + seq.q_row0 + m0,
-                                           nrows, p.head_dim);
+                                           p.lse_stride_plane, nrows, p.head_dim);
   __syncthreads();
 
-  const float scale_u = p.softmax_scale * kScoreUnit<T>;
+  const float scale = p.softmax_scale;
   const bool dropout = p.seed != nullptr;
   const PhiloxKey key = dropout ? philox_key(p.seed) : PhiloxKey{0, 0};
   const int row_i[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
-  const float lse_u[2] = {sLse[warp * 16 + g], sLse[warp * 16 + g + 8]};
+  const RowLse lse_r[2] = {sLse[warp * 16 + g], sLse[warp * 16 + g + 8]};
   const float delta[2] = {sD[warp * 16 + g], sD[warp * 16 + g + 8]};
 
   float acc_dq[DT][4];
@@ -138,9 +142,9 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = row_i[r], kj = n0 + col;
         float pe = 0.0f;
         if (sKeyOk[col] && i < seq.seqlen_q) {
-          float x = s[j][e] * scale_u;
+          const float x = s[j][e] * scale;
           const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
-          if (bias != -INFINITY) pe = exp_unit<T>(x + bias * kScoreUnit<T> - lse_u[r]);
+          if (bias != -INFINITY) pe = recompute_p<T>(x + bias, lse_r[r]);
         }
         const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
         const float ds = pe * (dp[j][e] * z - delta[r]);
@@ -192,20 +196,20 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
   T* sQ = sV + kBlockM * kLd;
   T* sdO = sQ + kBlockN * kLd;
   float* sD = reinterpret_cast<float*>(sdO + kBlockN * kLd);
-  float* sLse = sD + kBlockM;
-  float* scratch = sLse + kBlockM;
+  RowLse* sLse = reinterpret_cast<RowLse*>(sD + kBlockM);
+  float* scratch = reinterpret_cast<float*>(sLse + kBlockM);
 
   const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
   const int g = lane >> 2, t = lane & 3;
   float* warp_scratch = scratch + warp * 16 * Cfg::kScratchLd;
 
   load_tile<T, kBlockM, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
-                                           seq.seqlen_k - n0, p.head_dim, p.aligned16);
+                                           seq.seqlen_k - n0, p.head_dim, p.aligned16, KeyRows{p, b, n0, seq.seqlen_k});
   load_tile<T, kBlockM, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
-                                           seq.seqlen_k - n0, p.head_dim, p.aligned16);
+                                           seq.seqlen_k - n0, p.head_dim, p.aligned16, KeyRows{p, b, n0, seq.seqlen_k});
   cp_async_commit();
 
-  const float scale_u = p.softmax_scale * kScoreUnit<T>;
+  const float scale = p.softmax_scale;
   const bool dropout = p.seed != nullptr;
   const PhiloxKey key = dropout ? philox_key(p.seed) : PhiloxKey{0, 0};
   const int key_j[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};  // this lane's keys
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
     row_stats<T, kBlockN, DP, Cfg::kThreads>(sD, sLse, sdO, row_ptr<const T>(p.out, b, h, seq.q_row0 + m0),
                                              p.out.stride_seq,
                                              p.lse + b * p.lse_stride_batch + h * p.lse_stride_head + seq.q_row0 + m0,
-                                             nrows, p.head_dim);
+                                             p.lse_stride_plane, nrows, p.head_dim);
     __syncthreads();
 
     float s[NT][4], dp[NT][4];  // S^T and dP^T: rows = this warp's keys, columns = queries m0..
@@ -248,9 +252,9 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = m0 + col, kj = key_j[r];
         float pe = 0.0f;
         if (key_ok[r] && i < seq.seqlen_q) {
-          const float x = s[j][e] * scale_u;
+          const float x = s[j][e] * scale;
           const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
-          if (bias != -INFINITY) pe = exp_unit<T>(x + bias * kScoreUnit<T> - sLse[col]);
+          if (bias != -INFINITY) pe = recompute_p<T>(x + bias, sLse[col]);
         }
         const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
         s[j][e] = pe * z;                          // (P * Z)^T, for dV

@@ -28,18 +28,17 @@ namespace fb::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Units of the scores inside the kernels: the tensor-core paths keep them in log2 units (scaled by
-// log2(e)) so every exponential is one exp2; the fp32 path stays in natural units with expf, which
-// avoids the extra roundings of the unit changes (fp32 gradients are held to fp32 accuracy).
-template <class T>
-constexpr float kScoreUnit = std::is_same_v<T, float> ? 1.0f : kLog2e;
-
+// Scores stay in natural units in every path, and the exponentials take the (bounded) differences
+// s - m: exp(d) is exp2f(d * log2(e)) on the tensor-core paths (one MUFU op) and expf on the fp32
+// path (fewer roundings: fp32 gradients are held to fp32 accuracy). Scaling the scores themselves
+// by log2(e) would overflow a finite finfo(fp32).min score to -inf and empty a row that the
+// contract says averages V.
 template <class T>
 FB_DEVICE float exp_unit(float x) {
   if constexpr (std::is_same_v<T, float>) {
     return expf(x);
   } else {
-    return exp2f(x);
+    return exp2f(x * kLog2e);
   }
 }
 
@@ -78,19 +77,26 @@ FB_DEVICE T* row_ptr(const AttnTensor& t, int b, int h, int64_t row) {
   return static_cast<T*>(t.ptr) + b * t.stride_batch + row * t.stride_seq + h * t.stride_head;
 }
 
+// Every row of a tile.
+struct AllRows {
+  FB_DEVICE bool operator()(int) const { return true; }
+};
+
 // Copy rows [0, nrows) x columns [0, head_dim) of a global [rows][row_stride] block into the shared
-// tile s[ROWS][kLds]; every other element of the tile's first DP columns is zeroed. 16-byte chunks:
-// cp.async when the rows are 16-byte aligned, element copies otherwise. The caller commits, waits
-// and synchronises.
-template <class T, int ROWS, int DP, int NTHREADS>
-FB_DEVICE void load_tile(T* s, const T* g, int64_t row_stride, int nrows, int head_dim, bool aligned16) {
+// tile s[ROWS][kLds]; every other element of the tile's first DP columns is zeroed, and so is every
+// row r for which !row_ok(r) (keys masked by attention_mask: replaced by zero rows, so whatever
+// they hold, NaN or Inf, has no influence on any product). 16-byte chunks: cp.async when the rows
+// are 16-byte aligned, element copies otherwise. The caller commits, waits and synchronises.
+template <class T, int ROWS, int DP, int NTHREADS, class RowOk = AllRows>
+FB_DEVICE void load_tile(T* s, const T* g, int64_t row_stride, int nrows, int head_dim, bool aligned16,
+                         RowOk row_ok = RowOk{}) {
   constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunksPerRow = DP / kChunk;
   constexpr int kLd = kLds<T, DP>;
   for (int c = static_cast<int>(thread_rank()); c < ROWS * kChunksPerRow; c += NTHREADS) {
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
     T* dst = s + r * kLd + col;
-    if (r < nrows && col < head_dim) {
+    if (r < nrows && col < head_dim && row_ok(r)) {
       const T* src = g + r * row_stride + col;
       if (aligned16) {
         cp_async_16(dst, src);
@@ -224,6 +230,13 @@ FB_DEVICE bool key_allowed(const AttnParams& p, int b, int j, int seqlen_k) {
   return true;
 }
 
+// load_tile's row predicate for a tile of keys starting at key n0: the key is not masked.
+struct KeyRows {
+  const AttnParams& p;
+  int b, n0, seqlen_k;
+  FB_DEVICE bool operator()(int r) const { return key_allowed(p, b, n0 + r, seqlen_k); }
+};
+
 // Dropout multiplier of element (query i, key j) of head h of sequence b: 0 or 1 / (1 - p)
 // (the shared Philox scheme: counter (j, i, h, b), keep iff word 0 >= threshold).
 FB_DEVICE float dropout_factor(const AttnParams& p, PhiloxKey key, int b, int h, int i, int j) {
@@ -239,13 +252,19 @@ FB_DEVICE void store2(T* row, int col, float x0, float x1) {
   row[col + 1] = from_float<T>(x1);
 }
 
+// A query row's softmax statistics from the forward: row max m and log of the row sum l (natural).
+struct RowLse {
+  float m, log_l;
+};
+
 // Per-row statistics of a tile of ROWS query rows for the backward kernels:
 //   sD[r]   = D_r = sum_d dO[r, d] * O[r, d]   (= rowsum(dP * P), FA2's "delta")
-//   sLse[r] = lse_r in score units (kScoreUnit), +inf beyond nrows (so exp(s - lse) = 0 there).
+//   sLse[r] = (m_r, log l_r): the forward's row max and log row sum (the two planes of lse, see
+//             attention.h), (+inf, 0) beyond nrows (so exp(s - m - log l) = 0 there).
 // sdO is the shared dO tile; O and lse are read from global memory.
 template <class T, int ROWS, int DP, int NTHREADS>
-FB_DEVICE void row_stats(float* sD, float* sLse, const T* sdO, const T* o_rows, int64_t o_stride,
-                         const float* lse_rows, int nrows, int head_dim) {
+FB_DEVICE void row_stats(float* sD, RowLse* sLse, const T* sdO, const T* o_rows, int64_t o_stride,
+                         const float* lse_rows, int64_t lse_plane, int nrows, int head_dim) {
   constexpr int kPerRow = NTHREADS / ROWS;
   static_assert(kPerRow >= 1 && kPerRow <= 32 && (kPerRow & (kPerRow - 1)) == 0, "row_stats: bad split");
   constexpr int kLd = kLds<T, DP>;
@@ -258,8 +277,16 @@ FB_DEVICE void row_stats(float* sD, float* sLse, const T* sdO, const T* o_rows, 
   for (int off = 1; off < kPerRow; off <<= 1) acc += shfl_xor(acc, off);
   if (part == 0) {
     sD[r] = acc;
-    sLse[r] = r < nrows ? lse_rows[r] * kScoreUnit<T> : INFINITY;
+    sLse[r] = r < nrows ? RowLse{lse_rows[r], lse_rows[lse_plane + r]} : RowLse{INFINITY, 0.0f};
   }
+}
+
+// P of a score x (natural units, bias included) from its row's (m, log l): exp((x - m) - log l).
+// x - m is exact near the max even where m is huge (a row all biased finfo.min), where m + log l
+// would round log l away.
+template <class T>
+FB_DEVICE float recompute_p(float x, RowLse lse) {
+  return exp_unit<T>((x - lse.m) - lse.log_l);
 }
 
 }  // namespace fb::attn

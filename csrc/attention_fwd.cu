@@ -3,11 +3,13 @@
 // of FlashAttention-2 (Dao 2023, Algorithm 1): per query row a running max m and sum l,
 //   m' = max(m, rowmax(S_j)),  P_j = exp(S_j - m'),  l' = exp(m - m') l + rowsum(P_j),
 //   O' = exp(m - m') O + dropout(P_j) V_j,   and at the end  O /= l,  lse = m + log(l).
-// fp16/bf16 keep the scores in log2 units so the exponentials are exp2 (kScoreUnit).
+// Scores stay in natural units (exp_unit: exp2 of the scaled difference on the tensor-core paths).
 //
 // Grid: (batch * num_heads, ceil(max_seqlen_q / kBlockM)); a block of kWarps warps owns kBlockM =
 // 16 * kWarps query rows (16 per warp) and walks the key tiles of kBlockN keys. A row with no key
-// to attend (every key masked or biased -inf) is empty: out = 0, lse = +inf. Dropout (the shared
+// to attend (every key masked or biased -inf) is empty: out = 0, lse = (+inf, 0). Keys masked by
+// attention_mask are loaded as zero K and V rows (load_tile's row predicate), so NaN or Inf held
+// there never reaches a product. Dropout (the shared
 // Philox scheme) multiplies P after its row sum, so lse excludes it.
 #include "attention_common.cuh"
 #include "common/launch.cuh"
@@ -56,12 +58,12 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
                                            seq.seqlen_q - m0, p.head_dim, p.aligned16);
   cp_async_commit();
 
-  const float scale_u = p.softmax_scale * kScoreUnit<T>;  // scores in kScoreUnit<T> units
+  const float scale = p.softmax_scale;
   const bool dropout = p.seed != nullptr;
   const PhiloxKey key = dropout ? philox_key(p.seed) : PhiloxKey{0, 0};
   const int row_i[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};  // this lane's query rows
 
-  float m_i[2] = {-INFINITY, -INFINITY};  // running max (score units)
+  float m_i[2] = {-INFINITY, -INFINITY};  // running max (natural units)
   float l_i[2] = {0.0f, 0.0f};            // this lane's part of the running sum
   float acc_o[DT][4];
 #pragma unroll
@@ -76,7 +78,8 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
   const auto load_k = [&](int n0) {
     if (n0 < seq.seqlen_k) {
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
+                                               KeyRows{p, b, n0, seq.seqlen_k});
       for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
         sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
     }
@@ -85,7 +88,8 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
   const auto load_v = [&](int n0) {
     if (n0 < seq.seqlen_k)
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16);
+                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
+                                               KeyRows{p, b, n0, seq.seqlen_k});
     cp_async_commit();
   };
   load_k(0);  // groups so far: Q, K(0), V(0)
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
       for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
     gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
 
-    // Scale, bias and mask (score units); excluded scores become -inf.
+    // Scale, bias and mask (natural units); excluded scores become -inf.
     float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -110,10 +114,10 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
         float x = -INFINITY;
         if (sKeyOk[col]) {
-          x = s[j][e] * scale_u;
+          x = s[j][e] * scale;
           if (p.attn_bias != nullptr && row_i[r] < seq.seqlen_q && n0 + col < seq.seqlen_k) {
             const float bias = load_bias(p, b, h, row_i[r], n0 + col);
-            x = bias == -INFINITY ? -INFINITY : x + bias * kScoreUnit<T>;
+            x = bias == -INFINITY ? -INFINITY : x + bias;
           }
         }
         s[j][e] = x;
@@ -175,9 +179,11 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
       const int col = jd * 8 + 2 * t;
       if (col < p.head_dim) store2(o, col, acc_o[jd][2 * r] * inv, acc_o[jd][2 * r + 1] * inv);
     }
-    if (t == 0)
-      p.lse[b * p.lse_stride_batch + h * p.lse_stride_head + seq.q_row0 + i] =
-          empty ? INFINITY : m_i[r] / kScoreUnit<T> + logf(l_i[r]);
+    if (t == 0) {
+      float* lse = p.lse + b * p.lse_stride_batch + h * p.lse_stride_head + seq.q_row0 + i;
+      lse[0] = empty ? INFINITY : m_i[r];
+      lse[p.lse_stride_plane] = empty ? 0.0f : logf(l_i[r]);
+    }
   }
 }
 

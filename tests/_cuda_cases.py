@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from _tolerance import assert_close_to_ref
+from _tolerance import EPS, assert_close_to_ref
 
 from fastbert.ops import attention, gelu, layer_norm
 
@@ -184,12 +184,14 @@ class AttentionCase:
     bias: str | None = None  # a key of ATTENTION_BIAS_SHAPES; "BHQK" carries -inf rows (empty rows)
     bias_fp32: bool = False  # an fp32 bias beside fp16/bf16 q/k/v (read through its own dtype)
     dropout_p: float = 0.0
+    special: str = ""  # "finfo_min" (rows of an fp32 bias all finfo.min: they average V) |
+    #                    "poison" (NaN / Inf in the K and V rows of masked keys: no influence)
 
     def __str__(self) -> str:
         shape = (f"varlen{'_'.join(map(str, self.lengths))}" if self.layout == "varlen"
                  else f"{self.layout}{self.batch}x{self.seqlen_q}x{self.seqlen_k}")
         feats = [f for f, on in (("mask", self.mask), (f"bias{self.bias}{'f32' * self.bias_fp32}", self.bias),
-                                 (f"p{self.dropout_p}", self.dropout_p > 0)) if on]
+                                 (f"p{self.dropout_p}", self.dropout_p > 0), (self.special, self.special)) if on]
         return f"{str(self.dtype)[6:]}-d{self.head_dim}-h{self.num_heads}-{shape}-{'+'.join(feats) or 'plain'}"
 
 
@@ -208,6 +210,9 @@ ATTENTION_CASES = (
     AttentionCase(BF16, 64, 33, 33, layout="packed", dropout_p=0.1, bias="B11K"),
     AttentionCase(F16, 80, 17, 17, layout="unaligned", mask=True, dropout_p=0.1, bias="B11K", bias_fp32=True),
     AttentionCase(F32, 40, 33, 33, batch=1, layout="unaligned", bias="BHQK"),
+    AttentionCase(F16, 64, 17, 33, bias="BHQK", bias_fp32=True, special="finfo_min"),
+    AttentionCase(BF16, 32, 17, 40, bias="BHQK", bias_fp32=True, special="finfo_min", dropout_p=0.1),
+    AttentionCase(F16, 40, 33, 33, mask=True, bias="B11K", special="poison"),
 )
 
 
@@ -244,8 +249,22 @@ def attention_inputs(case: AttentionCase, seed: int = 0) -> dict:
         if case.bias == "BHQK":
             bias[0, 0, lq // 2] = float("-inf")  # an empty row
             bias[-1, -1, :, lk // 2] = float("-inf")  # an excluded key
+        if case.special == "finfo_min":  # rows a finite number away from everything: they average V
+            bias[0, -1, 1] = torch.finfo(torch.float32).min
+            bias[-1, :, lq - 2:] = torch.finfo(torch.float32).min
         t["attn_bias"] = bias
     return t
+
+
+def _poisoned(case: AttentionCase, inputs: dict) -> dict:
+    """The inputs with NaN / Inf in every K and V row of a masked key (the subject run only)."""
+    if case.special != "poison":
+        return inputs
+    bad = ~inputs["attention_mask"][:, :, None, None]
+    out = dict(inputs)
+    out["k"] = torch.where(bad, float("nan"), inputs["k"])
+    out["v"] = torch.where(bad, float("inf"), inputs["v"])
+    return out
 
 
 def _attn_run(case: AttentionCase, inputs: dict, backend: str, device, dtype) -> dict:
@@ -308,6 +327,8 @@ def attention_floor_eps(name: str, case: AttentionCase, inputs: dict, ref: dict)
     if name == "dbias":
         n_full = ref["dq"].numel() // ref["dq"].shape[-1] * case.seqlen_k
         mag = delta * (n_full / ref["dbias"].numel()) ** 0.5
+        if case.bias_fp32 and case.dtype != torch.float32:  # an fp32 gradient of a half-precision computation
+            mag *= EPS[case.dtype] / EPS[torch.float32]
     else:
         other = inputs["qkv"] if "qkv" in inputs else inputs["k" if name == "dq" else "q"]
         mag = case.head_dim ** -0.5 * delta * other.abs().max().item()
@@ -318,7 +339,7 @@ def check_attention_case(case: AttentionCase, backend: str, device) -> None:
     """out and every gradient of ``case`` on ``backend`` vs the reference (fp64 and low precision);
     empty rows must give exact zeros (output and dq) and nothing may be NaN."""
     inputs = attention_inputs(case)
-    got = _attn_run(case, inputs, backend, device, case.dtype)
+    got = _attn_run(case, _poisoned(case, inputs), backend, device, case.dtype)
     hi = _attn_run(case, inputs, "reference", device, torch.float64)
     lo = _attn_run(case, inputs, "reference", device, case.dtype)
     assert set(got) == set(hi)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerance import assert_close_to_ref
+from _tolerance import EPS, assert_close_to_ref
 
 from fastbert.backends._philox import attention_keep_mask
 from fastbert.ops import attention
@@ -340,3 +340,161 @@ def test_non_finite_softmax_scale_is_an_error():
 def test_empty_varlen_batch():
     e = torch.randn(0, 2, 8)
     assert attention(e, e, e, cu_seqlens=torch.tensor([0], dtype=torch.int32), max_seqlen=0).shape == (0, 2, 8)
+
+
+# ---------------------------------------------------------------- issue #12 regressions (every CPU backend)
+
+ALL_CPU_BACKENDS = ("reference", "torch", "triton", "cuda-host")
+
+
+def _require(backend):
+    from fastbert.backends import get_backend
+
+    reason = get_backend(backend).unavailable_reason("attention")
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
+def _fwd_bwd(backend, q, k, v, dout, **kw):
+    xs = [t.detach().requires_grad_() for t in (q, k, v)]
+    bias = kw.pop("attn_bias", None)
+    if bias is not None:
+        bias = bias.detach().requires_grad_()
+    out = attention(*xs, attn_bias=bias, backend=backend, **kw)
+    grads = torch.autograd.grad(out, xs + ([bias] if bias is not None else []), dout.to(out.dtype))
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_strided_cu_seqlens_is_read_through_its_strides(backend, poison):
+    """#12.1: a strided cu_seqlens view passes the value checks (.tolist() honours strides); the
+    kernels read raw memory (triton was off by 2.46, cuda-host by 6e28; [0, 100000, ...][::2]
+    crashed cuda-host). fastbert.ops hands every backend a contiguous copy."""
+    _require(backend)
+    cu = torch.tensor([0, 0, 3, 3, 7, 7], dtype=torch.int32)[::2]
+    assert not cu.is_contiguous()
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(7, 2, 16, generator=g) for _ in range(4))
+    got = _fwd_bwd(backend, q, k, v, dout, cu_seqlens=cu)
+    ref = _fwd_bwd("reference", *(t.double() for t in (q, k, v, dout)), cu_seqlens=cu.contiguous())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close_to_ref(a, b, name=name, floor_eps=64.0)
+
+
+# (q dtype, bias dtype, bias value of the special row): Hugging Face's fp32 finfo.min mask, bf16's,
+# fp16 q with an fp32 -1e5 bias (HF's style), fp16's own finfo.min, an fp64 finfo.min beside fp32 q.
+_SPECIAL_ROWS = [(torch.bfloat16, torch.bfloat16, "min"), (torch.float32, torch.float32, "min"),
+                 (torch.float16, torch.float32, -1e5), (torch.float16, torch.float16, "min"),
+                 (torch.bfloat16, torch.float32, "min"), (torch.float32, torch.float64, "min"),
+                 (torch.float16, torch.bfloat16, "min")]
+
+
+@pytest.mark.parametrize("qdt,bdt,value", _SPECIAL_ROWS, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_rows_all_biased_finfo_min_follow_one_rule(backend, qdt, bdt, value, poison):
+    """#12.3: a row whose keys are all biased finfo.min (or -1e5) is the exact softmax of its finite
+    scores, forward and backward, on every backend and the reference (before: zeros on triton /
+    cuda-host for bf16, triton for fp32; NaN from the reference and zeros from torch / triton for
+    fp16 q with an fp32 -1e5 bias; backward P = 1 instead of 1/n where m + log(l) == m)."""
+    _require(backend)
+    if backend in ("triton", "cuda-host") and bdt == torch.float64 and qdt == torch.float64:
+        pytest.skip("no fp64 kernels")
+    g = torch.Generator().manual_seed(5)
+    lq, lk, heads, hd = 4, 6, 2, 16
+    q, k, v, dout = (torch.randn(2, n, heads, hd, generator=g, dtype=torch.float64).to(qdt).double()
+                     for n in (lq, lk, lk, lq))
+    bias = torch.randn(2, heads, lq, lk, generator=g, dtype=torch.float64).to(bdt)
+    bias[0, 1, 2] = torch.finfo(bdt).min if value == "min" else value  # one special row
+    bias[1, :, 1:3] = torch.finfo(bdt).min if value == "min" else value  # two special rows per head
+    got = _fwd_bwd(backend, q.to(qdt), k.to(qdt), v.to(qdt), dout.to(qdt), attn_bias=bias)
+    hi = _fwd_bwd("reference", q, k, v, dout, attn_bias=bias.double())
+    lo = _fwd_bwd("reference", q.to(qdt), k.to(qdt), v.to(qdt), dout.to(qdt), attn_bias=bias)
+    for name, a, h, l in zip(("out", "dq", "dk", "dv", "dbias"), got, hi, lo):
+        # dbias takes the bias's dtype, its error the computation's (q's dtype)
+        scale = EPS[qdt] / EPS[bdt] if name == "dbias" else 1.0
+        assert_close_to_ref(a, h, l, name=name, floor_eps=16.0 * max(1.0, scale))
+    if value == "min" and bdt != torch.float16:  # equal scores in fp32: the row averages V exactly
+        torch.testing.assert_close(got[0][0, 2, 1].double(), v[0, :, 1].mean(0), atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_in_masked_keys_do_not_leak(backend, dtype, poison):
+    """#12.4: NaN / Inf held in masked-out K and V rows (and in the bias there) has no influence:
+    output and gradients equal the run with clean values there, bit for bit (before: the torch
+    backend's whole output was NaN for a NaN key; every backend NaN for a NaN value)."""
+    _require(backend)
+    g = torch.Generator().manual_seed(9)
+    q, k, v, dout = (torch.randn(2, 7, 2, 16, generator=g).to(dtype) for _ in range(4))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 0], [1, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    bias = torch.randn(2, 1, 1, 7, generator=g)
+    bad = ~mask[:, :, None, None]
+    kp = torch.where(bad, float("nan"), k)
+    vp = torch.where(bad, float("inf"), v)
+    vp[1, 6] = float("nan")
+    bp = torch.where(~mask[:, None, None, :], float("nan"), bias)
+    clean = _fwd_bwd(backend, q, k, v, dout, attention_mask=mask, attn_bias=bias)
+    dirty = _fwd_bwd(backend, q, kp, vp, dout, attention_mask=mask, attn_bias=bp)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), dirty, clean):
+        assert not a.isnan().any(), f"{name}: NaN leaked from a masked position"
+        if name == "dbias":
+            a, b = a[mask[:, None, None, :]], b[mask[:, None, None, :]]
+        assert torch.equal(a, b), f"{name}: masked positions influenced the result"
+    assert torch.equal(dirty[2][bad.expand_as(k)], torch.zeros_like(k)[bad.expand_as(k)])  # dk of masked keys
+
+
+def test_reference_low_precision_bias_path_is_exact():
+    """#12.7: the reference computed an fp16 additive-bias path in fp16 (error 1.47 vs fp64; NaN for
+    an fp32 -1e5 row beside fp16 q). It accumulates in fp32 now: only P is rounded to fp16."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 9, 2, 32, generator=g).half() for _ in range(3))
+    bias = (1000 * torch.randn(2, 2, 9, 9, generator=g) - 5000).half()  # big scores + bias
+    out = attention(q, k, v, attn_bias=bias, backend="reference")
+    ref = attention(q.double(), k.double(), v.double(), attn_bias=bias.double(), backend="reference")
+    assert (out.double() - ref).abs().max().item() < 8 * 2**-10 * max(1.0, ref.abs().max().item())
+    big = torch.full((2, 2, 9, 9), -1e5)  # fp32 bias beside fp16 q: finite scores, no NaN
+    out = attention(q, k, v, attn_bias=big, backend="reference")
+    ref = attention(q.double(), k.double(), v.double(), attn_bias=big.double(), backend="reference")
+    assert not out.isnan().any()
+    assert (out.double() - ref).abs().max().item() < 0.02  # fp32 rounding of s - 1e5: ulp 2**-7
+
+
+def test_torch_backend_broadcast_bias_is_read_in_place():
+    """#12.8: a broadcast attn_bias [1, 1, 1, L] made the torch backend allocate O(L^2) (56 / 224 /
+    896 MiB above the inputs at L = 1024 / 2048 / 4096, batch 2, 4 heads) where a mask stays flat.
+    Peak RSS growth of one call in a fresh process (ru_maxrss), against the same call with a mask."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from fastbert.ops import attention
+L, B, H = 2048, 1, 2
+q = torch.randn(B, L, H, 8)
+bias = torch.zeros(1, 1, 1, L); bias[..., -100:] = float("-inf")
+with torch.no_grad():
+    attention(q[:, :8], q[:, :8], q[:, :8], attn_bias=bias[..., :8], backend="torch")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    attention(q, q, q, attn_bias=bias, backend="torch")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown_kib = int(out.stdout.split()[-1])
+    # Before the fix: an L x L bool and an fp32 L x L bias per (batch, head), ~40 MiB here.
+    assert grown_kib < 16 * 1024, f"bias [1,1,1,L]: peak RSS grew {grown_kib / 1024:.1f} MiB"
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_unclear_errors_name_the_argument(backend):
+    """#12.9: meta tensors raised 'unknown device type for autocast'; max_seqlen = 2**31 on
+    cuda-host named 'seqlen_q, seqlen_k'."""
+    _require(backend)
+    qm = torch.empty(1, 4, 1, 16, device="meta")
+    with pytest.raises(ValueError, match=r"q: expected a tensor on one of \['cpu', 'cuda'\], got device meta"):
+        attention(qm, qm, qm, backend=backend)
+    qv = torch.randn(4, 1, 16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"max_seqlen: expected an int in \[0, total_tokens\] = \[0, 4\], got 2147483648"):
+        attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=2**31, backend=backend)
+    with pytest.raises(TypeError, match="max_seqlen: expected an int, got float"):
+        attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=4.0, backend=backend)

@@ -73,7 +73,7 @@ def _dropout_keep(backend: str, device: str, dtype, p: float = 0.3) -> tuple:
     k = torch.randn(batch, lk, heads, d, generator=gen).to(device=device, dtype=dtype)
     v = torch.eye(lk, d).view(1, lk, 1, d).expand(batch, lk, heads, d).to(device=device, dtype=dtype).contiguous()
     out = torch.full_like(q, float("nan"))
-    lse = torch.full((batch, heads, lq), float("nan"), device=device)
+    lse = torch.full((2, batch, heads, lq), float("nan"), device=device)
     seed = torch.tensor([0x12345678, 0x9ABCDEF0], dtype=torch.int64, device=device)
     mod.attention_fwd(q, k, v, out, lse, attention_mask=None, attn_bias=None, cu_seqlens=None, max_seqlen=0,
                       dropout_p=p, seed=seed, softmax_scale=1.0 / math.sqrt(d))
@@ -111,10 +111,10 @@ def test_cuda_host_planted_key_bound_bug_is_caught(case, monkeypatch):
 def _binding_kwargs() -> tuple:
     """A valid attention_fwd call on tiny CPU tensors (host build), with overrides."""
     q = torch.randn(1, 4, 1, 8)
-    out, lse = torch.empty_like(q), torch.empty(1, 1, 4)
+    out, lse = torch.empty_like(q), torch.empty(2, 1, 1, 4)
     kw = dict(q=q.data_ptr(), q_strides=(32, 8, 8), k=q.data_ptr(), k_strides=(32, 8, 8), v=q.data_ptr(),
               v_strides=(32, 8, 8), out=out.data_ptr(), out_strides=(32, 8, 8), lse=lse.data_ptr(),
-              lse_strides=(4, 4), cu_seqlens=0, attention_mask=0, mask_strides=(0, 0), attn_bias=0, bias_dtype=0,
+              lse_strides=(4, 4, 4), cu_seqlens=0, attention_mask=0, mask_strides=(0, 0), attn_bias=0, bias_dtype=0,
               bias_strides=(0, 0, 0, 0), seed=0, batch=1, num_heads=1, head_dim=8, seqlen_q=4, seqlen_k=4, dtype=0,
               dropout_p=0.0, softmax_scale=0.5, stream=0, device=-1)
     return kw, (q, out, lse)

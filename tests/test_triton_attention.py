@@ -267,14 +267,16 @@ def test_parity_cross_lengths(dtype, poison):
 
 
 def _lse(q, k, v, backend, **kw):
-    """(out, lse) straight from the forward custom op (the public API returns only out)."""
+    """(out, logsumexp) straight from the forward custom op (the public API returns only out);
+    the op's lse holds two planes (row max m, log l), whose sum is the logsumexp."""
     args = dict(attention_mask=None, attn_bias=None, cu_seqlens=None, seed=None, max_seqlen=0,
                 dropout_p=0.0, softmax_scale=q.shape[-1] ** -0.5, allow_tf32=False, deterministic=False)
     args.update(kw)
-    return torch.ops.fastbert.attention_fwd(q, k, v, args["attention_mask"], args["attn_bias"],
-                                            args["cu_seqlens"], args["seed"], args["max_seqlen"],
-                                            args["dropout_p"], args["softmax_scale"], args["allow_tf32"],
-                                            args["deterministic"], backend)
+    out, lse = torch.ops.fastbert.attention_fwd(q, k, v, args["attention_mask"], args["attn_bias"],
+                                                args["cu_seqlens"], args["seed"], args["max_seqlen"],
+                                                args["dropout_p"], args["softmax_scale"], args["allow_tf32"],
+                                                args["deterministic"], backend)
+    return out, lse[0] + lse[1]
 
 
 def test_empty_rows_zero_output_zero_grads_lse_inf(poison):

@@ -7,13 +7,14 @@ six functions, each writing into preallocated outputs and returning nothing:
 ``attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
 dropout_p, seed, softmax_scale, allow_tf32, deterministic)``
     Padded: q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads,
-    head_dim]`` (any strides, contiguous last dim), ``out`` like q, ``lse`` ``[batch, num_heads,
+    head_dim]`` (any strides, contiguous last dim), ``out`` like q, ``lse`` ``[2, batch, num_heads,
     seqlen_q]`` fp32. Varlen: q/k/v/out ``[total_tokens, num_heads, head_dim]``, ``cu_seqlens``
-    ``[batch + 1]`` int32, ``lse`` ``[num_heads, total_tokens]`` fp32. ``attention_mask`` is None
+    ``[batch + 1]`` int32 (contiguous), ``lse`` ``[2, num_heads, total_tokens]`` fp32. lse's two
+    planes are the row max ``m`` and ``log(l)`` of the row sum (logsumexp = m + log l). ``attention_mask`` is None
     or bool ``[batch, seqlen_k]`` (True = attend). ``attn_bias`` is None or a 4-D view
     ``[batch, num_heads, seqlen_q, seqlen_k]`` (stride 0 on broadcast dims). ``seed`` is None
     (no dropout) or int64 ``[2]`` holding two uint32 words (see ``_philox``). Empty rows write
-    ``out = 0`` and ``lse = +inf``. A backend whose capabilities say ``writes_lse=False`` may leave
+    ``out = 0`` and ``lse = (+inf, 0)``. A backend whose capabilities say ``writes_lse=False`` may leave
     ``lse`` untouched (it is then an empty tensor) and must not need it in backward.
 
 ``attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, <same keywords>)``

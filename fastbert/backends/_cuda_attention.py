@@ -38,8 +38,8 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 def _bias_args(attn_bias) -> dict:
     if attn_bias is None:
         return dict(attn_bias=0, bias_dtype=0, bias_strides=(0, 0, 0, 0))
-    if attn_bias.dtype == torch.float64:  # the kernels read fp32/fp16/bf16 biases
-        attn_bias = attn_bias.float()
+    if attn_bias.dtype == torch.float64:  # fastbert.ops rounds an fp64 bias to fp32 beside fp32 q
+        raise TypeError(f"attn_bias: expected float32, float16 or bfloat16, got {attn_bias.dtype}")
     return dict(attn_bias=ptr(attn_bias), bias_dtype=dtype_code(attn_bias), bias_strides=tuple(attn_bias.stride()))
 
 
@@ -49,11 +49,11 @@ def _common(q, k, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen
     if varlen:
         batch, num_heads, head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
         seqlen_q = seqlen_k = int(max_seqlen)
-        lse_strides = (0, lse.stride(0))  # [num_heads, total_tokens]
+        lse_strides = (lse.stride(0), 0, lse.stride(1))  # [2, num_heads, total_tokens]
     else:
         batch, seqlen_q, num_heads, head_dim = q.shape
         seqlen_k = k.shape[1]
-        lse_strides = (lse.stride(0), lse.stride(1))  # [batch, num_heads, seqlen_q]
+        lse_strides = lse.stride()[:3]  # [2, batch, num_heads, seqlen_q]
     mask = attention_mask
     return dict(
         lse=ptr(lse), lse_strides=lse_strides,

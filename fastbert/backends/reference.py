@@ -1,7 +1,9 @@
 """Reference implementations: plain PyTorch that reads like the math; the arbiter of every parity test.
 
-Built for clarity and fp64, not speed. Attention computes in its inputs' dtype (tests upcast the
-inputs to get an fp32/fp64 reference); LayerNorm and GELU compute in fp32 (fp64 for fp64 input).
+Built for clarity and fp64, not speed. Attention computes in fp32 (fp64 for fp64 inputs) whatever
+the inputs' dtypes, rounding to the inputs' dtype only where the contract does (P before P @ V;
+tests upcast the inputs to get the fp64 arbiter); LayerNorm and GELU compute in fp32 (fp64 for
+fp64 input).
 Backward formulas are written out (custom-op implementations run below autograd) and are checked
 against torch autograd of independent implementations in the tests.
 
@@ -22,26 +24,45 @@ from fastbert.backends._philox import attention_keep_mask, rows_keep_mask
 # ----------------------------------------------------------------------------------------------
 
 
-def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale):
-    """Heads-first q, k, v, the masked scores ``[B, H, Lq, Lk]`` and the has-key mask ``[B, H, Lq, 1]``.
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp32, or fp64 for fp64 inputs (the contract's numerics)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    Excluded keys (padding, or a ``-inf`` bias) score ``-inf``; an empty row (no key at all) is
-    filled with 0 before the softmax so neither it nor its gradient is NaN, and is zeroed after.
+
+def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale):
+    """Heads-first q, k, v, the masked scores ``[B, H, Lq, Lk]`` and the has-key mask
+    ``[B, H, Lq, 1]``, all in the accumulation dtype (fp32; fp64 for fp64 inputs).
+
+    Scores ``softmax_scale * q k^T + attn_bias`` are computed there whatever q's and the bias's
+    dtypes (an fp16 q with an fp32 bias of -1e5 keeps the exact softmax of its finite scores; a row
+    all biased ``finfo.min`` has equal scores and averages V). Excluded keys (padding, or a ``-inf``
+    bias) score ``-inf``, by replacement; keys masked by ``attention_mask`` are replaced by zero K
+    and V rows, so whatever they hold (NaN, Inf) has no influence, in the gradients too. An empty
+    row (no key at all) is filled with 0 before the softmax so neither it nor its gradient is NaN,
+    and is zeroed after.
     """
-    cdt = q.dtype
+    acc = _acc_dtype(q.dtype)
     # The seed's shapes, per sequence: x (L, D) -> Q, K, V (L, H, D/H) -> (H, L, D/H).
-    qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+    qh, kh, vh = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+    allowed = torch.ones((), dtype=torch.bool, device=q.device)
+    if attention_mask is not None:
+        key_ok = attention_mask[:, None, :, None].to(torch.bool)  # [B, 1, Lk, 1]
+        kh, vh = (torch.where(key_ok, t, 0.0) for t in (kh, vh))
+        allowed = key_ok.transpose(-1, -2)  # [B, 1, 1, Lk]
     scores = softmax_scale * (qh @ kh.transpose(-1, -2))  # [B, H, Lq, Lk]
     if attn_bias is not None:
-        scores = scores + attn_bias.to(cdt)
-    allowed = torch.ones_like(scores, dtype=torch.bool)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].to(torch.bool)
-    if attn_bias is not None:
+        scores = scores + attn_bias.to(acc)
         allowed = allowed & (attn_bias != float("-inf"))
+    allowed = allowed.expand(scores.shape)
     has_key = allowed.any(dim=-1, keepdim=True)  # [B, H, Lq, 1]
     scores = torch.where(has_key, torch.where(allowed, scores, float("-inf")), 0.0)
     return qh, kh, vh, scores, has_key
+
+
+def _round_to(x, dtype):
+    """``x`` rounded to ``dtype`` and back: where the kernels feed a low-precision operand to a
+    matrix product (P before ``P @ V``, dS before ``dS @ K``), accumulating in fp32."""
+    return x.to(dtype).to(x.dtype)
 
 
 def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0, seed=None,
@@ -50,23 +71,24 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
 
     q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads, head_dim]``,
     attention_mask bool ``[batch, seqlen_k]`` (True = attend) or None, attn_bias broadcastable to
-    ``[batch, num_heads, seqlen_q, seqlen_k]`` or None. Computes in q's dtype (upcast the inputs
-    for an fp32/fp64 reference). ``out`` ``[batch, seqlen_q, num_heads, head_dim]``; ``lse`` fp32
-    ``[batch, num_heads, seqlen_q]`` with ``+inf`` on empty rows (no key to attend).
-    Differentiable and NaN-free for empty rows, also in the gradient.
+    ``[batch, num_heads, seqlen_q, seqlen_k]`` (any float dtype) or None. Scores, softmax and the
+    products accumulate in fp32 (fp64 for fp64 q), P is rounded to q's dtype before ``P @ V`` (the
+    contract's numerics); upcast the inputs for an fp64 reference. ``out`` in q's dtype
+    ``[batch, seqlen_q, num_heads, head_dim]``; ``lse`` fp32 ``[batch, num_heads, seqlen_q]`` with
+    ``+inf`` on empty rows (no key to attend). Differentiable and NaN-free for empty rows, also in
+    the gradient.
     """
-    cdt = q.dtype
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale)
-    lse = torch.logsumexp(scores.float(), dim=-1)  # [B, H, Lq]
+    lse = torch.logsumexp(scores, dim=-1).float()  # [B, H, Lq]
     lse = torch.where(has_key.squeeze(-1), lse, float("inf"))
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
         probs = probs * keep / (1.0 - dropout_p)
-    out = probs.to(cdt) @ vh  # [B, H, Lq, d]: weighted sum of values
-    return out.transpose(1, 2), lse
+    out = _round_to(probs, q.dtype) @ vh  # [B, H, Lq, d]: weighted sum of values
+    return out.transpose(1, 2).to(q.dtype), lse
 
 
 def _pad_varlen(x, cu_seqlens, max_seqlen):
@@ -108,8 +130,9 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
                       softmax_scale=softmax_scale)
     out.copy_(o)
-    if lse.numel():
-        lse.copy_(l)
+    if lse.numel():  # the two planes (m, log l): the whole logsumexp in m, log l = 0
+        lse[0].copy_(l)
+        lse[1].zero_()
 
 
 def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0,
@@ -119,24 +142,26 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     Recomputes P, then (Z = keep mask / (1 - p), D = rowsum(dO * O)):
       dV = (P * Z)^T dO,   dP = (dO V^T) * Z,   dS = P * (dP - D),
       dQ = scale * dS K,   dK = scale * dS^T Q,  d(attn_bias) = dS (fp32, [B, H, Lq, Lk]).
-    Empty rows have P = 0, so they pass exact zeros.
+    In the accumulation dtype, with P * Z and dS rounded to q's dtype before their products (as
+    the kernels do). Empty rows have P = 0, so they pass exact zeros; masked keys were replaced by
+    zero rows, so their dK and dV are exact zeros too.
     """
-    cdt = q.dtype
     batch, seqlen_q, num_heads, _ = q.shape
     seqlen_k = k.shape[1]
     qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale)
-    do = dout.to(cdt).transpose(1, 2)  # [B, H, Lq, d]
+    do = dout.to(scores.dtype).transpose(1, 2)  # [B, H, Lq, d]
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
-    zscale = torch.ones((), dtype=cdt, device=q.device)
+    zscale = torch.ones((), dtype=scores.dtype, device=q.device)
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
-        zscale = (keep / (1.0 - dropout_p)).to(cdt)  # keep the low-precision dtype (matmuls below)
-    dv = (probs * zscale).to(cdt).transpose(-1, -2) @ do  # [B, H, Lk, d]
+        zscale = keep / (1.0 - dropout_p)
+    dv = _round_to(probs * zscale, q.dtype).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]
     delta = (dprobs * probs).sum(dim=-1, keepdim=True)  # = rowsum(dO * O)
     dscores = probs * (dprobs - delta)
-    dq = softmax_scale * (dscores @ kh)
-    dk = softmax_scale * (dscores.transpose(-1, -2) @ qh)
+    ds = _round_to(dscores, q.dtype)
+    dq = softmax_scale * (ds @ kh)
+    dk = softmax_scale * (ds.transpose(-1, -2) @ qh)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dscores
 
 

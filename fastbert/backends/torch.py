@@ -7,6 +7,10 @@ aten allows it, saving the copy a temporary would cost. With dropout, attention 
 Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
 backward is that composite's backward (this backend writes no ``lse``).
 
+Padded attention with a mask runs each sequence on its valid keys on CPU (masked keys never meet
+a product, whatever they hold; padded keys cost nothing), and reads a broadcast ``attn_bias`` in
+its compact shape (SDPA broadcasts it in place: no ``[B, H, Lq, Lk]`` temporaries).
+
 Known difference from the reference: PyTorch's CPU ``scaled_dot_product_attention`` returns 0 for
 a query row containing NaN (the reference propagates NaN); non-finite ``softmax_scale`` is
 rejected by ``fastbert.ops`` for every backend.
@@ -26,36 +30,72 @@ from fastbert.backends.reference import _pad_varlen, attention_math
 # ----------------------------------------------------------------------------------------------
 
 
-def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out=None):
-    """SDPA on ``[batch, seqlen, num_heads, head_dim]`` with empty rows returning zeros (into ``out``
-    when given, else a new tensor).
+def _compact_bias(attn_bias, q):
+    """The 4-D bias view with its broadcast (stride-0) dims narrowed to size 1, in a dtype SDPA
+    takes beside q (q's own or fp32; else the exact widening to fp32 / fp64): a ``[1, 1, 1, L]``
+    bias stays ``[1, 1, 1, L]`` through every step below (SDPA broadcasts it in place), never
+    ``[B, H, Lq, Lk]``."""
+    if attn_bias is None:
+        return None
+    idx = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                for st, n in zip(attn_bias.stride(), attn_bias.shape))
+    bias = attn_bias[idx]
+    if bias.dtype != q.dtype and not (bias.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)):
+        # SDPA takes q's dtype, or fp32 beside fp16/bf16 (it adds the bias in fp32 either way)
+        bias = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return bias
 
-    A row with no key would give NaN (or a backend-dependent value) and NaN gradients, so its mask
-    is opened to every key and its output zeroed afterwards: the row then passes zero gradients.
-    """
-    mask = None  # bool [B, 1|H, 1|Lq, Lk]: True = attend
-    if attention_mask is not None:
-        mask = attention_mask[:, None, None, :]
-    if attn_bias is not None:  # a -inf bias excludes a key like the padding mask (no host sync)
-        finite = ~torch.isneginf(attn_bias)
-        mask = finite if mask is None else mask & finite
+
+def _sdpa_heads_first(q, k, v, bias, softmax_scale):
+    """SDPA on heads-first ``[B, H, L, d]`` with an additive (compact) bias or None; a row whose
+    keys are all biased ``-inf`` returns zeros (its mask is opened to every key so it is not NaN,
+    and its output is zeroed after)."""
     has_key = None
-    if mask is not None:
-        has_key = mask.any(dim=-1, keepdim=True)  # [B, *, *, 1]
-        mask = mask | ~has_key
-    attn = mask
-    if attn_bias is not None:
-        bias = attn_bias.to(q.dtype)
-        attn = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=attn, scale=softmax_scale)  # [B, H, Lq, d]
-    if out is not None:  # write [B, Lq, H, d] straight into the preallocated output
-        if has_key is None:
-            return out.copy_(o.transpose(1, 2))
-        return torch.where(has_key.transpose(1, 2), o.transpose(1, 2), o.new_zeros(()), out=out)
+    if bias is not None:
+        excluded = torch.isneginf(bias)
+        if bias.device.type != "cpu" or bool(excluded.any()):  # (free to ask on CPU)
+            has_key = ~excluded.all(dim=-1, keepdim=True)  # [*, *, *, 1], compact
+            bias = bias.masked_fill(~has_key, 0.0)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=softmax_scale)  # [B, H, Lq, d]
     if has_key is not None:
-        o = torch.where(has_key, o, 0.0)
-    return o.transpose(1, 2)
+        o = torch.where(has_key, o, o.new_zeros(()))
+    return o
+
+
+def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out):
+    """SDPA on ``[batch, seqlen, num_heads, head_dim]`` into ``out``, empty rows returning zeros.
+
+    Keys masked by ``attention_mask`` have no influence whatever K and V hold there (NaN, Inf):
+    on CPU each sequence runs on its valid keys only (a view when they are a prefix, a gather of
+    that sequence's keys otherwise; reading the mask is free there), which also skips the padded
+    keys' work; elsewhere the masked K and V rows are replaced by zeros. The bias is read in its
+    compact shape (see :func:`_compact_bias`).
+    """
+    bias = _compact_bias(attn_bias, q)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d] views
+    if attention_mask is None:
+        return out.copy_(_sdpa_heads_first(qh, kh, vh, bias, softmax_scale).transpose(1, 2))
+    if q.device.type != "cpu":
+        key_ok = attention_mask[:, None, :, None]
+        kh, vh = (torch.where(key_ok, t, t.new_zeros(())) for t in (kh, vh))
+        base = bias if bias is not None else torch.zeros((), dtype=q.dtype, device=q.device)
+        bias = torch.where(attention_mask[:, None, None, :], base, float("-inf"))  # [B, *, *, Lk]
+        return out.copy_(_sdpa_heads_first(qh, kh, vh, bias, softmax_scale).transpose(1, 2))
+    for b, n in enumerate(attention_mask.sum(1).tolist()):
+        keys = attention_mask[b]
+        if n == 0:  # every key masked: empty rows
+            out[b].zero_()
+            continue
+        bb = None if bias is None else bias[b if bias.shape[0] > 1 else 0][None]  # [1, *, *, 1|Lk]
+        if bool(keys[:n].all()):  # right padding: the valid keys are a prefix (views)
+            kb, vb = kh[b:b + 1, :, :n], vh[b:b + 1, :, :n]
+            bb = bb[..., :n] if bb is not None and bb.shape[-1] > 1 else bb
+        else:
+            idx = keys.nonzero().squeeze(1)
+            kb, vb = kh[b:b + 1].index_select(2, idx), vh[b:b + 1].index_select(2, idx)
+            bb = bb.index_select(3, idx) if bb is not None and bb.shape[-1] > 1 else bb
+        out[b].copy_(_sdpa_heads_first(qh[b:b + 1], kb, vb, bb, softmax_scale)[0].transpose(0, 1))
+    return out
 
 
 def _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale):
@@ -104,7 +144,7 @@ def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dr
         out, _ = attention_math(q, k, v, attention_mask=mask, attn_bias=attn_bias,
                                 dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
     else:
-        out = _sdpa(q, k, v, mask, attn_bias, softmax_scale)
+        out = _sdpa(q, k, v, mask, attn_bias, softmax_scale, torch.empty_like(q))
     return out[mask] if cu_seqlens is not None else out
 
 
@@ -116,7 +156,7 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
                 and attn_bias is None):
             return _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale)
         if cu_seqlens is None and dropout_p == 0.0:
-            return _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out=out)
+            return _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out)
         out.copy_(_attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
                              seed=seed, softmax_scale=softmax_scale))

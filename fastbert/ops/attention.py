@@ -18,17 +18,27 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _lse_shape(q: Tensor, varlen: bool, backend: str) -> tuple:
+    """The forward's softmax statistics, two fp32 planes: the row max ``m`` and ``log(l)`` of the
+    row sum (logsumexp = m + log l). Kept apart so that backward's ``exp((s - m) - log l)`` stays
+    exact where ``m`` is huge (a row all biased ``finfo.min``: ``m + log l == m`` in fp32)."""
     if not get_backend(backend).caps["attention"].writes_lse:
         return (0,)
     if varlen:
-        return (q.shape[1], q.shape[0])  # [num_heads, total_tokens]
-    return (q.shape[0], q.shape[2], q.shape[1])  # [batch, num_heads, seqlen_q]
+        return (2, q.shape[1], q.shape[0])  # [2, num_heads, total_tokens]
+    return (2, q.shape[0], q.shape[2], q.shape[1])  # [2, batch, num_heads, seqlen_q]
 
 
 def _bias4d(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """attn_bias as a stride-0 view ``[batch, num_heads, seqlen_q, seqlen_k]`` (no copy)."""
+    """attn_bias as a stride-0 view ``[batch, num_heads, seqlen_q, seqlen_k]`` (no copy) in a dtype
+    every backend reads: an fp64 bias beside fp16/bf16/fp32 q is rounded to fp32 (the accumulation
+    dtype), finite values saturating at +-finfo(fp32).max so that a finite bias stays finite
+    (``finfo(fp64).min`` is a finite number like ``finfo(fp32).min``; only ``-inf`` excludes a key).
+    """
     if attn_bias is None:
         return None
+    if attn_bias.dtype == torch.float64 and q.dtype != torch.float64:
+        big = torch.finfo(torch.float32).max
+        attn_bias = torch.where(attn_bias.isinf(), attn_bias, attn_bias.clamp(-big, big)).float()
     batch, seqlen_q, num_heads, _ = q.shape
     return attn_bias.expand(batch, num_heads, seqlen_q, k.shape[1])
 
@@ -43,7 +53,9 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Ten
     lse = new_empty(_lse_shape(q, varlen, backend), torch.float32, q.device)
     if q.numel() == 0 or k.numel() == 0:
         out.zero_()
-        lse.fill_(float("inf"))
+        if lse.numel():  # empty rows: (m, log l) = (+inf, 0)
+            lse[0].fill_(float("inf"))
+            lse[1].zero_()
         return out, lse
     with no_autocast(q.device.type):
         backend_module(backend, "attention").attention_fwd(
@@ -119,6 +131,18 @@ def _backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_max_seqlen(max_seqlen, total_tokens: int) -> None:
+    """Metadata check of a given ``max_seqlen``: an int in [0, total_tokens] (no sequence is longer
+    than all tokens together; a larger bound would only size grids and padding for nothing)."""
+    check(isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool), TypeError,
+          f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
+    check(0 <= max_seqlen <= total_tokens, ValueError,
+          f"max_seqlen: expected an int in [0, total_tokens] = [0, {total_tokens}], got {max_seqlen}")
+
+
 def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: Optional[int]) -> None:
     cu = cu_seqlens.tolist()
     check(cu[0] == 0, ValueError, f"cu_seqlens: expected cu_seqlens[0] == 0, got {cu[0]}")
@@ -173,18 +197,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             contiguous last dim are read in place.
         k, v: like q (padded: ``(batch, seqlen_k, num_heads, head_dim)``; seqlen_k may differ from
             seqlen_q). Same dtype and device as q.
-        attention_mask: ``(batch, seqlen_k)``, bool or integer; nonzero / True = attend, 0 = padding
-            (BERT's and Hugging Face's convention, the inverse of torch's ``key_padding_mask``).
-            Padded layout only.
+        attention_mask: ``(batch, seqlen_k)``, bool, integer or floating 0/1; nonzero / True =
+            attend, 0 = padding (BERT's and Hugging Face's convention, the inverse of torch's
+            ``key_padding_mask``). Any strides. Padded layout only.
         attn_bias: additive scores bias broadcastable to ``(batch, num_heads, seqlen_q, seqlen_k)``,
             read in place through stride-0 dims; scores are ``softmax_scale * q @ k^T + attn_bias``.
-            A ``-inf`` entry excludes that key. A ``finfo.min`` bias is a finite number: a row whose
-            keys are all biased that way averages V (as Hugging Face's eager path does). Its
-            gradient costs an fp32 ``(batch, num_heads, seqlen_q, seqlen_k)`` workspace, reduced
-            over the broadcast dims deterministically. Not supported with ``cu_seqlens``.
+            Any float dtype, whatever q's: it is read in its own dtype and added in fp32 (fp64 for
+            fp64 q), so an fp32 -1e5 bias beside fp16 q stays finite (an fp64 bias beside
+            lower-precision q is rounded to fp32, finite values saturating at fp32's range). A
+            ``-inf`` entry excludes that key from that row. A ``finfo.min`` bias is a finite number:
+            a row whose keys are all biased that way is the exact softmax of its finite scores, as in
+            Hugging Face's eager path -- with ``finfo.min`` of fp32 / bf16 / fp64 the scores are equal
+            in fp32 and the row averages V; fp16's -65504 or -1e5 leave the row ``softmax(q k^T)``.
+            Its gradient costs an fp32 ``(batch, num_heads, seqlen_q, seqlen_k)`` workspace, reduced
+            over the broadcast dims deterministically, returned in the bias's dtype. Not supported
+            with ``cu_seqlens``.
         cu_seqlens: ``(batch + 1,)`` int32 cumulative sequence lengths for the varlen layout
-            (self-attention; zero-length sequences allowed).
-        max_seqlen: longest sequence in ``cu_seqlens``; computed when None (one host sync).
+            (self-attention; zero-length sequences allowed); any strides (the kernels get a
+            contiguous copy).
+        max_seqlen: longest sequence in ``cu_seqlens``, an int in ``[0, total_tokens]``; computed
+            when None (one host sync).
         dropout_p: dropout on the attention probabilities, ``0 <= dropout_p < 1``, inverted scaling
             ``1 / (1 - dropout_p)``; the keep mask comes from the shared Philox scheme seeded from
             torch's RNG, identical across layouts and backends.
@@ -196,11 +228,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         ``out`` with q's shape and dtype. A query row with no key to attend (every key masked or
         biased ``-inf``) is **empty**: it returns zeros and passes zero gradients, never NaN.
 
+    Masked positions: a key masked by ``attention_mask`` (or outside its ``cu_seqlens`` sequence)
+    has no influence on anything, whatever its K and V rows and its bias entries hold (NaN, Inf,
+    garbage: padding rows of a half-precision model can overflow); it is masked by replacement
+    (zero K / V rows, ``-inf`` scores), never by addition, and its dK and dV are exact zeros. A
+    ``-inf`` bias excludes a key from one row's softmax only: that key's K and V rows still meet
+    the other rows in the same matrix products, so they must be finite.
+
+    Numerics: scores, softmax and products accumulate in fp32 (fp64 for fp64 inputs); P is rounded
+    to q's dtype before ``P @ V``.
+
     Raises:
-        TypeError: a non-tensor, a non-float dtype, dtypes that differ, or non-int32 cu_seqlens.
-        ValueError: wrong ndim, mismatched batch/heads/head_dim/seqlen, a mask or bias of the wrong
-            shape, ``attention_mask`` or ``attn_bias`` together with ``cu_seqlens``, a bad
-            ``dropout_p``; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
+        TypeError: a non-tensor, a non-float dtype, dtypes that differ, non-int32 cu_seqlens, a
+            non-int ``max_seqlen``.
+        ValueError: a device other than cpu / cuda (meta tensors), wrong ndim, mismatched
+            batch/heads/head_dim/seqlen, a mask or bias of the wrong shape, ``attention_mask`` or
+            ``attn_bias`` together with ``cu_seqlens``, ``max_seqlen`` outside
+            ``[0, total_tokens]``, a bad ``dropout_p``; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
             ``cu_seqlens`` values that are not non-decreasing from 0 to ``total_tokens``. The fast
             GPU path trusts tensor values.
         RuntimeError: a forced backend cannot take the call (every reason is listed).
@@ -208,6 +252,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     varlen = cu_seqlens is not None
     ndim = 3 if varlen else 4
     check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
+    check(q.device.type in _DEVICE_TYPES, ValueError,
+          f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
+          "have no values to attend; under torch.compile fake tensors take the fake implementation)")
     check_tensor("k", k, ndim=ndim, device=q.device)
     check_tensor("v", v, ndim=ndim, device=q.device)
     check(k.dtype == q.dtype and v.dtype == q.dtype, TypeError,
@@ -229,6 +276,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         check(cu_seqlens.numel() >= 1, ValueError, "cu_seqlens: expected batch + 1 >= 1 entries, got 0")
         check(k.shape[0] == q.shape[0], ValueError,
               f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
+        if max_seqlen is not None:
+            _check_max_seqlen(max_seqlen, q.shape[0])
+        # Backends read cu_seqlens as a flat int32 array: one contiguous copy here serves them all
+        # (a strided view is read through its strides by .tolist(), then as raw memory by a kernel).
+        cu_seqlens = cu_seqlens.contiguous()
         if value_checks_enabled(cu_seqlens):
             _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
         if max_seqlen is None:
@@ -250,8 +302,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     ac = autocast_dtype(q.device.type)
     if ac is not None:  # attention runs in the autocast dtype
+        # attn_bias keeps its dtype: it is added in fp32 (an fp32 -1e5 bias would be -inf in fp16).
         q, k, v = q.to(ac), k.to(ac), v.to(ac)
-        attn_bias = attn_bias.to(ac) if attn_bias is not None else None
     softmax_scale = 1.0 / math.sqrt(hd) if softmax_scale is None else as_float("softmax_scale", softmax_scale)
     if not softmax_scale - softmax_scale == 0.0:  # NaN or +-inf (math.isfinite does not trace)
         raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")

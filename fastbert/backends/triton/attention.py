@@ -2,8 +2,10 @@
 
 Forward: the tiled online softmax of FlashAttention-2 (Dao 2023, Algorithm 1). Each program owns
 ``BLOCK_M`` query rows of one (sequence, head), walks the key blocks once, keeps the running row
-max ``m`` and sum ``l`` in fp32 (base-2 exponentials, scores pre-multiplied by log2(e)), and writes
-``out`` and the natural-log ``lse = m + log(l)`` (``+inf`` for an empty row).
+max ``m`` and sum ``l`` in fp32 (scores in natural units; base-2 exponentials of
+``(s - m) * log2(e)``, so a finite score near ``finfo(fp32).min`` never overflows), and writes
+``out`` and ``lse = m + log(l)`` (``+inf`` for an empty row). Masked keys (``attention_mask``,
+sequence bounds) are loaded as zero K and V rows: whatever they hold has no influence.
 
 Backward (Dao 2023, Algorithm 2, split in two passes so that nothing is accumulated atomically):
 a preprocess kernel computes ``delta = rowsum(dO * O)``; a key-block kernel walks the query
@@ -46,7 +48,7 @@ LOG2E = 1.4426950408889634  # scores are kept in log2 units: exp(x) = exp2(x * l
 
 # Arguments that vary with the sequence length (and strides that contain it) are not specialized,
 # so a new sequence length never recompiles a kernel.
-_FWD_NO_SPEC = ["seqlen_q", "seqlen_k", "stride_lb", "stride_lh", "stride_mb", "stride_bb",
+_FWD_NO_SPEC = ["seqlen_q", "seqlen_k", "stride_lp", "stride_lb", "stride_lh", "stride_mb", "stride_bb",
                 "stride_bh", "stride_bm"]
 _BWD_NO_SPEC = _FWD_NO_SPEC + ["stride_db", "stride_dh", "stride_dm"]
 
@@ -66,25 +68,44 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
-            stride_mn, qk_scale, DTYPE: tl.constexpr, HAS_MASK: tl.constexpr,
-            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores ``(softmax_scale * q k^T + attn_bias) * log2(e)`` of one [BLOCK_M, BLOCK_N] tile in
-    fp32, ``-inf`` where the key is outside the sequence, masked out, or biased ``-inf``."""
-    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-    valid = (offs_n < len_k)[None, :]
+def _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK: tl.constexpr):
+    """[BLOCK_N] bool: the key is inside the sequence and not masked by attention_mask. K and V
+    rows are loaded under it (zeros elsewhere), so a masked key has no influence on anything,
+    whatever its K and V rows hold (NaN, Inf): masking by replacement, free at load time."""
+    ok = offs_n < len_k
     if HAS_MASK:
-        keym = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < len_k, other=0)
-        valid = valid & (keym != 0)[None, :]
+        keym = tl.load(mask_base + offs_n * stride_mn, mask=ok, other=0)
+        ok = ok & (keym != 0)
+    return ok
+
+
+@triton.jit
+def _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
+            softmax_scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores ``softmax_scale * q k^T + attn_bias`` of one [BLOCK_M, BLOCK_N] tile in fp32 natural
+    units, ``-inf`` (by replacement) where the key is excluded or biased ``-inf``.
+
+    The bias is read in its own dtype and added in fp32 (an fp32 -1e5 bias beside fp16 q stays
+    finite). Natural units, not log2: ``finfo(fp32).min * log2(e)`` would overflow to ``-inf`` and
+    empty a row that the contract says averages V; the exponentials scale the (bounded)
+    differences ``s - m`` instead."""
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * softmax_scale
+    valid = key_ok[None, :]
     if HAS_BIAS:
         inside = (offs_m < len_q)[:, None] & (offs_n < len_k)[None, :]
         bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :] * stride_bn,
-                       mask=inside, other=0.0)
-        # The bias is added in the inputs' dtype, as the reference does (scores + bias.to(dtype)).
-        bias = bias.to(DTYPE).to(tl.float32)
-        s = s + bias * 1.4426950408889634
+                       mask=inside, other=0.0).to(tl.float32)
+        s = s + bias
         valid = valid & (bias != float("-inf"))
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _recompute_p(s, m, log_l):
+    """Backward's ``P = exp((s - m) - log l)`` from the forward's two lse planes; 0 where the
+    score is excluded (``-inf``) or the row is empty (``m = +inf``)."""
+    p = tl.exp2(((s - m[:, None]) - log_l[:, None]) * 1.4426950408889634)
+    return tl.where(s == float("-inf"), 0.0, p)
 
 
 @triton.jit
@@ -104,13 +125,13 @@ def _attn_fwd_kernel(
     K,  # like Q with seqlen_k
     V,  # like K
     Out,  # like Q: the attention output
-    Lse,  # fp32 [batch, num_heads, seqlen_q] or [num_heads, total_tokens]: natural-log row sums
+    Lse,  # fp32 [2, batch, num_heads, seqlen_q] or [2, num_heads, total_tokens]: row max m, log(row sum)
     Mask,  # uint8 [batch, seqlen_k] (nonzero = attend) when HAS_MASK
     Bias,  # [batch, num_heads, seqlen_q, seqlen_k] view (stride 0 on broadcast dims) when HAS_BIAS
     CuSeqlens,  # int32 [batch + 1] when VARLEN
     Seed,  # int64 [2]: the Philox key words, when HAS_DROPOUT
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_mb, stride_mn,
+    stride_ob, stride_om, stride_oh, stride_lp, stride_lb, stride_lh, stride_mb, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
@@ -139,25 +160,25 @@ def _attn_fwd_kernel(
     v_base = V + b64 * stride_vb + h64 * stride_vh
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh
     mask_base = Mask + b64 * stride_mb
-    qk_scale = softmax_scale * 1.4426950408889634
     if HAS_DROPOUT:
         k0, k1 = philox_seed(Seed)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i), before dropout
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (natural units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, len_k, BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_ok = (offs_n < len_k)[:, None] & d_ok[None, :]
+        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK)
+        kv_ok = key_ok[:, None] & d_ok[None, :]
         tok_n = (start + offs_n).to(tl.int64)
         k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
-                    stride_mn, qk_scale, dtype, HAS_MASK, HAS_BIAS, PRECISION, UPCAST)
+        s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
+                    softmax_scale, HAS_BIAS, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no key so far has m = -inf: subtract 0 instead, so exp2(-inf) = 0, never NaN.
+        # A row with no key so far has m = -inf: subtract 0 instead, so exp(-inf) = 0, never NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
@@ -170,10 +191,12 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0  # no key to attend: out = 0 (acc is 0), lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(Out + b64 * stride_ob + h64 * stride_oh + tok_m[:, None] * stride_om + offs_d[None, :],
              out.to(dtype), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + b64 * stride_lb + h64 * stride_lh + tok_m, lse, mask=row_ok)
+    # lse's two planes: m and log(l) apart (m + log l would round log l away where m is huge).
+    lse_ptr = Lse + b64 * stride_lb + h64 * stride_lh + tok_m
+    tl.store(lse_ptr, tl.where(empty, float("inf"), m_i), mask=row_ok)
+    tl.store(lse_ptr + stride_lp, tl.where(empty, 0.0, tl.log2(l_safe) * 0.6931471805599453), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
@@ -217,7 +240,7 @@ def _attn_bwd_dkdv_kernel(
     Mask, Bias, CuSeqlens, Seed,  # as in the forward kernel
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh, stride_lb, stride_lh, stride_mb, stride_mn,
+    stride_dvb, stride_dvn, stride_dvh, stride_lp, stride_lb, stride_lh, stride_mb, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dm,
     num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
@@ -241,7 +264,9 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_ok = (offs_n < len_k)[:, None] & d_ok[None, :]
+    mask_base = Mask + b64 * stride_mb
+    key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK)
+    kv_ok = key_ok[:, None] & d_ok[None, :]
     tok_n = (start + offs_n).to(tl.int64)
     k = tl.load(K + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :],
                 mask=kv_ok, other=0.0)
@@ -252,8 +277,6 @@ def _attn_bwd_dkdv_kernel(
     l_base = b64 * stride_lb + h64 * stride_lh
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh
     db_base = DBias + b64 * stride_db + h64 * stride_dh
-    mask_base = Mask + b64 * stride_mb
-    qk_scale = softmax_scale * 1.4426950408889634
     if HAS_DROPOUT:
         k0, k1 = philox_seed(Seed)
 
@@ -266,12 +289,13 @@ def _attn_bwd_dkdv_kernel(
         q_ok = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
         do = tl.load(do_base + tok_m[:, None] * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
-        # lse = +inf outside the sequence and on empty rows: P = exp2(-inf) = 0 there.
-        lse2 = tl.load(Lse + l_base + tok_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        # m = +inf outside the sequence and on empty rows: P = exp(-inf) = 0 there.
+        m = tl.load(Lse + l_base + tok_m, mask=row_ok, other=float("inf"))
+        log_l = tl.load(Lse + stride_lp + l_base + tok_m, mask=row_ok, other=0.0)
         delta = tl.load(Delta + l_base + tok_m, mask=row_ok, other=0.0)
-        s = _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
-                    stride_mn, qk_scale, dtype, HAS_MASK, HAS_BIAS, PRECISION, UPCAST)
-        p = tl.where(s == float("-inf"), 0.0, tl.exp2(s - lse2[:, None]))
+        s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
+                    softmax_scale, HAS_BIAS, PRECISION, UPCAST)
+        p = _recompute_p(s, m, log_l)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
@@ -286,10 +310,11 @@ def _attn_bwd_dkdv_kernel(
                      mask=row_ok[:, None] & (offs_n < len_k)[None, :])
         dk += _dot(tl.trans(ds.to(dtype)), q, PRECISION, UPCAST)
     dk = dk * softmax_scale
+    in_seq = (offs_n < len_k)[:, None] & d_ok[None, :]  # masked keys too: their dK, dV are zeros
     tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + tok_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(dtype), mask=kv_ok)
+             dk.to(dtype), mask=in_seq)
     tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + tok_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(dtype), mask=kv_ok)
+             dv.to(dtype), mask=in_seq)
 
 
 @triton.jit(do_not_specialize=_FWD_NO_SPEC)
@@ -298,7 +323,7 @@ def _attn_bwd_dq_kernel(
     DQ,  # like Q: output
     Mask, Bias, CuSeqlens, Seed,  # as in the forward kernel
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lp, stride_lb, stride_lh,
     stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
@@ -328,26 +353,27 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + tok_m[:, None] * stride_dom + offs_d[None, :],
                  mask=q_ok, other=0.0)
     l_base = b64 * stride_lb + h64 * stride_lh
-    lse2 = tl.load(Lse + l_base + tok_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    m = tl.load(Lse + l_base + tok_m, mask=row_ok, other=float("inf"))
+    log_l = tl.load(Lse + stride_lp + l_base + tok_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + l_base + tok_m, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh
     mask_base = Mask + b64 * stride_mb
-    qk_scale = softmax_scale * 1.4426950408889634
     if HAS_DROPOUT:
         k0, k1 = philox_seed(Seed)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, len_k, BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_ok = (offs_n < len_k)[:, None] & d_ok[None, :]
+        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK)
+        kv_ok = key_ok[:, None] & d_ok[None, :]
         tok_n = (start + offs_n).to(tl.int64)
         k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = _scores(q, k, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn, mask_base,
-                    stride_mn, qk_scale, dtype, HAS_MASK, HAS_BIAS, PRECISION, UPCAST)
-        p = tl.where(s == float("-inf"), 0.0, tl.exp2(s - lse2[:, None]))
+        s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
+                    softmax_scale, HAS_BIAS, PRECISION, UPCAST)
+        p = _recompute_p(s, m, log_l)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
@@ -468,8 +494,9 @@ def _strides(prefix: str, x: torch.Tensor, varlen: bool, names=("b", "m", "h")) 
 
 
 def _lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
-    """(batch, head) strides of lse-like tensors; the token stride is 1."""
-    values = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    """(batch, head) strides of one plane of lse (``delta`` has the same); the token stride is 1."""
+    plane = lse[0]
+    values = (0, plane.stride(0)) if varlen else (plane.stride(0), plane.stride(1))
     return dict(stride_lb=values[0], stride_lh=values[1])
 
 
@@ -481,7 +508,7 @@ def fwd_launch(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_
     block_m, block_n, warps, stages = attention_config("fwd", q.shape[-1], q.dtype, arch)
     kw = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **args, **_strides("q", q, varlen),
               **_strides("k", k, varlen, "bnh"), **_strides("v", v, varlen, "bnh"),
-              **_strides("o", out, varlen), **_lse_strides(lse, varlen),
+              **_strides("o", out, varlen), **_lse_strides(lse, varlen), stride_lp=lse.stride(0),
               softmax_scale=float(softmax_scale), BLOCK_M=block_m, BLOCK_N=block_n,
               num_warps=warps, num_stages=stages)
     return (bh, triton.cdiv(seqlen_q, block_m)), kw
@@ -490,13 +517,13 @@ def fwd_launch(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_
 def bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta, *, attention_mask, attn_bias,
                  cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32, arch):
     """``[(kernel, grid, kwargs)]`` of the three backward launches, in order (preprocess, dK/dV,
-    dQ); shared by the launcher and the AOT compile. ``delta``: fp32 workspace like ``lse``."""
+    dQ); shared by the launcher and the AOT compile. ``delta``: fp32 workspace like one plane of ``lse``."""
     args, bh, seqlen_q, seqlen_k, varlen = _common(q, k, attention_mask, attn_bias, cu_seqlens,
                                                    max_seqlen, dropout_p, seed, allow_tf32, arch)
     head_dim = q.shape[-1]
     tensors = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, **_strides("q", q, varlen),
                    **_strides("k", k, varlen, "bnh"), **_strides("v", v, varlen, "bnh"),
-                   **_strides("do", dout, varlen), **_lse_strides(lse, varlen))
+                   **_strides("do", dout, varlen), **_lse_strides(lse, varlen), stride_lp=lse.stride(0))
     launches = []
 
     block_m, _, warps, _ = attention_config("dq", head_dim, q.dtype, arch)
@@ -541,9 +568,9 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
     ``[batch, num_heads, seqlen_q, seqlen_k]`` scores-bias gradient.
 
     Deterministic always (every output element has one owner, no atomics), so
-    ``deterministic=True`` needs nothing extra. Workspace: ``delta``, fp32 like ``lse``.
+    ``deterministic=True`` needs nothing extra. Workspace: ``delta``, fp32 like one plane of ``lse``.
     """
-    delta = workspace(lse.shape, torch.float32, lse.device)
+    delta = workspace(lse.shape[1:], torch.float32, lse.device)  # like one plane of lse
     launches = bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta,
                             attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
                             max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
@@ -599,12 +626,12 @@ def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False, arc
     out, dout = torch.empty_like(q), torch.empty_like(q)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if varlen:
-        lse = torch.empty(num_heads, batch * seqlen, dtype=torch.float32, **meta)
+        lse = torch.empty(2, num_heads, batch * seqlen, dtype=torch.float32, **meta)
         kw = dict(attention_mask=None, attn_bias=None, max_seqlen=seqlen,
                   cu_seqlens=torch.empty(batch + 1, dtype=torch.int32, **meta))
         dbias = None
     else:
-        lse = torch.empty(batch, num_heads, seqlen, dtype=torch.float32, **meta)
+        lse = torch.empty(2, batch, num_heads, seqlen, dtype=torch.float32, **meta)
         bias = torch.empty(batch, num_heads, seqlen, seqlen, dtype=dtype, **meta)
         kw = dict(attention_mask=torch.empty(batch, seqlen, dtype=torch.bool, **meta), attn_bias=bias,
                   cu_seqlens=None, max_seqlen=None)
@@ -615,7 +642,7 @@ def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False, arc
     launches = [("fwd", _attn_fwd_kernel, fkw)]
     names = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
     for name, (kernel, _, bkw) in zip(names, bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias,
-                                                          torch.empty_like(lse), **kw)):
+                                                          torch.empty_like(lse[0]), **kw)):
         launches.append((name, kernel, bkw))
     return launches
 
