@@ -40,34 +40,61 @@ def _env(**extra) -> dict:
     return env
 
 
-# ---- collection ------------------------------------------------------------------------------
+# ---- collection and the device check's dry run ------------------------------------------------
 
 
-def _collect_gpu(env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
-                             "-p", "no:cacheprovider", str(ROOT / "tests")], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``benchmarks/device_check.sh --dry-run`` and, beside it, a plain ``pytest --collect-only -m
+    gpu`` (the count the dry run's blocked collection must reach): (exit status, output, CPU
+    seconds of the dry run, its $OUT, the plain collection's count and output)."""
+    out = tmp_path_factory.mktemp("device-results")
+    plain = subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                              "-p", "no:cacheprovider", str(ROOT / "tests")], cwd=ROOT, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    before = os.times()
+    dry = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--dry-run"], cwd=ROOT,
+                         env=_env(OUT=str(out), PYTHON=sys.executable, DEVICE_CHECK_CAP_SCALE="4"), capture_output=True, text=True, timeout=1800)
+    after = os.times()
+    cpu_s = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    plain_out, _ = plain.communicate(timeout=600)
+    assert plain.returncode == 0, plain_out[-3000:]
+    n_plain = sum(1 for ln in plain_out.splitlines() if "::" in ln)
+    return dry.returncode, dry.stdout + dry.stderr, cpu_s, out, n_plain, plain_out
 
 
-def _collected(proc: subprocess.Popen) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=300)
-    ids = [ln for ln in out.splitlines() if "::" in ln and not ln.startswith(("ERROR", "FAILED"))]
-    return len(ids), out
-
-
-def test_gpu_tests_collect_without_optional_packages(tmp_path):
-    """``pytest --collect-only -m gpu`` with the checkpoint package (and the other packages the GPU
+def test_gpu_tests_collect_without_optional_packages(dry_run):
+    """The dry run collects ``-m gpu`` with the checkpoint package (and the other packages the GPU
     image lacks) made unimportable by blocker modules on PYTHONPATH: no collection error, and as
     many GPU tests as without the blockers."""
-    for name in ABSENT_ON_GPU_IMAGE:
-        (tmp_path / f"{name}.py").write_text(f"raise ImportError('{name} is blocked: the GPU machine lacks it')\n")
-    plain = _collect_gpu(_env())
-    blocked = _collect_gpu(_env(PYTHONPATH=str(tmp_path)))
-    (n_plain, out_plain), (n_blocked, out_blocked) = _collected(plain), _collected(blocked)
-    assert plain.returncode == 0, out_plain[-3000:]
-    assert blocked.returncode == 0 and "error" not in out_blocked.splitlines()[-1].lower(), out_blocked[-3000:]
-    assert n_plain > 0, out_plain[-3000:]
+    rc, output, _, out, n_plain, _ = dry_run
+    log = (out / "tests.log").read_text()
+    assert f"blocked: {' '.join(f'{m}.py' for m in sorted(ABSENT_ON_GPU_IMAGE))}" in log, log
+    assert "STATUS: collected (dry-run)" in log, log[-3000:]
+    assert "error" not in log.split("gpu tests collected:")[0].splitlines()[-1].lower(), log[-3000:]
+    n_blocked = int(log.split("gpu tests collected: ")[1].split()[0])
+    assert n_plain > 0
     assert n_blocked == n_plain, f"{n_blocked} GPU tests with the blockers vs {n_plain} without"
+
+
+def test_device_check_dry_run(dry_run):
+    """Every stage's CPU-possible part passes, in <= 60 s of CPU time (what the wall time is on an
+    idle machine), leaving at most 8 files, none in a subfolder, and a summary of every stage."""
+    rc, output, cpu_s, out, _, _ = dry_run
+    assert rc == 0, output[-4000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    assert {"summary.txt", "setup.log", "tests.log", "bench.log", "bench.json", "tune.json"} <= set(files), files
+    summary = (out / "summary.txt").read_text()
+    for stage in ("build", "tests", "race", "bench", "tune"):
+        assert any(ln.startswith(stage) and "FAIL" not in ln and "TIMEOUT" not in ln
+                   for ln in summary.splitlines()), summary
+    tune = json.loads((out / "tune.json").read_text())
+    assert tune["dry_run"] and tune["compiled"] == 1, tune
+    row = next(iter(tune["resources"].values()))
+    assert row["arch"] == 90 and row["spill_stores"] == 0 and row["registers"] > 0, row
+    assert json.loads((out / "bench.json").read_text())["schema"] == "fastbert.bench/1"
+    assert cpu_s <= 60, f"the dry run took {cpu_s:.0f} s of CPU"
 
 
 # ---- build manifest --------------------------------------------------------------------------
