@@ -57,29 +57,25 @@ def _version() -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
-NVCC_FOUND_VIA = ""  # how _find_nvcc found it, for the manifest
-
-
-def _find_nvcc() -> tuple[str | None, str]:
-    """(path to nvcc >= 12, its version) or (None, why not). Looked for in this order: $CUDACXX,
-    nvcc on PATH, /usr/local/cuda/bin/nvcc."""
-    global NVCC_FOUND_VIA
+def _find_nvcc() -> tuple[str | None, str, str]:
+    """(path to nvcc >= 12, its version, where it was found) or (None, why not, ""). Looked for in
+    this order: $CUDACXX, nvcc on PATH, /usr/local/cuda/bin/nvcc."""
     candidates = [("CUDACXX", os.environ.get("CUDACXX")), ("PATH", shutil.which("nvcc")),
                   ("/usr/local/cuda", "/usr/local/cuda/bin/nvcc")]
     found = next(((how, c) for how, c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
     if found is None:
-        return None, "nvcc not found (looked at $CUDACXX, PATH and /usr/local/cuda/bin/nvcc)"
-    NVCC_FOUND_VIA, nvcc = found
+        return None, "nvcc not found (looked at $CUDACXX, PATH and /usr/local/cuda/bin/nvcc)", ""
+    how, nvcc = found
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{nvcc} --version failed: {exc}"
+        return None, f"{nvcc} --version failed: {exc}", how
     m = re.search(r"release (\d+)\.(\d+)", out)
     if not m:
-        return None, f"cannot read the CUDA version from {nvcc} --version"
+        return None, f"cannot read the CUDA version from {nvcc} --version", how
     if int(m.group(1)) < 12:
-        return None, f"{nvcc} is CUDA {m.group(1)}.{m.group(2)}; CUDA >= 12 is required"
-    return nvcc, f"{m.group(1)}.{m.group(2)}"
+        return None, f"{nvcc} is CUDA {m.group(1)}.{m.group(2)}; CUDA >= 12 is required", how
+    return nvcc, f"{m.group(1)}.{m.group(2)}", how
 
 
 def _has_cxx() -> bool:
@@ -96,12 +92,12 @@ def _plan() -> tuple[list[Extension], dict, dict]:
         modules[name] = {"status": "skipped", "reason": why}
 
     if _enabled("FASTBERT_BUILD_CUDA"):
-        nvcc, info = _find_nvcc()
+        nvcc, info, how = _find_nvcc()
         if nvcc:
-            _log(f"building fastbert._C with {nvcc} (CUDA {info}, found via {NVCC_FOUND_VIA})")
+            _log(f"building fastbert._C with {nvcc} (CUDA {info}, found via {how})")
             exts.append(Extension("fastbert._C", sources=[]))
             opts["nvcc"], opts["cuda"] = nvcc, info
-            modules["_C"]["compiler"] = f"{nvcc} (CUDA {info}, found via {NVCC_FOUND_VIA})"
+            modules["_C"]["compiler"] = f"{nvcc} (CUDA {info}, found via {how})"
         else:
             skip("_C", f"NOT building the CUDA extension fastbert._C: {info}; the 'cuda' backend will be unavailable")
     else:
@@ -190,7 +186,7 @@ class CMakeBuild(build_ext):
             if (cuda_inc / "cuda_fp16.h").exists():
                 args.append(f"-DFASTBERT_CUDA_INCLUDE_DIR={cuda_inc}")
         else:
-            nvcc, _ = _find_nvcc()  # CUDA's half types for the host build, when a toolkit is around
+            nvcc, _, _ = _find_nvcc()  # CUDA's half types for the host build, when a toolkit is around
             if nvcc and (Path(nvcc).resolve().parent.parent / "include" / "cuda_fp16.h").exists():
                 args.append(f"-DFASTBERT_CUDA_INCLUDE_DIR={Path(nvcc).resolve().parent.parent / 'include'}")
         version = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.splitlines()
