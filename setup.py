@@ -9,6 +9,7 @@ CMakeLists.txt and csrc/README.md). Environment:
 - the CUDA compiler, first found of: ``CUDACXX``, ``nvcc`` on PATH, ``/usr/local/cuda/bin/nvcc``;
 - ``FASTBERT_WERROR=1``: warnings are errors on our sources (CI sets it; a user build never fails
   on a warning, whatever the compiler version);
+- ``FASTBERT_HOST_OPT`` (default ``-O2``): the host module's optimisation flag (CI's clang check: -O0);
 - ``CMAKE_BUILD_PARALLEL_LEVEL``: compile jobs (default: Ninja's, all cores); ``CXX``: the host
   C++ compiler (CMake's rule).
 
@@ -177,6 +178,7 @@ class CMakeBuild(build_ext):
             f"-DFASTBERT_BUILD_HOST={'ON' if 'fastbert._C_host' in names else 'OFF'}",
             f"-DFASTBERT_CUDA_ARCHS={os.environ.get('FASTBERT_CUDA_ARCHS', '80;90a')}",
             f"-DFASTBERT_WERROR={'ON' if WERROR else 'OFF'}",
+            f"-DFASTBERT_HOST_OPT={os.environ.get('FASTBERT_HOST_OPT', '-O2')}",
         ]
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
