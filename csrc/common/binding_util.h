@@ -108,8 +108,8 @@ class DeviceGuard {
     if (err != cudaSuccess)
       throw RuntimeError(str_cat("CUDA error ", cudaGetErrorName(err), ": ", cudaGetErrorString(err), " (", what, ")"));
   }
+  int prev_ = -1;  // device only: the host build has no current device (clang: -Wunused-private-field)
 #endif
-  int prev_ = -1;
 };
 
 }  // namespace fb::bind

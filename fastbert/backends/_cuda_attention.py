@@ -35,11 +35,17 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (t.stride(0), t.stride(1), t.stride(2))  # [batch, seqlen, num_heads, head_dim]
 
 
+def _kernel_bias(attn_bias):
+    """The bias as the kernels read it (fp32/fp16/bf16): an fp64 bias becomes an fp32 copy, which
+    the caller must hold until the launch returns (the extension sees only its pointer; on a GPU
+    torch's caching allocator then reuses the block only for work queued after the kernel on the
+    same stream)."""
+    return attn_bias.float() if attn_bias is not None and attn_bias.dtype == torch.float64 else attn_bias
+
+
 def _bias_args(attn_bias) -> dict:
     if attn_bias is None:
         return dict(attn_bias=0, bias_dtype=0, bias_strides=(0, 0, 0, 0))
-    if attn_bias.dtype == torch.float64:  # fastbert.ops rounds an fp64 bias to fp32 beside fp32 q
-        raise TypeError(f"attn_bias: expected float32, float16 or bfloat16, got {attn_bias.dtype}")
     return dict(attn_bias=ptr(attn_bias), bias_dtype=dtype_code(attn_bias), bias_strides=tuple(attn_bias.stride()))
 
 
@@ -82,6 +88,7 @@ def attention_fwd(ext, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqle
     _check_layout(lse, q, k, v, out)
     if varlen and int(max_seqlen) == 0:  # only empty sequences: nothing to compute
         return
+    attn_bias = _kernel_bias(attn_bias)  # held until the launch returns
     ext.attention_fwd(
         q=ptr(q), q_strides=_strides3(q, varlen), k=ptr(k), k_strides=_strides3(k, varlen),
         v=ptr(v), v_strides=_strides3(v, varlen), out=ptr(out), out_strides=_strides3(out, varlen),
@@ -98,6 +105,7 @@ def attention_bwd(ext, dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_
         return
     if dbias is not None and dbias.dtype != torch.float32:
         raise ValueError(f"dbias: expected float32, got {dbias.dtype}")
+    attn_bias = _kernel_bias(attn_bias)  # held until the launch returns
     ext.attention_bwd(
         dout=ptr(dout), dout_strides=_strides3(dout, varlen), q=ptr(q), q_strides=_strides3(q, varlen),
         k=ptr(k), k_strides=_strides3(k, varlen), v=ptr(v), v_strides=_strides3(v, varlen),

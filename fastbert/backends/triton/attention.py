@@ -32,6 +32,7 @@ heuristic table per head_dim bucket, dtype and arch (:func:`attention_config`), 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -550,6 +551,11 @@ def bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta, *, attention
     return launches
 
 
+def _device_ctx(t: torch.Tensor):
+    """Launch on ``t``'s GPU, not the current one (tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                   dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False):
     """Backend entry point (contract in :mod:`fastbert.backends`): writes ``out`` and ``lse``."""
@@ -558,7 +564,8 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
                           softmax_scale=softmax_scale, allow_tf32=allow_tf32, arch=_device_arch(q))
     if grid[0] * grid[1] == 0:
         return
-    _attn_fwd_kernel[grid](**kw)
+    with _device_ctx(q):
+        _attn_fwd_kernel[grid](**kw)
 
 
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
@@ -575,10 +582,11 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
                             attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
                             max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
                             softmax_scale=softmax_scale, allow_tf32=allow_tf32, arch=_device_arch(q))
-    for kernel, grid, kw in launches:
-        if grid[0] * grid[1] == 0:
-            return
-        kernel[grid](**kw)
+    with _device_ctx(q):
+        for kernel, grid, kw in launches:
+            if grid[0] * grid[1] == 0:
+                return
+            kernel[grid](**kw)
 
 
 # ----------------------------------------------------------------------------------------------
