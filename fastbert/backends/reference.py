@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from fastbert.backends._philox import attention_keep_mask, rows_keep_mask
+from fastbert.backends._philox import attention_keep_mask, dropout_scale, rows_keep_mask
 
 # ----------------------------------------------------------------------------------------------
 # attention
@@ -64,7 +64,7 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
-        probs = probs * keep / (1.0 - dropout_p)
+        probs = probs * keep * dropout_scale(dropout_p)  # 1 / (1 - p rounded as the mask)
     out = probs.to(cdt) @ vh  # [B, H, Lq, d]: weighted sum of values
     return out.transpose(1, 2), lse
 
@@ -116,7 +116,7 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
                        seed=None, softmax_scale):
     """Gradients of :func:`attention_math` on the padded layout; returns ``(dq, dk, dv, dscores)``.
 
-    Recomputes P, then (Z = keep mask / (1 - p), D = rowsum(dO * O)):
+    Recomputes P, then (Z = keep mask * dropout_scale(p), D = rowsum(dO * O)):
       dV = (P * Z)^T dO,   dP = (dO V^T) * Z,   dS = P * (dP - D),
       dQ = scale * dS K,   dK = scale * dS^T Q,  d(attn_bias) = dS (fp32, [B, H, Lq, Lk]).
     Empty rows have P = 0, so they pass exact zeros.
@@ -130,7 +130,7 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     zscale = torch.ones((), dtype=cdt, device=q.device)
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
-        zscale = (keep / (1.0 - dropout_p)).to(cdt)  # keep the low-precision dtype (matmuls below)
+        zscale = (keep * dropout_scale(dropout_p)).to(cdt)  # keep the low-precision dtype (matmuls below)
     dv = (probs * zscale).to(cdt).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]
     delta = (dprobs * probs).sum(dim=-1, keepdim=True)  # = rowsum(dO * O)
@@ -174,7 +174,7 @@ def add_dropout_residual(x, residual=None, x_bias=None, dropout_p=0.0, seed=None
     h = x if x_bias is None else x + x_bias
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
-        h = h * keep / (1.0 - dropout_p)
+        h = h * keep * dropout_scale(dropout_p)
     if residual is not None:
         h = h + residual
     return h
@@ -217,7 +217,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     With xhat = (h - mean) * rstd and g = dy * weight (per row, n = hidden):
       dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
       dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)
-      dresidual = dh, dx = dh * keep / (1 - p), dx_bias = sum_rows(dx)
+      dresidual = dh, dx = dh * keep * dropout_scale(p), dx_bias = sum_rows(dx)
     """
     stat_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     hf, dyf = h.to(stat_dtype), dy.to(stat_dtype)
@@ -233,7 +233,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     dxf = dh
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], h.shape[1], device=h.device)
-        dxf = dh * keep / (1.0 - dropout_p)
+        dxf = dh * keep * dropout_scale(dropout_p)
     dx.copy_(dxf)
     if dx_bias is not None:
         dx_bias.copy_(dxf.sum(0))
