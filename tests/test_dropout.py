@@ -38,10 +38,28 @@ def _spec_rows(seed, p, rows, hidden):
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_fast_generator_is_the_spec(monkeypatch, chunk, p):
     monkeypatch.setattr(_philox, "_CHUNK", chunk)
+    monkeypatch.setattr(_philox, "MASK_CACHE_BYTES", 0)  # generate every mask here
     for shape in [(2, 3, 5, 13), (1, 1, 1, 1), (3, 2, 7, 64), (2, 2, 33, 97)]:
         assert torch.equal(attention_keep_mask(SEED, p, *shape), _spec_attention(SEED, p, *shape)), shape
     for rows, hidden in [(37, 100), (1, 7), (300, 768)]:
         assert torch.equal(rows_keep_mask(SEED, p, rows, hidden), _spec_rows(SEED, p, rows, hidden))
+
+
+def test_mask_cache_returns_the_same_masks_within_its_budget(monkeypatch):
+    """Memoized masks equal freshly generated ones; the cache never holds more than its budget
+    (beyond the newest entry) and evicts the oldest first."""
+    monkeypatch.setattr(_philox, "_MASK_CACHE", type(_philox._MASK_CACHE)())
+    monkeypatch.setattr(_philox, "MASK_CACHE_BYTES", 3 * 64 * 96)
+    seeds = [torch.tensor([s, 7]) for s in range(5)]
+    first = [rows_keep_mask(s, 0.2, 64, 96) for s in seeds]
+    assert len(_philox._MASK_CACHE) == 3  # 64 x 96 bools each: the two oldest evicted
+    assert rows_keep_mask(seeds[-1], 0.2, 64, 96) is first[-1]  # a hit
+    again = [rows_keep_mask(s, 0.2, 64, 96) for s in seeds]
+    monkeypatch.setattr(_philox, "MASK_CACHE_BYTES", 0)
+    for s, a, b in zip(seeds, first, again):
+        fresh = rows_keep_mask(s, 0.2, 64, 96)
+        assert torch.equal(a, fresh) and torch.equal(b, fresh)
+    assert not torch.equal(first[0], first[1])
 
 
 def test_rows_counter_uses_the_high_row_word():

@@ -29,12 +29,15 @@ Here uint32 arithmetic is emulated in int64 (a 32x32-bit product fits in 64 bits
 modulo 2**64, so both words of the product are exact). The mask generator :func:`_keep_into`
 runs the rounds on the ``[.., columns / 8]`` counter grid in chunks that stay in cache, with
 preallocated buffers updated in place, and expands the 16-bit halves to columns through an int16
-view of the words (little-endian, as every platform torch runs on).
+view of the words (little-endian, as every platform torch runs on). On the CPU the masks of the
+last calls are memoized by (seed, p, shape) up to :data:`MASK_CACHE_BYTES`, so a backward that
+regenerates its forward's mask (same seed: the op saves it) finds it instead of recomputing it.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 
 import torch
 
@@ -146,6 +149,30 @@ def _keep_into(keep, counters, keys, threshold: int, bufs) -> None:
 _CHUNK = 32768
 
 
+# Masks are pure functions of (seed, p, shape): backward regenerates exactly its forward's mask.
+# CPU only (reading the seed there is free; on a GPU it would be a host sync). The budget holds a
+# BERT-base training step's masks at 8x128 (~30 MB); older entries are evicted first.
+MASK_CACHE_BYTES = 64 << 20
+_MASK_CACHE: OrderedDict = OrderedDict()
+
+
+def _memoized(kind: str, seed: torch.Tensor, dropout_p: float, shape: tuple, dev, build):
+    """``build()`` or the mask it returned for the same key; never for CUDA seeds."""
+    if seed.device.type != "cpu" or torch.device(dev).type != "cpu" or MASK_CACHE_BYTES <= 0:
+        return build()
+    key = (kind, int(seed[0]) & MASK32, int(seed[1]) & MASK32, dropout_threshold(dropout_p), shape)
+    mask = _MASK_CACHE.get(key)
+    if mask is None:
+        mask = build()
+        _MASK_CACHE[key] = mask
+        total = sum(m.untyped_storage().nbytes() for m in _MASK_CACHE.values())
+        while total > MASK_CACHE_BYTES and len(_MASK_CACHE) > 1:
+            total -= _MASK_CACHE.popitem(last=False)[1].untyped_storage().nbytes()
+    else:
+        _MASK_CACHE.move_to_end(key)
+    return mask
+
+
 def _buffers(n: int, device):
     return [torch.empty(2 * n, dtype=torch.int64, device=device) for _ in range(4)]
 
@@ -159,6 +186,11 @@ def attention_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_he
     mask when seqlen_k is not a multiple of 8.
     """
     dev = seed.device if device is None else device
+    return _memoized("attention", seed, dropout_p, (batch, num_heads, seqlen_q, seqlen_k), dev,
+                     lambda: _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, dev))
+
+
+def _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, dev):
     groups = -(-seqlen_k // COLUMNS_PER_CALL)
     keep = torch.empty((batch * num_heads, seqlen_q, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
     per_bh = seqlen_q * groups
@@ -184,6 +216,11 @@ def rows_keep_mask(seed: torch.Tensor, dropout_p: float, num_rows: int, hidden: 
     ceil(hidden / 8)]`` mask when hidden is not a multiple of 8.
     """
     dev = seed.device if device is None else device
+    return _memoized("rows", seed, dropout_p, (num_rows, hidden), dev,
+                     lambda: _rows_keep_mask(seed, dropout_p, num_rows, hidden, dev))
+
+
+def _rows_keep_mask(seed, dropout_p, num_rows, hidden, dev):
     groups = -(-hidden // COLUMNS_PER_CALL)
     keep = torch.empty((num_rows, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
     if num_rows and groups:
