@@ -45,6 +45,18 @@ def test_fast_generator_is_the_spec(monkeypatch, chunk, p):
         assert torch.equal(rows_keep_mask(SEED, p, rows, hidden), _spec_rows(SEED, p, rows, hidden))
 
 
+def test_varlen_mask_draws_only_the_valid_region(monkeypatch):
+    """With sequence lengths the mask equals the full one on each sequence's rows and keys, and
+    padded rows are False (they are never drawn)."""
+    monkeypatch.setattr(_philox, "MASK_CACHE_BYTES", 0)
+    lengths = [19, 0, 128, 64, 1, 100, 7, 33]
+    full = attention_keep_mask(SEED, 0.1, 8, 3, 128, 128)
+    part = attention_keep_mask(SEED, 0.1, 8, 3, 128, 128, lengths=lengths)
+    for b, n in enumerate(lengths):
+        assert torch.equal(full[b, :, :n, :n], part[b, :, :n, :n]), b
+        assert not part[b, :, n:].any()
+
+
 def test_mask_cache_returns_the_same_masks_within_its_budget(monkeypatch):
     """Memoized masks equal freshly generated ones; the cache never holds more than its budget
     (beyond the newest entry) and evicts the oldest first."""

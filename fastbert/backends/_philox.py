@@ -144,9 +144,9 @@ def _keep_into(keep, counters, keys, threshold: int, bufs) -> None:
     torch.ge(words.view(torch.int16), threshold - (_ONE // 2), out=keep)
 
 
-# Counters per chunk: 2 x 32768 int64 words per buffer keep the four buffers (2 MiB) in cache
-# while each op still spans torch's parallel grain (32768 elements) twice.
-_CHUNK = 32768
+# Counters per chunk: 2 x 131072 int64 words per buffer keep the four buffers (8 MiB) near the core
+# while each op spans torch's parallel grain (32768 elements) 8 times: few parallel regions.
+_CHUNK = 131072
 
 
 # Masks are pure functions of (seed, p, shape): backward regenerates exactly its forward's mask.
@@ -178,16 +178,44 @@ def _buffers(n: int, device):
 
 
 def attention_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_heads: int,
-                        seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
+                        seqlen_q: int, seqlen_k: int, device=None, lengths=None) -> torch.Tensor:
     """Keep mask ``[batch, num_heads, seqlen_q, seqlen_k]`` bool for attention dropout.
 
     Counter = (key column // 8, query row, head, sequence); positions are within the sequence,
     so padded and varlen layouts draw the same mask. A view of a ``[.., 8 * ceil(seqlen_k / 8)]``
-    mask when seqlen_k is not a multiple of 8.
+    mask when seqlen_k is not a multiple of 8. ``lengths`` (varlen self-attention: a list of
+    ``batch`` sequence lengths) draws only rows < length and 8-key groups that start below it;
+    the rest is False (those rows and keys are padding there).
     """
     dev = seed.device if device is None else device
+    if lengths is not None:
+        lengths = tuple(int(n) for n in lengths)
+        if min(lengths, default=seqlen_q) < min(seqlen_q, seqlen_k):
+            return _memoized(("attention", lengths), seed, dropout_p, (batch, num_heads, seqlen_q, seqlen_k), dev,
+                             lambda: _varlen_keep_mask(seed, dropout_p, num_heads, seqlen_q, seqlen_k, lengths, dev))
     return _memoized("attention", seed, dropout_p, (batch, num_heads, seqlen_q, seqlen_k), dev,
                      lambda: _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, dev))
+
+
+def _varlen_keep_mask(seed, dropout_p, num_heads, seqlen_q, seqlen_k, lengths, dev):
+    """The valid region of each sequence only: its (group, row, head, sequence) counters are
+    listed flat (about a third of the padded grid at 50% fill), drawn in chunks and scattered."""
+    batch, groups = len(lengths), -(-seqlen_k // COLUMNS_PER_CALL)
+    keep = torch.zeros((batch, num_heads, seqlen_q, groups, COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
+    n = torch.tensor(lengths, device=dev).view(-1, 1, 1, 1)
+    ar = lambda k: torch.arange(k, device=dev, dtype=torch.int64)  # noqa: E731
+    valid = (ar(seqlen_q).view(1, 1, -1, 1) < n) & (ar(groups).view(1, 1, 1, -1) * COLUMNS_PER_CALL < n)
+    b, h, i, g = valid.expand(batch, num_heads, seqlen_q, groups).nonzero(as_tuple=True)
+    total = b.numel()
+    if total:
+        keys = _round_keys(seed, dev)
+        flat = torch.empty((total, COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
+        bufs = _buffers(min(_CHUNK, total), dev)
+        for s in range(0, total, _CHUNK):
+            e = min(s + _CHUNK, total)
+            _keep_into(flat[s:e], (g[s:e], i[s:e], h[s:e], b[s:e]), keys, dropout_threshold(dropout_p), bufs)
+        keep[b, h, i, g] = flat
+    return keep.view(batch, num_heads, seqlen_q, -1)[..., :seqlen_k]
 
 
 def _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, dev):

@@ -45,7 +45,7 @@ def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale):
 
 
 def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0, seed=None,
-                   softmax_scale):
+                   softmax_scale, lengths=None):
     """Masked multi-head attention on the padded layout; returns ``(out, lse)``.
 
     q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads, head_dim]``,
@@ -53,7 +53,8 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     ``[batch, num_heads, seqlen_q, seqlen_k]`` or None. Computes in q's dtype (upcast the inputs
     for an fp32/fp64 reference). ``out`` ``[batch, seqlen_q, num_heads, head_dim]``; ``lse`` fp32
     ``[batch, num_heads, seqlen_q]`` with ``+inf`` on empty rows (no key to attend).
-    Differentiable and NaN-free for empty rows, also in the gradient.
+    Differentiable and NaN-free for empty rows, also in the gradient. ``lengths`` (varlen only):
+    the sequence lengths, so the dropout mask is drawn only where rows and keys are real.
     """
     cdt = q.dtype
     batch, seqlen_q, num_heads, head_dim = q.shape
@@ -63,7 +64,8 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     lse = torch.where(has_key.squeeze(-1), lse, float("inf"))
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     if dropout_p > 0.0:
-        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
+        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
+                                   lengths=lengths)
         probs = probs * keep * dropout_scale(dropout_p)  # 1 / (1 - p rounded as the mask)
     out = probs.to(cdt) @ vh  # [B, H, Lq, d]: weighted sum of values
     return out.transpose(1, 2), lse
@@ -80,6 +82,13 @@ def _pad_varlen(x, cu_seqlens, max_seqlen):
     return padded, mask
 
 
+def _lengths(cu_seqlens, kw):
+    """Sequence lengths for the dropout mask (read on the CPU only: no host sync elsewhere)."""
+    if kw.get("dropout_p", 0.0) > 0.0 and cu_seqlens.device.type == "cpu":
+        return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return None
+
+
 def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, **kw):
     """Varlen attention by padding each sequence to ``max_seqlen``; returns ``(out, lse)``.
 
@@ -89,7 +98,7 @@ def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, **kw):
     qp, mask = _pad_varlen(q, cu_seqlens, max_seqlen)
     kp, _ = _pad_varlen(k, cu_seqlens, max_seqlen)
     vp, _ = _pad_varlen(v, cu_seqlens, max_seqlen)
-    out, lse = attention_math(qp, kp, vp, attention_mask=mask, **kw)
+    out, lse = attention_math(qp, kp, vp, attention_mask=mask, lengths=_lengths(cu_seqlens, kw), **kw)
     return out[mask], lse.transpose(1, 2)[mask].transpose(0, 1)
 
 
@@ -113,7 +122,7 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 
 
 def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0,
-                       seed=None, softmax_scale):
+                       seed=None, softmax_scale, lengths=None):
     """Gradients of :func:`attention_math` on the padded layout; returns ``(dq, dk, dv, dscores)``.
 
     Recomputes P, then (Z = keep mask * dropout_scale(p), D = rowsum(dO * O)):
@@ -129,7 +138,8 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     zscale = torch.ones((), dtype=cdt, device=q.device)
     if dropout_p > 0.0:
-        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
+        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
+                                   lengths=lengths)
         zscale = (keep * dropout_scale(dropout_p)).to(cdt)  # keep the low-precision dtype (matmuls below)
     dv = (probs * zscale).to(cdt).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]
@@ -144,7 +154,8 @@ def attention_varlen_math_bwd(dout, q, k, v, cu_seqlens, max_seqlen, **kw):
     """Varlen gradients by padding to ``max_seqlen``; returns ``(dq, dk, dv)``."""
     padded = [_pad_varlen(t, cu_seqlens, max_seqlen) for t in (dout, q, k, v)]
     mask = padded[0][1]
-    dq, dk, dv, _ = attention_math_bwd(*(t for t, _ in padded), attention_mask=mask, **kw)
+    dq, dk, dv, _ = attention_math_bwd(*(t for t, _ in padded), attention_mask=mask,
+                                       lengths=_lengths(cu_seqlens, kw), **kw)
     return dq[mask], dk[mask], dv[mask]
 
 
