@@ -102,6 +102,25 @@ def step(args):
           f"threads={args.threads}, backend={args.backend}, {args.rounds} interleaved rounds")
     for k, v in times.items():
         print(f"  {k}: {_stats(v)}")
+    # Mask generation inside the dropout step (time spent in the generators: cache misses).
+    from fastbert.backends import _philox
+
+    spent = []
+    for name in ("_attention_keep_mask", "_varlen_keep_mask", "_rows_keep_mask"):
+        fn = getattr(_philox, name)
+
+        def timed(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent.append(time.perf_counter() - t0)
+        setattr(_philox, name, timed)
+    t0 = time.perf_counter()
+    steps["dropout 0.1"]()
+    total = time.perf_counter() - t0
+    print(f"  one more dropout-0.1 step: {1e3 * total:.1f} ms, of which mask generation {1e3 * sum(spent):.1f} ms "
+          f"({len(spent)} masks, {100 * sum(spent) / total:.1f}%)")
     ratios = [a / b for a, b in zip(times["dropout 0.1"], times["dropout 0.0"])]
     print(f"  ratio dropout 0.1 / 0.0 per round: median {statistics.median(ratios):.3f} "
           f"[{min(ratios):.3f}-{max(ratios):.3f}]")
@@ -114,11 +133,16 @@ _INT_OPS = ("IMAD", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP"
 
 
 def _count_int(sass: str) -> dict:
+    """Integer SASS instructions by opcode (IMAD split by its .HI / .WIDE forms: the multiplies
+    of the Philox rounds)."""
     counts = {}
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)((?:\.[A-Z0-9]+)*)", line)
         if m and m.group(1) in _INT_OPS:
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+            op = m.group(1)
+            if op == "IMAD" and (".HI" in m.group(2) or ".WIDE" in m.group(2)):
+                op += ".HI" if ".HI" in m.group(2) else ".WIDE"
+            counts[op] = counts.get(op, 0) + 1
     return counts
 
 
@@ -165,8 +189,9 @@ def sass(args):
                               text=True, check=True).stdout
         for fn in re.split(r"\n\s*Function : ", text)[1:]:
             name = fn.split("\n", 1)[0].strip()
-            if "attention_fwd" in name or "attn_fwd" in name:
-                out[f"cuda {name}"] = sum(_count_int(fn).values())
+            if "attention_fwd_kernel" in name:  # dropout is a runtime flag: both paths are in the count
+                counts = _count_int(fn)
+                out[f"cuda sm_90a {name}"] = dict(int_instructions=sum(counts.values()), by_op=counts)
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
