@@ -133,13 +133,6 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
 
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      // Dropout words: one call per row and 8-key group serves this lane's keys 2t, 2t + 1.
-      uint32_t dword[2] = {0u, 0u};
-      if (dropout) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          if (row_i[r] < seq.seqlen_q) dword[r] = philox_word(dropout_words(key, b, h, row_i[r], n0 + 8 * j), t);
-      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = row_i[r], kj = n0 + col;
@@ -149,9 +142,9 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
           const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
           if (bias != -INFINITY) pe = exp_unit<T>(x + bias * kScoreUnit<T> - lse_u[r]);
         }
-        const bool kept = (e & 1) ? dropout_keep_hi(dword[r], p.dropout_threshold)
-                                  : dropout_keep_lo(dword[r], p.dropout_threshold);
-        const float z = (dropout && pe != 0.0f) ? (kept ? p.dropout_scale : 0.0f) : 1.0f;
+        // One call per element here (the fp32 tiles sit at the register cap: a word shared by
+        // the lane's two keys would stay live across them and spill).
+        const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
         const float ds = pe * (dp[j][e] * z - delta[r]);
         if (p.dbias != nullptr && i < seq.seqlen_q && kj < seq.seqlen_k)
           p.dbias[b * p.dbias_stride[0] + h * p.dbias_stride[1] + static_cast<int64_t>(i) * p.dbias_stride[2] +
