@@ -79,8 +79,8 @@ struct AttnParams {
 
   float softmax_scale = 1.0f;
   const int64_t* seed = nullptr;  // int64 [2] Philox key words when dropout is on, else null
-  uint32_t dropout_threshold = 0;  // keep iff Philox word 0 >= threshold (fastbert/backends/_philox.py)
-  float dropout_scale = 1.0f;      // 1 / (1 - dropout_p)
+  uint32_t dropout_threshold = 0;  // keep iff the Philox u16 >= threshold (fastbert/backends/_philox.py)
+  float dropout_scale = 1.0f;      // 1 / (1 - dropout_p rounded to 2^-16)
 
   bool aligned16 = false;  // every q/k/v/out/dout row start is 16-byte aligned (vector loads)
   AttnFault fault = AttnFault::kNone;

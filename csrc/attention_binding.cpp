@@ -103,7 +103,7 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
                "cu_seqlens: the varlen layout takes no attention_mask or attn_bias");
   p.seed = static_cast<const int64_t*>(bind::ptr("seed", dropout_p > 0.0 ? seed : 0, 8, false));
   p.dropout_threshold = bind::dropout_threshold(dropout_p);
-  p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.dropout_scale = bind::dropout_scale(dropout_p);
   p.softmax_scale = static_cast<float>(softmax_scale);
   FB_CHECK_ARG(fault_injection >= 0, "fault_injection: expected >= 0, got ", fault_injection);
   p.fault = fault_injection == 1 ? AttnFault::kKeyBoundOffByOne : AttnFault::kNone;

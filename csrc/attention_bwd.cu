@@ -146,6 +146,8 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
           const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
           if (bias != -INFINITY) pe = recompute_p<T>(x + bias, lse_r[r]);
         }
+        // One call per element here (the fp32 tiles sit at the register cap: a word shared by
+        // the lane's two keys would stay live across them and spill).
         const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
         const float ds = pe * (dp[j][e] * z - delta[r]);
         if (p.dbias != nullptr && i < seq.seqlen_q && kj < seq.seqlen_k)

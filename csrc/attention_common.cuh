@@ -237,12 +237,17 @@ struct KeyRows {
   FB_DEVICE bool operator()(int r) const { return key_allowed(p, b, n0 + r, seqlen_k); }
 };
 
-// Dropout multiplier of element (query i, key j) of head h of sequence b: 0 or 1 / (1 - p)
-// (the shared Philox scheme: counter (j, i, h, b), keep iff word 0 >= threshold).
+// The Philox words of the 8-key group holding key j, for query i of head h of sequence b (the
+// shared scheme v2: counter (j / 8, i, h, b)).
+FB_DEVICE PhiloxWords dropout_words(PhiloxKey key, int b, int h, int i, int j) {
+  return philox4x32(static_cast<uint32_t>(j) >> 3, static_cast<uint32_t>(i), static_cast<uint32_t>(h),
+                    static_cast<uint32_t>(b), key);
+}
+
+// Dropout multiplier of element (query i, key j): 0 or 1 / (1 - p), one call for this element
+// alone (for fragments whose 8-key groups are spread over lanes).
 FB_DEVICE float dropout_factor(const AttnParams& p, PhiloxKey key, int b, int h, int i, int j) {
-  const uint32_t w = philox_word0(static_cast<uint32_t>(j), static_cast<uint32_t>(i), static_cast<uint32_t>(h),
-                                  static_cast<uint32_t>(b), key);
-  return w >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+  return dropout_keep(dropout_words(key, b, h, i, j), j & 7, p.dropout_threshold) ? p.dropout_scale : 0.0f;
 }
 
 // Store two adjacent elements (columns col, col+1 < head_dim) of an output row.

@@ -141,13 +141,19 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        float pe = exp_unit<T>(s[j][e] - m_ref[r]);
-        l_i[r] += pe;
-        if (dropout && pe != 0.0f && dropout_factor(p, key, b, h, row_i[r], n0 + 8 * j + 2 * t + (e & 1)) == 0.0f)
-          pe = 0.0f;  // the 1 / (1 - p) scale is applied once at the end
-        s[j][e] = pe;
+      for (int r = 0; r < 2; ++r) {
+        float pe0 = exp_unit<T>(s[j][2 * r] - m_ref[r]), pe1 = exp_unit<T>(s[j][2 * r + 1] - m_ref[r]);
+        l_i[r] += pe0;
+        l_i[r] += pe1;
+        if (dropout && (pe0 != 0.0f || pe1 != 0.0f)) {
+          // This lane's keys 2t, 2t + 1 of the 8-key group are the halves of word t of one call;
+          // the 1 / (1 - p) scale is applied once at the end.
+          const uint32_t w = philox_word(dropout_words(key, b, h, row_i[r], n0 + 8 * j), t);
+          if (!dropout_keep_lo(w, p.dropout_threshold)) pe0 = 0.0f;
+          if (!dropout_keep_hi(w, p.dropout_threshold)) pe1 = 0.0f;
+        }
+        s[j][2 * r] = pe0;
+        s[j][2 * r + 1] = pe1;
       }
     }
 #pragma unroll

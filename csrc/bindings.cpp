@@ -76,7 +76,7 @@ void layer_norm_fwd_py(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t b
   p.eps = static_cast<float>(eps);
   p.dropout = dropout_p > 0.0;
   p.keep_threshold = bind::dropout_threshold(dropout_p);
-  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.keep_scale = bind::dropout_scale(dropout_p);
   p.fault = fault_injection;
   bind::DeviceGuard guard(device);
   layer_norm_fwd(p, bind::stream(stream));
@@ -116,7 +116,7 @@ void layer_norm_bwd_py(std::uintptr_t dy, std::uintptr_t h, std::uintptr_t weigh
   p.hidden = static_cast<int>(hidden);
   p.dropout = dropout_p > 0.0;
   p.keep_threshold = bind::dropout_threshold(dropout_p);
-  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.keep_scale = bind::dropout_scale(dropout_p);
   p.fault = fault_injection;
   bind::DeviceGuard guard(device);
   layer_norm_bwd(p, bind::stream(stream));

@@ -42,9 +42,12 @@ struct Pair {
   float a, b;
 };
 
-FB_DEVICE bool keep(uint32_t col, long long row, PhiloxKey key, uint32_t threshold) {
+// The dropout words of the 8-column group holding column col of row (scheme v2: counter
+// (col / 8, row low, row high, 0)). A chunk of K = 4 or 8 columns lies in one group: one call each.
+FB_DEVICE PhiloxWords row_words(int col, long long row, PhiloxKey key) {
   const uint64_t r = static_cast<uint64_t>(row);
-  return philox_word0(col, static_cast<uint32_t>(r), static_cast<uint32_t>(r >> 32), 0u, key) >= threshold;
+  return philox4x32(static_cast<uint32_t>(col) >> 3, static_cast<uint32_t>(r), static_cast<uint32_t>(r >> 32), 0u,
+                    key);
 }
 
 template <class T>
@@ -68,13 +71,14 @@ __global__ void __launch_bounds__(512) layer_norm_fwd_kernel(LayerNormFwdParams 
     if (h) {
       float r[K];
       if (res) load_chunk(res, c, ncols, vec, r);
+      const PhiloxWords dw = p.dropout ? row_words(c * K, row, key) : PhiloxWords{0u, 0u, 0u, 0u};
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         const int col = c * K + j;
         if (col >= ncols) break;
         float t = v[j];
         if (p.x_bias) t += load_float(p.x_bias, p.x_bias_dtype, col);
-        if (p.dropout) t = keep(static_cast<uint32_t>(col), row, key, p.keep_threshold) ? t * p.keep_scale : 0.0f;
+        if (p.dropout) t = dropout_keep(dw, col & 7, p.keep_threshold) ? t * p.keep_scale : 0.0f;
         if (res) t += r[j];
         v[j] = round_to<T>(t);
       }
@@ -164,9 +168,9 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
     }
     if (dres) store_chunk(dres, c, ncols, vec, v);
     if (p.dropout) {
+      const PhiloxWords dw = row_words(c * K, row, key);
 #pragma unroll
-      for (int j = 0; j < K; ++j)
-        v[j] = keep(static_cast<uint32_t>(c * K + j), row, key, p.keep_threshold) ? v[j] * p.keep_scale : 0.0f;
+      for (int j = 0; j < K; ++j) v[j] = dropout_keep(dw, (c * K + j) & 7, p.keep_threshold) ? v[j] * p.keep_scale : 0.0f;
     }
     store_chunk(dx, c, ncols, vec, v);
   }
@@ -199,6 +203,7 @@ __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwd
     load_chunk(static_cast<const T*>(p.dy) + r * p.hidden, c, ncols, vec, d);
     load_chunk(static_cast<const T*>(p.h) + r * p.hidden, c, ncols, vec, v);
     const float mean = p.mean[r], rstd = p.rstd[r];
+    const PhiloxWords dw = p.dropout && p.dx_bias ? row_words(c * K, r, key) : PhiloxWords{0u, 0u, 0u, 0u};
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       const float xhat = (v[j] - mean) * rstd;
@@ -207,7 +212,7 @@ __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwd
       if (p.dx_bias) {
         float dh = rstd * (d[j] * w[j] - stats[2 * r] - xhat * stats[2 * r + 1]);
         if (p.dropout)
-          dh = keep(static_cast<uint32_t>(c * K + j), r, key, p.keep_threshold) ? dh * p.keep_scale : 0.0f;
+          dh = dropout_keep(dw, (c * K + j) & 7, p.keep_threshold) ? dh * p.keep_scale : 0.0f;
         sx[j] += dh;
       }
     }

@@ -23,8 +23,8 @@ struct LayerNormFwdParams {
   int hidden;
   DType dtype, weight_dtype, bias_dtype, x_bias_dtype;
   float eps;
-  uint32_t keep_threshold;  // keep iff Philox word 0 >= keep_threshold (dropout_p > 0 only)
-  float keep_scale;         // 1 / (1 - dropout_p)
+  uint32_t keep_threshold;  // keep iff the column's Philox u16 >= this (common/philox.cuh)
+  float keep_scale;         // 1 / (1 - dropout_p rounded to 2^-16)
   bool dropout;
   int fault;  // fault injection (csrc/README.md)
 };

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import fastbert.ops as ops
-from fastbert.backends._philox import attention_keep_mask
+from fastbert.backends._philox import attention_keep_mask, dropout_scale
 from _tolerance import assert_close_to_ref
 
 AXES = {
@@ -345,12 +345,12 @@ def test_dropout_same_seed_same_result_and_mask_is_the_shared_scheme(poison):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert not torch.equal(a[0], c[0])
-    # Uniform probabilities 1/seqlen: out[b, i, h, j] = keep[b, h, i, j] / (seqlen * (1 - p)).
+    # Uniform probabilities 1/seqlen: out[b, i, h, j] = keep[b, h, i, j] * dropout_scale(p) / seqlen.
     keep = (a[0] > 0).permute(0, 2, 1, 3)
     torch.manual_seed(21)
     expected = attention_keep_mask(draw_seed(torch.device("cpu")), p, batch, heads, seqlen, seqlen)
     assert torch.equal(keep, expected)
-    torch.testing.assert_close(a[0][a[0] > 0], torch.full_like(a[0][a[0] > 0], 1 / (seqlen * (1 - p))))
+    torch.testing.assert_close(a[0][a[0] > 0], torch.full_like(a[0][a[0] > 0], dropout_scale(p) / seqlen))
     n = keep.numel()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma

@@ -20,7 +20,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastbert.backends import reference  # noqa: E402
-from fastbert.backends._philox import rows_keep_mask  # noqa: E402
+from fastbert.backends._philox import dropout_scale, rows_keep_mask  # noqa: E402
 from fastbert.backends.triton import layer_norm as tln  # noqa: E402
 from fastbert.ops import layer_norm  # noqa: E402
 
@@ -162,7 +162,7 @@ def test_dropout_mask_equals_reference():
     tln.layer_norm_fwd(x, None, None, None, None, y, mean, rstd, h, eps=1e-5, dropout_p=p, seed=seed)
     keep = rows_keep_mask(seed, p, rows, hidden)
     assert torch.equal(h != 0, keep)
-    torch.testing.assert_close(h, x * keep / (1 - p), rtol=1e-6, atol=0)
+    torch.testing.assert_close(h, x * keep * dropout_scale(p), rtol=1e-6, atol=0)
     dx = torch.full_like(x, float("nan"))
     tln.layer_norm_bwd(torch.randn(rows, hidden, device=DEV), h, None, mean, rstd, dx, None, None, None, None, dropout_p=p,
                        seed=seed)

@@ -50,11 +50,16 @@ inline DType dtype(const char* name, int code) {
   return static_cast<DType>(code);
 }
 
-// The uint32 keep threshold for dropout_p, as _philox.dropout_threshold: round(p * 2^32) with
-// ties to even (Python's round), capped at 2^32 - 1. An element is kept iff its word >= this.
+// The 16-bit keep threshold for dropout_p, as _philox.dropout_threshold (spec v2): round(p * 2^16)
+// with ties to even (Python's round), capped at 2^16 - 1. An element is kept iff its u16 >= this.
 inline uint32_t dropout_threshold(double dropout_p) {
-  const double t = std::nearbyint(dropout_p * 4294967296.0);
-  return t >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(t);
+  const double t = std::nearbyint(dropout_p * 65536.0);
+  return t >= 65535.0 ? 0xffffu : static_cast<uint32_t>(t);
+}
+
+// The scale of kept elements, as _philox.dropout_scale: 1 / (1 - rounded p) = 2^16 / (2^16 - t).
+inline float dropout_scale(double dropout_p) {
+  return static_cast<float>(65536.0 / (65536.0 - static_cast<double>(dropout_threshold(dropout_p))));
 }
 
 inline Stream stream(std::uintptr_t value) { return reinterpret_cast<Stream>(value); }

@@ -1,7 +1,10 @@
-// Philox4x32-10 (Salmon et al., SC 2011), bit-identical to fastbert/backends/_philox.py.
-// Key = the two uint32 words of the int64 [2] seed tensor (read in-kernel: no host sync);
-// counter = the element's logical coordinates; an element is kept iff word 0 >= threshold, with
-// threshold = min(round(p * 2^32), 2^32 - 1) computed on the host (fb::bind::dropout_threshold in
+// Philox4x32-10 (Salmon et al., SC 2011) and the shared dropout scheme, version 2, bit-identical to
+// fastbert/backends/_philox.py (the spec): key = the two uint32 words of the int64 [2] seed tensor
+// (read in-kernel: no host sync); one call per group of 8 consecutive columns, counter = the
+// group's logical coordinates (attention (key column / 8, query row, head, sequence); LayerNorm
+// (column / 8, row low, row high, 0)); column j of the group is kept iff the 16-bit half j % 2
+// of word (j % 8) / 2 is >= threshold, with threshold = min(round(p * 2^16), 2^16 - 1) and scale
+// 2^16 / (2^16 - threshold) computed on the host (fb::bind::dropout_threshold / dropout_scale in
 // binding_util.h).
 #pragma once
 
@@ -15,14 +18,19 @@ struct PhiloxKey {
   uint32_t k0, k1;
 };
 
+// The four output words of one call.
+struct PhiloxWords {
+  uint32_t w0, w1, w2, w3;
+};
+
 // The key from the seed tensor (int64 [2]); seed may be null when dropout is off.
 FB_DEVICE PhiloxKey philox_key(const int64_t* seed) {
   return PhiloxKey{static_cast<uint32_t>(static_cast<uint64_t>(seed[0]) & 0xffffffffu),
                    static_cast<uint32_t>(static_cast<uint64_t>(seed[1]) & 0xffffffffu)};
 }
 
-// First output word of Philox4x32-10 for counter (c0, c1, c2, c3).
-FB_DEVICE uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key) {
+// Philox4x32-10 for counter (c0, c1, c2, c3).
+FB_DEVICE PhiloxWords philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   uint32_t k0 = key.k0, k1 = key.k1;
 #pragma unroll
@@ -37,7 +45,24 @@ FB_DEVICE uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t 
     k0 += kW0;
     k1 += kW1;
   }
-  return c0;
+  return PhiloxWords{c0, c1, c2, c3};
 }
+
+// Word q (0..3) of a call, by selects (a runtime q must not index a register array: that would
+// put the words in local memory).
+FB_DEVICE uint32_t philox_word(const PhiloxWords& w, int q) {
+  return q < 2 ? (q == 0 ? w.w0 : w.w1) : (q == 2 ? w.w2 : w.w3);
+}
+
+// Keep decision of column j (0..7) of the call's 8-column group.
+FB_DEVICE bool dropout_keep(const PhiloxWords& w, int j, uint32_t threshold) {
+  const uint32_t word = philox_word(w, j >> 1);
+  return ((j & 1) ? (word >> 16) : (word & 0xffffu)) >= threshold;
+}
+
+// Keep decisions of the column pair (2q, 2q + 1) of a group, from its word q: one call serves
+// both columns a thread holds in an mma fragment.
+FB_DEVICE bool dropout_keep_lo(uint32_t word, uint32_t threshold) { return (word & 0xffffu) >= threshold; }
+FB_DEVICE bool dropout_keep_hi(uint32_t word, uint32_t threshold) { return (word >> 16) >= threshold; }
 
 }  // namespace fb

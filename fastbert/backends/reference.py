@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from fastbert.backends._philox import attention_keep_mask, rows_keep_mask
+from fastbert.backends._philox import attention_keep_mask, dropout_scale, rows_keep_mask
 
 # ----------------------------------------------------------------------------------------------
 # attention
@@ -66,7 +66,7 @@ def _round_to(x, dtype):
 
 
 def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0, seed=None,
-                   softmax_scale):
+                   softmax_scale, lengths=None):
     """Masked multi-head attention on the padded layout; returns ``(out, lse)``.
 
     q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads, head_dim]``,
@@ -76,7 +76,8 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     contract's numerics); upcast the inputs for an fp64 reference. ``out`` in q's dtype
     ``[batch, seqlen_q, num_heads, head_dim]``; ``lse`` fp32 ``[batch, num_heads, seqlen_q]`` with
     ``+inf`` on empty rows (no key to attend). Differentiable and NaN-free for empty rows, also in
-    the gradient.
+    the gradient. ``lengths`` (varlen only): the sequence lengths, so the dropout mask is drawn
+    only where rows and keys are real.
     """
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
@@ -85,8 +86,9 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     lse = torch.where(has_key.squeeze(-1), lse, float("inf"))
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     if dropout_p > 0.0:
-        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
-        probs = probs * keep / (1.0 - dropout_p)
+        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
+                                   lengths=lengths)
+        probs = probs * keep * dropout_scale(dropout_p)  # 1 / (1 - p rounded as the mask)
     out = _round_to(probs, q.dtype) @ vh  # [B, H, Lq, d]: weighted sum of values
     return out.transpose(1, 2).to(q.dtype), lse
 
@@ -102,6 +104,13 @@ def _pad_varlen(x, cu_seqlens, max_seqlen):
     return padded, mask
 
 
+def _lengths(cu_seqlens, kw):
+    """Sequence lengths for the dropout mask (read on the CPU only: no host sync elsewhere)."""
+    if kw.get("dropout_p", 0.0) > 0.0 and cu_seqlens.device.type == "cpu":
+        return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return None
+
+
 def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, **kw):
     """Varlen attention by padding each sequence to ``max_seqlen``; returns ``(out, lse)``.
 
@@ -111,7 +120,7 @@ def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, **kw):
     qp, mask = _pad_varlen(q, cu_seqlens, max_seqlen)
     kp, _ = _pad_varlen(k, cu_seqlens, max_seqlen)
     vp, _ = _pad_varlen(v, cu_seqlens, max_seqlen)
-    out, lse = attention_math(qp, kp, vp, attention_mask=mask, **kw)
+    out, lse = attention_math(qp, kp, vp, attention_mask=mask, lengths=_lengths(cu_seqlens, kw), **kw)
     return out[mask], lse.transpose(1, 2)[mask].transpose(0, 1)
 
 
@@ -136,10 +145,10 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 
 
 def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0,
-                       seed=None, softmax_scale):
+                       seed=None, softmax_scale, lengths=None):
     """Gradients of :func:`attention_math` on the padded layout; returns ``(dq, dk, dv, dscores)``.
 
-    Recomputes P, then (Z = keep mask / (1 - p), D = rowsum(dO * O)):
+    Recomputes P, then (Z = keep mask * dropout_scale(p), D = rowsum(dO * O)):
       dV = (P * Z)^T dO,   dP = (dO V^T) * Z,   dS = P * (dP - D),
       dQ = scale * dS K,   dK = scale * dS^T Q,  d(attn_bias) = dS (fp32, [B, H, Lq, Lk]).
     In the accumulation dtype, with P * Z and dS rounded to q's dtype before their products (as
@@ -153,8 +162,9 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     zscale = torch.ones((), dtype=scores.dtype, device=q.device)
     if dropout_p > 0.0:
-        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device)
-        zscale = keep / (1.0 - dropout_p)
+        keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
+                                   lengths=lengths)
+        zscale = keep * dropout_scale(dropout_p)
     dv = _round_to(probs * zscale, q.dtype).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]
     delta = (dprobs * probs).sum(dim=-1, keepdim=True)  # = rowsum(dO * O)
@@ -169,7 +179,8 @@ def attention_varlen_math_bwd(dout, q, k, v, cu_seqlens, max_seqlen, **kw):
     """Varlen gradients by padding to ``max_seqlen``; returns ``(dq, dk, dv)``."""
     padded = [_pad_varlen(t, cu_seqlens, max_seqlen) for t in (dout, q, k, v)]
     mask = padded[0][1]
-    dq, dk, dv, _ = attention_math_bwd(*(t for t, _ in padded), attention_mask=mask, **kw)
+    dq, dk, dv, _ = attention_math_bwd(*(t for t, _ in padded), attention_mask=mask,
+                                       lengths=_lengths(cu_seqlens, kw), **kw)
     return dq[mask], dk[mask], dv[mask]
 
 
@@ -210,7 +221,7 @@ def add_dropout_residual(x, residual=None, x_bias=None, dropout_p=0.0, seed=None
         h = h + x_bias.to(h.dtype)
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
-        h = h * keep * (1.0 / (1.0 - dropout_p))
+        h = h * keep * dropout_scale(dropout_p)
     if residual is not None:
         h = h + residual.to(h.dtype)
     return h.to(x.dtype)
@@ -267,7 +278,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     With xhat = (h - mean) * rstd and g = dy * weight (per row, n = hidden):
       dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
       dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)
-      dresidual = dh, dx = dh * keep / (1 - p), dx_bias = sum_rows(dx)
+      dresidual = dh, dx = dh * keep * dropout_scale(p), dx_bias = sum_rows(dx)
     """
     dh, xhat, dyf = layer_norm_dh(dy, h, weight, mean, rstd)
     if dweight is not None:
@@ -279,7 +290,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     dxf = dh
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], h.shape[1], device=h.device)
-        dxf = dh * keep * (1.0 / (1.0 - dropout_p))
+        dxf = dh * keep * dropout_scale(dropout_p)
     dx.copy_(dxf)
     if dx_bias is not None:
         dx_bias.copy_(dxf.sum(0))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.backends import reference
-from fastbert.backends._philox import rows_keep_mask
+from fastbert.backends._philox import dropout_scale, rows_keep_mask
 from fastbert.backends.reference import _pad_varlen, attention_math
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
             hh = torch.add(hh, x_bias.to(x.dtype), out=h)
         if dropout_p > 0.0:
             keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
-            hh = torch.mul(hh, keep, out=h).mul_(1.0 / (1.0 - dropout_p))
+            hh = torch.mul(hh, keep, out=h).mul_(dropout_scale(dropout_p))
         if residual is not None:
             hh = torch.add(hh, residual, out=h)
         if hh is not h:
@@ -289,7 +289,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
         dresidual.copy_(dh)
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], hidden, device=h.device)
-        dh = torch.mul(dh, keep, out=dx if dx.dtype == dh.dtype else None).mul_(1.0 / (1.0 - dropout_p))
+        dh = torch.mul(dh, keep, out=dx if dx.dtype == dh.dtype else None).mul_(dropout_scale(dropout_p))
     if dh is not dx:
         dx.copy_(dh)
     if dx_bias is not None:

@@ -19,9 +19,9 @@ Features (all combinable): padded ``[batch, seqlen, num_heads, head_dim]`` and v
 ``[total_tokens, num_heads, head_dim]`` + int32 ``cu_seqlens`` layouts (zero-length sequences
 allowed); strided q/k/v/out read in place (contiguous last dim); a bool ``attention_mask``
 ``[batch, seqlen_k]`` (True = attend); an additive ``attn_bias`` 4-D view read through its strides
-(stride 0 on broadcast dims); dropout on P with the shared Philox4x32-10 scheme (counter = key
-column, query row, head, sequence, positions within the sequence; key = the two seed words, loaded
-in the kernel so no host sync; nothing of size L x L is stored); head_dim any multiple of 8 up to
+(stride 0 on broadcast dims); dropout on P with the shared Philox4x32-10 scheme v2 (one call per 8 key
+columns, counter = (key column // 8, query row, head, sequence), positions within the sequence;
+key = the two seed words, loaded in the kernel so no host sync; nothing of size L x L is stored); head_dim any multiple of 8 up to
 256 in power-of-two buckets with masked lanes; fp16, bf16, fp32 (IEEE unless ``allow_tf32``),
 fp32 accumulation, P cast to the input dtype before ``P @ V``.
 
@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from fastbert.backends import workspace
-from fastbert.backends._philox import dropout_threshold
-from fastbert.backends.triton._philox import philox_keep, philox_seed
+from fastbert.backends._philox import dropout_scale, dropout_threshold
+from fastbert.backends.triton._philox import philox_keep_tile, philox_seed
 
 # Kernels are defined once per process; TRITON_INTERPRET applies to the whole process (conftest).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -183,7 +183,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
+            keep = philox_keep_tile(start_n, offs_m[:, None], h, b, k0, k1, dropout_thresh, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * dropout_scale, 0.0)
         v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         acc += _dot(p.to(dtype), v, PRECISION, UPCAST)
@@ -299,7 +299,8 @@ def _attn_bwd_dkdv_kernel(
         p = _recompute_p(s, m, log_l)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
-            keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
+            keep = philox_keep_tile(pid_n * BLOCK_N, offs_m[:, None], h, b, k0, k1, dropout_thresh, BLOCK_M,
+                                    BLOCK_N)
             pz = tl.where(keep, p * dropout_scale, 0.0)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         else:
@@ -377,7 +378,7 @@ def _attn_bwd_dq_kernel(
         p = _recompute_p(s, m, log_l)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
-            keep = philox_keep(offs_n[None, :], offs_m[:, None], h, b, k0, k1, dropout_thresh)
+            keep = philox_keep_tile(start_n, offs_m[:, None], h, b, k0, k1, dropout_thresh, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(dtype), k, PRECISION, UPCAST)
@@ -418,7 +419,7 @@ _CONFIGS = {
                    256: (16, 32, 8, 1)},
     ("dkdv", 32): {16: (32, 16, 4, 1), 32: (32, 16, 4, 1), 64: (32, 16, 4, 1), 128: (16, 16, 4, 1),
                    256: (16, 16, 8, 1)},
-    ("dq", 16): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2),
+    ("dq", 16): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
                  256: (32, 16, 8, 1)},
     ("dq", 32): {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (32, 16, 8, 1),
                  256: (16, 16, 8, 1)},
@@ -478,7 +479,7 @@ def _common(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, 
         stride_bn=bias_strides[3],
         num_heads=num_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
         dropout_thresh=dropout_threshold(dropout_p) if has_dropout else 0,
-        dropout_scale=1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+        dropout_scale=dropout_scale(dropout_p) if has_dropout else 1.0,
         HEAD_DIM=head_dim, HAS_MASK=attention_mask is not None, HAS_BIAS=attn_bias is not None,
         VARLEN=varlen, HAS_DROPOUT=has_dropout, BLOCK_D=head_dim_bucket(head_dim),
         PRECISION="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",

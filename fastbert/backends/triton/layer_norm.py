@@ -18,16 +18,17 @@ so y = bias for any eps > 0 (no NaN).
 Backward, with xhat = (h - mean) * rstd and g = dy * weight::
 
     dh         = rstd * (g - mean(g) - xhat * mean(g * xhat))
-    dresidual  = dh,   dx = dh * keep / (1 - p),   dx_bias = sum_rows(dx)
+    dresidual  = dh,   dx = dh * keep * dropout_scale(p),   dx_bias = sum_rows(dx)
     dweight    = sum_rows(dy * xhat),   dbias = sum_rows(dy)
 
 The row sums are deterministic: each of ``P`` programs walks a fixed set of row tiles and keeps
 fp32 partial sums, written to a ``[3, P, hidden]`` fp32 workspace (torch's allocator); the final
 sum over ``P`` is ``torch.sum`` in a fixed order. No atomics.
 
-Dropout draws the shared Philox4x32-10 mask (``fastbert.backends._philox.rows_keep_mask``):
-counter = (column, row & 0xFFFFFFFF, row >> 32, 0), key = the two seed words (loaded in the
-kernel, no host sync), keep iff word 0 >= ``dropout_threshold(p)``; backward regenerates it.
+Dropout draws the shared Philox4x32-10 mask, v2 (``fastbert.backends._philox.rows_keep_mask``):
+one call per 8 columns, counter = (column // 8, row & 0xFFFFFFFF, row >> 32, 0), key = the two
+seed words (loaded in the kernel, no host sync), keep iff the column's 16-bit half >=
+``dropout_threshold(p)``, scale ``dropout_scale(p)``; backward regenerates it.
 
 Offsets are 64-bit (row index widened before it multiplies the row stride), so tensors past 2**31
 elements are addressed correctly. Block sizes and warps come from :func:`fwd_config` /
@@ -45,8 +46,8 @@ import triton
 import triton.language as tl
 
 from fastbert.backends import workspace
-from fastbert.backends._philox import dropout_threshold
-from fastbert.backends.triton._philox import philox_keep, philox_seed
+from fastbert.backends._philox import dropout_scale, dropout_threshold
+from fastbert.backends.triton._philox import philox_keep_cols, philox_keep_tile, philox_seed
 
 # A row up to this many elements (rounded up to a power of two) is held in registers in one block;
 # wider rows are walked in chunks of CHUNK_N.
@@ -126,7 +127,21 @@ def _offsets(row_idx, cols, hidden):
 
 
 @triton.jit
-def _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, rows, cols, mask, col_mask, k0, k1, threshold, scale,
+def _keep(col0, rows, k0, k1, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep mask ``[BLOCK_M, BLOCK_N]`` of the tile of columns ``col0 + arange(BLOCK_N)``
+    (col0 a multiple of BLOCK_N) and int64 ``rows``: one Philox call per 8 columns (per element on
+    tiles narrower than 8)."""
+    if BLOCK_N >= 8:
+        return philox_keep_tile(col0, (rows & 0xFFFFFFFF)[:, None], (rows >> 32)[:, None], 0, k0, k1,
+                                threshold, BLOCK_M, BLOCK_N)
+    else:
+        c2 = tl.broadcast_to((col0 + tl.arange(0, BLOCK_N))[None, :], [BLOCK_M, BLOCK_N])
+        r2 = tl.broadcast_to(rows[:, None], [BLOCK_M, BLOCK_N])
+        return philox_keep_cols(c2, r2 & 0xFFFFFFFF, r2 >> 32, 0, k0, k1, threshold)
+
+
+@triton.jit
+def _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, rows, cols, col0, mask, col_mask, k0, k1, threshold, scale,
               HAS_XBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
               STORE_H: tl.constexpr):
     """h = dropout(x + x_bias) + residual for one tile, in fp32; rounded to x's dtype (and stored
@@ -135,9 +150,7 @@ def _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, rows, cols, mask, col_mask, k
     if HAS_XBIAS:
         v += tl.load(xb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
-        col2 = tl.broadcast_to(cols[None, :], v.shape)
-        row2 = tl.broadcast_to(rows[:, None], v.shape)
-        keep = philox_keep(col2, row2, row2 >> 32, 0, k0, k1, threshold)
+        keep = _keep(col0, rows, k0, k1, threshold, v.shape[0], v.shape[1])
         v = tl.where(keep, v * scale, 0.0)
     if HAS_RESIDUAL:
         v += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -178,7 +191,7 @@ def _layer_norm_fwd_kernel(
         col_mask = cols < hidden
         mask = row_mask[:, None] & col_mask[None, :]
         offs = _offsets(row_idx, cols, hidden)
-        v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, mask, col_mask, k0, k1, threshold,
+        v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, 0, mask, col_mask, k0, k1, threshold,
                       scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, STORE_H)
         mean = tl.sum(v, axis=1) / hidden
         d = tl.where(mask, v - mean[:, None], 0.0)
@@ -199,7 +212,7 @@ def _layer_norm_fwd_kernel(
             col_mask = cols < hidden
             mask = row_mask[:, None] & col_mask[None, :]
             offs = _offsets(row_idx, cols, hidden)
-            v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, mask, col_mask, k0, k1,
+            v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, c * BLOCK_N, mask, col_mask, k0, k1,
                           threshold, scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, STORE_H)
             n_a = c * BLOCK_N * 1.0  # elements merged so far (earlier chunks are full)
             n_b = tl.sum(col_mask.to(tl.float32), axis=0)
@@ -215,7 +228,7 @@ def _layer_norm_fwd_kernel(
             col_mask = cols < hidden
             mask = row_mask[:, None] & col_mask[None, :]
             offs = _offsets(row_idx, cols, hidden)
-            v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, mask, col_mask, k0, k1,
+            v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, c * BLOCK_N, mask, col_mask, k0, k1,
                           threshold, scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, False)
             out = (v - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
@@ -240,16 +253,14 @@ def _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_
 
 
 @triton.jit
-def _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, mask, k0, k1, threshold, scale,
+def _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, col0, mask, k0, k1, threshold, scale,
                 HAS_DRESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """Store dresidual = dh and dx = dh * keep * scale; returns dx in fp32."""
     if HAS_DRESIDUAL:
         tl.store(dres_ptr + offs, cast_rne(dh, dres_ptr.dtype.element_ty), mask=mask)
     dx = dh
     if HAS_DROPOUT:
-        col2 = tl.broadcast_to(cols[None, :], dh.shape)
-        row2 = tl.broadcast_to(row_idx[:, None], dh.shape)
-        keep = philox_keep(col2, row2, row2 >> 32, 0, k0, k1, threshold)
+        keep = _keep(col0, row_idx, k0, k1, threshold, dh.shape[0], dh.shape[1])
         dx = tl.where(keep, dh * scale, 0.0)
     tl.store(dx_ptr + offs, cast_rne(dx, dx_ptr.dtype.element_ty), mask=mask)
     return dx
@@ -297,7 +308,7 @@ def _layer_norm_bwd_kernel(
             c1 = tl.sum(g, axis=1) / hidden
             c2 = tl.sum(g * xhat, axis=1) / hidden
             dh = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-            dx = _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, mask, k0, k1, threshold, scale,
+            dx = _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, 0, mask, k0, k1, threshold, scale,
                              HAS_DRESIDUAL, HAS_DROPOUT)
             if NEED_DWEIGHT:
                 acc_dw += tl.sum(dy * xhat, axis=0)
@@ -349,7 +360,7 @@ def _layer_norm_bwd_kernel(
                 offs = _offsets(row_idx, cols, hidden)
                 dy, xhat, g = _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT)
                 dh = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-                dx = _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, mask, k0, k1, threshold, scale,
+                dx = _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, c * BLOCK_N, mask, k0, k1, threshold, scale,
                                  HAS_DRESIDUAL, HAS_DROPOUT)
                 if NEED_DWEIGHT:
                     p = part_row + cols
@@ -367,7 +378,7 @@ def _layer_norm_bwd_kernel(
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
     """(threshold, scale) for the kernels; (0, 1.0) without dropout."""
     if dropout_p > 0.0:
-        return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+        return dropout_threshold(dropout_p), dropout_scale(dropout_p)
     return 0, 1.0
 
 

@@ -1,0 +1,221 @@
+"""What dropout costs: the shared Philox keep masks on the torch backend, a training step with
+dropout 0.1 vs 0, and the integer instructions the GPU kernels spend on dropout (SASS counts).
+
+    python benchmarks/dropout_cost.py masks [--old PATH/_philox.py] [--threads 1,2]
+    python benchmarks/dropout_cost.py step [--layers 12] [--threads 2] [--rounds 7]
+    python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--json OUT]
+
+``masks`` times ``attention_keep_mask`` (8x12x128x128) and ``rows_keep_mask`` (1024x768) of this
+tree, and of another version of the module when ``--old`` names its file, in interleaved rounds
+(median, min-max). ``step``: fastbert's BertModel (BERT-base shape, unpadded, torch backend),
+batch 8 x 128 at ~50% fill, forward + backward + AdamW, dropout 0.1 vs 0.0 in interleaved rounds.
+``sass``: compiles the Triton attention forward for sm_90 with and without dropout and counts
+integer SASS instructions with ``cuobjdump -sass`` (the difference is dropout's cost; divided by
+the elements each thread owns per key block it is the integer instructions per element); with
+``--cuda-module`` it does the same for the CUDA forward kernels of a built ``fastbert._C``.
+Run ``sass`` from two trees (this one and the previous version) to get the before/after ratio.
+Wall clock; check ``uptime`` first and report the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _stats(ts):
+    return f"{1e3 * statistics.median(ts):8.1f} ms [{1e3 * min(ts):.1f}-{1e3 * max(ts):.1f}]"
+
+
+def masks(args):
+    import torch
+
+    from fastbert.backends import _philox
+
+    _philox.MASK_CACHE_BYTES = 0  # time the generation, not the memoized lookup
+    mods = {"this tree": _philox}
+    if args.old:
+        spec = importlib.util.spec_from_file_location("philox_old", args.old)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        mods = {"old": old, **mods}
+    seed = torch.tensor([12345, 678910])
+    cases = {"attention 8x12x128x128": lambda m: m.attention_keep_mask(seed, 0.1, 8, 12, 128, 128),
+             "LN rows 1024x768": lambda m: m.rows_keep_mask(seed, 0.1, 1024, 768)}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for name, fn in cases.items():
+            times = {k: [] for k in mods}
+            for m in mods.values():
+                fn(m)
+            for _ in range(args.rounds):
+                for k, m in mods.items():
+                    t0 = time.perf_counter()
+                    fn(m)
+                    times[k].append(time.perf_counter() - t0)
+            print(f"threads={threads} {name}: " + "; ".join(f"{k} {_stats(v)}" for k, v in times.items()), flush=True)
+
+
+def step(args):
+    import torch
+
+    from fastbert.bench.core import padding_mask, variable_lengths
+    from fastbert.models import BertConfig, BertModel, unpad_metadata
+
+    torch.set_num_threads(args.threads)
+    batch, seqlen = 8, 128
+    lengths = variable_lengths(batch, seqlen, 0.5, 0)
+    mask = padding_mask(lengths, seqlen, "cpu").long()
+    ids = torch.randint(1, 30522, (batch, seqlen), generator=torch.Generator().manual_seed(0)) * mask
+    target = torch.randn(batch, seqlen, 768, generator=torch.Generator().manual_seed(1)) * mask[..., None]
+    meta = unpad_metadata(mask)
+    steps = {}
+    for p in (0.1, 0.0):
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(num_hidden_layers=args.layers, hidden_dropout_prob=p,
+                                     attention_probs_dropout_prob=p), backend=args.backend).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def run(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            out = model(ids, attention_mask=mask, indices=meta[0], cu_seqlens=meta[1],
+                        max_seqlen=meta[2]).last_hidden_state
+            (out * target).sum().backward()
+            opt.step()
+        steps[f"dropout {p}"] = run
+    for fn in steps.values():
+        fn()
+    times = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for k, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    print(f"BERT-base-shaped step ({args.layers} layers), 8x128 fill {sum(lengths) / (batch * seqlen):.2f}, "
+          f"threads={args.threads}, backend={args.backend}, {args.rounds} interleaved rounds")
+    for k, v in times.items():
+        print(f"  {k}: {_stats(v)}")
+    # Mask generation inside the dropout step (time spent in the generators: cache misses).
+    from fastbert.backends import _philox
+
+    spent = []
+    for name in ("_attention_keep_mask", "_varlen_keep_mask", "_rows_keep_mask"):
+        fn = getattr(_philox, name)
+
+        def timed(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent.append(time.perf_counter() - t0)
+        setattr(_philox, name, timed)
+    t0 = time.perf_counter()
+    steps["dropout 0.1"]()
+    total = time.perf_counter() - t0
+    print(f"  one more dropout-0.1 step: {1e3 * total:.1f} ms, of which mask generation {1e3 * sum(spent):.1f} ms "
+          f"({len(spent)} masks, {100 * sum(spent) / total:.1f}%)")
+    ratios = [a / b for a, b in zip(times["dropout 0.1"], times["dropout 0.0"])]
+    print(f"  ratio dropout 0.1 / 0.0 per round: median {statistics.median(ratios):.3f} "
+          f"[{min(ratios):.3f}-{max(ratios):.3f}]")
+
+
+# Integer-pipe SASS opcodes (address and loop arithmetic included; they are the same with and
+# without dropout apart from what dropout adds).
+_INT_OPS = ("IMAD", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "IMNMX", "LEA", "SEL", "PRMT",
+            "IABS", "POPC", "FLO", "BFE", "BFI", "XMAD", "IMUL", "IMNMX", "VIADD", "VIMNMX", "ISCADD", "LEA.HI")
+
+
+def _count_int(sass: str) -> dict:
+    """Integer SASS instructions by opcode (IMAD split by its .HI / .WIDE forms: the multiplies
+    of the Philox rounds)."""
+    counts = {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)((?:\.[A-Z0-9]+)*)", line)
+        if m and m.group(1) in _INT_OPS:
+            op = m.group(1)
+            if op == "IMAD" and (".HI" in m.group(2) or ".WIDE" in m.group(2)):
+                op += ".HI" if ".HI" in m.group(2) else ".WIDE"
+            counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def _cuobjdump():
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else "cuobjdump"
+
+
+def _kernel_sass(cubin: bytes) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(args):
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
+    from fastbert.backends.triton import attention as ta
+    from fastbert.backends.triton._aot import compile_kernel
+
+    from fastbert.backends.triton._aot import split_launch
+
+    out = {}
+    (kernel, kw), = [(k, kw) for kind, k, kw in ta.aot_launches(torch.float16, 64, varlen=False, allow_tf32=False)
+                     if kind == "fwd"]
+    sig, consts, warps, stages = split_launch(kernel, kw)
+    elems_per_thread = consts["BLOCK_M"] * consts["BLOCK_N"] / (32 * warps)  # per key block
+    out["triton fwd tile"] = dict(BLOCK_M=consts["BLOCK_M"], BLOCK_N=consts["BLOCK_N"], num_warps=warps)
+    for dropout in (False, True):
+        res = compile_kernel(kernel, sig, consts | {"HAS_DROPOUT": dropout}, num_warps=warps, num_stages=stages,
+                             arch=90)
+        counts = _count_int(_kernel_sass(res.compiled.asm["cubin"]))
+        out[f"triton fwd dropout={dropout}"] = dict(int_instructions=sum(counts.values()), by_op=counts)
+    added = out["triton fwd dropout=True"]["int_instructions"] - out["triton fwd dropout=False"]["int_instructions"]
+    out["triton dropout int instructions per element"] = added / elems_per_thread
+    if args.cuda_module:
+        text = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90a", args.cuda_module], capture_output=True,
+                              text=True, check=True).stdout
+        for fn in re.split(r"\n\s*Function : ", text)[1:]:
+            name = fn.split("\n", 1)[0].strip()
+            if "attention_fwd_kernel" in name:  # dropout is a runtime flag: both paths are in the count
+                counts = _count_int(fn)
+                out[f"cuda sm_90a {name}"] = dict(int_instructions=sum(counts.values()), by_op=counts)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("masks")
+    m.add_argument("--old")
+    m.add_argument("--threads", default="1,2")
+    m.add_argument("--rounds", type=int, default=7)
+    s = sub.add_parser("step")
+    s.add_argument("--layers", type=int, default=12)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--backend", default="torch")
+    a = sub.add_parser("sass")
+    a.add_argument("--cuda-module")
+    a.add_argument("--json")
+    args = parser.parse_args()
+    {"masks": masks, "step": step, "sass": sass}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
