@@ -217,9 +217,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             contiguous copy).
         max_seqlen: longest sequence in ``cu_seqlens``, an int in ``[0, total_tokens]``; computed
             when None (one host sync).
-        dropout_p: dropout on the attention probabilities, ``0 <= dropout_p < 1``, inverted scaling
-            ``1 / (1 - dropout_p)``; the keep mask comes from the shared Philox scheme seeded from
-            torch's RNG, identical across layouts and backends.
+        dropout_p: dropout on the attention probabilities, ``0 <= dropout_p < 1``, rounded to a
+            multiple of ``2**-16`` (the mask's threshold resolution; ``p < 2**-17`` keeps every
+            element) and inverted scaling by ``1 / (1 - p rounded)``; the keep mask comes from the
+            shared Philox scheme v2 (``fastbert.backends._philox``) seeded from torch's RNG,
+            identical across layouts and backends.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         backend: force a backend (``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"``, ...);
             else ``FASTBERT_BACKEND``, else automatic.

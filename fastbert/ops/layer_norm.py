@@ -127,8 +127,10 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         residual: x's shape and dtype, added after dropout (the sub-layer input in BERT).
         x_bias: ``(hidden,)``, x's dtype or fp32, added to x before dropout (the bias of the
             preceding dense layer, fused here).
-        dropout_p: dropout on ``x + x_bias``, ``0 <= dropout_p < 1`` (shared Philox scheme, keyed
-            by (row, column) of the flattened ``(rows, hidden)`` view).
+        dropout_p: dropout on ``x + x_bias``, ``0 <= dropout_p < 1``, rounded to a multiple of
+            ``2**-16`` and scaled by ``1 / (1 - p rounded)`` (shared Philox scheme v2,
+            ``fastbert.backends._philox``, keyed by (row, column) of the flattened
+            ``(rows, hidden)`` view).
         backend: force a backend, else ``FASTBERT_BACKEND``, else automatic.
 
     Returns:
