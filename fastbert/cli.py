@@ -29,6 +29,7 @@ import sys
 from dataclasses import asdict
 
 import fastbert
+from fastbert import _build_info
 from fastbert.demo import DemoError, DemoResult, run_demo
 from fastbert.env import collect_env, short_kernel, summarise_ptxas
 
@@ -132,7 +133,8 @@ def print_env(info: dict, out: _Plain, ptxas: bool = False) -> None:
                     f"attention head_dim={call['head_dim']}, no optional features)")
     if info.get("build") is not None:
         out.heading("Build")
-        _print_build(out, info["build"])
+        for line in _build_info.render(info["build"]).splitlines():
+            out.line(line)
     if info["cuda_build"] is not None:
         out.heading("CUDA build")
         _print_build(out, info["cuda_build"], ptxas=ptxas)

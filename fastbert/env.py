@@ -19,6 +19,7 @@ import re
 import torch
 
 import fastbert
+from fastbert import _build_info
 
 # Names accepted for --dtype (torch's own names and the short ones).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -189,8 +190,8 @@ def collect_env(device: str | None = None, dtype: str = "float32", head_dim: int
         except Exception as exc:
             auto[op] = f"error: {exc}"
 
-    # What `pip install` built, and why anything was not (the build manifest of issue #11):
-    build = None  # <- the one line: build = fastbert._build_info.<reader>() (printed as "Build")
+    # What `pip install` built, and why anything was not (setup.py's build manifest).
+    build = _build_info.read_manifest()
     return {"versions": versions, "device": dev,
             "environment": {k: os.environ.get(k) for k in ENV_VARS},
             "call": {"device": device, "dtype": str(torch_dtype).replace("torch.", ""),
