@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastbert.nn.bert import _dense_act, _dense_add_norm, self_attention
+from fastbert.nn.encoder import Encoder
 from fastbert.ops import attention, gelu, layer_norm
 
 ATTN_IMPLEMENTATION = "fastbert"
@@ -164,7 +166,7 @@ def fastbert_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
                          "attn_implementation='fastbert' (fastbert.ops.attention has no is_causal)")
     softmax_scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     mask2d, bias = _split_mask(attention_mask, query.dtype)
-    if kwargs.get("output_attentions", False):
+    if kwargs.get("output_attentions", False) or "attentions" in (_collector() or {}):
         return attention_probs_forward(query, key, value, mask2d, bias, dropout, softmax_scale)
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                     attention_mask=mask2d, attn_bias=bias, dropout_p=dropout,
@@ -234,7 +236,7 @@ def _intermediate_forward(self, hidden_states: Tensor) -> Tensor:
                 backend=self._fastbert_backend)
 
 
-_PATCH_ATTRS = ("forward", "_fastbert_backend", "_fastbert_approximate")
+_PATCH_ATTRS = ("forward", "_fastbert_backend", "_fastbert_approximate", "_fastbert_encoder")
 
 
 def _is_add_norm(m: nn.Module) -> bool:
@@ -255,6 +257,120 @@ def _is_attention(m: nn.Module) -> bool:
     name = type(m).__name__
     return (name.endswith("SelfAttention") or name.endswith("CrossAttention")) and all(
         isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The unpadded encoder: fastbert's Encoder loop over the transformers layers' own modules
+# ------------------------------------------------------------------------------------------------
+
+class _LayerBlock(nn.Module):
+    """fastbert's block protocol (:mod:`fastbert.nn.encoder`) over one transformers BERT-layout layer
+    (``attention.self.{query,key,value}``, ``attention.output``, ``intermediate``, ``output``).
+
+    Reads the layer's parameters and dropout rates at every call (no copies); the layer is held
+    outside the module tree, so neither the parameters nor ``train()`` / ``eval()`` are shared.
+    Runs the same fused math as :class:`fastbert.nn.BertLayer`.
+    """
+
+    def __init__(self, layer: nn.Module, backend: Optional[str], approximate: Optional[str]):
+        super().__init__()
+        self.__dict__["hf"] = layer  # not a child module: the model owns it
+        self.backend = backend
+        self.approximate = approximate
+        att = layer.attention.self
+        self.num_attention_heads, self.attention_head_size = att.num_attention_heads, att.attention_head_size
+
+    @property
+    def dropout_p(self) -> float:  # read by self_attention
+        return self.hf.attention.self.dropout.p
+
+    @property
+    def act_fn(self):  # read by _dense_act; None = fastbert's GELU with the fused bias
+        return None if self.approximate is not None else self.hf.intermediate.intermediate_act_fn
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kw):
+        hf = self.hf
+        att, so, out = hf.attention.self, hf.attention.output, hf.output
+        context, probs = self_attention(self, hidden_states, (att.query, att.key, att.value), attention_mask, **kw)
+        a = _dense_add_norm(self, context, hidden_states, so.dense, so.LayerNorm, so.dropout.p)
+        h = _dense_act(self, hf.intermediate.dense, a)
+        return _dense_add_norm(self, h, a, out.dense, out.LayerNorm, out.dropout.p), probs
+
+
+def _collector() -> Optional[dict]:
+    """The outputs transformers' ``capture_outputs`` is collecting for this forward (``{"attentions":
+    [...], "hidden_states": [...], ...}``, from the call's ``output_*`` or the config), or None."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older transformers 5 releases
+        return None
+    return _active_collector.get()
+
+
+def _record(collected: dict, hidden_states, attentions) -> None:
+    """Hand the encoder's outputs to transformers' collector, as its forward hooks would have."""
+    if hidden_states is not None and "hidden_states" in collected:
+        out, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
+        for h in hidden_states:
+            out.append(h if selection is None or len(out) in selection else None)
+    if attentions is not None and "attentions" in collected:
+        collected["attentions"].extend(attentions)
+
+
+def _encoder_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                     encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask=None,
+                     cache=None, use_cache=None, **kwargs):
+    """``*Encoder.forward`` of a patched model: fastbert's unpadded :class:`fastbert.nn.Encoder`.
+
+    hidden_states ``(batch, seqlen, hidden)`` (the embeddings); attention_mask what
+    :func:`fastbert_mask` built: None or ``(batch, seqlen)`` (True = real token). The real tokens
+    are packed once, every layer runs on ``(total_tokens, hidden)`` with varlen attention, and the
+    result is scattered back once (zeros at padding); a batch without padding runs as is. A
+    padding-free batch (``cu_seq_lens_q`` from ``DataCollatorWithFlattening``, batch 1) runs
+    varlen on its own boundaries. Decoders (cross-attention, a cache, a 4-D mask) take the class's
+    own forward over the patched blocks.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if (encoder_hidden_states is not None or cache is not None or getattr(self.config, "is_decoder", False)
+            or (attention_mask is not None and attention_mask.dim() != 2)
+            or (cu is not None and hidden_states.shape[0] != 1)):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, cache=cache,
+                                  use_cache=use_cache, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    encoder: Encoder = self.__dict__["_fastbert_encoder"]
+    encoder.train(self.training)
+    first = self.layer[0]
+    encoder.gradient_checkpointing = bool(getattr(first, "gradient_checkpointing", False))
+    if getattr(first, "_gradient_checkpointing_func", None) is not None:
+        encoder._gradient_checkpointing_func = first._gradient_checkpointing_func
+    compiling = torch.compiler.is_compiling()
+    packed = {}
+    if cu is not None:  # a padding-free batch: its sequences end where cu_seq_lens_q says
+        total = hidden_states.shape[1]
+        packed = dict(indices=torch.arange(total, device=hidden_states.device),
+                      cu_seqlens=cu.to(torch.int32), max_seqlen=int(kwargs.get("max_length_q") or 0) or None)
+        if packed["max_seqlen"] is None:
+            packed["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+        attention_mask = None
+    elif attention_mask is not None and not compiling and bool(attention_mask.all()):
+        attention_mask = None  # no padding: skip the pack / unpack
+    collected = _collector() or {}
+    out = encoder(hidden_states, attention_mask, unpad=not compiling,
+                  output_attentions="attentions" in collected,
+                  output_hidden_states="hidden_states" in collected, **packed)
+    _record(collected, out.hidden_states, out.attentions)
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out.last_hidden_state)
+
+
+def _is_encoder(m: nn.Module) -> bool:
+    layers = getattr(m, "layer", None)
+    return (type(m).__name__.endswith("Encoder") and isinstance(layers, nn.ModuleList) and len(layers) > 0
+            and all(_is_attention(getattr(getattr(lay, "attention", None), "self", None) or nn.Module())
+                    and _is_add_norm(getattr(lay.attention, "output", None) or nn.Module())
+                    and _is_intermediate(getattr(lay, "intermediate", None) or nn.Module())
+                    and _is_add_norm(getattr(lay, "output", None) or nn.Module()) for lay in layers))
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -316,6 +432,10 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
             m._fastbert_backend = backend
             m._fastbert_approximate = approximate
             m.forward = types.MethodType(_intermediate_forward, m)
+    for m in [m for m in model.modules() if _is_encoder(m)]:
+        blocks = [_LayerBlock(layer, backend, approximate) for layer in m.layer]
+        m.__dict__["_fastbert_encoder"] = Encoder(blocks)  # not a child: no new state_dict keys
+        m.forward = types.MethodType(_encoder_forward, m)
     model._fastbert_patch_state = {"attn_implementation": previous}
     return model
 
@@ -338,5 +458,5 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _is_fastbert_forward(f) -> bool:
-    return isinstance(f, types.MethodType) and f.__func__ in (_add_norm_forward, _intermediate_forward)
+    return isinstance(f, types.MethodType) and f.__func__ in (_add_norm_forward, _intermediate_forward, _encoder_forward)
 
