@@ -23,13 +23,22 @@ What runs where
   attend) for bidirectional attention, as transformers' own flash-attention mask function does;
   any other pattern (a causal decoder, packed sequences, custom overlays) becomes a 4-D boolean
   mask that the attention function applies as an additive ``-inf`` bias.
-- :func:`patch` also reroutes the forwards of the add & norm blocks (``*SelfOutput``,
-  ``*Output``: dense without bias, then ``layer_norm(x, w, b, x_bias=dense.bias,
-  residual=input, dropout_p=...)``) and of the intermediate block (dense without bias, then
-  ``gelu(x, bias=dense.bias)``). Module names, parameters and state_dict keys do not change.
-- ``output_attentions=True`` needs the attention probabilities, which the fused kernels never
-  materialise: those calls run a plain torch path (:func:`attention_probs_forward`) that returns
-  them. Everything stays differentiable, including w.r.t. ``inputs_embeds`` (attribution).
+- :func:`patch` replaces the forward of the model's encoder (``BertEncoder`` / ``RobertaEncoder``
+  / ``ElectraEncoder`` / ... and DistilBERT's ``Transformer``) with fastbert's unpadded encoder
+  (:class:`fastbert.nn.Encoder`, the one the models in :mod:`fastbert.models` run) driven over the
+  transformers layers' own modules: the real tokens are packed once per forward, every layer runs
+  on ``(total_tokens, hidden)`` with varlen attention and the fused add & norm and bias + GELU
+  (:mod:`fastbert.nn.bert`), and the result is scattered back once, with zeros at padding
+  positions (transformers computes padded rows; compare real tokens). A batch without padding
+  runs as is. Hidden states and attentions (``output_*`` in the call or in the config) go to
+  transformers' output collector, as its hooks would. Decoders (causal masks, cross-attention,
+  a cache) keep transformers' layer loop, over add & norm (``*SelfOutput``, ``*Output``) and
+  intermediate blocks whose forwards are rerouted to the same fused ops. Module names,
+  parameters and state_dict keys do not change.
+- ``output_attentions`` needs the attention probabilities, which the fused kernels never
+  materialise: they are computed beside the fused attention from the same q and k
+  (:func:`fastbert.nn.attention_probs`; :func:`attention_probs_forward` on the decoder path).
+  Everything stays differentiable, including w.r.t. ``inputs_embeds`` (attribution).
 """
 
 from __future__ import annotations
@@ -277,12 +286,19 @@ class _LayerBlock(nn.Module):
         self.__dict__["hf"] = layer  # not a child module: the model owns it
         self.backend = backend
         self.approximate = approximate
-        att = layer.attention.self
-        self.num_attention_heads, self.attention_head_size = att.num_attention_heads, att.attention_head_size
+        att = self._attention()
+        self.num_attention_heads, self.attention_head_size = self._heads(att)
+
+    def _attention(self) -> nn.Module:
+        return self.hf.attention.self
+
+    @staticmethod
+    def _heads(att) -> tuple[int, int]:
+        return att.num_attention_heads, att.attention_head_size
 
     @property
-    def dropout_p(self) -> float:  # read by self_attention
-        return self.hf.attention.self.dropout.p
+    def dropout_p(self) -> float:  # the attention probabilities' dropout, read by self_attention
+        return self._attention().dropout.p
 
     @property
     def act_fn(self):  # read by _dense_act; None = fastbert's GELU with the fused bias
@@ -295,6 +311,30 @@ class _LayerBlock(nn.Module):
         a = _dense_add_norm(self, context, hidden_states, so.dense, so.LayerNorm, so.dropout.p)
         h = _dense_act(self, hf.intermediate.dense, a)
         return _dense_add_norm(self, h, a, out.dense, out.LayerNorm, out.dropout.p), probs
+
+
+class _DistilBertLayerBlock(_LayerBlock):
+    """The same over a transformers DistilBERT ``TransformerBlock`` (``attention.{q,k,v,out}_lin``,
+    ``sa_layer_norm``, ``ffn.{lin1,lin2}``, ``output_layer_norm``); as :class:`fastbert.nn.bert.DistilBertBlock`."""
+
+    def _attention(self) -> nn.Module:
+        return self.hf.attention
+
+    @staticmethod
+    def _heads(att) -> tuple[int, int]:
+        return att.n_heads, att.attention_head_size
+
+    @property
+    def act_fn(self):
+        return None if self.approximate is not None else self.hf.ffn.activation
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kw):
+        hf = self.hf
+        att, ffn = hf.attention, hf.ffn
+        context, probs = self_attention(self, hidden_states, (att.q_lin, att.k_lin, att.v_lin), attention_mask, **kw)
+        sa = _dense_add_norm(self, context, hidden_states, att.out_lin, hf.sa_layer_norm, 0.0)  # no dropout here
+        h = _dense_act(self, ffn.lin1, sa)
+        return _dense_add_norm(self, h, sa, ffn.lin2, hf.output_layer_norm, ffn.dropout.p), probs
 
 
 def _collector() -> Optional[dict]:
@@ -320,25 +360,47 @@ def _record(collected: dict, hidden_states, attentions) -> None:
 def _encoder_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                      encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask=None,
                      cache=None, use_cache=None, **kwargs):
-    """``*Encoder.forward`` of a patched model: fastbert's unpadded :class:`fastbert.nn.Encoder`.
+    """``*Encoder.forward`` of a patched BERT-layout model: fastbert's unpadded :class:`fastbert.nn.Encoder`
+    (see :func:`_run_unpadded`). Decoders (cross-attention, a cache, a causal mask) take the class's
+    own forward over the patched blocks."""
+    if encoder_hidden_states is not None or cache is not None or getattr(self.config, "is_decoder", False):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, cache=cache,
+                                  use_cache=use_cache, **kwargs)
+    out = _run_unpadded(self, hidden_states, attention_mask, kwargs)
+    if out is None:
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+
+
+def _transformer_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+    """DistilBERT's ``Transformer.forward`` of a patched model (see :func:`_run_unpadded`)."""
+    out = _run_unpadded(self, hidden_states, attention_mask, kwargs)
+    if out is None:
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=out)
+
+
+def _run_unpadded(self, hidden_states: Tensor, attention_mask: Optional[Tensor], kwargs: dict):
+    """Run transformers encoder ``self`` through its fastbert :class:`fastbert.nn.Encoder`.
 
     hidden_states ``(batch, seqlen, hidden)`` (the embeddings); attention_mask what
     :func:`fastbert_mask` built: None or ``(batch, seqlen)`` (True = real token). The real tokens
     are packed once, every layer runs on ``(total_tokens, hidden)`` with varlen attention, and the
     result is scattered back once (zeros at padding); a batch without padding runs as is. A
-    padding-free batch (``cu_seq_lens_q`` from ``DataCollatorWithFlattening``, batch 1) runs
-    varlen on its own boundaries. Decoders (cross-attention, a cache, a 4-D mask) take the class's
-    own forward over the patched blocks.
+    padding-free batch (``cu_seq_lens_q`` / ``max_length_q`` from ``DataCollatorWithFlattening``,
+    batch 1) runs varlen on its own sequence boundaries. Under ``torch.compile`` it runs padded.
+    Hidden states and attentions go to transformers' output collector. Returns the last hidden
+    state ``(batch, seqlen, hidden)``, or None where this path does not apply (a 4-D mask): the
+    caller runs transformers' own forward.
     """
     cu = kwargs.get("cu_seq_lens_q")
-    if (encoder_hidden_states is not None or cache is not None or getattr(self.config, "is_decoder", False)
-            or (attention_mask is not None and attention_mask.dim() != 2)
-            or (cu is not None and hidden_states.shape[0] != 1)):
-        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
-                                  encoder_attention_mask=encoder_attention_mask, cache=cache,
-                                  use_cache=use_cache, **kwargs)
-    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-
+    if (attention_mask is not None and attention_mask.dim() != 2) or (cu is not None and hidden_states.shape[0] != 1):
+        return None
     encoder: Encoder = self.__dict__["_fastbert_encoder"]
     encoder.train(self.training)
     first = self.layer[0]
@@ -348,11 +410,10 @@ def _encoder_forward(self, hidden_states: Tensor, attention_mask: Optional[Tenso
     compiling = torch.compiler.is_compiling()
     packed = {}
     if cu is not None:  # a padding-free batch: its sequences end where cu_seq_lens_q says
-        total = hidden_states.shape[1]
-        packed = dict(indices=torch.arange(total, device=hidden_states.device),
-                      cu_seqlens=cu.to(torch.int32), max_seqlen=int(kwargs.get("max_length_q") or 0) or None)
-        if packed["max_seqlen"] is None:
-            packed["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+        max_seqlen = kwargs.get("max_length_q")
+        packed = dict(indices=torch.arange(hidden_states.shape[1], device=hidden_states.device),
+                      cu_seqlens=cu.to(torch.int32),
+                      max_seqlen=int(max_seqlen) if max_seqlen is not None else int((cu[1:] - cu[:-1]).max()))
         attention_mask = None
     elif attention_mask is not None and not compiling and bool(attention_mask.all()):
         attention_mask = None  # no padding: skip the pack / unpack
@@ -361,7 +422,17 @@ def _encoder_forward(self, hidden_states: Tensor, attention_mask: Optional[Tenso
                   output_attentions="attentions" in collected,
                   output_hidden_states="hidden_states" in collected, **packed)
     _record(collected, out.hidden_states, out.attentions)
-    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out.last_hidden_state)
+    return out.last_hidden_state
+
+
+def _is_distilbert_transformer(m: nn.Module) -> bool:
+    layers = getattr(m, "layer", None)
+    return (type(m).__name__ == "Transformer" and isinstance(layers, nn.ModuleList) and len(layers) > 0
+            and all(all(isinstance(getattr(getattr(lay, "attention", None), n, None), nn.Linear)
+                        for n in ("q_lin", "k_lin", "v_lin", "out_lin"))
+                    and all(isinstance(getattr(getattr(lay, "ffn", None), n, None), nn.Linear) for n in ("lin1", "lin2"))
+                    and type(getattr(lay, "sa_layer_norm", None)) is nn.LayerNorm
+                    and type(getattr(lay, "output_layer_norm", None)) is nn.LayerNorm for lay in layers))
 
 
 def _is_encoder(m: nn.Module) -> bool:
@@ -379,12 +450,15 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
-    """Rewire a transformers BERT-family model in place to run on fastbert's fused ops.
+    """Rewire a transformers BERT-family model in place to run fastbert's unpadded fused encoder.
 
-    ``BertModel`` and the ``BertFor*`` heads, and models with BERT's block layout (modules named
-    ``*SelfAttention`` / ``*SelfOutput`` / ``*Intermediate`` / ``*Output`` with the same
-    children; RoBERTa and ELECTRA are tested). Attention switches to ``attn_implementation="fastbert"`` (see :func:`register`);
-    the add & norm blocks run ``layer_norm(dense_nobias(h), x_bias=dense.bias, residual=input,
+    The base models and every head of BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and
+    DistilBERT (tested), and any model with BERT's block layout (an ``*Encoder`` whose layers hold
+    ``attention.self.{query,key,value}`` / ``attention.output`` / ``intermediate`` / ``output``).
+    The encoder's forward becomes fastbert's unpadded :class:`fastbert.nn.Encoder` over the
+    layers' own parameters (see the module docstring). Attention switches to
+    ``attn_implementation="fastbert"`` (see :func:`register`). For the decoder path the add &
+    norm blocks run ``layer_norm(dense_nobias(h), x_bias=dense.bias, residual=input,
     dropout_p=...)``; the intermediate block runs ``gelu(dense_nobias(h), bias=dense.bias)`` when
     ``config.hidden_act`` maps to fastbert's GELU (``gelu``, ``gelu_python`` -> erf; ``gelu_new``,
     ``gelu_pytorch_tanh``, ``gelu_fast``, ``gelu_accurate`` -> tanh) and keeps Hugging Face's
@@ -403,7 +477,7 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not a transformers ``PreTrainedModel``.
-        ValueError: no BERT attention / add & norm block was found in ``model``.
+        ValueError: no BERT-family encoder or attention / add & norm block was found in ``model``.
     """
     transformers = _hf()
     if not isinstance(model, transformers.PreTrainedModel):
@@ -413,14 +487,17 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     attention_modules = [m for m in model.modules() if _is_attention(m)]
     add_norms = [m for m in model.modules() if _is_add_norm(m)]
     intermediates = [m for m in model.modules() if _is_intermediate(m)]
-    if not attention_modules or not add_norms:
+    encoders = [(m, _LayerBlock, _encoder_forward) for m in model.modules() if _is_encoder(m)]
+    encoders += [(m, _DistilBertLayerBlock, _transformer_forward) for m in model.modules()
+                 if _is_distilbert_transformer(m)]
+    if not encoders and (not attention_modules or not add_norms):
         raise ValueError(f"model: expected a BERT-family model with *SelfAttention and *Output "
                          f"blocks, found {len(attention_modules)} attention and {len(add_norms)} "
                          f"add & norm blocks in {type(model).__name__}")
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    hidden_act = getattr(model.config, "hidden_act", None)
+    hidden_act = getattr(model.config, "hidden_act", getattr(model.config, "activation", None))
     approximate = HIDDEN_ACT_TO_APPROXIMATE.get(hidden_act) if isinstance(hidden_act, str) else None
     for m in attention_modules:
         m._fastbert_backend = backend
@@ -432,10 +509,10 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
             m._fastbert_backend = backend
             m._fastbert_approximate = approximate
             m.forward = types.MethodType(_intermediate_forward, m)
-    for m in [m for m in model.modules() if _is_encoder(m)]:
-        blocks = [_LayerBlock(layer, backend, approximate) for layer in m.layer]
+    for m, block, forward in encoders:
+        blocks = [block(layer, backend, approximate) for layer in m.layer]
         m.__dict__["_fastbert_encoder"] = Encoder(blocks)  # not a child: no new state_dict keys
-        m.forward = types.MethodType(_encoder_forward, m)
+        m.forward = types.MethodType(forward, m)
     model._fastbert_patch_state = {"attn_implementation": previous}
     return model
 
@@ -458,5 +535,6 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _is_fastbert_forward(f) -> bool:
-    return isinstance(f, types.MethodType) and f.__func__ in (_add_norm_forward, _intermediate_forward, _encoder_forward)
+    return isinstance(f, types.MethodType) and f.__func__ in (_add_norm_forward, _intermediate_forward, _encoder_forward,
+                                                           _transformer_forward)
 
