@@ -137,6 +137,46 @@ def attention_probs_forward(query: Tensor, key: Tensor, value: Tensor,
     return out, probs
 
 
+def packed_sequences(kwargs: dict, batch: int, seqlen: int) -> Optional[tuple[Tensor, int]]:
+    """The sequence boundaries of a padding-free (packed) batch, as varlen attention takes them.
+
+    transformers' ``DataCollatorWithFlattening`` concatenates the sequences of a batch into one
+    row ``(1, total_tokens)`` and marks the boundaries either with ``cu_seq_lens_q`` ``(n + 1,)``
+    and ``max_length_q`` (``return_flash_attn_kwargs=True``) or only with ``position_ids`` that
+    restart for every sequence (at ``position_ids_start``, e.g. 2 for RoBERTa): a sequence starts
+    wherever a position is not its predecessor + 1 (transformers' own rule).
+
+    Args:
+        kwargs: the forward's keyword arguments (``cu_seq_lens_q``, ``max_length_q``, ``position_ids``).
+        batch, seqlen: the batch's padded shape.
+
+    Returns:
+        ``(cu_seqlens (n + 1,) int32, max_seqlen int)``, or None for an ordinary batch (no
+        ``cu_seq_lens_q`` and batch > 1, or positions without a restart). Reading
+        ``position_ids`` costs one host sync; under ``torch.compile`` only ``cu_seq_lens_q`` counts.
+
+    Raises:
+        ValueError: ``cu_seq_lens_q`` with batch != 1.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        if batch != 1:
+            raise ValueError(f"cu_seq_lens_q: a padding-free batch has batch size 1, got {batch}")
+        max_len = kwargs.get("max_length_q")
+        max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
+        return cu.to(torch.int32), max_len
+    pos = kwargs.get("position_ids")
+    if pos is None or batch != 1 or pos.numel() != seqlen or seqlen < 2 or torch.compiler.is_compiling():
+        return None
+    pos = pos.reshape(-1)
+    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+    if starts.numel() == 0:
+        return None
+    cu = F.pad(starts, (1, 1)).to(torch.int32)
+    cu[-1] = seqlen
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def fastbert_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                attention_mask: Optional[Tensor], dropout: float = 0.0,
                                scaling: Optional[float] = None, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
@@ -175,7 +215,21 @@ def fastbert_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
                          "attn_implementation='fastbert' (fastbert.ops.attention has no is_causal)")
     softmax_scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     mask2d, bias = _split_mask(attention_mask, query.dtype)
-    if kwargs.get("output_attentions", False) or "attentions" in (_collector() or {}):
+    probs_wanted = kwargs.get("output_attentions", False) or "attentions" in (_collector() or {})
+    packed = packed_sequences(kwargs, query.shape[0], query.shape[2]) if key.shape[2] == query.shape[2] else None
+    if packed is not None and mask2d is None and bias is None:
+        cu_seqlens, max_seqlen = packed
+        if probs_wanted:  # the probabilities are dense anyway: a block-diagonal mask over the row
+            seq = torch.searchsorted(cu_seqlens[1:], torch.arange(query.shape[2], device=query.device), right=True)
+            block = torch.zeros(seq.shape * 2, dtype=query.dtype, device=query.device)
+            block = block.masked_fill(seq[:, None] != seq[None, :], float("-inf"))
+            return attention_probs_forward(query, key, value, None, block, dropout, softmax_scale)
+        # (1, H, total, d) -> (total, H, d) views: varlen attention on the sequences' own boundaries
+        out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout,
+                        softmax_scale=softmax_scale, backend=getattr(module, "_fastbert_backend", None))
+        return out[None], None
+    if probs_wanted:
         return attention_probs_forward(query, key, value, mask2d, bias, dropout, softmax_scale)
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                     attention_mask=mask2d, attn_bias=bias, dropout_p=dropout,
@@ -392,15 +446,17 @@ def _run_unpadded(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
     :func:`fastbert_mask` built: None or ``(batch, seqlen)`` (True = real token). The real tokens
     are packed once, every layer runs on ``(total_tokens, hidden)`` with varlen attention, and the
     result is scattered back once (zeros at padding); a batch without padding runs as is. A
-    padding-free batch (``cu_seq_lens_q`` / ``max_length_q`` from ``DataCollatorWithFlattening``,
-    batch 1) runs varlen on its own sequence boundaries. Under ``torch.compile`` it runs padded.
+    padding-free batch (:func:`packed_sequences`) runs varlen on its own sequence boundaries. Under ``torch.compile`` it runs padded.
     Hidden states and attentions go to transformers' output collector. Returns the last hidden
     state ``(batch, seqlen, hidden)``, or None where this path does not apply (a 4-D mask): the
     caller runs transformers' own forward.
     """
-    cu = kwargs.get("cu_seq_lens_q")
-    if (attention_mask is not None and attention_mask.dim() != 2) or (cu is not None and hidden_states.shape[0] != 1):
+    if attention_mask is not None and attention_mask.dim() != 2:
         return None
+    packed_batch = packed_sequences(kwargs, *hidden_states.shape[:2])
+    collected = _collector() or {}
+    if packed_batch is not None and "attentions" in collected:
+        return None  # per-sequence probabilities of a packed row: the attention function's block mask
     encoder: Encoder = self.__dict__["_fastbert_encoder"]
     encoder.train(self.training)
     first = self.layer[0]
@@ -409,15 +465,11 @@ def _run_unpadded(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
         encoder._gradient_checkpointing_func = first._gradient_checkpointing_func
     compiling = torch.compiler.is_compiling()
     packed = {}
-    if cu is not None:  # a padding-free batch: its sequences end where cu_seq_lens_q says
-        max_seqlen = kwargs.get("max_length_q")
+    if packed_batch is not None and attention_mask is None:  # padding-free: the sequences' own boundaries
         packed = dict(indices=torch.arange(hidden_states.shape[1], device=hidden_states.device),
-                      cu_seqlens=cu.to(torch.int32),
-                      max_seqlen=int(max_seqlen) if max_seqlen is not None else int((cu[1:] - cu[:-1]).max()))
-        attention_mask = None
+                      cu_seqlens=packed_batch[0], max_seqlen=packed_batch[1])
     elif attention_mask is not None and not compiling and bool(attention_mask.all()):
         attention_mask = None  # no padding: skip the pack / unpack
-    collected = _collector() or {}
     out = encoder(hidden_states, attention_mask, unpad=not compiling,
                   output_attentions="attentions" in collected,
                   output_hidden_states="hidden_states" in collected, **packed)
