@@ -245,15 +245,15 @@ def test_patch_forces_backend(monkeypatch):
     import fastbert.nn.bert as nn_bert
 
     seen = []
-    for where in (hf_integration, nn_bert):  # the unpadded encoder runs nn's blocks
-        for op in ("attention", "layer_norm", "gelu"):
-            real = getattr(where, op)
+    for where, op in ((hf_integration, "attention"), (nn_bert, "attention"), (nn_bert, "layer_norm"),
+                      (nn_bert, "gelu")):  # the unpadded encoder runs nn's blocks
+        real = getattr(where, op)
 
-            def spy(*args, _real=real, _op=op, **kwargs):
-                seen.append((_op, kwargs.get("backend")))
-                return _real(*args, **kwargs)
+        def spy(*args, _real=real, _op=op, **kwargs):
+            seen.append((_op, kwargs.get("backend")))
+            return _real(*args, **kwargs)
 
-            monkeypatch.setattr(where, op, spy)
+        monkeypatch.setattr(where, op, spy)
     torch.manual_seed(0)
     ref = BertModel(_small_config()).eval()
     model = BertModel(_small_config()).eval()
@@ -443,3 +443,33 @@ def test_patch_gradient_checkpointing_unpadded():
     assert len(calls) == 2 * 2, "each block runs forward, then again in backward"
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend, fused", [("torch", False), ("reference", True)])
+def test_dense_bias_fusion_follows_the_backend_capability(monkeypatch, backend, fused):
+    """The torch backend keeps the dense bias in the GEMM (addmm); a backend declaring
+    ``fuses_dense_bias`` receives it in layer_norm(x_bias=) / gelu(bias=). Same outputs either way."""
+    import fastbert.nn.bert as nn_bert
+    from fastbert.ops import fuses_dense_bias
+
+    assert fuses_dense_bias(torch.zeros(1), backend) is fused
+    seen = []
+    for op, key in (("layer_norm", "x_bias"), ("gelu", "bias")):
+        real = getattr(nn_bert, op)
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            seen.append(kwargs.get(_key) is not None)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(nn_bert, op, spy)
+    torch.manual_seed(0)
+    ref = BertModel(_small_config()).eval()
+    model = BertModel(_small_config()).eval()
+    model.load_state_dict(ref.state_dict())
+    patch(model, backend=backend)
+    b = _random_batch()
+    with torch.no_grad():
+        out, want = model(**b).last_hidden_state, ref(**b).last_hidden_state
+    assert seen and set(seen) == {fused}
+    mask = b["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], want[mask], rtol=1e-5, atol=1e-5)

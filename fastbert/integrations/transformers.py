@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from fastbert.nn.bert import _dense_act, _dense_add_norm, self_attention
 from fastbert.nn.encoder import Encoder
-from fastbert.ops import attention, gelu, layer_norm
+from fastbert.ops import attention
 
 ATTN_IMPLEMENTATION = "fastbert"
 
@@ -283,23 +283,18 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def _add_norm_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-    """``*SelfOutput`` / ``*Output``: ``LN(dropout(dense(h)) + input)`` with the dense bias,
-    dropout, residual add and LayerNorm in one fused op."""
-    x = F.linear(hidden_states, self.dense.weight)  # (batch, seqlen, hidden), bias fused below
-    return layer_norm(x, self.LayerNorm.weight, self.LayerNorm.bias, eps=self.LayerNorm.eps,
-                      residual=input_tensor, x_bias=self.dense.bias,
-                      dropout_p=self.dropout.p if self.training else 0.0,
-                      backend=self._fastbert_backend)
+    """``*SelfOutput`` / ``*Output``: ``LN(dropout(dense(h)) + input)``, dropout, residual add and
+    LayerNorm in one fused op (the dense bias too where the backend fuses it)."""
+    return _dense_add_norm(self, hidden_states, input_tensor, self.dense, self.LayerNorm, self.dropout.p)
 
 
 def _intermediate_forward(self, hidden_states: Tensor) -> Tensor:
-    """``*Intermediate``: ``gelu(dense(h))`` with the dense bias fused into GELU."""
-    x = F.linear(hidden_states, self.dense.weight)  # (batch, seqlen, intermediate_size)
-    return gelu(x, bias=self.dense.bias, approximate=self._fastbert_approximate,
-                backend=self._fastbert_backend)
+    """``*Intermediate``: ``gelu(dense(h))`` (the dense bias fused into GELU where the backend fuses it)."""
+    return _dense_act(self, self.dense, hidden_states)
 
 
-_PATCH_ATTRS = ("forward", "_fastbert_backend", "_fastbert_approximate", "_fastbert_encoder")
+_PATCH_ATTRS = ("forward", "_fastbert_backend", "_fastbert_approximate", "_fastbert_encoder", "backend",
+                "approximate", "act_fn")
 
 
 def _is_add_norm(m: nn.Module) -> bool:
@@ -554,12 +549,13 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     for m in attention_modules:
         m._fastbert_backend = backend
     for m in add_norms:
-        m._fastbert_backend = backend
+        m._fastbert_backend = m.backend = backend
         m.forward = types.MethodType(_add_norm_forward, m)
     if approximate is not None:
         for m in intermediates:
-            m._fastbert_backend = backend
-            m._fastbert_approximate = approximate
+            m._fastbert_backend = m.backend = backend
+            m._fastbert_approximate = m.approximate = approximate
+            m.act_fn = None  # fastbert's GELU
             m.forward = types.MethodType(_intermediate_forward, m)
     for m, block, forward in encoders:
         blocks = [block(layer, backend, approximate) for layer in m.layer]
@@ -578,6 +574,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     for m in model.modules():
+        if not any(a in m.__dict__ for a in ("_fastbert_backend", "_fastbert_encoder")):
+            continue
         for attr in _PATCH_ATTRS:
             if attr in m.__dict__ and (attr != "forward" or _is_fastbert_forward(m.__dict__[attr])):
                 delattr(m, attr)
