@@ -473,3 +473,32 @@ def test_dense_bias_fusion_follows_the_backend_capability(monkeypatch, backend, 
     assert seen and set(seen) == {fused}
     mask = b["attention_mask"].bool()
     torch.testing.assert_close(out[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_fine_tunes_patched_model_and_save_model_reloads_in_plain_transformers(tmp_path):
+    """transformers.Trainer trains a patched classifier (padded batches of mixed lengths); the saved
+    model loads in plain transformers with equal predictions."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = patch(BertForSequenceClassification(_small_config(num_labels=2)))
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(16):
+        n = int(torch.randint(3, 11, (1,), generator=g))
+        ids = torch.randint(1, 120, (11,), generator=g)
+        mask = (torch.arange(11) < n).long()
+        rows.append(dict(input_ids=ids * mask, attention_mask=mask, labels=torch.tensor(i % 2)))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_train_epochs=1,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    trainer.save_model(str(tmp_path / "saved"))
+    plain = BertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    assert not is_patched(plain)
+    b = _random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**b).logits, plain(**b).logits, rtol=1e-5, atol=1e-5)

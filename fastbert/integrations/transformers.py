@@ -441,8 +441,8 @@ def _run_unpadded(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
     :func:`fastbert_mask` built: None or ``(batch, seqlen)`` (True = real token). The real tokens
     are packed once, every layer runs on ``(total_tokens, hidden)`` with varlen attention, and the
     result is scattered back once (zeros at padding); a batch without padding runs as is. A
-    padding-free batch (:func:`packed_sequences`) runs varlen on its own sequence boundaries. Under ``torch.compile`` it runs padded.
-    Hidden states and attentions go to transformers' output collector. Returns the last hidden
+    padding-free batch (:func:`packed_sequences`) runs varlen on its own sequence boundaries.
+    Under ``torch.compile`` it runs padded (packing has data-dependent shapes). Hidden states and attentions go to transformers' output collector. Returns the last hidden
     state ``(batch, seqlen, hidden)``, or None where this path does not apply (a 4-D mask): the
     caller runs transformers' own forward.
     """
