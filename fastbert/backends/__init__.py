@@ -97,6 +97,10 @@ class BackendSpec:
     caps: dict[str, OpCaps]
     auto: tuple[str, ...] = ()  # ops for which auto dispatch may pick this backend
     probe: Callable[[], str | None] = lambda: None  # reason unavailable, or None (cheap)
+    # Whether moving a dense layer's bias into this backend's LayerNorm / GELU op (``x_bias=``,
+    # ``bias=``) pays. A kernel backend fuses the add into its single pass; the torch backend
+    # (addmm adds the bias inside the GEMM for free) would spend an extra pass on it.
+    fuses_dense_bias: bool = True
     _modules: dict = field(default_factory=dict, repr=False)  # path -> module or error string
 
     def _module_path(self, op: str | None) -> str | None:
@@ -220,6 +224,7 @@ register_backend(BackendSpec(
                      writes_lse=False)
           for op in OPS},
     auto=OPS,
+    fuses_dense_bias=False,
 ))
 
 

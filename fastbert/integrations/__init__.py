@@ -4,8 +4,11 @@
 
 - :func:`register` makes ``attn_implementation="fastbert"`` work in any Hugging Face model that
   uses transformers' ``AttentionInterface`` (BERT and its family);
-- :func:`patch` rewires an existing BERT-family model in place (attention, add & norm, bias +
-  GELU through fastbert's fused ops); :func:`unpatch` restores it.
+- :func:`patch` rewires an existing BERT-family model in place: its encoder runs fastbert's
+  unpadded fused encoder on the model's own parameters; :func:`unpatch` restores it.
+
+:mod:`fastbert.integrations.sentence_transformers`: ``patch(SentenceTransformer(...))`` or
+``patch(CrossEncoder(...))`` patches the transformers models inside.
 """
 
 from __future__ import annotations

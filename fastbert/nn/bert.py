@@ -10,9 +10,11 @@ Layouts: padded ``(batch, seqlen, hidden)`` with an optional ``attention_mask`` 
 (nonzero = attend), or packed ``(total_tokens, hidden)`` with ``cu_seqlens`` ``(batch + 1,)``
 int32 and ``max_seqlen`` (see :mod:`fastbert.nn.padding`).
 
-Fusions: a dense layer runs without its bias, which is fused into the op that follows:
-``layer_norm(x, x_bias=dense.bias, residual=..., dropout_p=...)`` (BERT's add & norm) and
-``gelu(x, bias=dense.bias)``.
+Fusions: residual, dropout and LayerNorm run as one ``layer_norm(x, residual=..., dropout_p=...)``
+(BERT's add & norm). Where the backend declares that it pays (:func:`fastbert.ops.fuses_dense_bias`:
+Triton, CUDA), a dense layer runs without its bias, which moves into the op that follows
+(``x_bias=dense.bias``, ``gelu(x, bias=dense.bias)``); on the torch backend the bias stays in the
+GEMM (``addmm``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from fastbert.nn.modules import LayerNorm, OpsModule, resolve_activation
 from fastbert.nn.padding import pad_input
-from fastbert.ops import attention, gelu, layer_norm
+from fastbert.ops import attention, fuses_dense_bias, gelu, layer_norm
 
 
 def attention_probs(q: Tensor, k: Tensor, attention_mask: Optional[Tensor], softmax_scale: float) -> Tensor:
@@ -53,8 +55,11 @@ def _dense_add_norm(module, hidden_states: Tensor, input_tensor: Tensor, dense=N
     dense = module.dense if dense is None else dense
     norm = module.LayerNorm if norm is None else norm
     p = (module.dropout_p if dropout_p is None else dropout_p) if module.training else 0.0
-    h = F.linear(hidden_states, dense.weight)
-    return layer_norm(h, norm.weight, norm.bias, eps=norm.eps, x_bias=dense.bias, residual=input_tensor,
+    if fuses_dense_bias(hidden_states, module.backend):
+        h, x_bias = F.linear(hidden_states, dense.weight), dense.bias
+    else:  # the bias rides in the GEMM (addmm)
+        h, x_bias = F.linear(hidden_states, dense.weight, dense.bias), None
+    return layer_norm(h, norm.weight, norm.bias, eps=norm.eps, x_bias=x_bias, residual=input_tensor,
                       dropout_p=p, backend=module.backend)
 
 
@@ -63,8 +68,10 @@ def _dense_act(module, dense: nn.Linear, hidden_states: Tensor) -> Tensor:
     a GELU fuses the dense bias into ``fastbert.ops.gelu``."""
     if module.act_fn is not None:  # a non-GELU activation runs through torch
         return module.act_fn(dense(hidden_states))
-    return gelu(F.linear(hidden_states, dense.weight), bias=dense.bias, approximate=module.approximate,
-                backend=module.backend)
+    if fuses_dense_bias(hidden_states, module.backend):
+        return gelu(F.linear(hidden_states, dense.weight), bias=dense.bias, approximate=module.approximate,
+                    backend=module.backend)
+    return gelu(dense(hidden_states), approximate=module.approximate, backend=module.backend)  # addmm
 
 
 def self_attention(module, hidden_states: Tensor, projections, attention_mask: Optional[Tensor] = None, *,

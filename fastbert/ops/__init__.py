@@ -6,10 +6,10 @@ a fake implementation, so ``torch.compile(fullgraph=True)`` traces through it.
 """
 
 from fastbert.ops._common import poisoned_outputs, set_poison_outputs, value_checks_enabled
-from fastbert.ops._dispatch import resolve
+from fastbert.ops._dispatch import fuses_dense_bias, resolve
 from fastbert.ops.attention import attention, padding_mask
 from fastbert.ops.gelu import gelu
 from fastbert.ops.layer_norm import layer_norm
 
-__all__ = ["attention", "layer_norm", "gelu", "padding_mask", "resolve", "poisoned_outputs",
+__all__ = ["attention", "layer_norm", "gelu", "padding_mask", "resolve", "fuses_dense_bias", "poisoned_outputs",
            "set_poison_outputs", "value_checks_enabled"]

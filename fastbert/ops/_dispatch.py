@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 
+import torch
+
 from fastbert.backends import CallInfo, all_backends, get_backend, preload
 
 logger = logging.getLogger("fastbert")
@@ -91,3 +93,25 @@ def backend_module(name: str, op: str):
     if isinstance(mod, str):
         raise RuntimeError(f"fastbert.ops.{op}: backend {name!r} is unavailable: {mod}")
     return mod
+
+
+_FUSES_DENSE_BIAS: dict = {}
+
+
+def fuses_dense_bias(x: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether a dense layer before a LayerNorm / GELU on ``x`` should leave its bias to that op.
+
+    The backend that would run ``layer_norm`` on ``x`` (same order as :func:`resolve`) declares
+    it (``BackendSpec.fuses_dense_bias``): True for the kernel backends, False for torch, where
+    ``addmm`` adds the bias inside the GEMM. Decided once per (device, dtype, backend,
+    ``FASTBERT_BACKEND``) and remembered; modules call this instead of checking devices.
+    """
+    key = (x.device.type, x.dtype, backend, os.environ.get("FASTBERT_BACKEND"))
+    hit = _FUSES_DENSE_BIAS.get(key)
+    if hit is None:
+        call = CallInfo(op="layer_norm", device=x.device.type, dtype=x.dtype,
+                        features=frozenset({"x_bias", "residual", "weight", "bias"}))
+        hit = get_backend(resolve(call, backend)).fuses_dense_bias
+        if not torch.compiler.is_compiling():
+            _FUSES_DENSE_BIAS[key] = hit
+    return hit
