@@ -179,14 +179,14 @@ def _attention_keep(backend, p, lengths, varlen, heads=2):
         cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
         qv, vv = q[mask].contiguous(), eye[mask].contiguous()
         out = torch.full_like(qv, float("nan"))
-        lse = torch.full((heads, qv.shape[0]), float("nan"))
+        lse = torch.full((2, heads, qv.shape[0]), float("nan"))  # the (m, log l) planes
         mod.attention_fwd(qv, qv, vv, out, lse, attention_mask=None, cu_seqlens=cu, max_seqlen=lmax, **kw)
         padded = torch.zeros(batch, lmax, heads, lmax)
         padded[mask] = out
         out = padded
     else:
         out = torch.full_like(q, float("nan"))
-        lse = torch.full((batch, heads, lmax), float("nan"))
+        lse = torch.full((2, batch, heads, lmax), float("nan"))
         mod.attention_fwd(q, q, eye.contiguous(), out, lse, attention_mask=mask, cu_seqlens=None, max_seqlen=lmax,
                           **kw)
     out = out.permute(0, 2, 1, 3)  # [batch, heads, lq, lk]

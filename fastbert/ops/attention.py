@@ -139,8 +139,8 @@ def _check_max_seqlen(max_seqlen, total_tokens: int) -> None:
     than all tokens together; a larger bound would only size grids and padding for nothing)."""
     check(isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool), TypeError,
           f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
-    check(0 <= max_seqlen <= total_tokens, ValueError,
-          f"max_seqlen: expected an int in [0, total_tokens] = [0, {total_tokens}], got {max_seqlen}")
+    if not 0 <= max_seqlen <= total_tokens:  # message built only on failure: Dynamo cannot format SymInts
+        raise ValueError(f"max_seqlen: expected an int in [0, total_tokens] = [0, {total_tokens}], got {max_seqlen}")
 
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: Optional[int]) -> None:
