@@ -25,7 +25,9 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
+import textwrap
 from dataclasses import asdict
 
 import fastbert
@@ -133,8 +135,10 @@ def print_env(info: dict, out: _Plain, ptxas: bool = False) -> None:
                     f"attention head_dim={call['head_dim']}, no optional features)")
     if info.get("build") is not None:
         out.heading("Build")
-        for line in _build_info.render(info["build"]).splitlines():
-            out.line(line)
+        width = shutil.get_terminal_size().columns
+        for line in _build_info.render(info["build"]).splitlines():  # folded to the terminal's width
+            indent = " " * (len(line) - len(line.lstrip()))
+            out.line(textwrap.fill(line, width=width, subsequent_indent=indent + "    ", break_on_hyphens=False))
     if info["cuda_build"] is not None:
         out.heading("CUDA build")
         _print_build(out, info["cuda_build"], ptxas=ptxas)
