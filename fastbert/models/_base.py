@@ -189,4 +189,5 @@ class EncoderModelMixin:
 
 
 def return_dict_of(config, return_dict: Optional[bool]) -> bool:
+    """``return_dict`` of a call, else the config's (transformers' rule)."""
     return getattr(config, "return_dict", True) if return_dict is None else return_dict

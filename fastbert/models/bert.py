@@ -50,6 +50,7 @@ def bert_embeddings(config, *, width: Optional[int] = None, position_padding_idx
 
 
 def classifier_dropout(config) -> float:
+    """The head's dropout probability: ``classifier_dropout``, else ``hidden_dropout_prob``."""
     return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
 
 

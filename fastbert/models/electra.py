@@ -29,6 +29,8 @@ def _act(name: str):
 
 
 class ElectraPreTrainedModel(FastbertPreTrainedModel):
+    """Base of the ELECTRA classes: transformers' ``ElectraConfig``, weights under ``electra.``."""
+
     config_class = ElectraConfig
     base_model_prefix = "electra"
 
@@ -165,6 +167,8 @@ class ElectraForMaskedLM(MaskedLMTask, _ElectraHead):
 
 
 class ElectraForSequenceClassification(SequenceClassificationTask, _ElectraHead):
+    """transformers' ``ElectraForSequenceClassification``: logits ``(batch, num_labels)`` from the first token."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, unpad)
@@ -176,6 +180,8 @@ class ElectraForSequenceClassification(SequenceClassificationTask, _ElectraHead)
 
 
 class ElectraForMultipleChoice(MultipleChoiceTask, _ElectraHead):
+    """transformers' ``ElectraForMultipleChoice``: inputs ``(batch, num_choices, seqlen)``, logits ``(batch, num_choices)``."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, unpad)
@@ -188,6 +194,8 @@ class ElectraForMultipleChoice(MultipleChoiceTask, _ElectraHead):
 
 
 class ElectraForTokenClassification(TokenClassificationTask, _ElectraHead):
+    """transformers' ``ElectraForTokenClassification``: logits ``(batch, seqlen, num_labels)`` (0 at padding when unpadded)."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, unpad)
@@ -197,6 +205,8 @@ class ElectraForTokenClassification(TokenClassificationTask, _ElectraHead):
 
 
 class ElectraForQuestionAnswering(QuestionAnsweringTask, _ElectraHead):
+    """transformers' ``ElectraForQuestionAnswering``: start / end logits ``(batch, seqlen)``."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, unpad)

@@ -24,6 +24,8 @@ from fastbert.ops import gelu
 
 
 class RobertaPreTrainedModel(FastbertPreTrainedModel):
+    """Base of the RoBERTa classes: transformers' ``RobertaConfig``, weights under ``roberta.``."""
+
     config_class = RobertaConfig
     base_model_prefix = "roberta"
 
@@ -133,6 +135,8 @@ class RobertaForMultipleChoice(MultipleChoiceTask, _RobertaHead, RobertaPreTrain
 
 
 class RobertaForTokenClassification(TokenClassificationTask, _RobertaHead, RobertaPreTrainedModel):
+    """transformers' ``RobertaForTokenClassification``: logits ``(batch, seqlen, num_labels)`` (0 at padding when unpadded)."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, False, unpad)
@@ -142,6 +146,8 @@ class RobertaForTokenClassification(TokenClassificationTask, _RobertaHead, Rober
 
 
 class RobertaForQuestionAnswering(QuestionAnsweringTask, _RobertaHead, RobertaPreTrainedModel):
+    """transformers' ``RobertaForQuestionAnswering``: start / end logits ``(batch, seqlen)``."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, False, unpad)
