@@ -88,6 +88,7 @@ def run(rounds: int = 7, threads: int = 2, layers: int = 12, batch: int = 8, seq
 
 
 def main(argv=None) -> None:
+    """Command line: run the benchmark, print the table, optionally write JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)

@@ -60,6 +60,8 @@ SCHEMA = "fastbert.tune/1"
 
 @dataclass(frozen=True)
 class Case:
+    """One sweep case: kernel kind and the BERT shape / dtype / features it is tuned for."""
+
     kind: str
     variant: str
     seqlen: int
@@ -276,6 +278,7 @@ def table_text(table: dict) -> str:
 
 
 def run(args) -> int:
+    """Run the sweep for parsed ``args``; writes ``tune.json`` under ``args.out``; exit status."""
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "tune.json")
     t0 = time.monotonic()

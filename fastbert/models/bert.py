@@ -93,6 +93,8 @@ class BertLMPredictionHead(nn.Module):
 
 
 class BertOnlyMLMHead(nn.Module):
+    """transformers' ``cls`` of ``BertForMaskedLM``: ``predictions`` -> logits ``(..., vocab_size)``."""
+
     def __init__(self, config):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
@@ -102,6 +104,8 @@ class BertOnlyMLMHead(nn.Module):
 
 
 class BertOnlyNSPHead(nn.Module):
+    """Next-sentence head: pooled ``(batch, hidden)`` -> logits ``(batch, 2)`` (0 = B follows A)."""
+
     def __init__(self, config):
         super().__init__()
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
@@ -118,6 +122,8 @@ class BertPreTrainingHeads(nn.Module):
 
 
 class BertPreTrainedModel(FastbertPreTrainedModel):
+    """Base of the BERT classes: transformers' ``BertConfig``, weights under ``bert.``."""
+
     config_class = BertConfig
     base_model_prefix = "bert"
 

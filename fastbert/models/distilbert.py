@@ -22,6 +22,8 @@ from fastbert.nn import DistilBertBlock, Embeddings, Encoder, LayerNorm
 
 
 class DistilBertPreTrainedModel(FastbertPreTrainedModel):
+    """Base of the DistilBERT classes: ``DistilBertConfig``, weights under ``distilbert.``."""
+
     config_class = DistilBertConfig
     base_model_prefix = "distilbert"
 
@@ -91,6 +93,8 @@ class DistilBertForMaskedLM(MaskedLMTask, _DistilBertHead):
 
 
 class DistilBertForSequenceClassification(SequenceClassificationTask, _DistilBertHead):
+    """transformers' ``DistilBertForSequenceClassification``: logits ``(batch, num_labels)``."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, unpad)
@@ -104,6 +108,8 @@ class DistilBertForSequenceClassification(SequenceClassificationTask, _DistilBer
 
 
 class DistilBertForMultipleChoice(MultipleChoiceTask, _DistilBertHead):
+    """transformers' ``DistilBertForMultipleChoice``: logits ``(batch, num_choices)``."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, unpad)
@@ -117,6 +123,8 @@ class DistilBertForMultipleChoice(MultipleChoiceTask, _DistilBertHead):
 
 
 class DistilBertForTokenClassification(TokenClassificationTask, _DistilBertHead):
+    """transformers' ``DistilBertForTokenClassification``: logits ``(batch, seqlen, num_labels)``."""
+
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
         self._build(config, unpad)

@@ -16,6 +16,7 @@ from transformers import ElectraConfig
 
 from fastbert.models._base import FastbertPreTrainedModel
 from fastbert.models.bert import BertModel, bert_embeddings, classifier_dropout
+from fastbert.models.roberta import RobertaClassificationHead
 from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
                                    SequenceClassificationTask, TaskModel, TokenClassificationTask, task_output,
                                    token_logits)
@@ -75,18 +76,10 @@ class ElectraGeneratorPredictions(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(hidden)))
 
 
-class ElectraClassificationHead(nn.Module):
-    """``out_proj(dropout(gelu(dense(dropout(h[:, 0])))))`` (ELECTRA's GELU where BERT has tanh)."""
+class ElectraClassificationHead(RobertaClassificationHead):
+    """RoBERTa's classification head with ELECTRA's exact GELU where RoBERTa has tanh."""
 
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(classifier_dropout(config))
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-
-    def forward(self, features: Tensor) -> Tensor:
-        x = self.dropout(features[:, 0])
-        return self.out_proj(self.dropout(F.gelu(self.dense(x))))
+    act = staticmethod(F.gelu)
 
 
 class ElectraSequenceSummary(nn.Module):

@@ -60,7 +60,10 @@ class RobertaLMHead(OpsModule, nn.Module):
 
 
 class RobertaClassificationHead(nn.Module):
-    """``out_proj(dropout(tanh(dense(dropout(h[:, 0])))))``: the first (``<s>``) token."""
+    """``out_proj(dropout(act(dense(dropout(h[:, 0])))))`` on the first (``<s>``) token; ``act`` is
+    tanh here, GELU in ELECTRA's subclass."""
+
+    act = staticmethod(torch.tanh)
 
     def __init__(self, config):
         super().__init__()
@@ -70,7 +73,7 @@ class RobertaClassificationHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         x = self.dropout(features[:, 0])
-        return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
+        return self.out_proj(self.dropout(self.act(self.dense(x))))
 
 
 class _RobertaHead:
