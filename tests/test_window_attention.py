@@ -78,6 +78,7 @@ CASES = [
     Case("long-multi-block", (5, 20), F32, batch=2, seqlen_q=150, seqlen_k=150, heads=1, mask="random",
          bias="B11K", bias_grad=True, dropout_p=0.2),
     Case("long-q>k", (70, 3), BF16, batch=1, seqlen_q=140, seqlen_k=90, heads=1, mask="prefix"),
+    Case("plain-q>k-some-empty", (2, 3), F32, batch=2, seqlen_q=150, seqlen_k=100, heads=1),
     Case("varlen-long", (33, 2), F32, layout="varlen", lengths=(130, 3, 0, 70), heads=1, dropout_p=0.1),
     Case("varlen", (2, 7), F32, layout="varlen", lengths=(5, 0, 1, 40, 3), dropout_p=0.1),
     Case("varlen-zero", (0, 0), BF16, layout="varlen", lengths=(7, 0, 9)),
@@ -160,7 +161,8 @@ def test_backend_matches_reference(backend, case, poison):
 
 
 SMALL_BLOCK_CASES = [c for c in CASES if c.name in ("sym-mask-bias", "zero-bias-dropout", "right-only-q>k-empty-rows",
-                                                    "mask-and-window-empty", "varlen", "varlen-asym")]
+                                                    "mask-and-window-empty", "varlen", "varlen-asym",
+                                                    "plain-q>k-some-empty", "varlen-zero")]
 
 
 @pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=str)
