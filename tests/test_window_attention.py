@@ -431,3 +431,24 @@ def test_self_attention_module_window():
     ctx_global, probs_global = m(x, mask, output_attentions=True)
     assert (probs_global[0][:, outside] > 0).all()
     assert not torch.allclose(ctx, ctx_global)
+
+
+# ---------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_window_smoke(tmp_path, capsys):
+    """``python -m fastbert.bench.window`` end to end on tiny sizes: its correctness check, a row
+    per (seqlen, direction) with positive times, the JSON file."""
+    import json
+
+    from fastbert.bench import window as bench
+
+    path = tmp_path / "window.json"
+    assert bench.main(["--quick", "--seqlens", "96,160", "--heads", "1", "--head-dim", "16", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert [(r["seqlen"], r["direction"]) for r in res["rows"]] == [(96, "fwd"), (96, "fwd+bwd"), (160, "fwd"),
+                                                                      (160, "fwd+bwd")]
+    assert all(r["global_s"] > 0 and r["window_s"] > 0 and r["rounds"] == 2 for r in res["rows"])
+    assert res["check_max_abs_err"] <= 1e-4 and len(res["load_before"]) == 3
+    assert "win/glob" in capsys.readouterr().out
+    assert bench.attention_flops(10, 1, 1, (1, 1), "fwd") == 4.0 * (10 * 3 - 2)
