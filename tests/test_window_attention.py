@@ -180,6 +180,21 @@ def test_torch_blockwise_small_blocks(case, monkeypatch, poison):
         assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}", floor_eps=16.0)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.layout == "varlen"], ids=str)
+def test_torch_varlen_repadded_path(case, monkeypatch, poison):
+    """The torch backend's varlen path for GPUs (re-padded to max_seqlen, no host sync), run on
+    the CPU."""
+    from fastbert.backends import torch as tb
+
+    monkeypatch.setattr(tb, "_varlen_per_sequence", lambda q: False)
+    t = _inputs(case)
+    got = _run(case, t, "torch", case.dtype)
+    hi = _run(case, t, "reference", F64)
+    lo = _run(case, t, "reference", case.dtype)
+    for name in hi:
+        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}", floor_eps=16.0)
+
+
 @pytest.mark.parametrize("seqlen,window", [(8192, (64, 64)), (1000, (0, 0)), (777, (300, 5)), (50, (64, 64))])
 def test_torch_blockwise_cost_is_seqlen_times_window(seqlen, window):
     """The scores the torch backend's blocks compute: at most seqlen x (block + left + right), not

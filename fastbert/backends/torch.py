@@ -342,6 +342,12 @@ class _Slab:
                 dbias[:, :, qs:qe, ks:ke] = dscores
 
 
+def _varlen_per_sequence(q) -> bool:
+    """Whether varlen windowed attention runs one sequence at a time (CPU: reading cu_seqlens is
+    free there) rather than re-padded to max_seqlen (elsewhere: no host sync)."""
+    return q.device.type == "cpu"
+
+
 def _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
     """``(slab, index)`` pairs covering the problem in the accumulation dtype: the whole padded
     batch as one slab (index: a slice of the batch dim); varlen on CPU one sequence per slab (a
@@ -353,7 +359,7 @@ def _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
         seqs = torch.arange(q.shape[0], device=q.device)
         yield _Slab(heads_first(q), heads_first(k), heads_first(v), attention_mask, attn_bias, seqs), slice(None)
         return
-    if q.device.type == "cpu":
+    if _varlen_per_sequence(q):
         bounds = cu_seqlens.tolist()
         for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
             if end > start:
