@@ -276,8 +276,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             window (same Philox counters); ``attn_bias``'s gradient is 0 outside the window.
 
     Returns:
-        ``out`` with q's shape and dtype. A query row with no key to attend (every key masked or
-        biased ``-inf``) is **empty**: it returns zeros and passes zero gradients, never NaN.
+        ``out`` with q's shape and dtype. A query row with no key to attend (every key masked,
+        biased ``-inf`` or outside its window) is **empty**: it returns zeros and passes zero
+        gradients, never NaN.
 
     Masked positions: a key masked by ``attention_mask`` (or outside its ``cu_seqlens`` sequence)
     has no influence on anything, whatever its K and V rows and its bias entries hold (NaN, Inf,
