@@ -296,7 +296,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         ValueError: a device other than cpu / cuda (meta tensors), wrong ndim, mismatched
             batch/heads/head_dim/seqlen, a mask or bias of the wrong shape, ``attention_mask`` or
             ``attn_bias`` together with ``cu_seqlens``, ``max_seqlen`` outside
-            ``[0, total_tokens]``, a bad ``dropout_p``, a negative ``window`` entry; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
+            ``[0, total_tokens]``, a bad ``dropout_p``, a negative ``window`` entry; for CPU
+            tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
             ``cu_seqlens`` values that are not non-decreasing from 0 to ``total_tokens``. The fast
             GPU path trusts tensor values.
         RuntimeError: a forced backend cannot take the call (every reason is listed).
