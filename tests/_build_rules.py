@@ -41,7 +41,7 @@ _NAMES = {"_C": re.compile(r"fastbert\._C(?!_host)\b"), "_C_host": re.compile(r"
 
 
 def _loads(name: str) -> bool:
-    from fastbert.backends._cuda_ops import load_extension
+    from fastbert.backends.cuda import load_extension
 
     return not isinstance(load_extension(name), str)
 

@@ -1,4 +1,4 @@
-"""The host execution model (csrc/common/host_runtime.h) and the harness's ability to fail.
+"""The host execution model (csrc/host/host_runtime.h) and the harness's ability to fail.
 
 Self-test kernels (csrc/harness.cu) check shuffles, ballots, block reductions and shared memory
 against values worked out by hand, and that faults a GPU would hide or hang on raise. Planted bugs
@@ -12,7 +12,7 @@ import pytest
 import torch
 from _cuda_cases import GELU_CASES, LAYER_NORM_CASES, check_gelu_case, check_layer_norm_case
 
-from fastbert.backends._cuda_ops import launch_kwargs, load_extension
+from fastbert.backends.cuda._ext import launch_kwargs, load_extension
 
 
 def _ext(name: str):
