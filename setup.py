@@ -2,9 +2,11 @@
 
 ``fastbert._C`` (the CUDA kernels, nvcc >= 12) and ``fastbert._C_host`` (the same kernels compiled
 for the CPU, used by the ``cuda-host`` test backend) are built by CMake + Ninja from csrc/ (see
-CMakeLists.txt and csrc/README.md). Environment:
+CMakeLists.txt and csrc/README.md); ``fastbert._C_harness`` (the GPU run of the execution-model
+self-test, nvcc) only on request. Environment:
 
 - ``FASTBERT_BUILD_CUDA=0`` / ``FASTBERT_BUILD_HOST=0``: skip a module;
+- ``FASTBERT_BUILD_HARNESS=1``: also build ``fastbert._C_harness`` (the device check sets it);
 - ``FASTBERT_CUDA_ARCHS`` (default ``80;90a``): GPU archs (SASS for each, PTX of the lowest);
 - the CUDA compiler, first found of: ``CUDACXX``, ``nvcc`` on PATH, ``/usr/local/cuda/bin/nvcc``;
 - ``FASTBERT_WERROR=1``: warnings are errors on our sources (CI sets it; a user build never fails
@@ -86,7 +88,8 @@ def _has_cxx() -> bool:
 def _plan() -> tuple[list[Extension], dict, dict]:
     """(extensions to build, options, the manifest's module entries: "planned" or "skipped")."""
     exts, opts = [], {"nvcc": None, "cuda": None}
-    modules = {name: {"status": "planned", "reason": None} for name in BUILD_INFO.MODULES}
+    modules = {name: {"status": "planned", "reason": None} for name in BUILD_INFO.MODULES
+               if name not in BUILD_INFO.ON_REQUEST}
 
     def skip(name, why):
         _log(why)
@@ -99,6 +102,9 @@ def _plan() -> tuple[list[Extension], dict, dict]:
             exts.append(Extension("fastbert._C", sources=[]))
             opts["nvcc"], opts["cuda"] = nvcc, info
             modules["_C"]["compiler"] = f"{nvcc} (CUDA {info}, found via {how})"
+            if os.environ.get("FASTBERT_BUILD_HARNESS", "0").strip().lower() in ("1", "on", "true", "yes"):
+                exts.append(Extension("fastbert._C_harness", sources=[]))
+                modules["_C_harness"] = {"status": "planned", "reason": None, "compiler": modules["_C"]["compiler"]}
         else:
             skip("_C", f"NOT building the CUDA extension fastbert._C: {info}; the 'cuda' backend will be unavailable")
     else:
@@ -176,6 +182,7 @@ class CMakeBuild(build_ext):
             f"-DFASTBERT_OUTPUT_DIR={out_dir}",
             f"-DFASTBERT_BUILD_CUDA={'ON' if 'fastbert._C' in names else 'OFF'}",
             f"-DFASTBERT_BUILD_HOST={'ON' if 'fastbert._C_host' in names else 'OFF'}",
+            f"-DFASTBERT_BUILD_HARNESS={'ON' if 'fastbert._C_harness' in names else 'OFF'}",
             f"-DFASTBERT_CUDA_ARCHS={os.environ.get('FASTBERT_CUDA_ARCHS', '80;90a')}",
             f"-DFASTBERT_WERROR={'ON' if WERROR else 'OFF'}",
             f"-DFASTBERT_HOST_OPT={os.environ.get('FASTBERT_HOST_OPT', '-O2')}",

@@ -8,7 +8,8 @@
 # DEVICE_CHECK_BUDGET_S (default 390 s); each writes its results before the next starts, and
 # summary.txt is rewritten after every stage, so a run cut short keeps what it answered:
 #   1. build   `python setup.py build_ext --inplace` of fastbert._C for sm_90a only (no host
-#              module), parallel; the build manifest is printed; env info first  -> setup.log
+#              module) and of fastbert._C_harness (the GPU self-test), parallel; the build
+#              manifest is printed; env info first                              -> setup.log
 #   2. tests   pytest -m gpu (parallel with pytest-xdist when installed): GPU parity of every
 #              op x backend, CUDA-graph capture/replay; a CUDA test whose extension failed to
 #              build FAILS with the build's reason                               -> tests.log, tests.xml
@@ -120,7 +121,7 @@ build() {
     if [ "$DRY_RUN" = 1 ]; then
         "$PY" -c "import setuptools, pybind11, cmake, ninja" 2>&1 \
             && echo "build tools: importable" || echo "build tools: some missing (the GPU image has them)"
-        echo "would run: FASTBERT_CUDA_ARCHS=90a FASTBERT_BUILD_HOST=0 $PY setup.py build_ext --inplace"
+        echo "would run: FASTBERT_CUDA_ARCHS=90a FASTBERT_BUILD_HOST=0 FASTBERT_BUILD_HARNESS=1 $PY setup.py build_ext --inplace"
         "$PY" fastbert/_build_info.py
         return 0
     fi
@@ -130,10 +131,11 @@ build() {
         "$PY" -m pip install --no-index --no-deps "$wheels"/*.whl || echo "installing $wheels/*.whl failed"
     fi
     local rc=0
-    FASTBERT_CUDA_ARCHS=90a FASTBERT_BUILD_HOST=0 CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
+    FASTBERT_CUDA_ARCHS=90a FASTBERT_BUILD_HOST=0 FASTBERT_BUILD_HARNESS=1 CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
         "$PY" setup.py -q build_ext --inplace || rc=$?
     "$PY" fastbert/_build_info.py
     "$PY" -c "import fastbert._C as C; print('fastbert._C', C.version(), 'loaded')" || rc=1
+    "$PY" -c "import fastbert._C_harness as H; print('fastbert._C_harness', H.version(), 'loaded')" || rc=1
     return "$rc"
 }
 

@@ -17,18 +17,9 @@
 #include <cstdint>
 
 #include "common/dtype.h"
-
-#ifndef FASTBERT_HOST
-#include <cuda_runtime_api.h>
-#endif
+#include "common/stream.h"
 
 namespace fb {
-
-#ifdef FASTBERT_HOST
-using AttnStream = void*;  // the host build runs synchronously on the CPU
-#else
-using AttnStream = cudaStream_t;
-#endif
 
 // A tensor viewed as rows of head_dim contiguous elements: element (b, s, h, d) lives at
 // ptr + b * stride_batch + s * stride_seq + h * stride_head + d.
@@ -86,7 +77,7 @@ struct AttnParams {
   AttnFault fault = AttnFault::kNone;
 };
 
-// Head dims the kernels take: every multiple of 8 in [8, 256] (fastbert/backends/_cuda_attention.py
+// Head dims the kernels take: every multiple of 8 in [8, 256] (fastbert/backends/cuda/attention.py
 // holds the same list for capabilities and tests).
 inline bool attention_head_dim_supported(int head_dim) {
   return head_dim >= 8 && head_dim <= 256 && head_dim % 8 == 0;
@@ -94,7 +85,7 @@ inline bool attention_head_dim_supported(int head_dim) {
 
 // Launch on `stream` (ignored by the host build). No allocation, no synchronisation. The caller has
 // validated the parameters (attention_binding.cpp).
-void attention_fwd_launch(const AttnParams& params, AttnStream stream);
-void attention_bwd_launch(const AttnParams& params, AttnStream stream);
+void attention_fwd_launch(const AttnParams& params, Stream stream);
+void attention_bwd_launch(const AttnParams& params, Stream stream);
 
 }  // namespace fb

@@ -105,8 +105,7 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
   p.dropout_threshold = bind::dropout_threshold(dropout_p);
   p.dropout_scale = bind::dropout_scale(dropout_p);
   p.softmax_scale = static_cast<float>(softmax_scale);
-  FB_CHECK_ARG(fault_injection >= 0, "fault_injection: expected >= 0, got ", fault_injection);
-  p.fault = fault_injection == 1 ? AttnFault::kKeyBoundOffByOne : AttnFault::kNone;
+  p.fault = bind::check_fault_injection(fault_injection) == 1 ? AttnFault::kKeyBoundOffByOne : AttnFault::kNone;
   return p;
 }
 
@@ -174,5 +173,7 @@ void register_attention(py::module_& m) {
         "stream"_a, "device"_a, "fault_injection"_a = 0,
         "Fused masked multi-head attention backward: writes dq, dk, dv and (dbias != 0) the full fp32 dbias.");
 }
+
+FB_REGISTER_BINDING(attention, register_attention);
 
 }  // namespace fb

@@ -314,13 +314,9 @@ void launch_bwd_dtype(const AttnParams& p, Stream stream) {
 
 namespace fb {
 
-void attention_bwd_launch(const AttnParams& p, AttnStream stream) {
+void attention_bwd_launch(const AttnParams& p, Stream stream) {
   if (p.batch <= 0 || p.max_seqlen_q <= 0 || p.max_seqlen_k <= 0) return;
-  switch (p.dtype) {
-    case DType::kFloat16: return attn::launch_bwd_dtype<__half>(p, stream);
-    case DType::kBFloat16: return attn::launch_bwd_dtype<__nv_bfloat16>(p, stream);
-    default: return attn::launch_bwd_dtype<float>(p, stream);
-  }
+  FB_DTYPE_SWITCH(p.dtype, T, attn::launch_bwd_dtype<T>(p, stream));
 }
 
 }  // namespace fb

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "attention.h"
+#include "common/fault.h"
 #include "common/mma.cuh"
 #include "common/philox.cuh"
 #include "common/platform.cuh"
@@ -223,7 +224,7 @@ FB_DEVICE float load_bias(const AttnParams& p, int b, int h, int i, int j) {
 // Whether key j may be attended at all in sequence b (tile bound + attention_mask); the planted
 // fault lets key seqlen_k through.
 FB_DEVICE bool key_allowed(const AttnParams& p, int b, int j, int seqlen_k) {
-  const int bound = seqlen_k + (p.fault == AttnFault::kKeyBoundOffByOne ? 1 : 0);
+  const int bound = seqlen_k + (FB_FAULT(p.fault == AttnFault::kKeyBoundOffByOne) ? 1 : 0);
   if (j >= bound) return false;
   if (j < seqlen_k && p.attention_mask != nullptr)
     return p.attention_mask[b * p.mask_stride_batch + static_cast<int64_t>(j) * p.mask_stride_key] != 0;

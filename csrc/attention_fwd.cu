@@ -215,13 +215,9 @@ void launch_fwd_dtype(const AttnParams& p, Stream stream) {
 
 namespace fb {
 
-void attention_fwd_launch(const AttnParams& p, AttnStream stream) {
+void attention_fwd_launch(const AttnParams& p, Stream stream) {
   if (p.max_seqlen_q <= 0 || p.batch <= 0) return;
-  switch (p.dtype) {
-    case DType::kFloat16: return attn::launch_fwd_dtype<__half>(p, stream);
-    case DType::kBFloat16: return attn::launch_fwd_dtype<__nv_bfloat16>(p, stream);
-    default: return attn::launch_fwd_dtype<float>(p, stream);
-  }
+  FB_DTYPE_SWITCH(p.dtype, T, attn::launch_fwd_dtype<T>(p, stream));
 }
 
 }  // namespace fb

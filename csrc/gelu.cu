@@ -5,6 +5,7 @@
 // then column_sum_kernel in split order).
 #include <initializer_list>
 
+#include "common/fault.h"
 #include "common/launch.cuh"
 #include "common/platform.cuh"
 #include "common/rows.cuh"
@@ -44,7 +45,7 @@ FB_DEVICE float gelu_grad(float z, bool tanh_approx) {
 template <class T>
 __global__ void __launch_bounds__(256) gelu_fwd_kernel(GeluParams p, bool vec) {
   constexpr int K = Vec<T>::kSize;
-  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;  // fault 1: the last column is lost
+  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;  // fault 1: the last column is lost
   const long long nchunks = (ncols + K - 1) / K;
   const long long total = p.rows * nchunks;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(256) gelu_fwd_kernel(GeluParams p, bool vec) {
 template <class T>
 __global__ void __launch_bounds__(64) gelu_bwd_kernel(GeluParams p, bool vec) {
   constexpr int K = Vec<T>::kSize;
-  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;
+  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;
   const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (c * K >= ncols) return;  // no barriers in this kernel
   const int splits = static_cast<int>(gridDim.y);
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(64) gelu_bwd_kernel(GeluParams p, bool vec) {
 
 template <class T>
 bool use_vec(const GeluParams& p) {
-  if (p.fault != 0 || p.hidden % Vec<T>::kSize != 0) return false;
+  if (FB_FAULT(p.fault != 0) || p.hidden % Vec<T>::kSize != 0) return false;
   for (const void* q : {p.dy, p.x, static_cast<const void*>(p.out)})
     if (q && !is_aligned16(q)) return false;
   return true;
@@ -125,29 +126,17 @@ void bwd(const GeluParams& p, Stream stream) {
   launch(gelu_bwd_kernel<T>, dim3((nchunks + 63) / 64, splits), dim3(64), 0, stream, p, use_vec<T>(p));
   if (!p.dbias) return;
   ColumnSumParams cs{p.workspace, {p.dbias, nullptr, nullptr}, splits, p.hidden,
-                     p.fault == 1 ? p.hidden - 1 : p.hidden};
+                     FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden};
   launch_column_sum(cs, stream);
 }
 
 }  // namespace
 
-void gelu_fwd(const GeluParams& p, void* stream) {
-  const Stream s = static_cast<Stream>(stream);
-  switch (p.dtype) {
-    case DType::kFloat16: return fwd<__half>(p, s);
-    case DType::kBFloat16: return fwd<__nv_bfloat16>(p, s);
-    default: return fwd<float>(p, s);
-  }
-}
+void gelu_fwd(const GeluParams& p, Stream stream) { FB_DTYPE_SWITCH(p.dtype, T, fwd<T>(p, stream)); }
 
-void gelu_bwd(const GeluParams& p, void* stream) {
+void gelu_bwd(const GeluParams& p, Stream stream) {
   FB_CHECK_ARG(p.rows <= 65535LL * 1024 * 1024, "rows: too many rows (", p.rows, ")");
-  const Stream s = static_cast<Stream>(stream);
-  switch (p.dtype) {
-    case DType::kFloat16: return bwd<__half>(p, s);
-    case DType::kBFloat16: return bwd<__nv_bfloat16>(p, s);
-    default: return bwd<float>(p, s);
-  }
+  FB_DTYPE_SWITCH(p.dtype, T, bwd<T>(p, stream));
 }
 
 }  // namespace fb

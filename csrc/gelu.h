@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/stream.h"
 #include "layer_norm.h"  // column_splits
 
 namespace fb {
@@ -26,7 +27,7 @@ inline long long gelu_bwd_workspace_bytes(long long rows, int hidden, bool need_
   return need_dbias ? 4LL * column_splits(rows) * hidden : 0;
 }
 
-void gelu_fwd(const GeluParams& p, void* stream);
-void gelu_bwd(const GeluParams& p, void* stream);
+void gelu_fwd(const GeluParams& p, Stream stream);
+void gelu_bwd(const GeluParams& p, Stream stream);
 
 }  // namespace fb

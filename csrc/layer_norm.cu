@@ -7,6 +7,7 @@
 #include <climits>
 #include <initializer_list>
 
+#include "common/fault.h"
 #include "common/launch.cuh"
 #include "common/philox.cuh"
 #include "common/platform.cuh"
@@ -55,7 +56,7 @@ __global__ void __launch_bounds__(512) layer_norm_fwd_kernel(LayerNormFwdParams 
   constexpr int K = Vec<T>::kSize;
   __shared__ Welford scratch[32];
   const long long row = blockIdx.x;
-  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;  // fault 1: the last column is lost
+  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;  // fault 1: the last column is lost
   const int nchunks = (ncols + K - 1) / K;
   const long long off = row * p.hidden;
   const T* x = static_cast<const T*>(p.x) + off;
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
   constexpr int K = Vec<T>::kSize;
   __shared__ Pair scratch[32];
   const long long row = blockIdx.x;
-  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;
+  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;
   const int nchunks = (ncols + K - 1) / K;
   const long long off = row * p.hidden;
   const T* dy = static_cast<const T*>(p.dy) + off;
@@ -182,7 +183,7 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
 template <class T>
 __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwdParams p, bool vec) {
   constexpr int K = Vec<T>::kSize;
-  const int ncols = p.fault == 1 ? p.hidden - 1 : p.hidden;
+  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;
   const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (c * K >= ncols) return;  // no barriers in this kernel
   const int splits = static_cast<int>(gridDim.y);
@@ -239,7 +240,7 @@ bool use_vec(int hidden, std::initializer_list<const void*> ptrs) {
 
 template <class T>
 void fwd(const LayerNormFwdParams& p, Stream stream) {
-  const bool vec = p.fault == 0 && use_vec<T>(p.hidden, {p.x, p.residual, p.y, p.h});
+  const bool vec = !FB_FAULT(p.fault != 0) && use_vec<T>(p.hidden, {p.x, p.residual, p.y, p.h});
   launch(layer_norm_fwd_kernel<T>, dim3(static_cast<unsigned>(p.rows)),
          dim3(row_block_threads(p.hidden, Vec<T>::kSize)), 0, stream, p, vec);
 }
@@ -248,7 +249,7 @@ template <class T>
 void bwd(LayerNormBwdParams p, Stream stream) {
   constexpr int K = Vec<T>::kSize;
   p.row_stats = p.dx_bias ? p.workspace + 3LL * column_splits(p.rows) * p.hidden : nullptr;
-  const bool vec = p.fault == 0 && use_vec<T>(p.hidden, {p.dy, p.h, p.dx, p.dresidual});
+  const bool vec = !FB_FAULT(p.fault != 0) && use_vec<T>(p.hidden, {p.dy, p.h, p.dx, p.dresidual});
   launch(layer_norm_bwd_rows_kernel<T>, dim3(static_cast<unsigned>(p.rows)), dim3(row_block_threads(p.hidden, K)),
          0, stream, p, vec);
   if (!p.dweight && !p.dbias && !p.dx_bias) return;
@@ -256,7 +257,7 @@ void bwd(LayerNormBwdParams p, Stream stream) {
   const int nchunks = (p.hidden + K - 1) / K;
   launch(layer_norm_bwd_columns_kernel<T>, dim3((nchunks + 63) / 64, splits), dim3(64), 0, stream, p, vec);
   ColumnSumParams cs{p.workspace, {p.dweight, p.dbias, p.dx_bias}, splits, p.hidden,
-                     p.fault == 1 ? p.hidden - 1 : p.hidden};
+                     FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden};
   launch_column_sum(cs, stream);
 }
 
@@ -266,24 +267,14 @@ void check_rows(long long rows) {
 
 }  // namespace
 
-void layer_norm_fwd(const LayerNormFwdParams& p, void* stream) {
+void layer_norm_fwd(const LayerNormFwdParams& p, Stream stream) {
   check_rows(p.rows);
-  const Stream s = static_cast<Stream>(stream);
-  switch (p.dtype) {
-    case DType::kFloat16: return fwd<__half>(p, s);
-    case DType::kBFloat16: return fwd<__nv_bfloat16>(p, s);
-    default: return fwd<float>(p, s);
-  }
+  FB_DTYPE_SWITCH(p.dtype, T, fwd<T>(p, stream));
 }
 
-void layer_norm_bwd(const LayerNormBwdParams& p, void* stream) {
+void layer_norm_bwd(const LayerNormBwdParams& p, Stream stream) {
   check_rows(p.rows);
-  const Stream s = static_cast<Stream>(stream);
-  switch (p.dtype) {
-    case DType::kFloat16: return bwd<__half>(p, s);
-    case DType::kBFloat16: return bwd<__nv_bfloat16>(p, s);
-    default: return bwd<float>(p, s);
-  }
+  FB_DTYPE_SWITCH(p.dtype, T, bwd<T>(p, stream));
 }
 
 }  // namespace fb

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/stream.h"
 
 namespace fb {
 
@@ -66,7 +67,7 @@ inline long long layer_norm_bwd_workspace_bytes(long long rows, int hidden, bool
   return 4 * (3LL * column_splits(rows) * hidden + (need_dx_bias ? 2 * rows : 0));
 }
 
-void layer_norm_fwd(const LayerNormFwdParams& p, void* stream);
-void layer_norm_bwd(const LayerNormBwdParams& p, void* stream);
+void layer_norm_fwd(const LayerNormFwdParams& p, Stream stream);
+void layer_norm_bwd(const LayerNormBwdParams& p, Stream stream);
 
 }  // namespace fb

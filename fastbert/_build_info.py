@@ -15,7 +15,8 @@ Schema ``fastbert.build/1``::
                    "compiler": "<nvcc path> (CUDA 13.0, found via PATH)", "host_compiler": "GNU 13.2.0",
                    "archs": ["90a-real"]},
        "_C_host": {"status": ..., "reason": ..., "compiler": "GNU 12.2.0 (/usr/bin/c++)",
-                   "cuda_headers": true}}}
+                   "cuda_headers": true},
+       "_C_harness": {...}}}   # only when FASTBERT_BUILD_HARNESS=1 asked for it (the device check)
 
 ``reason`` is set whenever ``status`` is not ``"built"``: the build output's last lines for
 ``"failed"``, the cause (``FASTBERT_BUILD_CUDA=0``, no nvcc, ...) for ``"skipped"``.
@@ -31,7 +32,8 @@ from pathlib import Path
 
 SCHEMA = "fastbert.build/1"
 MANIFEST_NAME = "_build_manifest.json"
-MODULES = ("_C", "_C_host")
+MODULES = ("_C", "_C_host", "_C_harness")
+ON_REQUEST = ("_C_harness",)  # in the manifest only when asked for (FASTBERT_BUILD_HARNESS=1)
 MANIFEST_PATH = Path(__file__).resolve().parent / MANIFEST_NAME
 
 
@@ -78,6 +80,8 @@ def render(manifest: dict | None = None) -> str:
             f"{'yes' if m.get('werror') else 'no'})")
     lines = [head]
     for name in MODULES:
+        if name in ON_REQUEST and name not in m.get("modules", {}):
+            continue
         e = m.get("modules", {}).get(name, {})
         status = e.get("status", "unknown")
         line = f"  fastbert.{name:8s} {status}"

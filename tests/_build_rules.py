@@ -2,8 +2,8 @@
 
 A CUDA test skips when its extension cannot be used, which is right on a CPU machine that has no
 toolkit, and wrong when the extension should be there: a device check whose ``_C`` build failed
-would otherwise look green. So a skip whose reason names ``fastbert._C`` / ``fastbert._C_host``
-becomes a failure, carrying the build manifest's account (``fastbert/_build_info.py``), when
+would otherwise look green. So a skip whose reason names ``fastbert._C`` / ``fastbert._C_host`` /
+``fastbert._C_harness`` becomes a failure, carrying the build manifest's account (``fastbert/_build_info.py``), when
 
 - a GPU is present and the test is marked ``gpu`` (whatever the reason: not built, build failed,
   built for another version, no usable device); or
@@ -37,11 +37,12 @@ def _load_build_info():
 
 
 _build_info = _load_build_info()
-_NAMES = {"_C": re.compile(r"fastbert\._C(?!_host)\b"), "_C_host": re.compile(r"fastbert\._C_host\b")}
+_NAMES = {"_C": re.compile(r"fastbert\._C(?!_host)\b"), "_C_host": re.compile(r"fastbert\._C_host\b"),
+          "_C_harness": re.compile(r"fastbert\._C_harness\b")}
 
 
 def _loads(name: str) -> bool:
-    from fastbert.backends._cuda_ops import load_extension
+    from fastbert.backends.cuda import load_extension
 
     return not isinstance(load_extension(name), str)
 

@@ -15,7 +15,7 @@ import torch
 from _cuda_cases import ATTENTION_CASES, AttentionCase, check_attention_case, require_backend
 
 from fastbert.backends import get_backend
-from fastbert.backends._cuda_ops import load_extension
+from fastbert.backends.cuda import load_extension
 from fastbert.backends._philox import attention_keep_mask
 
 
@@ -177,10 +177,10 @@ def test_cuda_attention_captures_and_replays_in_a_cuda_graph():
 
 
 def test_cuda_attention_capabilities_come_from_the_head_dim_list():
-    """The backends declare exactly the kernels' head_dim list (_cuda_attention.HEAD_DIMS): every
+    """The backends declare exactly the kernels' head_dim list (cuda/attention.py's HEAD_DIMS): every
     multiple of 8 up to 256, nothing else."""
     from fastbert.backends import CallInfo
-    from fastbert.backends._cuda_attention import HEAD_DIMS
+    from fastbert.backends.cuda.attention import HEAD_DIMS
 
     assert HEAD_DIMS == tuple(range(8, 257, 8))
     for name in ("cuda-host", "cuda"):

@@ -20,7 +20,7 @@ import torch
 import fastbert
 from fastbert.backends import CallInfo, get_backend
 from fastbert.backends import cuda as cuda_backend
-from fastbert.backends._cuda_ops import load_extension
+from fastbert.backends.cuda import load_extension
 from fastbert.ops._dispatch import resolve
 
 NVCC = shutil.which("nvcc") if os.environ.get("FASTBERT_BUILD_CUDA", "1") != "0" else None
@@ -116,11 +116,11 @@ def test_import_fastbert_without_the_extensions():
 
 
 def test_version_mismatch_makes_the_backend_unavailable(monkeypatch):
-    from fastbert.backends import _cuda_ops
+    from fastbert.backends.cuda import _ext
 
     if isinstance(load_extension("_C_host"), str):
         pytest.skip("fastbert._C_host is not built")
-    monkeypatch.setattr(_cuda_ops, "_loaded", {})
+    monkeypatch.setattr(_ext, "_loaded", {})
     monkeypatch.setattr(fastbert, "__version__", "0.0.0-other")
     reason = load_extension("_C_host")
     assert isinstance(reason, str) and "built for fastbert" in reason and "0.0.0-other" in reason

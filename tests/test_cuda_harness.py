@@ -1,9 +1,10 @@
-"""The host execution model (csrc/common/host_runtime.h) and the harness's ability to fail.
+"""The host execution model (csrc/host/host_runtime.h) and the harness's ability to fail.
 
-Self-test kernels (csrc/harness.cu) check shuffles, ballots, block reductions and shared memory
+Self-test kernels (csrc/harness/harness.cu) check shuffles, ballots, block reductions and shared memory
 against values worked out by hand, and that faults a GPU would hide or hang on raise. Planted bugs
 (``FASTBERT_CUDA_FAULT``, csrc/README.md) must make the ``cuda-host`` parity checks FAIL: a
-harness that cannot fail proves nothing.
+harness that cannot fail proves nothing. The harness and the faults are compiled only into the
+harness modules (``fastbert._C_host``; on a GPU ``fastbert._C_harness``), never into ``fastbert._C``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 from _cuda_cases import GELU_CASES, LAYER_NORM_CASES, check_gelu_case, check_layer_norm_case
 
-from fastbert.backends._cuda_ops import launch_kwargs, load_extension
+from fastbert.backends.cuda._ext import launch_kwargs, load_extension
 
 
 def _ext(name: str):
@@ -83,7 +84,7 @@ def test_host_launch_shape_is_checked():
 
 @pytest.mark.gpu
 def test_gpu_runs_the_same_self_tests():
-    ext = _ext("_C")
+    ext = _ext("_C_harness")  # the device check builds it (FASTBERT_BUILD_HARNESS=1); never in _C
     _check_shuffles(_run(ext, "cuda", 0, 2, 96))
     _check_block(_run(ext, "cuda", 1, 3, 96, smem=4 * 96), host=False)
 

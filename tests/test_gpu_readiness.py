@@ -25,7 +25,7 @@ from _build_rules import skip_is_failure
 import fastbert
 from fastbert import _build_info
 from fastbert.backends import get_backend
-from fastbert.backends._cuda_ops import load_extension
+from fastbert.backends.cuda import load_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the GPU image lacks that the tests use, blocked by a module that raises ImportError
@@ -304,7 +304,7 @@ def test_triton_attention_runs_on_a_non_current_gpu():
 def test_cuda_attention_holds_the_converted_fp64_bias_during_the_launch():
     """An fp64 bias is read as an fp32 copy; the extension sees only its pointer, so the copy must
     be alive when the launch runs (a fake extension looks for a live tensor at that address)."""
-    from fastbert.backends import _cuda_attention
+    from fastbert.backends.cuda import attention as cuda_attention
 
     seen = []
 
@@ -325,8 +325,8 @@ def test_cuda_attention_holds_the_converted_fp64_bias_during_the_launch():
     bias = torch.randn(1, 2, 16, 16, generator=g, dtype=torch.float64)
     common = dict(attention_mask=None, attn_bias=bias, cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
                   seed=None, softmax_scale=0.35)
-    _cuda_attention.attention_fwd(FakeExt(), q, k, v, out, lse, **common)
-    _cuda_attention.attention_bwd(FakeExt(), dout, q, k, v, out, lse, dq, dk, dv, None, **common)
+    cuda_attention.attention_fwd(FakeExt(), q, k, v, out, lse, **common)
+    cuda_attention.attention_bwd(FakeExt(), dout, q, k, v, out, lse, dq, dk, dv, None, **common)
     assert seen == [("fwd", 0, True), ("bwd", 0, True)], seen  # dtype code 0 = fp32, alive
 
 

@@ -28,12 +28,10 @@ LAYERS = {"backends": 0, "ops": 1, "nn": 2, "models": 3, "integrations": 3, "env
           "demo": 6, "cli": 7, "__main__": 7}
 OP_MODULES = {"attention", "layer_norm", "gelu"}  # one file per op in each backend
 
-# Known violations, each being removed by another change in flight (the CUDA glue's move to
-# backends/cuda/, the torch backend's own varlen padding, Triton's shared helpers). Remove an
+# Known violations, each being removed by another change in flight (the torch backend's own
+# varlen padding, Triton's shared helpers). Remove an
 # entry when its edge is gone; the test fails on every edge not listed here.
 KNOWN_VIOLATIONS = {
-    # cycle: the CUDA attention glue and the shared CUDA glue import each other
-    ("cycle", "fastbert.backends._cuda_attention", "fastbert.backends._cuda_ops"),
     # sideways: the torch backend borrows the reference backend's private varlen padding
     ("sideways", "fastbert.backends.torch", "fastbert.backends.reference"),
     # sideways: Triton's GELU reuses a helper of Triton's LayerNorm module
@@ -100,8 +98,7 @@ def _layer(module: str) -> int | None:
 
 def _backend_group(module: str) -> str | None:
     """Which backend a module of fastbert/backends/ belongs to (None: the shared registry and
-    helpers such as ``_philox``): ``reference``, ``torch``, ``triton``, ``cuda`` (with the
-    ``_cuda_*`` glue files)."""
+    helpers such as ``_philox``): ``reference``, ``torch``, ``triton``, ``cuda``."""
     parts = module.split(".")
     if parts[:2] != ["fastbert", "backends"] or len(parts) == 2:
         return None

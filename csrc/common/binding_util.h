@@ -14,17 +14,10 @@
 #include "dtype.h"
 #include "error.h"
 
-#ifndef FASTBERT_HOST
-#include <cuda_runtime_api.h>
-#endif
+#include "fault.h"
+#include "stream.h"
 
 namespace fb::bind {
-
-#ifdef FASTBERT_HOST
-using Stream = void*;
-#else
-using Stream = cudaStream_t;
-#endif
 
 // A pointer argument: `name` for the error message, `required` = may not be null, `align` in bytes.
 inline const void* ptr(const char* name, std::uintptr_t value, std::size_t align, bool required) {
@@ -63,6 +56,15 @@ inline float dropout_scale(double dropout_p) {
 }
 
 inline Stream stream(std::uintptr_t value) { return reinterpret_cast<Stream>(value); }
+
+// The `fault_injection` argument (common/fault.h): >= 0, and 0 unless this is a harness build.
+inline int check_fault_injection(int value) {
+  FB_CHECK_ARG(value >= 0, "fault_injection: expected >= 0, got ", value);
+  FB_CHECK_ARG(kHarnessBuild || value == 0,
+               "fault_injection: planted faults are compiled only into the harness builds (fastbert._C_host), got ",
+               value);
+  return value;
+}
 
 // Number of CUDA devices; 0 with `why` set when there is no driver or device (never throws).
 inline int device_count(std::string* why = nullptr) {

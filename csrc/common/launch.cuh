@@ -4,7 +4,7 @@
 //
 // Device build: kernel<<<grid, block, smem_bytes, stream>>>(args...), raising the dynamic shared
 // memory limit first when smem_bytes > 48 KiB, then cudaGetLastError() -> fb::RuntimeError.
-// Host build: runs the grid on the CPU fibers of host_runtime.h, synchronously; `stream` ignored.
+// Host build: runs the grid on the CPU fibers of host/host_runtime.h, synchronously; `stream` ignored.
 // Both check the launch shape first (fb::ArgError).
 #pragma once
 
@@ -14,6 +14,7 @@
 
 #include "error.h"
 #include "platform.cuh"
+#include "stream.h"
 
 #if !FB_HOST_BUILD
 // FB_CUDA_CHECK(cudaCall(...)): throws fb::RuntimeError with the CUDA error name and string.
@@ -28,12 +29,6 @@
 #endif
 
 namespace fb {
-
-#if FB_HOST_BUILD
-using Stream = void*;
-#else
-using Stream = cudaStream_t;
-#endif
 
 inline void check_launch_shape(dim3 grid, dim3 block, std::size_t smem_bytes) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;

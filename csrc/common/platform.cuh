@@ -23,7 +23,7 @@
   type* name = reinterpret_cast<type*>(fb_dynamic_smem_)
 #elif defined(FASTBERT_HOST)
 #define FB_HOST_BUILD 1
-#include "host_runtime.h"
+#include "host/host_runtime.h"
 #define FB_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::fb::host::dynamic_smem())
 #else
 #error "csrc kernels compile with nvcc (device build) or with -DFASTBERT_HOST (host build)"

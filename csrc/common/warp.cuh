@@ -6,12 +6,13 @@
 //   fb::ballot(pred[, mask])             == __ballot_sync(mask, pred)
 //   fb::syncwarp([mask])                 == __syncwarp(mask)
 // Width is always 32. T may be any trivially copyable type whose size is a multiple of 4 bytes
-// (structs shuffle word by word on the GPU). Host build: one exchange per call (host_runtime.h).
+// (structs shuffle word by word on the GPU). Host build: one exchange per call (host/host_runtime.h).
 #pragma once
 
 #include <cstring>
 #include <type_traits>
 
+#include "fault.h"
 #include "platform.cuh"
 
 namespace fb {
@@ -113,7 +114,7 @@ FB_DEVICE T block_allreduce(T v, Op op, T* scratch, int fault = 0) {
   const unsigned nwarps = block_size() / 32;
   if (nwarps == 1) return v;
   if (lane_id() == 0) scratch[warp_id()] = v;
-  if (fault != 2) __syncthreads();
+  if (!FB_FAULT(fault == 2)) __syncthreads();
   T r = scratch[0];
   for (unsigned w = 1; w < nwarps; ++w) r = op(r, scratch[w]);
   __syncthreads();  // scratch may be reused right after

@@ -60,7 +60,6 @@ it cannot take a call (empty = it can); the dispatcher in ``fastbert.ops._dispat
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
@@ -208,18 +207,6 @@ def get_backend(name: str) -> BackendSpec:
 def all_backends() -> dict[str, BackendSpec]:
     """All registered backends by name, in registration order."""
     return dict(_REGISTRY)
-
-
-def _triton_probe() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (set TRITON_INTERPRET=1 before importing to run Triton kernels on the CPU)"
-    return None
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastbert.backends import ALL_FEATURES
-from fastbert.backends._cuda_ops import dtype_code, fault_injection, launch_kwargs, ptr
+from fastbert.backends.cuda._ext import dtype_code, fault_injection, launch_kwargs, ptr
 
 # head_dims the kernels take (one list for capabilities, tests and docs).
 HEAD_DIMS = tuple(range(8, 257, 8))

@@ -4,7 +4,7 @@ Importing it raises ImportError (recorded by the registry as the reason) when th
 missing or was built for another fastbert version.
 """
 
-from fastbert.backends._cuda_ops import bind
+from fastbert.backends.cuda import bind
 
 _f = bind("_C")
 attention_fwd, attention_bwd = _f["attention_fwd"], _f["attention_bwd"]

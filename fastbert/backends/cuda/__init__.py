@@ -4,33 +4,34 @@
   (``backend="cuda"`` or ``FASTBERT_BACKEND=cuda``) and joins auto dispatch for an op only once a
   recorded GPU run has verified that op: :data:`VERIFIED_ON_GPU`.
 - ``cuda-host`` runs the same kernel source from ``fastbert._C_host`` on CPU tensors (the fiber
-  execution model of csrc/common/host_runtime.h). A test harness: auto dispatch never picks it.
+  execution model of csrc/host/host_runtime.h). A test harness: auto dispatch never picks it.
 
 ``import fastbert`` never fails because an extension, a driver or a GPU is missing: the backends
 then report why they cannot run (``fastbert env`` shows it, with :func:`build_info`).
+
+Layout: this file registers both backends; ``attention.py``, ``layer_norm.py``, ``gelu.py`` turn
+each op's tensors into the extension's raw-pointer calls (``csrc/<op>_binding.cpp``); ``_ext.py``
+loads the extensions; ``device.py`` / ``host.py`` are the compute modules, the glue bound to
+``fastbert._C`` / ``fastbert._C_host``.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import logging
 from pathlib import Path
 
 import torch
 
 from fastbert.backends import BackendSpec, OpCaps, register_backend
-from fastbert.backends._cuda_ops import load_extension
-
-logger = logging.getLogger("fastbert")
+from fastbert.backends.cuda import attention, gelu, layer_norm
+from fastbert.backends.cuda._ext import load_extension
 
 # Set an op to True only from a recorded GPU run of its gpu-marked parity tests (device check).
 VERIFIED_ON_GPU = {"attention": False, "layer_norm": False, "gelu": False}
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LAYER_NORM_FEATURES = frozenset({"weight", "bias", "residual", "x_bias", "dropout", "deterministic"})
-GELU_FEATURES = frozenset({"bias", "deterministic"})
-PTXAS_REPORT = Path(__file__).resolve().parent.parent / "_C_ptxas.txt"
+PTXAS_REPORT = Path(__file__).resolve().parents[2] / "_C_ptxas.txt"
+_OPS = {"layer_norm": layer_norm, "gelu": gelu, "attention": attention}  # op -> its glue module
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,34 +52,26 @@ def _host_probe() -> str | None:
     return ext if isinstance(ext, str) else None
 
 
-def _attention_caps(device: str, module: str) -> OpCaps | None:
-    """Attention's capabilities, declared by ``fastbert.backends._cuda_attention`` when it exists."""
-    try:
-        attn = importlib.import_module("fastbert.backends._cuda_attention")
-    except ModuleNotFoundError as exc:
-        if exc.name == "fastbert.backends._cuda_attention":
-            return None
-        logger.warning("fastbert: CUDA attention unavailable: %s", exc)
-        return None
-    except Exception as exc:  # a broken optional module must not break import fastbert
-        logger.warning("fastbert: CUDA attention unavailable: %s: %s", type(exc).__name__, exc)
-        return None
-    head_dims = tuple(attn.HEAD_DIMS)
-    return OpCaps(devices=(device,), dtypes=DTYPES, head_dims=lambda d: d in head_dims,
-                  head_dims_doc=getattr(attn, "HEAD_DIMS_DOC", ", ".join(map(str, head_dims))),
-                  features=frozenset(attn.FEATURES),
-                  writes_lse=getattr(attn, "WRITES_LSE", True), module=module)
-
-
 def _caps(device: str, module: str) -> dict[str, OpCaps]:
-    caps = {
-        "layer_norm": OpCaps(devices=(device,), dtypes=DTYPES, features=LAYER_NORM_FEATURES, module=module),
-        "gelu": OpCaps(devices=(device,), dtypes=DTYPES, features=GELU_FEATURES, module=module),
+    """Each op's capabilities, as its glue module declares them."""
+    common = dict(devices=(device,), dtypes=DTYPES, module=module)
+    head_dims = frozenset(attention.HEAD_DIMS)
+    return {
+        "layer_norm": OpCaps(features=layer_norm.FEATURES, **common),
+        "gelu": OpCaps(features=gelu.FEATURES, **common),
+        "attention": OpCaps(features=attention.FEATURES, head_dims=head_dims.__contains__,
+                            head_dims_doc=attention.HEAD_DIMS_DOC, writes_lse=attention.WRITES_LSE, **common),
     }
-    attention = _attention_caps(device, module)
-    if attention is not None:
-        caps["attention"] = attention
-    return caps
+
+
+def bind(name: str) -> dict:
+    """The six contract functions bound to extension ``name`` (``fastbert.backends.cuda.device``
+    and ``.host`` are these); ImportError when the extension is unusable."""
+    ext = load_extension(name)
+    if isinstance(ext, str):
+        raise ImportError(ext)
+    return {f"{op}_{d}": functools.partial(getattr(glue, f"{op}_{d}"), ext)
+            for op, glue in _OPS.items() for d in ("fwd", "bwd")}
 
 
 def ptxas_report() -> list[dict]:
@@ -114,15 +107,15 @@ def build_info() -> dict:
 
 register_backend(BackendSpec(
     name="cuda",
-    module="fastbert.backends._cuda_device",
-    caps=_caps("cuda", "fastbert.backends._cuda_device"),
+    module="fastbert.backends.cuda.device",
+    caps=_caps("cuda", "fastbert.backends.cuda.device"),
     auto=tuple(op for op, ok in VERIFIED_ON_GPU.items() if ok),
     probe=_cuda_probe,
 ))
 register_backend(BackendSpec(
     name="cuda-host",
-    module="fastbert.backends._cuda_host",
-    caps=_caps("cpu", "fastbert.backends._cuda_host"),
+    module="fastbert.backends.cuda.host",
+    caps=_caps("cpu", "fastbert.backends.cuda.host"),
     auto=(),
     probe=_host_probe,
 ))

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "error.h"
+#include "common/error.h"
 
 namespace fb::host {
 namespace {

@@ -2,7 +2,7 @@
 (the CUDA kernels compiled for the CPU and run by the fiber execution model; tests only).
 """
 
-from fastbert.backends._cuda_ops import bind
+from fastbert.backends.cuda import bind
 
 _f = bind("_C_host")
 attention_fwd, attention_bwd = _f["attention_fwd"], _f["attention_bwd"]

@@ -1,6 +1,7 @@
 // Self-test kernels of the execution model (tests/test_cuda_harness.py): shuffles, ballots,
 // block reductions, static and dynamic shared memory, and faults the host runtime must report.
-// Tiny and built into both modules, so a GPU run checks the same expectations.
+// Tiny; built into the harness modules only (fastbert._C_host, and fastbert._C_harness for the GPU
+// run of the same expectations), never into fastbert._C.
 #include "common/launch.cuh"
 #include "common/platform.cuh"
 #include "common/warp.cuh"
@@ -64,9 +65,9 @@ __global__ void harness_kernel(int mode, int* out) {
 
 }  // namespace
 
-void harness(int mode, int* out, unsigned grid, unsigned block, std::size_t smem_bytes, void* stream) {
+void harness(int mode, int* out, unsigned grid, unsigned block, std::size_t smem_bytes, Stream stream) {
   FB_CHECK_ARG(mode >= 0 && mode <= 6, "mode: expected 0..6, got ", mode);
-  launch(harness_kernel, dim3(grid), dim3(block), smem_bytes, static_cast<Stream>(stream), mode, out);
+  launch(harness_kernel, dim3(grid), dim3(block), smem_bytes, stream, mode, out);
 }
 
 }  // namespace fb

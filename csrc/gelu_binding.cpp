@@ -1,0 +1,92 @@
+// pybind11 entry points of the bias-GELU kernels (csrc/gelu.h): gelu_fwd, gelu_bwd and the
+// backward's workspace query. Conventions: csrc/README.md, "Bindings".
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "common/binding_util.h"
+#include "common/registry.h"
+#include "gelu.h"
+
+namespace py = pybind11;
+using namespace py::literals;
+
+namespace fb {
+namespace {
+
+using bind::dtype;
+using bind::mut_ptr;
+using bind::positive;
+using bind::ptr;
+
+GeluParams gelu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
+                       const char* out_name, long long rows, long long hidden, int dtype_code, int bias_dtype,
+                       const std::string& approximate, int fault_injection) {
+  positive("rows", rows);
+  positive("hidden", hidden);
+  FB_CHECK_ARG(hidden <= (1LL << 30), "hidden: expected <= 2^30, got ", hidden);
+  FB_CHECK_ARG(approximate == "none" || approximate == "tanh", "approximate: expected 'none' or 'tanh', got '",
+               approximate, "'");
+  GeluParams p{};
+  p.dtype = dtype("dtype", dtype_code);
+  p.bias_dtype = dtype("bias_dtype", bias_dtype);
+  const std::size_t a = dtype_size(p.dtype);
+  p.x = ptr("x", x, a, true);
+  p.bias = ptr("bias", bias, dtype_size(p.bias_dtype), false);
+  p.out = mut_ptr(out_name, out, a, true);
+  p.dy = dy ? ptr("dy", dy, a, true) : nullptr;
+  p.rows = rows;
+  p.hidden = static_cast<int>(hidden);
+  p.tanh_approx = approximate == "tanh";
+  p.fault = bind::check_fault_injection(fault_injection);
+  return p;
+}
+
+void gelu_fwd_py(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y, long long rows, long long hidden,
+                 int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
+                 int fault_injection) {
+  GeluParams p = gelu_params(0, x, bias, y, "y", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
+  bind::DeviceGuard guard(device);
+  gelu_fwd(p, bind::stream(stream));
+}
+
+void gelu_bwd_py(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t dx, std::uintptr_t dbias,
+                 std::uintptr_t workspace, long long workspace_bytes, long long rows, long long hidden,
+                 int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
+                 int fault_injection) {
+  FB_CHECK_ARG(dy != 0, "dy: expected a non-null pointer, got 0 (None)");
+  GeluParams p = gelu_params(dy, x, bias, dx, "dx", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
+  p.dbias = static_cast<float*>(mut_ptr("dbias", dbias, 4, false));
+  const long long need = gelu_bwd_workspace_bytes(rows, static_cast<int>(hidden), dbias != 0);
+  FB_CHECK_ARG(workspace_bytes >= need, "workspace_bytes: expected >= ", need, " (gelu_bwd_workspace_bytes), got ",
+               workspace_bytes);
+  p.workspace = static_cast<float*>(mut_ptr("workspace", workspace, 16, need > 0));
+  bind::DeviceGuard guard(device);
+  gelu_bwd(p, bind::stream(stream));
+}
+
+}  // namespace
+
+void register_gelu(py::module_& m) {
+  m.def("gelu_fwd", &gelu_fwd_py, py::kw_only(), "x"_a, "bias"_a, "y"_a, "rows"_a, "hidden"_a, "dtype"_a,
+        "bias_dtype"_a = 0, "approximate"_a = "none", "stream"_a = 0, "device"_a, "fault_injection"_a = 0,
+        "y = gelu(x + bias) in fp32, stored in x's dtype.");
+  m.def("gelu_bwd", &gelu_bwd_py, py::kw_only(), "dy"_a, "x"_a, "bias"_a, "dx"_a, "dbias"_a, "workspace"_a,
+        "workspace_bytes"_a, "rows"_a, "hidden"_a, "dtype"_a, "bias_dtype"_a = 0, "approximate"_a = "none",
+        "stream"_a = 0, "device"_a, "fault_injection"_a = 0,
+        "dx = dy * gelu'(x + bias); dbias = sum_rows(dx) in fp32 (deterministic, via the workspace).");
+  m.def(
+      "gelu_bwd_workspace_bytes",
+      [](long long rows, long long hidden, bool need_dbias) {
+        positive("rows", rows);
+        positive("hidden", hidden);
+        return gelu_bwd_workspace_bytes(rows, static_cast<int>(hidden), need_dbias);
+      },
+      py::kw_only(), "rows"_a, "hidden"_a, "need_dbias"_a, "Bytes of fp32 workspace gelu_bwd needs.");
+}
+
+FB_REGISTER_BINDING(gelu, register_gelu);
+
+}  // namespace fb
