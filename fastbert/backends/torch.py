@@ -149,8 +149,12 @@ def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dr
 
 
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
-                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False):
+                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False, window=None):
     """Backend entry point (see ``fastbert.backends``); leaves ``lse`` unwritten."""
+    if window is not None:
+        return _window_attention_fwd(q, k, v, out, attention_mask=attention_mask, attn_bias=attn_bias,
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
+                                     seed=seed, softmax_scale=softmax_scale, window=window)
     with torch.no_grad():
         if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
                 and attn_bias is None):
@@ -164,15 +168,43 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
-                  deterministic=False):
+                  deterministic=False, window=None):
     """Backend entry point: per sequence through SDPA's CPU backward where the forward ran per
     sequence; otherwise the reference's composite backward (recompute P with matmuls)."""
+    if window is not None:
+        return _window_attention_bwd(dout, q, k, v, dq, dk, dv, dbias, attention_mask=attention_mask,
+                                     attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                     dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
+                                     window=window)
     if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
             and attn_bias is None):
         return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
     reference.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, attention_mask=attention_mask,
                             attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                             dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention with a local window
+# ----------------------------------------------------------------------------------------------
+
+
+def _window_attention_fwd(q, k, v, out, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
+                          dropout_p, seed, softmax_scale, window):
+    """Local-window attention into ``out`` (see ``fastbert.backends`` for ``window``)."""
+    with torch.no_grad():
+        o, _ = reference._attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
+                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
+                                    seed=seed, softmax_scale=softmax_scale, window=window)
+        out.copy_(o)
+
+
+def _window_attention_bwd(dout, q, k, v, dq, dk, dv, dbias, *, attention_mask, attn_bias, cu_seqlens,
+                          max_seqlen, dropout_p, seed, softmax_scale, window):
+    """Gradients of :func:`_window_attention_fwd` into dq, dk, dv (and the full dbias when asked)."""
+    reference.attention_bwd(dout, q, k, v, None, None, dq, dk, dv, dbias, attention_mask=attention_mask,
+                            attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                            dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, window=window)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,9 +150,8 @@ class ModernBertAttention(OpsModule, nn.Module):
         cos, sin = rotary[self.layer_type]
         q, k = _rotary(q, k, cos, sin, position_ids, cu_seqlens, self.backend)
         p = self.dropout_p if self.training else 0.0
-        window = {} if self.window is None else {"window": self.window}
         out = attention(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                        dropout_p=p, backend=self.backend, **window)
+                        dropout_p=p, backend=self.backend, window=self.window)
         out = F.dropout(self.Wo(out.reshape(hidden_states.shape)), p, self.training)
         probs = None
         if output_attentions:
