@@ -75,6 +75,10 @@ CASES = [
     Case("mask-and-window-empty", (1, 0), F32, batch=3, seqlen_q=11, seqlen_k=11, mask="prefix", dropout_p=0.2),
     Case("asym-fp64", (2, 6), F64, seqlen_q=19, seqlen_k=19, mask="random", bias="BHQK", bias_grad=True,
          dropout_p=0.3),
+    Case("long-multi-block", (5, 20), F32, batch=2, seqlen_q=150, seqlen_k=150, heads=1, mask="random",
+         bias="B11K", bias_grad=True, dropout_p=0.2),
+    Case("long-q>k", (70, 3), BF16, batch=1, seqlen_q=140, seqlen_k=90, heads=1, mask="prefix"),
+    Case("varlen-long", (33, 2), F32, layout="varlen", lengths=(130, 3, 0, 70), heads=1, dropout_p=0.1),
     Case("varlen", (2, 7), F32, layout="varlen", lengths=(5, 0, 1, 40, 3), dropout_p=0.1),
     Case("varlen-zero", (0, 0), BF16, layout="varlen", lengths=(7, 0, 9)),
     Case("varlen-wide", (64, 64), F16, layout="varlen", lengths=(2, 33, 0), dropout_p=0.2),
@@ -153,6 +157,39 @@ def test_backend_matches_reference(backend, case, poison):
     assert set(got) == set(hi)
     for name in hi:
         assert_close_to_ref(got[name], hi[name], lo[name], name=f"{backend} {case} {name}", floor_eps=16.0)
+
+
+SMALL_BLOCK_CASES = [c for c in CASES if c.name in ("sym-mask-bias", "zero-bias-dropout", "right-only-q>k-empty-rows",
+                                                    "mask-and-window-empty", "varlen", "varlen-asym")]
+
+
+@pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=str)
+def test_torch_blockwise_small_blocks(case, monkeypatch, poison):
+    """The torch backend's blocks of query rows at a block size of 5: many blocks, partial last
+    blocks, blocks whose window reaches no key, on small shapes."""
+    from fastbert.backends import torch as tb
+
+    monkeypatch.setattr(tb, "WINDOW_BLOCK", 5)
+    t = _inputs(case)
+    got = _run(case, t, "torch", case.dtype)
+    hi = _run(case, t, "reference", F64)
+    lo = _run(case, t, "reference", case.dtype)
+    for name in hi:
+        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}", floor_eps=16.0)
+
+
+@pytest.mark.parametrize("seqlen,window", [(8192, (64, 64)), (1000, (0, 0)), (777, (300, 5)), (50, (64, 64))])
+def test_torch_blockwise_cost_is_seqlen_times_window(seqlen, window):
+    """The scores the torch backend's blocks compute: at most seqlen x (block + left + right), not
+    seqlen^2, and every in-window (row, key) pair lies in its row's block."""
+    from fastbert.backends import torch as tb
+
+    blocks = list(tb._window_blocks(seqlen, seqlen, window))
+    work = sum((qe - qs) * max(0, ke - ks) for qs, qe, ks, ke in blocks)
+    assert work <= seqlen * (tb.WINDOW_BLOCK + window[0] + window[1])
+    assert [b[:2] for b in blocks] == [(s, min(s + tb.WINDOW_BLOCK, seqlen)) for s in range(0, seqlen, tb.WINDOW_BLOCK)]
+    for qs, qe, ks, ke in blocks:
+        assert ks == max(0, qs - window[0]) and ke == min(seqlen, qe - 1 + window[1] + 1)
 
 
 def test_window_backends_include_torch():
@@ -249,6 +286,27 @@ def test_reference_gradcheck():
     bias = torch.randn(1, 1, 5, 5, generator=g, dtype=F64, requires_grad=True)
     f = lambda q, k, v, b: attention(q, k, v, attn_bias=b, window=(1, 2), backend="reference")  # noqa: E731
     assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + window_backends())
+def test_masked_keys_have_no_influence(backend, poison):
+    """NaN / Inf in the K and V rows of keys masked by attention_mask change nothing, with a window."""
+    if get_backend(backend).unavailable_reason("attention"):
+        pytest.skip(f"{backend} unavailable here")
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 70, 2, 16, generator=g)
+    k, v = (torch.randn(2, 70, 2, 16, generator=g) for _ in range(2))
+    mask = torch.rand(2, 70, generator=g) > 0.3
+    bad = ~mask[:, :, None, None]
+    kp, vp = torch.where(bad, float("nan"), k), torch.where(bad, float("inf"), v)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, q, kp, vp)]
+    dout = torch.randn(q.shape, generator=g)
+    res = []
+    for qq, kk, vv in (leaves[:3], leaves[3:]):
+        out = attention(qq, kk, vv, attention_mask=mask, window=(3, 9), backend=backend)
+        res.append([out] + list(torch.autograd.grad(out, [qq, kk, vv], dout)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------- empty rows

@@ -177,7 +177,7 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
                                    lengths=lengths)
-        zscale = keep * dropout_scale(dropout_p)
+        zscale = keep.to(scores.dtype) * dropout_scale(dropout_p)  # (bool * float would round it to fp32)
     dv = _round_to(probs * zscale, q.dtype).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]
     delta = (dprobs * probs).sum(dim=-1, keepdim=True)  # = rowsum(dO * O)
