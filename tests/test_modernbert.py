@@ -199,3 +199,34 @@ def test_bad_config_and_inputs_raise():
         model(torch.ones(2, 5, dtype=torch.long), position_ids=torch.zeros(3, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids, inputs_embeds: expected exactly one"):
         model()
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_output_attentions_match_eager(checkpoints, unpad):
+    """Attention probabilities (windowed on local layers) at real query rows."""
+    hf, fb = load_pair(checkpoints["model", False], "ModernBertModel", unpad=unpad)
+    ids, mask = batch()
+    real = mask.bool()
+    h = hf(ids, attention_mask=mask, output_attentions=True).attentions
+    f = fb(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(f) == len(h) == 4
+    for a, b in zip(f, h):
+        for i, n in enumerate(LENGTHS):
+            torch.testing.assert_close(a[i, :, :n], b[i, :, :n], **TOL)
+        assert (a.masked_select((~real)[:, None, None, :].expand_as(a)) == 0).all()  # padding keys get 0
+
+
+def test_gradient_checkpointing_same_gradients(checkpoints):
+    _, fb = load_pair(checkpoints["model", True], "ModernBertModel")
+    ids, mask = batch()
+    fb.train()
+    grads = []
+    for enable in (False, True):
+        fb.zero_grad()
+        if enable:
+            fb.gradient_checkpointing_enable()
+            assert fb.encoder.gradient_checkpointing
+        fb(ids, attention_mask=mask).last_hidden_state.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in fb.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-6)
