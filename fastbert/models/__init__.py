@@ -1,7 +1,8 @@
 """BERT-family models on fastbert ops as transformers ``PreTrainedModel`` classes: transformers'
 configs (``BertConfig``, ``RobertaConfig``, ``ModernBertConfig``, ...), outputs, ``from_pretrained`` /
 ``save_pretrained``, every head (ModernBERT: base, masked LM, sequence and token classification), and
-fastbert's own Auto classes (:mod:`fastbert.models.auto`). Needs transformers (``pip install fastbert[hf]``). fastbert-only keywords: ``unpad``, ``backend``, ``sparse_prediction``
+fastbert's own Auto classes (:mod:`fastbert.models.auto`). Needs transformers
+(``pip install fastbert[hf]``). fastbert-only keywords: ``unpad``, ``backend``, ``sparse_prediction``
 (:mod:`fastbert.models._base`, :mod:`fastbert.models.heads`). The config classes are transformers'
 own, re-exported here for convenience."""
 
