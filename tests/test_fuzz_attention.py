@@ -7,7 +7,8 @@ Each seeded case draws shapes (0-size, 1, primes), dtypes (q and a bias of its o
 broadcast shape, ``-inf`` rows and keys, ``finfo.min`` and -1e5 rows), strided and expanded views of
 every tensor argument (q/k/v, mask, bias, ``cu_seqlens``), varlen with empty sequences, dropout
 (the same seed gives the same mask: compared with the reference's Philox mask), and NaN / Inf in
-masked positions (K and V rows of keys masked by ``attention_mask``, the bias there): the output
+masked positions (K and V rows of keys masked by ``attention_mask``, the bias there), local windows
+(on backends declaring the ``"window"`` feature, drawn apart so other draws stay put): the output
 and every gradient must match the fp64 reference computed on clean inputs (STYLE.md's tolerance
 rule, tests/_tolerance.py), with outputs poisoned (NaN) before the backends write them.
 
@@ -64,6 +65,7 @@ class AttnCase:
     poison_masked: bool = False  # NaN / Inf in the K, V rows and bias entries of masked keys
     grad: bool = True
     bias_grad: bool = False
+    window: tuple | None = None  # local attention (left, right), for backends declaring "window"
 
     def __str__(self) -> str:
         return self.id
@@ -72,6 +74,18 @@ class AttnCase:
 def _supports(backend: str, dtype, head_dim: int) -> bool:
     caps = get_backend(backend).caps["attention"]
     return dtype in caps.dtypes and (caps.head_dims is None or caps.head_dims(head_dim))
+
+
+WINDOWS = ((0, 0), (1, 1), (2, 5), (5, 0), (0, 3), (64, 64), (100, 7))
+
+
+def _window(backend: str, seed: int, i: int):
+    """A local window for about a third of the cases of a backend that declares the feature, from
+    a generator of its own (the other draws of a case do not change with the feature)."""
+    if "window" not in get_backend(backend).caps["attention"].features:
+        return None
+    rng = case_rng(seed, f"{i}:window")
+    return rng.choice(WINDOWS) if rng.random() < 0.35 else None
 
 
 def _draw(backends_cycle: tuple, seed: int, slow: bool):
@@ -87,7 +101,8 @@ def _draw(backends_cycle: tuple, seed: int, slow: bool):
         heads = rng.choice([1, 2] + ([3] if slow else []))
         small = [1, 2, 3, 5, 7, 11, 13, 17] + ([31, 33, 37, 64, 65] if slow or backend in ("torch", "reference") else [])
         kw = dict(id=f"s{seed}-{i}-{backend}", backend=backend, dtype=dtype, num_heads=heads, head_dim=head_dim,
-                  dropout_p=rng.choice([0.0, 0.0, 0.0, 0.2]), grad=rng.random() < 0.8)
+                  dropout_p=rng.choice([0.0, 0.0, 0.0, 0.2]), grad=rng.random() < 0.8,
+                  window=_window(backend, seed, i))
         views = set()
         if rng.random() < 0.25:  # varlen
             n_seq = rng.choice([1, 2, 3, 4])
@@ -289,7 +304,7 @@ def _run(case: AttnCase, t: dict, backend: str, dtype, *, subject: bool):
         if case.bias_grad and case.grad:
             leaves.append(("dbias", leaf))
     torch.manual_seed(4321)  # the dropout seed: the same draw in every run
-    out = attention(q, k, v, dropout_p=case.dropout_p, backend=backend, **kw)
+    out = attention(q, k, v, dropout_p=case.dropout_p, backend=backend, window=case.window, **kw)
     res = {"out": out.detach()}
     if case.grad:
         grads = torch.autograd.grad(out, [x for _, x in leaves], t["dout"].to(out.dtype))
@@ -339,7 +354,7 @@ def check(case: AttnCase) -> None:
     for name in hi:
         assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case!r}\n{name}",
                             floor_eps=_floor_eps(name, case, t, hi))
-    if case.bias_special == "finfo_min_row" and case.dropout_p == 0.0 and case.mask is None:
+    if case.bias_special == "finfo_min_row" and case.dropout_p == 0.0 and case.mask is None and case.window is None:
         _check_finfo_rows(case, t, got)
 
 

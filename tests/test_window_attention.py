@@ -78,6 +78,7 @@ CASES = [
     Case("long-multi-block", (5, 20), F32, batch=2, seqlen_q=150, seqlen_k=150, heads=1, mask="random",
          bias="B11K", bias_grad=True, dropout_p=0.2),
     Case("long-q>k", (70, 3), BF16, batch=1, seqlen_q=140, seqlen_k=90, heads=1, mask="prefix"),
+    Case("plain-q>k-some-empty", (2, 3), F32, batch=2, seqlen_q=150, seqlen_k=100, heads=1),
     Case("varlen-long", (33, 2), F32, layout="varlen", lengths=(130, 3, 0, 70), heads=1, dropout_p=0.1),
     Case("varlen", (2, 7), F32, layout="varlen", lengths=(5, 0, 1, 40, 3), dropout_p=0.1),
     Case("varlen-zero", (0, 0), BF16, layout="varlen", lengths=(7, 0, 9)),
@@ -160,7 +161,8 @@ def test_backend_matches_reference(backend, case, poison):
 
 
 SMALL_BLOCK_CASES = [c for c in CASES if c.name in ("sym-mask-bias", "zero-bias-dropout", "right-only-q>k-empty-rows",
-                                                    "mask-and-window-empty", "varlen", "varlen-asym")]
+                                                    "mask-and-window-empty", "varlen", "varlen-asym",
+                                                    "plain-q>k-some-empty", "varlen-zero")]
 
 
 @pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=str)
@@ -170,6 +172,21 @@ def test_torch_blockwise_small_blocks(case, monkeypatch, poison):
     from fastbert.backends import torch as tb
 
     monkeypatch.setattr(tb, "WINDOW_BLOCK", 5)
+    t = _inputs(case)
+    got = _run(case, t, "torch", case.dtype)
+    hi = _run(case, t, "reference", F64)
+    lo = _run(case, t, "reference", case.dtype)
+    for name in hi:
+        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}", floor_eps=16.0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.layout == "varlen"], ids=str)
+def test_torch_varlen_repadded_path(case, monkeypatch, poison):
+    """The torch backend's varlen path for GPUs (re-padded to max_seqlen, no host sync), run on
+    the CPU."""
+    from fastbert.backends import torch as tb
+
+    monkeypatch.setattr(tb, "_varlen_per_sequence", lambda q: False)
     t = _inputs(case)
     got = _run(case, t, "torch", case.dtype)
     hi = _run(case, t, "reference", F64)
@@ -429,3 +446,24 @@ def test_self_attention_module_window():
     ctx_global, probs_global = m(x, mask, output_attentions=True)
     assert (probs_global[0][:, outside] > 0).all()
     assert not torch.allclose(ctx, ctx_global)
+
+
+# ---------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_window_smoke(tmp_path, capsys):
+    """``python -m fastbert.bench.window`` end to end on tiny sizes: its correctness check, a row
+    per (seqlen, direction) with positive times, the JSON file."""
+    import json
+
+    from fastbert.bench import window as bench
+
+    path = tmp_path / "window.json"
+    assert bench.main(["--quick", "--seqlens", "96,160", "--heads", "1", "--head-dim", "16", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert [(r["seqlen"], r["direction"]) for r in res["rows"]] == [(96, "fwd"), (96, "fwd+bwd"), (160, "fwd"),
+                                                                      (160, "fwd+bwd")]
+    assert all(r["global_s"] > 0 and r["window_s"] > 0 and r["rounds"] == 2 for r in res["rows"])
+    assert res["check_max_abs_err"] <= 1e-4 and len(res["load_before"]) == 3
+    assert "win/glob" in capsys.readouterr().out
+    assert bench.attention_flops(10, 1, 1, (1, 1), "fwd") == 4.0 * (10 * 3 - 2)

@@ -254,26 +254,52 @@ class _Slab:
             ok = self.key_ok[:, None, ks:ke, None]  # [b, 1, nk, 1]
             kb, vb = torch.where(ok, kb, 0.0), torch.where(ok, vb, 0.0)
             allowed = allowed & ok.transpose(-1, -2)  # [b, 1, nq, nk]
-        scores = softmax_scale * (qb @ kb.transpose(-1, -2))  # [b, H, nq, nk]
+        scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(softmax_scale)  # [b, H, nq, nk]
         if self.bias is not None:
             bb = self.bias[:, :, qs:qe, ks:ke]
-            scores = scores + bb.to(scores.dtype)
+            scores.add_(bb.to(scores.dtype))
             allowed = allowed & (bb != float("-inf"))
-        allowed = allowed.expand(scores.shape)
-        has_key = allowed.any(dim=-1, keepdim=True)
-        scores = torch.where(has_key, torch.where(allowed, scores, float("-inf")), 0.0)
-        probs = torch.softmax(scores, dim=-1) * has_key
+        if self.key_ok is None and self.bias is None and qe - 1 - window[0] < self.k.shape[2]:
+            # Every row of the block has a key (its window meets [0, seqlen_k)): no empty rows.
+            probs = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+        else:
+            allowed = allowed.expand(scores.shape)
+            has_key = allowed.any(dim=-1, keepdim=True)
+            scores = torch.where(has_key, torch.where(allowed, scores, float("-inf")), 0.0)
+            probs = torch.softmax(scores, dim=-1) * has_key
         z = None
         if dropout_p > 0.0:
             keep = _block_keep(seed, dropout_p, self.seqs, qb.shape[1], qs, qe, ks, ke, qb.device)
             z = keep.to(probs.dtype) * dropout_scale(dropout_p)  # (bool * float would be fp32)
         return qb, kb, vb, probs, z
 
+    def band_bias(self, qs, qe, ks, ke, window, dropout_p):
+        """The block's band as an additive ``[nq, nk]`` mask (0 / -inf) for aten's CPU flash
+        attention, when that kernel can run the block: CPU, no key mask, bias or dropout, and no
+        empty row; else None. Interior blocks share one geometry, so the mask is built once."""
+        if (self.q.device.type != "cpu" or self.key_ok is not None or self.bias is not None or dropout_p > 0.0
+                or qe - 1 - window[0] >= self.k.shape[2]):
+            return None
+        key = (qs - ks, qe - qs, ke - ks)
+        cache = self.__dict__.setdefault("_bands", {})
+        if key not in cache:
+            i = torch.arange(qs, qe)[:, None]
+            j = torch.arange(ks, ke)[None, :]
+            inside = (j >= i - window[0]) & (j <= i + window[1])
+            cache[key] = torch.zeros(inside.shape, dtype=self.q.dtype).masked_fill_(~inside, float("-inf"))
+        return cache[key]
+
     def forward(self, out, window, softmax_scale, dropout_p, seed, in_dtype):
         """out ``[b, H, Lq, d]`` (any dtype, written in full)."""
         for qs, qe, ks, ke in _window_blocks(self.q.shape[2], self.k.shape[2], window):
             if ks >= ke:
                 out[:, :, qs:qe].zero_()
+                continue
+            band = self.band_bias(qs, qe, ks, ke, window, dropout_p)
+            if band is not None:  # one fused kernel per block
+                out[:, :, qs:qe], _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    self.q[:, :, qs:qe], self.k[:, :, ks:ke], self.v[:, :, ks:ke], 0.0, False, attn_mask=band,
+                    scale=softmax_scale)
                 continue
             _, _, vb, probs, z = self.block(qs, qe, ks, ke, window, softmax_scale, dropout_p, seed)
             if z is not None:
@@ -288,6 +314,17 @@ class _Slab:
         for qs, qe, ks, ke in _window_blocks(self.q.shape[2], self.k.shape[2], window):
             if ks >= ke:
                 dq[:, :, qs:qe] = 0.0
+                continue
+            band = self.band_bias(qs, qe, ks, ke, window, dropout_p)
+            if band is not None:  # aten's CPU flash forward + backward of the block
+                qb, kb, vb = self.q[:, :, qs:qe], self.k[:, :, ks:ke], self.v[:, :, ks:ke]
+                o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    qb, kb, vb, 0.0, False, attn_mask=band, scale=softmax_scale)
+                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    do[:, :, qs:qe], qb, kb, vb, o, lse, 0.0, False, attn_mask=band, scale=softmax_scale)
+                dq[:, :, qs:qe] = gq
+                dk[:, :, ks:ke] += gk
+                dv[:, :, ks:ke] += gv
                 continue
             qb, kb, vb, probs, z = self.block(qs, qe, ks, ke, window, softmax_scale, dropout_p, seed)
             dob = do[:, :, qs:qe]
@@ -305,6 +342,12 @@ class _Slab:
                 dbias[:, :, qs:qe, ks:ke] = dscores
 
 
+def _varlen_per_sequence(q) -> bool:
+    """Whether varlen windowed attention runs one sequence at a time (CPU: reading cu_seqlens is
+    free there) rather than re-padded to max_seqlen (elsewhere: no host sync)."""
+    return q.device.type == "cpu"
+
+
 def _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
     """``(slab, index)`` pairs covering the problem in the accumulation dtype: the whole padded
     batch as one slab (index: a slice of the batch dim); varlen on CPU one sequence per slab (a
@@ -316,7 +359,7 @@ def _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
         seqs = torch.arange(q.shape[0], device=q.device)
         yield _Slab(heads_first(q), heads_first(k), heads_first(v), attention_mask, attn_bias, seqs), slice(None)
         return
-    if q.device.type == "cpu":
+    if _varlen_per_sequence(q):
         bounds = cu_seqlens.tolist()
         for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
             if end > start:
@@ -332,9 +375,11 @@ def _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
 def _window_attention_fwd(q, k, v, out, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                           dropout_p, seed, softmax_scale, window):
     """Local-window attention into ``out``, block by block (:data:`WINDOW_BLOCK` query rows meet
-    only the keys their windows reach): the reference's math and numerics (fp32 / fp64
-    accumulation, P rounded to q's dtype before ``P @ V``, the shared dropout mask drawn per block)
-    at a cost of seqlen x (block + window) instead of seqlen^2."""
+    only the keys their windows reach), at a cost of seqlen x (block + window) instead of seqlen^2.
+    On CPU, blocks without a key mask, bias, dropout or empty rows (unpadded ModernBERT) run aten's
+    fused CPU flash attention with the band as an additive mask (SDPA's numerics, as the global
+    path); the others run the reference's math and numerics (fp32 / fp64 accumulation, P rounded
+    to q's dtype before ``P @ V``, the shared dropout mask drawn per block)."""
     with torch.no_grad():
         for slab, idx in _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
             o = torch.empty_like(slab.q)
