@@ -100,8 +100,8 @@ def _draw(backends_cycle: tuple, seed: int, slow: bool):
         head_dim = rng.choice(head_dims)
         heads = rng.choice([1, 2] + ([3] if slow else []))
         small = [1, 2, 3, 5, 7, 11, 13, 17] + ([31, 33, 37, 64, 65] if slow or backend in ("torch", "reference") else [])
-        kw = dict(id=f"s{seed}-{i}-{backend}", backend=backend, dtype=dtype, num_heads=heads, head_dim=head_dim,
-                  dropout_p=rng.choice([0.0, 0.0, 0.0, 0.2]), grad=rng.random() < 0.8,
+        kw = dict(id=f"s{seed}-{i}-{backend}", backend=backend, dtype=dtype, num_heads=heads,
+                  head_dim=head_dim, dropout_p=rng.choice([0.0, 0.0, 0.0, 0.2]), grad=rng.random() < 0.8,
                   window=_window(backend, seed, i))
         views = set()
         if rng.random() < 0.25:  # varlen

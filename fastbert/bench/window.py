@@ -12,7 +12,8 @@ drift hits both alike. Reported: median time per call and per token, the interqu
 (spread), window / global, and the window's per-token cost relative to the shortest seqlen (the
 goal: flat, since its work is seqlen x window where global's is seqlen^2); the load average
 before and after the run. FLOPs per call (multiply-adds x 2, forward ``4 L K d H`` with K the keys
-a row meets: L for global, <= 129 for the window; backward 2.5x forward) are printed beside.
+a row meets: L for global, <= 129 for the window; fwd+bwd 3.5x forward) give the GFLOP/s printed
+beside.
 
 Before timing, the windowed output at the shortest seqlen is checked against global attention
 with the same band given as a ``-inf`` bias (the reference backend), so a wrong kernel is not
@@ -98,11 +99,11 @@ def run(seqlens=SEQLENS, *, heads: int = 12, head_dim: int = 64, plan: TimingPla
         for direction in directions:
             fns = [_fn(direction, q, k, v, dout, cu, w) for w in (None, WINDOW)]
             glob, win = measure_interleaved(fns, "cpu", plan)
+            flops = [attention_flops(seqlen, heads, head_dim, w, direction) for w in (None, WINDOW)]
             rows.append(dict(seqlen=seqlen, direction=direction, rounds=len(win.samples),
                              global_s=glob.median, global_iqr_s=glob.iqr, window_s=win.median,
                              window_iqr_s=win.iqr, ratio=win.median / glob.median,
-                             global_gflops=attention_flops(seqlen, heads, head_dim, None, direction) / glob.median / 1e9,
-                             window_gflops=attention_flops(seqlen, heads, head_dim, WINDOW, direction) / win.median / 1e9))
+                             global_gflops=flops[0] / glob.median / 1e9, window_gflops=flops[1] / win.median / 1e9))
             _print_row(rows[-1], rows, out)
     result = dict(benchmark="window attention vs global (torch backend, CPU, fp32, varlen, 1 sequence)",
                   window=list(WINDOW), heads=heads, head_dim=head_dim, threads=torch.get_num_threads(),
@@ -126,8 +127,9 @@ def _print_row(row: dict, rows: list, out) -> None:
     per_tok = lambda s: s / row["seqlen"] * 1e6  # noqa: E731
     rel = (row["window_s"] / row["seqlen"]) / (first["window_s"] / first["seqlen"])
     print(f"{row['seqlen']:>6} {row['direction']:>7} {row['rounds']:>6} {per_tok(row['global_s']):>14.3f} "
-          f"{per_tok(row['global_iqr_s']):>8.3f} {per_tok(row['window_s']):>14.3f} {per_tok(row['window_iqr_s']):>8.3f} "
-          f"{row['ratio']:>8.3f} {rel:>12.2f} {row['global_gflops']:>5.1f}/{row['window_gflops']:<6.1f}",
+          f"{per_tok(row['global_iqr_s']):>8.3f} {per_tok(row['window_s']):>14.3f} "
+          f"{per_tok(row['window_iqr_s']):>8.3f} {row['ratio']:>8.3f} {rel:>12.2f} "
+          f"{row['global_gflops']:>5.1f}/{row['window_gflops']:<6.1f}",
           file=out, flush=True)
 
 

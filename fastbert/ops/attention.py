@@ -276,8 +276,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             window (same Philox counters); ``attn_bias``'s gradient is 0 outside the window.
 
     Returns:
-        ``out`` with q's shape and dtype. A query row with no key to attend (every key masked or
-        biased ``-inf``) is **empty**: it returns zeros and passes zero gradients, never NaN.
+        ``out`` with q's shape and dtype. A query row with no key to attend (every key masked,
+        biased ``-inf`` or outside its window) is **empty**: it returns zeros and passes zero
+        gradients, never NaN.
 
     Masked positions: a key masked by ``attention_mask`` (or outside its ``cu_seqlens`` sequence)
     has no influence on anything, whatever its K and V rows and its bias entries hold (NaN, Inf,
@@ -295,7 +296,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         ValueError: a device other than cpu / cuda (meta tensors), wrong ndim, mismatched
             batch/heads/head_dim/seqlen, a mask or bias of the wrong shape, ``attention_mask`` or
             ``attn_bias`` together with ``cu_seqlens``, ``max_seqlen`` outside
-            ``[0, total_tokens]``, a bad ``dropout_p``, a negative ``window`` entry; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
+            ``[0, total_tokens]``, a bad ``dropout_p``, a negative ``window`` entry; for CPU
+            tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
             ``cu_seqlens`` values that are not non-decreasing from 0 to ``total_tokens``. The fast
             GPU path trusts tensor values.
         RuntimeError: a forced backend cannot take the call (every reason is listed).
