@@ -2,7 +2,8 @@
 
 Backends only compute. ``fastbert.ops`` validates inputs, allocates every output and workspace,
 draws dropout seeds, handles autograd and picks the backend; a backend module exposes the same
-six functions, each writing into preallocated outputs and returning nothing:
+forward and backward function per op it implements, each writing into preallocated outputs and
+returning nothing:
 
 ``attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
 dropout_p, seed, softmax_scale, allow_tf32, deterministic, window)``
@@ -49,6 +50,20 @@ seed)``
     x/y/dx ``[rows, hidden]`` (contiguous), bias ``[hidden]`` (contiguous) or None, dbias fp32 (fp64 for fp64)
     ``[hidden]``.
 
+``geglu_fwd(x, bias, y, *, approximate)`` / ``geglu_bwd(dy, x, bias, dx, dbias, *, approximate)``
+    x/dx ``[rows, 2n]`` (contiguous), y/dy ``[rows, n]`` (contiguous), bias ``[2n]`` (contiguous) or
+    None, dbias fp32 (fp64 for fp64) ``[2n]``. ``y = gelu(x[:, :n] + bias[:n]) * (x[:, n:] + bias[n:])``.
+
+``rotary_fwd(q, k, cos, sin, q_out, k_out, *, positions, interleaved)`` /
+``rotary_bwd(dq_out, dk_out, cos, sin, dq, dk, *, positions, interleaved)``
+    q/k padded ``[batch, seqlen, heads, head_dim]`` or varlen ``[total_tokens, heads, head_dim]``
+    (q and k may differ in heads; any strides, contiguous last dim), outputs like them
+    (contiguous). cos/sin ``[max_positions, rotary_dim / 2]`` (contiguous, fp32; fp64 for fp64 q),
+    ``rotary_dim <= head_dim``. positions int64 ``[batch, seqlen]`` (stride 0 allowed) or
+    ``[total_tokens]``: each token's row of the tables (the ops layer turns ``cu_seqlens`` into
+    positions restarting per sequence). Features ``>= rotary_dim`` are copied. Backward is the
+    inverse rotation (the forward with ``-sin``).
+
 A backend that needs scratch memory (row sums, partial reductions) asks :func:`workspace` for it:
 the allocator is the one ``fastbert.ops`` uses for outputs, so the test switch that poisons every
 output with NaN poisons workspaces too, and allocation policy stays in one place.
@@ -66,7 +81,7 @@ from typing import Callable
 
 import torch
 
-OPS = ("attention", "layer_norm", "gelu")
+OPS = ("attention", "layer_norm", "gelu", "geglu", "rotary")
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,8 @@ class CallInfo:
     dtype: torch.dtype
     head_dim: int | None = None
     features: frozenset = frozenset()  # e.g. {"attention_mask", "attn_bias", "attn_bias_grad",
-    #                                     "varlen", "dropout", "deterministic", "tf32", "window"}
+    #                                     "varlen", "dropout", "deterministic", "tf32", "window",
+    #                                     "interleaved"}
 
 
 @dataclass
@@ -95,7 +111,7 @@ class OpCaps:
 
 
 ALL_FEATURES = frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
-                          "deterministic", "tf32", "x_bias", "residual", "weight", "bias"})
+                          "deterministic", "tf32", "x_bias", "residual", "weight", "bias", "interleaved"})
 # Features a backend declares on its own, not included in ALL_FEATURES (so a backend written against
 # ALL_FEATURES refuses them until it implements them): attention's local ``window``.
 WINDOW_FEATURE = "window"

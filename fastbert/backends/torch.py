@@ -570,3 +570,80 @@ def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
     torch.ops.aten.gelu_backward.grad_input(dy, z, approximate=approximate, grad_input=dx)
     if dbias is not None:
         dbias.copy_(dx.sum(0, dtype=dbias.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# GeGLU
+# ----------------------------------------------------------------------------------------------
+
+
+def geglu_fwd(x, bias, y, *, approximate):
+    """Backend entry point: ``y = gelu(a) * g``; fp32/fp64: aten's GELU (accuracy as ``gelu_fwd``)
+    into ``y``, then the gate multiplied in place; fp16/bf16: the reference (see ``gelu_fwd``)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return reference.geglu_fwd(x, bias, y, approximate=approximate)
+    n = y.shape[-1]
+    a, g = x[:, :n], x[:, n:]
+    if bias is not None:
+        a, g = a + bias[:n].to(x.dtype), g + bias[n:].to(x.dtype)
+    torch._C._nn.gelu(a, approximate=approximate, out=y)
+    y.mul_(g)
+
+
+def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
+    """Backend entry point: ``da = gelu'(a) * (dy * g)`` (aten's ``gelu_backward``), ``dg = dy * gelu(a)``,
+    written into the two halves of ``dx``."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return reference.geglu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
+    n = dy.shape[-1]
+    a, g = x[:, :n], x[:, n:]
+    if bias is not None:
+        a, g = a + bias[:n].to(x.dtype), g + bias[n:].to(x.dtype)
+    da, dg = dx[:, :n], dx[:, n:]
+    torch.mul(dy, g, out=da)
+    torch.ops.aten.gelu_backward.grad_input(da, a, approximate=approximate, grad_input=da)  # elementwise
+    # aten's GELU with a strided out= writes elsewhere (caught by the poisoned-output tests)
+    torch.mul(F.gelu(a, approximate=approximate), dy, out=dg)
+    if dbias is not None:
+        dbias.copy_(dx.sum(0, dtype=dbias.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------------------------
+
+
+def _rotate_into(x, out, c, s, interleaved):
+    """``out = R(theta) x`` on the rotated features by halves (no full-width temporaries):
+    ``o1 = x1 c - x2 s``, ``o2 = x2 c + x1 s``; c/s ``[..., 1, r/2]`` in the compute dtype."""
+    r = 2 * c.shape[-1]
+    if interleaved:
+        x1, x2, o1, o2 = x[..., 0:r:2], x[..., 1:r:2], out[..., 0:r:2], out[..., 1:r:2]
+    else:
+        h = r // 2
+        x1, x2, o1, o2 = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
+    if x.dtype == c.dtype:
+        torch.mul(x1, c, out=o1)
+        o1.addcmul_(x2, s, value=-1.0)
+        torch.mul(x2, c, out=o2)
+        o2.addcmul_(x1, s)
+    else:  # fp16/bf16: fp32 math, one rounding
+        x1f, x2f = x1.to(c.dtype), x2.to(c.dtype)
+        o1.copy_(torch.addcmul(x1f * c, x2f, s, value=-1.0))
+        o2.copy_(torch.addcmul(x2f * c, x1f, s))
+    if r < x.shape[-1]:
+        out[..., r:].copy_(x[..., r:])
+
+
+def rotary_fwd(q, k, cos, sin, q_out, k_out, *, positions, interleaved):
+    """Backend entry point: the tables gathered once per token (shared by q, k and every head)."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c = cos.to(cdt)[positions].unsqueeze(-2)  # [..., 1, r/2]
+    s = sin.to(cdt)[positions].unsqueeze(-2)
+    _rotate_into(q, q_out, c, s, interleaved)
+    _rotate_into(k, k_out, c, s, interleaved)
+
+
+def rotary_bwd(dq_out, dk_out, cos, sin, dq, dk, *, positions, interleaved):
+    """Backend entry point: the inverse rotation (the forward with ``-sin``)."""
+    rotary_fwd(dq_out, dk_out, cos, -sin, dq, dk, positions=positions, interleaved=interleaved)

@@ -1,6 +1,7 @@
 """BERT-family models on fastbert ops as transformers ``PreTrainedModel`` classes: transformers'
-configs (``BertConfig``, ``RobertaConfig``, ...), outputs, ``from_pretrained`` / ``save_pretrained``,
-every head, and fastbert's own Auto classes (:mod:`fastbert.models.auto`). Needs transformers
+configs (``BertConfig``, ``RobertaConfig``, ``ModernBertConfig``, ...), outputs, ``from_pretrained`` /
+``save_pretrained``, every head (ModernBERT: base, masked LM, sequence and token classification), and
+fastbert's own Auto classes (:mod:`fastbert.models.auto`). Needs transformers
 (``pip install fastbert[hf]``). fastbert-only keywords: ``unpad``, ``backend``, ``sparse_prediction``
 (:mod:`fastbert.models._base`, :mod:`fastbert.models.heads`). The config classes are transformers'
 own, re-exported here for convenience."""
@@ -15,6 +16,8 @@ from fastbert.models.bert import (BertForMaskedLM, BertForMultipleChoice, BertFo
 from fastbert.models.distilbert import (DistilBertForMaskedLM, DistilBertForMultipleChoice,
                                         DistilBertForQuestionAnswering, DistilBertForSequenceClassification,
                                         DistilBertForTokenClassification, DistilBertModel)
+from fastbert.models.modernbert import (ModernBertForMaskedLM, ModernBertForSequenceClassification,
+                                        ModernBertForTokenClassification, ModernBertModel, ModernBertPreTrainedModel)
 from fastbert.models.electra import (ElectraForMaskedLM, ElectraForMultipleChoice, ElectraForPreTraining,
                                      ElectraForQuestionAnswering, ElectraForSequenceClassification,
                                      ElectraForTokenClassification, ElectraModel)
@@ -27,7 +30,7 @@ from fastbert.models.roberta import (  # RoBERTa, XLM-RoBERTa, CamemBERT
     CamembertForQuestionAnswering)
 from fastbert.nn.padding import pad_input, unpad_input, unpad_metadata
 from transformers import (BertConfig, CamembertConfig, DistilBertConfig, ElectraConfig,  # noqa: E402  re-exported
-                          RobertaConfig, XLMRobertaConfig)
+                          ModernBertConfig, RobertaConfig, XLMRobertaConfig)
 
 __all__ = ["AutoModel", "AutoModelForPreTraining", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
            "AutoModelForTokenClassification", "AutoModelForQuestionAnswering", "AutoModelForMultipleChoice",
@@ -47,4 +50,6 @@ __all__ = ["AutoModel", "AutoModelForPreTraining", "AutoModelForMaskedLM", "Auto
            "CamembertForSequenceClassification", "CamembertForMultipleChoice",
            "CamembertForTokenClassification", "CamembertForQuestionAnswering",
            "unpad_input", "pad_input", "unpad_metadata", "BertConfig", "RobertaConfig", "XLMRobertaConfig",
-           "CamembertConfig", "ElectraConfig", "DistilBertConfig"]
+           "CamembertConfig", "ElectraConfig", "DistilBertConfig", "ModernBertModel", "ModernBertPreTrainedModel",
+           "ModernBertForMaskedLM", "ModernBertForSequenceClassification", "ModernBertForTokenClassification",
+           "ModernBertConfig"]

@@ -149,7 +149,7 @@ class FastbertPreTrainedModel(PreTrainedModel):
         prefix = cls.base_model_prefix + "."
         core = sorted(k for k in info["missing_keys"]
                       if k.removeprefix(prefix).startswith(("embeddings.", "encoder.", "transformer.",
-                                                            "embeddings_project.")))
+                                                            "embeddings_project.", "layers.", "final_norm.")))
         if core:
             raise RuntimeError(f"{pretrained_model_name_or_path}: the checkpoint's keys do not fit {cls.__name__}: "
                                f"missing encoder weights {core[:8]}{' ...' if len(core) > 8 else ''} "

@@ -4,7 +4,7 @@ dispatcher and by the models' error messages, so neither needs the other)."""
 from __future__ import annotations
 
 _FAMILIES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
-             "electra": "Electra", "distilbert": "DistilBert"}
+             "electra": "Electra", "modernbert": "ModernBert", "distilbert": "DistilBert"}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 

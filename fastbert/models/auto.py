@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from fastbert.models import bert, distilbert, electra, roberta
+from fastbert.models import bert, distilbert, electra, modernbert, roberta
 from fastbert.models._names import _FAMILIES, SUPPORTED_MODEL_TYPES
 
-_CLASSES = {name: obj for module in (bert, distilbert, electra, roberta)
+_CLASSES = {name: obj for module in (bert, distilbert, electra, modernbert, roberta)
             for name, obj in vars(module).items() if isinstance(obj, type)}
 
-# task -> (suffix per family); None = the family has no such head in transformers.
+# task -> (suffix per family); a family missing from a task has no such head (in transformers, or
+# not yet in fastbert: ModernBERT's question answering and multiple choice).
+_HEADLESS = {"AutoModelForQuestionAnswering": ("modernbert",), "AutoModelForMultipleChoice": ("modernbert",)}
 _TASKS = {
     "AutoModel": {t: "Model" for t in _FAMILIES},
     "AutoModelForPreTraining": {"bert": "ForPreTraining", "electra": "ForPreTraining", "roberta": "ForMaskedLM",
@@ -26,8 +28,10 @@ _TASKS = {
     "AutoModelForMaskedLM": {t: "ForMaskedLM" for t in _FAMILIES},
     "AutoModelForSequenceClassification": {t: "ForSequenceClassification" for t in _FAMILIES},
     "AutoModelForTokenClassification": {t: "ForTokenClassification" for t in _FAMILIES},
-    "AutoModelForQuestionAnswering": {t: "ForQuestionAnswering" for t in _FAMILIES},
-    "AutoModelForMultipleChoice": {t: "ForMultipleChoice" for t in _FAMILIES},
+    "AutoModelForQuestionAnswering": {t: "ForQuestionAnswering" for t in _FAMILIES
+                                      if t not in _HEADLESS["AutoModelForQuestionAnswering"]},
+    "AutoModelForMultipleChoice": {t: "ForMultipleChoice" for t in _FAMILIES
+                                   if t not in _HEADLESS["AutoModelForMultipleChoice"]},
     "AutoModelForNextSentencePrediction": {"bert": "ForNextSentencePrediction"},
 }
 

@@ -23,7 +23,7 @@ on any submodule with that attribute. This module imports torch and fastbert.ops
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,8 @@ class Encoder(nn.Module):
                 indices: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None, output_attentions: bool = False,
                 output_hidden_states: bool = False,
-                final_norm: Optional[Callable[[Tensor], Tensor]] = None) -> EncoderOutput:
+                final_norm: Optional[Callable[[Tensor], Tensor]] = None, layers: Optional[Sequence[nn.Module]] = None,
+                block_kwargs: Optional[dict] = None) -> EncoderOutput:
         """Run the stack.
 
         Args:
@@ -173,6 +174,9 @@ class Encoder(nn.Module):
                 the host sync; they imply the packed mode and take precedence over the mask.
             output_attentions, output_hidden_states: collect them (see :class:`EncoderOutput`).
             final_norm: applied after the last block (pre-norm stacks such as ModernBERT's).
+            layers: run these blocks instead of ``self.layer`` (a model that keeps its blocks under
+                another name, ModernBERT's ``layers``, runs them through an Encoder of no layers).
+            block_kwargs: extra keywords passed to every block (ModernBERT's rotary tables, positions).
 
         Raises:
             ValueError: a wrongly shaped or valued attention_mask; only one of indices / cu_seqlens.
@@ -184,7 +188,8 @@ class Encoder(nn.Module):
         if attention_mask is not None:  # bool, values checked (an additive mask is an error)
             attention_mask = padding_mask(attention_mask, batch, seqlen, embeddings.device)
         varlen = cu_seqlens is not None or (unpad and attention_mask is not None)
-        kw: dict = dict(output_attentions=bool(output_attentions))
+        kw: dict = dict(block_kwargs or {}, output_attentions=bool(output_attentions))
+        layers = self.layer if layers is None else layers
         if varlen:
             if cu_seqlens is None:
                 if torch.compiler.is_compiling():
@@ -206,14 +211,14 @@ class Encoder(nn.Module):
         all_hidden = (to_padded(hidden),) if output_hidden_states else None
         all_probs = () if output_attentions else None
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layer):
+        for i, layer in enumerate(layers):
             if checkpointed:
                 func = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
                     checkpoint, use_reentrant=False)
                 hidden, probs = func(functools.partial(layer, **kw), hidden, mask)
             else:
                 hidden, probs = layer(hidden, mask, **kw)
-            if final_norm is not None and i == len(self.layer) - 1:
+            if final_norm is not None and i == len(layers) - 1:
                 hidden = final_norm(hidden)
             if output_hidden_states:
                 all_hidden += (to_padded(hidden),)

@@ -1,0 +1,180 @@
+"""Rotary position embeddings (RoPE) on q and k: validation, positions, dispatch, custom ops, autograd."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastbert.backends import CallInfo
+from fastbert.ops._common import check, check_tensor, new_empty, no_autocast, value_checks_enabled
+from fastbert.ops._dispatch import backend_module, resolve
+from fastbert.ops.attention import _check_cu_seqlens_values
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+@torch.library.custom_op("fastbert::rotary_fwd", mutates_args=())
+def _rotary_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
+                backend: str) -> tuple[Tensor, Tensor]:
+    q_out, k_out = new_empty(q.shape, q.dtype, q.device), new_empty(k.shape, k.dtype, k.device)
+    if q.numel() or k.numel():
+        with no_autocast(q.device.type):
+            backend_module(backend, "rotary").rotary_fwd(q, k, cos, sin, q_out, k_out, positions=positions,
+                                                 interleaved=interleaved)
+    return q_out, k_out
+
+
+@_rotary_fwd.register_fake
+def _(q, k, cos, sin, positions, interleaved, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("fastbert::rotary_bwd", mutates_args=())
+def _rotary_bwd(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
+                backend: str) -> tuple[Tensor, Tensor]:
+    dq, dk = new_empty(dq_out.shape, dq_out.dtype, dq_out.device), new_empty(dk_out.shape, dk_out.dtype, dk_out.device)
+    if dq.numel() or dk.numel():
+        with no_autocast(dq.device.type):
+            backend_module(backend, "rotary").rotary_bwd(dq_out.contiguous(), dk_out.contiguous(), cos, sin, dq, dk,
+                                                 positions=positions, interleaved=interleaved)
+    return dq, dk
+
+
+@_rotary_bwd.register_fake
+def _(dq_out, dk_out, cos, sin, positions, interleaved, backend):
+    return (torch.empty_like(dq_out, memory_format=torch.contiguous_format),
+            torch.empty_like(dk_out, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, cos, sin, positions, interleaved, backend = inputs
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.args = (interleaved, backend)
+
+
+def _backward(ctx, dq_out, dk_out):
+    cos, sin, positions = ctx.saved_tensors
+    interleaved, backend = ctx.args
+    dq, dk = _rotary_bwd(dq_out, dk_out, cos, sin, positions, interleaved, backend)
+    return dq, dk, None, None, None, None, None
+
+
+_rotary_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _positions(q: Tensor, position_ids: Optional[Tensor], cu_seqlens: Optional[Tensor], max_positions: int) -> Tensor:
+    """Each token's table row as int64: ``[batch, seqlen]`` (padded; stride 0 where broadcast) or
+    ``[total_tokens]`` (varlen). No host sync: ``cu_seqlens`` becomes ``t - cu_seqlens[seq(t)]``."""
+    check_v = value_checks_enabled(q, position_ids, cu_seqlens)
+    if q.dim() == 4:
+        batch, seqlen = q.shape[:2]
+        check(cu_seqlens is None, ValueError,
+              "cu_seqlens: only for the varlen layout (q of 3 dims), got q of 4 dims (batch, seqlen, heads, head_dim)")
+        if position_ids is None:
+            check(seqlen <= max_positions, ValueError,
+                  f"cos, sin: expected at least seqlen = {seqlen} rows (positions 0..seqlen-1), got {max_positions}")
+            return torch.arange(seqlen, device=q.device).expand(batch, seqlen)
+        check_tensor("position_ids", position_ids, ndim=2, dtypes=_INT_DTYPES, device=q.device)
+        check(position_ids.shape[0] in (1, batch) and position_ids.shape[1] == seqlen, ValueError,
+              f"position_ids: expected shape ({batch} or 1, {seqlen}), got {tuple(position_ids.shape)}")
+        positions = position_ids.long().expand(batch, seqlen)
+    else:
+        total = q.shape[0]
+        check((position_ids is None) != (cu_seqlens is None), ValueError,
+              "position_ids, cu_seqlens: the varlen layout needs exactly one of them (positions restart per "
+              f"sequence with cu_seqlens), got {'both' if position_ids is not None else 'neither'}")
+        if cu_seqlens is not None:
+            check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+            check(cu_seqlens.numel() >= 1, ValueError, "cu_seqlens: expected batch + 1 >= 1 entries, got 0")
+            if check_v:
+                _check_cu_seqlens_values(cu_seqlens, total, None)
+            starts = cu_seqlens[:-1].long()
+            starts = torch.repeat_interleave(starts, cu_seqlens[1:].long() - starts, output_size=total)
+            positions = torch.arange(total, device=q.device) - starts
+        else:
+            check_tensor("position_ids", position_ids, ndim=1, dtypes=_INT_DTYPES, device=q.device)
+            check(position_ids.shape[0] == total, ValueError,
+                  f"position_ids: expected shape ({total},) (total_tokens), got {tuple(position_ids.shape)}")
+            positions = position_ids.long()
+    if check_v and positions.numel():
+        lo, hi = positions.min().item(), positions.max().item()
+        check(lo >= 0 and hi < max_positions, ValueError,
+              f"{'position_ids' if position_ids is not None else 'cu_seqlens'}: expected positions in "
+              f"[0, {max_positions - 1}] (the rows of cos / sin), got positions in [{lo}, {hi}]")
+    return positions
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Optional[Tensor] = None,
+           cu_seqlens: Optional[Tensor] = None, interleaved: bool = False,
+           backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Rotary position embeddings (Su et al. 2021, "RoFormer", eq. 34) applied to q and k.
+
+    Each head's first ``rotary_dim = 2 * cos.shape[1]`` features are rotated pairwise by the angles
+    ``theta_i * position`` whose cosines / sines are row ``position`` of ``cos`` / ``sin``; the
+    remaining ``head_dim - rotary_dim`` features pass through (partial rotary). Pairs:
+
+    - ``interleaved=False`` (default; GPT-NeoX, ModernBERT, transformers' ``rotate_half``): feature
+      ``i`` pairs with ``i + rotary_dim / 2``: ``o1 = x1 cos - x2 sin``, ``o2 = x2 cos + x1 sin``
+      with ``x1, x2`` the first and second half.
+    - ``interleaved=True`` (the RoPE paper's layout): features ``2i`` and ``2i + 1`` form pair ``i``.
+
+    Computed in fp32 (fp64 for fp64 q), stored in q's dtype. The backward is the inverse
+    rotation; ``cos`` and ``sin`` are fixed tables and get no gradient.
+
+    Args:
+        q: padded ``(batch, seqlen, num_heads, head_dim)`` or varlen ``(total_tokens, num_heads,
+            head_dim)``; fp16, bf16, fp32 or fp64; any strides with a contiguous last dim are
+            read in place (others are copied once).
+        k: like q (same dtype, device, leading dims and head_dim; num_heads may differ).
+        cos, sin: ``(max_positions, rotary_dim / 2)``, any float dtype (read in fp32; fp64 for
+            fp64 q), ``rotary_dim <= head_dim``; e.g. ``cos(outer(arange(max_positions),
+            base ** (-arange(0, d, 2) / d)))``. Must not require grad.
+        position_ids: each token's position. Padded: ``(batch or 1, seqlen)`` integer (default
+            ``0 .. seqlen-1`` for every sequence). Varlen: ``(total_tokens,)`` integer, or None with
+            ``cu_seqlens``.
+        cu_seqlens: varlen only, ``(batch + 1,)`` int32: positions restart at 0 for each sequence.
+            Exactly one of ``position_ids`` / ``cu_seqlens`` in the varlen layout.
+        interleaved: the pair layout (see above).
+        backend: force a backend, else ``FASTBERT_BACKEND``, else automatic.
+
+    Returns:
+        ``(q_rotated, k_rotated)``, contiguous, with q's / k's shapes and dtype.
+
+    Raises:
+        TypeError: a non-tensor, non-float q/k/cos/sin, dtypes of q and k that differ, non-integer
+            position_ids, non-int32 cu_seqlens.
+        ValueError: wrong ndim or mismatched shapes (named), ``rotary_dim`` of 0 or above head_dim,
+            cu_seqlens with the padded layout, not exactly one of position_ids / cu_seqlens in the
+            varlen layout, cos / sin requiring grad; for CPU tensors (or with
+            ``FASTBERT_CHECK_INPUTS=1``) also positions outside ``[0, max_positions)`` and
+            cu_seqlens values not non-decreasing from 0 to total_tokens (the fast GPU path trusts
+            tensor values).
+        RuntimeError: a forced backend cannot take the call.
+    """
+    check_tensor("q", q, ndim=(3, 4), dtypes=_FLOAT_DTYPES)
+    check_tensor("k", k, ndim=q.dim(), dtypes=(q.dtype,), device=q.device)
+    check(k.shape[:-2] == q.shape[:-2] and k.shape[-1] == q.shape[-1], ValueError,
+          f"k: expected q's leading dims and head_dim {tuple(q.shape[:-2])}, {q.shape[-1]} (num_heads may "
+          f"differ), got shape {tuple(k.shape)} for q {tuple(q.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, ndim=2, dtypes=_FLOAT_DTYPES, device=q.device)
+        check(not (t.requires_grad and torch.is_grad_enabled()), ValueError,
+              f"{name}: the rotary tables get no gradient; pass them detached (got requires_grad=True)")
+    check(sin.shape == cos.shape, ValueError, f"sin: expected cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    head_dim, rotary_dim = q.shape[-1], 2 * cos.shape[1]
+    check(0 < rotary_dim <= head_dim, ValueError,
+          f"cos, sin: expected 1 <= rotary_dim / 2 = cos.shape[1] <= head_dim / 2 = {head_dim / 2}, got {cos.shape[1]}")
+    check(isinstance(interleaved, bool), TypeError, f"interleaved: expected a bool, got {type(interleaved).__name__}")
+    positions = _positions(q, position_ids, cu_seqlens, cos.shape[0])
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cos, sin = (t.detach().to(cdt).contiguous() for t in (cos, sin))
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    features = {"interleaved"} if interleaved else set()
+    if q.dim() == 3:
+        features.add("varlen")
+    name = resolve(CallInfo("rotary", q.device.type, q.dtype, head_dim, frozenset(features)), backend)
+    return _rotary_fwd(q, k, cos, sin, positions, interleaved, name)
