@@ -12,6 +12,11 @@ from the forward's two lse planes. With ``Z = keep / (1 - p)`` (1 without dropou
 Every output element is owned by exactly one program, so the backward is deterministic with or
 without ``deterministic=True`` (it costs recomputing S and dO V^T once more than an atomic dQ
 would). Workspace: ``delta``, fp32 like one plane of ``lse`` (allocated by the entry point).
+
+With a local window the dQ kernel walks only the key tiles its rows can see and the dK/dV kernel
+only the query tiles that can see its keys (query i sees key j iff ``i - left <= j <= i + right``,
+so key j is seen by queries ``j - right <= i <= j + left``); the tiles walked are masked per element.
+d(attn_bias) outside the walked tiles is zero: the entry point zero-fills it first.
 Layouts, features and numerics: :mod:`._attention_common`.
 """
 
@@ -21,8 +26,8 @@ import triton
 import triton.language as tl
 
 from fastbert.backends.triton._attention_common import (BWD_NO_SPEC, FWD_NO_SPEC, LOG2E, _dot, _key_ok,
-                                                        _program, _scores, attention_config, launch_args,
-                                                        lse_strides, strides)
+                                                        _program, _scores, _window_range, attention_config,
+                                                        launch_args, lse_strides, strides)
 from fastbert.backends.triton._philox import philox_keep_tile, philox_seed
 
 
@@ -84,8 +89,9 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvn, stride_dvh, stride_lp, stride_lb, stride_lh, stride_mb, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_db, stride_dh, stride_dm,
     num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
+    window_left, window_right,  # as in the forward kernel
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, STORE_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr, STORE_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # dV = (P * Z)^T dO, dK = scale * dS^T Q, d(attn_bias) = dS over the query blocks (module doc).
@@ -99,7 +105,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     mask_base = Mask + b64 * stride_mb
-    key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK)
+    # With a window, a key past the last query's window (j > len_q - 1 + right) is seen by no one.
+    key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, 0, len_q + window_right, HAS_MASK, HAS_WINDOW)
     kv_ok = key_ok[:, None] & d_ok[None, :]
     tok_n = (start + offs_n).to(tl.int64)
     k = tl.load(K + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :],
@@ -116,7 +123,9 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, len_q, BLOCK_M):
+    m_start, _, q_hi = _window_range(pid_n * BLOCK_N, len_k, len_q, window_right, window_left,
+                                     BLOCK_N, BLOCK_M, HAS_WINDOW)
+    for start_m in range(m_start, q_hi, BLOCK_M):
         offs_m = start_m + offs_m0
         row_ok = offs_m < len_q
         tok_m = (start + offs_m).to(tl.int64)
@@ -125,7 +134,7 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_base + tok_m[:, None] * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
         m, log_l, delta = _row_stats(Lse, Delta, l_base, stride_lp, tok_m, row_ok)
         s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
-                    softmax_scale, HAS_BIAS, PRECISION, UPCAST)
+                    softmax_scale, window_left, window_right, HAS_BIAS, HAS_WINDOW, PRECISION, UPCAST)
         p = _recompute_p(s, m, log_l)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
@@ -158,9 +167,10 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lp, stride_lb, stride_lh,
     stride_mb, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
+    window_left, window_right,  # as in the forward kernel
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # dQ = scale * dS K over the key blocks, dS as in the dK/dV kernel (module doc).
     pid_m = tl.program_id(1)
@@ -188,15 +198,17 @@ def _attn_bwd_dq_kernel(
         k0, k1 = philox_seed(Seed)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
+    n_start, key_lo, key_hi = _window_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, HAS_WINDOW)
+    for start_n in range(n_start, key_hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK)
+        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, key_lo, key_hi, HAS_MASK, HAS_WINDOW)
         kv_ok = key_ok[:, None] & d_ok[None, :]
         tok_n = (start + offs_n).to(tl.int64)
         k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
-                    softmax_scale, HAS_BIAS, PRECISION, UPCAST)
+                    softmax_scale, window_left, window_right, HAS_BIAS, HAS_WINDOW, PRECISION, UPCAST)
         p = _recompute_p(s, m, log_l)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
@@ -210,11 +222,11 @@ def _attn_bwd_dq_kernel(
 
 
 def bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta, *, attention_mask, attn_bias,
-                 cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32):
+                 cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32, window=None):
     """``[(kernel, grid, kwargs)]`` of the three backward launches, in order (preprocess, dK/dV,
     dQ); shared by the launcher and the AOT compile. ``delta``: fp32 workspace like one plane of ``lse``."""
     args, bh, seqlen_q, seqlen_k, varlen = launch_args(q, k, attention_mask, attn_bias, cu_seqlens,
-                                                       max_seqlen, dropout_p, seed, allow_tf32)
+                                                       max_seqlen, dropout_p, seed, allow_tf32, window)
     head_dim = q.shape[-1]
     tensors = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, **strides("q", q, varlen),
                    **strides("k", k, varlen, "bnh"), **strides("v", v, varlen, "bnh"),

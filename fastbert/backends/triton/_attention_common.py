@@ -36,7 +36,7 @@ LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 # Arguments that vary with the sequence length (and strides that contain it) are not specialized,
 # so a new sequence length never recompiles a kernel.
 FWD_NO_SPEC = ["seqlen_q", "seqlen_k", "stride_lp", "stride_lb", "stride_lh", "stride_mb", "stride_bb",
-               "stride_bh", "stride_bm"]
+               "stride_bh", "stride_bm", "window_left", "window_right"]
 BWD_NO_SPEC = FWD_NO_SPEC + ["stride_db", "stride_dh", "stride_dm"]
 
 
@@ -79,11 +79,15 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK: tl.constexpr):
-    """[BLOCK_N] bool: the key is inside the sequence and not masked by attention_mask. K and V
-    rows are loaded under it (zeros elsewhere), so a masked key has no influence on anything,
+def _key_ok(offs_n, len_k, mask_base, stride_mn, key_lo, key_hi, HAS_MASK: tl.constexpr,
+            HAS_WINDOW: tl.constexpr):
+    """[BLOCK_N] bool: the key is inside the sequence, not masked by attention_mask and (with a
+    window) inside ``[key_lo, key_hi)``, the keys some query row of the program can see. K and V
+    rows are loaded under it (zeros elsewhere), so such a key has no influence on anything,
     whatever its K and V rows hold (NaN, Inf): masking by replacement, free at load time."""
     ok = offs_n < len_k
+    if HAS_WINDOW:
+        ok = ok & (offs_n >= key_lo) & (offs_n < key_hi)
     if HAS_MASK:
         keym = tl.load(mask_base + offs_n * stride_mn, mask=ok, other=0)
         ok = ok & (keym != 0)
@@ -91,10 +95,31 @@ def _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _window_range(t0, rows, length, before, after, TILE: tl.constexpr, STEP: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr):
+    """What the rows ``t0 .. min(t0 + TILE, rows) - 1`` of one axis see of the other axis
+    (``length`` long) through the window: ``(loop start, lo, hi)``, ``[lo, hi)`` the union of the
+    rows' windows (``lo = t0 - before`` may be negative) and the loop start ``max(lo, 0)`` rounded
+    down to a multiple of ``STEP`` (the other axis' tile, so loads and Philox groups stay aligned).
+    Without a window, everything: ``(0, 0, length)``. Query i sees key j iff
+    ``i - left <= j <= i + right``: the forward and dQ kernels pass ``(left, right)``, the dK/dV
+    kernel, walking the queries that see its keys, ``(right, left)``.
+    """
+    if HAS_WINDOW:
+        lo = t0 - before
+        hi = tl.minimum(tl.minimum(t0 + TILE, rows) + after, length)
+        return tl.maximum(lo, 0) // STEP * STEP, lo, hi
+    else:
+        return 0, 0, length
+
+
+@triton.jit
 def _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
-            softmax_scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+            softmax_scale, window_left, window_right, HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+            PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Scores ``softmax_scale * q k^T + attn_bias`` of one [BLOCK_M, BLOCK_N] tile in fp32 natural
-    units, ``-inf`` (by replacement) where the key is excluded or biased ``-inf``.
+    units, ``-inf`` (by replacement) where the key is excluded, biased ``-inf`` or outside the
+    query's window (``i - window_left <= j <= i + window_right``, positions in the sequence).
 
     The bias is read in its own dtype and added in fp32 (an fp32 -1e5 bias beside fp16 q stays
     finite). Natural units, not log2: ``finfo(fp32).min * log2(e)`` would overflow to ``-inf`` and
@@ -108,6 +133,9 @@ def _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, st
                        mask=inside, other=0.0).to(tl.float32)
         s = s + bias
         valid = valid & (bias != float("-inf"))
+    if HAS_WINDOW:
+        rel = offs_n[None, :] - offs_m[:, None]
+        valid = valid & (rel >= -window_left) & (rel <= window_right)
     return tl.where(valid, s, float("-inf"))
 
 
@@ -179,9 +207,16 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype,
 # ----------------------------------------------------------------------------------------------
 
 
-def launch_args(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32):
+def launch_args(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed, allow_tf32,
+                window=None):
     """``(kwargs, batch * num_heads, seqlen_q, seqlen_k, varlen)``: the launch arguments shared by
-    the forward and backward kernels, by parameter name."""
+    the forward and backward kernels, by parameter name.
+
+    ``window``: None or ``(left, right)`` ints >= 0 (validated by ``fastbert.ops``). Clamped to
+    the sequence lengths, which changes nothing (a query never sees past either end) and keeps
+    every bound the kernels compute within int32. The window is one constexpr flag
+    (``HAS_WINDOW``) and two runtime ints, not specialized: every window size runs one compiled
+    kernel, and without a window the kernels are the ones without the feature."""
     varlen = cu_seqlens is not None
     if varlen:
         batch = cu_seqlens.shape[0] - 1
@@ -204,7 +239,10 @@ def launch_args(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout
         num_heads=num_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
         dropout_thresh=dropout_threshold(dropout_p) if has_dropout else 0,
         dropout_scale=dropout_scale(dropout_p) if has_dropout else 1.0,
-        HEAD_DIM=head_dim, HAS_MASK=attention_mask is not None, HAS_BIAS=attn_bias is not None,
+        window_left=min(int(window[0]), seqlen_q) if window is not None else 0,
+        window_right=min(int(window[1]), seqlen_k) if window is not None else 0,
+        HAS_WINDOW=window is not None, HEAD_DIM=head_dim, HAS_MASK=attention_mask is not None,
+        HAS_BIAS=attn_bias is not None,
         VARLEN=varlen, HAS_DROPOUT=has_dropout, BLOCK_D=head_dim_bucket(head_dim),
         PRECISION="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,

@@ -9,7 +9,12 @@ max ``m'`` = max(m, rowmax(S)) rescales the state by ``alpha = exp(m - m')``::
 
 and at the end ``out = acc / l`` and ``lse = (m, log l)`` (``(+inf, 0)`` for an empty row, whose
 ``out`` is 0). Masked keys (``attention_mask``, sequence bounds) are loaded as zero K and V rows:
-whatever they hold has no influence. Layouts, features and numerics: :mod:`._attention_common`.
+whatever they hold has no influence.
+
+With a local window (query i sees keys ``i - left <= j <= i + right``) the key loop starts at the
+first key tile some row of the program can see and stops after the last one, so the cost grows
+with seqlen x window, not seqlen^2; the scores of the tiles it walks are masked per element.
+Layouts, features and numerics: :mod:`._attention_common`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import triton
 import triton.language as tl
 
 from fastbert.backends.triton._attention_common import (FWD_NO_SPEC, LN2, LOG2E, _dot, _key_ok, _program,
-                                                        _scores, attention_config, launch_args, lse_strides,
-                                                        strides)
+                                                        _scores, _window_range, attention_config, launch_args,
+                                                        lse_strides, strides)
 from fastbert.backends.triton._philox import philox_keep_tile, philox_seed
 
 
@@ -38,9 +43,10 @@ def _attn_fwd_kernel(
     stride_ob, stride_om, stride_oh, stride_lp, stride_lb, stride_lh, stride_mb, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, seqlen_q, seqlen_k, softmax_scale, dropout_thresh, dropout_scale,
+    window_left, window_right,  # the local window (keys before / after the query) when HAS_WINDOW
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
     b, h, b64, h64, start, len_q, len_k = _program(CuSeqlens, num_heads, seqlen_q, seqlen_k, VARLEN)
@@ -65,14 +71,16 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (natural units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp(s - m_i), before dropout
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
+    n_start, key_lo, key_hi = _window_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, HAS_WINDOW)
+    for start_n in range(n_start, key_hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, HAS_MASK)
+        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, key_lo, key_hi, HAS_MASK, HAS_WINDOW)
         kv_ok = key_ok[:, None] & d_ok[None, :]
         tok_n = (start + offs_n).to(tl.int64)
         k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
-                    softmax_scale, HAS_BIAS, PRECISION, UPCAST)
+                    softmax_scale, window_left, window_right, HAS_BIAS, HAS_WINDOW, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no key so far has m = -inf: subtract 0 instead, so exp(-inf) = 0, never NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,10 +107,10 @@ def _attn_fwd_kernel(
 
 
 def fwd_launch(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p,
-               seed, softmax_scale, allow_tf32):
+               seed, softmax_scale, allow_tf32, window=None):
     """``(grid, kwargs)`` of the forward kernel launch (shared by the launcher and the AOT compile)."""
     args, bh, seqlen_q, _, varlen = launch_args(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen,
-                                                dropout_p, seed, allow_tf32)
+                                                dropout_p, seed, allow_tf32, window)
     block_m, block_n, warps, stages = attention_config("fwd", q.shape[-1], q.dtype)
     kw = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **args, **strides("q", q, varlen),
               **strides("k", k, varlen, "bnh"), **strides("v", v, varlen, "bnh"),

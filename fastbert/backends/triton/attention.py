@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 
 from fastbert.backends import workspace
+
+# The kernels, launchers and config table are re-exported here, where callers (tests, bench/tune.py,
+# benchmarks, the AOT gate) have always found them; the entry points launch through these names.
 from fastbert.backends.triton._attention_bwd import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,  # noqa: F401
                                                      _attn_bwd_preprocess_kernel, bwd_launches)
 from fastbert.backends.triton._attention_common import (INTERPRET, LOG2E, attention_config,  # noqa: F401
@@ -22,11 +25,16 @@ from fastbert.backends.triton._common import device_ctx as _device_ctx
 
 
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
-                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False):
-    """Backend entry point (contract in :mod:`fastbert.backends`): writes ``out`` and ``lse``."""
+                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False, window=None):
+    """Backend entry point (contract in :mod:`fastbert.backends`): writes ``out`` and ``lse``.
+
+    ``window``: None (global) or ``(left, right)`` Python ints >= 0: query i sees key j iff
+    ``i - left <= j <= i + right`` (positions within the sequence, top-left aligned when seqlen_q
+    != seqlen_k); key tiles outside every row's window are skipped.
+    """
     grid, kw = fwd_launch(q, k, v, out, lse, attention_mask=attention_mask, attn_bias=attn_bias,
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
-                          softmax_scale=softmax_scale, allow_tf32=allow_tf32)
+                          softmax_scale=softmax_scale, allow_tf32=allow_tf32, window=window)
     if grid[0] * grid[1] == 0:
         return
     with _device_ctx(q):
@@ -35,18 +43,20 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
-                  deterministic=False):
+                  deterministic=False, window=None):
     """Backend entry point: writes dq, dk, dv and, when ``dbias`` is given, the full fp32
-    ``[batch, num_heads, seqlen_q, seqlen_k]`` scores-bias gradient.
+    ``[batch, num_heads, seqlen_q, seqlen_k]`` scores-bias gradient (zero outside the window).
 
     Deterministic always (every output element has one owner, no atomics), so
     ``deterministic=True`` needs nothing extra. Workspace: ``delta``, fp32 like one plane of ``lse``.
     """
     delta = workspace(lse.shape[1:], torch.float32, lse.device)  # like one plane of lse
+    if window is not None and dbias is not None:
+        dbias.zero_()  # the dK/dV kernel writes only the query tiles that see its keys
     launches = bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta,
                             attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
                             max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
-                            softmax_scale=softmax_scale, allow_tf32=allow_tf32)
+                            softmax_scale=softmax_scale, allow_tf32=allow_tf32, window=window)
     with _device_ctx(q):
         for kernel, grid, kw in launches:
             if grid[0] * grid[1] == 0:
@@ -87,11 +97,12 @@ def _aot_spill_budget(kind: str, dtype: torch.dtype, head_dim: int) -> int:
 
 
 def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False,
-                 allow_tf32: bool = False, dropout: bool = True, batch: int = 4, seqlen: int = 512,
-                 num_heads: int = 12):
+                 allow_tf32: bool = False, dropout: bool = True, window: bool = False, batch: int = 4,
+                 seqlen: int = 512, num_heads: int = 12):
     """``[(label, kernel, kwargs)]`` of every attention launch for one configuration, built by the
     launchers' own argument builders from meta tensors (data_ptr 0: 16-byte aligned, like torch's
-    allocations). Padded: every feature on (mask, bias with gradient, dropout); varlen: dropout."""
+    allocations). Padded: mask, bias with gradient, dropout; varlen: dropout; ``window``: a local
+    window too (its sizes are runtime ints, not specialized: one compile serves every window)."""
     meta = dict(device="meta")
     tokens = (batch * seqlen,) if varlen else (batch, seqlen)
     qkv = torch.empty(*tokens, 3, num_heads, head_dim, dtype=dtype, **meta)  # q, k, v read in place
@@ -110,7 +121,7 @@ def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False,
                   cu_seqlens=None, max_seqlen=None)
         dbias = torch.empty(bias.shape, dtype=torch.float32, **meta)
     kw.update(dropout_p=0.1 if dropout else 0.0, seed=torch.empty(2, dtype=torch.int64, **meta),
-              softmax_scale=head_dim ** -0.5, allow_tf32=allow_tf32)
+              softmax_scale=head_dim ** -0.5, allow_tf32=allow_tf32, window=(64, 64) if window else None)
     _, fkw = fwd_launch(q, k, v, out, lse, **kw)
     launches = [("fwd", _attn_fwd_kernel, fkw)]
     names = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
@@ -122,9 +133,10 @@ def aot_launches(dtype: torch.dtype, head_dim: int, *, varlen: bool = False,
 
 def aot_variants(full: bool = False):
     """Ahead-of-time compile variants: the highest-pressure variant of each kernel (padded layout,
-    every feature on) for :data:`AOT_CI`; ``full`` compiles every head_dim bucket and dtype, the
-    non-power-of-two head_dims, the varlen layout and the preprocess kernel. One config table
-    serves sm_80 and sm_90 today, so each variant is compiled for both."""
+    every feature on: mask, bias with gradient, dropout, local window) for :data:`AOT_CI`; ``full``
+    compiles every head_dim bucket and dtype, the non-power-of-two head_dims, the varlen layout
+    (dropout, no window: the unpadded BERT encoder's path) and the preprocess kernel. One config
+    table serves sm_80 and sm_90, so each variant is compiled for both."""
     from fastbert.backends.triton._aot import AotVariant, split_launch
 
     if full:
@@ -135,11 +147,12 @@ def aot_variants(full: bool = False):
         configs = [(dt, hd, False, False) for dt, hd in AOT_CI]
     out = []
     for dtype, head_dim, varlen, tf32 in configs:
-        for kind, kernel, kw in aot_launches(dtype, head_dim, varlen=varlen, allow_tf32=tf32):
+        window = not varlen  # the window joins the highest-pressure (padded) variant
+        for kind, kernel, kw in aot_launches(dtype, head_dim, varlen=varlen, allow_tf32=tf32, window=window):
             if kind == "bwd_preprocess" and not full:
                 continue  # a row reduction: no register pressure to gate
             label = (f"attention_{kind} {str(dtype)[6:]} d={head_dim}{' varlen' if varlen else ''}"
-                     f"{' tf32' if tf32 else ''}")
+                     f"{' window' if window else ''}{' tf32' if tf32 else ''}")
             out.append(AotVariant(label, kernel, *split_launch(kernel, kw),
                                   spill_budget=_aot_spill_budget(kind, dtype, head_dim)))
     return out
