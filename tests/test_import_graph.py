@@ -29,13 +29,11 @@ LAYERS = {"backends": 0, "ops": 1, "nn": 2, "models": 3, "integrations": 3, "env
 OP_MODULES = {"attention", "layer_norm", "gelu"}  # one file per op in each backend
 
 # Known violations, each being removed by another change in flight (the torch backend's own
-# varlen padding, Triton's shared helpers). Remove an
+# varlen padding). Remove an
 # entry when its edge is gone; the test fails on every edge not listed here.
 KNOWN_VIOLATIONS = {
     # sideways: the torch backend borrows the reference backend's private varlen padding
     ("sideways", "fastbert.backends.torch", "fastbert.backends.reference"),
-    # sideways: Triton's GELU reuses a helper of Triton's LayerNorm module
-    ("sideways", "fastbert.backends.triton.gelu", "fastbert.backends.triton.layer_norm"),
 }
 
 

@@ -80,7 +80,7 @@ def table_config(kind: str) -> tuple[int, int, int, int]:
 
     from fastbert.backends.triton.attention import attention_config
 
-    return tuple(attention_config(kind, HEAD_DIM, torch.bfloat16, 9, interpret=False))
+    return tuple(attention_config(kind, HEAD_DIM, torch.bfloat16, interpret=False))
 
 
 def candidates(kind: str, table: tuple) -> list[tuple[int, int, int, int]]:
@@ -147,7 +147,7 @@ def inputs(case: Case, device, seed: int = 0, highest_pressure: bool = False) ->
     return t
 
 
-def launch(case: Case, config: tuple, t: dict, arch: int = 9):
+def launch(case: Case, config: tuple, t: dict):
     """``(kernel, grid, kwargs)`` of the case's kernel with ``config``, built by the launcher's own
     argument builders (``fwd_launch`` / ``bwd_launches``) and then given the candidate's tiles."""
     import triton
@@ -156,7 +156,7 @@ def launch(case: Case, config: tuple, t: dict, arch: int = 9):
 
     common = dict(attention_mask=t["attention_mask"], attn_bias=t["attn_bias"], cu_seqlens=t["cu_seqlens"],
                   max_seqlen=case.seqlen if t["cu_seqlens"] is not None else None, dropout_p=t["dropout_p"],
-                  seed=t["seed"], softmax_scale=HEAD_DIM ** -0.5, allow_tf32=False, arch=arch)
+                  seed=t["seed"], softmax_scale=HEAD_DIM ** -0.5, allow_tf32=False)
     block_m, block_n, warps, stages = config
     if case.kind == "fwd":
         (bh, _), kw = ta.fwd_launch(t["q"], t["k"], t["v"], t["out"], t["lse"], **common)
@@ -224,7 +224,7 @@ def prepare(case: Case, t: dict) -> None:
                                    attn_bias=None, cu_seqlens=t["cu_seqlens"],
                                    max_seqlen=case.seqlen if t["cu_seqlens"] is not None else None,
                                    dropout_p=t["dropout_p"], seed=t["seed"], softmax_scale=HEAD_DIM ** -0.5,
-                                   allow_tf32=False, arch=9)
+                                   allow_tf32=False)
         kernel, grid, kw = launches[0]
         kernel[grid](**kw)
 

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from fastbert.backends import ALL_FEATURES, BackendSpec, OpCaps, register_backend
+from fastbert.backends import ALL_FEATURES, WINDOW_FEATURE, BackendSpec, OpCaps, register_backend
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
@@ -38,7 +38,8 @@ register_backend(BackendSpec(
     caps={
         "attention": OpCaps(devices=_DEVICES, dtypes=_DTYPES,
                             head_dims=lambda d: d in ATTENTION_HEAD_DIMS,
-                            head_dims_doc="multiples of 8 up to 256", features=ALL_FEATURES,
+                            head_dims_doc="multiples of 8 up to 256",
+                            features=ALL_FEATURES | {WINDOW_FEATURE},  # + the local window
                             module="fastbert.backends.triton.attention"),
         "layer_norm": OpCaps(devices=_DEVICES, dtypes=_DTYPES, features=ALL_FEATURES,
                              module="fastbert.backends.triton.layer_norm"),

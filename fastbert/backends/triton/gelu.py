@@ -28,18 +28,12 @@ programs per column block keep fp32 partial sums over a fixed set of row tiles, 
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from fastbert.backends import workspace
-from fastbert.backends.triton.layer_norm import cast_rne
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_TILE_SCALE = 16 if INTERPRET else 1  # taller tiles under the interpreter (cost per operation)
+from fastbert.backends.triton._common import TILE_SCALE, cast_rne, device_ctx
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -135,7 +129,7 @@ def _gelu_bwd_kernel(
 def config(hidden: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)``: column blocks of up to 1024, ~4096-element tiles."""
     block_n = min(triton.next_power_of_2(hidden), 1024)
-    block_m = max(1, 4096 // block_n) * _TILE_SCALE
+    block_m = max(1, 4096 // block_n) * TILE_SCALE
     return block_m, block_n, 8 if block_m * block_n >= 4096 else 4
 
 
@@ -157,15 +151,11 @@ def bwd_launch(dy, x, bias, dx, partials, *, rows: int, hidden: int, approximate
     return (num_programs, triton.cdiv(hidden, block_n)), kwargs
 
 
-def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def gelu_fwd(x, bias, y, *, approximate):
     """Backend entry point (see ``fastbert.backends``): ``y = gelu(x + bias)``."""
     rows, hidden = x.shape
     grid, kwargs = fwd_launch(x, bias, y, rows=rows, hidden=hidden, approximate=approximate)
-    with _device_ctx(x):
+    with device_ctx(x):
         _gelu_fwd_kernel[grid](**kwargs)
 
 
@@ -186,7 +176,7 @@ def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
     partials = workspace((progs, hidden), torch.float32, x.device) if dbias is not None else None
     grid, kwargs = bwd_launch(dy, x, bias, dx, partials, rows=rows, hidden=hidden, approximate=approximate,
                               num_programs=progs)
-    with _device_ctx(x):
+    with device_ctx(x):
         _gelu_bwd_kernel[grid](**kwargs)
     if dbias is not None:
         torch.sum(partials, dim=0, out=dbias)  # fixed-order reduction: deterministic

@@ -37,8 +37,6 @@ elements are addressed correctly. Block sizes and warps come from :func:`fwd_con
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,16 +45,13 @@ import triton.language as tl
 
 from fastbert.backends import workspace
 from fastbert.backends._philox import dropout_scale, dropout_threshold
+from fastbert.backends.triton._common import TILE_SCALE, cast_rne, device_ctx
 from fastbert.backends.triton._philox import philox_keep_cols, philox_keep_tile, philox_seed
 
 # A row up to this many elements (rounded up to a power of two) is held in registers in one block;
 # wider rows are walked in chunks of CHUNK_N.
 MAX_BLOCK_N = 8192
 CHUNK_N = 4096
-# The interpreter's cost is per operation, not per element: it runs the same code on 16x taller
-# tiles so that CPU tests stay fast (the tile height is a free parameter of the kernels).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_TILE_SCALE = 16 if INTERPRET else 1
 
 
 @dataclass(frozen=True)
@@ -79,7 +74,7 @@ def _config(hidden: int, tile_elems: int, per_thread: int, block_n: int | None) 
     # per_thread elements of the tile per thread; the chunked path keeps more values alive.
     per_thread = per_thread if num_chunks == 1 else per_thread // 2
     num_warps = max(4, min(16, block_m * block_n // (32 * per_thread)))
-    return Config(block_m * _TILE_SCALE if num_chunks == 1 else 1, block_n, num_chunks, num_warps)
+    return Config(block_m * TILE_SCALE if num_chunks == 1 else 1, block_n, num_chunks, num_warps)
 
 
 def fwd_config(hidden: int, block_n: int | None = None) -> Config:
@@ -92,25 +87,6 @@ def bwd_config(hidden: int, block_n: int | None = None) -> Config:
     """Backward tile: more live values per element (dy, h, xhat, g, dh, three row sums), so half
     the forward's rows and 8 elements per thread (4 when chunked)."""
     return _config(hidden, 2048, 8, block_n)
-
-
-_INTERPRET_BF16 = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def cast_rne(v, dtype: tl.constexpr):
-    """fp32 ``v`` to ``dtype``, rounding to nearest even (what compiled Triton does).
-
-    Triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding; only there, bf16 is
-    rounded by hand on the bit pattern (add 0x7FFF plus the lowest kept bit, keep the high half),
-    so CPU tests see the values a GPU stores. fp16 and the compiled path use the plain cast.
-    """
-    if _INTERPRET_BF16 and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit
@@ -431,7 +407,7 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
     rows, hidden = x.shape
     grid, kwargs = fwd_launch(x, weight, bias, residual, x_bias, seed, y, mean, rstd, h, rows=rows,
                               hidden=hidden, eps=eps, dropout_p=dropout_p, config=config)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_ctx(x):
         _layer_norm_fwd_kernel[grid](**kwargs)
 
 
@@ -454,7 +430,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
                               hidden=hidden, dropout_p=dropout_p, need_dweight=dweight is not None,
                               need_dbias=dbias is not None, need_dx_bias=dx_bias is not None,
                               num_programs=progs, config=cfg)
-    with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
+    with device_ctx(h):
         _layer_norm_bwd_kernel[grid](**kwargs)
     for slot, out in enumerate(sums):
         if out is not None:

@@ -1,0 +1,46 @@
+"""Pieces every compute module of the Triton backend shares (attention, layer_norm, gelu).
+
+- :data:`INTERPRET`: whether kernels run under ``TRITON_INTERPRET=1``. Kernels are defined once per
+  process and the variable applies to the whole process (tests set it before importing).
+- :data:`TILE_SCALE`: the interpreter's cost is per operation, not per element, so the row-wise
+  kernels (LayerNorm, GELU) run the same code on 16x taller tiles there (the tile height is a free
+  parameter of those kernels) and CPU tests stay fast.
+- :func:`cast_rne`: an fp32 -> fp16/bf16 store cast that rounds like compiled Triton under the
+  interpreter too.
+- :func:`device_ctx`: launches run on the tensors' GPU, not the current one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TILE_SCALE = 16 if INTERPRET else 1
+
+_INTERPRET_BF16 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_rne(v, dtype: tl.constexpr):
+    """fp32 ``v`` to ``dtype``, rounding to nearest even (what compiled Triton does).
+
+    Triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding; only there, bf16 is
+    rounded by hand on the bit pattern (add 0x7FFF plus the lowest kept bit, keep the high half),
+    so CPU tests see the values a GPU stores. fp16 and the compiled path use the plain cast.
+    """
+    if _INTERPRET_BF16 and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+def device_ctx(t: torch.Tensor):
+    """Launch on ``t``'s GPU, not the current one (tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
