@@ -134,8 +134,80 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-@contextlib.contextmanager
 def no_autocast(device_type: str):
-    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops."""
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
+    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops (a no-op
+    context, which costs nothing, when autocast is off already: the common case)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# The eager fast path of a custom op
+# ----------------------------------------------------------------------------------------------
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_direct(*tensors) -> bool:
+    """Whether an eager call may run a custom op's implementation without the dispatcher.
+
+    A ``torch.library.custom_op`` costs tens of microseconds of Python plumbing per call
+    (schema binding, autograd wrapper, redispatch), more than the op itself at small shapes.
+    Plain eager calls (plain tensors, no torch-function / dispatch mode, no functorch transform,
+    not compiling) run the same implementation through :class:`_EagerOp` instead; everything
+    else (``torch.compile``, fake tensors, ``make_fx``, ``opcheck``, vmap) goes through the
+    registered custom op, so its fake and autograd registrations stay what tracing sees.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(type(t) in _PLAIN for t in tensors if isinstance(t, torch.Tensor))
+
+
+class EagerOp:
+    """One custom op's pieces for the eager fast path: the forward implementation (the function
+    the custom op was made from), its ``setup_context`` and ``backward`` (which take ``bwd=``, the
+    backward op to call), the backward's custom op and implementation, and which outputs carry no
+    gradient."""
+
+    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, nondiff=()):
+        self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
+        self.setup_context, self.backward = setup_context, backward
+        self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
+        self.nondiff = nondiff
+
+    def __call__(self, *inputs, diff=()):
+        """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient."""
+        if not eager_direct(*inputs):
+            return self.fwd_op(*inputs)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in diff):
+            return _EagerFunction.apply(*inputs, self)
+        return self.fwd_impl(*inputs)
+
+
+class _EagerFunction(torch.autograd.Function):
+    """The autograd node of :class:`EagerOp`: the custom op's own setup_context and backward.
+    The op rides last so ``ctx.needs_input_grad`` keeps the custom op's input positions."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *inputs, op = args
+        outputs = op.fwd_impl(*inputs)
+        op.setup_context(ctx, inputs, outputs)
+        ctx.eager_op = op
+        ctx.num_inputs = len(inputs)
+        if op.nondiff:
+            ctx.mark_non_differentiable(*(outputs[i] for i in op.nondiff))
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        op = ctx.eager_op
+        if grads[0] is None:  # no gradient reached the one differentiable output: none flows back
+            return (None,) * (ctx.num_inputs + 1)
+        # create_graph=True: the custom op (as the registered autograd would call it)
+        bwd = op.bwd_op if torch.is_grad_enabled() else op.bwd_impl
+        return tuple(op.backward(ctx, *grads, bwd=bwd)) + (None,)

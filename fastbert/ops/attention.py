@@ -8,11 +8,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.backends import CallInfo, get_backend
-from fastbert.ops._common import (allow_tf32, as_float, autocast_dtype, check, check_dropout_p,
-                                  check_tensor, deterministic, draw_seed, new_empty, no_autocast,
-                                  value_checks_enabled)
-from fastbert.ops._dispatch import backend_module, resolve
+from fastbert.backends import get_backend
+from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype, check,
+                                  check_dropout_p, check_tensor, deterministic, draw_seed, new_empty,
+                                  no_autocast, value_checks_enabled)
+from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -43,8 +43,7 @@ def _bias4d(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tenso
     return attn_bias.expand(batch, num_heads, seqlen_q, k.shape[1])
 
 
-@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
                    attn_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], seed: Optional[Tensor],
                    max_seqlen: int, dropout_p: float, softmax_scale: float, allow_tf32: bool,
                    deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
@@ -65,6 +64,9 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Ten
     return out, lse
 
 
+_attention_fwd = torch.library.custom_op("fastbert::attention_fwd", mutates_args=())(_attention_fwd_impl)
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
       allow_tf32, deterministic, backend):
@@ -72,8 +74,7 @@ def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_
             q.new_empty(_lse_shape(q, cu_seqlens is not None, backend), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    attention_mask: Optional[Tensor], attn_bias: Optional[Tensor],
                    cu_seqlens: Optional[Tensor], seed: Optional[Tensor], max_seqlen: int,
                    dropout_p: float, softmax_scale: float, allow_tf32: bool, deterministic: bool,
@@ -103,6 +104,9 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     return dq, dk, dv, dbias.reshape(attn_bias.shape).to(attn_bias.dtype)
 
 
+_attention_bwd = torch.library.custom_op("fastbert::attention_bwd", mutates_args=())(_attention_bwd_impl)
+
+
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
       softmax_scale, allow_tf32, deterministic, bias_requires_grad, backend):
@@ -118,17 +122,19 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_seqlen, dropout_p, softmax_scale, tf32, det, backend)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=None):
     q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale, tf32, det, backend = ctx.args
     bias_grad = attn_bias is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, attention_mask, attn_bias,
+    dq, dk, dv, dbias = (bwd or _attention_bwd)(dout, q, k, v, out, lse, attention_mask, attn_bias,
                                        cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale, tf32,
                                        det, bias_grad, backend)
     return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 8
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_eager = EagerOp(_attention_fwd, _attention_fwd_impl, _setup_context, _backward, _attention_bwd,
+                 _attention_bwd_impl, nondiff=(1,))
 
 
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -309,24 +315,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     softmax_scale = 1.0 / math.sqrt(hd) if softmax_scale is None else as_float("softmax_scale", softmax_scale)
     if not softmax_scale - softmax_scale == 0.0:  # NaN or +-inf (math.isfinite does not trace)
         raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
-    features = set()
+    features = ()
     if attention_mask is not None:
-        features.add("attention_mask")
+        features += ("attention_mask",)
     if attn_bias is not None:
-        features.add("attn_bias")
-        if attn_bias.requires_grad:
-            features.add("attn_bias_grad")
+        features += ("attn_bias", "attn_bias_grad") if attn_bias.requires_grad else ("attn_bias",)
     if varlen:
-        features.add("varlen")
+        features += ("varlen",)
     if dropout_p > 0.0:
-        features.add("dropout")
+        features += ("dropout",)
     det, tf32 = deterministic(), allow_tf32(q)
     if det:
-        features.add("deterministic")
+        features += ("deterministic",)
     if tf32:
-        features.add("tf32")
-    name = resolve(CallInfo("attention", q.device.type, q.dtype, hd, frozenset(features)), backend)
+        features += ("tf32",)
+    name = resolve_call("attention", q.device.type, q.dtype, hd, features, backend)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, _ = _attention_fwd(q, k, v, attention_mask, attn_bias, cu_seqlens, seed,
-                            int(max_seqlen or 0), dropout_p, float(softmax_scale), tf32, det, name)
+    out, _ = _eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, int(max_seqlen or 0),
+                    dropout_p, float(softmax_scale), tf32, det, name, diff=(q, k, v, attn_bias))
     return out
