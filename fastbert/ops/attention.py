@@ -17,12 +17,20 @@ from fastbert.ops._dispatch import backend_module, resolve_call
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _lse_shape(q: Tensor, varlen: bool, backend: str) -> tuple:
+def _lse_shape(q: Tensor, varlen: bool, backend: str, dropout_p: float = 0.0,
+               attn_bias: Optional[Tensor] = None) -> tuple:
     """The forward's softmax statistics, two fp32 planes: the row max ``m`` and ``log(l)`` of the
     row sum (logsumexp = m + log l). Kept apart so that backward's ``exp((s - m) - log l)`` stays
-    exact where ``m`` is huge (a row all biased ``finfo.min``: ``m + log l == m`` in fp32)."""
+    exact where ``m`` is huge (a row all biased ``finfo.min``: ``m + log l == m`` in fp32).
+
+    ``(0,)`` (no statistics) for a backend declaring ``writes_lse=False``, unless its compute
+    module's ``writes_lse_for(...)`` says it writes them for this call (metadata only: the fake
+    implementation asks the same question)."""
     if not get_backend(backend).caps["attention"].writes_lse:
-        return (0,)
+        ask = getattr(backend_module(backend, "attention"), "writes_lse_for", None)
+        if ask is None or not ask(device_type=q.device.type, dtype=q.dtype, varlen=varlen,
+                                  dropout_p=dropout_p, has_bias=attn_bias is not None):
+            return (0,)
     if varlen:
         return (2, q.shape[1], q.shape[0])  # [2, num_heads, total_tokens]
     return (2, q.shape[0], q.shape[2], q.shape[1])  # [2, batch, num_heads, seqlen_q]
@@ -49,7 +57,7 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optiona
                    deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
     varlen = cu_seqlens is not None
     out = new_empty(q.shape, q.dtype, q.device)
-    lse = new_empty(_lse_shape(q, varlen, backend), torch.float32, q.device)
+    lse = new_empty(_lse_shape(q, varlen, backend, dropout_p, attn_bias), torch.float32, q.device)
     if q.numel() == 0 or k.numel() == 0:
         out.zero_()
         if lse.numel():  # empty rows: (m, log l) = (+inf, 0)
@@ -71,7 +79,7 @@ _attention_fwd = torch.library.custom_op("fastbert::attention_fwd", mutates_args
 def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
       allow_tf32, deterministic, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(_lse_shape(q, cu_seqlens is not None, backend), dtype=torch.float32))
+            q.new_empty(_lse_shape(q, cu_seqlens is not None, backend, dropout_p, attn_bias), dtype=torch.float32))
 
 
 def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
