@@ -288,12 +288,17 @@ BWD_ILL_CONDITIONED = 1.0
 
 
 def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
-    """Indices of the rows aten's forward cannot be trusted with, or None (the common case: one [rows]
-    comparison and a nonzero, no [rows, hidden] work). Skipped while capturing a CUDA graph (the
-    nonzero is a host sync); on a GPU Triton or CUDA normally runs LayerNorm anyway."""
+    """Indices of the rows aten's forward cannot be trusted with, or None (the common case: one
+    [rows] product and its max, no [rows, hidden] work; the nonzero only when some row exceeds
+    ``threshold``). Skipped while capturing a CUDA graph (the max is a host sync); on a GPU
+    Triton or CUDA normally runs LayerNorm anyway."""
     if mean.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    idx = (mean.abs() * rstd > threshold).nonzero().view(-1)
+    ratio = mean.abs().mul_(rstd)
+    top = float(ratio.max()) if ratio.numel() else 0.0
+    if not (top > threshold or top != top):  # NaN propagates through max: then look row by row
+        return None
+    idx = (ratio > threshold).nonzero().view(-1)
     return idx if idx.numel() else None
 
 

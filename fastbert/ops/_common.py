@@ -50,17 +50,20 @@ def check(cond: bool, exc: type[Exception], msg: str) -> None:
 
 
 def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None) -> None:
-    """Metadata checks that name the argument, the expected and the actual value."""
-    check(isinstance(t, torch.Tensor), TypeError, f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    """Metadata checks that name the argument, the expected and the actual value.
+
+    Messages are built only on failure (formatting them costs more than the checks)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
         allowed = ndim if isinstance(ndim, tuple) else (ndim,)
-        check(t.dim() in allowed, ValueError,
-              f"{name}: expected {' or '.join(map(str, allowed))} dims, got {t.dim()} (shape {tuple(t.shape)})")
-    if dtypes is not None:
-        check(t.dtype in dtypes, TypeError,
-              f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None:
-        check(t.device == device, ValueError, f"{name}: expected device {device}, got {t.device}")
+        if t.dim() not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dims, got {t.dim()} "
+                             f"(shape {tuple(t.shape)})")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
 
 
 def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
@@ -70,10 +73,11 @@ def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
     copy of ``size`` elements here instead of a stride argument in every kernel.
     """
     check_tensor(name, t, ndim=1, device=x.device)
-    check(t.shape[0] == size, ValueError, f"{name}: expected shape ({size},), got {tuple(t.shape)}")
-    allowed = list(dict.fromkeys((x.dtype, torch.float32)))
-    check(t.dtype in allowed, TypeError,
-          f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if t.shape[0] != size:
+        raise ValueError(f"{name}: expected shape ({size},), got {tuple(t.shape)}")
+    if t.dtype != x.dtype and t.dtype != torch.float32:
+        allowed = list(dict.fromkeys((x.dtype, torch.float32)))
+        raise TypeError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
     return t.contiguous()
 
 
@@ -83,8 +87,10 @@ def as_float(name: str, value) -> float:
     Under ``torch.compile`` a float argument can arrive symbolic (Dynamo makes it dynamic after a
     recompile); ``float()`` specializes it so checks and messages see a plain number.
     """
-    check(isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool),
-          TypeError, "%s: expected a float, got %s" % (name, type(value).__name__))
+    if type(value) is float:  # the common case, one check
+        return value
+    if not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) or isinstance(value, bool):
+        raise TypeError("%s: expected a float, got %s" % (name, type(value).__name__))
     return float(value)
 
 

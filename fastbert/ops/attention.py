@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastbert.backends import get_backend
-from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype, check,
+from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype,
                                   check_dropout_p, check_tensor, deterministic, draw_seed, new_empty,
                                   no_autocast, value_checks_enabled)
 from fastbert.ops._dispatch import backend_module, resolve_call
@@ -151,22 +151,24 @@ _DEVICE_TYPES = ("cpu", "cuda")
 def _check_max_seqlen(max_seqlen, total_tokens: int) -> None:
     """Metadata check of a given ``max_seqlen``: an int in [0, total_tokens] (no sequence is longer
     than all tokens together; a larger bound would only size grids and padding for nothing)."""
-    check(isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool), TypeError,
-          f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
+    if not (isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool)):
+        raise TypeError(f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
     if not 0 <= max_seqlen <= total_tokens:  # message built only on failure: Dynamo cannot format SymInts
         raise ValueError(f"max_seqlen: expected an int in [0, total_tokens] = [0, {total_tokens}], got {max_seqlen}")
 
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: Optional[int]) -> None:
     cu = cu_seqlens.tolist()
-    check(cu[0] == 0, ValueError, f"cu_seqlens: expected cu_seqlens[0] == 0, got {cu[0]}")
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {cu[0]}")
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    check(all(n >= 0 for n in lengths), ValueError, f"cu_seqlens: expected non-decreasing values, got {cu}")
-    check(cu[-1] == total_tokens, ValueError,
-          f"cu_seqlens: expected cu_seqlens[-1] == total_tokens == {total_tokens}, got {cu[-1]}")
+    if not all(n >= 0 for n in lengths):
+        raise ValueError(f"cu_seqlens: expected non-decreasing values, got {cu}")
+    if cu[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[-1] == total_tokens == {total_tokens}, got {cu[-1]}")
     if max_seqlen is not None and lengths:
-        check(max(lengths) <= max_seqlen, ValueError,
-              f"max_seqlen: expected >= the longest sequence ({max(lengths)}), got {max_seqlen}")
+        if not max(lengths) <= max_seqlen:
+            raise ValueError(f"max_seqlen: expected >= the longest sequence ({max(lengths)}), got {max_seqlen}")
 
 
 def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *,
@@ -181,18 +183,18 @@ def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *
         ValueError: wrong ndim or shape, or values other than 0 and 1.
     """
     check_tensor("attention_mask", attention_mask, ndim=2, device=device)
-    check(tuple(attention_mask.shape) == (batch, seqlen), ValueError,
-          f"attention_mask: expected shape (batch, {seqlen_name}) = {(batch, seqlen)}, "
-          f"got {tuple(attention_mask.shape)}")
+    if tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(f"attention_mask: expected shape (batch, {seqlen_name}) = {(batch, seqlen)}, "
+                         f"got {tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:
         return attention_mask
     if value_checks_enabled(attention_mask) and attention_mask.numel():
         bad = (attention_mask != 0) & (attention_mask != 1)
         if bool(bad.any()):
             raise ValueError(
-                "attention_mask: expected 0/1 or bool values (1 = attend, 0 = padding), got values "
-                f"in [{attention_mask.min().item()}, {attention_mask.max().item()}]; an additive "
-                "mask (0 / -10000 / -inf) belongs in attn_bias")
+                             "attention_mask: expected 0/1 or bool values (1 = attend, 0 = padding), got values "
+                             f"in [{attention_mask.min().item()}, {attention_mask.max().item()}]; an additive "
+                             "mask (0 / -10000 / -inf) belongs in attn_bias")
     return attention_mask != 0
 
 
@@ -268,30 +270,33 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     varlen = cu_seqlens is not None
     ndim = 3 if varlen else 4
     check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
-    check(q.device.type in _DEVICE_TYPES, ValueError,
-          f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
-          "have no values to attend; under torch.compile fake tensors take the fake implementation)")
+    if q.device.type not in _DEVICE_TYPES:
+        raise ValueError(f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
+                         "have no values to attend; under torch.compile fake tensors take the fake implementation)")
     check_tensor("k", k, ndim=ndim, device=q.device)
     check_tensor("v", v, ndim=ndim, device=q.device)
-    check(k.dtype == q.dtype and v.dtype == q.dtype, TypeError,
-          f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
+    if not (k.dtype == q.dtype and v.dtype == q.dtype):
+        raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
     hd = q.shape[-1]
-    check(k.shape[-2] == q.shape[-2] and v.shape[-2] == q.shape[-2], ValueError,
-          f"num_heads: expected q, k, v to agree, got q {q.shape[-2]}, k {k.shape[-2]}, v {v.shape[-2]}")
-    check(k.shape[-1] == hd and v.shape[-1] == hd, ValueError,
-          f"head_dim: expected q, k, v to agree, got q {hd}, k {k.shape[-1]}, v {v.shape[-1]}")
-    check(hd > 0, ValueError, f"head_dim: expected > 0, got {hd}")
-    check(k.shape[:-2] == v.shape[:-2], ValueError,
-          f"k, v: expected the same leading shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not (k.shape[-2] == q.shape[-2] and v.shape[-2] == q.shape[-2]):
+        raise ValueError(f"num_heads: expected q, k, v to agree, got q {q.shape[-2]}, k {k.shape[-2]}, v {v.shape[-2]}")
+    if not (k.shape[-1] == hd and v.shape[-1] == hd):
+        raise ValueError(f"head_dim: expected q, k, v to agree, got q {hd}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if hd <= 0:
+        raise ValueError(f"head_dim: expected > 0, got {hd}")
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"k, v: expected the same leading shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     dropout_p = check_dropout_p(dropout_p)
     if varlen:
-        check(attention_mask is None, ValueError,
-              "attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")
-        check(attn_bias is None, ValueError, "attn_bias: not supported with cu_seqlens (use the padded layout)")
+        if attention_mask is not None:
+            raise ValueError("attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")
+        if attn_bias is not None:
+            raise ValueError("attn_bias: not supported with cu_seqlens (use the padded layout)")
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
-        check(cu_seqlens.numel() >= 1, ValueError, "cu_seqlens: expected batch + 1 >= 1 entries, got 0")
-        check(k.shape[0] == q.shape[0], ValueError,
-              f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
+        if cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens: expected batch + 1 >= 1 entries, got 0")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
         if max_seqlen is not None:
             _check_max_seqlen(max_seqlen, q.shape[0])
         # Backends read cu_seqlens as a flat int32 array: one contiguous copy here serves them all
@@ -303,8 +308,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             max_seqlen = int(lengths.max().item()) if lengths.numel() else 0  # one host sync
     else:
-        check(k.shape[0] == q.shape[0], ValueError, f"k: expected batch {q.shape[0]}, got {k.shape[0]}")
-        check(max_seqlen is None, ValueError, "max_seqlen: only meaningful with cu_seqlens")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k: expected batch {q.shape[0]}, got {k.shape[0]}")
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen: only meaningful with cu_seqlens")
         batch, seqlen_k = q.shape[0], k.shape[1]
         if attention_mask is not None:
             attention_mask = padding_mask(attention_mask, batch, seqlen_k, q.device, seqlen_name="seqlen_k")
@@ -313,8 +320,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             full = (batch, q.shape[2], q.shape[1], seqlen_k)
             ok = attn_bias.dim() <= 4 and all(
                 s in (1, f) for s, f in zip(reversed(attn_bias.shape), reversed(full)))
-            check(ok, ValueError, f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
-                                  f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
+            if not ok:
+                raise ValueError(f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
+                                 f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     ac = autocast_dtype(q.device.type)
     if ac is not None:  # attention runs in the autocast dtype

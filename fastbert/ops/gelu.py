@@ -8,11 +8,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, autocast_dtype, check, check_tensor, check_vector, new_empty,
+from fastbert.ops._common import (EagerOp, autocast_dtype, check_tensor, check_vector, new_empty,
                                   no_autocast)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 APPROXIMATE = ("none", "tanh")
 
 
@@ -99,8 +100,9 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         TypeError / ValueError naming the argument, expected and actual value;
         RuntimeError when a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
-    check(approximate in APPROXIMATE, ValueError, f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
     hidden = x.shape[-1]
     ac = autocast_dtype(x.device.type)
     if ac is not None:  # GELU runs in the autocast dtype

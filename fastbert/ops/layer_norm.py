@@ -8,11 +8,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, as_float, autocast_dtype, check, check_dropout_p,
+from fastbert.ops._common import (EagerOp, as_float, autocast_dtype, check_dropout_p,
                                   check_tensor, check_vector, draw_seed, new_empty, no_autocast)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -145,22 +146,24 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         TypeError / ValueError: naming the argument, expected and actual value (ndim, hidden size,
             dtype, device, dropout_p, eps). RuntimeError: a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
+    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
     hidden = x.shape[-1]
     eps = as_float("eps", eps)
     # A comparison, not math.isfinite: Dynamo passes a recompiled float symbolically (NaN fails it too).
-    check(0.0 <= eps < math.inf, ValueError, f"eps: expected a finite float >= 0, got {eps!r}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     dropout_p = check_dropout_p(dropout_p)
     ac = autocast_dtype(x.device.type)
     weight, bias, x_bias = (None if t is None else check_vector(name, t, size=hidden, x=x)
                             for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)))
     if residual is not None:
         check_tensor("residual", residual, device=x.device)
-        check(residual.shape == x.shape, ValueError,
-              f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if ac is not None:  # under autocast the residual stream takes x's dtype, as fused LN does
             residual = residual.to(x.dtype)
-        check(residual.dtype == x.dtype, TypeError, f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
     shape = x.shape
     rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
     x2 = x.reshape(rows, hidden).contiguous()
