@@ -18,15 +18,18 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _lse_shape(q: Tensor, varlen: bool, backend: str, dropout_p: float = 0.0,
-               attn_bias: Optional[Tensor] = None) -> tuple:
+               attn_bias: Optional[Tensor] = None, optional: bool = False) -> tuple:
     """The forward's softmax statistics, two fp32 planes: the row max ``m`` and ``log(l)`` of the
     row sum (logsumexp = m + log l). Kept apart so that backward's ``exp((s - m) - log l)`` stays
     exact where ``m`` is huge (a row all biased ``finfo.min``: ``m + log l == m`` in fp32).
 
-    ``(0,)`` (no statistics) for a backend declaring ``writes_lse=False``, unless its compute
-    module's ``writes_lse_for(...)`` says it writes them for this call (metadata only: the fake
-    implementation asks the same question)."""
+    ``(0,)`` (no statistics) for a backend declaring ``writes_lse=False``, unless ``optional``
+    (the eager fast path) and its compute module's ``writes_lse_for(...)`` says it writes them
+    for this call (then backward need not recompute the forward). The custom op never asks:
+    its outputs' shapes stay fixed for tracing (inductor failed on the optional statistics)."""
     if not get_backend(backend).caps["attention"].writes_lse:
+        if not optional:
+            return (0,)
         ask = getattr(backend_module(backend, "attention"), "writes_lse_for", None)
         if ask is None or not ask(device_type=q.device.type, dtype=q.dtype, varlen=varlen,
                                   dropout_p=dropout_p, has_bias=attn_bias is not None):
@@ -52,12 +55,28 @@ def _bias4d(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tenso
 
 
 def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
-                   attn_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], seed: Optional[Tensor],
-                   max_seqlen: int, dropout_p: float, softmax_scale: float, allow_tf32: bool,
-                   deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+                        attn_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], seed: Optional[Tensor],
+                        max_seqlen: int, dropout_p: float, softmax_scale: float, allow_tf32: bool,
+                        deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                              softmax_scale, allow_tf32, deterministic, backend, optional_lse=False)
+
+
+def _attention_fwd_eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                         softmax_scale, allow_tf32, deterministic, backend):
+    """The eager fast path's forward: also the statistics a backend writes only on request (see
+    :func:`_lse_shape`). The custom op (what ``torch.compile`` traces) never asks for them, so
+    its fake and real outputs keep one shape whatever the backend module says."""
+    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                              softmax_scale, allow_tf32, deterministic, backend, optional_lse=True)
+
+
+def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                       softmax_scale, allow_tf32, deterministic, backend, *, optional_lse):
     varlen = cu_seqlens is not None
     out = new_empty(q.shape, q.dtype, q.device)
-    lse = new_empty(_lse_shape(q, varlen, backend, dropout_p, attn_bias), torch.float32, q.device)
+    lse = new_empty(_lse_shape(q, varlen, backend, dropout_p, attn_bias, optional=optional_lse), torch.float32,
+                    q.device)
     if q.numel() == 0 or k.numel() == 0:
         out.zero_()
         if lse.numel():  # empty rows: (m, log l) = (+inf, 0)
@@ -79,7 +98,7 @@ _attention_fwd = torch.library.custom_op("fastbert::attention_fwd", mutates_args
 def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
       allow_tf32, deterministic, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(_lse_shape(q, cu_seqlens is not None, backend, dropout_p, attn_bias), dtype=torch.float32))
+            q.new_empty(_lse_shape(q, cu_seqlens is not None, backend), dtype=torch.float32))
 
 
 def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -141,7 +160,7 @@ def _backward(ctx, dout, dlse, bwd=None):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-_eager = EagerOp(_attention_fwd, _attention_fwd_impl, _setup_context, _backward, _attention_bwd,
+_eager = EagerOp(_attention_fwd, _attention_fwd_eager, _setup_context, _backward, _attention_bwd,
                  _attention_bwd_impl, nondiff=(1,))
 
 
