@@ -5,7 +5,10 @@ on CPU (no padding at all; reading ``cu_seqlens`` is a free host sync there) and
 inside attention elsewhere. Outputs are computed into the preallocated tensors (``out=``) where
 aten allows it, saving the copy a temporary would cost. With dropout, attention needs the shared
 Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
-backward is that composite's backward (this backend writes no ``lse``).
+backward is that composite's backward. ``lse`` is written only where ``fastbert.ops`` asks for it
+(:func:`writes_lse_for`: padded CPU attention without dropout or bias, on the eager path): aten's
+CPU flash attention per sequence, whose logsumexp lets backward run aten's flash backward per
+sequence without recomputing the forward.
 
 Padded attention with a mask runs each sequence on its valid keys on CPU (masked keys never meet
 a product, whatever they hold; padded keys cost nothing), and reads a broadcast ``attn_bias`` in
