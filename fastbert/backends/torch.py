@@ -5,7 +5,10 @@ on CPU (no padding at all; reading ``cu_seqlens`` is a free host sync there) and
 inside attention elsewhere. Outputs are computed into the preallocated tensors (``out=``) where
 aten allows it, saving the copy a temporary would cost. With dropout, attention needs the shared
 Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
-backward is that composite's backward (this backend writes no ``lse``).
+backward is that composite's backward. ``lse`` is written only where ``fastbert.ops`` asks for it
+(:func:`writes_lse_for`: padded CPU attention without dropout or bias, on the eager path): aten's
+CPU flash attention per sequence, whose logsumexp lets backward run aten's flash backward per
+sequence without recomputing the forward.
 
 Padded attention with a mask runs each sequence on its valid keys on CPU (masked keys never meet
 a product, whatever they hold; padded keys cost nothing), and reads a broadcast ``attn_bias`` in
@@ -63,17 +66,105 @@ def _sdpa_heads_first(q, k, v, bias, softmax_scale):
     return o
 
 
-def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out):
+def writes_lse_for(*, device_type, dtype, varlen, dropout_p, has_bias, window=False):
+    """Whether :func:`attention_fwd` writes ``lse`` for such a call (``fastbert.ops`` then allocates
+    it): padded CPU attention without dropout or bias in fp32/fp16/bf16 runs aten's CPU flash
+    attention, whose logsumexp lets backward skip recomputing the forward. (fp64: aten's fp64
+    logsumexp would be rounded to the fp32 planes, so fp64 recomputes; a window runs its own blockwise
+    path, which writes none.)"""
+    return (device_type == "cpu" and not varlen and dropout_p == 0.0 and not has_bias and not window
+            and dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _valid_keys(attention_mask):
+    """Per sequence of a bool ``[batch, seqlen_k]`` mask (read on the CPU, free there): ``(n, idx)``
+    with ``n`` its number of valid keys and ``idx`` None when they are the prefix ``[0, n)`` (right
+    padding: slices are views) or their indices otherwise; or None when every key is valid."""
+    counts = attention_mask.sum(1).tolist()
+    if all(n == attention_mask.shape[1] for n in counts):
+        return None
+    out = []
+    for b, n in enumerate(counts):
+        prefix = n == 0 or bool(attention_mask[b, :n].all())
+        out.append((n, None if prefix else attention_mask[b].nonzero().squeeze(1)))
+    return out
+
+
+def _keys_of(t, b, n, idx):
+    """Sequence ``b``'s valid keys of heads-first ``t`` ``[B, H, Lk, d]``: ``[1, H, n, d]``."""
+    return t[b:b + 1, :, :n] if idx is None else t[b:b + 1].index_select(2, idx)
+
+
+def _flash_padded(qh, kh, vh, keys, softmax_scale, out, lse):
+    """aten's CPU flash attention per sequence on its valid keys (``keys`` from
+    :func:`_valid_keys`; None = the whole batch in one call), writing ``out`` ``[B, Lq, H, d]``
+    and ``lse``'s two planes (m = logsumexp, log l = 0; empty rows +inf, 0)."""
+    lse[1].zero_()
+    if keys is None:
+        o, l = _flash_cpu(qh, kh, vh, 0.0, False, scale=softmax_scale)
+        out.copy_(o.transpose(1, 2))
+        lse[0].copy_(l)
+        return
+    for b, (n, idx) in enumerate(keys):
+        if n == 0:  # every key masked: empty rows
+            out[b].zero_()
+            lse[0, b].fill_(float("inf"))
+            continue
+        o, l = _flash_cpu(qh[b:b + 1], _keys_of(kh, b, n, idx), _keys_of(vh, b, n, idx), 0.0, False,
+                          scale=softmax_scale)
+        out[b].copy_(o[0].transpose(0, 1))
+        lse[0, b].copy_(l[0])
+
+
+def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softmax_scale):
+    """Backward of :func:`_flash_padded` from its saved ``out`` and ``lse``: aten's CPU flash
+    backward per sequence on its valid keys (no recomputed forward, no padded keys); masked keys
+    get exact zero dK and dV, empty rows zero gradients."""
+    qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))  # [B, H, L, d] views
+    keys = None if attention_mask is None else _valid_keys(attention_mask)
+    if keys is None:
+        grads = _flash_cpu_bwd(doh, qh, kh, vh, oh, lse[0], 0.0, False, scale=softmax_scale)
+        for g, dst in zip(grads, (dq, dk, dv)):
+            dst.copy_(g.transpose(1, 2))
+        return
+    for b, (n, idx) in enumerate(keys):
+        if n < k.shape[1]:
+            dk[b].zero_()
+            dv[b].zero_()
+        if n == 0:
+            dq[b].zero_()
+            continue
+        gq, gk, gv = _flash_cpu_bwd(doh[b:b + 1], qh[b:b + 1], _keys_of(kh, b, n, idx),
+                                    _keys_of(vh, b, n, idx), oh[b:b + 1], lse[0, b:b + 1], 0.0, False,
+                                    scale=softmax_scale)
+        dq[b].copy_(gq[0].transpose(0, 1))
+        if idx is None:
+            dk[b, :n].copy_(gk[0].transpose(0, 1))
+            dv[b, :n].copy_(gv[0].transpose(0, 1))
+        else:
+            dk[b].index_copy_(0, idx, gk[0].transpose(0, 1))
+            dv[b].index_copy_(0, idx, gv[0].transpose(0, 1))
+
+
+def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out, lse=None):
     """SDPA on ``[batch, seqlen, num_heads, head_dim]`` into ``out``, empty rows returning zeros.
 
     Keys masked by ``attention_mask`` have no influence whatever K and V hold there (NaN, Inf):
     on CPU each sequence runs on its valid keys only (a view when they are a prefix, a gather of
     that sequence's keys otherwise; reading the mask is free there), which also skips the padded
     keys' work; elsewhere the masked K and V rows are replaced by zeros. The bias is read in its
-    compact shape (see :func:`_compact_bias`).
+    compact shape (see :func:`_compact_bias`). With a non-empty ``lse`` (see
+    :func:`writes_lse_for`) aten's CPU flash attention runs and writes it too.
     """
-    bias = _compact_bias(attn_bias, q)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d] views
+    if lse is not None and lse.numel():
+        keys = None if attention_mask is None else _valid_keys(attention_mask)
+        return _flash_padded(qh, kh, vh, keys, softmax_scale, out, lse)
+    bias = _compact_bias(attn_bias, q)
     if attention_mask is None:
         return out.copy_(_sdpa_heads_first(qh, kh, vh, bias, softmax_scale).transpose(1, 2))
     if q.device.type != "cpu":
@@ -151,7 +242,8 @@ def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dr
 
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                   dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False, window=None):
-    """Backend entry point (see ``fastbert.backends``); leaves ``lse`` unwritten."""
+    """Backend entry point (see ``fastbert.backends``); writes ``lse`` where
+    :func:`writes_lse_for` says so (``lse`` is then non-empty), else leaves it unwritten."""
     if window is not None and _window_covers_all(window, *_window_bounds(q, k, cu_seqlens, max_seqlen)):
         window = None  # every key inside every row's window: global attention, on its faster paths
     if window is not None:
@@ -163,7 +255,7 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
                 and attn_bias is None):
             return _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale)
         if cu_seqlens is None and dropout_p == 0.0:
-            return _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out)
+            return _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out, lse)
         out.copy_(_attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
                              seed=seed, softmax_scale=softmax_scale))
@@ -173,7 +265,8 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
                   deterministic=False, window=None):
     """Backend entry point: per sequence through SDPA's CPU backward where the forward ran per
-    sequence; otherwise the reference's composite backward (recompute P with matmuls)."""
+    sequence (padded: from the forward's saved ``lse``, see :func:`writes_lse_for`); otherwise the
+    reference's composite backward (recompute P with matmuls)."""
     if window is not None and _window_covers_all(window, *_window_bounds(q, k, cu_seqlens, max_seqlen)):
         window = None  # as forward
     if window is not None:
@@ -181,6 +274,8 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
                                      attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                      dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
                                      window=window)
+    if lse.numel() and cu_seqlens is None:
+        return _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softmax_scale)
     if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
             and attn_bias is None):
         return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
@@ -438,12 +533,17 @@ BWD_ILL_CONDITIONED = 1.0
 
 
 def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
-    """Indices of the rows aten's forward cannot be trusted with, or None (the common case: one [rows]
-    comparison and a nonzero, no [rows, hidden] work). Skipped while capturing a CUDA graph (the
-    nonzero is a host sync); on a GPU Triton or CUDA normally runs LayerNorm anyway."""
+    """Indices of the rows aten's forward cannot be trusted with, or None (the common case: one
+    [rows] product and its max, no [rows, hidden] work; the nonzero only when some row exceeds
+    ``threshold``). Skipped while capturing a CUDA graph (the max is a host sync); on a GPU
+    Triton or CUDA normally runs LayerNorm anyway."""
     if mean.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    idx = (mean.abs() * rstd > threshold).nonzero().view(-1)
+    ratio = mean.abs().mul_(rstd)
+    top = float(ratio.max()) if ratio.numel() else 0.0
+    if not (top > threshold or top != top):  # NaN propagates through max: then look row by row
+        return None
+    idx = (ratio > threshold).nonzero().view(-1)
     return idx if idx.numel() else None
 
 

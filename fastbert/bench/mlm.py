@@ -2,11 +2,15 @@
 and off) vs ``transformers.BertForMaskedLM`` (sdpa), the same random weights.
 
 One step = forward in train mode (dropout 0.1), the MLM loss over 15% labelled real tokens,
-backward, ``AdamW``. BERT-base shape, batch 8 x 128 at ~50% fill by default; wall clock,
+backward, ``AdamW``. BERT-base shape, batch 8 x 128 at ~50% fill by default (``--size minilm``:
+6 layers, hidden 384, 12 heads, intermediate 1536, the all-MiniLM-L6-v2 shape); wall clock,
 implementations interleaved round by round (:func:`fastbert.bench.timing.measure_interleaved`),
-median and interquartile range, ``uptime`` recorded. tokens/s counts real tokens.
+median and interquartile range, ``uptime`` recorded. tokens/s counts real tokens. fastbert's
+full-head model also runs with dropout off (``dropout_off``, interleaved with the rest):
+``dropout_on_vs_off`` is its step with dropout 0.1 over that one (goal <= 1.10).
 
-    python -m fastbert.bench.mlm [--rounds 7] [--threads 2] [--layers 12] [--json out.json]
+    python -m fastbert.bench.mlm [--size base|minilm] [--rounds 7] [--threads 2] [--layers N]
+                                 [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,21 +27,32 @@ from fastbert.bench.core import padding_mask, variable_lengths
 from fastbert.bench.timing import TimingPlan, measure_interleaved
 
 
-def _models(layers: int, seed: int):
+SIZES = {  # BertConfig fields per --size (layers may be overridden by --layers)
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "minilm": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
+}
+
+
+def _models(layers: int | None, seed: int, size: str = "base"):
     import transformers
 
     import fastbert.models as fm
 
-    cfg = transformers.BertConfig(num_hidden_layers=layers, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    shape = dict(SIZES[size])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    cfg = transformers.BertConfig(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **shape)
     torch.manual_seed(seed)
     hf = transformers.BertForMaskedLM._from_config(cfg, attn_implementation="sdpa")
     sd = hf.state_dict()
     out = {"hf-sdpa": hf}
-    for name, sparse in (("fastbert sparse_prediction", True), ("fastbert", False)):
-        m = fm.BertForMaskedLM(cfg, sparse_prediction=sparse)
+    for name, sparse, p in (("fastbert sparse_prediction", True, 0.1), ("fastbert", False, 0.1),
+                            ("fastbert dropout 0", False, 0.0)):
+        c = cfg.__class__(**{**cfg.to_dict(), "hidden_dropout_prob": p, "attention_probs_dropout_prob": p})
+        m = fm.BertForMaskedLM(c, sparse_prediction=sparse)
         m.load_state_dict(sd)
         out[name] = m
-    return out
+    return out, cfg
 
 
 def _batch(batch: int, seqlen: int, fill: float, seed: int):
@@ -61,12 +76,12 @@ def _step_fn(model, inputs):
     return step
 
 
-def run(rounds: int = 7, threads: int = 2, layers: int = 12, batch: int = 8, seqlen: int = 128,
-        fill: float = 0.5, seed: int = 0) -> dict:
+def run(rounds: int = 7, threads: int = 2, layers: int | None = None, batch: int = 8, seqlen: int = 128,
+        fill: float = 0.5, seed: int = 0, size: str = "base") -> dict:
     """Time the step of every implementation; returns a JSON-able dict (times in seconds)."""
     torch.set_num_threads(threads)
     inputs, lengths = _batch(batch, seqlen, fill, seed)
-    models = _models(layers, seed)
+    models, cfg = _models(layers, seed, size)
     names = list(models)
     plan = TimingPlan(warmup=1, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock="wall")
     load_before = os.getloadavg()
@@ -78,10 +93,12 @@ def run(rounds: int = 7, threads: int = 2, layers: int = 12, batch: int = 8, seq
     base = rows["hf-sdpa"]["median_s"]
     for r in rows.values():
         r["speedup_vs_hf_sdpa"] = base / r["median_s"]
+    dropout_off = rows.pop("fastbert dropout 0")  # a reference point, not a competitor
     import transformers
 
-    return dict(benchmark="BertForMaskedLM training step", batch=batch, seqlen=seqlen, fill=tokens / (batch * seqlen),
-                layers=layers, labelled=int((inputs["labels"] != -100).sum()), rounds=rounds, threads=threads,
+    return dict(benchmark="BertForMaskedLM training step", size=size, hidden=cfg.hidden_size, batch=batch,
+                seqlen=seqlen, fill=tokens / (batch * seqlen), layers=cfg.num_hidden_layers,
+                dropout_off=dropout_off, dropout_on_vs_off=rows["fastbert"]["median_s"] / dropout_off["median_s"], labelled=int((inputs["labels"] != -100).sum()), rounds=rounds, threads=threads,
                 clock="wall", loadavg_before=load_before, loadavg_after=load_after,
                 torch=torch.__version__, transformers=transformers.__version__, cpu=platform.processor(),
                 time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows)
@@ -92,19 +109,25 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--size", choices=sorted(SIZES), default="base")
+    p.add_argument("--layers", type=int, default=None, help="override the size's layer count")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 2 x 32, 1 round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--fill", type=float, default=0.5)
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
-    res = run(a.rounds, a.threads, a.layers, a.batch, a.seqlen, a.fill)
-    print(f"{res['benchmark']}: L{res['layers']} b{res['batch']} s{res['seqlen']} fill {res['fill']:.2f}, "
+    if a.quick:
+        a.rounds, a.layers, a.batch, a.seqlen = 1, 1, 2, 32
+    res = run(a.rounds, a.threads, a.layers, a.batch, a.seqlen, a.fill, size=a.size)
+    print(f"{res['benchmark']}: {res['size']} (hidden {res['hidden']}) L{res['layers']} b{res['batch']} "
+          f"s{res['seqlen']} fill {res['fill']:.2f}, "
           f"{res['labelled']} labelled, {res['threads']} threads, {res['rounds']} rounds, load "
           f"{res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}")
     for name, r in res["rows"].items():
         print(f"  {name:28s} {r['median_s'] * 1e3:9.1f} ms  [{r['q25_s'] * 1e3:.1f}, {r['q75_s'] * 1e3:.1f}]  "
               f"{r['tokens_per_s']:8.0f} tok/s  {r['speedup_vs_hf_sdpa']:.2f}x hf-sdpa")
+    print(f"  fastbert dropout 0.1 vs 0: {res['dropout_on_vs_off']:.2f}x step time (goal <= 1.10)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

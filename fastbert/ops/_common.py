@@ -50,17 +50,20 @@ def check(cond: bool, exc: type[Exception], msg: str) -> None:
 
 
 def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None) -> None:
-    """Metadata checks that name the argument, the expected and the actual value."""
-    check(isinstance(t, torch.Tensor), TypeError, f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    """Metadata checks that name the argument, the expected and the actual value.
+
+    Messages are built only on failure (formatting them costs more than the checks)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
         allowed = ndim if isinstance(ndim, tuple) else (ndim,)
-        check(t.dim() in allowed, ValueError,
-              f"{name}: expected {' or '.join(map(str, allowed))} dims, got {t.dim()} (shape {tuple(t.shape)})")
-    if dtypes is not None:
-        check(t.dtype in dtypes, TypeError,
-              f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None:
-        check(t.device == device, ValueError, f"{name}: expected device {device}, got {t.device}")
+        if t.dim() not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dims, got {t.dim()} "
+                             f"(shape {tuple(t.shape)})")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
 
 
 def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
@@ -70,10 +73,11 @@ def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
     copy of ``size`` elements here instead of a stride argument in every kernel.
     """
     check_tensor(name, t, ndim=1, device=x.device)
-    check(t.shape[0] == size, ValueError, f"{name}: expected shape ({size},), got {tuple(t.shape)}")
-    allowed = list(dict.fromkeys((x.dtype, torch.float32)))
-    check(t.dtype in allowed, TypeError,
-          f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if t.shape[0] != size:
+        raise ValueError(f"{name}: expected shape ({size},), got {tuple(t.shape)}")
+    if t.dtype != x.dtype and t.dtype != torch.float32:
+        allowed = list(dict.fromkeys((x.dtype, torch.float32)))
+        raise TypeError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
     return t.contiguous()
 
 
@@ -83,8 +87,10 @@ def as_float(name: str, value) -> float:
     Under ``torch.compile`` a float argument can arrive symbolic (Dynamo makes it dynamic after a
     recompile); ``float()`` specializes it so checks and messages see a plain number.
     """
-    check(isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool),
-          TypeError, "%s: expected a float, got %s" % (name, type(value).__name__))
+    if type(value) is float:  # the common case, one check
+        return value
+    if not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) or isinstance(value, bool):
+        raise TypeError("%s: expected a float, got %s" % (name, type(value).__name__))
     return float(value)
 
 
@@ -134,8 +140,80 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-@contextlib.contextmanager
 def no_autocast(device_type: str):
-    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops."""
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
+    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops (a no-op
+    context, which costs nothing, when autocast is off already: the common case)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# The eager fast path of a custom op
+# ----------------------------------------------------------------------------------------------
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_direct(*tensors) -> bool:
+    """Whether an eager call may run a custom op's implementation without the dispatcher.
+
+    A ``torch.library.custom_op`` costs tens of microseconds of Python plumbing per call
+    (schema binding, autograd wrapper, redispatch), more than the op itself at small shapes.
+    Plain eager calls (plain tensors, no torch-function / dispatch mode, no functorch transform,
+    not compiling) run the same implementation through :class:`_EagerOp` instead; everything
+    else (``torch.compile``, fake tensors, ``make_fx``, ``opcheck``, vmap) goes through the
+    registered custom op, so its fake and autograd registrations stay what tracing sees.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(type(t) in _PLAIN for t in tensors if isinstance(t, torch.Tensor))
+
+
+class EagerOp:
+    """One custom op's pieces for the eager fast path: the forward implementation (the function
+    the custom op was made from), its ``setup_context`` and ``backward`` (which take ``bwd=``, the
+    backward op to call), the backward's custom op and implementation, and which outputs carry no
+    gradient."""
+
+    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, nondiff=()):
+        self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
+        self.setup_context, self.backward = setup_context, backward
+        self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
+        self.nondiff = nondiff
+
+    def __call__(self, *inputs, diff=()):
+        """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient."""
+        if not eager_direct(*inputs):
+            return self.fwd_op(*inputs)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in diff):
+            return _EagerFunction.apply(*inputs, self)
+        return self.fwd_impl(*inputs)
+
+
+class _EagerFunction(torch.autograd.Function):
+    """The autograd node of :class:`EagerOp`: the custom op's own setup_context and backward.
+    The op rides last so ``ctx.needs_input_grad`` keeps the custom op's input positions."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *inputs, op = args
+        outputs = op.fwd_impl(*inputs)
+        op.setup_context(ctx, inputs, outputs)
+        ctx.eager_op = op
+        ctx.num_inputs = len(inputs)
+        if op.nondiff:
+            ctx.mark_non_differentiable(*(outputs[i] for i in op.nondiff))
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        op = ctx.eager_op
+        if grads[0] is None:  # no gradient reached the one differentiable output: none flows back
+            return (None,) * (ctx.num_inputs + 1)
+        # create_graph=True: the custom op (as the registered autograd would call it)
+        bwd = op.bwd_op if torch.is_grad_enabled() else op.bwd_impl
+        return tuple(op.backward(ctx, *grads, bwd=bwd)) + (None,)

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from fastbert.backends import CallInfo, all_backends, get_backend, preload
+from fastbert.backends import _REGISTRY, CallInfo, all_backends, get_backend, preload
 
 logger = logging.getLogger("fastbert")
 
@@ -57,6 +57,29 @@ def resolve(call: CallInfo, backend: str | None = None) -> str:
     name = _resolve(call, backend)
     for used in _recorders:
         used.setdefault(call.op, set()).add(name)
+    return name
+
+
+_RESOLVED: dict = {}  # (op, device, dtype, head_dim, features, backend=, env, registry) -> name
+
+
+def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None, features: tuple,
+                 backend: str | None = None) -> str:
+    """:func:`resolve` of ``CallInfo(op, device, dtype, head_dim, frozenset(features))``, the answer
+    remembered per key (with ``FASTBERT_BACKEND`` and the registered backends in the key), so a
+    repeated call builds no ``CallInfo`` and walks no reasons. Refusals are not remembered: each
+    raises with every reason, as :func:`resolve` does. Not cached while compiling (Dynamo traces
+    the plain path)."""
+    if torch.compiler.is_compiling():
+        return resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
+    key = (op, device, dtype, head_dim, features, backend, os.environ.get("FASTBERT_BACKEND"),
+           tuple(map(id, _REGISTRY.values())))
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
+        _RESOLVED[key] = name
+    for used in _recorders:
+        used.setdefault(op, set()).add(name)
     return name
 
 

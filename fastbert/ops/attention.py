@@ -8,21 +8,32 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.backends import CallInfo, get_backend
-from fastbert.ops._common import (allow_tf32, as_float, autocast_dtype, check, check_dropout_p,
-                                  check_tensor, deterministic, draw_seed, new_empty, no_autocast,
-                                  value_checks_enabled)
-from fastbert.ops._dispatch import backend_module, resolve
+from fastbert.backends import get_backend
+from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype,
+                                  check_dropout_p, check_tensor, deterministic, draw_seed, new_empty,
+                                  no_autocast, value_checks_enabled)
+from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _lse_shape(q: Tensor, varlen: bool, backend: str) -> tuple:
+def _lse_shape(q: Tensor, varlen: bool, backend: str, dropout_p: float = 0.0,
+               attn_bias: Optional[Tensor] = None, optional: bool = False, window: bool = False) -> tuple:
     """The forward's softmax statistics, two fp32 planes: the row max ``m`` and ``log(l)`` of the
     row sum (logsumexp = m + log l). Kept apart so that backward's ``exp((s - m) - log l)`` stays
-    exact where ``m`` is huge (a row all biased ``finfo.min``: ``m + log l == m`` in fp32)."""
+    exact where ``m`` is huge (a row all biased ``finfo.min``: ``m + log l == m`` in fp32).
+
+    ``(0,)`` (no statistics) for a backend declaring ``writes_lse=False``, unless ``optional``
+    (the eager fast path) and its compute module's ``writes_lse_for(...)`` says it writes them
+    for this call (then backward need not recompute the forward). The custom op never asks:
+    its outputs' shapes stay fixed for tracing (inductor failed on the optional statistics)."""
     if not get_backend(backend).caps["attention"].writes_lse:
-        return (0,)
+        if not optional:
+            return (0,)
+        ask = getattr(backend_module(backend, "attention"), "writes_lse_for", None)
+        if ask is None or not ask(device_type=q.device.type, dtype=q.dtype, varlen=varlen,
+                                  dropout_p=dropout_p, has_bias=attn_bias is not None, window=window):
+            return (0,)
     if varlen:
         return (2, q.shape[1], q.shape[0])  # [2, num_heads, total_tokens]
     return (2, q.shape[0], q.shape[2], q.shape[1])  # [2, batch, num_heads, seqlen_q]
@@ -64,10 +75,11 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
         return None
     ok = (isinstance(window, (tuple, list)) and len(window) == 2
           and all(isinstance(w, int) and not isinstance(w, bool) for w in window))
-    check(ok, TypeError, f"window: expected None or a (left, right) tuple of two ints >= 0, got {window!r}")
+    if not ok:
+        raise TypeError(f"window: expected None or a (left, right) tuple of two ints >= 0, got {window!r}")
     left, right = int(window[0]), int(window[1])
-    check(left >= 0 and right >= 0, ValueError,
-          f"window: expected (left, right) with left >= 0 and right >= 0, got {window!r}")
+    if left < 0 or right < 0:
+        raise ValueError(f"window: expected (left, right) with left >= 0 and right >= 0, got {window!r}")
     if isinstance(bound_q, int):
         left = min(left, max(bound_q, 0))
     if isinstance(bound_k, int):
@@ -75,15 +87,33 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
     return left, right
 
 
-@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
-                   attn_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], seed: Optional[Tensor],
-                   max_seqlen: int, dropout_p: float, softmax_scale: float, allow_tf32: bool,
-                   deterministic: bool, backend: str, window_left: int = -1,
-                   window_right: int = -1) -> tuple[Tensor, Tensor]:
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
+                        attn_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], seed: Optional[Tensor],
+                        max_seqlen: int, dropout_p: float, softmax_scale: float, allow_tf32: bool,
+                        deterministic: bool, backend: str, window_left: int = -1,
+                        window_right: int = -1) -> tuple[Tensor, Tensor]:
+    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                              softmax_scale, allow_tf32, deterministic, backend, window_left, window_right,
+                              optional_lse=False)
+
+
+def _attention_fwd_eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                         softmax_scale, allow_tf32, deterministic, backend, window_left=-1, window_right=-1):
+    """The eager fast path's forward: also the statistics a backend writes only on request (see
+    :func:`_lse_shape`). The custom op (what ``torch.compile`` traces) never asks for them, so
+    its fake and real outputs keep one shape whatever the backend module says."""
+    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                              softmax_scale, allow_tf32, deterministic, backend, window_left, window_right,
+                              optional_lse=True)
+
+
+def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                       softmax_scale, allow_tf32, deterministic, backend, window_left, window_right, *,
+                       optional_lse):
     varlen = cu_seqlens is not None
     out = new_empty(q.shape, q.dtype, q.device)
-    lse = new_empty(_lse_shape(q, varlen, backend), torch.float32, q.device)
+    lse = new_empty(_lse_shape(q, varlen, backend, dropout_p, attn_bias, optional=optional_lse,
+                               window=window_left >= 0), torch.float32, q.device)
     if q.numel() == 0 or k.numel() == 0:
         out.zero_()
         if lse.numel():  # empty rows: (m, log l) = (+inf, 0)
@@ -99,6 +129,9 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Ten
     return out, lse
 
 
+_attention_fwd = torch.library.custom_op("fastbert::attention_fwd", mutates_args=())(_attention_fwd_impl)
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
       allow_tf32, deterministic, backend, window_left=-1, window_right=-1):
@@ -106,8 +139,7 @@ def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_
             q.new_empty(_lse_shape(q, cu_seqlens is not None, backend), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    attention_mask: Optional[Tensor], attn_bias: Optional[Tensor],
                    cu_seqlens: Optional[Tensor], seed: Optional[Tensor], max_seqlen: int,
                    dropout_p: float, softmax_scale: float, allow_tf32: bool, deterministic: bool,
@@ -139,6 +171,9 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     return dq, dk, dv, dbias.reshape(attn_bias.shape).to(attn_bias.dtype)
 
 
+_attention_bwd = torch.library.custom_op("fastbert::attention_bwd", mutates_args=())(_attention_bwd_impl)
+
+
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
       softmax_scale, allow_tf32, deterministic, bias_requires_grad, backend, window_left=-1, window_right=-1):
@@ -154,17 +189,19 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_seqlen, dropout_p, softmax_scale, tf32, det, backend, window_left, window_right)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=None):
     q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, dropout_p, softmax_scale, tf32, det, backend, window_left, window_right = ctx.args
     bias_grad = attn_bias is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, attention_mask, attn_bias,
+    dq, dk, dv, dbias = (bwd or _attention_bwd)(dout, q, k, v, out, lse, attention_mask, attn_bias,
                                        cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale, tf32,
                                        det, bias_grad, backend, window_left, window_right)
     return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 10
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_eager = EagerOp(_attention_fwd, _attention_fwd_eager, _setup_context, _backward, _attention_bwd,
+                 _attention_bwd_impl, nondiff=(1,))
 
 
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -173,22 +210,24 @@ _DEVICE_TYPES = ("cpu", "cuda")
 def _check_max_seqlen(max_seqlen, total_tokens: int) -> None:
     """Metadata check of a given ``max_seqlen``: an int in [0, total_tokens] (no sequence is longer
     than all tokens together; a larger bound would only size grids and padding for nothing)."""
-    check(isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool), TypeError,
-          f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
+    if not (isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool)):
+        raise TypeError(f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
     if not 0 <= max_seqlen <= total_tokens:  # message built only on failure: Dynamo cannot format SymInts
         raise ValueError(f"max_seqlen: expected an int in [0, total_tokens] = [0, {total_tokens}], got {max_seqlen}")
 
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: Optional[int]) -> None:
     cu = cu_seqlens.tolist()
-    check(cu[0] == 0, ValueError, f"cu_seqlens: expected cu_seqlens[0] == 0, got {cu[0]}")
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {cu[0]}")
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    check(all(n >= 0 for n in lengths), ValueError, f"cu_seqlens: expected non-decreasing values, got {cu}")
-    check(cu[-1] == total_tokens, ValueError,
-          f"cu_seqlens: expected cu_seqlens[-1] == total_tokens == {total_tokens}, got {cu[-1]}")
+    if not all(n >= 0 for n in lengths):
+        raise ValueError(f"cu_seqlens: expected non-decreasing values, got {cu}")
+    if cu[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[-1] == total_tokens == {total_tokens}, got {cu[-1]}")
     if max_seqlen is not None and lengths:
-        check(max(lengths) <= max_seqlen, ValueError,
-              f"max_seqlen: expected >= the longest sequence ({max(lengths)}), got {max_seqlen}")
+        if not max(lengths) <= max_seqlen:
+            raise ValueError(f"max_seqlen: expected >= the longest sequence ({max(lengths)}), got {max_seqlen}")
 
 
 def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *,
@@ -203,18 +242,18 @@ def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *
         ValueError: wrong ndim or shape, or values other than 0 and 1.
     """
     check_tensor("attention_mask", attention_mask, ndim=2, device=device)
-    check(tuple(attention_mask.shape) == (batch, seqlen), ValueError,
-          f"attention_mask: expected shape (batch, {seqlen_name}) = {(batch, seqlen)}, "
-          f"got {tuple(attention_mask.shape)}")
+    if tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(f"attention_mask: expected shape (batch, {seqlen_name}) = {(batch, seqlen)}, "
+                         f"got {tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:
         return attention_mask
     if value_checks_enabled(attention_mask) and attention_mask.numel():
         bad = (attention_mask != 0) & (attention_mask != 1)
         if bool(bad.any()):
             raise ValueError(
-                "attention_mask: expected 0/1 or bool values (1 = attend, 0 = padding), got values "
-                f"in [{attention_mask.min().item()}, {attention_mask.max().item()}]; an additive "
-                "mask (0 / -10000 / -inf) belongs in attn_bias")
+                             "attention_mask: expected 0/1 or bool values (1 = attend, 0 = padding), got values "
+                             f"in [{attention_mask.min().item()}, {attention_mask.max().item()}]; an additive "
+                             "mask (0 / -10000 / -inf) belongs in attn_bias")
     return attention_mask != 0
 
 
@@ -305,30 +344,33 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     varlen = cu_seqlens is not None
     ndim = 3 if varlen else 4
     check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
-    check(q.device.type in _DEVICE_TYPES, ValueError,
-          f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
-          "have no values to attend; under torch.compile fake tensors take the fake implementation)")
+    if q.device.type not in _DEVICE_TYPES:
+        raise ValueError(f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
+                         "have no values to attend; under torch.compile fake tensors take the fake implementation)")
     check_tensor("k", k, ndim=ndim, device=q.device)
     check_tensor("v", v, ndim=ndim, device=q.device)
-    check(k.dtype == q.dtype and v.dtype == q.dtype, TypeError,
-          f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
+    if not (k.dtype == q.dtype and v.dtype == q.dtype):
+        raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
     hd = q.shape[-1]
-    check(k.shape[-2] == q.shape[-2] and v.shape[-2] == q.shape[-2], ValueError,
-          f"num_heads: expected q, k, v to agree, got q {q.shape[-2]}, k {k.shape[-2]}, v {v.shape[-2]}")
-    check(k.shape[-1] == hd and v.shape[-1] == hd, ValueError,
-          f"head_dim: expected q, k, v to agree, got q {hd}, k {k.shape[-1]}, v {v.shape[-1]}")
-    check(hd > 0, ValueError, f"head_dim: expected > 0, got {hd}")
-    check(k.shape[:-2] == v.shape[:-2], ValueError,
-          f"k, v: expected the same leading shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not (k.shape[-2] == q.shape[-2] and v.shape[-2] == q.shape[-2]):
+        raise ValueError(f"num_heads: expected q, k, v to agree, got q {q.shape[-2]}, k {k.shape[-2]}, v {v.shape[-2]}")
+    if not (k.shape[-1] == hd and v.shape[-1] == hd):
+        raise ValueError(f"head_dim: expected q, k, v to agree, got q {hd}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if hd <= 0:
+        raise ValueError(f"head_dim: expected > 0, got {hd}")
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"k, v: expected the same leading shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     dropout_p = check_dropout_p(dropout_p)
     if varlen:
-        check(attention_mask is None, ValueError,
-              "attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")
-        check(attn_bias is None, ValueError, "attn_bias: not supported with cu_seqlens (use the padded layout)")
+        if attention_mask is not None:
+            raise ValueError("attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")
+        if attn_bias is not None:
+            raise ValueError("attn_bias: not supported with cu_seqlens (use the padded layout)")
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
-        check(cu_seqlens.numel() >= 1, ValueError, "cu_seqlens: expected batch + 1 >= 1 entries, got 0")
-        check(k.shape[0] == q.shape[0], ValueError,
-              f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
+        if cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens: expected batch + 1 >= 1 entries, got 0")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
         if max_seqlen is not None:
             _check_max_seqlen(max_seqlen, q.shape[0])
         # Backends read cu_seqlens as a flat int32 array: one contiguous copy here serves them all
@@ -340,8 +382,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             max_seqlen = int(lengths.max().item()) if lengths.numel() else 0  # one host sync
     else:
-        check(k.shape[0] == q.shape[0], ValueError, f"k: expected batch {q.shape[0]}, got {k.shape[0]}")
-        check(max_seqlen is None, ValueError, "max_seqlen: only meaningful with cu_seqlens")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k: expected batch {q.shape[0]}, got {k.shape[0]}")
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen: only meaningful with cu_seqlens")
         batch, seqlen_k = q.shape[0], k.shape[1]
         if attention_mask is not None:
             attention_mask = padding_mask(attention_mask, batch, seqlen_k, q.device, seqlen_name="seqlen_k")
@@ -350,8 +394,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             full = (batch, q.shape[2], q.shape[1], seqlen_k)
             ok = attn_bias.dim() <= 4 and all(
                 s in (1, f) for s, f in zip(reversed(attn_bias.shape), reversed(full)))
-            check(ok, ValueError, f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
-                                  f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
+            if not ok:
+                raise ValueError(f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
+                                 f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     ac = autocast_dtype(q.device.type)
     if ac is not None:  # attention runs in the autocast dtype
@@ -362,27 +407,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
     bounds = (max_seqlen, max_seqlen) if varlen else (q.shape[1], k.shape[1])
     window = check_window(window, *bounds)
-    features = set()
-    if window is not None:
-        features.add("window")
+    features = ("window",) if window is not None else ()
     if attention_mask is not None:
-        features.add("attention_mask")
+        features += ("attention_mask",)
     if attn_bias is not None:
-        features.add("attn_bias")
-        if attn_bias.requires_grad:
-            features.add("attn_bias_grad")
+        features += ("attn_bias", "attn_bias_grad") if attn_bias.requires_grad else ("attn_bias",)
     if varlen:
-        features.add("varlen")
+        features += ("varlen",)
     if dropout_p > 0.0:
-        features.add("dropout")
+        features += ("dropout",)
     det, tf32 = deterministic(), allow_tf32(q)
     if det:
-        features.add("deterministic")
+        features += ("deterministic",)
     if tf32:
-        features.add("tf32")
-    name = resolve(CallInfo("attention", q.device.type, q.dtype, hd, frozenset(features)), backend)
+        features += ("tf32",)
+    name = resolve_call("attention", q.device.type, q.dtype, hd, features, backend)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, _ = _attention_fwd(q, k, v, attention_mask, attn_bias, cu_seqlens, seed,
-                            int(max_seqlen or 0), dropout_p, float(softmax_scale), tf32, det, name,
-                            *(window if window is not None else (-1, -1)))
+    out, _ = _eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, int(max_seqlen or 0),
+                    dropout_p, float(softmax_scale), tf32, det, name,
+                    *(window if window is not None else (-1, -1)), diff=(q, k, v, attn_bias))
     return out

@@ -8,16 +8,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.backends import CallInfo
-from fastbert.ops._common import autocast_dtype, check, check_tensor, check_vector, new_empty, no_autocast
-from fastbert.ops._dispatch import backend_module, resolve
+from fastbert.ops._common import (EagerOp, autocast_dtype, check_tensor, check_vector, new_empty,
+                                  no_autocast)
+from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 APPROXIMATE = ("none", "tanh")
 
 
-@torch.library.custom_op("fastbert::gelu_fwd", mutates_args=())
-def _gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+def _gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
     y = new_empty(x.shape, x.dtype, x.device)
     if x.numel():
         with no_autocast(x.device.type):
@@ -25,13 +25,15 @@ def _gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str)
     return y
 
 
+_gelu_fwd = torch.library.custom_op("fastbert::gelu_fwd", mutates_args=())(_gelu_fwd_impl)
+
+
 @_gelu_fwd.register_fake
 def _(x, bias, approximate, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())
-def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
+def _gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
               backend: str) -> tuple[Tensor, Tensor]:
     dx = new_empty(x.shape, x.dtype, x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
@@ -43,6 +45,9 @@ def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, a
     else:
         dbias.zero_()
     return dx, dbias
+
+
+_gelu_bwd = torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())(_gelu_bwd_impl)
 
 
 @_gelu_bwd.register_fake
@@ -57,15 +62,16 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (approximate, backend)
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, bwd=None):
     x, bias = ctx.saved_tensors
     approximate, backend = ctx.args
     need_dbias = bias is not None and ctx.needs_input_grad[1]
-    dx, dbias = _gelu_bwd(dy, x, bias, need_dbias, approximate, backend)
+    dx, dbias = (bwd or _gelu_bwd)(dy, x, bias, need_dbias, approximate, backend)
     return dx, (dbias.to(bias.dtype) if need_dbias else None), None, None
 
 
 _gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_eager = EagerOp(_gelu_fwd, _gelu_fwd_impl, _setup_context, _backward, _gelu_bwd, _gelu_bwd_impl)
 
 
 def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
@@ -94,8 +100,9 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         TypeError / ValueError naming the argument, expected and actual value;
         RuntimeError when a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
-    check(approximate in APPROXIMATE, ValueError, f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
     hidden = x.shape[-1]
     ac = autocast_dtype(x.device.type)
     if ac is not None:  # GELU runs in the autocast dtype
@@ -104,9 +111,9 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         if ac is not None and isinstance(bias, torch.Tensor):
             bias = bias.to(ac)
         bias = check_vector("bias", bias, size=hidden, x=x)
-    features = frozenset({"bias"}) if bias is not None else frozenset()
-    name = resolve(CallInfo("gelu", x.device.type, x.dtype, None, features), backend)
+    name = resolve_call("gelu", x.device.type, x.dtype, None, ("bias",) if bias is not None else (), backend)
     shape = x.shape
     # (rows, hidden), not reshape(-1, hidden): that is ambiguous for hidden == 0.
-    y = _gelu_fwd(x.reshape(math.prod(shape[:-1]), hidden).contiguous(), bias, approximate, name)
+    x2 = x.reshape(math.prod(shape[:-1]), hidden).contiguous()
+    y = _eager(x2, bias, approximate, name, diff=(x2, bias))
     return y.view(shape)

@@ -8,12 +8,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.backends import CallInfo
-from fastbert.ops._common import (as_float, autocast_dtype, check, check_dropout_p, check_tensor,
-                                  check_vector, draw_seed, new_empty, no_autocast)
-from fastbert.ops._dispatch import backend_module, resolve
+from fastbert.ops._common import (EagerOp, as_float, autocast_dtype, check_dropout_p,
+                                  check_tensor, check_vector, draw_seed, new_empty, no_autocast)
+from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -21,8 +21,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastbert::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     residual: Optional[Tensor], x_bias: Optional[Tensor], seed: Optional[Tensor],
                     eps: float, dropout_p: float, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -40,6 +39,9 @@ def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return y, mean, rstd, h
 
 
+_layer_norm_fwd = torch.library.custom_op("fastbert::layer_norm_fwd", mutates_args=())(_layer_norm_fwd_impl)
+
+
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
     fused = residual is not None or x_bias is not None or dropout_p > 0.0
@@ -48,8 +50,7 @@ def _(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
             x.new_empty((rows,), dtype=_stat_dtype(x)), x.new_empty(x.shape if fused else (0,)))
 
 
-@torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+def _layer_norm_bwd_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                     seed: Optional[Tensor], dropout_p: float, need_dweight: bool, need_dbias: bool,
                     need_dresidual: bool, need_dx_bias: bool, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -73,6 +74,9 @@ def _layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tenso
     return (dx,) + tuple(h.new_empty((0,)) if t is None else t for t in (dw, db, dres, dxb))
 
 
+_layer_norm_bwd = torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())(_layer_norm_bwd_impl)
+
+
 @_layer_norm_bwd.register_fake
 def _(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight, need_dbias, need_dresidual,
       need_dx_bias, backend):
@@ -92,19 +96,21 @@ def _setup_context(ctx, inputs, output):
     ctx.has = (weight is not None, bias is not None, residual is not None, x_bias is not None)
 
 
-def _backward(ctx, dy, dmean, drstd, dh):
+def _backward(ctx, dy, dmean, drstd, dh, bwd=None):
     h, weight, mean, rstd, seed = ctx.saved_tensors
     dropout_p, backend = ctx.args
     nig = ctx.needs_input_grad
     has_w, has_b, has_res, has_xb = ctx.has
     need = (has_w and nig[1], has_b and nig[2], has_res and nig[3], has_xb and nig[4])
-    dx, dw, db, dres, dxb = _layer_norm_bwd(dy, h, weight, mean, rstd, seed, dropout_p, *need, backend)
+    dx, dw, db, dres, dxb = (bwd or _layer_norm_bwd)(dy, h, weight, mean, rstd, seed, dropout_p, *need, backend)
     # Parameter gradients accumulate in fp32 and take their parameter's dtype.
     dw, db, dxb = (g.to(dt) if n else None for g, dt, n in zip((dw, db, dxb), ctx.param_dtypes, need[:2] + need[3:]))
     return dx, dw, db, (dres if need[2] else None), dxb, None, None, None, None
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_impl, _setup_context, _backward, _layer_norm_bwd,
+                 _layer_norm_bwd_impl, nondiff=(1, 2, 3))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
@@ -140,31 +146,34 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         TypeError / ValueError: naming the argument, expected and actual value (ndim, hidden size,
             dtype, device, dropout_p, eps). RuntimeError: a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
+    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
     hidden = x.shape[-1]
     eps = as_float("eps", eps)
     # A comparison, not math.isfinite: Dynamo passes a recompiled float symbolically (NaN fails it too).
-    check(0.0 <= eps < math.inf, ValueError, f"eps: expected a finite float >= 0, got {eps!r}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     dropout_p = check_dropout_p(dropout_p)
     ac = autocast_dtype(x.device.type)
     weight, bias, x_bias = (None if t is None else check_vector(name, t, size=hidden, x=x)
                             for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)))
     if residual is not None:
         check_tensor("residual", residual, device=x.device)
-        check(residual.shape == x.shape, ValueError,
-              f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if ac is not None:  # under autocast the residual stream takes x's dtype, as fused LN does
             residual = residual.to(x.dtype)
-        check(residual.dtype == x.dtype, TypeError, f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
     shape = x.shape
     rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
     x2 = x.reshape(rows, hidden).contiguous()
     res2 = residual.reshape(rows, hidden).contiguous() if residual is not None else None
-    features = {n for n, t in (("weight", weight), ("bias", bias), ("residual", residual),
-                               ("x_bias", x_bias)) if t is not None}
+    features = tuple(n for n, t in (("weight", weight), ("bias", bias), ("residual", residual),
+                                    ("x_bias", x_bias)) if t is not None)
     if dropout_p > 0.0:
-        features.add("dropout")
-    name = resolve(CallInfo("layer_norm", x.device.type, x.dtype, None, frozenset(features)), backend)
+        features += ("dropout",)
+    name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    y, _, _, _ = _layer_norm_fwd(x2, weight, bias, res2, x_bias, seed, float(eps), dropout_p, name)
+    y = _eager(x2, weight, bias, res2, x_bias, seed, float(eps), dropout_p, name,
+               diff=(x2, weight, bias, res2, x_bias))[0]
     return y.view(shape)
