@@ -188,9 +188,10 @@ def batch_fills(model, texts: list[str], batch_size: int) -> tuple[list[float], 
     sort (``argsort`` of ``-_input_length``, as sentence-transformers' ``encode``); returns
     ``(fills, real tokens, padded tokens)``."""
     order = sorted(range(len(texts)), key=lambda i: -model._input_length(texts[i]))
+    tokenize = getattr(model, "preprocess", None) or model.tokenize  # preprocess: sentence-transformers >= 6
     fills, real, padded = [], 0, 0
     for b in range(0, len(order), batch_size):
-        mask = model.tokenize([texts[i] for i in order[b:b + batch_size]])["attention_mask"]
+        mask = tokenize([texts[i] for i in order[b:b + batch_size]])["attention_mask"]
         fills.append(float(mask.float().mean()))
         real, padded = real + int(mask.sum()), padded + mask.numel()
     return fills, real, padded
