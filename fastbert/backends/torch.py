@@ -195,34 +195,51 @@ def _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale):
 
     No padding: no zero-fill, no scatter/gather copies, and no work on padded keys or queries
     (padding to ``max_seqlen`` at 50% fill spends about 3/4 of the attention FLOPs on padding).
-    Reading ``cu_seqlens`` is a host sync, free on CPU, so this path is CPU-only.
+    Consecutive sequences of equal length run as one batched call (a ``(n, len, H, d)`` view of
+    their rows): fewer calls and parallel regions, more work per call (length-sorted batches,
+    as sentence-transformers makes, repeat lengths often). Reading ``cu_seqlens`` is a host
+    sync, free on CPU, so this path is CPU-only.
     """
+    heads = q.shape[1:]
+    for start, n, length in _equal_length_runs(cu_seqlens):
+        qs, ks, vs = (t[start:start + n * length].view((n, length) + heads).transpose(1, 2)
+                      for t in (q, k, v))  # [n, H, len, d] views
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)  # [n, H, len, d]
+        out[start:start + n * length].view((n, length) + heads).copy_(o.transpose(1, 2))
+
+
+def _equal_length_runs(cu_seqlens):
+    """``(first row, number of sequences, length)`` of each run of consecutive non-empty sequences
+    of equal length in ``cu_seqlens`` (one host read); empty sequences have no rows and are skipped."""
     bounds = cu_seqlens.tolist()
+    runs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:  # an empty sequence has no rows to write
+        length = end - start
+        if length == 0:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, len, d]
-        o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
-        out[start:end].copy_(o[0].transpose(0, 1))
+        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, length])
+    return runs
 
 
 def _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale):
-    """Backward of :func:`_sdpa_per_sequence`: recompute each sequence's SDPA and differentiate it
-    (aten's CPU flash backward), writing the slices of dq/dk/dv. No padded rows, as in forward."""
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    """Backward of :func:`_sdpa_per_sequence`: recompute each run's SDPA and differentiate it
+    (aten's CPU flash backward), writing the slices of dq/dk/dv. No padded rows, as in forward;
+    the same runs of equal-length sequences as one batched call."""
+    heads = q.shape[1:]
+    for start, n, length in _equal_length_runs(cu_seqlens):
+        rows = slice(start, start + n * length)
+        qs, ks, vs, do = (t[rows].view((n, length) + heads).transpose(1, 2) for t in (q, k, v, dout))
         # Explicit aten forward + backward: inside a custom op autograd dispatch is excluded, so
         # SDPA would record no graph even under torch.enable_grad().
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qs, ks, vs, 0.0, False, scale=softmax_scale)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout[start:end].transpose(0, 1).unsqueeze(0), qs, ks, vs, o, lse, 0.0, False,
-            scale=softmax_scale)
+            do, qs, ks, vs, o, lse, 0.0, False, scale=softmax_scale)
         for g, dst in zip(grads, (dq, dk, dv)):
-            dst[start:end].copy_(g[0].transpose(0, 1))
+            dst[rows].view((n, length) + heads).copy_(g.transpose(1, 2))
 
 
 def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,

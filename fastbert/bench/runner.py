@@ -306,6 +306,11 @@ def main(argv=None) -> int:
     Returns 0 when every fastbert implementation that ran passed its reference check, else 1
     (a competitor's error or mismatch is reported in the table and JSON, not in the status).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["patched"]:  # patch() vs plain transformers / sentence-transformers (its own options)
+        from fastbert.bench import patched
+
+        return patched.main(argv[1:])
     args = build_parser().parse_args(argv)
     opts = options_from(args)
     if args.clock == "cpu":
