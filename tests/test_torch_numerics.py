@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastbert.backends.reference as reference
+import fastbert.backends._composite as composite
 from fastbert.backends import all_backends
 from fastbert.ops import attention, poisoned_outputs
 
@@ -98,7 +98,7 @@ def test_bound_rejects_input_dtype_accumulation(monkeypatch):
     """Control: the composite forward accumulating in bf16 (as it once did) fails the bound."""
     ref = _run("reference", torch.bfloat16, "dropout", compute=torch.float64)[0]
     q, k, v, _, mask, _ = _inputs(torch.bfloat16)
-    monkeypatch.setattr(reference, "_acc_dtype", lambda dtype: dtype)
+    monkeypatch.setattr(composite, "acc_dtype", lambda dtype: dtype)
     torch.manual_seed(3)
     out = attention(q, k, v, attention_mask=mask, dropout_p=0.1, backend="torch")
     err = _rel_errors([out], [ref])[0]

@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastbert.backends import reference
+from fastbert.backends import _composite as composite
 from fastbert.backends._philox import (COLUMNS_PER_CALL, _buffers, _keep_into, _round_keys, dropout_scale,
                                       dropout_threshold, rows_keep_mask)
-from fastbert.backends.reference import _pad_varlen, attention_math
+from fastbert.backends._composite import pad_varlen, attention_math
 
 # ----------------------------------------------------------------------------------------------
 # attention
@@ -246,9 +246,9 @@ def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dr
                softmax_scale):
     mask = attention_mask
     if cu_seqlens is not None:
-        q, mask = _pad_varlen(q, cu_seqlens, max_seqlen)
-        k, _ = _pad_varlen(k, cu_seqlens, max_seqlen)
-        v, _ = _pad_varlen(v, cu_seqlens, max_seqlen)
+        q, mask = pad_varlen(q, cu_seqlens, max_seqlen)
+        k, _ = pad_varlen(k, cu_seqlens, max_seqlen)
+        v, _ = pad_varlen(v, cu_seqlens, max_seqlen)
     if dropout_p > 0.0:
         out, _ = attention_math(q, k, v, attention_mask=mask, attn_bias=attn_bias,
                                 dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
@@ -296,7 +296,7 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
     if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
             and attn_bias is None):
         return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
-    reference.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, attention_mask=attention_mask,
+    composite.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, attention_mask=attention_mask,
                             attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                             dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
 
@@ -416,7 +416,7 @@ class _Slab:
             _, _, vb, probs, z = self.block(qs, qe, ks, ke, window, softmax_scale, dropout_p, seed)
             if z is not None:
                 probs = probs * z
-            out[:, :, qs:qe] = reference._round_to(probs, in_dtype) @ vb
+            out[:, :, qs:qe] = composite.round_to(probs, in_dtype) @ vb
 
     def backward(self, do, dq, dk, dv, dbias, window, softmax_scale, dropout_p, seed, in_dtype):
         """The reference's backward formulas block by block (see ``reference.attention_math_bwd``):
@@ -441,13 +441,13 @@ class _Slab:
             qb, kb, vb, probs, z = self.block(qs, qe, ks, ke, window, softmax_scale, dropout_p, seed)
             dob = do[:, :, qs:qe]
             pz = probs if z is None else probs * z
-            dv[:, :, ks:ke] += reference._round_to(pz, in_dtype).transpose(-1, -2) @ dob
+            dv[:, :, ks:ke] += composite.round_to(pz, in_dtype).transpose(-1, -2) @ dob
             dprobs = dob @ vb.transpose(-1, -2)
             if z is not None:
                 dprobs = dprobs * z
             delta = (dprobs * probs).sum(dim=-1, keepdim=True)
             dscores = probs * (dprobs - delta)
-            ds = reference._round_to(dscores, in_dtype)
+            ds = composite.round_to(dscores, in_dtype)
             dq[:, :, qs:qe] = softmax_scale * (ds @ kb)
             dk[:, :, ks:ke] += softmax_scale * (ds.transpose(-1, -2) @ qb)
             if dbias is not None:
@@ -465,7 +465,7 @@ def _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
     batch as one slab (index: a slice of the batch dim); varlen on CPU one sequence per slab (a
     free host sync there; index: its token range), else re-padded to ``max_seqlen`` (index: the
     padding mask)."""
-    acc = reference._acc_dtype(q.dtype)
+    acc = composite.acc_dtype(q.dtype)
     heads_first = lambda t: t.to(acc).transpose(-3, -2)  # noqa: E731  [.., L, H, d] -> [.., H, L, d]
     if cu_seqlens is None:
         seqs = torch.arange(q.shape[0], device=q.device)
@@ -478,7 +478,7 @@ def _window_slabs(q, k, v, attention_mask, attn_bias, cu_seqlens, max_seqlen):
                 parts = (heads_first(t[start:end])[None] for t in (q, k, v))
                 yield _Slab(*parts, None, None, torch.tensor([b], device=q.device)), slice(start, end)
         return
-    padded = [_pad_varlen(t, cu_seqlens, max_seqlen) for t in (q, k, v)]
+    padded = [pad_varlen(t, cu_seqlens, max_seqlen) for t in (q, k, v)]
     mask = padded[0][1]
     seqs = torch.arange(mask.shape[0], device=q.device)
     yield _Slab(*(heads_first(t) for t, _ in padded), mask, None, seqs), mask
@@ -515,7 +515,7 @@ def _window_attention_bwd(dout, q, k, v, dq, dk, dv, dbias, *, attention_mask, a
             if isinstance(idx, slice):
                 do = dout[idx] if cu_seqlens is None else dout[idx][None]
             else:
-                do = _pad_varlen(dout, cu_seqlens, max_seqlen)[0]
+                do = pad_varlen(dout, cu_seqlens, max_seqlen)[0]
             do = do.to(slab.q.dtype).transpose(-3, -2)
             gq = torch.empty_like(slab.q)
             gk, gv = torch.zeros_like(slab.k), torch.zeros_like(slab.v)
@@ -582,7 +582,7 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
     hh = x
     if h is not None and x.dtype in (torch.float16, torch.bfloat16):
         # In fp32, rounded once to x's dtype, as the kernels and the reference store h.
-        h.copy_(reference.add_dropout_residual(x, residual, x_bias, dropout_p, seed))
+        h.copy_(composite.add_dropout_residual(x, residual, x_bias, dropout_p, seed))
         hh = h
     elif h is not None:
         if x_bias is not None:
@@ -606,7 +606,7 @@ def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, 
         rstd.copy_(r.view(-1))
     idx = _ill_conditioned_rows(mean, rstd)
     if idx is not None:
-        y[idx], mean[idx], rstd[idx] = reference.layer_norm_math(hh[idx], weight, bias, eps)
+        y[idx], mean[idx], rstd[idx] = composite.layer_norm_math(hh[idx], weight, bias, eps)
 
 
 def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
@@ -626,7 +626,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     """
     hidden = h.shape[-1]
     if hidden <= 2:  # y is constant in h (+-1 or 0): dh is 0, which aten's expanded form misses
-        return reference.layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias,
+        return composite.layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias,
                                         dropout_p=dropout_p, seed=seed)
     stat = mean.dtype  # fp32, fp64 for fp64 h
     w = None if weight is None else weight.to(stat)
@@ -674,7 +674,7 @@ def gelu_fwd(x, bias, y, *, approximate):
     FFN of every CPU forward; Hugging Face's BERT calls the same ``F.gelu``.
     """
     if x.dtype in (torch.float16, torch.bfloat16):
-        return reference.gelu_fwd(x, bias, y, approximate=approximate)
+        return composite.gelu_fwd(x, bias, y, approximate=approximate)
     src = x if bias is None else torch.add(x, bias.to(x.dtype), out=y)
     torch._C._nn.gelu(src, approximate=approximate, out=y)  # elementwise: in place is safe
 
@@ -682,7 +682,7 @@ def gelu_fwd(x, bias, y, *, approximate):
 def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
     """Backend entry point: ``aten.gelu_backward`` (fp32/fp64) or the reference (fp16/bf16)."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        return reference.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
+        return composite.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
     z = x if bias is None else torch.add(x, bias.to(x.dtype), out=dx)  # dx as the z workspace
     torch.ops.aten.gelu_backward.grad_input(dy, z, approximate=approximate, grad_input=dx)
     if dbias is not None:
@@ -698,7 +698,7 @@ def geglu_fwd(x, bias, y, *, approximate):
     """Backend entry point: ``y = gelu(a) * g``; fp32/fp64: aten's GELU (accuracy as ``gelu_fwd``)
     into ``y``, then the gate multiplied in place; fp16/bf16: the reference (see ``gelu_fwd``)."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        return reference.geglu_fwd(x, bias, y, approximate=approximate)
+        return composite.geglu_fwd(x, bias, y, approximate=approximate)
     n = y.shape[-1]
     a, g = x[:, :n], x[:, n:]
     if bias is not None:
@@ -711,7 +711,7 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
     """Backend entry point: ``da = gelu'(a) * (dy * g)`` (aten's ``gelu_backward``), ``dg = dy * gelu(a)``,
     written into the two halves of ``dx``."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        return reference.geglu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
+        return composite.geglu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
     n = dy.shape[-1]
     a, g = x[:, :n], x[:, n:]
     if bias is not None:
