@@ -249,16 +249,16 @@ FB_DEVICE bool in_window(const AttnParams& p, int i, int j) {
 // The positions [lo, hi) of the walked operand (keys in the forward and dq kernels, queries in the
 // dk/dv kernel) that owned rows first..last can see, when row r sees r - before .. r + after,
 // clamped to [0, len); lo is rounded down to a multiple of `tile` so that tiles keep their usual
-// boundaries (dropout's 8-key groups, the dbias tiling). Empty (hi <= lo): a loop from lo to hi
-// runs no step and the owned rows are empty.
+// boundaries (dropout's 8-key groups, the dbias tiling). Empty: lo == hi <= len (rows past the
+// other sequence's end plus the window), a loop from lo to hi runs no step and the rows are empty.
 struct Span {
   int lo, hi;
 };
 
 FB_DEVICE Span window_span(int first, int last, int before, int after, int len, int tile) {
-  const int lo = first > before ? first - before : 0;
+  const int lo = (first > before ? first - before : 0) / tile * tile;
   const int hi = after >= len - last ? len : last + 1 + after;
-  return Span{lo / tile * tile, hi};
+  return Span{lo < hi ? lo : hi, hi};
 }
 
 // Whether every pair (owned row r in [first, last], walked position t in [t0, t1]) lies in the
