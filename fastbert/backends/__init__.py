@@ -5,7 +5,7 @@ draws dropout seeds, handles autograd and picks the backend; a backend module ex
 six functions, each writing into preallocated outputs and returning nothing:
 
 ``attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
-dropout_p, seed, softmax_scale, allow_tf32, deterministic)``
+dropout_p, seed, softmax_scale, allow_tf32, deterministic, window)``
     Padded: q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads,
     head_dim]`` (any strides, contiguous last dim), ``out`` like q, ``lse`` ``[2, batch, num_heads,
     seqlen_q]`` fp32. Varlen: q/k/v/out ``[total_tokens, num_heads, head_dim]``, ``cu_seqlens``
@@ -16,11 +16,22 @@ dropout_p, seed, softmax_scale, allow_tf32, deterministic)``
     (no dropout) or int64 ``[2]`` holding two uint32 words (see ``_philox``). Empty rows write
     ``out = 0`` and ``lse = (+inf, 0)``. A backend whose capabilities say ``writes_lse=False`` may leave
     ``lse`` untouched (it is then an empty tensor) and must not need it in backward.
+    ``window`` is None (global attention) or a tuple ``(left, right)`` of two Python ints >= 0
+    (already clamped to ``<= seqlen_q`` / ``<= seqlen_k``, ``<= max_seqlen`` in varlen): query row
+    ``i`` sees key ``j`` only if ``i - left <= j <= i + right``, both indices within the sequence
+    (padded: along seqlen_q / seqlen_k, top-left aligned also when they differ; varlen: offsets from
+    the sequence's ``cu_seqlens`` start). Scores outside the window are replaced by ``-inf`` (the
+    bias entries there have no influence; K and V rows stay finite, like a ``-inf`` bias's, since they
+    are inside other rows' windows); a row left with no key is empty. The dropout
+    mask keeps its counters (logical sequence, head, row, column): the global mask restricted to the
+    window. A backend that implements it declares the ``"window"`` feature (and takes
+    ``window=None`` as its default: the keyword is passed only when a window is set); calls with a
+    window are refused by the others (it is not in :data:`ALL_FEATURES`).
 
 ``attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, <same keywords>)``
     Writes dq, dk, dv (like q, k, v) and, when ``dbias`` is not None, the full gradient of the
     scores bias as fp32 (fp64 for fp64 inputs) ``[batch, num_heads, seqlen_q, seqlen_k]``; ``fastbert.ops`` reduces it
-    over the broadcast dims.
+    over the broadcast dims. With a ``window``, every dbias entry outside it is written 0.
 
 ``layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed)``
     x/residual/y/h ``[rows, hidden]`` (contiguous), weight/bias/x_bias ``[hidden]`` (contiguous;
@@ -68,7 +79,7 @@ class CallInfo:
     dtype: torch.dtype
     head_dim: int | None = None
     features: frozenset = frozenset()  # e.g. {"attention_mask", "attn_bias", "attn_bias_grad",
-    #                                     "varlen", "dropout", "deterministic", "tf32"}
+    #                                     "varlen", "dropout", "deterministic", "tf32", "window"}
 
 
 @dataclass
@@ -86,6 +97,9 @@ class OpCaps:
 
 ALL_FEATURES = frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
                           "deterministic", "tf32", "x_bias", "residual", "weight", "bias"})
+# Features a backend declares on its own, not included in ALL_FEATURES (so a backend written against
+# ALL_FEATURES refuses them until it implements them): attention's local ``window``.
+WINDOW_FEATURE = "window"
 
 
 @dataclass
@@ -211,16 +225,23 @@ def _triton_probe() -> str | None:
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _ANY_DEVICE = ("cpu", "cuda")
 
+
+
+
+def _with_window(op: str) -> frozenset:
+    return ALL_FEATURES | {WINDOW_FEATURE} if op == "attention" else ALL_FEATURES
+
+
 register_backend(BackendSpec(
     name="reference",
     module="fastbert.backends.reference",
-    caps={op: OpCaps(devices=_ANY_DEVICE, dtypes=_FLOATS + (torch.float64,), features=ALL_FEATURES)
+    caps={op: OpCaps(devices=_ANY_DEVICE, dtypes=_FLOATS + (torch.float64,), features=_with_window(op))
           for op in OPS},
 ))
 register_backend(BackendSpec(
     name="torch",
     module="fastbert.backends.torch",
-    caps={op: OpCaps(devices=_ANY_DEVICE, dtypes=_FLOATS + (torch.float64,), features=ALL_FEATURES,
+    caps={op: OpCaps(devices=_ANY_DEVICE, dtypes=_FLOATS + (torch.float64,), features=_with_window(op),
                      writes_lse=False)
           for op in OPS},
     auto=OPS,

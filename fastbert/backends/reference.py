@@ -29,7 +29,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale):
+def window_mask(seqlen_q: int, seqlen_k: int, window, device=None) -> torch.Tensor:
+    """Bool ``[seqlen_q, seqlen_k]``: True where query row ``i`` may see key ``j`` under a local
+    ``window = (left, right)``, i.e. ``i - left <= j <= i + right`` (top-left aligned indices)."""
+    left, right = window
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    return (j >= i - left) & (j <= i + right)
+
+
+def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale, window=None):
     """Heads-first q, k, v, the masked scores ``[B, H, Lq, Lk]`` and the has-key mask
     ``[B, H, Lq, 1]``, all in the accumulation dtype (fp32; fp64 for fp64 inputs).
 
@@ -39,7 +48,8 @@ def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale):
     bias) score ``-inf``, by replacement; keys masked by ``attention_mask`` are replaced by zero K
     and V rows, so whatever they hold (NaN, Inf) has no influence, in the gradients too. An empty
     row (no key at all) is filled with 0 before the softmax so neither it nor its gradient is NaN,
-    and is zeroed after.
+    and is zeroed after. Keys outside a local ``window`` (:func:`window_mask`) score ``-inf`` by
+    replacement too (their K and V rows meet other rows' windows, so they stay in the products).
     """
     acc = _acc_dtype(q.dtype)
     # The seed's shapes, per sequence: x (L, D) -> Q, K, V (L, H, D/H) -> (H, L, D/H).
@@ -53,6 +63,8 @@ def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale):
     if attn_bias is not None:
         scores = scores + attn_bias.to(acc)
         allowed = allowed & (attn_bias != float("-inf"))
+    if window is not None:
+        allowed = allowed & window_mask(q.shape[1], k.shape[1], window, q.device)  # [Lq, Lk]
     allowed = allowed.expand(scores.shape)
     has_key = allowed.any(dim=-1, keepdim=True)  # [B, H, Lq, 1]
     scores = torch.where(has_key, torch.where(allowed, scores, float("-inf")), 0.0)
@@ -66,7 +78,7 @@ def _round_to(x, dtype):
 
 
 def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0, seed=None,
-                   softmax_scale, lengths=None):
+                   softmax_scale, lengths=None, window=None):
     """Masked multi-head attention on the padded layout; returns ``(out, lse)``.
 
     q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads, head_dim]``,
@@ -77,11 +89,12 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     ``[batch, seqlen_q, num_heads, head_dim]``; ``lse`` fp32 ``[batch, num_heads, seqlen_q]`` with
     ``+inf`` on empty rows (no key to attend). Differentiable and NaN-free for empty rows, also in
     the gradient. ``lengths`` (varlen only): the sequence lengths, so the dropout mask is drawn
-    only where rows and keys are real.
+    only where rows and keys are real. ``window``: None or a local window ``(left, right)`` (see
+    :func:`window_mask`).
     """
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale)
+    qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale, window)
     lse = torch.logsumexp(scores, dim=-1).float()  # [B, H, Lq]
     lse = torch.where(has_key.squeeze(-1), lse, float("inf"))
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
@@ -125,19 +138,19 @@ def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, **kw):
 
 
 def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
-               softmax_scale):
-    kw = dict(attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
+               softmax_scale, window=None):
+    kw = dict(attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, window=window)
     if cu_seqlens is not None:
         return attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, **kw)
     return attention_math(q, k, v, attention_mask=attention_mask, **kw)
 
 
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
-                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False):
+                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False, window=None):
     """Backend entry point (see ``fastbert.backends``): writes ``out`` and ``lse``."""
     o, l = _attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
-                      softmax_scale=softmax_scale)
+                      softmax_scale=softmax_scale, window=window)
     out.copy_(o)
     if lse.numel():  # the two planes (m, log l): the whole logsumexp in m, log l = 0
         lse[0].copy_(l)
@@ -145,7 +158,7 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 
 
 def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0,
-                       seed=None, softmax_scale, lengths=None):
+                       seed=None, softmax_scale, lengths=None, window=None):
     """Gradients of :func:`attention_math` on the padded layout; returns ``(dq, dk, dv, dscores)``.
 
     Recomputes P, then (Z = keep mask * dropout_scale(p), D = rowsum(dO * O)):
@@ -153,18 +166,18 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
       dQ = scale * dS K,   dK = scale * dS^T Q,  d(attn_bias) = dS (fp32, [B, H, Lq, Lk]).
     In the accumulation dtype, with P * Z and dS rounded to q's dtype before their products (as
     the kernels do). Empty rows have P = 0, so they pass exact zeros; masked keys were replaced by
-    zero rows, so their dK and dV are exact zeros too.
+    zero rows, so their dK and dV are exact zeros too; outside a ``window`` P = 0, so dS = 0 there.
     """
     batch, seqlen_q, num_heads, _ = q.shape
     seqlen_k = k.shape[1]
-    qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale)
+    qh, kh, vh, scores, has_key = _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale, window)
     do = dout.to(scores.dtype).transpose(1, 2)  # [B, H, Lq, d]
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     zscale = torch.ones((), dtype=scores.dtype, device=q.device)
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
                                    lengths=lengths)
-        zscale = keep * dropout_scale(dropout_p)
+        zscale = keep.to(scores.dtype) * dropout_scale(dropout_p)  # (bool * float would round it to fp32)
     dv = _round_to(probs * zscale, q.dtype).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]
     delta = (dprobs * probs).sum(dim=-1, keepdim=True)  # = rowsum(dO * O)
@@ -186,9 +199,9 @@ def attention_varlen_math_bwd(dout, q, k, v, cu_seqlens, max_seqlen, **kw):
 
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
-                  deterministic=False):
+                  deterministic=False, window=None):
     """Backend entry point: writes dq, dk, dv and (when asked) the full fp32 dbias."""
-    kw = dict(attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
+    kw = dict(attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, window=window)
     if cu_seqlens is not None:
         grads = attention_varlen_math_bwd(dout, q, k, v, cu_seqlens, max_seqlen, **kw)
     else:

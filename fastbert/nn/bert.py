@@ -31,16 +31,24 @@ from fastbert.nn.padding import pad_input
 from fastbert.ops import attention, fuses_dense_bias, gelu, layer_norm
 
 
-def attention_probs(q: Tensor, k: Tensor, attention_mask: Optional[Tensor], softmax_scale: float) -> Tensor:
+def attention_probs(q: Tensor, k: Tensor, attention_mask: Optional[Tensor], softmax_scale: float,
+                    window: Optional[tuple[int, int]] = None) -> Tensor:
     """Attention probabilities ``softmax(softmax_scale * q k^T)`` over the keys, for ``output_attentions``.
 
-    q, k ``(batch, seqlen, num_heads, head_dim)``; attention_mask ``(batch, seqlen)`` or None.
+    q, k ``(batch, seqlen, num_heads, head_dim)``; attention_mask ``(batch, seqlen)`` or None;
+    window ``(left, right)`` or None (as :func:`fastbert.ops.attention`).
     Returns ``(batch, num_heads, seqlen, seqlen)`` in q's dtype (fp32 math); masked keys get 0; a
     row with no key returns zeros (Hugging Face's eager path averages instead). Before dropout.
     """
     scores = softmax_scale * torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())
+    keep = None
     if attention_mask is not None:
-        keep = (attention_mask != 0)[:, None, None, :]
+        keep = (attention_mask != 0)[:, None, None, :]  # [B, 1, 1, Lk]
+    if window is not None:
+        i, j = torch.arange(q.shape[1], device=q.device)[:, None], torch.arange(k.shape[1], device=q.device)
+        band = (j >= i - window[0]) & (j <= i + window[1])  # [Lq, Lk]
+        keep = band if keep is None else keep & band
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
         has_key = keep.any(dim=-1, keepdim=True)
         scores = torch.where(has_key, scores, 0.0)
@@ -79,8 +87,9 @@ def self_attention(module, hidden_states: Tensor, projections, attention_mask: O
                    output_attentions: bool = False, probs_mask: Optional[Tensor] = None,
                    indices: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Multi-head self-attention (Vaswani et al. 2017, eq. 1) of ``module`` (``num_attention_heads``,
-    ``attention_head_size``, ``dropout_p``, ``backend``) with the query/key/value Linear layers
-    ``projections``; shapes as :class:`BertSelfAttention`."""
+    ``attention_head_size``, ``dropout_p``, ``backend`` and, when it has one, a local ``window``
+    ``(left, right)``) with the query/key/value Linear layers ``projections``; shapes as
+    :class:`BertSelfAttention`."""
     # Three GEMMs straight from the parameters: concatenating the weights into one fused QKV
     # GEMM copies 3 * hidden^2 weights per layer and call, which costs more on CPU than the
     # larger GEMM saves. attention() takes any strides, so q, k, v are views, never copied.
@@ -88,20 +97,21 @@ def self_attention(module, hidden_states: Tensor, projections, attention_mask: O
     q, k, v = (F.linear(hidden_states, lin.weight, lin.bias).view(hidden_states.shape[:-1] + heads)
                for lin in projections)  # each [batch, seqlen, H, d] or [total, H, d]
     p = module.dropout_p if module.training else 0.0
+    window = getattr(module, "window", None)
     out = attention(q, k, v, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
-                    max_seqlen=max_seqlen, dropout_p=p, backend=module.backend)
+                    max_seqlen=max_seqlen, dropout_p=p, backend=module.backend, window=window)
     probs = None
     if output_attentions:
         scale = 1.0 / math.sqrt(module.attention_head_size)
         if cu_seqlens is None:
-            probs = attention_probs(q, k, attention_mask, scale)
+            probs = attention_probs(q, k, attention_mask, scale, window)
         else:
             if probs_mask is None or indices is None:
                 raise ValueError("probs_mask, indices: output_attentions in the packed layout needs both "
                                  "(the padded (batch, seqlen) mask and unpad_metadata's indices)")
             batch, seqlen = probs_mask.shape
             probs = attention_probs(pad_input(q, indices, batch, seqlen), pad_input(k, indices, batch, seqlen),
-                                    probs_mask, scale)
+                                    probs_mask, scale, window)
     return out.reshape(hidden_states.shape), probs
 
 
@@ -123,11 +133,17 @@ class BertSelfAttention(OpsModule, nn.Module):
     cu_seqlens/max_seqlen). context has hidden_states' shape. probs ``(batch, num_heads, seqlen,
     seqlen)`` when ``output_attentions``, else None; in the packed layout they need ``probs_mask``
     ``(batch, seqlen)`` and ``indices`` to lay the tokens out padded.
+
+    ``window``: None (global) or a local window ``(left, right)`` as in :func:`fastbert.ops.attention`;
+    an attribute, so a model may set it per layer.
     """
 
-    def __init__(self, config):
+    window: Optional[tuple[int, int]] = None
+
+    def __init__(self, config, *, window: Optional[tuple[int, int]] = None):
         super().__init__()
         _heads(self, config.hidden_size, config.num_attention_heads, config.attention_probs_dropout_prob)
+        self.window = window
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
@@ -210,11 +226,15 @@ class BertLayer(nn.Module):
 
 class DistilBertSelfAttention(OpsModule, nn.Module):
     """``out_lin(attention(q_lin(x), k_lin(x), v_lin(x)))``; config fields ``dim``, ``n_heads``,
-    ``attention_dropout``. forward as :class:`BertSelfAttention` but projected by ``out_lin``."""
+    ``attention_dropout``. forward as :class:`BertSelfAttention` but projected by ``out_lin``;
+    ``window`` likewise."""
 
-    def __init__(self, config):
+    window: Optional[tuple[int, int]] = None
+
+    def __init__(self, config, *, window: Optional[tuple[int, int]] = None):
         super().__init__()
         _heads(self, config.dim, config.n_heads, config.attention_dropout)
+        self.window = window
         self.q_lin, self.k_lin, self.v_lin, self.out_lin = (nn.Linear(config.dim, config.dim) for _ in range(4))
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kw):

@@ -43,11 +43,44 @@ def _bias4d(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tenso
     return attn_bias.expand(batch, num_heads, seqlen_q, k.shape[1])
 
 
+def _window_kw(window_left: int, window_right: int) -> dict:
+    """The backends' ``window`` keyword from the custom ops' two ints (``-1`` = no window: global).
+    Passed only when set, so a backend that does not declare the feature is called as before."""
+    return {} if window_left < 0 else {"window": (int(window_left), int(window_right))}
+
+
+def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] = None) -> Optional[tuple[int, int]]:
+    """Validate a local-attention ``window`` ``(left, right)``; returns None (global) or a tuple of
+    two Python ints, each clamped to the largest value that still differs from a larger one
+    (``left`` to ``bound_q``, ``right`` to ``bound_k``, when given as ints): ``i - left <= j`` holds
+    for every key once ``left >= seqlen_q - 1``, ``j <= i + right`` once ``right >= seqlen_k - 1``,
+    so the clamp changes nothing and keeps kernels' index arithmetic in int32.
+
+    Raises:
+        TypeError: not None and not a 2-tuple / 2-list of ints (bools are not ints here).
+        ValueError: a negative entry.
+    """
+    if window is None:
+        return None
+    ok = (isinstance(window, (tuple, list)) and len(window) == 2
+          and all(isinstance(w, int) and not isinstance(w, bool) for w in window))
+    check(ok, TypeError, f"window: expected None or a (left, right) tuple of two ints >= 0, got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    check(left >= 0 and right >= 0, ValueError,
+          f"window: expected (left, right) with left >= 0 and right >= 0, got {window!r}")
+    if isinstance(bound_q, int):
+        left = min(left, max(bound_q, 0))
+    if isinstance(bound_k, int):
+        right = min(right, max(bound_k, 0))
+    return left, right
+
+
 @torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
                    attn_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], seed: Optional[Tensor],
                    max_seqlen: int, dropout_p: float, softmax_scale: float, allow_tf32: bool,
-                   deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+                   deterministic: bool, backend: str, window_left: int = -1,
+                   window_right: int = -1) -> tuple[Tensor, Tensor]:
     varlen = cu_seqlens is not None
     out = new_empty(q.shape, q.dtype, q.device)
     lse = new_empty(_lse_shape(q, varlen, backend), torch.float32, q.device)
@@ -61,13 +94,14 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Ten
         backend_module(backend, "attention").attention_fwd(
             q, k, v, out, lse, attention_mask=attention_mask, attn_bias=_bias4d(attn_bias, q, k),
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
-            softmax_scale=softmax_scale, allow_tf32=allow_tf32, deterministic=deterministic)
+            softmax_scale=softmax_scale, allow_tf32=allow_tf32, deterministic=deterministic,
+            **_window_kw(window_left, window_right))
     return out, lse
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
-      allow_tf32, deterministic, backend):
+      allow_tf32, deterministic, backend, window_left=-1, window_right=-1):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(_lse_shape(q, cu_seqlens is not None, backend), dtype=torch.float32))
 
@@ -77,7 +111,8 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    attention_mask: Optional[Tensor], attn_bias: Optional[Tensor],
                    cu_seqlens: Optional[Tensor], seed: Optional[Tensor], max_seqlen: int,
                    dropout_p: float, softmax_scale: float, allow_tf32: bool, deterministic: bool,
-                   bias_requires_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   bias_requires_grad: bool, backend: str, window_left: int = -1,
+                   window_right: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq = new_empty(q.shape, q.dtype, q.device)
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)
@@ -95,7 +130,8 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                 dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dbias_full,
                 attention_mask=attention_mask, attn_bias=bias4d, cu_seqlens=cu_seqlens,
                 max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
-                allow_tf32=allow_tf32, deterministic=deterministic)
+                allow_tf32=allow_tf32, deterministic=deterministic,
+                **_window_kw(window_left, window_right))
     if not bias_requires_grad:
         return dq, dk, dv, q.new_empty((0,))
     dbias = dbias_full.sum_to_size(attn_bias.shape if attn_bias.dim() == 4 else
@@ -105,27 +141,27 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
-      softmax_scale, allow_tf32, deterministic, bias_requires_grad, backend):
+      softmax_scale, allow_tf32, deterministic, bias_requires_grad, backend, window_left=-1, window_right=-1):
     dbias = torch.empty_like(attn_bias) if bias_requires_grad else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
-     tf32, det, backend) = inputs
+     tf32, det, backend, window_left, window_right) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed)
-    ctx.args = (max_seqlen, dropout_p, softmax_scale, tf32, det, backend)
+    ctx.args = (max_seqlen, dropout_p, softmax_scale, tf32, det, backend, window_left, window_right)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed = ctx.saved_tensors
-    max_seqlen, dropout_p, softmax_scale, tf32, det, backend = ctx.args
+    max_seqlen, dropout_p, softmax_scale, tf32, det, backend, window_left, window_right = ctx.args
     bias_grad = attn_bias is not None and ctx.needs_input_grad[4]
     dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, attention_mask, attn_bias,
                                        cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale, tf32,
-                                       det, bias_grad, backend)
-    return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 8
+                                       det, bias_grad, backend, window_left, window_right)
+    return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 10
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -185,7 +221,8 @@ def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tensor] = None,
               attn_bias: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
               max_seqlen: Optional[int] = None, dropout_p: float = 0.0,
-              softmax_scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+              softmax_scale: Optional[float] = None, backend: Optional[str] = None,
+              window: Optional[tuple[int, int]] = None) -> Tensor:
     """Masked multi-head scaled dot-product attention, differentiable in q, k, v and attn_bias.
 
     ``out = dropout(softmax(softmax_scale * q @ k^T + attn_bias, masked)) @ v`` per head
@@ -225,6 +262,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         backend: force a backend (``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"``, ...);
             else ``FASTBERT_BACKEND``, else automatic.
+        window: local (sliding-window) attention ``(left, right)``, two ints >= 0 counted in keys,
+            inclusive; None (the default) = global. Query row ``i`` sees key ``j`` iff
+            ``i - left <= j <= i + right`` (and ``j`` is not masked / lies in its sequence), with
+            ``i`` and ``j`` indices within the sequence: along seqlen_q / seqlen_k in the padded
+            layout, offsets from the sequence's ``cu_seqlens`` start in varlen. Aligned top-left
+            (index 0 with index 0) also when seqlen_q != seqlen_k; padding does not shift it (a
+            left-padded sequence's window is on padded indices, as in Hugging Face's masks).
+            ModernBERT's ``local_attention = w`` (``abs(i - j) <= w // 2``) is
+            ``window=(w // 2, w // 2)``; ``(0, 0)`` is each row attending its own index only. A
+            window wider than the sequence equals global. A row with no key inside its window is
+            empty (zeros, zero gradients); the dropout mask is the global one restricted to the
+            window (same Philox counters); ``attn_bias``'s gradient is 0 outside the window.
 
     Returns:
         ``out`` with q's shape and dtype. A query row with no key to attend (every key masked or
@@ -242,11 +291,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
 
     Raises:
         TypeError: a non-tensor, a non-float dtype, dtypes that differ, non-int32 cu_seqlens, a
-            non-int ``max_seqlen``.
+            non-int ``max_seqlen``, a ``window`` that is not None or a pair of ints.
         ValueError: a device other than cpu / cuda (meta tensors), wrong ndim, mismatched
             batch/heads/head_dim/seqlen, a mask or bias of the wrong shape, ``attention_mask`` or
             ``attn_bias`` together with ``cu_seqlens``, ``max_seqlen`` outside
-            ``[0, total_tokens]``, a bad ``dropout_p``; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
+            ``[0, total_tokens]``, a bad ``dropout_p``, a negative ``window`` entry; for CPU tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
             ``cu_seqlens`` values that are not non-decreasing from 0 to ``total_tokens``. The fast
             GPU path trusts tensor values.
         RuntimeError: a forced backend cannot take the call (every reason is listed).
@@ -309,7 +358,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     softmax_scale = 1.0 / math.sqrt(hd) if softmax_scale is None else as_float("softmax_scale", softmax_scale)
     if not softmax_scale - softmax_scale == 0.0:  # NaN or +-inf (math.isfinite does not trace)
         raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
+    bounds = (max_seqlen, max_seqlen) if varlen else (q.shape[1], k.shape[1])
+    window = check_window(window, *bounds)
     features = set()
+    if window is not None:
+        features.add("window")
     if attention_mask is not None:
         features.add("attention_mask")
     if attn_bias is not None:
@@ -328,5 +381,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     name = resolve(CallInfo("attention", q.device.type, q.dtype, hd, frozenset(features)), backend)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, _ = _attention_fwd(q, k, v, attention_mask, attn_bias, cu_seqlens, seed,
-                            int(max_seqlen or 0), dropout_p, float(softmax_scale), tf32, det, name)
+                            int(max_seqlen or 0), dropout_p, float(softmax_scale), tf32, det, name,
+                            *(window if window is not None else (-1, -1)))
     return out
