@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastbert.backends import ALL_FEATURES
+from fastbert.backends import ALL_FEATURES, WINDOW_FEATURE
 from fastbert.backends._cuda_ops import dtype_code, fault_injection, launch_kwargs, ptr
 
 # head_dims the kernels take (one list for capabilities, tests and docs).
@@ -27,7 +27,7 @@ HEAD_DIMS = tuple(range(8, 257, 8))
 HEAD_DIMS_DOC = "multiples of 8 up to 256"
 # Every attention feature; "tf32" is accepted and computed in IEEE fp32 (the plain fp32 path).
 FEATURES = ALL_FEATURES & frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
-                                     "deterministic", "tf32", "window"})
+                                     "deterministic", "tf32"}) | {WINDOW_FEATURE}
 # The binding's "no bound on this side" (csrc/attention_binding.cpp); it clamps larger bounds to the
 # sequence length, so any int fits once capped here.
 _UNBOUNDED = -1
