@@ -109,8 +109,11 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
       for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
     gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
 
-    // Scale, bias and mask (natural units); excluded scores become -inf.
-    const bool edge = !window_covers(m0, m_last, n0, n0 + kBlockN - 1, p.window_left, p.window_right);
+    // Scale, bias and mask (natural units); excluded scores become -inf. The window is tested per
+    // element on edge tiles only; the fp32 path tests every element (its scalar products dwarf two
+    // compares, and the tile test's extra live values pushed ptxas into spills at sm_90a, DP 64).
+    const bool edge =
+        !kTensorCores<T> || !window_covers(m0, m_last, n0, n0 + kBlockN - 1, p.window_left, p.window_right);
     float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {

@@ -65,8 +65,8 @@ class WindowCase:
 # sequence; sequences shorter than a tile; rows with no key (seqlen_q > seqlen_k + left); key tiles
 # skipped before and after the window (seqlen >> window); mask, bias (+ its gradient), dropout.
 CASES = (
-    WindowCase(F16, 64, (16, 16), 300, 300, batch=1, bias="BHQK"),
-    WindowCase(BF16, 40, (0, 0), 200, 200, batch=2, num_heads=1, mask=True, dropout_p=0.1),
+    WindowCase(F16, 64, (16, 16), 200, 200, batch=1, bias="BHQK"),
+    WindowCase(BF16, 40, (0, 0), 130, 130, batch=2, num_heads=1, mask=True, dropout_p=0.1),
     WindowCase(F32, 32, (5, 20), 40, 150, bias="BHQK"),
     WindowCase(F16, 128, (3, 2), 150, 40, num_heads=1, bias="B11K"),
     WindowCase(F32, 64, (16, 4), lengths=(0, 5, 130, 70), num_heads=1, dropout_p=0.2),
@@ -265,7 +265,7 @@ def test_cuda_host_unbounded_window_is_bit_identical_to_none():
     base = WindowCase(F16, 64, None, 70, 90, mask=True, bias="B11K", dropout_p=0.1)
     inputs = _inputs(base)
     none = _kernel(base, inputs)
-    for window in ((69, 89), (10**30, 10**30), (2**31, 2**40)):
+    for window in ((69, 89), (10**30, 10**30)):
         got = _kernel(dataclasses.replace(base, window=window), inputs)
         for name in ("out", "lse", "dq", "dk", "dv", "dbias"):
             assert torch.equal(got[name], none[name]), f"{window} {name}"
