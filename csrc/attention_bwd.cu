@@ -140,7 +140,10 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
     __syncthreads();
     gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
 
-    const bool edge = !window_covers(m0, m_last, n0, n0 + kBlockN - 1, p.window_left, p.window_right);
+    // The window per element on edge tiles; on every tile in the fp32 path (as in the forward:
+    // the tile test spilled at sm_90a, DP 64).
+    const bool edge =
+        !kTensorCores<T> || !window_covers(m0, m_last, n0, n0 + kBlockN - 1, p.window_left, p.window_right);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
