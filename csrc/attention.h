@@ -12,6 +12,12 @@
 //   attention_mask: bool (1 byte) [batch, seqlen_k], 1 = attend.  attn_bias: a 4-D strided view
 //   [batch, num_heads, seqlen_q, seqlen_k] (stride 0 on broadcast dims) of fp32/fp16/bf16.
 //   dbias: fp32 [batch, num_heads, seqlen_q, seqlen_k] (the full gradient of the scores bias).
+// Sliding window (window_left, window_right): query i sees key j only if
+// i - window_left <= j <= i + window_right, with i and j positions within the sequence (padded
+// index, or offset from cu_seqlens[b]; top-left aligned also when seqlen_q != seqlen_k). The
+// kernels skip every key tile (query tile in the dk/dv kernel) outside the window and test it per
+// element only on edge tiles, so the cost grows with seqlen x window; a row left with no key is
+// empty like a fully masked one.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +41,9 @@ enum class AttnFault : int {
   kNone = 0,
   kKeyBoundOffByOne = 1,  // treat key seqlen_k as a valid key (an off-by-one in the tile bound)
 };
+
+// A window bound that excludes no key at any supported seqlen (<= 2^30).
+constexpr int kNoWindow = 1 << 30;
 
 struct AttnParams {
   DType dtype = DType::kFloat16;  // of q/k/v/out/dout/dq/dk/dv
@@ -67,6 +76,13 @@ struct AttnParams {
 
   float* dbias = nullptr;  // fp32 [batch, num_heads, seqlen_q, seqlen_k] or null (backward only)
   int64_t dbias_stride[4] = {0, 0, 0, 0};
+
+  // The sliding window, in keys. "No window" is stored as a window that excludes nothing
+  // (window_left >= max_seqlen_q, window_right >= max_seqlen_k; the default 2^30 is one for every
+  // supported seqlen), so the kernels have no separate path for it. Both in [0, 2^30]: every sum and
+  // difference of a window and a position stays inside int32.
+  int window_left = kNoWindow;
+  int window_right = kNoWindow;
 
   float softmax_scale = 1.0f;
   const int64_t* seed = nullptr;  // int64 [2] Philox key words when dropout is on, else null

@@ -6,6 +6,7 @@
 // stride_batch = 0 and seqlen_q = seqlen_k = max_seqlen. Only what a raw-pointer API can check is
 // checked here: null pointers, alignment to the element size, sizes > 0, strides >= 0, the
 // head_dim set. Tensor values (cu_seqlens, masks) are trusted, as on the fast path of fastbert.ops.
+// The sliding window arrives as window_left / window_right in keys, -1 = unbounded on that side.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -52,7 +53,7 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
                          std::uintptr_t cu_seqlens, std::uintptr_t attention_mask,
                          const std::array<long long, 2>& mask_strides, std::uintptr_t attn_bias, int bias_dtype,
                          const Strides4& bias_strides, std::uintptr_t seed, double dropout_p, double softmax_scale,
-                         int fault_injection) {
+                         long long window_left, long long window_right, int fault_injection) {
   AttnParams p;
   p.dtype = bind::dtype("dtype", dtype_code);
   bind::positive("batch", batch);
@@ -105,6 +106,12 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
   p.dropout_threshold = bind::dropout_threshold(dropout_p);
   p.dropout_scale = bind::dropout_scale(dropout_p);
   p.softmax_scale = static_cast<float>(softmax_scale);
+  FB_CHECK_ARG(window_left >= -1 && window_right >= -1,
+               "window: expected window_left, window_right >= 0 (or -1 = unbounded), got (", window_left, ", ",
+               window_right, ")");
+  // A bound past the sequence excludes nothing: clamp it there (<= 2^30, see attention.h).
+  p.window_left = static_cast<int>(window_left < 0 || window_left > seqlen_q ? seqlen_q : window_left);
+  p.window_right = static_cast<int>(window_right < 0 || window_right > seqlen_k ? seqlen_k : window_right);
   p.fault = bind::check_fault_injection(fault_injection) == 1 ? AttnFault::kKeyBoundOffByOne : AttnFault::kNone;
   return p;
 }
@@ -115,11 +122,12 @@ void attention_fwd_py(std::uintptr_t q, Strides3 q_strides, std::uintptr_t k, St
                       std::array<long long, 2> mask_strides, std::uintptr_t attn_bias, int bias_dtype,
                       Strides4 bias_strides, std::uintptr_t seed, long long batch, long long num_heads,
                       long long head_dim, long long seqlen_q, long long seqlen_k, int dtype, double dropout_p,
-                      double softmax_scale, std::uintptr_t stream, int device, int fault_injection) {
+                      double softmax_scale, std::uintptr_t stream, int device, long long window_left,
+                      long long window_right, int fault_injection) {
   AttnParams p = common_params(dtype, batch, num_heads, head_dim, seqlen_q, seqlen_k, q, q_strides, k, k_strides, v,
                                v_strides, out, out_strides, lse, lse_strides, cu_seqlens, attention_mask,
                                mask_strides, attn_bias, bias_dtype, bias_strides, seed, dropout_p, softmax_scale,
-                               fault_injection);
+                               window_left, window_right, fault_injection);
   const std::size_t elem = dtype_size(p.dtype);
   p.aligned16 = rows_aligned16(p.q, elem) && rows_aligned16(p.k, elem) && rows_aligned16(p.v, elem);
   bind::DeviceGuard guard(device);
@@ -135,11 +143,11 @@ void attention_bwd_py(std::uintptr_t dout, Strides3 dout_strides, std::uintptr_t
                       std::uintptr_t attn_bias, int bias_dtype, Strides4 bias_strides, std::uintptr_t seed,
                       long long batch, long long num_heads, long long head_dim, long long seqlen_q, long long seqlen_k,
                       int dtype, double dropout_p, double softmax_scale, std::uintptr_t stream, int device,
-                      int fault_injection) {
+                      long long window_left, long long window_right, int fault_injection) {
   AttnParams p = common_params(dtype, batch, num_heads, head_dim, seqlen_q, seqlen_k, q, q_strides, k, k_strides, v,
                                v_strides, out, out_strides, lse, lse_strides, cu_seqlens, attention_mask,
                                mask_strides, attn_bias, bias_dtype, bias_strides, seed, dropout_p, softmax_scale,
-                               fault_injection);
+                               window_left, window_right, fault_injection);
   const std::size_t elem = dtype_size(p.dtype);
   p.dout = tensor("dout", dout, dout_strides, elem, true);
   p.dq = tensor("dq", dq, dq_strides, elem, true);
@@ -162,15 +170,15 @@ void register_attention(py::module_& m) {
   m.def("attention_fwd", &attention_fwd_py, py::kw_only(), "q"_a, "q_strides"_a, "k"_a, "k_strides"_a, "v"_a,
         "v_strides"_a, "out"_a, "out_strides"_a, "lse"_a, "lse_strides"_a, "cu_seqlens"_a, "attention_mask"_a,
         "mask_strides"_a, "attn_bias"_a, "bias_dtype"_a, "bias_strides"_a, "seed"_a, "batch"_a, "num_heads"_a,
-        "head_dim"_a, "seqlen_q"_a, "seqlen_k"_a, "dtype"_a, "dropout_p"_a, "softmax_scale"_a, "stream"_a,
-        "device"_a, "fault_injection"_a = 0,
+        "head_dim"_a, "seqlen_q"_a, "seqlen_k"_a, "dtype"_a, "dropout_p"_a, "softmax_scale"_a,
+        "stream"_a, "device"_a, "window_left"_a = -1, "window_right"_a = -1, "fault_injection"_a = 0,
         "Fused masked multi-head attention forward: writes out and lse (csrc/attention.h).");
   m.def("attention_bwd", &attention_bwd_py, py::kw_only(), "dout"_a, "dout_strides"_a, "q"_a, "q_strides"_a, "k"_a,
         "k_strides"_a, "v"_a, "v_strides"_a, "out"_a, "out_strides"_a, "lse"_a, "lse_strides"_a, "dq"_a,
         "dq_strides"_a, "dk"_a, "dk_strides"_a, "dv"_a, "dv_strides"_a, "dbias"_a, "dbias_strides"_a, "cu_seqlens"_a,
         "attention_mask"_a, "mask_strides"_a, "attn_bias"_a, "bias_dtype"_a, "bias_strides"_a, "seed"_a, "batch"_a,
         "num_heads"_a, "head_dim"_a, "seqlen_q"_a, "seqlen_k"_a, "dtype"_a, "dropout_p"_a, "softmax_scale"_a,
-        "stream"_a, "device"_a, "fault_injection"_a = 0,
+        "stream"_a, "device"_a, "window_left"_a = -1, "window_right"_a = -1, "fault_injection"_a = 0,
         "Fused masked multi-head attention backward: writes dq, dk, dv and (dbias != 0) the full fp32 dbias.");
 }
 

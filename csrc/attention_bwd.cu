@@ -18,6 +18,9 @@
 //     tiles and accumulates dK and dV; here the "rows" of the fragments are keys, so the kernel
 //     computes S^T = K Q^T and dP^T = V dO^T. At the 256 bucket it runs twice (dV, then dK), as
 //     two 16 x 256 fp32 accumulators per warp would spill.
+// With a sliding window each kernel walks only the tiles its rows' windows reach (window_span) and
+// tests the window per element on the edge tiles; the dq kernel writes dbias = 0 in the columns it
+// skips, so dbias stays fully written.
 // D is recomputed per query tile from O and dO (a dot product per row) rather than stored.
 // The price is recomputing S and dP in both kernels (7 matrix products instead of FA2's 5).
 #include "attention_common.cuh"
@@ -55,6 +58,8 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
   const SeqInfo seq = seq_info(p, b);
   const int m0 = static_cast<int>(blockIdx.y) * kBlockM;
   if (m0 >= seq.seqlen_q) return;
+  const int m_last = (seq.seqlen_q - m0 < kBlockM ? seq.seqlen_q : m0 + kBlockM) - 1;  // last owned row
+  const Span keys = window_span(m0, m_last, p.window_left, p.window_right, seq.seqlen_k, kBlockN);
 
   FB_DYNAMIC_SMEM(unsigned char, smem);
   T* sQ = reinterpret_cast<T*>(smem);
@@ -76,14 +81,14 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
   // tile n+1 runs. cp.async groups go Q+dO, V, K, V, K, ... (empty past the end), so
   // wait_group<1> ("all but the newest done") always means "the tile about to be read has landed".
   const auto load_v = [&](int n0) {
-    if (n0 < seq.seqlen_k)
+    if (n0 < keys.hi)
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
                                                seq.seqlen_k - n0, p.head_dim, p.aligned16,
                                                KeyRows{p, b, n0, seq.seqlen_k});
     cp_async_commit();
   };
   const auto load_k = [&](int n0) {
-    if (n0 < seq.seqlen_k) {
+    if (n0 < keys.hi) {
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
                                                seq.seqlen_k - n0, p.head_dim, p.aligned16,
                                                KeyRows{p, b, n0, seq.seqlen_k});
@@ -97,8 +102,8 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
   load_tile<T, kBlockM, DP, Cfg::kThreads>(sdO, row_ptr<const T>(p.dout, b, h, seq.q_row0 + m0),
                                            p.dout.stride_seq, nrows, p.head_dim, p.aligned16);
   cp_async_commit();
-  load_v(0);
-  load_k(0);
+  load_v(keys.lo);
+  load_k(keys.lo);
   cp_async_wait_group<2>();  // Q and dO have landed
   __syncthreads();
   row_stats<T, kBlockM, DP, Cfg::kThreads>(sD, sLse, sdO, row_ptr<const T>(p.out, b, h, seq.q_row0 + m0),
@@ -120,7 +125,7 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dq[jd][e] = 0.0f;
 
-  for (int n0 = 0; n0 < seq.seqlen_k; n0 += kBlockN) {
+  for (int n0 = keys.lo; n0 < keys.hi; n0 += kBlockN) {
     cp_async_wait_group<1>();  // V(n0) has landed (K(n0) may not have)
     __syncthreads();
     float s[NT][4], dp[NT][4];
@@ -135,13 +140,17 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
     __syncthreads();
     gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
 
+    // The window per element on edge tiles; on every tile in the fp32 path (as in the forward:
+    // the tile test spilled at sm_90a, DP 64).
+    const bool edge =
+        !kTensorCores<T> || !window_covers(m0, m_last, n0, n0 + kBlockN - 1, p.window_left, p.window_right);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = row_i[r], kj = n0 + col;
         float pe = 0.0f;
-        if (sKeyOk[col] && i < seq.seqlen_q) {
+        if (sKeyOk[col] && i < seq.seqlen_q && (!edge || in_window(p, i, kj))) {
           const float x = s[j][e] * scale;
           const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
           if (bias != -INFINITY) pe = recompute_p<T>(x + bias, lse_r[r]);
@@ -160,6 +169,7 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
     __syncthreads();  // every warp is done with sK and sKeyOk: fetch the next K tile
     load_k(n0 + kBlockN);
   }
+  cp_async_wait_all();  // rows that see no key walked no tile: their copies may still be pending
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -171,6 +181,21 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
       const int col = jd * 8 + 2 * t;
       if (col < p.head_dim)
         store2(dq, col, acc_dq[jd][2 * r] * p.softmax_scale, acc_dq[jd][2 * r + 1] * p.softmax_scale);
+    }
+  }
+
+  // dbias is 0 outside the window: write it in the columns the key loop skipped, [0, lo) and
+  // [walked_end, seqlen_k) of the block's rows.
+  if (p.dbias != nullptr) {
+    const int walked_end = keys.hi > keys.lo ? keys.lo + (keys.hi - keys.lo + kBlockN - 1) / kBlockN * kBlockN : keys.lo;
+    const int tail = walked_end < seq.seqlen_k ? seq.seqlen_k - walked_end : 0;
+    const int gap = keys.lo + tail;  // skipped columns per row
+    const int64_t count = static_cast<int64_t>(gap) * (m_last - m0 + 1);
+    for (int64_t c = static_cast<int64_t>(thread_rank()); c < count; c += Cfg::kThreads) {
+      const int i = m0 + static_cast<int>(c / gap), g_col = static_cast<int>(c % gap);
+      const int kj = g_col < keys.lo ? g_col : walked_end + (g_col - keys.lo);
+      p.dbias[b * p.dbias_stride[0] + h * p.dbias_stride[1] + static_cast<int64_t>(i) * p.dbias_stride[2] +
+              static_cast<int64_t>(kj) * p.dbias_stride[3]] = 0.0f;
     }
   }
 }
@@ -191,6 +216,9 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
   const SeqInfo seq = seq_info(p, b);
   const int n0 = static_cast<int>(blockIdx.y) * kBlockM;  // first key of this block
   if (n0 >= seq.seqlen_k) return;
+  const int n_last = (seq.seqlen_k - n0 < kBlockM ? seq.seqlen_k : n0 + kBlockM) - 1;  // last owned key
+  // Key j is seen by queries j - window_right .. j + window_left.
+  const Span queries = window_span(n0, n_last, p.window_right, p.window_left, seq.seqlen_q, kBlockN);
 
   FB_DYNAMIC_SMEM(unsigned char, smem);
   T* sK = reinterpret_cast<T*>(smem);
@@ -223,7 +251,7 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
   for (auto& a : acc_dv)
     for (float& x : a) x = 0.0f;
 
-  for (int m0 = 0; m0 < seq.seqlen_q; m0 += kBlockN) {
+  for (int m0 = queries.lo; m0 < queries.hi; m0 += kBlockN) {
     const int nrows = seq.seqlen_q - m0;
     __syncthreads();
     load_tile<T, kBlockN, DP, Cfg::kThreads>(sQ, row_ptr<const T>(p.q, b, h, seq.q_row0 + m0), p.q.stride_seq,
@@ -247,13 +275,14 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
     gemm_nt<T, NT, DP>(s, sK + warp * 16 * kLd, sQ, p.head_dim);
     if constexpr (kDK) gemm_nt<T, NT, DP>(dp, sV + warp * 16 * kLd, sdO, p.head_dim);
 
+    const bool edge = !window_covers(n0, n_last, m0, m0 + kBlockN - 1, p.window_right, p.window_left);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = m0 + col, kj = key_j[r];
         float pe = 0.0f;
-        if (key_ok[r] && i < seq.seqlen_q) {
+        if (key_ok[r] && i < seq.seqlen_q && (!edge || in_window(p, i, kj))) {
           const float x = s[j][e] * scale;
           const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
           if (bias != -INFINITY) pe = recompute_p<T>(x + bias, sLse[col]);
@@ -266,6 +295,7 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
     if constexpr (kDV) gemm_pn<T, NT, DT, DP>(acc_dv, s, sdO, warp_scratch, p.head_dim);
     if constexpr (kDK) gemm_pn<T, NT, DT, DP>(acc_dk, dp, sQ, warp_scratch, p.head_dim);
   }
+  cp_async_wait_all();  // keys seen by no query walked no tile: their K/V copies may still be pending
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -238,6 +238,36 @@ struct KeyRows {
   FB_DEVICE bool operator()(int r) const { return key_allowed(p, b, n0 + r, seqlen_k); }
 };
 
+// ---- Sliding window (attention.h: query i sees key j iff i - window_left <= j <= i + window_right)
+// Every operand below is a position or window bound in [0, 2^30 + 2 * tile), so the differences
+// never overflow int32 (sums of a position and a bound are avoided).
+
+// Whether key j lies in query i's window.
+FB_DEVICE bool in_window(const AttnParams& p, int i, int j) {
+  return i - j <= p.window_left && j - i <= p.window_right;
+}
+
+// The positions [lo, hi) of the walked operand (keys in the forward and dq kernels, queries in the
+// dk/dv kernel) that owned rows first..last can see, when row r sees r - before .. r + after,
+// clamped to [0, len); lo is rounded down to a multiple of `tile` so that tiles keep their usual
+// boundaries (dropout's 8-key groups, the dbias tiling). Empty: lo == hi <= len (rows past the
+// other sequence's end plus the window), a loop from lo to hi runs no step and the rows are empty.
+struct Span {
+  int lo, hi;
+};
+
+FB_DEVICE Span window_span(int first, int last, int before, int after, int len, int tile) {
+  const int lo = (first > before ? first - before : 0) / tile * tile;
+  const int hi = after >= len - last ? len : last + 1 + after;
+  return Span{lo < hi ? lo : hi, hi};
+}
+
+// Whether every pair (owned row r in [first, last], walked position t in [t0, t1]) lies in the
+// window: such an interior tile needs no per-element window test.
+FB_DEVICE bool window_covers(int first, int last, int t0, int t1, int before, int after) {
+  return last - t0 <= before && t1 - first <= after;
+}
+
 // The Philox words of the 8-key group holding key j, for query i of head h of sequence b (the
 // shared scheme v2: counter (j / 8, i, h, b)).
 FB_DEVICE PhiloxWords dropout_words(PhiloxKey key, int b, int h, int i, int j) {

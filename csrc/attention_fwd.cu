@@ -6,8 +6,10 @@
 // Scores stay in natural units (exp_unit: exp2 of the scaled difference on the tensor-core paths).
 //
 // Grid: (batch * num_heads, ceil(max_seqlen_q / kBlockM)); a block of kWarps warps owns kBlockM =
-// 16 * kWarps query rows (16 per warp) and walks the key tiles of kBlockN keys. A row with no key
-// to attend (every key masked or biased -inf) is empty: out = 0, lse = (+inf, 0). Keys masked by
+// 16 * kWarps query rows (16 per warp) and walks the key tiles of kBlockN keys that its rows' sliding
+// windows reach (all of them without a window; window_span), testing the window per element only on
+// the edge tiles. A row with no key to attend (every key masked, biased -inf or outside its window)
+// is empty: out = 0, lse = (+inf, 0). Keys masked by
 // attention_mask are loaded as zero K and V rows (load_tile's row predicate), so NaN or Inf held
 // there never reaches a product. Dropout (the shared
 // Philox scheme) multiplies P after its row sum, so lse excludes it.
@@ -42,6 +44,8 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
   const SeqInfo seq = seq_info(p, b);
   const int m0 = static_cast<int>(blockIdx.y) * kBlockM;
   if (m0 >= seq.seqlen_q) return;  // the whole block: nothing of this sequence here
+  const int m_last = (seq.seqlen_q - m0 < kBlockM ? seq.seqlen_q : m0 + kBlockM) - 1;  // last owned row
+  const Span keys = window_span(m0, m_last, p.window_left, p.window_right, seq.seqlen_k, kBlockN);
 
   FB_DYNAMIC_SMEM(unsigned char, smem);
   T* sQ = reinterpret_cast<T*>(smem);
@@ -76,7 +80,7 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
   // in the fixed order K, V, K, V, ... (empty at the end), so "all but the newest group done"
   // (wait_group<1>) always means "the tile about to be read has landed".
   const auto load_k = [&](int n0) {
-    if (n0 < seq.seqlen_k) {
+    if (n0 < keys.hi) {
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
                                                seq.seqlen_k - n0, p.head_dim, p.aligned16,
                                                KeyRows{p, b, n0, seq.seqlen_k});
@@ -86,16 +90,16 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
     cp_async_commit();
   };
   const auto load_v = [&](int n0) {
-    if (n0 < seq.seqlen_k)
+    if (n0 < keys.hi)
       load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
                                                seq.seqlen_k - n0, p.head_dim, p.aligned16,
                                                KeyRows{p, b, n0, seq.seqlen_k});
     cp_async_commit();
   };
-  load_k(0);  // groups so far: Q, K(0), V(0)
-  load_v(0);
+  load_k(keys.lo);  // groups so far: Q, K(lo), V(lo)
+  load_v(keys.lo);
 
-  for (int n0 = 0; n0 < seq.seqlen_k; n0 += kBlockN) {
+  for (int n0 = keys.lo; n0 < keys.hi; n0 += kBlockN) {
     cp_async_wait_group<1>();  // Q and K(n0) have landed (V(n0) may not have)
     __syncthreads();
     float s[NT][4];
@@ -105,7 +109,11 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
       for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
     gemm_nt<T, NT, DP>(s, sQ + warp * 16 * kLd, sK, p.head_dim);
 
-    // Scale, bias and mask (natural units); excluded scores become -inf.
+    // Scale, bias and mask (natural units); excluded scores become -inf. The window is tested per
+    // element on edge tiles only; the fp32 path tests every element (its scalar products dwarf two
+    // compares, and the tile test's extra live values pushed ptxas into spills at sm_90a, DP 64).
+    const bool edge =
+        !kTensorCores<T> || !window_covers(m0, m_last, n0, n0 + kBlockN - 1, p.window_left, p.window_right);
     float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -113,7 +121,7 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
         float x = -INFINITY;
-        if (sKeyOk[col]) {
+        if (sKeyOk[col] && (!edge || in_window(p, row_i[r], n0 + col))) {
           x = s[j][e] * scale;
           if (p.attn_bias != nullptr && row_i[r] < seq.seqlen_q && n0 + col < seq.seqlen_k) {
             const float bias = load_bias(p, b, h, row_i[r], n0 + col);
@@ -166,6 +174,7 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
     __syncthreads();  // every warp is done with sV: fetch the next V tile
     load_v(n0 + kBlockN);
   }
+  cp_async_wait_all();  // a block whose rows see no key walked no tile: its Q copy is still pending
 
   // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
 #pragma unroll

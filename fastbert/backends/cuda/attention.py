@@ -9,14 +9,17 @@ nothing is synchronised here; ``fastbert.ops`` allocated every output.
 The kernels (``csrc/attention_fwd.cu``, ``csrc/attention_bwd.cu``): FlashAttention-2 tiling (Dao
 2023) with ``mma.sync`` tensor cores for fp16/bf16 and a plain fp32 path; head_dim in buckets of
 64/128/256 with the padded lanes masked, so every multiple of 8 up to 256 runs; a deterministic
-backward (no atomics: one kernel owns dq and dbias, another dk and dv) without workspace.
+backward (no atomics: one kernel owns dq and dbias, another dk and dv) without workspace. A
+sliding ``window=(left, right)`` (query i sees keys i - left .. i + right, positions within the
+sequence) makes every kernel walk only the key / query tiles the window reaches, so its cost grows
+with seqlen x window; it is a runtime argument (no extra kernel instantiations).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastbert.backends import ALL_FEATURES
+from fastbert.backends import ALL_FEATURES, WINDOW_FEATURE
 from fastbert.backends.cuda._ext import dtype_code, fault_injection, launch_kwargs, ptr
 
 # head_dims the kernels take (one list for capabilities, tests and docs).
@@ -24,7 +27,11 @@ HEAD_DIMS = tuple(range(8, 257, 8))
 HEAD_DIMS_DOC = "multiples of 8 up to 256"
 # Every attention feature; "tf32" is accepted and computed in IEEE fp32 (the plain fp32 path).
 FEATURES = ALL_FEATURES & frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
-                                     "deterministic", "tf32"})
+                                     "deterministic", "tf32"}) | {WINDOW_FEATURE}
+# The binding's "no bound on this side" (csrc/attention_binding.cpp); it clamps larger bounds to the
+# sequence length, so any int fits once capped here.
+_UNBOUNDED = -1
+_MAX_BOUND = 1 << 62
 WRITES_LSE = True
 
 
@@ -49,8 +56,17 @@ def _bias_args(attn_bias) -> dict:
     return dict(attn_bias=ptr(attn_bias), bias_dtype=dtype_code(attn_bias), bias_strides=tuple(attn_bias.stride()))
 
 
+def _window_args(window) -> dict:
+    """``window`` (None or (left, right) ints >= 0, checked by ``fastbert.ops``) as the binding's
+    ``window_left`` / ``window_right`` (-1 = unbounded)."""
+    if window is None:
+        return dict(window_left=_UNBOUNDED, window_right=_UNBOUNDED)
+    left, right = window
+    return dict(window_left=min(int(left), _MAX_BOUND), window_right=min(int(right), _MAX_BOUND))
+
+
 def _common(q, k, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
-            softmax_scale) -> dict:
+            softmax_scale, window) -> dict:
     varlen = cu_seqlens is not None
     if varlen:
         batch, num_heads, head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
@@ -70,7 +86,7 @@ def _common(q, k, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen
         seed=ptr(seed) if (seed is not None and dropout_p > 0.0) else 0,
         batch=batch, num_heads=num_heads, head_dim=head_dim, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
         dtype=dtype_code(q), dropout_p=float(dropout_p), softmax_scale=float(softmax_scale),
-        fault_injection=fault_injection(), **launch_kwargs(q))
+        **_window_args(window), fault_injection=fault_injection(), **launch_kwargs(q))
 
 
 def _check_layout(lse: torch.Tensor, *tensors: torch.Tensor) -> None:
@@ -82,7 +98,7 @@ def _check_layout(lse: torch.Tensor, *tensors: torch.Tensor) -> None:
 
 
 def attention_fwd(ext, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
-                  softmax_scale, allow_tf32=False, deterministic=False) -> None:
+                  softmax_scale, allow_tf32=False, deterministic=False, window=None) -> None:
     """Backend entry point (``fastbert.backends``): writes ``out`` and ``lse`` through ``ext``."""
     varlen = cu_seqlens is not None
     _check_layout(lse, q, k, v, out)
@@ -93,11 +109,13 @@ def attention_fwd(ext, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqle
         q=ptr(q), q_strides=_strides3(q, varlen), k=ptr(k), k_strides=_strides3(k, varlen),
         v=ptr(v), v_strides=_strides3(v, varlen), out=ptr(out), out_strides=_strides3(out, varlen),
         **_common(q, k, out, lse, attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
-                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale))
+                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
+                  window=window))
 
 
 def attention_bwd(ext, dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias, cu_seqlens,
-                  max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False) -> None:
+                  max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False,
+                  window=None) -> None:
     """Backend entry point: writes dq, dk, dv and (when ``dbias`` is given) the full fp32 dbias."""
     varlen = cu_seqlens is not None
     _check_layout(lse, dout, q, k, v, out, dq, dk, dv)
@@ -114,4 +132,5 @@ def attention_bwd(ext, dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_
         dbias=ptr(dbias) if dbias is not None else 0,
         dbias_strides=tuple(dbias.stride()) if dbias is not None else (0, 0, 0, 0),
         **_common(q, k, out, lse, attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
-                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale))
+                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
+                  window=window))
