@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from _build_rules import skip_is_failure
+from _cuda_graph import assert_replay_matches_eager
 
 import fastbert
 from fastbert import _build_info
@@ -407,18 +408,5 @@ def test_every_op_captures_and_replays_in_a_cuda_graph(op, backend):
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")  # a missing fastbert._C fails here on a GPU (_build_rules)
     leaves, step = _graph_case(op, backend)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up: Triton compiles, the allocator grows, outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    with torch.no_grad():
-        for t in leaves:
-            t.copy_(torch.randn_like(t))
-    graph.replay()
-    torch.cuda.synchronize()
-    for name, c, e in zip(["out"] + [f"grad{i}" for i in range(len(leaves))], captured, step()):
-        assert torch.equal(c, e), f"{op} {backend} {name}: replay differs from eager"
+    assert_replay_matches_eager(step, refresh=leaves, names=["out"] + [f"grad{i}" for i in range(len(leaves))],
+                                what=f"{op} {backend}")
