@@ -3,6 +3,7 @@ the full product behind ``-m slow``): the suite's one generator."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Callable
 
@@ -37,21 +38,24 @@ def pairwise(axes: dict[str, tuple], cost: Callable[[dict], float] = lambda case
     names = list(axes)
     product = full_product(axes, feasible)
     pairs = {id(c): _pairs(c, names) for c in product}
-    needed = set().union(*pairs.values())
-    todo = set(needed)
+    todo = set().union(*pairs.values())
     cases = []
     while todo:
         best = max(product, key=lambda c: (len(pairs[id(c)] & todo) / (cost(c) + overhead), -cost(c)))
         todo -= pairs[id(best)]
         cases.append(best)
+    # Swap: case i may become cand when cand holds every pair that only case i covers.
+    count = collections.Counter(p for c in cases for p in pairs[id(c)])
     by_cost = sorted(product, key=cost)
     for i in sorted(range(len(cases)), key=lambda i: -cost(cases[i])):
+        only_here = {p for p in pairs[id(cases[i])] if count[p] == 1}
         for cand in by_cost:
             if cost(cand) >= cost(cases[i]):
                 break
-            trial = cases[:i] + [cand] + cases[i + 1:]
-            if needed <= set().union(*(pairs[id(c)] for c in trial)):
-                cases = trial
+            if only_here <= pairs[id(cand)]:
+                count.subtract(pairs[id(cases[i])])
+                count.update(pairs[id(cand)])
+                cases[i] = cand
                 break
     unique = []
     for c in cases:  # a swap can repeat a case
