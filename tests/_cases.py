@@ -15,6 +15,10 @@ from _tolerance import assert_close_to_ref
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 
+# The CUDA kernels' two backends: the host build on the CPU (CI), the GPU build (device check).
+CUDA_BACKENDS = (pytest.param("cuda-host", "cpu", id="cuda-host"),
+                 pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda"))
+
 
 def randn(gen: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
     """fp64 normal draw from ``gen`` (master copies, cast per run)."""

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from _cases import require_backend
+from _cases import CUDA_BACKENDS, require_backend
 from _cases_attention import ATTENTION_CASES, AttentionCase, check_attention_case
 from _cuda_graph import assert_replay_matches_eager
 
@@ -21,17 +21,11 @@ from fastbert.backends._cuda_ops import load_extension
 from fastbert.backends._philox import attention_keep_mask
 
 
+@pytest.mark.parametrize("backend,device", CUDA_BACKENDS)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
-def test_cuda_host_attention_matches_reference(case, poison):
-    require_backend("cuda-host", "attention")
-    check_attention_case(case, "cuda-host", "cpu")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
-def test_cuda_attention_matches_reference(case, poison):
-    require_backend("cuda", "attention")
-    check_attention_case(case, "cuda", "cuda")
+def test_cuda_attention_matches_reference(case, backend, device, poison):
+    require_backend(backend, "attention")
+    check_attention_case(case, backend, device)
 
 
 def _sweep_cases(n: int = 40, seed: int = 0) -> list:

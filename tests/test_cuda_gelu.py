@@ -4,22 +4,16 @@ GPU through ``cuda``, from the one case list in ``_cases_gelu``."""
 from __future__ import annotations
 
 import pytest
-from _cases import require_backend
+from _cases import CUDA_BACKENDS, require_backend
 from _cases_gelu import GELU_CASES, check_gelu_case
 from _cuda_graph import assert_replay_matches_eager
 
 
+@pytest.mark.parametrize("backend,device", CUDA_BACKENDS)
 @pytest.mark.parametrize("case", GELU_CASES, ids=str)
-def test_cuda_host_gelu_matches_reference(case, poison):
-    require_backend("cuda-host", "gelu")
-    check_gelu_case(case, "cuda-host", "cpu")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GELU_CASES, ids=str)
-def test_cuda_gelu_matches_reference(case, poison):
-    require_backend("cuda", "gelu")
-    check_gelu_case(case, "cuda", "cuda")
+def test_cuda_gelu_matches_reference(case, backend, device, poison):
+    require_backend(backend, "gelu")
+    check_gelu_case(case, backend, device)
 
 
 @pytest.mark.gpu
