@@ -1,36 +1,61 @@
 """Pairwise-covering parameter grids (STYLE.md: every pair of axis values at least once by default,
-the full product behind ``-m slow``)."""
+the full product behind ``-m slow``): the suite's one generator."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Callable
 
+Feasible = Callable[[dict], bool]
+
+
+def _any(case: dict) -> bool:
+    return True
+
+
+def full_product(axes: dict[str, tuple], feasible: Feasible = _any) -> list[dict]:
+    """Every combination of axis values that ``feasible`` accepts, in axis order."""
+    names = list(axes)
+    return [case for vals in itertools.product(*(axes[n] for n in names))
+            if feasible(case := dict(zip(names, vals)))]
+
+
+def _pairs(case: dict, names: list) -> set:
+    return {(a, repr(case[a]), b, repr(case[b])) for a, b in itertools.combinations(names, 2)}
+
 
 def pairwise(axes: dict[str, tuple], cost: Callable[[dict], float] = lambda case: 0.0,
-             overhead: float = 1.0) -> list[dict]:
-    """A small, deterministic list of cases in which every pair of values of two axes appears.
+             overhead: float = 1.0, feasible: Feasible = _any) -> list[dict]:
+    """A small, deterministic list of cases in which every pair of values of two axes that some
+    feasible case holds appears.
 
-    Greedy: repeatedly take the case of the full product that covers the most uncovered pairs per
-    unit of ``cost(case) + overhead`` (with zero cost: the most pairs); then swap each case, most expensive first, for the
-    cheapest one that keeps every pair covered. Fine for products of a few hundred cases.
+    Greedy: repeatedly take the feasible case of the full product that covers the most uncovered
+    pairs per unit of ``cost(case) + overhead`` (with zero cost: the most pairs); then swap each
+    case, most expensive first, for the cheapest one that keeps every pair covered. Fine for
+    products of a few thousand cases.
     """
     names = list(axes)
-    product = [dict(zip(names, vals)) for vals in itertools.product(*(axes[n] for n in names))]
-    pairs = lambda c: {(a, repr(c[a]), b, repr(c[b])) for a, b in itertools.combinations(names, 2)}  # noqa: E731
-    todo = set().union(*(pairs(c) for c in product))
+    product = full_product(axes, feasible)
+    pairs = {id(c): _pairs(c, names) for c in product}
+    todo = set().union(*pairs.values())
     cases = []
     while todo:
-        best = max(product, key=lambda c: (len(pairs(c) & todo) / (cost(c) + overhead), -cost(c)))
-        todo -= pairs(best)
+        best = max(product, key=lambda c: (len(pairs[id(c)] & todo) / (cost(c) + overhead), -cost(c)))
+        todo -= pairs[id(best)]
         cases.append(best)
+    # Swap: case i may become cand when cand holds every pair that only case i covers.
+    count = collections.Counter(p for c in cases for p in pairs[id(c)])
+    by_cost = sorted(product, key=cost)
     for i in sorted(range(len(cases)), key=lambda i: -cost(cases[i])):
-        for cand in sorted(product, key=cost):
+        only_here = {p for p in pairs[id(cases[i])] if count[p] == 1}
+        for cand in by_cost:
             if cost(cand) >= cost(cases[i]):
                 break
-            trial = cases[:i] + [cand] + cases[i + 1:]
-            if covers_every_pair(trial, axes):
-                cases = trial
+            if only_here <= pairs[id(cand)]:
+                count.subtract(pairs[id(cases[i])])
+                count.update(pairs[id(cand)])
+                cases[i] = cand
                 break
     unique = []
     for c in cases:  # a swap can repeat a case
@@ -39,16 +64,11 @@ def pairwise(axes: dict[str, tuple], cost: Callable[[dict], float] = lambda case
     return unique
 
 
-def covers_every_pair(cases: list[dict], axes: dict[str, tuple]) -> bool:
-    """True when every pair of values of every two axes appears in some case."""
+def covers_every_pair(cases: list[dict], axes: dict[str, tuple], feasible: Feasible = _any) -> bool:
+    """True when every pair of values of two axes that some feasible case holds appears in ``cases``."""
     names = list(axes)
-    for a, b in itertools.combinations(names, 2):
-        seen = {(repr(c[a]), repr(c[b])) for c in cases}
-        if any((repr(va), repr(vb)) not in seen for va in axes[a] for vb in axes[b]):
-            return False
-    return True
-
-
-def full_product(axes: dict[str, tuple]) -> list[dict]:
-    names = list(axes)
-    return [dict(zip(names, vals)) for vals in itertools.product(*(axes[n] for n in names))]
+    seen = set().union(*(_pairs(c, names) for c in cases)) if cases else set()
+    if feasible is _any:  # every pair of values is feasible
+        return all((a, repr(va), b, repr(vb)) in seen for a, b in itertools.combinations(names, 2)
+                   for va in axes[a] for vb in axes[b])
+    return all(_pairs(c, names) <= seen for c in full_product(axes, feasible))

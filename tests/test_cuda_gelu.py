@@ -1,23 +1,19 @@
 """CUDA bias-GELU kernels (csrc/gelu.cu) vs the reference: on the CPU through ``cuda-host`` and on a
-GPU through ``cuda``, from the one case list in ``_cuda_cases``."""
+GPU through ``cuda``, from the one case list in ``_cases_gelu``."""
 
 from __future__ import annotations
 
 import pytest
-from _cuda_cases import GELU_CASES, check_gelu_case, require_backend
+from _cases import CUDA_BACKENDS, require_backend
+from _cases_gelu import GELU_CASES, check_gelu_case
+from _cuda_graph import assert_replay_matches_eager
 
 
+@pytest.mark.parametrize("backend,device", CUDA_BACKENDS)
 @pytest.mark.parametrize("case", GELU_CASES, ids=str)
-def test_cuda_host_gelu_matches_reference(case, poison):
-    require_backend("cuda-host", "gelu")
-    check_gelu_case(case, "cuda-host", "cpu")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GELU_CASES, ids=str)
-def test_cuda_gelu_matches_reference(case, poison):
-    require_backend("cuda", "gelu")
-    check_gelu_case(case, "cuda", "cuda")
+def test_cuda_gelu_matches_reference(case, backend, device, poison):
+    require_backend(backend, "gelu")
+    check_gelu_case(case, backend, device)
 
 
 @pytest.mark.gpu
@@ -37,16 +33,4 @@ def test_cuda_gelu_captures_and_replays_in_a_cuda_graph():
         y = gelu(x, bias=bias, approximate="tanh", backend="cuda")
         return (y,) + torch.autograd.grad(y, (x, bias), dy)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    with torch.no_grad():
-        x.copy_(torch.randn_like(x))
-    graph.replay()
-    for c, e in zip(captured, step()):
-        torch.testing.assert_close(c, e, rtol=0, atol=0)
+    assert_replay_matches_eager(step, refresh=(x,), names=("y", "dx", "dbias"), what="gelu cuda")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cuda_cases import GELU_CASES, LAYER_NORM_CASES, check_gelu_case, check_layer_norm_case
+from _cases_gelu import GELU_CASES, check_gelu_case
+from _cases_layer_norm import LAYER_NORM_CASES, check_layer_norm_case
 
 from fastbert.backends.cuda._ext import launch_kwargs, load_extension
 

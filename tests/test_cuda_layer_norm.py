@@ -1,28 +1,24 @@
 """CUDA LayerNorm kernels (csrc/layer_norm.cu) vs the reference: on the CPU through ``cuda-host``
 (the same kernel source under the fiber execution model) and on a GPU through ``cuda``, from the
-one case list in ``_cuda_cases``."""
+one case list in ``_cases_layer_norm``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _cuda_cases import LAYER_NORM_CASES, check_layer_norm_case, require_backend
+from _cases import CUDA_BACKENDS, require_backend
+from _cases_layer_norm import LAYER_NORM_CASES, check_layer_norm_case
+from _cuda_graph import assert_replay_matches_eager
 
 from fastbert.backends import get_backend
 from fastbert.backends._philox import rows_keep_mask
 
 
+@pytest.mark.parametrize("backend,device", CUDA_BACKENDS)
 @pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=str)
-def test_cuda_host_layer_norm_matches_reference(case, poison):
-    require_backend("cuda-host", "layer_norm")
-    check_layer_norm_case(case, "cuda-host", "cpu")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=str)
-def test_cuda_layer_norm_matches_reference(case, poison):
-    require_backend("cuda", "layer_norm")
-    check_layer_norm_case(case, "cuda", "cuda")
+def test_cuda_layer_norm_matches_reference(case, backend, device, poison):
+    require_backend(backend, "layer_norm")
+    check_layer_norm_case(case, backend, device)
 
 
 def _dropout_mask(backend: str, device: str, rows: int, hidden: int, dtype) -> tuple:
@@ -70,27 +66,11 @@ def test_cuda_layer_norm_captures_and_replays_in_a_cuda_graph():
         y = layer_norm(x, w, b, residual=res, backend="cuda")
         return (y,) + torch.autograd.grad(y, (x, w, b, res), dy)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    with torch.no_grad():
-        x.copy_(torch.randn_like(x))
-        res.copy_(torch.randn_like(res))
-    graph.replay()
-    eager = step()
-    for c, e in zip(captured, eager):
-        torch.testing.assert_close(c, e, rtol=0, atol=0)  # deterministic kernels: bit-identical
+    assert_replay_matches_eager(step, refresh=(x, res), names=("y", "dx", "dweight", "dbias", "dresidual"),
+                                what="layer_norm cuda")
 
 
-_BACKENDS = [("cuda-host", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.gpu)]
-
-
-@pytest.mark.parametrize("backend,device", _BACKENDS)
+@pytest.mark.parametrize("backend,device", CUDA_BACKENDS)
 def test_stable_variance_large_mean_and_zero_rows(backend, device):
     """Welford + Chan merging: a mean of 2000 with unit spread keeps fp32 accuracy (the naive
     E[h^2] - E[h]^2 would lose it); an all-zero row normalises to zeros and returns bias."""
@@ -109,7 +89,7 @@ def test_stable_variance_large_mean_and_zero_rows(backend, device):
     assert torch.equal(y[3], b)
 
 
-@pytest.mark.parametrize("backend,device", _BACKENDS)
+@pytest.mark.parametrize("backend,device", CUDA_BACKENDS)
 def test_backward_is_deterministic(backend, device):
     """dweight/dbias/dx_bias come from fixed-order partial sums: repeated runs are bit-identical."""
     require_backend(backend, "layer_norm")

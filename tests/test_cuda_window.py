@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from _cuda_cases import AttentionCase, attention_floor_eps, require_backend
+from _cases import require_backend
+from _cases_attention import AttentionCase
+from _tolerance import attention_floor_eps
 from _tolerance import assert_close_to_ref
 
 from fastbert.backends import get_backend

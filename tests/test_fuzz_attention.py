@@ -19,14 +19,13 @@ under another seed. Reproduce one case: ``check_by_id("<id>")``.
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 from _fuzz import SubprocessRunner, case_rng
-from _tolerance import EPS, assert_close_to_ref
+from _tolerance import assert_close_to_ref, attention_floor_eps
 
 from fastbert.backends import get_backend
 from fastbert.ops import attention, poisoned_outputs
@@ -321,23 +320,9 @@ def _run(case: AttnCase, t: dict, backend: str, dtype, *, subject: bool):
 
 
 def _floor_eps(name: str, case: AttnCase, t: dict, hi: dict) -> float:
-    """4 eps (16 for fp32) of the magnitude that cancels, as in tests/_cuda_cases.py: FA2's
-    ``D = rowsum(dO * O)`` from the rounded O against ``dP`` in ``dS = P * (dP - D)``."""
-    few = 16.0 if case.dtype == F32 else 4.0
-    if name in ("out", "dv") or not hi["out"].numel():
-        return few
-    delta = (t["dout"] * hi["out"]).sum(-1).abs().max().item()
-    ref_mag = max(1.0, hi[name].abs().max().item()) if hi[name].numel() else 1.0
-    if name == "dbias":
-        n_full = hi["dq"].numel() // case.head_dim * max(case.seqlen_k, 1)
-        mag = delta * math.sqrt(n_full / max(hi["dbias"].numel(), 1))
-        # dbias takes the bias's dtype, its error the computation's (q's dtype)
-        mag *= max(1.0, EPS[case.dtype] / EPS[case.bias_dtype])
-    else:
-        other = t["k" if name == "dq" else "q"]
-        other = other[other.isfinite()] if other.numel() else other
-        mag = case.head_dim ** -0.5 * delta * (other.abs().max().item() if other.numel() else 0.0)
-    return few * max(1.0, mag) / ref_mag
+    """The attention rule's floor (``_tolerance.attention_floor_eps``) for this case."""
+    return attention_floor_eps(name, hi, dout=t["dout"], q=t["q"], k=t["k"], dtype=case.dtype,
+                               head_dim=case.head_dim, seqlen_k=case.seqlen_k, bias_dtype=case.bias_dtype)
 
 
 def check(case: AttnCase) -> None:

