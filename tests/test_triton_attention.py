@@ -18,7 +18,6 @@ at least one case); ``-m slow`` runs the full product.
 from __future__ import annotations
 
 import itertools
-import random
 import zlib
 
 import pytest
@@ -26,7 +25,9 @@ import torch
 
 import fastbert.ops as ops
 from fastbert.backends._philox import attention_keep_mask, dropout_scale
-from _tolerance import assert_close_to_ref
+from _cuda_graph import assert_replay_matches_eager
+from _pairwise import covers_every_pair, full_product, pairwise
+from _tolerance import assert_close_to_ref, attention_floor_eps
 
 AXES = {
     "head_dim": (32, 40, 64, 80, 96, 128),
@@ -44,31 +45,9 @@ def _feasible(case: dict) -> bool:
     return not (case.get("layout") == "varlen" and case.get("bias") is not None)
 
 
-def _pairwise(axes: dict, seed: int = 0) -> list[dict]:
-    """A small set of cases covering every feasible pair of axis values (greedy, deterministic)."""
-    names = list(axes)
-    todo = set()
-    for (a, b) in itertools.combinations(range(len(names)), 2):
-        for va, vb in itertools.product(range(len(axes[names[a]])), range(len(axes[names[b]]))):
-            if _feasible({names[a]: axes[names[a]][va], names[b]: axes[names[b]][vb]}):
-                todo.add((a, va, b, vb))
-    rng = random.Random(seed)
-    cases = []
-    while todo:
-        a, va, b, vb = min(todo)  # anchor an uncovered pair, fill the other axes greedily
-        best, best_gain = None, -1
-        for _ in range(60):
-            idx = [rng.randrange(len(axes[n])) for n in names]
-            idx[a], idx[b] = va, vb
-            case = {n: axes[n][i] for n, i in zip(names, idx)}
-            if not _feasible(case):
-                continue
-            gain = sum((x, idx[x], y, idx[y]) in todo for x, y in itertools.combinations(range(len(names)), 2))
-            if gain > best_gain:
-                best, best_gain = idx, gain
-        todo -= {(x, best[x], y, best[y]) for x, y in itertools.combinations(range(len(names)), 2)}
-        cases.append({n: axes[n][i] for n, i in zip(names, best)})
-    return cases
+def _cost(c: dict) -> float:
+    # Interpreter work: the score tile per sequence and head (long sequences run with one head).
+    return c["seqlen"] ** 2 * c["head_dim"] * c["batch"] * _num_heads(c)
 
 
 def _case_id(c: dict) -> str:
@@ -79,6 +58,9 @@ def _case_id(c: dict) -> str:
 def _num_heads(c: dict) -> int:
     # The interpreter is slow: long sequences run with one head, short ones with two.
     return 1 if c["seqlen"] >= 97 else 2
+
+
+CASES = pairwise(AXES, cost=_cost, overhead=1e7, feasible=_feasible)
 
 
 def _make_inputs(c: dict, gen: torch.Generator) -> dict:
@@ -141,31 +123,12 @@ def _check_parity(c: dict) -> None:
 
 
 def _floor_eps(name: str, inp: dict, ref: dict) -> float:
-    """The tolerance floor: 4 machine epsilons of the magnitude of the terms that cancel.
-
-    FA2's ``delta = rowsum(dO * O)`` (from the stored, rounded O) cancels against
-    ``dP = dO V^T`` inside ``dS = P * (dP - delta)``. Where the true dS is ~0 (seqlen 1: P = 1)
-    the kernel keeps a few ulp of ``|delta|`` while the reference, which takes delta from dP
-    itself, cancels exactly, so PyTorch's own error is 0 there and only the floor applies. Its
-    magnitude is therefore ``|delta|`` for dS (times ``sqrt(n)`` for a broadcast bias's gradient,
-    a sum of ``n`` entries) and ``softmax_scale * |delta| * |k|`` (``|q|``) for dq (dk), not the
-    (near-zero) gradient itself. fp32 gets 16 eps: there the kernel's and PyTorch's errors are
-    both a few ulp from different summation orders, and their ratio is noise.
-    """
-    few = 16.0 if inp["dtype"] == torch.float32 else 4.0
-    if name in ("out", "dv"):
-        return few
-    delta = (inp["dout"] * ref["out"]).sum(-1).abs().max().item()
-    scale = inp["q"].shape[-1] ** -0.5
-    if name == "dbias":
-        n_full = ref["dq"].numel() // ref["dq"].shape[-1] * inp["k"].shape[-3]  # rows x keys
-        mag = delta * (n_full / ref["dbias"].numel()) ** 0.5
-    else:
-        mag = scale * delta * inp["k" if name == "dq" else "q"].abs().max().item()
-    return few * max(1.0, mag) / max(1.0, ref[name].abs().max().item())
+    """The attention rule's floor (``_tolerance.attention_floor_eps``) for these inputs."""
+    return attention_floor_eps(name, ref, dout=inp["dout"], q=inp["q"], k=inp["k"], dtype=inp["dtype"],
+                               head_dim=inp["q"].shape[-1], seqlen_k=inp["k"].shape[-3])
 
 
-@pytest.mark.parametrize("case", _pairwise(AXES), ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_parity_pairwise(case, poison):
     _check_parity(case)
 
@@ -197,40 +160,17 @@ def test_cuda_graph_capture_replay():
         out = ops.attention(q, k, v, attention_mask=mask, backend="triton")
         return (out,) + torch.autograd.grad(out, (q, k, v), dout)
 
-    eager = step()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm up: compile outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(static, eager):
-        assert torch.equal(a, b)
-
-
-def _full_product():
-    for values in itertools.product(*AXES.values()):
-        case = dict(zip(AXES, values))
-        if _feasible(case):
-            yield case
+    assert_replay_matches_eager(step, names=("out", "dq", "dk", "dv"), what="attention triton")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(_full_product()), ids=_case_id)
+@pytest.mark.parametrize("case", full_product(AXES, _feasible), ids=_case_id)
 def test_parity_full_product(case, poison):
     _check_parity(case)
 
 
 def test_pairwise_grid_covers_every_pair():
-    cases = _pairwise(AXES)
-    for a, b in itertools.combinations(AXES, 2):
-        for va, vb in itertools.product(AXES[a], AXES[b]):
-            if _feasible({a: va, b: vb}):
-                assert any(c[a] == va and c[b] == vb for c in cases), (a, va, b, vb)
+    assert covers_every_pair(CASES, AXES, _feasible)
 
 
 @pytest.mark.parametrize("head_dim", (8, 24, 136, 256))
@@ -399,7 +339,6 @@ def test_capabilities_declared_honestly():
     assert {"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout", "deterministic",
             "tf32"} <= caps.features
     assert all(caps.head_dims(d) for d in ATTENTION_HEAD_DIMS) and not caps.head_dims(26)
-    assert ATTENTION_HEAD_DIMS == tuple(range(8, 257, 8))
 
 
 @pytest.mark.parametrize("unpad", (True, False), ids=("varlen", "padded"))
