@@ -24,8 +24,7 @@ import pytest
 import torch
 from _cases import require_backend
 from _cases_attention import AttentionCase
-from _tolerance import attention_floor_eps
-from _tolerance import assert_close_to_ref
+from _tolerance import assert_close_to_ref, attention_floor_eps
 
 from fastbert.backends import get_backend
 from fastbert.backends.cuda._ext import load_extension
