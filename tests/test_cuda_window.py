@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 from _cases import require_backend
-from _cases_attention import AttentionCase
 from _tolerance import assert_close_to_ref, attention_floor_eps
 
 from fastbert.backends import get_backend
@@ -211,10 +210,11 @@ def check_window_case(case: WindowCase) -> None:
     lo = _reference(case, inputs, case.dtype)
     # The floors of tests/test_cuda_attention.py; the kernels' raw dbias is the fp32 gradient of a
     # half-precision computation there (what that file calls an fp32 bias).
-    floor_case = AttentionCase(case.dtype, case.head_dim, case.seqlen_q, case.seqlen_k, bias_fp32=case.dtype != F32)
     for name in ("out", "dq", "dk", "dv") + (("dbias",) if "dbias" in hi else ()):
-        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}",
-                            floor_eps=attention_floor_eps(name, floor_case, inputs, hi))
+        floor = attention_floor_eps(name, hi, dout=inputs["dout"], q=inputs["q"], k=inputs["k"],
+                                    dtype=case.dtype, head_dim=case.head_dim, seqlen_k=case.seqlen_k,
+                                    bias_dtype=F32)
+        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}", floor_eps=floor)
     # lse on rows with a key; (+inf, 0) exactly on empty rows.
     has_key = torch.isfinite(hi["lse"])
     assert torch.equal(torch.isfinite(got["lse"]), has_key), f"{case}: empty rows of lse"
