@@ -134,6 +134,10 @@ def _print_row(row: dict, rows: list, out) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m fastbert.bench.window``: windowed vs global attention on the torch backend (one
+    sequence, fp32, forward and forward + backward) at each seqlen, interleaved rounds; prints the
+    median cost per token in microseconds with its IQR, window / global and GFLOP/s (valid pairs
+    only), and the load average; ``--json`` writes every row. Returns the exit status (0)."""
     p = argparse.ArgumentParser(prog="python -m fastbert.bench.window", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: seqlens 256 and 512, 2 heads, 2 rounds")
     p.add_argument("--seqlens", type=str, default=None, help="comma-separated (default 512,...,8192)")

@@ -164,6 +164,14 @@ class _ModernBertHead(ModernBertPreTrainedModel):
         self.model = ModernBertModel(config, unpad=unpad)
         self.head = ModernBertPredictionHead(config)
 
+    def _build_classifier(self, config, unpad: bool, backend: Optional[str]) -> None:
+        """The encoder plus the classification heads' ``drop`` and ``classifier`` (transformers'
+        names), then fastbert's initialisation."""
+        self._build(config, unpad)
+        self.drop = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self._fastbert_init(backend)
+
     def _encode(self, input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
                 output_hidden_states, indices, cu_seqlens, max_seqlen):
         return self.model.encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
@@ -213,10 +221,7 @@ class ModernBertForSequenceClassification(_ModernBertHead):
         super().__init__(config)
         if config.classifier_pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling: expected 'cls' or 'mean', got {config.classifier_pooling!r}")
-        self._build(config, unpad)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
+        self._build_classifier(config, unpad, backend)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, *, indices=None,
@@ -241,10 +246,7 @@ class ModernBertForTokenClassification(_ModernBertHead):
 
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
         super().__init__(config)
-        self._build(config, unpad)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
+        self._build_classifier(config, unpad, backend)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, *, indices=None,
