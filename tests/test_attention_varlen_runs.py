@@ -8,7 +8,7 @@ import pytest
 import torch
 from _tolerance import assert_close_to_ref
 
-from fastbert.backends.torch import _equal_length_runs
+from fastbert.backends.torch.attention import _equal_length_runs
 from fastbert.ops import attention
 
 # Runs (first row, count, length): an empty sequence has no rows, so the 4s around it form one run.

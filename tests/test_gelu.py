@@ -103,7 +103,7 @@ def test_strided_and_expanded_bias(backend, poison):
 
 
 def test_torch_backend_fp32_tail_accuracy_is_the_documented_one():
-    """Item 9: fp32 on the torch backend is aten's GELU, documented in backends/torch.py's gelu_fwd:
+    """Item 9: fp32 on the torch backend is aten's GELU, documented in backends/torch/gelu.py's gelu_fwd:
     absolute error below 2^-22 * max(1, |z|) everywhere, forward and gradient, while the reference
     keeps relative precision in the negative tail (gelu(-6) = -5.9e-9, not -0)."""
     z = torch.linspace(-20, 20, 20001)

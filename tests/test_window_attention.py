@@ -169,7 +169,7 @@ SMALL_BLOCK_CASES = [c for c in CASES if c.name in ("sym-mask-bias", "zero-bias-
 def test_torch_blockwise_small_blocks(case, monkeypatch, poison):
     """The torch backend's blocks of query rows at a block size of 5: many blocks, partial last
     blocks, blocks whose window reaches no key, on small shapes."""
-    from fastbert.backends import torch as tb
+    from fastbert.backends.torch import _window as tb
 
     monkeypatch.setattr(tb, "WINDOW_BLOCK", 5)
     t = _inputs(case)
@@ -184,7 +184,7 @@ def test_torch_blockwise_small_blocks(case, monkeypatch, poison):
 def test_torch_varlen_repadded_path(case, monkeypatch, poison):
     """The torch backend's varlen path for GPUs (re-padded to max_seqlen, no host sync), run on
     the CPU."""
-    from fastbert.backends import torch as tb
+    from fastbert.backends.torch import _window as tb
 
     monkeypatch.setattr(tb, "_varlen_per_sequence", lambda q: False)
     t = _inputs(case)
@@ -199,7 +199,7 @@ def test_torch_varlen_repadded_path(case, monkeypatch, poison):
 def test_torch_blockwise_cost_is_seqlen_times_window(seqlen, window):
     """The scores the torch backend's blocks compute: at most seqlen x (block + left + right), not
     seqlen^2, and every in-window (row, key) pair lies in its row's block."""
-    from fastbert.backends import torch as tb
+    from fastbert.backends.torch import _window as tb
 
     blocks = list(tb._window_blocks(seqlen, seqlen, window))
     work = sum((qe - qs) * max(0, ke - ks) for qs, qe, ks, ke in blocks)
@@ -392,7 +392,7 @@ def test_dispatch_feature():
 
 def test_window_is_clamped_before_the_backend(monkeypatch):
     """Backends see (left, right) clamped to the sequence (the result is the same), as Python ints."""
-    from fastbert.backends import torch as tb
+    from fastbert.backends.torch import attention as tb
 
     seen = []
     real = tb._window_attention_fwd

@@ -1,0 +1,32 @@
+"""The torch composite backend: ``scaled_dot_product_attention``, ``native_layer_norm``, GELU math.
+
+The fast default on CPU and the fallback everywhere. Varlen attention runs one sequence at a time
+on CPU (no padding at all; reading ``cu_seqlens`` is a free host sync there) and is re-padded only
+inside attention elsewhere. Outputs are computed into the preallocated tensors (``out=``) where
+aten allows it, saving the copy a temporary would cost. With dropout, attention needs the shared
+Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
+backward is that composite's backward. ``lse`` is written only where ``fastbert.ops`` asks for it
+(:func:`writes_lse_for`: padded CPU attention without dropout or bias, on the eager path): aten's
+CPU flash attention per sequence, whose logsumexp lets backward run aten's flash backward per
+sequence without recomputing the forward.
+
+Padded attention with a mask runs each sequence on its valid keys on CPU (masked keys never meet
+a product, whatever they hold; padded keys cost nothing), and reads a broadcast ``attn_bias`` in
+its compact shape (SDPA broadcasts it in place: no ``[B, H, Lq, Lk]`` temporaries).
+
+Known difference from the reference: PyTorch's CPU ``scaled_dot_product_attention`` returns 0 for
+a query row containing NaN (the reference propagates NaN); non-finite ``softmax_scale`` is
+rejected by ``fastbert.ops`` for every backend.
+
+Layout: one module per op (``attention.py``, with ``_window.py`` for the local window;
+``layer_norm.py``; ``gelu.py`` for GELU and GeGLU; ``rotary.py``); this package exports each op's
+backend entry points, which ``fastbert.backends`` looks up by name.
+"""
+
+from fastbert.backends.torch.attention import attention_bwd, attention_fwd, writes_lse_for
+from fastbert.backends.torch.gelu import geglu_bwd, geglu_fwd, gelu_bwd, gelu_fwd
+from fastbert.backends.torch.layer_norm import layer_norm_bwd, layer_norm_fwd
+from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
+
+__all__ = ["attention_fwd", "attention_bwd", "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd",
+           "gelu_fwd", "gelu_bwd", "geglu_fwd", "geglu_bwd", "rotary_fwd", "rotary_bwd"]

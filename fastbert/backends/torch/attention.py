@@ -1,0 +1,279 @@
+"""Dense attention on the torch backend: SDPA, aten's CPU flash attention per sequence, and the
+reference's composite math where dropout needs the shared keep mask (see the package docstring)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbert.backends import _composite as composite
+from fastbert.backends._composite import attention_math, pad_varlen
+from fastbert.backends.torch._window import (_window_attention_bwd, _window_attention_fwd, _window_bounds,
+                                             _window_covers_all)
+
+
+def _compact_bias(attn_bias, q):
+    """The 4-D bias view with its broadcast (stride-0) dims narrowed to size 1, in a dtype SDPA
+    takes beside q (q's own or fp32; else the exact widening to fp32 / fp64): a ``[1, 1, 1, L]``
+    bias stays ``[1, 1, 1, L]`` through every step below (SDPA broadcasts it in place), never
+    ``[B, H, Lq, Lk]``."""
+    if attn_bias is None:
+        return None
+    idx = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                for st, n in zip(attn_bias.stride(), attn_bias.shape))
+    bias = attn_bias[idx]
+    if bias.dtype != q.dtype and not (bias.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)):
+        # SDPA takes q's dtype, or fp32 beside fp16/bf16 (it adds the bias in fp32 either way)
+        bias = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return bias
+
+
+def _sdpa_heads_first(q, k, v, bias, softmax_scale):
+    """SDPA on heads-first ``[B, H, L, d]`` with an additive (compact) bias or None; a row whose
+    keys are all biased ``-inf`` returns zeros (its mask is opened to every key so it is not NaN,
+    and its output is zeroed after)."""
+    has_key = None
+    if bias is not None:
+        excluded = torch.isneginf(bias)
+        if bias.device.type != "cpu" or bool(excluded.any()):  # (free to ask on CPU)
+            has_key = ~excluded.all(dim=-1, keepdim=True)  # [*, *, *, 1], compact
+            bias = bias.masked_fill(~has_key, 0.0)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=softmax_scale)  # [B, H, Lq, d]
+    if has_key is not None:
+        o = torch.where(has_key, o, o.new_zeros(()))
+    return o
+
+
+def writes_lse_for(*, device_type, dtype, varlen, dropout_p, has_bias, window=False):
+    """Whether :func:`attention_fwd` writes ``lse`` for such a call (``fastbert.ops`` then allocates
+    it): padded CPU attention without dropout or bias in fp32/fp16/bf16 runs aten's CPU flash
+    attention, whose logsumexp lets backward skip recomputing the forward. (fp64: aten's fp64
+    logsumexp would be rounded to the fp32 planes, so fp64 recomputes; a window runs its own blockwise
+    path, which writes none.)"""
+    return (device_type == "cpu" and not varlen and dropout_p == 0.0 and not has_bias and not window
+            and dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _valid_keys(attention_mask):
+    """Per sequence of a bool ``[batch, seqlen_k]`` mask (read on the CPU, free there): ``(n, idx)``
+    with ``n`` its number of valid keys and ``idx`` None when they are the prefix ``[0, n)`` (right
+    padding: slices are views) or their indices otherwise; or None when every key is valid."""
+    counts = attention_mask.sum(1).tolist()
+    if all(n == attention_mask.shape[1] for n in counts):
+        return None
+    out = []
+    for b, n in enumerate(counts):
+        prefix = n == 0 or bool(attention_mask[b, :n].all())
+        out.append((n, None if prefix else attention_mask[b].nonzero().squeeze(1)))
+    return out
+
+
+def _keys_of(t, b, n, idx):
+    """Sequence ``b``'s valid keys of heads-first ``t`` ``[B, H, Lk, d]``: ``[1, H, n, d]``."""
+    return t[b:b + 1, :, :n] if idx is None else t[b:b + 1].index_select(2, idx)
+
+
+def _flash_padded(qh, kh, vh, keys, softmax_scale, out, lse):
+    """aten's CPU flash attention per sequence on its valid keys (``keys`` from
+    :func:`_valid_keys`; None = the whole batch in one call), writing ``out`` ``[B, Lq, H, d]``
+    and ``lse``'s two planes (m = logsumexp, log l = 0; empty rows +inf, 0)."""
+    lse[1].zero_()
+    if keys is None:
+        o, l = _flash_cpu(qh, kh, vh, 0.0, False, scale=softmax_scale)
+        out.copy_(o.transpose(1, 2))
+        lse[0].copy_(l)
+        return
+    for b, (n, idx) in enumerate(keys):
+        if n == 0:  # every key masked: empty rows
+            out[b].zero_()
+            lse[0, b].fill_(float("inf"))
+            continue
+        o, l = _flash_cpu(qh[b:b + 1], _keys_of(kh, b, n, idx), _keys_of(vh, b, n, idx), 0.0, False,
+                          scale=softmax_scale)
+        out[b].copy_(o[0].transpose(0, 1))
+        lse[0, b].copy_(l[0])
+
+
+def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softmax_scale):
+    """Backward of :func:`_flash_padded` from its saved ``out`` and ``lse``: aten's CPU flash
+    backward per sequence on its valid keys (no recomputed forward, no padded keys); masked keys
+    get exact zero dK and dV, empty rows zero gradients."""
+    qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))  # [B, H, L, d] views
+    keys = None if attention_mask is None else _valid_keys(attention_mask)
+    if keys is None:
+        grads = _flash_cpu_bwd(doh, qh, kh, vh, oh, lse[0], 0.0, False, scale=softmax_scale)
+        for g, dst in zip(grads, (dq, dk, dv)):
+            dst.copy_(g.transpose(1, 2))
+        return
+    for b, (n, idx) in enumerate(keys):
+        if n < k.shape[1]:
+            dk[b].zero_()
+            dv[b].zero_()
+        if n == 0:
+            dq[b].zero_()
+            continue
+        gq, gk, gv = _flash_cpu_bwd(doh[b:b + 1], qh[b:b + 1], _keys_of(kh, b, n, idx),
+                                    _keys_of(vh, b, n, idx), oh[b:b + 1], lse[0, b:b + 1], 0.0, False,
+                                    scale=softmax_scale)
+        dq[b].copy_(gq[0].transpose(0, 1))
+        if idx is None:
+            dk[b, :n].copy_(gk[0].transpose(0, 1))
+            dv[b, :n].copy_(gv[0].transpose(0, 1))
+        else:
+            dk[b].index_copy_(0, idx, gk[0].transpose(0, 1))
+            dv[b].index_copy_(0, idx, gv[0].transpose(0, 1))
+
+
+def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out, lse=None):
+    """SDPA on ``[batch, seqlen, num_heads, head_dim]`` into ``out``, empty rows returning zeros.
+
+    Keys masked by ``attention_mask`` have no influence whatever K and V hold there (NaN, Inf):
+    on CPU each sequence runs on its valid keys only (a view when they are a prefix, a gather of
+    that sequence's keys otherwise; reading the mask is free there), which also skips the padded
+    keys' work; elsewhere the masked K and V rows are replaced by zeros. The bias is read in its
+    compact shape (see :func:`_compact_bias`). With a non-empty ``lse`` (see
+    :func:`writes_lse_for`) aten's CPU flash attention runs and writes it too.
+    """
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d] views
+    if lse is not None and lse.numel():
+        keys = None if attention_mask is None else _valid_keys(attention_mask)
+        return _flash_padded(qh, kh, vh, keys, softmax_scale, out, lse)
+    bias = _compact_bias(attn_bias, q)
+    if attention_mask is None:
+        return out.copy_(_sdpa_heads_first(qh, kh, vh, bias, softmax_scale).transpose(1, 2))
+    if q.device.type != "cpu":
+        key_ok = attention_mask[:, None, :, None]
+        kh, vh = (torch.where(key_ok, t, t.new_zeros(())) for t in (kh, vh))
+        base = bias if bias is not None else torch.zeros((), dtype=q.dtype, device=q.device)
+        bias = torch.where(attention_mask[:, None, None, :], base, float("-inf"))  # [B, *, *, Lk]
+        return out.copy_(_sdpa_heads_first(qh, kh, vh, bias, softmax_scale).transpose(1, 2))
+    for b, n in enumerate(attention_mask.sum(1).tolist()):
+        keys = attention_mask[b]
+        if n == 0:  # every key masked: empty rows
+            out[b].zero_()
+            continue
+        bb = None if bias is None else bias[b if bias.shape[0] > 1 else 0][None]  # [1, *, *, 1|Lk]
+        if bool(keys[:n].all()):  # right padding: the valid keys are a prefix (views)
+            kb, vb = kh[b:b + 1, :, :n], vh[b:b + 1, :, :n]
+            bb = bb[..., :n] if bb is not None and bb.shape[-1] > 1 else bb
+        else:
+            idx = keys.nonzero().squeeze(1)
+            kb, vb = kh[b:b + 1].index_select(2, idx), vh[b:b + 1].index_select(2, idx)
+            bb = bb.index_select(3, idx) if bb is not None and bb.shape[-1] > 1 else bb
+        out[b].copy_(_sdpa_heads_first(qh[b:b + 1], kb, vb, bb, softmax_scale)[0].transpose(0, 1))
+    return out
+
+
+def _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale):
+    """Varlen SDPA one sequence at a time, reading q/k/v in place and writing ``out`` directly.
+
+    No padding: no zero-fill, no scatter/gather copies, and no work on padded keys or queries
+    (padding to ``max_seqlen`` at 50% fill spends about 3/4 of the attention FLOPs on padding).
+    Consecutive sequences of equal length run as one batched call (a ``(n, len, H, d)`` view of
+    their rows): fewer calls and parallel regions, more work per call (length-sorted batches,
+    as sentence-transformers makes, repeat lengths often). Reading ``cu_seqlens`` is a host
+    sync, free on CPU, so this path is CPU-only.
+    """
+    heads = q.shape[1:]
+    for start, n, length in _equal_length_runs(cu_seqlens):
+        qs, ks, vs = (t[start:start + n * length].view((n, length) + heads).transpose(1, 2)
+                      for t in (q, k, v))  # [n, H, len, d] views
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)  # [n, H, len, d]
+        out[start:start + n * length].view((n, length) + heads).copy_(o.transpose(1, 2))
+
+
+def _equal_length_runs(cu_seqlens):
+    """``(first row, number of sequences, length)`` of each run of consecutive non-empty sequences
+    of equal length in ``cu_seqlens`` (one host read); empty sequences have no rows and are skipped."""
+    bounds = cu_seqlens.tolist()
+    runs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        if length == 0:
+            continue
+        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, length])
+    return runs
+
+
+def _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale):
+    """Backward of :func:`_sdpa_per_sequence`: recompute each run's SDPA and differentiate it
+    (aten's CPU flash backward), writing the slices of dq/dk/dv. No padded rows, as in forward;
+    the same runs of equal-length sequences as one batched call."""
+    heads = q.shape[1:]
+    for start, n, length in _equal_length_runs(cu_seqlens):
+        rows = slice(start, start + n * length)
+        qs, ks, vs, do = (t[rows].view((n, length) + heads).transpose(1, 2) for t in (q, k, v, dout))
+        # Explicit aten forward + backward: inside a custom op autograd dispatch is excluded, so
+        # SDPA would record no graph even under torch.enable_grad().
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qs, ks, vs, 0.0, False, scale=softmax_scale)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, qs, ks, vs, o, lse, 0.0, False, scale=softmax_scale)
+        for g, dst in zip(grads, (dq, dk, dv)):
+            dst[rows].view((n, length) + heads).copy_(g.transpose(1, 2))
+
+
+def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
+               softmax_scale):
+    mask = attention_mask
+    if cu_seqlens is not None:
+        q, mask = pad_varlen(q, cu_seqlens, max_seqlen)
+        k, _ = pad_varlen(k, cu_seqlens, max_seqlen)
+        v, _ = pad_varlen(v, cu_seqlens, max_seqlen)
+    if dropout_p > 0.0:
+        out, _ = attention_math(q, k, v, attention_mask=mask, attn_bias=attn_bias,
+                                dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
+    else:
+        out = _sdpa(q, k, v, mask, attn_bias, softmax_scale, torch.empty_like(q))
+    return out[mask] if cu_seqlens is not None else out
+
+
+def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
+                  dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False, window=None):
+    """Backend entry point (see ``fastbert.backends``); writes ``lse`` where
+    :func:`writes_lse_for` says so (``lse`` is then non-empty), else leaves it unwritten."""
+    if window is not None and _window_covers_all(window, *_window_bounds(q, k, cu_seqlens, max_seqlen)):
+        window = None  # every key inside every row's window: global attention, on its faster paths
+    if window is not None:
+        return _window_attention_fwd(q, k, v, out, attention_mask=attention_mask, attn_bias=attn_bias,
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
+                                     seed=seed, softmax_scale=softmax_scale, window=window)
+    with torch.no_grad():
+        if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
+                and attn_bias is None):
+            return _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale)
+        if cu_seqlens is None and dropout_p == 0.0:
+            return _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out, lse)
+        out.copy_(_attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
+                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p,
+                             seed=seed, softmax_scale=softmax_scale))
+
+
+def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
+                  cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
+                  deterministic=False, window=None):
+    """Backend entry point: per sequence through SDPA's CPU backward where the forward ran per
+    sequence (padded: from the forward's saved ``lse``, see :func:`writes_lse_for`); otherwise the
+    reference's composite backward (recompute P with matmuls)."""
+    if window is not None and _window_covers_all(window, *_window_bounds(q, k, cu_seqlens, max_seqlen)):
+        window = None  # as forward
+    if window is not None:
+        return _window_attention_bwd(dout, q, k, v, dq, dk, dv, dbias, attention_mask=attention_mask,
+                                     attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                     dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
+                                     window=window)
+    if lse.numel() and cu_seqlens is None:
+        return _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softmax_scale)
+    if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
+            and attn_bias is None):
+        return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
+    composite.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, attention_mask=attention_mask,
+                            attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                            dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
