@@ -69,7 +69,15 @@ TRITON_CASES = (
 )
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES + TRITON_CASES, ids=str)
+# Under the interpreter a dropout case costs 2-3x a plain one (the kernels' Philox runs in numpy);
+# these three of the shared list's eight dropout cases run behind -m slow here. Every axis value of
+# the list (dtype, head_dim, layout, bias shape, dropout per layout) still runs on Triton by default.
+TRITON_SLOW = ("bfloat16-d40-h2-padded2x17x97-bias11QK+p0.1", "float32-d64-h1-varlen0_97-p0.2",
+               "bfloat16-d64-h2-packed2x33x33-biasB11K+p0.1")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=str(c), marks=pytest.mark.slow if str(c) in TRITON_SLOW else ())
+                                  for c in ATTENTION_CASES + TRITON_CASES])
 def test_triton_attention_matches_reference(case, poison):
     check_attention_case(case, "triton", "cpu")
 
