@@ -193,6 +193,7 @@ def test_inputs_embeds_and_return_tuple():
         model(inputs_embeds=embeds[0])
 
 
+@pytest.mark.slow  # by default: test_compile.py's test_compile_training_with_dropout_aot_eager[padded]
 def test_padded_mode_compiles_fullgraph():
     torch.manual_seed(4)
     model = BertModel(small_config(num_hidden_layers=1), unpad=False, backend="torch").train()

@@ -1,7 +1,8 @@
 """The BERT encoder end to end on the ``triton`` backend (LayerNorm with its add & norm fusion,
-GELU with bias and attention all through the Triton kernels; interpreted on CPU): the output and
-the parameter gradients against the reference backend (STYLE.md's rule, 3x for a whole encoder),
-dropout on, and the real checkpoint against Hugging Face transformers."""
+GELU with bias and attention all through the Triton kernels, counted; interpreted on CPU): the
+output and the parameter gradients against the reference backend (STYLE.md's rule, 3x for a whole
+encoder), unpadded (varlen attention) and padded (mask), dropout on, and the real checkpoint
+against Hugging Face transformers."""
 
 from __future__ import annotations
 
@@ -54,12 +55,28 @@ def _run(base, cfg, dtype, backend, unpad, batch, train):
 @pytest.mark.parametrize("dtype,unpad,train", [
     (torch.float32, True, False), (torch.bfloat16, False, False), (torch.float16, True, True)],
     ids=["fp32-unpadded", "bf16-padded", "fp16-unpadded-dropout"])
-def test_encoder_on_triton_matches_reference(dtype, unpad, train, poison):
+def test_encoder_on_triton_matches_reference(dtype, unpad, train, poison, monkeypatch):
+    import fastbert.backends.triton.attention as tri_attention
+    import fastbert.backends.triton.gelu as tri_gelu
+    import fastbert.backends.triton.layer_norm as tri_layer_norm
+
+    calls = {}
+    for mod, names in ((tri_attention, ("attention_fwd", "attention_bwd")), (tri_gelu, ("gelu_fwd", "gelu_bwd")),
+                       (tri_layer_norm, ("layer_norm_fwd", "layer_norm_bwd"))):
+        for name in names:
+            def counted(*a, _fn=getattr(mod, name), _name=name, **kw):
+                calls[_name] = calls.get(_name, 0) + 1
+                return _fn(*a, **kw)
+            monkeypatch.setattr(mod, name, counted)
     cfg = _config(hidden_dropout_prob=0.1 if train else 0.0, attention_probs_dropout_prob=0.1 if train else 0.0)
     torch.manual_seed(3)
     base = BertModel(cfg)
     batch = _batch()
     got = _run(base, cfg, dtype, "triton", unpad, batch, train)
+    layers = cfg.num_hidden_layers  # the Triton kernels really ran: per layer one attention, one
+    #                                 GELU, two add & norms, plus the embeddings' LayerNorm
+    assert calls == {"attention_fwd": layers, "attention_bwd": layers, "gelu_fwd": layers, "gelu_bwd": layers,
+                     "layer_norm_fwd": 2 * layers + 1, "layer_norm_bwd": 2 * layers + 1}, calls
     hi = _run(base, cfg, torch.float64, "reference", unpad, batch, train)
     lo = _run(base, cfg, dtype, "reference", unpad, batch, train)
     for name in got:

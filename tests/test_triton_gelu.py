@@ -1,6 +1,7 @@
 """Triton GELU with bias through ``fastbert.ops.gelu(..., backend="triton")``: parity of y, dx and
-dbias with the reference (STYLE.md's rule), the negative tail against exact erf GELU, the tanh
-form, determinism and the custom-op check. Runs under ``TRITON_INTERPRET=1`` on CPU (conftest)."""
+dbias with the reference (STYLE.md's rule) on the one case list every backend runs (``_cases_gelu``)
+plus many row tiles (``-m slow``: the full product of the axes below), the negative tail against
+exact erf GELU, the tanh form, determinism and the custom-op check. Runs under ``TRITON_INTERPRET=1`` on CPU (conftest)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 
 import pytest
 import torch
-from _pairwise import covers_every_pair, full_product, pairwise
+from _cases_gelu import GELU_CASES, GeluCase, check_gelu_case, gelu_inputs
+from _pairwise import full_product
 from _tolerance import assert_close_to_ref
 
 pytest.importorskip("triton")
@@ -16,6 +18,8 @@ pytest.importorskip("triton")
 from fastbert.ops import gelu  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# The full product behind -m slow: widths on each side of the vector paths and column blocks,
+# 1000 rows (many row tiles per backward program), every dtype, both forms, every bias dtype.
 AXES = {
     "hidden": (384, 768, 1023, 1024, 1536, 3072, 4096),
     "rows": (1, 3, 1000),
@@ -23,54 +27,20 @@ AXES = {
     "approximate": ("none", "tanh"),
     "bias": ("x", "fp32", "none"),  # bias in x's dtype, fp32 bias, no bias
 }
-# Cost: elements; the interpreter evaluates erf one element at a time in Python (5x).
-CASES = pairwise(AXES, cost=lambda c: c["rows"] * c["hidden"] * (5 if c["approximate"] == "none" else 1),
-                 overhead=1e6)
+# Triton-only: 600 rows of 1023, many row tiles (64-row tiles under the interpreter, 10 of them
+# over 8 backward programs, the last partial).
+TRITON_CASES = (GeluCase(600, 1023, torch.float16, "fp32", "tanh"),)
 
 
-def _case_id(c):
-    return f"{c['rows']}x{c['hidden']}-{str(c['dtype'])[6:]}-{c['approximate']}-bias_{c['bias']}"
-
-
-def _run(backend, case, cast, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows, hidden, dtype = case["rows"], case["hidden"], case["dtype"]
-    r = lambda *s: 2 * torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x = r(rows, hidden).to(dtype).to(cast).to(DEV).requires_grad_()
-    leaves = [x]
-    bias = None
-    if case["bias"] != "none":
-        bdt = dtype if case["bias"] == "x" else torch.float32
-        bias = (0.5 * r(hidden)).to(bdt).to(torch.float64 if cast == torch.float64 else bdt).to(DEV)
-        leaves.append(bias.requires_grad_())
-    dy = r(rows, hidden).to(dtype).to(cast).to(DEV)
-    y = gelu(x, bias=bias, approximate=case["approximate"], backend=backend)
-    grads = torch.autograd.grad(y, leaves, dy)
-    return dict(zip(("y", "dx", "dbias"), [y, *grads]))
-
-
-def _check(case):
-    got = _run("triton", case, case["dtype"])
-    hi = _run("reference", case, torch.float64)
-    lo = _run("reference", case, case["dtype"])
-    for name in got:
-        assert got[name].dtype == lo[name].dtype, name
-        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=name)
-
-
-def test_grid_covers_every_pair():
-    assert covers_every_pair(CASES, AXES)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_parity_pairwise(case, poison):
-    _check(case)
+@pytest.mark.parametrize("case", GELU_CASES + TRITON_CASES, ids=str)
+def test_triton_gelu_matches_reference(case, poison):
+    check_gelu_case(case, "triton", DEV)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", full_product(AXES), ids=_case_id)
+@pytest.mark.parametrize("case", [GeluCase(**p) for p in full_product(AXES)], ids=str)
 def test_parity_full(case, poison):
-    _check(case)
+    check_gelu_case(case, "triton", DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -120,9 +90,14 @@ def test_large_and_extreme_inputs(poison):
 
 
 def test_dbias_is_deterministic():
-    case = {"rows": 700, "hidden": 1023, "dtype": torch.float16, "approximate": "none", "bias": "fp32"}
-    a, b = _run("triton", case, torch.float16), _run("triton", case, torch.float16)
-    assert torch.equal(a["dbias"], b["dbias"]) and torch.equal(a["dx"], b["dx"])
+    t = gelu_inputs(GeluCase(700, 1023, torch.float16, "fp32", "none"))
+    x, bias, dy = t["x"].half().to(DEV), t["bias"].float().to(DEV), t["dy"].half().to(DEV)
+    runs = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_(), bias.clone().requires_grad_()]
+        runs.append(torch.autograd.grad(gelu(leaves[0], bias=leaves[1], backend="triton"), leaves, dy))
+    (dx_a, dbias_a), (dx_b, dbias_b) = runs
+    assert torch.equal(dbias_a, dbias_b) and torch.equal(dx_a, dx_b)
 
 
 def test_opcheck_and_compile():

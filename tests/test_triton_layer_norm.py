@@ -1,6 +1,8 @@
 """Triton LayerNorm (add & norm fusion) through ``fastbert.ops.layer_norm(..., backend="triton")``:
-parity of the output and every gradient with the reference (STYLE.md's rule), the chunked path for
-wide rows, the dropout mask, edge values, 64-bit offsets, determinism and the custom-op checks.
+parity of the output and every gradient with the reference (STYLE.md's rule) on the one case list
+every backend runs (``_cases_layer_norm``) plus many row tiles; ``-m slow``: the full product of
+the axes below. Also the chunked path for wide rows, the dropout mask, edge values, 64-bit offsets,
+determinism and the custom-op checks.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (conftest). The interpreter rounds fp32 ->
 bf16 by truncation; the kernels round bf16 by hand there (``cast_rne``), so bf16 is checked too.
@@ -11,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _pairwise import covers_every_pair, full_product, pairwise
+from _cases_layer_norm import LAYER_NORM_CASES, LayerNormCase, check_layer_norm_case
+from _pairwise import full_product
 from _tolerance import assert_close_to_ref
 
 pytest.importorskip("triton")
@@ -25,6 +28,8 @@ from fastbert.backends.triton import layer_norm as tln  # noqa: E402
 from fastbert.ops import layer_norm  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# The full product behind -m slow (eps 1e-12, BERT's): widths on each side of the vector paths,
+# 1000 rows (many row tiles per backward program), every dtype and fusion.
 FUSIONS = ("none", "residual+x_bias", "dropout", "all", "no_affine")
 AXES = {
     "hidden": (384, 768, 1023, 1024, 1536, 4096),
@@ -32,13 +37,19 @@ AXES = {
     "dtype": (torch.float32, torch.float16, torch.bfloat16),
     "fusion": FUSIONS,
 }
-# Cost: elements, dropout (Philox in the fp64 reference) counted thrice.
-_COST = lambda c: c["rows"] * c["hidden"] * (3 if c["fusion"] in ("dropout", "all") else 1)  # noqa: E731
-CASES = pairwise(AXES, cost=_COST, overhead=1e6)
 
 
-def _case_id(c):
-    return f"{c['rows']}x{c['hidden']}-{str(c['dtype'])[6:]}-{c['fusion']}"
+def _grid_case(hidden, rows, dtype, fusion) -> LayerNormCase:
+    """One point of the grid as a shared case (x_bias in x's dtype beside fp32 parameters)."""
+    fused = fusion in ("residual+x_bias", "all")
+    return LayerNormCase(rows, hidden, dtype, "none" if fusion == "no_affine" else "fp32", residual=fused,
+                         x_bias=fused, x_bias_in_x=fused, dropout_p=0.1 if fusion in ("dropout", "all") else 0.0,
+                         eps=1e-12)
+
+
+# Triton-only: 600 rows of 384, many row tiles (under the interpreter 128-row forward tiles and
+# 64-row backward tiles, 10 of them over 8 backward programs, the last partial), every fusion on.
+TRITON_CASES = (_grid_case(384, 600, torch.float16, "all"),)
 
 
 def _inputs(rows, hidden, dtype, seed):
@@ -49,59 +60,20 @@ def _inputs(rows, hidden, dtype, seed):
                 dy=r(rows, hidden).to(dtype))
 
 
-def _run(backend, t, fusion, cast, eps=1e-12):
-    """Forward + backward with every tensor of the case's dtype cast to ``cast`` (parameters stay
-    fp32 unless ``cast`` is fp64); returns {name: tensor} for y and each input gradient."""
-    dtype = t["x"].dtype
-    conv = lambda v: v.detach().to(cast if (v.dtype == dtype or cast == torch.float64) else v.dtype)  # noqa: E731
-    leaves = {"x": conv(t["x"]).requires_grad_()}
-    if fusion != "no_affine":
-        leaves["weight"] = conv(t["weight"]).requires_grad_()
-        leaves["bias"] = conv(t["bias"]).requires_grad_()
-    if fusion in ("residual+x_bias", "all"):
-        leaves["residual"] = conv(t["residual"]).requires_grad_()
-        leaves["x_bias"] = conv(t["x_bias"]).requires_grad_()
-    p = 0.1 if fusion in ("dropout", "all") else 0.0
-    kw = {k: v for k, v in leaves.items() if k not in ("x", "weight", "bias")}
-    torch.manual_seed(11)  # the same dropout seed for every run
-    y = layer_norm(leaves["x"], leaves.get("weight"), leaves.get("bias"), eps=eps, dropout_p=p, backend=backend,
-                   **kw)
-    grads = torch.autograd.grad(y, list(leaves.values()), conv(t["dy"]))
-    return {"y": y} | {"d" + k: g for k, g in zip(leaves, grads)}
-
-
-def _check_parity(case, seed=0):
-    t = _inputs(case["rows"], case["hidden"], case["dtype"], seed)
-    if DEV != "cpu":
-        t = {k: v.to(DEV) for k, v in t.items()}
-    got = _run("triton", t, case["fusion"], case["dtype"])
-    hi = _run("reference", t, case["fusion"], torch.float64)
-    lo = _run("reference", t, case["fusion"], case["dtype"])
-    assert got.keys() == hi.keys()
-    for name in got:
-        assert got[name].dtype == lo[name].dtype, name
-        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=name)
-
-
-def test_grid_covers_every_pair():
-    assert covers_every_pair(CASES, AXES)
-    assert len(CASES) <= 40
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_parity_pairwise(case, poison):
-    _check_parity(case)
+@pytest.mark.parametrize("case", LAYER_NORM_CASES + TRITON_CASES, ids=str)
+def test_triton_layer_norm_matches_reference(case, poison):
+    check_layer_norm_case(case, "triton", DEV)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", full_product(AXES), ids=_case_id)
+@pytest.mark.parametrize("case", [_grid_case(**p) for p in full_product(AXES)], ids=str)
 def test_parity_full(case, poison):
-    _check_parity(case)
+    check_layer_norm_case(case, "triton", DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_parameters_in_x_dtype_and_fp32_x_bias(dtype, poison):
-    """weight/bias in x's dtype (the pairwise grid uses fp32 ones) and an fp32 x_bias with low-precision x."""
+    """weight/bias in x's dtype and an fp32 x_bias beside low-precision x, dropout on, at 768."""
     rows, hidden = 7, 768
     t = {k: v.to(DEV) for k, v in _inputs(rows, hidden, dtype, seed=8).items()}
     out = {}
@@ -119,7 +91,7 @@ def test_parameters_in_x_dtype_and_fp32_x_bias(dtype, poison):
         assert_close_to_ref(got.cpu(), hi.cpu(), lo.cpu(), name=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_chunked_path_matches_reference(dtype, poison):
     """Rows wider than one block (walked in chunks, Chan's merge of chunk statistics), forced with
     256-wide chunks so it runs on small inputs; every fusion on, dx_bias / dresidual included."""

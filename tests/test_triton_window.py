@@ -148,6 +148,8 @@ def test_window_varlen(dtype, window, poison):
     _check(inp, dtype, window)
 
 
+@pytest.mark.slow  # ~2.5% of the default suite; by default the windowed dropout runs against the
+#                    reference's mask in test_window_attention.py (five Triton cases)
 def test_window_with_dropout_is_the_band_bias():
     """Dropout: the window equals its dense ``-inf`` band bias on the global path, same seed."""
     inp = _inputs(1, 66, 66, 2, 32, mask=True, bias=True, seed=3)
