@@ -108,7 +108,8 @@ def _run(case: RotaryCase, inputs: dict, backend: str, device, dtype) -> dict:
         leaves = [q, k]
     cos, sin = (inputs[n].to(device) for n in ("cos", "sin"))
     q_out, k_out = rotary(q, k, cos, sin, backend=backend, **_kwargs(case, inputs, device))
-    grads = torch.autograd.grad((q_out, k_out), leaves, (inputs["dq"].to(device, dtype), inputs["dk"].to(device, dtype)))
+    douts = (inputs["dq"].to(device, dtype), inputs["dk"].to(device, dtype))
+    grads = torch.autograd.grad((q_out, k_out), leaves, douts)
     if case.packed:  # the gradient of the packed tensor, split back into its q and k parts (v gets 0)
         (dqkv,) = grads
         assert torch.equal(dqkv[..., 2, :, :], torch.zeros_like(dqkv[..., 2, :, :]))

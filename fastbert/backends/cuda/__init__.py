@@ -11,8 +11,8 @@ then report why they cannot run (``fastbert env`` shows it, with :func:`build_in
 
 Layout: this file registers both backends; ``attention.py``, ``layer_norm.py``, ``gelu.py``,
 ``geglu.py``, ``rotary.py`` turn each op's tensors into the extension's raw-pointer calls
-(``csrc/<op>_binding.cpp``); ``_ext.py`` loads the extensions; ``device.py`` / ``host.py`` are the compute modules, the glue bound to
-``fastbert._C`` / ``fastbert._C_host``.
+(``csrc/<op>_binding.cpp``); ``_ext.py`` loads the extensions; ``device.py`` / ``host.py`` are
+the compute modules, the glue bound to ``fastbert._C`` / ``fastbert._C_host``.
 """
 
 from __future__ import annotations
