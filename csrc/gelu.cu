@@ -1,11 +1,11 @@
 // Bias-GELU forward/backward (Hendrycks & Gimpel 2016), computed in fp32, stored in x's dtype:
-//   erf:  gelu(z) = z * Phi(z) = 0.5 z (1 + erf(z / sqrt(2))),   gelu'(z) = Phi(z) + z phi(z)
-//   tanh: gelu(z) = 0.5 z (1 + tanh(u)),  u = k (z + 0.044715 z^3),  k = sqrt(2 / pi)
-// with z = x + bias. dbias = sum_rows(dx) in fp32, reduced deterministically (split partials,
-// then column_sum_kernel in split order).
+// y = gelu(z), dx = dy * gelu'(z) with z = x + bias (the formulas: common/gelu_math.cuh).
+// dbias = sum_rows(dx) in fp32, reduced deterministically (split partials, then
+// column_sum_kernel in split order).
 #include <initializer_list>
 
 #include "common/fault.h"
+#include "common/gelu_math.cuh"
 #include "common/launch.cuh"
 #include "common/platform.cuh"
 #include "common/rows.cuh"
@@ -14,32 +14,6 @@
 
 namespace fb {
 namespace {
-
-constexpr float kInvSqrt2 = 0.70710678118654752440f;
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
-constexpr float kSqrt2OverPi = 0.79788456080286535588f;
-constexpr float kCubic = 0.044715f;
-
-// Phi(z) = 0.5 erfc(-z / sqrt(2)) and 0.5 (1 + tanh(u)) = sigmoid(2u): the same values without
-// the cancellation of 1 + erf / 1 + tanh that loses every digit in fp32 for z < -4 (as the
-// reference computes them).
-FB_DEVICE float sigmoid_2u(float z) {
-  const float u = kSqrt2OverPi * (z + kCubic * z * z * z);
-  return 1.0f / (1.0f + expf(-2.0f * u));
-}
-
-FB_DEVICE float gelu(float z, bool tanh_approx) {
-  if (tanh_approx) return z * sigmoid_2u(z);
-  return 0.5f * z * erfcf(-z * kInvSqrt2);
-}
-
-FB_DEVICE float gelu_grad(float z, bool tanh_approx) {
-  if (tanh_approx) {  // d/dz z s = s + 2 z s (1 - s) u',  s = sigmoid(2u)
-    const float s = sigmoid_2u(z);
-    return s + 2.0f * z * s * (1.0f - s) * kSqrt2OverPi * (1.0f + 3.0f * kCubic * z * z);
-  }
-  return 0.5f * erfcf(-z * kInvSqrt2) + z * expf(-0.5f * z * z) * kInvSqrt2Pi;
-}
 
 // Forward: a grid-stride loop over (row, chunk) pairs.
 template <class T>

@@ -10,7 +10,7 @@ import torch
 
 from fastbert.backends.cuda import load_extension
 
-OPS = {"attention", "layer_norm", "gelu"}
+OPS = {"attention", "layer_norm", "gelu", "geglu", "rotary"}
 
 
 def _ext(name: str):

@@ -9,10 +9,10 @@
 ``import fastbert`` never fails because an extension, a driver or a GPU is missing: the backends
 then report why they cannot run (``fastbert env`` shows it, with :func:`build_info`).
 
-Layout: this file registers both backends; ``attention.py``, ``layer_norm.py``, ``gelu.py`` turn
-each op's tensors into the extension's raw-pointer calls (``csrc/<op>_binding.cpp``); ``_ext.py``
-loads the extensions; ``device.py`` / ``host.py`` are the compute modules, the glue bound to
-``fastbert._C`` / ``fastbert._C_host``.
+Layout: this file registers both backends; ``attention.py``, ``layer_norm.py``, ``gelu.py``,
+``geglu.py``, ``rotary.py`` turn each op's tensors into the extension's raw-pointer calls
+(``csrc/<op>_binding.cpp``); ``_ext.py`` loads the extensions; ``device.py`` / ``host.py`` are
+the compute modules, the glue bound to ``fastbert._C`` / ``fastbert._C_host``.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 
 from fastbert.backends import BackendSpec, OpCaps, register_backend
-from fastbert.backends.cuda import attention, gelu, layer_norm
+from fastbert.backends.cuda import attention, geglu, gelu, layer_norm, rotary
 from fastbert.backends.cuda._ext import load_extension
 
 # Set an op to True only from a recorded GPU run of its gpu-marked parity tests (device check).
-VERIFIED_ON_GPU = {"attention": False, "layer_norm": False, "gelu": False}
+VERIFIED_ON_GPU = {"attention": False, "layer_norm": False, "gelu": False, "geglu": False, "rotary": False}
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PTXAS_REPORT = Path(__file__).resolve().parents[2] / "_C_ptxas.txt"
-_OPS = {"layer_norm": layer_norm, "gelu": gelu, "attention": attention}  # op -> its glue module
+_OPS = {"layer_norm": layer_norm, "gelu": gelu, "attention": attention, "geglu": geglu,
+        "rotary": rotary}  # op -> its glue module
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,19 +60,29 @@ def _caps(device: str, module: str) -> dict[str, OpCaps]:
     return {
         "layer_norm": OpCaps(features=layer_norm.FEATURES, **common),
         "gelu": OpCaps(features=gelu.FEATURES, **common),
+        "geglu": OpCaps(features=geglu.FEATURES, **common),
+        "rotary": OpCaps(features=rotary.FEATURES, **common),
         "attention": OpCaps(features=attention.FEATURES, head_dims=head_dims.__contains__,
                             head_dims_doc=attention.HEAD_DIMS_DOC, writes_lse=attention.WRITES_LSE, **common),
     }
 
 
+def _not_built(name: str, op: str):
+    def call(*args, **kwargs):
+        raise RuntimeError(f"fastbert.{name} was built without the {op} kernels (an older build, or CMake "
+                           f"-DFASTBERT_OPS without {op}): rebuild it (pip install .)")
+    return call
+
+
 def bind(name: str) -> dict:
-    """The six contract functions bound to extension ``name`` (``fastbert.backends.cuda.device``
-    and ``.host`` are these); ImportError when the extension is unusable."""
+    """The contract functions (``<op>_fwd`` / ``<op>_bwd`` of every op) bound to extension ``name``
+    (``fastbert.backends.cuda.device`` and ``.host`` are these); ImportError when the extension is
+    unusable. An op whose binding the extension lacks raises RuntimeError saying so when called."""
     ext = load_extension(name)
     if isinstance(ext, str):
         raise ImportError(ext)
-    return {f"{op}_{d}": functools.partial(getattr(glue, f"{op}_{d}"), ext)
-            for op, glue in _OPS.items() for d in ("fwd", "bwd")}
+    return {f"{op}_{d}": functools.partial(getattr(glue, f"{op}_{d}"), ext) if hasattr(ext, f"{op}_{d}")
+            else _not_built(name, op) for op, glue in _OPS.items() for d in ("fwd", "bwd")}
 
 
 def ptxas_report() -> list[dict]:
