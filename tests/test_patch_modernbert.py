@@ -212,3 +212,17 @@ def test_compile_matches_eager(checkpoint, backend_compile):
     want[mask.bool()].sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"{n}: {m}")
+
+
+def test_bench_modernbert_row():
+    """``fastbert bench patched --only modernbert``'s row at a tiny size (a smoke test, no timing claim)."""
+    from fastbert.bench import patched as bench
+
+    plan = bench.TimingPlan(warmup=0, min_reps=1, max_reps=1, min_time_s=0.0)
+    small = dict(hidden_size=32, intermediate_size=40, num_attention_heads=4, local_attention=8, vocab_size=97,
+                 max_position_embeddings=64)
+    rows = bench.bench_modernbert(plan, layers=2, batch=2, seqlen=24, fills=(0.5,), config=small)
+    assert len(rows) == 1 and set(rows[0]["rows"]) == {"transformers sdpa", "patch()"}
+    assert all(r["median_s"] > 0 for r in rows[0]["rows"].values()) and 0.3 < rows[0]["fill"] < 0.8
+    assert "ModernBertModel inference" in "\n".join(bench.report_lines(dict(threads=2, rounds=1, time="now",
+                                                                              results=rows)))
