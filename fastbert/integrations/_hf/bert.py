@@ -199,7 +199,7 @@ def patch_bert(model: nn.Module, backend: Optional[str]) -> None:
     encoders += [(m, _DistilBertLayerBlock, _transformer_forward) for m in model.modules()
                  if _is_distilbert_transformer(m)]
     if not encoders and (not attention_modules or not add_norms):
-        raise ValueError(f"model: expected a BERT-family or ModernBERT model with *SelfAttention and *Output "
+        raise ValueError(f"model: expected a BERT-family model (or a ModernBERT one) with *SelfAttention and *Output "
                          f"blocks, found {len(attention_modules)} attention and {len(add_norms)} "
                          f"add & norm blocks in {type(model).__name__}")
     register()
