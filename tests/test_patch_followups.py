@@ -126,6 +126,7 @@ def test_bad_backend_fails_at_construction():
     good = fm.BertModel(bert_config(), backend="reference")
     with pytest.raises(ValueError, match="got 'x'"):
         good.backend = "x"
+    assert good.backend == "reference" and good.encoder.layer[0].attention.self.backend == "reference"  # unchanged
     with pytest.raises(ValueError, match="got 'x'"):
         set_backend(good, "x")
     for name in (None, "auto", "torch"):
