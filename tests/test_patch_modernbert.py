@@ -220,7 +220,8 @@ def test_bench_modernbert_row():
 
     plan = bench.TimingPlan(warmup=0, min_reps=1, max_reps=1, min_time_s=0.0)
     small = dict(hidden_size=32, intermediate_size=40, num_attention_heads=4, local_attention=8, vocab_size=97,
-                 max_position_embeddings=64)
+                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                 sep_token_id=2)
     rows = bench.bench_modernbert(plan, layers=2, batch=2, seqlen=24, fills=(0.5,), config=small)
     assert len(rows) == 1 and set(rows[0]["rows"]) == {"transformers sdpa", "patch()"}
     assert all(r["median_s"] > 0 for r in rows[0]["rows"].values()) and 0.3 < rows[0]["fill"] < 0.8

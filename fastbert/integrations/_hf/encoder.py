@@ -99,11 +99,14 @@ def check_mask_hook(module: nn.Module, args: tuple, kwargs: dict):
     a padding mask (1 / True = attend, 0 = padding), checked as :func:`fastbert.ops.padding_mask`
     checks it, before transformers turns a float mask into bool (which would silently invert an
     additive 0 / -10000 / -inf mask). The values are read for CPU tensors (or with
-    ``FASTBERT_CHECK_INPUTS=1``) only: on CUDA only ndim and shape are checked, to avoid a host sync.
+    ``FASTBERT_CHECK_INPUTS=1``) only: on CUDA only ndim and shape are checked, to avoid a host sync;
+    nothing is checked here while compiling (the encoder still checks the shape).
 
     Raises:
         ValueError: a 2-D mask with values other than 0 and 1 (the same error fastbert's own models raise).
     """
+    if torch.compiler.is_compiling():  # values are not read while tracing (the encoder checks shapes)
+        return None
     mask = kwargs.get("attention_mask")
     if mask is None and args:
         try:
