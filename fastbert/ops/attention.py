@@ -89,11 +89,12 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
                 raise TypeError
             ints.append(int(index(w)))
         except (TypeError, RuntimeError):
-            raise TypeError(f"window[{i}]: expected an int >= 0 (a Python or numpy int, or a 0-d integer "
-                            f"tensor), got {w!r} of type {type(w).__name__} in window={window!r}") from None
+            raise TypeError(f"window: expected None or a (left, right) tuple of two ints >= 0 (Python or numpy "
+                            f"ints, 0-d integer tensors); window[{i}] is {w!r} of type {type(w).__name__}, "
+                            f"got {window!r}") from None
     left, right = ints
     if left < 0 or right < 0:
-        raise ValueError(f"window: expected (left, right) with left >= 0 and right >= 0, got {(left, right)!r}")
+        raise ValueError(f"window: expected (left, right) with left >= 0 and right >= 0, got {window!r}")
     if isinstance(bound_q, int):
         left = min(left, max(bound_q, 0))
     if isinstance(bound_k, int):
