@@ -81,6 +81,9 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
         raise TypeError(f"window: expected None or a (left, right) tuple of two ints >= 0, got {window!r}")
     ints = []
     for i, w in enumerate(window):
+        if isinstance(w, int) and not isinstance(w, bool):  # the common case, and what torch.compile traces
+            ints.append(w)
+            continue
         is_bool = isinstance(w, bool) or type(w).__name__ == "bool_" or (
             isinstance(w, Tensor) and w.dtype == torch.bool)
         index = getattr(type(w), "__index__", None)  # operator.index's protocol, without its import
