@@ -20,13 +20,13 @@ import torch
 
 import fastbert
 from fastbert import _build_info
+from fastbert.backends.cuda import NO_GPU  # one wording with the cuda backend's reason
 
 # Names accepted for --dtype (torch's own names and the short ones).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float64": torch.float64, "fp64": torch.float64}
 
-NO_GPU = "no NVIDIA driver / GPU found"
 # The variables that change what runs (reported as set or unset).
 ENV_VARS = ("FASTBERT_BACKEND", "TRITON_INTERPRET", "FASTBERT_CHECK_INPUTS", "CUDA_VISIBLE_DEVICES")
 
@@ -75,7 +75,8 @@ def explain_reason(reason: str, driver: bool) -> str:
     """A backend's reason in a new user's words: with no NVIDIA driver at all, a CUDA runtime
     error (``cudaErrorInsufficientDriver``, ``cudaErrorNoDevice``) just means there is no GPU here.
     A driver that exists but is too old keeps the runtime's own message."""
-    if not driver and re.search(r"cudaError(InsufficientDriver|NoDevice)|no CUDA GPU visible", reason):
+    if not driver and (reason.startswith(NO_GPU)
+                       or re.search(r"cudaError(InsufficientDriver|NoDevice)|no CUDA GPU visible", reason)):
         return NO_GPU
     return reason
 

@@ -233,7 +233,7 @@ def test_patch_bert_family(family):
 
 def test_patch_forces_backend(monkeypatch):
     """``patch(model, backend=...)`` reaches every fastbert op call (attention, add & norm, GELU)."""
-    import fastbert.integrations.transformers as hf_integration
+    import fastbert.integrations._hf.attention as hf_integration  # the attention interface's module
     import fastbert.nn.bert as nn_bert
 
     seen = []

@@ -220,6 +220,26 @@ def get_backend(name: str) -> BackendSpec:
         raise ValueError(f"backend: expected one of {sorted(_REGISTRY)}, got {name!r}") from None
 
 
+def check_backend(name, arg: str = "backend"):
+    """Validate a ``backend=`` value where it is stored (a model's or module's constructor,
+    ``patch()``), so a typo fails there and not at the first forward. Dispatch is unchanged: the
+    name is still resolved per call (``FASTBERT_BACKEND`` is read then, not here).
+
+    Returns ``name``: None or ``"auto"`` (automatic dispatch), or a registered backend's name.
+
+    Raises:
+        TypeError: ``name`` is neither None nor a str.
+        ValueError: a str that names no registered backend (the error lists the names).
+    """
+    if name is None or name == "auto":
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"{arg}: expected a backend name (str) or None, got {type(name).__name__} {name!r}")
+    if name not in _REGISTRY:
+        raise ValueError(f"{arg}: expected one of {sorted(_REGISTRY)}, 'auto' or None, got {name!r}")
+    return name
+
+
 def all_backends() -> dict[str, BackendSpec]:
     """All registered backends by name, in registration order."""
     return dict(_REGISTRY)

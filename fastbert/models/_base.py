@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from fastbert.models._names import class_for
 from fastbert.nn import Embeddings, set_backend
+from fastbert.ops import check_backend
 
 logger = logging.get_logger(__name__)
 
@@ -91,6 +92,7 @@ class FastbertPreTrainedModel(PreTrainedModel):
 
     @backend.setter
     def backend(self, name: Optional[str]) -> None:
+        check_backend(name)  # before any module changes: a bad name leaves the model as it was
         for m in self.modules():
             if isinstance(m, FastbertPreTrainedModel):
                 m._fastbert_backend = name

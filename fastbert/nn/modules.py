@@ -14,13 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastbert.ops import gelu, layer_norm
+from fastbert.ops import check_backend, gelu, layer_norm
 
 
 class OpsModule:
-    """Mixin for modules that call fastbert ops: ``backend`` is passed to every op call."""
+    """Mixin for modules that call fastbert ops: ``backend`` is passed to every op call.
 
-    backend: Optional[str] = None
+    Setting ``backend`` validates the name (:func:`fastbert.ops.check_backend`: ValueError for a
+    name no backend is registered under), so a typo fails where it is set, not at the first forward.
+    """
+
+    _backend: Optional[str] = None
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: Optional[str]) -> None:
+        self._backend = check_backend(name)
 
 
 def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:

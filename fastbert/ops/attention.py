@@ -67,17 +67,35 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
     for every key once ``left >= seqlen_q - 1``, ``j <= i + right`` once ``right >= seqlen_k - 1``,
     so the clamp changes nothing and keeps kernels' index arithmetic in int32.
 
+    An entry is anything with ``__index__`` that is not a bool: a Python int, a numpy integer, a
+    0-d integer tensor (read once with ``int()``: a host sync for a CUDA tensor).
+
     Raises:
-        TypeError: not None and not a 2-tuple / 2-list of ints (bools are not ints here).
+        TypeError: not None and not a 2-tuple / 2-list, or an entry that is not an integer (the
+            error names the entry: ``window[0]`` / ``window[1]``).
         ValueError: a negative entry.
     """
     if window is None:
         return None
-    ok = (isinstance(window, (tuple, list)) and len(window) == 2
-          and all(isinstance(w, int) and not isinstance(w, bool) for w in window))
-    if not ok:
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
         raise TypeError(f"window: expected None or a (left, right) tuple of two ints >= 0, got {window!r}")
-    left, right = int(window[0]), int(window[1])
+    ints = []
+    for i, w in enumerate(window):
+        if isinstance(w, int) and not isinstance(w, bool):  # the common case, and what torch.compile traces
+            ints.append(w)
+            continue
+        is_bool = isinstance(w, bool) or type(w).__name__ == "bool_" or (
+            isinstance(w, Tensor) and w.dtype == torch.bool)
+        index = getattr(type(w), "__index__", None)  # operator.index's protocol, without its import
+        try:
+            if is_bool or index is None or (isinstance(w, Tensor) and w.dim() != 0):
+                raise TypeError
+            ints.append(int(index(w)))
+        except (TypeError, RuntimeError):
+            raise TypeError(f"window: expected None or a (left, right) tuple of two ints >= 0 (Python or numpy "
+                            f"ints, 0-d integer tensors); window[{i}] is {w!r} of type {type(w).__name__}, "
+                            f"got {window!r}") from None
+    left, right = ints
     if left < 0 or right < 0:
         raise ValueError(f"window: expected (left, right) with left >= 0 and right >= 0, got {window!r}")
     if isinstance(bound_q, int):

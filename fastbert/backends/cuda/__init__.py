@@ -35,6 +35,10 @@ _OPS = {"layer_norm": layer_norm, "gelu": gelu, "attention": attention, "geglu":
         "rotary": rotary}  # op -> its glue module
 
 
+# The one wording for "no GPU here", shared with ``fastbert env`` (fastbert/env.py re-exports it).
+NO_GPU = "no NVIDIA driver / GPU found"
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_probe() -> str | None:
     ext = load_extension("_C")
@@ -42,9 +46,9 @@ def _cuda_probe() -> str | None:
         return ext
     count, why = ext.device_count()  # the extension's own runtime: names a too-old driver
     if count == 0:
-        return f"fastbert._C sees no CUDA device ({why})"
+        return f"{NO_GPU} (fastbert._C sees no CUDA device: {why})"
     if not torch.cuda.is_available():
-        return "no CUDA GPU visible to torch"
+        return f"{NO_GPU} (torch sees no CUDA GPU)"
     return None
 
 
