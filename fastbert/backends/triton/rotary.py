@@ -44,23 +44,32 @@ def _rotate_heads(
     INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr,
 ):
     """Rotate every head of one tensor for the program's tokens (see the module docstring)."""
-    if INTERLEAVED:
-        c1, c2 = 2 * cols, 2 * cols + 1
-    else:
-        c1, c2 = cols, cols + half
     mask = tok_mask[:, None] & col_mask[None, :]
+    BLOCK_T: tl.constexpr = c.shape[0]
+    BLOCK_HALF: tl.constexpr = c.shape[1]
+    # interleaved: the pairs' 2 * BLOCK_HALF features as one contiguous tile, split into even / odd
+    pcols = tl.arange(0, 2 * BLOCK_HALF)
+    pmask = tok_mask[:, None] & (pcols < 2 * half)[None, :]
     for h in range(heads):
         xb = x_ptr + (x_tok + h * sxh)[:, None]
         ob = o_ptr + (o_tok + h * soh)[:, None]
-        x1 = tl.load(xb + c1[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(xb + c2[None, :], mask=mask, other=0.0).to(tl.float32)
+        if INTERLEAVED:
+            xp = tl.load(xb + pcols[None, :], mask=pmask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(xp, (BLOCK_T, BLOCK_HALF, 2)))
+        else:
+            x1 = tl.load(xb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(xb + (cols + half)[None, :], mask=mask, other=0.0).to(tl.float32)
         if COPY_TAIL:  # loaded before any store: in-place safe either way
             tmask = tok_mask[:, None] & tail_mask[None, :]
             xt = tl.load(xb + tail[None, :], mask=tmask, other=0.0)
         o1 = x1 * c - x2 * s
         o2 = x2 * c + x1 * s
-        tl.store(ob + c1[None, :], cast_rne(o1, o_ptr.dtype.element_ty), mask=mask)
-        tl.store(ob + c2[None, :], cast_rne(o2, o_ptr.dtype.element_ty), mask=mask)
+        if INTERLEAVED:
+            op = tl.reshape(tl.join(o1, o2), (BLOCK_T, 2 * BLOCK_HALF))
+            tl.store(ob + pcols[None, :], cast_rne(op, o_ptr.dtype.element_ty), mask=pmask)
+        else:
+            tl.store(ob + cols[None, :], cast_rne(o1, o_ptr.dtype.element_ty), mask=mask)
+            tl.store(ob + (cols + half)[None, :], cast_rne(o2, o_ptr.dtype.element_ty), mask=mask)
         if COPY_TAIL:
             tl.store(ob + tail[None, :], xt.to(o_ptr.dtype.element_ty), mask=tmask)
 
