@@ -82,36 +82,90 @@ def _(q, k, cos, sin, positions, interleaved, backend):
     return None
 
 
-class _RotaryInplace(torch.autograd.Function):
-    """Autograd of the in-place op (a mutating custom op cannot register autograd itself): q and k
-    are marked dirty, so autograd rebases their history on this node (views included); backward is
-    the functional ``rotary_bwd``. Only the tables and positions are saved, not q or k."""
+def _grad_one(dx_out: Tensor, ctx, which: int) -> Tensor:
+    """``R(-theta) dx_out`` through the functional backward op, the other tensor given 0 heads."""
+    cos, sin, positions = ctx.saved_tensors
+    interleaved, backend = ctx.args
+    none = dx_out[..., :0, :]
+    pair = (dx_out, none) if which == 0 else (none, dx_out)
+    return _rotary_bwd(*pair, cos, sin, positions, interleaved, backend)[which]
+
+
+class _RotaryInplaceQ(torch.autograd.Function):
+    """Autograd of the in-place op, q's half (a mutating custom op cannot register autograd itself,
+    and autograd lets a Function that modifies a view in place return only that one tensor). One
+    launch rotates q and k (k rides in a list: this node gives it no gradient); q is marked dirty,
+    so autograd rebases its history here (a view's base too). Saves the tables and positions only."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, positions, interleaved, backend):
-        _rotary_fwd_inplace(q, k, cos, sin, positions, interleaved, backend)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, q, k_box, cos, sin, positions, interleaved, backend):
+        _rotary_fwd_inplace(q, k_box[0], cos, sin, positions, interleaved, backend)
+        ctx.mark_dirty(q)
         ctx.save_for_backward(cos, sin, positions)
         ctx.args = (interleaved, backend)
-        return q, k
+        return q
 
     @staticmethod
-    def backward(ctx, dq_out, dk_out):
-        return _backward(ctx, dq_out, dk_out)
+    def backward(ctx, dq_out):
+        return _grad_one(dq_out, ctx, 0), None, None, None, None, None, None
+
+
+class _RotaryInplaceK(torch.autograd.Function):
+    """k's half: k was rotated by :class:`_RotaryInplaceQ`'s launch; this node marks it dirty and
+    gives it the inverse rotation as gradient."""
+
+    @staticmethod
+    def forward(ctx, k, cos, sin, positions, interleaved, backend):
+        ctx.mark_dirty(k)
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.args = (interleaved, backend)
+        return k
+
+    @staticmethod
+    def backward(ctx, dk_out):
+        return _grad_one(dk_out, ctx, 1), None, None, None, None, None
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` may address a common storage element, from metadata only.
+
+    ``torch._C._overlaps`` compares memory ranges, so it flags q and k taken from one fused QKV
+    output (interleaved ranges, disjoint elements). For equal shapes and strides in a nested layout
+    (each stride at least the next one's extent: no internal overlap) the answer is exact: they share
+    an element iff the offset difference is ``sum_i n_i stride_i`` with ``|n_i| < size_i``, where
+    nesting leaves each ``n_i`` the floor or the ceiling of the residual over ``stride_i``. Anything
+    else stays conservative (True when the ranges meet)."""
+    if not torch._C._overlaps(a, b):
+        return False
+    if a.shape != b.shape or a.stride() != b.stride():
+        return True
+    dims = sorted(((st, n) for st, n in zip(a.stride(), a.shape) if n > 1), reverse=True)
+    if any(s0 < s1 * n1 for (s0, _), (s1, n1) in zip(dims, dims[1:])):
+        return True
+
+    def reachable(d: int, i: int) -> bool:
+        if i == len(dims):
+            return d == 0
+        st, n = dims[i]
+        return any(abs(m) < n and reachable(d - m * st, i + 1) for m in {d // st, -(-d // st)})
+
+    return reachable(b.storage_offset() - a.storage_offset(), 0)
 
 
 def _check_inplace(q: Tensor, k: Tensor) -> None:
-    """The layouts ``inplace=True`` can rotate in their own storage."""
+    """The layouts ``inplace=True`` can rotate in their own storage (the memory-overlap checks read
+    storage addresses, so they run in eager mode only; Dynamo cannot trace them)."""
+    compiling = torch.compiler.is_compiling()
     for name, t in (("q", q), ("k", k)):
         check(t.stride(-1) == 1, ValueError,
               f"{name}: inplace=True needs a contiguous last dim (stride 1), got strides {tuple(t.stride())}")
-        check(torch._debug_has_internal_overlap(t) != 1, ValueError,
+        check(compiling or torch._debug_has_internal_overlap(t) != 1, ValueError,
               f"{name}: inplace=True cannot write a tensor whose elements share memory (an expanded view, "
               f"strides {tuple(t.stride())}); pass inplace=False")
         check(not (t.is_leaf and t.requires_grad and torch.is_grad_enabled()), ValueError,
               f"{name}: inplace=True would overwrite a leaf that requires grad (autograd forbids it); pass "
               "inplace=False or a non-leaf (e.g. the projection's output view)")
-    check(not (q.numel() and k.numel() and torch._C._overlaps(q, k)), ValueError,
+    check(compiling or not (q.numel() and k.numel() and _share_elements(q, k)), ValueError,
           "q, k: inplace=True needs q and k in disjoint memory, got overlapping tensors (the same storage "
           "elements); pass inplace=False")
 
@@ -241,6 +295,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Opti
     if not inplace:
         return _rotary_fwd(q, k, cos, sin, positions, interleaved, name)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _RotaryInplace.apply(q, k, cos, sin, positions, interleaved, name)
+        rest = (cos, sin, positions, interleaved, name)
+        return _RotaryInplaceQ.apply(q, [k], *rest), _RotaryInplaceK.apply(k, *rest)
     _rotary_fwd_inplace(q, k, cos, sin, positions, interleaved, name)
     return q, k

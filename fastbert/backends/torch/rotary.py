@@ -15,10 +15,10 @@ def _rotate_into(x, out, c, s, interleaved):
         h = r // 2
         x1, x2, o1, o2 = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
     inplace = out is x  # fastbert.ops.rotary(inplace=True)
-    if x.dtype == c.dtype and inplace:  # o1 overwrites x1, which o2 still needs: keep x1 s first
-        x1s = x1 * s
+    if x.dtype == c.dtype and inplace:  # o1 overwrites x1, which o2 still needs: keep a copy
+        x1c = x1.clone()  # (the out-of-place arithmetic, op for op: bitwise the same result)
         x1.mul_(c).addcmul_(x2, s, value=-1.0)
-        x2.mul_(c).add_(x1s)
+        x2.mul_(c).addcmul_(x1c, s)
     elif x.dtype == c.dtype:
         torch.mul(x1, c, out=o1)
         o1.addcmul_(x2, s, value=-1.0)
