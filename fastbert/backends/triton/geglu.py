@@ -102,9 +102,17 @@ def fwd_launch(x, bias, y, *, rows: int, n: int, approximate: str):
     return (triton.cdiv(rows, block_m), triton.cdiv(n, block_n)), kwargs
 
 
+def bwd_config(n: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of backward: GELU's column blocks, ~2048-element tiles on
+    8 warps (forward's 4096 keep a, g, dy and both gradients live: 128 registers and a spill on
+    sm_90 for fp16 erf, ``aot_variants``)."""
+    block_m, block_n, _ = config(n)
+    return max(1, block_m // 2), block_n, 8
+
+
 def bwd_launch(dy, x, bias, dx, partials, *, rows: int, n: int, approximate: str, num_programs: int):
     """``(grid, kwargs)`` of the backward launch; ``partials`` is ``[num_programs, 2n]`` fp32 or None."""
-    block_m, block_n, num_warps = config(n)
+    block_m, block_n, num_warps = bwd_config(n)
     kwargs = dict(dy_ptr=dy, x_ptr=x, b_ptr=bias, dx_ptr=dx, part_ptr=partials, rows=rows, n=n,
                   num_tiles=triton.cdiv(rows, block_m), HAS_BIAS=bias is not None,
                   NEED_DBIAS=partials is not None, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
@@ -129,7 +137,7 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
     column blocks on a GPU, 8 on the CPU).
     """
     rows, n = dy.shape
-    block_m, block_n, _ = config(n)
+    block_m, block_n, _ = bwd_config(n)
     num_tiles = triton.cdiv(rows, block_m)
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -147,12 +155,12 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
 
 def aot_variants(full: bool = False):
     """Ahead-of-time compile variants: bias on, erf and tanh, n = 1152 (ModernBERT-base's
-    intermediate size) and 2624 (ModernBERT-large), fp16 and bf16 (fp32 and more widths with
-    ``full``). Spill budget 0."""
+    intermediate size), fp16 and bf16; with ``full`` also fp32 and n = 97, 1536, 2624
+    (ModernBERT-large), 4096. Spill budget 0."""
     from fastbert.backends.triton._aot import AotVariant, pointer, split_launch
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if full else (torch.float16, torch.bfloat16)
-    widths = (97, 1152, 1536, 2624, 4096) if full else (1152, 2624)
+    widths = (97, 1152, 1536, 2624, 4096) if full else (1152,)
     out = []
     for dt in dtypes:
         for n in widths:
