@@ -133,6 +133,7 @@ def test_empty_inputs():
     assert rotary(p, p, cos, sin, backend="triton")[0].shape == (0, 5, 2, 8)
 
 
+@pytest.mark.slow  # the custom op's opcheck / compile run by default on the torch backend (test_rotary / test_geglu)
 def test_opcheck_and_compile():
     q = torch.randn(2, 5, 2, 8, device=DEV, requires_grad=True)
     k = torch.randn(2, 5, 1, 8, device=DEV, requires_grad=True)
