@@ -138,3 +138,35 @@ def test_opcheck_and_compile():
     gb = torch.autograd.grad(want[0].mul(dq_out).sum() + want[1].sum(), (qg, kg))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_modernbert_attention_inplace_matches_out_of_place():
+    """fastbert's ModernBERT with ``rotary_inplace`` on gives the same outputs and gradients
+    (padded and unpadded), so the switch is a pure speed decision."""
+    transformers = pytest.importorskip("transformers")
+    import fastbert.models as fm
+    from fastbert.nn.modernbert import ModernBertAttention
+
+    cfg = transformers.ModernBertConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, pad_token_id=0)
+    torch.manual_seed(0)
+    model = fm.ModernBertModel(cfg).eval()
+    ids = torch.randint(3, 97, (3, 13))
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 1:] = 0
+
+    def run(inplace, **kw):
+        old = ModernBertAttention.rotary_inplace
+        ModernBertAttention.rotary_inplace = inplace
+        try:
+            model.zero_grad()
+            out = model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+            out.mul(mask[..., None]).pow(2).sum().backward()
+            return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        finally:
+            ModernBertAttention.rotary_inplace = old
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
