@@ -58,7 +58,8 @@ seed)``
 ``rotary_bwd(dq_out, dk_out, cos, sin, dq, dk, *, positions, interleaved)``
     q/k padded ``[batch, seqlen, heads, head_dim]`` or varlen ``[total_tokens, heads, head_dim]``
     (q and k may differ in heads; any strides, contiguous last dim), outputs like them
-    (contiguous). cos/sin ``[max_positions, rotary_dim / 2]`` (contiguous, fp32; fp64 for fp64 q),
+    (contiguous), or ``q_out is q`` and ``k_out is k`` (``inplace=True``: every backend must be
+    in-place safe, in both directions; features past ``rotary_dim`` are then left alone). cos/sin ``[max_positions, rotary_dim / 2]`` (contiguous, fp32; fp64 for fp64 q),
     ``rotary_dim <= head_dim``. positions int64 ``[batch, seqlen]`` (stride 0 allowed) or
     ``[total_tokens]``: each token's row of the tables (the ops layer turns ``cu_seqlens`` into
     positions restarting per sequence). Features ``>= rotary_dim`` are copied. Backward is the

@@ -420,7 +420,8 @@ def rotary_math(x, cos, sin, positions, interleaved=False):
 
 
 def rotary_fwd(q, k, cos, sin, q_out, k_out, *, positions, interleaved):
-    """Backend entry point: rotate q and k by each token's angles into q_out / k_out."""
+    """Backend entry point: rotate q and k by each token's angles into q_out / k_out (which may be
+    q / k themselves: the rotation is computed out of place, then copied)."""
     q_out.copy_(rotary_math(q, cos, sin, positions, interleaved))
     k_out.copy_(rotary_math(k, cos, sin, positions, interleaved))
 

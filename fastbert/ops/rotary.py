@@ -66,6 +66,110 @@ def _backward(ctx, dq_out, dk_out):
 _rotary_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastbert::rotary_fwd_", mutates_args=("q", "k"))
+def _rotary_fwd_inplace(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
+                        backend: str) -> None:
+    """``rotary_fwd`` with the outputs in q's and k's own storage (every backend's entry point takes
+    ``q_out is q``)."""
+    if q.numel() or k.numel():
+        with no_autocast(q.device.type):
+            backend_module(backend, "rotary").rotary_fwd(q, k, cos, sin, q, k, positions=positions,
+                                                 interleaved=interleaved)
+
+
+@_rotary_fwd_inplace.register_fake
+def _(q, k, cos, sin, positions, interleaved, backend):
+    return None
+
+
+def _grad_one(dx_out: Tensor, ctx, which: int) -> Tensor:
+    """``R(-theta) dx_out`` through the functional backward op, the other tensor given 0 heads."""
+    cos, sin, positions = ctx.saved_tensors
+    interleaved, backend = ctx.args
+    none = dx_out[..., :0, :]
+    pair = (dx_out, none) if which == 0 else (none, dx_out)
+    return _rotary_bwd(*pair, cos, sin, positions, interleaved, backend)[which]
+
+
+class _RotaryInplaceQ(torch.autograd.Function):
+    """Autograd of the in-place op, q's half (a mutating custom op cannot register autograd itself,
+    and autograd lets a Function that modifies a view in place return only that one tensor). One
+    launch rotates q and k (k rides in a list: this node gives it no gradient); q is marked dirty,
+    so autograd rebases its history here (a view's base too). Saves the tables and positions only."""
+
+    @staticmethod
+    def forward(ctx, q, k_box, cos, sin, positions, interleaved, backend):
+        _rotary_fwd_inplace(q, k_box[0], cos, sin, positions, interleaved, backend)
+        ctx.mark_dirty(q)
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.args = (interleaved, backend)
+        return q
+
+    @staticmethod
+    def backward(ctx, dq_out):
+        return _grad_one(dq_out, ctx, 0), None, None, None, None, None, None
+
+
+class _RotaryInplaceK(torch.autograd.Function):
+    """k's half: k was rotated by :class:`_RotaryInplaceQ`'s launch; this node marks it dirty and
+    gives it the inverse rotation as gradient."""
+
+    @staticmethod
+    def forward(ctx, k, cos, sin, positions, interleaved, backend):
+        ctx.mark_dirty(k)
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.args = (interleaved, backend)
+        return k
+
+    @staticmethod
+    def backward(ctx, dk_out):
+        return _grad_one(dk_out, ctx, 1), None, None, None, None, None
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` may address a common storage element, from metadata only.
+
+    ``torch._C._overlaps`` compares memory ranges, so it flags q and k taken from one fused QKV
+    output (interleaved ranges, disjoint elements). For equal shapes and strides in a nested layout
+    (each stride at least the next one's extent: no internal overlap) the answer is exact: they share
+    an element iff the offset difference is ``sum_i n_i stride_i`` with ``|n_i| < size_i``, where
+    nesting leaves each ``n_i`` the floor or the ceiling of the residual over ``stride_i``. Anything
+    else stays conservative (True when the ranges meet)."""
+    if not torch._C._overlaps(a, b):
+        return False
+    if a.shape != b.shape or a.stride() != b.stride():
+        return True
+    dims = sorted(((st, n) for st, n in zip(a.stride(), a.shape) if n > 1), reverse=True)
+    if any(s0 < s1 * n1 for (s0, _), (s1, n1) in zip(dims, dims[1:])):
+        return True
+
+    def reachable(d: int, i: int) -> bool:
+        if i == len(dims):
+            return d == 0
+        st, n = dims[i]
+        return any(abs(m) < n and reachable(d - m * st, i + 1) for m in {d // st, -(-d // st)})
+
+    return reachable(b.storage_offset() - a.storage_offset(), 0)
+
+
+def _check_inplace(q: Tensor, k: Tensor) -> None:
+    """The layouts ``inplace=True`` can rotate in their own storage (the memory-overlap checks read
+    storage addresses, so they run in eager mode only; Dynamo cannot trace them)."""
+    compiling = torch.compiler.is_compiling()
+    for name, t in (("q", q), ("k", k)):
+        check(t.stride(-1) == 1, ValueError,
+              f"{name}: inplace=True needs a contiguous last dim (stride 1), got strides {tuple(t.stride())}")
+        check(compiling or torch._debug_has_internal_overlap(t) != 1, ValueError,
+              f"{name}: inplace=True cannot write a tensor whose elements share memory (an expanded view, "
+              f"strides {tuple(t.stride())}); pass inplace=False")
+        check(not (t.is_leaf and t.requires_grad and torch.is_grad_enabled()), ValueError,
+              f"{name}: inplace=True would overwrite a leaf that requires grad (autograd forbids it); pass "
+              "inplace=False or a non-leaf (e.g. the projection's output view)")
+    check(compiling or not (q.numel() and k.numel() and _share_elements(q, k)), ValueError,
+          "q, k: inplace=True needs q and k in disjoint memory, got overlapping tensors (the same storage "
+          "elements); pass inplace=False")
+
+
 def _positions(q: Tensor, position_ids: Optional[Tensor], cu_seqlens: Optional[Tensor], max_positions: int) -> Tensor:
     """Each token's table row as int64: ``[batch, seqlen]`` (padded; stride 0 where broadcast) or
     ``[total_tokens]`` (varlen). No host sync: ``cu_seqlens`` becomes ``t - cu_seqlens[seq(t)]``."""
@@ -109,7 +213,7 @@ def _positions(q: Tensor, position_ids: Optional[Tensor], cu_seqlens: Optional[T
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Optional[Tensor] = None,
-           cu_seqlens: Optional[Tensor] = None, interleaved: bool = False,
+           cu_seqlens: Optional[Tensor] = None, interleaved: bool = False, inplace: bool = False,
            backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Rotary position embeddings (Su et al. 2021, "RoFormer", eq. 34) applied to q and k.
 
@@ -139,10 +243,18 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Opti
         cu_seqlens: varlen only, ``(batch + 1,)`` int32: positions restart at 0 for each sequence.
             Exactly one of ``position_ids`` / ``cu_seqlens`` in the varlen layout.
         interleaved: the pair layout (see above).
+        inplace: rotate q and k in their own storage (no new tensors; e.g. views of a fresh fused
+            QKV projection output) and return them. Autograd-correct: both are marked modified in
+            place (views too: autograd rebases their base's history), so a tensor saved by
+            another op before this call raises at backward, as for any in-place op. Needs a
+            contiguous last dim, no internally overlapping (expanded) q / k, q and k disjoint,
+            and, with grad enabled, neither a leaf that requires grad. Under ``torch.compile``
+            the mutation is the custom op ``fastbert::rotary_fwd_``'s declared ``mutates_args``.
         backend: force a backend, else ``FASTBERT_BACKEND``, else automatic.
 
     Returns:
-        ``(q_rotated, k_rotated)``, contiguous, with q's / k's shapes and dtype.
+        ``(q_rotated, k_rotated)``, contiguous, with q's / k's shapes and dtype; with
+        ``inplace=True``, ``q`` and ``k`` themselves (their strides kept).
 
     Raises:
         TypeError: a non-tensor, non-float q/k/cos/sin, dtypes of q and k that differ, non-integer
@@ -152,7 +264,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Opti
             varlen layout, cos / sin requiring grad; for CPU tensors (or with
             ``FASTBERT_CHECK_INPUTS=1``) also positions outside ``[0, max_positions)`` and
             cu_seqlens values not non-decreasing from 0 to total_tokens (the fast GPU path trusts
-            tensor values).
+            tensor values); with ``inplace=True``, a q / k it cannot write (see ``inplace``).
         RuntimeError: a forced backend cannot take the call.
     """
     check_tensor("q", q, ndim=(3, 4), dtypes=_FLOAT_DTYPES)
@@ -169,6 +281,9 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Opti
     check(0 < rotary_dim <= head_dim, ValueError,
           f"cos, sin: expected 1 <= rotary_dim / 2 = cos.shape[1] <= head_dim / 2 = {head_dim / 2}, got {cos.shape[1]}")
     check(isinstance(interleaved, bool), TypeError, f"interleaved: expected a bool, got {type(interleaved).__name__}")
+    check(isinstance(inplace, bool), TypeError, f"inplace: expected a bool, got {type(inplace).__name__}")
+    if inplace:
+        _check_inplace(q, k)
     positions = _positions(q, position_ids, cu_seqlens, cos.shape[0])
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     cos, sin = (t.detach().to(cdt).contiguous() for t in (cos, sin))
@@ -177,4 +292,10 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Opti
     if q.dim() == 3:
         features.add("varlen")
     name = resolve(CallInfo("rotary", q.device.type, q.dtype, head_dim, frozenset(features)), backend)
-    return _rotary_fwd(q, k, cos, sin, positions, interleaved, name)
+    if not inplace:
+        return _rotary_fwd(q, k, cos, sin, positions, interleaved, name)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        rest = (cos, sin, positions, interleaved, name)
+        return _RotaryInplaceQ.apply(q, [k], *rest), _RotaryInplaceK.apply(k, *rest)
+    _rotary_fwd_inplace(q, k, cos, sin, positions, interleaved, name)
+    return q, k

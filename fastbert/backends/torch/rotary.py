@@ -14,21 +14,27 @@ def _rotate_into(x, out, c, s, interleaved):
     else:
         h = r // 2
         x1, x2, o1, o2 = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
-    if x.dtype == c.dtype:
+    inplace = out is x  # fastbert.ops.rotary(inplace=True)
+    if x.dtype == c.dtype and inplace:  # o1 overwrites x1, which o2 still needs: keep a copy
+        x1c = x1.clone()  # (the out-of-place arithmetic, op for op: bitwise the same result)
+        x1.mul_(c).addcmul_(x2, s, value=-1.0)
+        x2.mul_(c).addcmul_(x1c, s)
+    elif x.dtype == c.dtype:
         torch.mul(x1, c, out=o1)
         o1.addcmul_(x2, s, value=-1.0)
         torch.mul(x2, c, out=o2)
         o2.addcmul_(x1, s)
-    else:  # fp16/bf16: fp32 math, one rounding
+    else:  # fp16/bf16: fp32 math on fp32 copies (so also in place), one rounding
         x1f, x2f = x1.to(c.dtype), x2.to(c.dtype)
         o1.copy_(torch.addcmul(x1f * c, x2f, s, value=-1.0))
         o2.copy_(torch.addcmul(x2f * c, x1f, s))
-    if r < x.shape[-1]:
+    if r < x.shape[-1] and not inplace:
         out[..., r:].copy_(x[..., r:])
 
 
 def rotary_fwd(q, k, cos, sin, q_out, k_out, *, positions, interleaved):
-    """Backend entry point: the tables gathered once per token (shared by q, k and every head)."""
+    """Backend entry point: the tables gathered once per token (shared by q, k and every head);
+    ``q_out`` / ``k_out`` may be ``q`` / ``k`` themselves (in place)."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     c = cos.to(cdt)[positions].unsqueeze(-2)  # [..., 1, r/2]
     s = sin.to(cdt)[positions].unsqueeze(-2)

@@ -1,4 +1,5 @@
-"""Triton backend: registration and declared capabilities (one compute module per op: attention.py, layer_norm.py, gelu.py).
+"""Triton backend: registration and declared capabilities (one compute module per op: attention.py,
+layer_norm.py, gelu.py, geglu.py, rotary.py).
 
 Importing this package does not import Triton; an op's compute module does, on first use.
 On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` (set before importing), which is
@@ -34,7 +35,7 @@ def _probe() -> str | None:
 
 register_backend(BackendSpec(
     name="triton",
-    module=None,  # one compute module per op: attention.py, layer_norm.py, gelu.py
+    module=None,  # one compute module per op (OpCaps.module)
     caps={
         "attention": OpCaps(devices=_DEVICES, dtypes=_DTYPES,
                             head_dims=lambda d: d in ATTENTION_HEAD_DIMS,
@@ -45,7 +46,11 @@ register_backend(BackendSpec(
                              module="fastbert.backends.triton.layer_norm"),
         "gelu": OpCaps(devices=_DEVICES, dtypes=_DTYPES, features=ALL_FEATURES,
                        module="fastbert.backends.triton.gelu"),
+        "geglu": OpCaps(devices=_DEVICES, dtypes=_DTYPES, features=ALL_FEATURES,
+                        module="fastbert.backends.triton.geglu"),
+        "rotary": OpCaps(devices=_DEVICES, dtypes=_DTYPES, features=ALL_FEATURES,  # any head_dim
+                         module="fastbert.backends.triton.rotary"),
     },
-    auto=("attention", "layer_norm", "gelu"),
+    auto=("attention", "layer_norm", "gelu", "geglu", "rotary"),
     probe=_probe,
 ))

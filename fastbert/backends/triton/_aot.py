@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping
 
 ARCHS = (80, 90)
 KERNEL_MODULES = ("fastbert.backends.triton._philox", "fastbert.backends.triton.layer_norm", "fastbert.backends.triton.gelu",
-                  "fastbert.backends.triton.attention")
+                  "fastbert.backends.triton.geglu", "fastbert.backends.triton.rotary", "fastbert.backends.triton.attention")
 
 
 class Pointer:
