@@ -83,17 +83,16 @@ FB_CPU_CLONES void keep_lanes(uint8_t* keep, uint32_t g0, int count, uint32_t c1
   std::memcpy(keep, out, static_cast<size_t>(count) * kColumnsPerCall);
 }
 
-// One line: `groups` groups with counter (g, c1, c2, c3) into keep[0 .. 8 * groups); the groups
-// from `valid_groups` on are zeros (varlen: keys at or past the sequence's length).
-void keep_line(uint8_t* keep, int64_t groups, int64_t valid_groups, uint32_t c1, uint32_t c2, uint32_t c3,
+// One line: groups g0 .. g0 + groups - 1 with counter (g, c1, c2, c3) into keep[0 .. 8 * groups);
+// the groups from the `valid`-th on are zeros (varlen: keys at or past the sequence's length).
+void keep_line(uint8_t* keep, int64_t g0, int64_t groups, int64_t valid, uint32_t c1, uint32_t c2, uint32_t c3,
                uint32_t k0, uint32_t k1, uint32_t threshold) {
-  int64_t g = 0;
-  for (; g < valid_groups; g += kLanes) {
-    const int count = static_cast<int>(std::min<int64_t>(kLanes, valid_groups - g));
-    keep_lanes(keep + kColumnsPerCall * g, static_cast<uint32_t>(g), count, c1, c2, c3, k0, k1, threshold);
+  for (int64_t g = 0; g < valid; g += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, valid - g));
+    keep_lanes(keep + kColumnsPerCall * g, static_cast<uint32_t>(g0 + g), count, c1, c2, c3, k0, k1, threshold);
   }
-  if (valid_groups < groups) {
-    std::memset(keep + kColumnsPerCall * valid_groups, 0, static_cast<size_t>(kColumnsPerCall * (groups - valid_groups)));
+  if (valid < groups) {
+    std::memset(keep + kColumnsPerCall * valid, 0, static_cast<size_t>(kColumnsPerCall * (groups - valid)));
   }
 }
 
@@ -121,38 +120,42 @@ void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("fastbert._C_cpu: " + what);
 }
 
-// keep: uint8/bool [batch, num_heads, seqlen_q, 8 * groups] contiguous. Counter = (key group,
-// query row, head, sequence). `lengths` empty: every element drawn; else one length per sequence:
-// rows >= length and groups starting at or past it are zeros.
-void attention_keep(uintptr_t keep_ptr, uint32_t k0, uint32_t k1, uint32_t threshold, int64_t batch,
-                    int64_t num_heads, int64_t seqlen_q, int64_t groups, const std::vector<int64_t>& lengths,
-                    int threads) {
+// A block of the attention mask into keep, uint8/bool [seqs.size(), num_heads, rows, 8 * groups]
+// contiguous: query rows row_start .. row_start + rows - 1, key groups group_start .. group_start
+// + groups - 1, sequences seqs (logical indices). Counter = (key group, query row, head,
+// sequence). `lengths` empty: every element drawn; else one length per entry of seqs: rows >=
+// length and groups starting at or past it are zeros.
+void attention_keep(uintptr_t keep_ptr, uint32_t k0, uint32_t k1, uint32_t threshold, const std::vector<int64_t>& seqs,
+                    int64_t num_heads, int64_t row_start, int64_t rows, int64_t group_start, int64_t groups,
+                    const std::vector<int64_t>& lengths, int threads) {
   check(keep_ptr != 0, "keep is a null pointer");
-  check(batch >= 0 && num_heads >= 0 && seqlen_q >= 0 && groups >= 0, "negative size");
-  check(lengths.empty() || static_cast<int64_t>(lengths.size()) == batch,
-        "lengths has " + std::to_string(lengths.size()) + " entries, expected batch = " + std::to_string(batch));
+  check(num_heads >= 0 && rows >= 0 && groups >= 0 && row_start >= 0 && group_start >= 0, "negative size or start");
+  check(lengths.empty() || lengths.size() == seqs.size(),
+        "lengths has " + std::to_string(lengths.size()) + " entries, expected one per sequence (" +
+            std::to_string(seqs.size()) + ")");
   check(threshold < 65536u, "threshold must be < 65536, got " + std::to_string(threshold));
   uint8_t* keep = reinterpret_cast<uint8_t*>(keep_ptr);
   const int64_t row_bytes = kColumnsPerCall * groups;
   py::gil_scoped_release nogil;
-  parallel_lines(batch * num_heads * seqlen_q, threads, [&](int64_t s, int64_t e) {
+  parallel_lines(static_cast<int64_t>(seqs.size()) * num_heads * rows, threads, [&](int64_t s, int64_t e) {
     for (int64_t line = s; line < e; ++line) {
-      const int64_t row = line % seqlen_q, bh = line / seqlen_q;
-      const int64_t head = bh % num_heads, seq = bh / num_heads;
+      const int64_t row = row_start + line % rows, sh = line / rows;
+      const int64_t head = sh % num_heads, b = sh / num_heads;
       int64_t valid = groups;
       if (!lengths.empty()) {
-        const int64_t n = lengths[static_cast<size_t>(seq)];
-        valid = row < n ? std::min(groups, (n + kColumnsPerCall - 1) / kColumnsPerCall) : 0;
+        const int64_t n = lengths[static_cast<size_t>(b)];
+        valid = row < n ? std::clamp<int64_t>((n + kColumnsPerCall - 1) / kColumnsPerCall - group_start, 0, groups) : 0;
       }
-      keep_line(keep + line * row_bytes, groups, valid, static_cast<uint32_t>(row), static_cast<uint32_t>(head),
-                static_cast<uint32_t>(seq), k0, k1, threshold);
+      keep_line(keep + line * row_bytes, group_start, groups, valid, static_cast<uint32_t>(row),
+                static_cast<uint32_t>(head), static_cast<uint32_t>(seqs[static_cast<size_t>(b)]), k0, k1, threshold);
     }
   });
 }
 
-// keep: uint8/bool [num_rows, 8 * groups] contiguous. Counter = (group, row low, row high, 0).
-void rows_keep(uintptr_t keep_ptr, uint32_t k0, uint32_t k1, uint32_t threshold, int64_t num_rows, int64_t groups,
-               int threads) {
+// Rows row_start .. row_start + num_rows - 1 of the LayerNorm mask into keep, uint8/bool
+// [num_rows, 8 * groups] contiguous. Counter = (group, row low word, row high word, 0).
+void rows_keep(uintptr_t keep_ptr, uint32_t k0, uint32_t k1, uint32_t threshold, uint64_t row_start, int64_t num_rows,
+               int64_t groups, int threads) {
   check(keep_ptr != 0, "keep is a null pointer");
   check(num_rows >= 0 && groups >= 0, "negative size");
   check(threshold < 65536u, "threshold must be < 65536, got " + std::to_string(threshold));
@@ -160,9 +163,9 @@ void rows_keep(uintptr_t keep_ptr, uint32_t k0, uint32_t k1, uint32_t threshold,
   const int64_t row_bytes = kColumnsPerCall * groups;
   py::gil_scoped_release nogil;
   parallel_lines(num_rows, threads, [&](int64_t s, int64_t e) {
-    for (int64_t row = s; row < e; ++row) {
-      const uint64_t r = static_cast<uint64_t>(row);
-      keep_line(keep + row * row_bytes, groups, groups, static_cast<uint32_t>(r & 0xFFFFFFFFu),
+    for (int64_t i = s; i < e; ++i) {
+      const uint64_t r = row_start + static_cast<uint64_t>(i);
+      keep_line(keep + i * row_bytes, 0, groups, groups, static_cast<uint32_t>(r & 0xFFFFFFFFu),
                 static_cast<uint32_t>(r >> 32), 0u, k0, k1, threshold);
     }
   });
@@ -174,10 +177,10 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "fastbert CPU helpers: the shared dropout keep masks, compiled (private raw-pointer API)";
   m.def("version", [] { return std::string(FASTBERT_VERSION); }, "The fastbert version this module was built for.");
   m.def("attention_keep", &attention_keep, py::arg("keep"), py::arg("k0"), py::arg("k1"), py::arg("threshold"),
-        py::arg("batch"), py::arg("num_heads"), py::arg("seqlen_q"), py::arg("groups"), py::arg("lengths"),
-        py::arg("threads"),
-        "Attention keep mask into uint8 [batch, num_heads, seqlen_q, 8 * groups] at address `keep`.");
+        py::arg("seqs"), py::arg("num_heads"), py::arg("row_start"), py::arg("rows"), py::arg("group_start"),
+        py::arg("groups"), py::arg("lengths"), py::arg("threads"),
+        "A block of the attention keep mask into uint8 [len(seqs), num_heads, rows, 8 * groups] at address `keep`.");
   m.def("rows_keep", &rows_keep, py::arg("keep"), py::arg("k0"), py::arg("k1"), py::arg("threshold"),
-        py::arg("num_rows"), py::arg("groups"), py::arg("threads"),
-        "LayerNorm keep mask into uint8 [num_rows, 8 * groups] at address `keep`.");
+        py::arg("row_start"), py::arg("num_rows"), py::arg("groups"), py::arg("threads"),
+        "Rows of the LayerNorm keep mask into uint8 [num_rows, 8 * groups] at address `keep`.");
 }

@@ -248,8 +248,8 @@ def _varlen_keep_mask(seed, dropout_p, num_heads, seqlen_q, seqlen_k, lengths, d
     ext = _compiled_for(seed, dev)
     if ext is not None:
         keep = torch.empty((batch, num_heads, seqlen_q, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
-        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), batch, num_heads,
-                           seqlen_q, groups, list(lengths), torch.get_num_threads())
+        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), list(range(batch)),
+                           num_heads, 0, seqlen_q, 0, groups, list(lengths), torch.get_num_threads())
         return keep[..., :seqlen_k]
     keep = torch.zeros((batch, num_heads, seqlen_q, groups, COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
     n = torch.tensor(lengths, device=dev).view(-1, 1, 1, 1)
@@ -273,8 +273,8 @@ def _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, 
     keep = torch.empty((batch * num_heads, seqlen_q, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
     ext = _compiled_for(seed, dev)
     if ext is not None and keep.numel():
-        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), batch, num_heads,
-                           seqlen_q, groups, [], torch.get_num_threads())
+        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), list(range(batch)),
+                           num_heads, 0, seqlen_q, 0, groups, [], torch.get_num_threads())
         return keep.view(batch, num_heads, seqlen_q, -1)[..., :seqlen_k]
     per_bh = seqlen_q * groups
     if per_bh and batch * num_heads:
@@ -289,6 +289,29 @@ def _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, 
             _keep_into(chunk, (col_group, row, bh % num_heads, bh // num_heads), keys,
                        dropout_threshold(dropout_p), bufs)
     return keep.view(batch, num_heads, seqlen_q, -1)[..., :seqlen_k]
+
+
+def attention_keep_block(seed: torch.Tensor, dropout_p: float, seqs: torch.Tensor, num_heads: int, qs: int, qe: int,
+                         ks: int, ke: int, device) -> torch.Tensor:
+    """Rows ``[qs, qe)`` x keys ``[ks, ke)`` of the attention keep mask of the sequences ``seqs``
+    (int64 ``[b]``, logical sequence indices): bool ``[b, num_heads, qe - qs, ke - ks]``,
+    bit-identical to that block of :func:`attention_keep_mask`, at the block's cost (a local
+    attention window draws only the blocks it reaches)."""
+    g0, g1 = ks // COLUMNS_PER_CALL, -(-ke // COLUMNS_PER_CALL)
+    shape = (seqs.numel(), num_heads, qe - qs, g1 - g0)
+    keep = torch.empty(shape + (COLUMNS_PER_CALL,), dtype=torch.bool, device=device)
+    ext = _compiled_for(seed, device) if seqs.device.type == "cpu" else None
+    if ext is not None and keep.numel():
+        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), seqs.tolist(),
+                           num_heads, qs, qe - qs, g0, g1 - g0, [], torch.get_num_threads())
+    elif keep.numel():
+        ar = lambda a, b: torch.arange(a, b, device=device, dtype=torch.int64)  # noqa: E731
+        counters = (ar(g0, g1).view(1, 1, 1, -1), ar(qs, qe).view(1, 1, -1, 1), ar(0, num_heads).view(1, -1, 1, 1),
+                    seqs.view(-1, 1, 1, 1))
+        _keep_into(keep, counters, _round_keys(seed, device), dropout_threshold(dropout_p),
+                   _buffers(keep.numel() // COLUMNS_PER_CALL, device))
+    off = ks - g0 * COLUMNS_PER_CALL
+    return keep.flatten(-2)[..., off:off + ke - ks]
 
 
 def rows_keep_mask(seed: torch.Tensor, dropout_p: float, num_rows: int, hidden: int,
@@ -308,7 +331,7 @@ def _rows_keep_mask(seed, dropout_p, num_rows, hidden, dev):
     keep = torch.empty((num_rows, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
     ext = _compiled_for(seed, dev)
     if ext is not None and keep.numel():
-        ext.rows_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), num_rows, groups,
+        ext.rows_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), 0, num_rows, groups,
                       torch.get_num_threads())
         return keep[:, :hidden]
     if num_rows and groups:
