@@ -171,3 +171,39 @@ def test_traced_and_fake_calls_keep_the_torch_op_generator():
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(SEEDS[0])
         assert _philox._compiled_for(fake, "cpu") is None
+
+
+# ---- the torch backend's varlen dropout: runs of equal-length sequences, no padding ----------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_torch_varlen_dropout_runs_equal_the_padded_reference(dtype):
+    """The torch backend computes varlen attention with dropout per run of equal-length sequences
+    (``_varlen_dropout``): output and every gradient equal the reference backend's padded
+    composite math (fp64: to rounding; bf16: the same fp32 math, so within a few bf16 ulp), with
+    empty sequences, runs broken by an empty sequence, and NaN-poisoned outputs."""
+    from fastbert.backends import get_backend
+    from fastbert.backends.torch import _varlen_dropout
+
+    lengths, heads, dim = [5, 5, 0, 5, 9, 9, 1, 0], 3, 16
+    assert [r[1:] for r in _varlen_dropout._runs(torch.tensor([0] + lengths).cumsum(0))] == [
+        [0, 2, 5], [3, 1, 5], [4, 2, 9], [6, 1, 1]]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    total = int(cu[-1])
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(total, heads, dim, generator=gen, dtype=torch.float64).to(dtype) for _ in range(4))
+    kw = dict(attention_mask=None, attn_bias=None, cu_seqlens=cu, max_seqlen=max(lengths), dropout_p=0.3,
+              seed=SEEDS[0], softmax_scale=dim**-0.5)
+    results = {}
+    for name in ("torch", "reference"):
+        mod = get_backend(name).load("attention")
+        out = torch.full_like(q, float("nan"))
+        lse = torch.empty(0) if name == "torch" else torch.full((2, heads, total), float("nan"))
+        mod.attention_fwd(q, k, v, out, lse, **kw)
+        grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+        mod.attention_bwd(do, q, k, v, out, lse, *grads, None, **kw)
+        results[name] = [out, *grads]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    for got, want, what in zip(results["torch"], results["reference"], ("out", "dq", "dk", "dv")):
+        assert not got.isnan().any(), what
+        torch.testing.assert_close(got, want, **tol, msg=what)

@@ -222,16 +222,22 @@ def _buffers(n: int, device):
 
 
 def attention_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_heads: int,
-                        seqlen_q: int, seqlen_k: int, device=None, lengths=None) -> torch.Tensor:
+                        seqlen_q: int, seqlen_k: int, device=None, lengths=None,
+                        first_sequence: int = 0) -> torch.Tensor:
     """Keep mask ``[batch, num_heads, seqlen_q, seqlen_k]`` bool for attention dropout.
 
     Counter = (key column // 8, query row, head, sequence); positions are within the sequence,
     so padded and varlen layouts draw the same mask. A view of a ``[.., 8 * ceil(seqlen_k / 8)]``
     mask when seqlen_k is not a multiple of 8. ``lengths`` (varlen self-attention: a list of
     ``batch`` sequence lengths) draws only rows < length and 8-key groups that start below it;
-    the rest is False (those rows and keys are padding there).
+    the rest is False (those rows and keys are padding there). ``first_sequence``: the logical
+    index of the first sequence (a run of sequences drawn on its own: sequences ``first_sequence
+    .. first_sequence + batch - 1``; without ``lengths``).
     """
     dev = seed.device if device is None else device
+    if first_sequence:
+        seqs = torch.arange(first_sequence, first_sequence + batch, device=dev)
+        return attention_keep_block(seed, dropout_p, seqs, num_heads, 0, seqlen_q, 0, seqlen_k, dev)
     if lengths is not None:
         lengths = tuple(int(n) for n in lengths)
         if min(lengths, default=seqlen_q) < min(seqlen_q, seqlen_k):
