@@ -3,7 +3,7 @@ dropout 0.1 vs 0, and the integer instructions the GPU kernels spend on dropout 
 
     python benchmarks/dropout_cost.py masks [--old PATH/_philox.py] [--threads 1,2] [--quick]
     python benchmarks/dropout_cost.py step [--layers 12] [--threads 2] [--rounds 7] [--quick]
-    python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--json OUT]
+    python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--cuda-src TREE] [--json OUT]
 
 ``masks`` times ``attention_keep_mask`` (8x12x128x128, padded and varlen at ~50% fill) and
 ``rows_keep_mask`` (1024x768) of this tree with the compiled generator (``fastbert._C_cpu``) and
@@ -15,7 +15,10 @@ unpadded, torch backend), batch 8 x 128 at ~50% fill, forward + backward + AdamW
 ``sass``: compiles the Triton attention forward for sm_90 with and without dropout and counts
 integer SASS instructions with ``cuobjdump -sass`` (the difference is dropout's cost; divided by
 the elements each thread owns per key block it is the integer instructions per element); with
-``--cuda-module`` it does the same for the CUDA forward kernels of a built ``fastbert._C``.
+``--cuda-module`` it does the same for the CUDA forward kernels of a built ``fastbert._C``
+(dropout is a runtime flag there: both paths in one count), and with ``--cuda-src TREE`` it
+compiles TREE/csrc/attention_fwd.cu (nvcc, sm_90a) with and without dropout, whose difference is
+dropout's integer instructions per kernel (the same tile in both trees: their ratio is per element).
 Run ``sass`` from two trees (this one and the previous version) to get the before/after ratio.
 Wall clock; check ``uptime`` first and report the load.
 """
@@ -224,10 +227,53 @@ def sass(args):
             if "attention_fwd_kernel" in name:  # dropout is a runtime flag: both paths are in the count
                 counts = _count_int(fn)
                 out[f"cuda sm_90a {name}"] = dict(int_instructions=sum(counts.values()), by_op=counts)
+    if args.cuda_src:
+        out.update(_cuda_src_counts(args.cuda_src, args.nvcc))
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def _fwd_kernels(cubin: str) -> dict:
+    """Integer SASS instructions of each attention_fwd_kernel instantiation in a cubin, by its
+    demangled template name."""
+    text = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for fn in re.split(r"\n\s*Function : ", text)[1:]:
+        name = fn.split("\n", 1)[0].strip()
+        if "attention_fwd_kernel" in name:
+            demangled = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+            m = re.search(r"attention_fwd_kernel<[^>]*>", demangled)
+            out[m.group(0) if m else name] = sum(_count_int(fn).values())
+    return out
+
+
+def _cuda_src_counts(root: str, nvcc: str) -> dict:
+    """Dropout's integer SASS in the CUDA forward of the csrc/ tree under ``root``: compiles
+    csrc/attention_fwd.cu for sm_90a as it is and with dropout switched off (``const bool dropout
+    = false``, so the compiler drops its code), per instantiation; the difference is dropout's.
+    Both compiles share the tile, so a ratio of two trees' differences is per element."""
+    import shutil
+    import tempfile
+
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dropout in (True, False):
+            src = os.path.join(tmp, f"csrc{int(dropout)}")
+            shutil.copytree(os.path.join(root, "csrc"), src)
+            fwd = os.path.join(src, "attention_fwd.cu")
+            text = open(fwd).read()
+            if not dropout:
+                assert "const bool dropout = p.seed != nullptr;" in text, "the forward's dropout switch moved"
+                text = text.replace("const bool dropout = p.seed != nullptr;", "const bool dropout = false;")
+                open(fwd, "w").write(text)
+            cubin = os.path.join(tmp, f"fwd{int(dropout)}.cubin")
+            subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-arch=sm_90a", "-I", src, fwd, "-o", cubin],
+                           check=True)
+            res[dropout] = _fwd_kernels(cubin)
+    return {f"cuda src sm_90a {k}": dict(int_instructions=v, without_dropout=res[False][k],
+                                         dropout_int_instructions=v - res[False][k]) for k, v in res[True].items()}
 
 
 def main():
@@ -247,6 +293,8 @@ def main():
     a = sub.add_parser("sass")
     a.add_argument("--cuda-module")
     a.add_argument("--json")
+    a.add_argument("--cuda-src", help="a tree whose csrc/attention_fwd.cu to compile with and without dropout")
+    a.add_argument("--nvcc", default="nvcc")
     args = parser.parse_args()
     {"masks": masks, "step": step, "sass": sass}[args.cmd](args)
 
