@@ -1,11 +1,12 @@
 """Build script: the Python package plus, when the tools exist, the C++ extensions.
 
-``fastbert._C`` (the CUDA kernels, nvcc >= 12) and ``fastbert._C_host`` (the same kernels compiled
-for the CPU, used by the ``cuda-host`` test backend) are built by CMake + Ninja from csrc/ (see
+``fastbert._C`` (the CUDA kernels, nvcc >= 12), ``fastbert._C_host`` (the same kernels compiled
+for the CPU, used by the ``cuda-host`` test backend) and ``fastbert._C_cpu`` (the torch backend's
+compiled CPU helpers: dropout keep masks; the torch backend falls back to torch ops without it) are built by CMake + Ninja from csrc/ (see
 CMakeLists.txt and csrc/README.md); ``fastbert._C_harness`` (the GPU run of the execution-model
 self-test, nvcc) only on request. Environment:
 
-- ``FASTBERT_BUILD_CUDA=0`` / ``FASTBERT_BUILD_HOST=0``: skip a module;
+- ``FASTBERT_BUILD_CUDA=0`` / ``FASTBERT_BUILD_HOST=0`` / ``FASTBERT_BUILD_CPU=0``: skip a module;
 - ``FASTBERT_BUILD_HARNESS=1``: also build ``fastbert._C_harness`` (the device check sets it);
 - ``FASTBERT_CUDA_ARCHS`` (default ``80;90a``): GPU archs (SASS for each, PTX of the lowest);
 - the CUDA compiler, first found of: ``CUDACXX``, ``nvcc`` on PATH, ``/usr/local/cuda/bin/nvcc``;
@@ -116,6 +117,13 @@ def _plan() -> tuple[list[Extension], dict, dict]:
             skip("_C_host", "no C++ compiler: not building fastbert._C_host (the 'cuda-host' test backend)")
     else:
         skip("_C_host", "FASTBERT_BUILD_HOST=0: not building fastbert._C_host")
+    if _enabled("FASTBERT_BUILD_CPU"):
+        if _has_cxx():
+            exts.append(Extension("fastbert._C_cpu", sources=[]))
+        else:
+            skip("_C_cpu", "no C++ compiler: not building fastbert._C_cpu (the torch backend uses torch ops instead)")
+    else:
+        skip("_C_cpu", "FASTBERT_BUILD_CPU=0: not building fastbert._C_cpu")
     return exts, opts, modules
 
 
@@ -182,6 +190,7 @@ class CMakeBuild(build_ext):
             f"-DFASTBERT_OUTPUT_DIR={out_dir}",
             f"-DFASTBERT_BUILD_CUDA={'ON' if 'fastbert._C' in names else 'OFF'}",
             f"-DFASTBERT_BUILD_HOST={'ON' if 'fastbert._C_host' in names else 'OFF'}",
+            f"-DFASTBERT_BUILD_CPU={'ON' if 'fastbert._C_cpu' in names else 'OFF'}",
             f"-DFASTBERT_BUILD_HARNESS={'ON' if 'fastbert._C_harness' in names else 'OFF'}",
             f"-DFASTBERT_CUDA_ARCHS={os.environ.get('FASTBERT_CUDA_ARCHS', '80;90a')}",
             f"-DFASTBERT_WERROR={'ON' if WERROR else 'OFF'}",

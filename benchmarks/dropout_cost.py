@@ -1,18 +1,24 @@
 """What dropout costs: the shared Philox keep masks on the torch backend, a training step with
 dropout 0.1 vs 0, and the integer instructions the GPU kernels spend on dropout (SASS counts).
 
-    python benchmarks/dropout_cost.py masks [--old PATH/_philox.py] [--threads 1,2]
-    python benchmarks/dropout_cost.py step [--layers 12] [--threads 2] [--rounds 7]
-    python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--json OUT]
+    python benchmarks/dropout_cost.py masks [--old PATH/_philox.py] [--threads 1,2] [--quick]
+    python benchmarks/dropout_cost.py step [--layers 12] [--threads 2] [--rounds 7] [--quick]
+    python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--cuda-src TREE] [--json OUT]
 
-``masks`` times ``attention_keep_mask`` (8x12x128x128) and ``rows_keep_mask`` (1024x768) of this
-tree, and of another version of the module when ``--old`` names its file, in interleaved rounds
-(median, min-max). ``step``: fastbert's BertModel (BERT-base shape, unpadded, torch backend),
-batch 8 x 128 at ~50% fill, forward + backward + AdamW, dropout 0.1 vs 0.0 in interleaved rounds.
+``masks`` times ``attention_keep_mask`` (8x12x128x128, padded and varlen at ~50% fill) and
+``rows_keep_mask`` (1024x768) of this tree with the compiled generator (``fastbert._C_cpu``) and
+with the torch-op generator, and of another version of the module when ``--old`` names its file,
+in interleaved rounds (median, min-max). ``step``: fastbert's BertModel (BERT-base shape,
+unpadded, torch backend), batch 8 x 128 at ~50% fill, forward + backward + AdamW, dropout 0.1
+(compiled masks), dropout 0.1 with the torch-op masks, and 0.0, in interleaved rounds.
+``--quick``: a smoke run (3 rounds; step: 2 layers).
 ``sass``: compiles the Triton attention forward for sm_90 with and without dropout and counts
 integer SASS instructions with ``cuobjdump -sass`` (the difference is dropout's cost; divided by
 the elements each thread owns per key block it is the integer instructions per element); with
-``--cuda-module`` it does the same for the CUDA forward kernels of a built ``fastbert._C``.
+``--cuda-module`` it does the same for the CUDA forward kernels of a built ``fastbert._C``
+(dropout is a runtime flag there: both paths in one count), and with ``--cuda-src TREE`` it
+compiles TREE/csrc/attention_fwd.cu (nvcc, sm_90a) with and without dropout, whose difference is
+dropout's integer instructions per kernel (the same tile in both trees: their ratio is per element).
 Run ``sass`` from two trees (this one and the previous version) to get the before/after ratio.
 Wall clock; check ``uptime`` first and report the load.
 """
@@ -39,24 +45,44 @@ def masks(args):
 
     from fastbert.backends import _philox
 
+    from fastbert.bench.core import variable_lengths
+
     _philox.MASK_CACHE_BYTES = 0  # time the generation, not the memoized lookup
-    mods = {"this tree": _philox}
+
+    def generator(mod, compiled):
+        def use():
+            mod.USE_COMPILED = compiled
+            return mod
+        return use
+
+    mods = {"torch ops": generator(_philox, False)}
+    if not isinstance(_philox.compiled_generator(), str):
+        mods["compiled"] = generator(_philox, True)
+    else:
+        print(f"compiled generator unavailable: {_philox.compiled_generator()}")
     if args.old:
         spec = importlib.util.spec_from_file_location("philox_old", args.old)
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
-        mods = {"old": old, **mods}
+        old.MASK_CACHE_BYTES = 0
+        mods = {"old": lambda: old, **mods}
     seed = torch.tensor([12345, 678910])
+    lengths = variable_lengths(8, 128, 0.5, 0)
     cases = {"attention 8x12x128x128": lambda m: m.attention_keep_mask(seed, 0.1, 8, 12, 128, 128),
+             "attention varlen 8x12x128 fill 0.5": lambda m: m.attention_keep_mask(seed, 0.1, 8, 12, 128, 128,
+                                                                                    lengths=lengths),
              "LN rows 1024x768": lambda m: m.rows_keep_mask(seed, 0.1, 1024, 768)}
+    rounds = 3 if args.quick else args.rounds
+    print(f"load {os.getloadavg()}, {rounds} interleaved rounds, median [min-max]")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for name, fn in cases.items():
             times = {k: [] for k in mods}
-            for m in mods.values():
-                fn(m)
-            for _ in range(args.rounds):
-                for k, m in mods.items():
+            for use in mods.values():
+                fn(use())
+            for _ in range(rounds):
+                for k, use in mods.items():
+                    m = use()
                     t0 = time.perf_counter()
                     fn(m)
                     times[k].append(time.perf_counter() - t0)
@@ -69,7 +95,10 @@ def step(args):
     from fastbert.bench.core import padding_mask, variable_lengths
     from fastbert.models import BertConfig, BertModel, unpad_metadata
 
+    from fastbert.backends import _philox
+
     torch.set_num_threads(args.threads)
+    layers, rounds = (2, 3) if args.quick else (args.layers, args.rounds)
     batch, seqlen = 8, 128
     lengths = variable_lengths(batch, seqlen, 0.5, 0)
     mask = padding_mask(lengths, seqlen, "cpu").long()
@@ -77,34 +106,39 @@ def step(args):
     target = torch.randn(batch, seqlen, 768, generator=torch.Generator().manual_seed(1)) * mask[..., None]
     meta = unpad_metadata(mask)
     steps = {}
-    for p in (0.1, 0.0):
+    compiled = not isinstance(_philox.compiled_generator(), str)
+    variants = [("dropout 0.1", 0.1, True), ("dropout 0.0", 0.0, True)]
+    if compiled:  # the same step with the torch-op generator: the compiled generator's gain
+        variants.insert(1, ("dropout 0.1 torch-op masks", 0.1, False))
+    else:
+        print(f"compiled generator unavailable: {_philox.compiled_generator()}")
+    for name, p, use_compiled in variants:
         torch.manual_seed(0)
-        model = BertModel(BertConfig(num_hidden_layers=args.layers, hidden_dropout_prob=p,
+        model = BertModel(BertConfig(num_hidden_layers=layers, hidden_dropout_prob=p,
                                      attention_probs_dropout_prob=p), backend=args.backend).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def run(model=model, opt=opt):
+        def run(model=model, opt=opt, use_compiled=use_compiled):
+            _philox.USE_COMPILED = use_compiled
             opt.zero_grad(set_to_none=True)
             out = model(ids, attention_mask=mask, indices=meta[0], cu_seqlens=meta[1],
                         max_seqlen=meta[2]).last_hidden_state
             (out * target).sum().backward()
             opt.step()
-        steps[f"dropout {p}"] = run
+        steps[name] = run
     for fn in steps.values():
         fn()
     times = {k: [] for k in steps}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for k, fn in steps.items():
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    print(f"BERT-base-shaped step ({args.layers} layers), 8x128 fill {sum(lengths) / (batch * seqlen):.2f}, "
-          f"threads={args.threads}, backend={args.backend}, {args.rounds} interleaved rounds")
+    print(f"BERT-base-shaped step ({layers} layers), 8x128 fill {sum(lengths) / (batch * seqlen):.2f}, "
+          f"threads={args.threads}, backend={args.backend}, {rounds} interleaved rounds, load {os.getloadavg()}")
     for k, v in times.items():
         print(f"  {k}: {_stats(v)}")
     # Mask generation inside the dropout step (time spent in the generators: cache misses).
-    from fastbert.backends import _philox
-
     spent = []
     for name in ("_attention_keep_mask", "_varlen_keep_mask", "_rows_keep_mask"):
         fn = getattr(_philox, name)
@@ -121,9 +155,10 @@ def step(args):
     total = time.perf_counter() - t0
     print(f"  one more dropout-0.1 step: {1e3 * total:.1f} ms, of which mask generation {1e3 * sum(spent):.1f} ms "
           f"({len(spent)} masks, {100 * sum(spent) / total:.1f}%)")
-    ratios = [a / b for a, b in zip(times["dropout 0.1"], times["dropout 0.0"])]
-    print(f"  ratio dropout 0.1 / 0.0 per round: median {statistics.median(ratios):.3f} "
-          f"[{min(ratios):.3f}-{max(ratios):.3f}]")
+    for k in [k for k in times if k != "dropout 0.0"]:
+        ratios = [a / b for a, b in zip(times[k], times["dropout 0.0"])]
+        print(f"  ratio {k} / dropout 0.0 per round: median {statistics.median(ratios):.3f} "
+              f"[{min(ratios):.3f}-{max(ratios):.3f}]")
 
 
 # Integer-pipe SASS opcodes (address and loop arithmetic included; they are the same with and
@@ -192,10 +227,53 @@ def sass(args):
             if "attention_fwd_kernel" in name:  # dropout is a runtime flag: both paths are in the count
                 counts = _count_int(fn)
                 out[f"cuda sm_90a {name}"] = dict(int_instructions=sum(counts.values()), by_op=counts)
+    if args.cuda_src:
+        out.update(_cuda_src_counts(args.cuda_src, args.nvcc))
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def _fwd_kernels(cubin: str) -> dict:
+    """Integer SASS instructions of each attention_fwd_kernel instantiation in a cubin, by its
+    demangled template name."""
+    text = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for fn in re.split(r"\n\s*Function : ", text)[1:]:
+        name = fn.split("\n", 1)[0].strip()
+        if "attention_fwd_kernel" in name:
+            demangled = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+            m = re.search(r"attention_fwd_kernel<[^>]*>", demangled)
+            out[m.group(0) if m else name] = sum(_count_int(fn).values())
+    return out
+
+
+def _cuda_src_counts(root: str, nvcc: str) -> dict:
+    """Dropout's integer SASS in the CUDA forward of the csrc/ tree under ``root``: compiles
+    csrc/attention_fwd.cu for sm_90a as it is and with dropout switched off (``const bool dropout
+    = false``, so the compiler drops its code), per instantiation; the difference is dropout's.
+    Both compiles share the tile, so a ratio of two trees' differences is per element."""
+    import shutil
+    import tempfile
+
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dropout in (True, False):
+            src = os.path.join(tmp, f"csrc{int(dropout)}")
+            shutil.copytree(os.path.join(root, "csrc"), src)
+            fwd = os.path.join(src, "attention_fwd.cu")
+            text = open(fwd).read()
+            if not dropout:
+                assert "const bool dropout = p.seed != nullptr;" in text, "the forward's dropout switch moved"
+                text = text.replace("const bool dropout = p.seed != nullptr;", "const bool dropout = false;")
+                open(fwd, "w").write(text)
+            cubin = os.path.join(tmp, f"fwd{int(dropout)}.cubin")
+            subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-arch=sm_90a", "-I", src, fwd, "-o", cubin],
+                           check=True)
+            res[dropout] = _fwd_kernels(cubin)
+    return {f"cuda src sm_90a {k}": dict(int_instructions=v, without_dropout=res[False][k],
+                                         dropout_int_instructions=v - res[False][k]) for k, v in res[True].items()}
 
 
 def main():
@@ -205,14 +283,18 @@ def main():
     m.add_argument("--old")
     m.add_argument("--threads", default="1,2")
     m.add_argument("--rounds", type=int, default=7)
+    m.add_argument("--quick", action="store_true")
     s = sub.add_parser("step")
     s.add_argument("--layers", type=int, default=12)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--rounds", type=int, default=7)
     s.add_argument("--backend", default="torch")
+    s.add_argument("--quick", action="store_true")
     a = sub.add_parser("sass")
     a.add_argument("--cuda-module")
     a.add_argument("--json")
+    a.add_argument("--cuda-src", help="a tree whose csrc/attention_fwd.cu to compile with and without dropout")
+    a.add_argument("--nvcc", default="nvcc")
     args = parser.parse_args()
     {"masks": masks, "step": step, "sass": sass}[args.cmd](args)
 

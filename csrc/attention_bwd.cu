@@ -147,22 +147,36 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_k
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = row_i[r], kj = n0 + col;
-        float pe = 0.0f;
-        if (sKeyOk[col] && i < seq.seqlen_q && (!edge || in_window(p, i, kj))) {
-          const float x = s[j][e] * scale;
-          const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
-          if (bias != -INFINITY) pe = recompute_p<T>(x + bias, lse_r[r]);
+      for (int r = 0; r < 2; ++r) {
+        const int i = row_i[r];
+        float pe[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = 8 * j + 2 * t + c, kj = n0 + col;
+          pe[c] = 0.0f;
+          if (sKeyOk[col] && i < seq.seqlen_q && (!edge || in_window(p, i, kj))) {
+            const float x = s[j][2 * r + c] * scale;
+            const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
+            if (bias != -INFINITY) pe[c] = recompute_p<T>(x + bias, lse_r[r]);
+          }
         }
-        // One call per element here (the fp32 tiles sit at the register cap: a word shared by
-        // the lane's two keys would stay live across them and spill).
-        const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
-        const float ds = pe * (dp[j][e] * z - delta[r]);
-        if (p.dbias != nullptr && i < seq.seqlen_q && kj < seq.seqlen_k)
-          p.dbias[b * p.dbias_stride[0] + h * p.dbias_stride[1] + static_cast<int64_t>(i) * p.dbias_stride[2] +
-                  static_cast<int64_t>(kj) * p.dbias_stride[3]] = ds;
-        s[j][e] = ds;
+        // This lane's keys 2t, 2t + 1 of the 8-key group are the halves of word t of one call
+        // (as in the forward); the word is live only across this pair.
+        float z[2] = {1.0f, 1.0f};
+        if (dropout && (pe[0] != 0.0f || pe[1] != 0.0f)) {
+          const uint32_t w = philox_word(dropout_words(key, b, h, i, n0 + 8 * j), t);
+          if (pe[0] != 0.0f) z[0] = dropout_keep_lo(w, p.dropout_threshold) ? p.dropout_scale : 0.0f;
+          if (pe[1] != 0.0f) z[1] = dropout_keep_hi(w, p.dropout_threshold) ? p.dropout_scale : 0.0f;
+        }
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int kj = n0 + 8 * j + 2 * t + c;
+          const float ds = pe[c] * (dp[j][2 * r + c] * z[c] - delta[r]);
+          if (p.dbias != nullptr && i < seq.seqlen_q && kj < seq.seqlen_k)
+            p.dbias[b * p.dbias_stride[0] + h * p.dbias_stride[1] + static_cast<int64_t>(i) * p.dbias_stride[2] +
+                    static_cast<int64_t>(kj) * p.dbias_stride[3]] = ds;
+          s[j][2 * r + c] = ds;
+        }
       }
     }
     gemm_pn<T, NT, DT, DP>(acc_dq, s, sK, warp_scratch, p.head_dim);

@@ -16,6 +16,7 @@ Schema ``fastbert.build/1``::
                    "archs": ["90a-real"]},
        "_C_host": {"status": ..., "reason": ..., "compiler": "GNU 12.2.0 (/usr/bin/c++)",
                    "cuda_headers": true},
+       "_C_cpu":  {"status": ..., "reason": ..., "compiler": "GNU 12.2.0 (/usr/bin/c++)"},
        "_C_harness": {...}}}   # only when FASTBERT_BUILD_HARNESS=1 asked for it (the device check)
 
 ``reason`` is set whenever ``status`` is not ``"built"``: the build output's last lines for
@@ -32,7 +33,7 @@ from pathlib import Path
 
 SCHEMA = "fastbert.build/1"
 MANIFEST_NAME = "_build_manifest.json"
-MODULES = ("_C", "_C_host", "_C_harness")
+MODULES = ("_C", "_C_host", "_C_cpu", "_C_harness")
 ON_REQUEST = ("_C_harness",)  # in the manifest only when asked for (FASTBERT_BUILD_HARNESS=1)
 MANIFEST_PATH = Path(__file__).resolve().parent / MANIFEST_NAME
 

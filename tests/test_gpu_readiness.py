@@ -184,7 +184,8 @@ def test_manifest_render_names_status_compiler_archs_and_reason(tmp_path):
 def test_setup_writes_the_manifest_when_nothing_is_built(tmp_path):
     """No module to compile (both disabled): build_py still writes why, into the built package."""
     out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
-                         env=_env(FASTBERT_BUILD_CUDA="0", FASTBERT_BUILD_HOST="0"), capture_output=True,
+                         env=_env(FASTBERT_BUILD_CUDA="0", FASTBERT_BUILD_HOST="0", FASTBERT_BUILD_CPU="0"),
+                         capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     m = _build_info.read_manifest(tmp_path / "fastbert" / _build_info.MANIFEST_NAME)

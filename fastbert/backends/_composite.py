@@ -73,7 +73,7 @@ def round_to(x, dtype):
 
 
 def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0, seed=None,
-                   softmax_scale, lengths=None, window=None):
+                   softmax_scale, lengths=None, window=None, first_sequence=0):
     """Masked multi-head attention on the padded layout; returns ``(out, lse)``.
 
     q ``[batch, seqlen_q, num_heads, head_dim]``, k/v ``[batch, seqlen_k, num_heads, head_dim]``,
@@ -85,7 +85,8 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     ``+inf`` on empty rows (no key to attend). Differentiable and NaN-free for empty rows, also in
     the gradient. ``lengths`` (varlen only): the sequence lengths, so the dropout mask is drawn
     only where rows and keys are real. ``window``: None or a local window ``(left, right)`` (see
-    :func:`window_mask`).
+    :func:`window_mask`). ``first_sequence``: the logical index of sequence 0 in the dropout
+    counters (a run of sequences computed on its own).
     """
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
@@ -95,8 +96,8 @@ def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.
     probs = torch.softmax(scores, dim=-1) * has_key  # [B, H, Lq, Lk]
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
-                                   lengths=lengths)
-        probs = probs * keep * dropout_scale(dropout_p)  # 1 / (1 - p rounded as the mask)
+                                   lengths=lengths, first_sequence=first_sequence)
+        probs = probs.mul_(keep).mul_(dropout_scale(dropout_p))  # 1 / (1 - p rounded as the mask); in place
     out = round_to(probs, q.dtype) @ vh  # [B, H, Lq, d]: weighted sum of values
     return out.transpose(1, 2).to(q.dtype), lse
 
@@ -153,7 +154,7 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 
 
 def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0,
-                       seed=None, softmax_scale, lengths=None, window=None):
+                       seed=None, softmax_scale, lengths=None, window=None, first_sequence=0):
     """Gradients of :func:`attention_math` on the padded layout; returns ``(dq, dk, dv, dscores)``.
 
     Recomputes P, then (Z = keep mask * dropout_scale(p), D = rowsum(dO * O)):
@@ -171,7 +172,7 @@ def attention_math_bwd(dout, q, k, v, *, attention_mask=None, attn_bias=None, dr
     zscale = torch.ones((), dtype=scores.dtype, device=q.device)
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, device=q.device,
-                                   lengths=lengths)
+                                   lengths=lengths, first_sequence=first_sequence)
         zscale = keep.to(scores.dtype) * dropout_scale(dropout_p)  # (bool * float would round it to fp32)
     dv = round_to(probs * zscale, q.dtype).transpose(-1, -2) @ do  # [B, H, Lk, d]
     dprobs = (do @ vh.transpose(-1, -2)) * zscale  # [B, H, Lq, Lk]

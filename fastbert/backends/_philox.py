@@ -25,7 +25,13 @@ Version 1 drew one call per element and used 32 bits of word 0; version 2 draws 
 threshold resolution. Philox4x32-10: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011; :func:`philox4x32` is the readable version, checked against Random123's known answers.
 
-Here uint32 arithmetic is emulated in int64 (a 32x32-bit product fits in 64 bits and int64 wraps
+Two generators produce these bits. On the CPU, eagerly, the compiled one in ``fastbert._C_cpu``
+(csrc/cpu/dropout_cpu.cpp: the rounds over 16 groups at a time, vectorised, on torch's thread
+count) writes the mask directly; elsewhere — GPU tensors, a build without the module, anything
+being traced (``torch.compile``, fake tensors, dispatch modes), or :data:`USE_COMPILED` set False
+— the torch-op generator below runs. Tests hold the two bit-identical.
+
+In the torch-op generator, uint32 arithmetic is emulated in int64 (a 32x32-bit product fits in 64 bits and int64 wraps
 modulo 2**64, so both words of the product are exact). The mask generator :func:`_keep_into`
 runs the rounds on the ``[.., columns / 8]`` counter grid in chunks that stay in cache, with
 preallocated buffers updated in place, and expands the 16-bit halves to columns through an int16
@@ -36,6 +42,7 @@ regenerates its forward's mask (same seed: the op saves it) finds it instead of 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections import OrderedDict
 
@@ -173,21 +180,64 @@ def _memoized(kind: str, seed: torch.Tensor, dropout_p: float, shape: tuple, dev
     return mask
 
 
+# The compiled CPU generator (fastbert._C_cpu); False = force the torch-op generator (benchmarks,
+# tests). The module is loaded on first use: None = not tried yet, a str = why it is unavailable.
+USE_COMPILED = True
+_CPU_EXT = None
+
+
+def compiled_generator():
+    """The ``fastbert._C_cpu`` module, or a str saying why it is unavailable (not built, a version
+    other than this fastbert's, or it failed to load)."""
+    global _CPU_EXT
+    if _CPU_EXT is None:
+        try:
+            ext = importlib.import_module("fastbert._C_cpu")
+            version = sys.modules["fastbert"].__version__
+            _CPU_EXT = ext if ext.version() == version else (
+                f"fastbert._C_cpu was built for fastbert {ext.version()}, this is {version}: rebuild")
+        except ImportError as exc:
+            _CPU_EXT = f"fastbert._C_cpu is not available ({exc})"
+    return _CPU_EXT
+
+
+def _compiled_for(seed: torch.Tensor, dev):
+    """The compiled generator when it may run this call: eager, CPU seed and mask, a plain tensor
+    (no fake / functional tensor, no dispatch mode: their graphs must see torch ops); else None."""
+    if not USE_COMPILED or seed.device.type != "cpu" or torch.device(dev).type != "cpu":
+        return None
+    if type(seed) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return None
+    ext = compiled_generator()
+    return None if isinstance(ext, str) else ext
+
+
+def _key_words(seed: torch.Tensor) -> tuple[int, int]:
+    k0, k1 = seed.tolist()
+    return k0 & MASK32, k1 & MASK32
+
+
 def _buffers(n: int, device):
     return [torch.empty(2 * n, dtype=torch.int64, device=device) for _ in range(4)]
 
 
 def attention_keep_mask(seed: torch.Tensor, dropout_p: float, batch: int, num_heads: int,
-                        seqlen_q: int, seqlen_k: int, device=None, lengths=None) -> torch.Tensor:
+                        seqlen_q: int, seqlen_k: int, device=None, lengths=None,
+                        first_sequence: int = 0) -> torch.Tensor:
     """Keep mask ``[batch, num_heads, seqlen_q, seqlen_k]`` bool for attention dropout.
 
     Counter = (key column // 8, query row, head, sequence); positions are within the sequence,
     so padded and varlen layouts draw the same mask. A view of a ``[.., 8 * ceil(seqlen_k / 8)]``
     mask when seqlen_k is not a multiple of 8. ``lengths`` (varlen self-attention: a list of
     ``batch`` sequence lengths) draws only rows < length and 8-key groups that start below it;
-    the rest is False (those rows and keys are padding there).
+    the rest is False (those rows and keys are padding there). ``first_sequence``: the logical
+    index of the first sequence (a run of sequences drawn on its own: sequences ``first_sequence
+    .. first_sequence + batch - 1``; without ``lengths``).
     """
     dev = seed.device if device is None else device
+    if first_sequence:
+        seqs = torch.arange(first_sequence, first_sequence + batch, device=dev)
+        return attention_keep_block(seed, dropout_p, seqs, num_heads, 0, seqlen_q, 0, seqlen_k, dev)
     if lengths is not None:
         lengths = tuple(int(n) for n in lengths)
         if min(lengths, default=seqlen_q) < min(seqlen_q, seqlen_k):
@@ -201,6 +251,12 @@ def _varlen_keep_mask(seed, dropout_p, num_heads, seqlen_q, seqlen_k, lengths, d
     """The valid region of each sequence only: its (group, row, head, sequence) counters are
     listed flat (about a third of the padded grid at 50% fill), drawn in chunks and scattered."""
     batch, groups = len(lengths), -(-seqlen_k // COLUMNS_PER_CALL)
+    ext = _compiled_for(seed, dev)
+    if ext is not None:
+        keep = torch.empty((batch, num_heads, seqlen_q, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
+        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), list(range(batch)),
+                           num_heads, 0, seqlen_q, 0, groups, list(lengths), torch.get_num_threads())
+        return keep[..., :seqlen_k]
     keep = torch.zeros((batch, num_heads, seqlen_q, groups, COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
     n = torch.tensor(lengths, device=dev).view(-1, 1, 1, 1)
     ar = lambda k: torch.arange(k, device=dev, dtype=torch.int64)  # noqa: E731
@@ -221,6 +277,11 @@ def _varlen_keep_mask(seed, dropout_p, num_heads, seqlen_q, seqlen_k, lengths, d
 def _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, dev):
     groups = -(-seqlen_k // COLUMNS_PER_CALL)
     keep = torch.empty((batch * num_heads, seqlen_q, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
+    ext = _compiled_for(seed, dev)
+    if ext is not None and keep.numel():
+        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), list(range(batch)),
+                           num_heads, 0, seqlen_q, 0, groups, [], torch.get_num_threads())
+        return keep.view(batch, num_heads, seqlen_q, -1)[..., :seqlen_k]
     per_bh = seqlen_q * groups
     if per_bh and batch * num_heads:
         keys = _round_keys(seed, dev)
@@ -234,6 +295,29 @@ def _attention_keep_mask(seed, dropout_p, batch, num_heads, seqlen_q, seqlen_k, 
             _keep_into(chunk, (col_group, row, bh % num_heads, bh // num_heads), keys,
                        dropout_threshold(dropout_p), bufs)
     return keep.view(batch, num_heads, seqlen_q, -1)[..., :seqlen_k]
+
+
+def attention_keep_block(seed: torch.Tensor, dropout_p: float, seqs: torch.Tensor, num_heads: int, qs: int, qe: int,
+                         ks: int, ke: int, device) -> torch.Tensor:
+    """Rows ``[qs, qe)`` x keys ``[ks, ke)`` of the attention keep mask of the sequences ``seqs``
+    (int64 ``[b]``, logical sequence indices): bool ``[b, num_heads, qe - qs, ke - ks]``,
+    bit-identical to that block of :func:`attention_keep_mask`, at the block's cost (a local
+    attention window draws only the blocks it reaches)."""
+    g0, g1 = ks // COLUMNS_PER_CALL, -(-ke // COLUMNS_PER_CALL)
+    shape = (seqs.numel(), num_heads, qe - qs, g1 - g0)
+    keep = torch.empty(shape + (COLUMNS_PER_CALL,), dtype=torch.bool, device=device)
+    ext = _compiled_for(seed, device) if seqs.device.type == "cpu" else None
+    if ext is not None and keep.numel():
+        ext.attention_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), seqs.tolist(),
+                           num_heads, qs, qe - qs, g0, g1 - g0, [], torch.get_num_threads())
+    elif keep.numel():
+        ar = lambda a, b: torch.arange(a, b, device=device, dtype=torch.int64)  # noqa: E731
+        counters = (ar(g0, g1).view(1, 1, 1, -1), ar(qs, qe).view(1, 1, -1, 1), ar(0, num_heads).view(1, -1, 1, 1),
+                    seqs.view(-1, 1, 1, 1))
+        _keep_into(keep, counters, _round_keys(seed, device), dropout_threshold(dropout_p),
+                   _buffers(keep.numel() // COLUMNS_PER_CALL, device))
+    off = ks - g0 * COLUMNS_PER_CALL
+    return keep.flatten(-2)[..., off:off + ke - ks]
 
 
 def rows_keep_mask(seed: torch.Tensor, dropout_p: float, num_rows: int, hidden: int,
@@ -251,6 +335,11 @@ def rows_keep_mask(seed: torch.Tensor, dropout_p: float, num_rows: int, hidden: 
 def _rows_keep_mask(seed, dropout_p, num_rows, hidden, dev):
     groups = -(-hidden // COLUMNS_PER_CALL)
     keep = torch.empty((num_rows, groups * COLUMNS_PER_CALL), dtype=torch.bool, device=dev)
+    ext = _compiled_for(seed, dev)
+    if ext is not None and keep.numel():
+        ext.rows_keep(keep.data_ptr(), *_key_words(seed), dropout_threshold(dropout_p), 0, num_rows, groups,
+                      torch.get_num_threads())
+        return keep[:, :hidden]
     if num_rows and groups:
         keys = _round_keys(seed, dev)
         col_group = torch.arange(groups, device=dev, dtype=torch.int64).view(1, -1)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastbert.backends import _composite as composite
-from fastbert.backends._philox import (COLUMNS_PER_CALL, _buffers, _keep_into, _round_keys, dropout_scale,
-                                      dropout_threshold)
+from fastbert.backends._philox import attention_keep_block, dropout_scale
 from fastbert.backends._composite import pad_varlen
 
 # Query rows per block. A block of WINDOW_BLOCK rows meets WINDOW_BLOCK + left + right keys, so the
@@ -33,22 +32,6 @@ def _window_blocks(seqlen_q: int, seqlen_k: int, window):
     for qs in range(0, seqlen_q, WINDOW_BLOCK):
         qe = min(qs + WINDOW_BLOCK, seqlen_q)
         yield qs, qe, max(0, qs - left), min(seqlen_k, qe + right)
-
-
-def _block_keep(seed, dropout_p, seqs, num_heads, qs, qe, ks, ke, device):
-    """The shared Philox keep mask (``fastbert.backends._philox``, counter = (key // 8, row, head,
-    sequence)) of rows ``[qs, qe)`` x keys ``[ks, ke)`` only: bool ``[len(seqs), H, qe - qs, ke - ks]``,
-    bit-identical to that block of the full mask, at the block's cost."""
-    g0, g1 = ks // COLUMNS_PER_CALL, -(-ke // COLUMNS_PER_CALL)
-    ar = lambda a, b: torch.arange(a, b, device=device, dtype=torch.int64)  # noqa: E731
-    counters = (ar(g0, g1).view(1, 1, 1, -1), ar(qs, qe).view(1, 1, -1, 1), ar(0, num_heads).view(1, -1, 1, 1),
-                seqs.view(-1, 1, 1, 1))
-    shape = (seqs.numel(), num_heads, qe - qs, g1 - g0)
-    keep = torch.empty(shape + (COLUMNS_PER_CALL,), dtype=torch.bool, device=device)
-    _keep_into(keep, counters, _round_keys(seed, device), dropout_threshold(dropout_p),
-               _buffers(keep.numel() // COLUMNS_PER_CALL, device))
-    off = ks - g0 * COLUMNS_PER_CALL
-    return keep.flatten(-2)[..., off:off + ke - ks]
 
 
 class _Slab:
@@ -86,7 +69,7 @@ class _Slab:
             probs = torch.softmax(scores, dim=-1) * has_key
         z = None
         if dropout_p > 0.0:
-            keep = _block_keep(seed, dropout_p, self.seqs, qb.shape[1], qs, qe, ks, ke, qb.device)
+            keep = attention_keep_block(seed, dropout_p, self.seqs, qb.shape[1], qs, qe, ks, ke, qb.device)
             z = keep.to(probs.dtype) * dropout_scale(dropout_p)  # (bool * float would be fp32)
         return qb, kb, vb, probs, z
 

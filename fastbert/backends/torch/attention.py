@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fastbert.backends import _composite as composite
 from fastbert.backends._composite import attention_math, pad_varlen
+from fastbert.backends.torch._varlen_dropout import varlen_dropout_bwd, varlen_dropout_fwd
 from fastbert.backends.torch._window import (_window_attention_bwd, _window_attention_fwd, _window_bounds,
                                              _window_covers_all)
 
@@ -249,6 +250,9 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
         if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
                 and attn_bias is None):
             return _sdpa_per_sequence(q, k, v, out, cu_seqlens, softmax_scale)
+        if cu_seqlens is not None and q.device.type == "cpu" and attn_bias is None:  # dropout: no padding
+            return varlen_dropout_fwd(q, k, v, out, cu_seqlens, dropout_p=dropout_p, seed=seed,
+                                      softmax_scale=softmax_scale)
         if cu_seqlens is None and dropout_p == 0.0:
             return _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out, lse)
         out.copy_(_attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
@@ -274,6 +278,9 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
     if (cu_seqlens is not None and q.device.type == "cpu" and dropout_p == 0.0
             and attn_bias is None):
         return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
+    if cu_seqlens is not None and q.device.type == "cpu" and attn_bias is None:  # dropout: no padding
+        return varlen_dropout_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, dropout_p=dropout_p, seed=seed,
+                                  softmax_scale=softmax_scale)
     composite.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, attention_mask=attention_mask,
                             attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                             dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale)
