@@ -17,6 +17,24 @@ _NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 APPROXIMATE = ("none", "tanh")
 
 
+def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Optional[Tensor]]:
+    """The validation GELU and GeGLU share: ``x`` a float tensor of 1 to 8 dims, ``approximate``
+    one of :data:`APPROXIMATE`, ``bias`` None or a vector of x's last dim, x's dtype or fp32;
+    under autocast both take the autocast dtype (GELU runs in it). Returns ``(x, bias)``, the bias
+    contiguous."""
+    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    ac = autocast_dtype(x.device.type)
+    if ac is not None:
+        x = x.to(ac)
+    if bias is not None:
+        if ac is not None and isinstance(bias, torch.Tensor):
+            bias = bias.to(ac)
+        bias = check_vector("bias", bias, size=x.shape[-1], x=x)
+    return x, bias
+
+
 def _gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
     y = new_empty(x.shape, x.dtype, x.device)
     if x.numel():
@@ -100,17 +118,8 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         TypeError / ValueError naming the argument, expected and actual value;
         RuntimeError when a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
-    if approximate not in APPROXIMATE:
-        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    x, bias = check_gelu_inputs(x, bias, approximate)
     hidden = x.shape[-1]
-    ac = autocast_dtype(x.device.type)
-    if ac is not None:  # GELU runs in the autocast dtype
-        x = x.to(ac)
-    if bias is not None:
-        if ac is not None and isinstance(bias, torch.Tensor):
-            bias = bias.to(ac)
-        bias = check_vector("bias", bias, size=hidden, x=x)
     name = resolve_call("gelu", x.device.type, x.dtype, None, ("bias",) if bias is not None else (), backend)
     shape = x.shape
     # (rows, hidden), not reshape(-1, hidden): that is ambiguous for hidden == 0.

@@ -24,9 +24,10 @@ backend entry points, which ``fastbert.backends`` looks up by name.
 """
 
 from fastbert.backends.torch.attention import attention_bwd, attention_fwd, writes_lse_for
-from fastbert.backends.torch.gelu import geglu_bwd, geglu_fwd, gelu_bwd, gelu_fwd
-from fastbert.backends.torch.layer_norm import layer_norm_bwd, layer_norm_fwd
+from fastbert.backends.torch.gelu import geglu_bwd, geglu_fwd, geglu_saves_activation, gelu_bwd, gelu_fwd
+from fastbert.backends.torch.layer_norm import (layer_norm_bwd, layer_norm_bwd_functional, layer_norm_fwd,
+                                              layer_norm_fwd_functional)
 from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
 
 __all__ = ["attention_fwd", "attention_bwd", "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd",
-           "gelu_fwd", "gelu_bwd", "geglu_fwd", "geglu_bwd", "rotary_fwd", "rotary_bwd"]
+           "layer_norm_fwd_functional", "layer_norm_bwd_functional", "gelu_fwd", "gelu_bwd", "geglu_fwd", "geglu_bwd", "geglu_saves_activation", "rotary_fwd", "rotary_bwd"]

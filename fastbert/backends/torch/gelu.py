@@ -43,22 +43,35 @@ def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
 # ----------------------------------------------------------------------------------------------
 
 
-def geglu_fwd(x, bias, y, *, approximate):
+def geglu_saves_activation(dtype):
+    """Whether :func:`geglu_fwd` keeps ``gelu(a)`` for backward (``fastbert.ops`` then allocates the
+    ``act`` output): fp32/fp64, whose GELU is aten's. Backward then costs two multiplies and
+    aten's ``gelu_backward`` (the unfused torch sequence's work, without its concatenation)
+    instead of recomputing GELU. fp16/bf16 run the reference's fp32 math, which keeps nothing."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def geglu_fwd(x, bias, y, *, approximate, act=None):
     """Backend entry point: ``y = gelu(a) * g``; fp32/fp64: aten's GELU (accuracy as ``gelu_fwd``)
-    into ``y``, then the gate multiplied in place; fp16/bf16: the reference (see ``gelu_fwd``)."""
+    into ``act`` (``[rows, n]``, kept for backward; see :func:`geglu_saves_activation`) or ``y``,
+    then multiplied by the gate; fp16/bf16: the reference (see ``gelu_fwd``)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_fwd(x, bias, y, approximate=approximate)
     n = y.shape[-1]
     a, g = x[:, :n], x[:, n:]
     if bias is not None:
         a, g = a + bias[:n].to(x.dtype), g + bias[n:].to(x.dtype)
-    torch._C._nn.gelu(a, approximate=approximate, out=y)
-    y.mul_(g)
+    if act is None:
+        torch._C._nn.gelu(a, approximate=approximate, out=y)
+        y.mul_(g)
+    else:
+        torch._C._nn.gelu(a, approximate=approximate, out=act)
+        torch.mul(act, g, out=y)
 
 
-def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
-    """Backend entry point: ``da = gelu'(a) * (dy * g)`` (aten's ``gelu_backward``), ``dg = dy * gelu(a)``,
-    written into the two halves of ``dx``."""
+def geglu_bwd(dy, x, bias, dx, dbias, *, approximate, act=None):
+    """Backend entry point: ``da = gelu'(a) * (dy * g)`` (aten's ``gelu_backward``), ``dg = dy * gelu(a)``
+    with ``gelu(a)`` the forward's ``act`` (recomputed when None), written into the two halves of ``dx``."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
     n = dy.shape[-1]
@@ -69,6 +82,6 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
     torch.mul(dy, g, out=da)
     torch.ops.aten.gelu_backward.grad_input(da, a, approximate=approximate, grad_input=da)  # elementwise
     # aten's GELU with a strided out= writes elsewhere (caught by the poisoned-output tests)
-    torch.mul(F.gelu(a, approximate=approximate), dy, out=dg)
+    torch.mul(F.gelu(a, approximate=approximate) if act is None else act, dy, out=dg)
     if dbias is not None:
         dbias.copy_(dx.sum(0, dtype=dbias.dtype))
