@@ -36,10 +36,15 @@ def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tens
 
 
 def _gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+    mod = backend_module(backend, "gelu")
+    functional = getattr(mod, "gelu_fwd_functional", None)
+    if functional is not None and x.numel():  # the backend allocates what it returns
+        with no_autocast(x.device.type):
+            return functional(x, bias, approximate=approximate)
     y = new_empty(x.shape, x.dtype, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend, "gelu").gelu_fwd(x, bias, y, approximate=approximate)
+            mod.gelu_fwd(x, bias, y, approximate=approximate)
     return y
 
 
@@ -53,13 +58,18 @@ def _(x, bias, approximate, backend):
 
 def _gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
               backend: str) -> tuple[Tensor, Tensor]:
+    mod = backend_module(backend, "gelu")
+    functional = getattr(mod, "gelu_bwd_functional", None)
+    if functional is not None and x.numel():
+        with no_autocast(x.device.type):
+            dx, dbias = functional(dy.contiguous(), x, bias, need_dbias=need_dbias, approximate=approximate)
+        return dx, (x.new_empty((0,)) if dbias is None else dbias)
     dx = new_empty(x.shape, x.dtype, x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
     dbias = new_empty((x.shape[-1],) if need_dbias else (0,), acc, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend, "gelu").gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
-                                             approximate=approximate)
+            mod.gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None, approximate=approximate)
     else:
         dbias.zero_()
     return dx, dbias

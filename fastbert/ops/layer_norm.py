@@ -180,27 +180,39 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     if not 0.0 <= eps < math.inf:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     dropout_p = check_dropout_p(dropout_p)
-    ac = autocast_dtype(x.device.type)
-    weight, bias, x_bias = (None if t is None else check_vector(name, t, size=hidden, x=x)
-                            for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)))
+    if weight is not None:
+        weight = check_vector("weight", weight, size=hidden, x=x)
+    if bias is not None:
+        bias = check_vector("bias", bias, size=hidden, x=x)
+    if x_bias is not None:
+        x_bias = check_vector("x_bias", x_bias, size=hidden, x=x)
     if residual is not None:
         check_tensor("residual", residual, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if ac is not None:  # under autocast the residual stream takes x's dtype, as fused LN does
+        if autocast_dtype(x.device.type) is not None:  # under autocast the residual stream takes x's dtype
             residual = residual.to(x.dtype)
         if residual.dtype != x.dtype:
             raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
-    shape = x.shape
-    rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
-    x2 = x.reshape(rows, hidden).contiguous()
-    res2 = residual.reshape(rows, hidden).contiguous() if residual is not None else None
-    features = tuple(n for n, t in (("weight", weight), ("bias", bias), ("residual", residual),
-                                    ("x_bias", x_bias)) if t is not None)
-    if dropout_p > 0.0:
-        features += ("dropout",)
+    flat = x.dim() == 2  # (rows, hidden) already: no reshape there and back (BERT's unpadded tokens)
+    if flat:
+        x2 = x.contiguous()
+        res2 = None if residual is None else residual.contiguous()
+    else:
+        shape = x.shape
+        rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
+        x2 = x.reshape(rows, hidden).contiguous()
+        res2 = None if residual is None else residual.reshape(rows, hidden).contiguous()
+    features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
+                         + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
     name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
     y = _eager(x2, weight, bias, res2, x_bias, seed, float(eps), dropout_p, name,
                diff=(x2, weight, bias, res2, x_bias))[0]
-    return y.view(shape)
+    return y if flat else y.view(shape)
+
+
+# The dispatch features of each combination of (weight, bias, residual, x_bias, dropout), by bit:
+# looked up, not built, on every call.
+_FEATURES = tuple(tuple(f for bit, f in enumerate(("weight", "bias", "residual", "x_bias", "dropout")) if k >> bit & 1)
+                  for k in range(32))

@@ -18,16 +18,23 @@ Known difference from the reference: PyTorch's CPU ``scaled_dot_product_attentio
 a query row containing NaN (the reference propagates NaN); non-finite ``softmax_scale`` is
 rejected by ``fastbert.ops`` for every backend.
 
+Entry points with a ``_functional`` twin (``layer_norm_fwd/bwd``, ``gelu_fwd/bwd``) also exist in a
+form that returns fresh outputs instead of writing preallocated ones; ``fastbert.ops`` prefers it
+(aten's functional calls allocate exactly what they return: no out= buffers, no copies).
+
 Layout: one module per op (``attention.py``, with ``_window.py`` for the local window;
 ``layer_norm.py``; ``gelu.py`` for GELU and GeGLU; ``rotary.py``); this package exports each op's
 backend entry points, which ``fastbert.backends`` looks up by name.
 """
 
 from fastbert.backends.torch.attention import attention_bwd, attention_fwd, writes_lse_for
-from fastbert.backends.torch.gelu import geglu_bwd, geglu_fwd, geglu_saves_activation, gelu_bwd, gelu_fwd
+from fastbert.backends.torch.gelu import (geglu_bwd, geglu_fwd, geglu_saves_activation, gelu_bwd,
+                                         gelu_bwd_functional, gelu_fwd, gelu_fwd_functional)
 from fastbert.backends.torch.layer_norm import (layer_norm_bwd, layer_norm_bwd_functional, layer_norm_fwd,
                                               layer_norm_fwd_functional)
 from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
 
 __all__ = ["attention_fwd", "attention_bwd", "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd",
-           "layer_norm_fwd_functional", "layer_norm_bwd_functional", "gelu_fwd", "gelu_bwd", "geglu_fwd", "geglu_bwd", "geglu_saves_activation", "rotary_fwd", "rotary_bwd"]
+           "layer_norm_fwd_functional", "layer_norm_bwd_functional", "gelu_fwd", "gelu_bwd",
+           "gelu_fwd_functional", "gelu_bwd_functional", "geglu_fwd", "geglu_bwd", "geglu_saves_activation",
+           "rotary_fwd", "rotary_bwd"]

@@ -24,18 +24,42 @@ def gelu_fwd(x, bias, y, *, approximate):
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.gelu_fwd(x, bias, y, approximate=approximate)
-    src = x if bias is None else torch.add(x, bias.to(x.dtype), out=y)
-    torch._C._nn.gelu(src, approximate=approximate, out=y)  # elementwise: in place is safe
+    y.copy_(gelu_fwd_functional(x, bias, approximate=approximate))
 
 
 def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
     """Backend entry point: ``aten.gelu_backward`` (fp32/fp64) or the reference (fp16/bf16)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
-    z = x if bias is None else torch.add(x, bias.to(x.dtype), out=dx)  # dx as the z workspace
-    torch.ops.aten.gelu_backward.grad_input(dy, z, approximate=approximate, grad_input=dx)
+    g, gb = gelu_bwd_functional(dy, x, bias, need_dbias=dbias is not None, approximate=approximate)
+    dx.copy_(g)
     if dbias is not None:
-        dbias.copy_(dx.sum(0, dtype=dbias.dtype))
+        dbias.copy_(gb)
+
+
+def gelu_fwd_functional(x, bias, *, approximate):
+    """:func:`gelu_fwd` returning ``y`` (a fresh tensor) instead of writing a preallocated one:
+    fp32/fp64 is then one aten call (two with a bias, the GELU in place on the fresh sum), the
+    plain ``F.gelu`` call's cost. ``fastbert.ops`` calls it where the backend module has it."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        y = torch.empty_like(x)
+        composite.gelu_fwd(x, bias, y, approximate=approximate)
+        return y
+    if bias is None:
+        return torch._C._nn.gelu(x, approximate=approximate)
+    return torch._C._nn.gelu_(torch.add(x, bias.to(x.dtype)), approximate=approximate)
+
+
+def gelu_bwd_functional(dy, x, bias, *, need_dbias, approximate):
+    """:func:`gelu_bwd` returning ``(dx, dbias or None)`` (fresh tensors; dbias fp32, fp64 for fp64)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        dx = torch.empty_like(x)
+        dbias = torch.empty(x.shape[-1], dtype=torch.float32, device=x.device) if need_dbias else None
+        composite.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
+        return dx, dbias
+    z = x if bias is None else torch.add(x, bias.to(x.dtype))
+    dx = torch.ops.aten.gelu_backward.default(dy, z, approximate=approximate)
+    return dx, (dx.sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) if need_dbias else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,9 +82,8 @@ def geglu_fwd(x, bias, y, *, approximate, act=None):
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_fwd(x, bias, y, approximate=approximate)
     n = y.shape[-1]
-    a, g = x[:, :n], x[:, n:]
-    if bias is not None:
-        a, g = a + bias[:n].to(x.dtype), g + bias[n:].to(x.dtype)
+    z = x if bias is None else torch.add(x, bias.to(x.dtype))  # one contiguous add, not two strided ones
+    a, g = z[:, :n], z[:, n:]
     if act is None:
         torch._C._nn.gelu(a, approximate=approximate, out=y)
         y.mul_(g)
@@ -75,9 +98,8 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate, act=None):
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
     n = dy.shape[-1]
-    a, g = x[:, :n], x[:, n:]
-    if bias is not None:
-        a, g = a + bias[:n].to(x.dtype), g + bias[n:].to(x.dtype)
+    z = x if bias is None else torch.add(x, bias.to(x.dtype))
+    a, g = z[:, :n], z[:, n:]
     da, dg = dx[:, :n], dx[:, n:]
     torch.mul(dy, g, out=da)
     torch.ops.aten.gelu_backward.grad_input(da, a, approximate=approximate, grad_input=da)  # elementwise

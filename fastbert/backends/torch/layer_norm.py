@@ -25,15 +25,17 @@ ILL_CONDITIONED = 16.0
 BWD_ILL_CONDITIONED = 1.0
 
 
+_INF = float("inf")
+
+
 def _worst_ratio(mean, rstd):
     """``max_rows |mean| * rstd`` as a Python float (NaN when a row's statistics are NaN), or None
     while capturing a CUDA graph (the read is a host sync; on a GPU Triton or CUDA normally runs
-    LayerNorm anyway). Three ``[rows]`` ops and one read: no ``[rows, hidden]`` work."""
+    LayerNorm anyway). Two ``[rows]`` ops (a product and its max-norm, which propagates NaN) and
+    one read: no ``[rows, hidden]`` work."""
     if mean.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    if not mean.numel():
-        return 0.0
-    return mean.mul(rstd).abs_().max().item()
+    return torch.linalg.vector_norm(mean * rstd, _INF).item() if mean.numel() else 0.0
 
 
 def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
