@@ -10,7 +10,7 @@ from fastbert.bench import overhead
 
 def test_overhead_cases_cover_every_op_both_kinds():
     names = [c.name for c in overhead.cases(quick=True)]
-    for op in ("attention", "layer_norm", "add&norm", "gelu", "bias-gelu"):
+    for op in ("attention", "layer_norm", "add&norm", "gelu", "bias-gelu", "geglu", "bias-geglu"):
         assert any(n.startswith(op) for n in names), (op, names)
     assert {c.kind for c in overhead.cases(quick=True)} == {"bert", "tiny"}
 

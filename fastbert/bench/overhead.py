@@ -6,7 +6,8 @@ Two questions, forward and forward + backward, for every op:
   fastbert time`` (goal >= 0.9). Attention runs against ``F.scaled_dot_product_attention`` with
   the same boolean mask at ~50% and 100% fill; LayerNorm against ``F.layer_norm`` and the fused
   add & norm (``x_bias``, ``residual``) against the unfused ``F.layer_norm(x + x_bias +
-  residual)``; GELU against ``F.gelu`` and bias-GELU against ``F.gelu(x + bias)``. fastbert's
+  residual)``; GELU against ``F.gelu`` and bias-GELU against ``F.gelu(x + bias)``; GeGLU against
+  the unfused ``a, g = x.chunk(2, -1); F.gelu(a) * g`` (ModernBERT's MLP; width 2304). fastbert's
   time includes all of its guarantees (masked keys never leak, empty rows are zeros).
 - Tiny shapes (16 x 768; attention batch 1 x seqlen 16): the time fastbert adds per call, in
   microseconds (goal <= ~30 us); each sample is a loop of ``--reps`` calls.
@@ -95,6 +96,22 @@ def _gelu_case(rows, hidden, with_bias):
     return make
 
 
+def _geglu_case(rows, width, with_bias):
+    """GeGLU against the unfused sequence ModernBERT's MLP runs (chunk, F.gelu, multiply)."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, width, generator=g).requires_grad_()
+
+        def unfused(z):
+            a, gate = z.chunk(2, dim=-1)
+            return F.gelu(a) * gate
+        if not with_bias:
+            return lambda: ops.geglu(x), lambda: unfused(x), (x,)
+        b = torch.randn(width, generator=g).requires_grad_()
+        return lambda: ops.geglu(x, bias=b), lambda: unfused(x + b), (x, b)
+    return make
+
+
 def cases(quick: bool = False) -> list[Case]:
     """The comparisons; ``quick`` shrinks the BERT shapes (a smoke run, not a measurement)."""
     batch, seqlen = (2, 32) if quick else (8, 128)
@@ -107,12 +124,15 @@ def cases(quick: bool = False) -> list[Case]:
         Case(f"add&norm {rows}x768 (x_bias, residual)", "bert", _layer_norm_case(rows, 768, True)),
         Case(f"gelu {rows}x3072", "bert", _gelu_case(rows, 3072, False)),
         Case(f"bias-gelu {rows}x3072", "bert", _gelu_case(rows, 3072, True)),
+        Case(f"geglu {rows}x2304", "bert", _geglu_case(rows, 2304, False)),  # ModernBERT-base's Wi output
+        Case(f"bias-geglu {rows}x2304", "bert", _geglu_case(rows, 2304, True)),
         Case("attention b1 s16 12x64 no mask", "tiny", _attention_case(1, 16, None)),
         Case("attention b1 s16 12x64 mask 0.75", "tiny", _attention_case(1, 16, 0.75)),
         Case("layer_norm 16x768", "tiny", _layer_norm_case(16, 768, False)),
         Case("add&norm 16x768", "tiny", _layer_norm_case(16, 768, True)),
         Case("gelu 16x768", "tiny", _gelu_case(16, 768, False)),
         Case("bias-gelu 16x768", "tiny", _gelu_case(16, 768, True)),
+        Case("geglu 16x2304", "tiny", _geglu_case(16, 2304, False)),
     ]
     return out
 

@@ -169,7 +169,10 @@ def eager_direct(*tensors) -> bool:
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(type(t) in _PLAIN for t in tensors if isinstance(t, torch.Tensor))
+    for t in tensors:  # a loop, not all(<genexpr>): this runs on every call
+        if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
+            return False
+    return True
 
 
 class EagerOp:
@@ -188,8 +191,10 @@ class EagerOp:
         """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient."""
         if not eager_direct(*inputs):
             return self.fwd_op(*inputs)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in diff):
-            return _EagerFunction.apply(*inputs, self)
+        if torch.is_grad_enabled():
+            for t in diff:
+                if t is not None and t.requires_grad:
+                    return _EagerFunction.apply(*inputs, self)
         return self.fwd_impl(*inputs)
 
 

@@ -129,6 +129,16 @@ def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max
                        softmax_scale, allow_tf32, deterministic, backend, window_left, window_right, *,
                        optional_lse):
     varlen = cu_seqlens is not None
+    if optional_lse and q.numel() and k.numel():  # the eager path: a backend may return fresh outputs
+        functional = getattr(backend_module(backend, "attention"), "attention_fwd_functional", None)
+        if functional is not None:
+            with no_autocast(q.device.type):
+                res = functional(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
+                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
+                                 softmax_scale=softmax_scale, allow_tf32=allow_tf32,
+                                 deterministic=deterministic, **_window_kw(window_left, window_right))
+            if res is not None:
+                return res
     out = new_empty(q.shape, q.dtype, q.device)
     lse = new_empty(_lse_shape(q, varlen, backend, dropout_p, attn_bias, optional=optional_lse,
                                window=window_left >= 0), torch.float32, q.device)
@@ -163,6 +173,17 @@ def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                    dropout_p: float, softmax_scale: float, allow_tf32: bool, deterministic: bool,
                    bias_requires_grad: bool, backend: str, window_left: int = -1,
                    window_right: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if lse.numel() and not bias_requires_grad:  # statistics from the eager path's forward
+        functional = getattr(backend_module(backend, "attention"), "attention_bwd_functional", None)
+        if functional is not None:
+            with no_autocast(q.device.type):
+                res = functional(dout.contiguous(), q, k, v, out, lse, attention_mask=attention_mask,
+                                 attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                 dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, need_dbias=False,
+                                 allow_tf32=allow_tf32, deterministic=deterministic,
+                                 **_window_kw(window_left, window_right))
+            if res is not None:
+                return res + (q.new_empty((0,)),)
     dq = new_empty(q.shape, q.dtype, q.device)
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)

@@ -8,66 +8,84 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.backends import CallInfo
-from fastbert.ops._common import autocast_dtype, check, check_tensor, check_vector, new_empty, no_autocast
-from fastbert.ops._dispatch import backend_module, resolve
-from fastbert.ops.gelu import APPROXIMATE
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from fastbert.ops._common import EagerOp, new_empty, no_autocast
+from fastbert.ops._dispatch import backend_module, resolve_call
+from fastbert.ops.gelu import check_gelu_inputs
 
 
 def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
 
 
-@torch.library.custom_op("fastbert::geglu_fwd", mutates_args=())
-def _geglu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+def _act_shape(x: Tensor, backend: str) -> tuple:
+    """The saved activation ``gelu(a)`` ``(rows, n)`` for a backend whose compute module declares
+    ``geglu_saves_activation(dtype)`` for x's dtype (its backward then multiplies instead of
+    recomputing GELU: the torch backend on CPU, where GELU costs several times a multiply), else
+    ``(0,)`` (a fused kernel recomputes it for free). Decided from the backend name and dtype
+    alone, so the fake implementation gives the same shape."""
+    saves = getattr(backend_module(backend, "geglu"), "geglu_saves_activation", None)
+    if saves is not None and saves(x.dtype):
+        return (x.shape[0], x.shape[1] // 2)
+    return (0,)
+
+
+def _geglu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> tuple[Tensor, Tensor]:
     y = new_empty((x.shape[0], x.shape[1] // 2), x.dtype, x.device)
+    act = new_empty(_act_shape(x, backend), x.dtype, x.device)
     if y.numel():
         with no_autocast(x.device.type):
-            backend_module(backend, "geglu").geglu_fwd(x, bias, y, approximate=approximate)
-    return y
+            backend_module(backend, "geglu").geglu_fwd(x, bias, y, approximate=approximate,
+                                                       **({"act": act} if act.numel() else {}))
+    return y, act
+
+
+_geglu_fwd = torch.library.custom_op("fastbert::geglu_fwd", mutates_args=())(_geglu_fwd_impl)
 
 
 @_geglu_fwd.register_fake
 def _(x, bias, approximate, backend):
-    return x.new_empty((x.shape[0], x.shape[1] // 2))
+    return x.new_empty((x.shape[0], x.shape[1] // 2)), x.new_empty(_act_shape(x, backend))
 
 
-@torch.library.custom_op("fastbert::geglu_bwd", mutates_args=())
-def _geglu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
-               backend: str) -> tuple[Tensor, Tensor]:
+def _geglu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: Tensor, need_dbias: bool,
+                    approximate: str, backend: str) -> tuple[Tensor, Tensor]:
     dx = new_empty(x.shape, x.dtype, x.device)
     dbias = new_empty((x.shape[-1],) if need_dbias else (0,), _acc(x), x.device)
     if x.numel():
         with no_autocast(x.device.type):
             backend_module(backend, "geglu").geglu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
-                                               approximate=approximate)
+                                                       approximate=approximate,
+                                                       **({"act": act} if act.numel() else {}))
     else:
         dbias.zero_()
     return dx, dbias
 
 
+_geglu_bwd = torch.library.custom_op("fastbert::geglu_bwd", mutates_args=())(_geglu_bwd_impl)
+
+
 @_geglu_bwd.register_fake
-def _(dy, x, bias, need_dbias, approximate, backend):
+def _(dy, x, bias, act, need_dbias, approximate, backend):
     return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=_acc(x))
 
 
 def _setup_context(ctx, inputs, output):
     x, bias, approximate, backend = inputs
-    ctx.save_for_backward(x, bias)
+    ctx.save_for_backward(x, bias, output[1])
     ctx.args = (approximate, backend)
 
 
-def _backward(ctx, dy):
-    x, bias = ctx.saved_tensors
+def _backward(ctx, dy, dact, bwd=None):
+    x, bias, act = ctx.saved_tensors
     approximate, backend = ctx.args
     need_dbias = bias is not None and ctx.needs_input_grad[1]
-    dx, dbias = _geglu_bwd(dy, x, bias, need_dbias, approximate, backend)
+    dx, dbias = (bwd or _geglu_bwd)(dy, x, bias, act, need_dbias, approximate, backend)
     return dx, (dbias.to(bias.dtype) if need_dbias else None), None, None
 
 
 _geglu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_eager = EagerOp(_geglu_fwd, _geglu_fwd_impl, _setup_context, _backward, _geglu_bwd, _geglu_bwd_impl,
+                 nondiff=(1,))
 
 
 def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
@@ -77,7 +95,9 @@ def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none"
 
     The first half goes through GELU and the second half is the gate: the layout of ModernBERT's
     ``input, gate = Wi(h).chunk(2, dim=-1)``. GELU as :func:`fastbert.ops.gelu` (exact erf by
-    default, ``"tanh"`` for the tanh form; same accuracy notes per backend).
+    default, ``"tanh"`` for the tanh form; same accuracy notes per backend). Memory: the torch
+    backend keeps ``gelu(z[..., :n])`` (``(..., n)``, x's dtype, fp32/fp64 x) for backward while
+    gradients are recorded, as the unfused torch sequence does.
 
     Args:
         x: ``(..., 2 * n)``; fp16, bf16, fp32 or fp64; any strides (copied once when not
@@ -93,19 +113,12 @@ def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none"
         TypeError / ValueError naming the argument, expected and actual value (an odd last dim
         included); RuntimeError when a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=tuple(range(1, 9)), dtypes=_FLOAT_DTYPES)
-    check(approximate in APPROXIMATE, ValueError, f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    x, bias = check_gelu_inputs(x, bias, approximate)
     width = x.shape[-1]
-    check(width % 2 == 0, ValueError, f"x: expected an even last dim (GELU half, gate half), got {width}")
-    ac = autocast_dtype(x.device.type)
-    if ac is not None:  # like GELU, GeGLU runs in the autocast dtype
-        x = x.to(ac)
-    if bias is not None:
-        if ac is not None and isinstance(bias, torch.Tensor):
-            bias = bias.to(ac)
-        bias = check_vector("bias", bias, size=width, x=x)
-    features = frozenset({"bias"}) if bias is not None else frozenset()
-    name = resolve(CallInfo("geglu", x.device.type, x.dtype, None, features), backend)
+    if width % 2:
+        raise ValueError(f"x: expected an even last dim (GELU half, gate half), got {width}")
+    name = resolve_call("geglu", x.device.type, x.dtype, None, ("bias",) if bias is not None else (), backend)
     shape = x.shape
-    y = _geglu_fwd(x.reshape(math.prod(shape[:-1]), width).contiguous(), bias, approximate, name)
+    x2 = x.reshape(math.prod(shape[:-1]), width).contiguous()
+    y = _eager(x2, bias, approximate, name, diff=(x2, bias))[0]
     return y.view(shape[:-1] + (width // 2,))

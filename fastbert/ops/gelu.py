@@ -17,11 +17,34 @@ _NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 APPROXIMATE = ("none", "tanh")
 
 
+def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Optional[Tensor]]:
+    """The validation GELU and GeGLU share: ``x`` a float tensor of 1 to 8 dims, ``approximate``
+    one of :data:`APPROXIMATE`, ``bias`` None or a vector of x's last dim, x's dtype or fp32;
+    under autocast both take the autocast dtype (GELU runs in it). Returns ``(x, bias)``, the bias
+    contiguous."""
+    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    ac = autocast_dtype(x.device.type)
+    if ac is not None:
+        x = x.to(ac)
+    if bias is not None:
+        if ac is not None and isinstance(bias, torch.Tensor):
+            bias = bias.to(ac)
+        bias = check_vector("bias", bias, size=x.shape[-1], x=x)
+    return x, bias
+
+
 def _gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+    mod = backend_module(backend, "gelu")
+    functional = getattr(mod, "gelu_fwd_functional", None)
+    if functional is not None and x.numel():  # the backend allocates what it returns
+        with no_autocast(x.device.type):
+            return functional(x, bias, approximate=approximate)
     y = new_empty(x.shape, x.dtype, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend, "gelu").gelu_fwd(x, bias, y, approximate=approximate)
+            mod.gelu_fwd(x, bias, y, approximate=approximate)
     return y
 
 
@@ -35,13 +58,18 @@ def _(x, bias, approximate, backend):
 
 def _gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
               backend: str) -> tuple[Tensor, Tensor]:
+    mod = backend_module(backend, "gelu")
+    functional = getattr(mod, "gelu_bwd_functional", None)
+    if functional is not None and x.numel():
+        with no_autocast(x.device.type):
+            dx, dbias = functional(dy.contiguous(), x, bias, need_dbias=need_dbias, approximate=approximate)
+        return dx, (x.new_empty((0,)) if dbias is None else dbias)
     dx = new_empty(x.shape, x.dtype, x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
     dbias = new_empty((x.shape[-1],) if need_dbias else (0,), acc, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend, "gelu").gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
-                                             approximate=approximate)
+            mod.gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None, approximate=approximate)
     else:
         dbias.zero_()
     return dx, dbias
@@ -100,17 +128,8 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         TypeError / ValueError naming the argument, expected and actual value;
         RuntimeError when a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
-    if approximate not in APPROXIMATE:
-        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    x, bias = check_gelu_inputs(x, bias, approximate)
     hidden = x.shape[-1]
-    ac = autocast_dtype(x.device.type)
-    if ac is not None:  # GELU runs in the autocast dtype
-        x = x.to(ac)
-    if bias is not None:
-        if ac is not None and isinstance(bias, torch.Tensor):
-            bias = bias.to(ac)
-        bias = check_vector("bias", bias, size=hidden, x=x)
     name = resolve_call("gelu", x.device.type, x.dtype, None, ("bias",) if bias is not None else (), backend)
     shape = x.shape
     # (rows, hidden), not reshape(-1, hidden): that is ambiguous for hidden == 0.

@@ -27,15 +27,22 @@ def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rows = x.shape[0]
     fused = residual is not None or x_bias is not None or dropout_p > 0.0
+    mod = backend_module(backend, "layer_norm")
+    functional = getattr(mod, "layer_norm_fwd_functional", None)
+    if functional is not None and x.numel():
+        # The backend allocates what it returns (fresh tensors): no out= buffers to fill and copy.
+        with no_autocast(x.device.type):
+            y, mean, rstd, h = functional(x, weight, bias, residual, x_bias, eps=eps, dropout_p=dropout_p,
+                                          seed=seed, fused=fused)
+        return y, mean, rstd, (h if fused else x.new_empty((0,)))
     y = new_empty(x.shape, x.dtype, x.device)
     mean = new_empty((rows,), _stat_dtype(x), x.device)
     rstd = new_empty((rows,), _stat_dtype(x), x.device)
     h = new_empty(x.shape if fused else (0,), x.dtype, x.device)
     if x.numel():
         with no_autocast(x.device.type):
-            backend_module(backend, "layer_norm").layer_norm_fwd(
-                x, weight, bias, residual, x_bias, y, mean, rstd, h if fused else None, eps=eps,
-                dropout_p=dropout_p, seed=seed)
+            mod.layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h if fused else None, eps=eps,
+                               dropout_p=dropout_p, seed=seed)
     return y, mean, rstd, h
 
 
@@ -54,6 +61,27 @@ def _layer_norm_bwd_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: 
                     seed: Optional[Tensor], dropout_p: float, need_dweight: bool, need_dbias: bool,
                     need_dresidual: bool, need_dx_bias: bool, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _layer_norm_bwd_run(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight, need_dbias,
+                                need_dresidual, need_dx_bias, backend)
+    dx, dres = grads[0], grads[3]
+    if dres is dx and dx is not None:  # a custom op's outputs may not alias each other
+        dres = dres.clone()
+    # ... and every gradient not asked for is a fresh empty tensor
+    return (dx,) + tuple(h.new_empty((0,)) if t is None else t for t in (grads[1], grads[2], dres, grads[4]))
+
+
+def _layer_norm_bwd_run(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight, need_dbias, need_dresidual,
+                        need_dx_bias, backend):
+    """``(dx, dweight, dbias, dresidual, dx_bias)``, None where not needed; dresidual may be dx
+    (the eager path's backward returns it as it is: autograd handles a gradient shared by two
+    inputs, as it does for ``x + residual``)."""
+    mod = backend_module(backend, "layer_norm")
+    functional = getattr(mod, "layer_norm_bwd_functional", None)
+    if functional is not None and h.numel():
+        with no_autocast(h.device.type):
+            return functional(dy.contiguous(), h, weight, mean, rstd, need_dweight=need_dweight,
+                              need_dbias=need_dbias, need_dresidual=need_dresidual, need_dx_bias=need_dx_bias,
+                              dropout_p=dropout_p, seed=seed)
     hidden = h.shape[-1]
     dev = h.device
     dx = new_empty(h.shape, h.dtype, dev)
@@ -64,14 +92,13 @@ def _layer_norm_bwd_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: 
     dxb = new_empty((hidden,), acc, dev) if need_dx_bias else None
     if h.numel():
         with no_autocast(dev.type):
-            backend_module(backend, "layer_norm").layer_norm_bwd(dy.contiguous(), h, weight, mean, rstd, dx, dw, db,
-                                                   dres, dxb, dropout_p=dropout_p, seed=seed)
+            mod.layer_norm_bwd(dy.contiguous(), h, weight, mean, rstd, dx, dw, db, dres, dxb,
+                               dropout_p=dropout_p, seed=seed)
     else:
         for t in (dx, dw, db, dres, dxb):
             if t is not None:
                 t.zero_()
-    # Outputs may not alias each other: a fresh empty tensor for every gradient not asked for.
-    return (dx,) + tuple(h.new_empty((0,)) if t is None else t for t in (dw, db, dres, dxb))
+    return dx, dw, db, dres, dxb
 
 
 _layer_norm_bwd = torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())(_layer_norm_bwd_impl)
@@ -110,7 +137,7 @@ def _backward(ctx, dy, dmean, drstd, dh, bwd=None):
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_impl, _setup_context, _backward, _layer_norm_bwd,
-                 _layer_norm_bwd_impl, nondiff=(1, 2, 3))
+                 _layer_norm_bwd_run, nondiff=(1, 2, 3))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
@@ -153,27 +180,39 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     if not 0.0 <= eps < math.inf:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     dropout_p = check_dropout_p(dropout_p)
-    ac = autocast_dtype(x.device.type)
-    weight, bias, x_bias = (None if t is None else check_vector(name, t, size=hidden, x=x)
-                            for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)))
+    if weight is not None:
+        weight = check_vector("weight", weight, size=hidden, x=x)
+    if bias is not None:
+        bias = check_vector("bias", bias, size=hidden, x=x)
+    if x_bias is not None:
+        x_bias = check_vector("x_bias", x_bias, size=hidden, x=x)
     if residual is not None:
         check_tensor("residual", residual, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if ac is not None:  # under autocast the residual stream takes x's dtype, as fused LN does
+        if autocast_dtype(x.device.type) is not None:  # under autocast the residual stream takes x's dtype
             residual = residual.to(x.dtype)
         if residual.dtype != x.dtype:
             raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
-    shape = x.shape
-    rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
-    x2 = x.reshape(rows, hidden).contiguous()
-    res2 = residual.reshape(rows, hidden).contiguous() if residual is not None else None
-    features = tuple(n for n, t in (("weight", weight), ("bias", bias), ("residual", residual),
-                                    ("x_bias", x_bias)) if t is not None)
-    if dropout_p > 0.0:
-        features += ("dropout",)
+    flat = x.dim() == 2  # (rows, hidden) already: no reshape there and back (BERT's unpadded tokens)
+    if flat:
+        x2 = x.contiguous()
+        res2 = None if residual is None else residual.contiguous()
+    else:
+        shape = x.shape
+        rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
+        x2 = x.reshape(rows, hidden).contiguous()
+        res2 = None if residual is None else residual.reshape(rows, hidden).contiguous()
+    features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
+                         + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
     name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
     y = _eager(x2, weight, bias, res2, x_bias, seed, float(eps), dropout_p, name,
                diff=(x2, weight, bias, res2, x_bias))[0]
-    return y.view(shape)
+    return y if flat else y.view(shape)
+
+
+# The dispatch features of each combination of (weight, bias, residual, x_bias, dropout), by bit:
+# looked up, not built, on every call.
+_FEATURES = tuple(tuple(f for bit, f in enumerate(("weight", "bias", "residual", "x_bias", "dropout")) if k >> bit & 1)
+                  for k in range(32))

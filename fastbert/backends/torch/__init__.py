@@ -2,8 +2,8 @@
 
 The fast default on CPU and the fallback everywhere. Varlen attention runs one sequence at a time
 on CPU (no padding at all; reading ``cu_seqlens`` is a free host sync there) and is re-padded only
-inside attention elsewhere. Outputs are computed into the preallocated tensors (``out=``) where
-aten allows it, saving the copy a temporary would cost. With dropout, attention needs the shared
+inside attention elsewhere. The contract's entry points write the preallocated outputs; the
+``_functional`` twins below return aten's own results, saving the copies. With dropout, attention needs the shared
 Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
 backward is that composite's backward. ``lse`` is written only where ``fastbert.ops`` asks for it
 (:func:`writes_lse_for`: padded CPU attention without dropout or bias, on the eager path): aten's
@@ -18,15 +18,28 @@ Known difference from the reference: PyTorch's CPU ``scaled_dot_product_attentio
 a query row containing NaN (the reference propagates NaN); non-finite ``softmax_scale`` is
 rejected by ``fastbert.ops`` for every backend.
 
+Functional twins (``layer_norm_fwd/bwd_functional``, ``gelu_fwd/bwd_functional``,
+``attention_fwd/bwd_functional`` for unmasked padded calls) return fresh outputs instead of writing
+preallocated ones; ``fastbert.ops`` prefers them where a module has them (aten's functional calls
+allocate exactly what they return: no out= buffers, no copies; at 16 x 768 the ``out=`` call of
+``native_layer_norm`` cost about twice the functional one). Their outputs are not poisoned by the
+test switch; they have no element left to forget.
+
 Layout: one module per op (``attention.py``, with ``_window.py`` for the local window;
 ``layer_norm.py``; ``gelu.py`` for GELU and GeGLU; ``rotary.py``); this package exports each op's
 backend entry points, which ``fastbert.backends`` looks up by name.
 """
 
-from fastbert.backends.torch.attention import attention_bwd, attention_fwd, writes_lse_for
-from fastbert.backends.torch.gelu import geglu_bwd, geglu_fwd, gelu_bwd, gelu_fwd
-from fastbert.backends.torch.layer_norm import layer_norm_bwd, layer_norm_fwd
+from fastbert.backends.torch.attention import (attention_bwd, attention_bwd_functional, attention_fwd,
+                                              attention_fwd_functional, writes_lse_for)
+from fastbert.backends.torch.gelu import (geglu_bwd, geglu_fwd, geglu_saves_activation, gelu_bwd,
+                                         gelu_bwd_functional, gelu_fwd, gelu_fwd_functional)
+from fastbert.backends.torch.layer_norm import (layer_norm_bwd, layer_norm_bwd_functional, layer_norm_fwd,
+                                              layer_norm_fwd_functional)
 from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
 
-__all__ = ["attention_fwd", "attention_bwd", "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd",
-           "gelu_fwd", "gelu_bwd", "geglu_fwd", "geglu_bwd", "rotary_fwd", "rotary_bwd"]
+__all__ = ["attention_fwd", "attention_bwd", "attention_fwd_functional", "attention_bwd_functional",
+           "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_fwd_functional",
+           "layer_norm_bwd_functional", "gelu_fwd", "gelu_bwd",
+           "gelu_fwd_functional", "gelu_bwd_functional", "geglu_fwd", "geglu_bwd", "geglu_saves_activation",
+           "rotary_fwd", "rotary_bwd"]

@@ -236,6 +236,39 @@ def _attention(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dr
     return out[mask] if cu_seqlens is not None else out
 
 
+def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
+                             softmax_scale, allow_tf32=False, deterministic=False, window=None):
+    """:func:`attention_fwd` returning ``(out, lse)`` (fresh tensors) for the calls that have a
+    functional form, else None (``fastbert.ops`` then allocates and calls :func:`attention_fwd`):
+    padded CPU attention without a mask, bias, dropout or window, where :func:`writes_lse_for` holds.
+    aten's CPU flash attention already lays its output out as ``[B, L, H, d]``, so ``out`` is a
+    view of it (no copy), and ``lse`` is its logsumexp as one plane ``[1, B, H, L]`` (the second
+    plane, log l, is 0: flash's logsumexp is exact), which only :func:`attention_bwd_functional`
+    reads. Called on the eager path only (the custom op keeps fixed output shapes)."""
+    if (attention_mask is not None or attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
+            or window is not None or q.device.type != "cpu"
+            or not writes_lse_for(device_type="cpu", dtype=q.dtype, varlen=False, dropout_p=0.0, has_bias=False)):
+        return None
+    o, lse = _flash_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=softmax_scale)
+    out = o.transpose(1, 2)
+    return (out if out.is_contiguous() else out.contiguous()), lse.unsqueeze(0)
+
+
+def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
+                             dropout_p, seed, softmax_scale, need_dbias, allow_tf32=False, deterministic=False,
+                             window=None):
+    """Backward of :func:`attention_fwd_functional`: ``(dq, dk, dv)`` from aten's CPU flash backward,
+    fresh tensors in ``[B, L, H, d]`` (views of aten's gradients, no copies), or None for any call
+    the functional forward did not take (its one-plane ``lse`` marks them)."""
+    if (lse.dim() == 0 or lse.shape[0] != 1 or attention_mask is not None or attn_bias is not None
+            or cu_seqlens is not None or dropout_p != 0.0 or window is not None or need_dbias):
+        return None
+    grads = _flash_cpu_bwd(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                           out.transpose(1, 2), lse[0], 0.0, False, scale=softmax_scale)
+    return tuple(g.transpose(1, 2) if g.transpose(1, 2).is_contiguous() else g.transpose(1, 2).contiguous()
+                 for g in grads)
+
+
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                   dropout_p, seed, softmax_scale, allow_tf32=False, deterministic=False, window=None):
     """Backend entry point (see ``fastbert.backends``); writes ``lse`` where

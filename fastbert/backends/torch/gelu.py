@@ -24,18 +24,42 @@ def gelu_fwd(x, bias, y, *, approximate):
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.gelu_fwd(x, bias, y, approximate=approximate)
-    src = x if bias is None else torch.add(x, bias.to(x.dtype), out=y)
-    torch._C._nn.gelu(src, approximate=approximate, out=y)  # elementwise: in place is safe
+    y.copy_(gelu_fwd_functional(x, bias, approximate=approximate))
 
 
 def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
     """Backend entry point: ``aten.gelu_backward`` (fp32/fp64) or the reference (fp16/bf16)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
-    z = x if bias is None else torch.add(x, bias.to(x.dtype), out=dx)  # dx as the z workspace
-    torch.ops.aten.gelu_backward.grad_input(dy, z, approximate=approximate, grad_input=dx)
+    g, gb = gelu_bwd_functional(dy, x, bias, need_dbias=dbias is not None, approximate=approximate)
+    dx.copy_(g)
     if dbias is not None:
-        dbias.copy_(dx.sum(0, dtype=dbias.dtype))
+        dbias.copy_(gb)
+
+
+def gelu_fwd_functional(x, bias, *, approximate):
+    """:func:`gelu_fwd` returning ``y`` (a fresh tensor) instead of writing a preallocated one:
+    fp32/fp64 is then one aten call (two with a bias, the GELU in place on the fresh sum), the
+    plain ``F.gelu`` call's cost. ``fastbert.ops`` calls it where the backend module has it."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        y = torch.empty_like(x)
+        composite.gelu_fwd(x, bias, y, approximate=approximate)
+        return y
+    if bias is None:
+        return torch._C._nn.gelu(x, approximate=approximate)
+    return torch._C._nn.gelu_(torch.add(x, bias.to(x.dtype)), approximate=approximate)
+
+
+def gelu_bwd_functional(dy, x, bias, *, need_dbias, approximate):
+    """:func:`gelu_bwd` returning ``(dx, dbias or None)`` (fresh tensors; dbias fp32, fp64 for fp64)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        dx = torch.empty_like(x)
+        dbias = torch.empty(x.shape[-1], dtype=torch.float32, device=x.device) if need_dbias else None
+        composite.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
+        return dx, dbias
+    z = x if bias is None else torch.add(x, bias.to(x.dtype))
+    dx = torch.ops.aten.gelu_backward.default(dy, z, approximate=approximate)
+    return dx, (dx.sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) if need_dbias else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,32 +67,43 @@ def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
 # ----------------------------------------------------------------------------------------------
 
 
-def geglu_fwd(x, bias, y, *, approximate):
+def geglu_saves_activation(dtype):
+    """Whether :func:`geglu_fwd` keeps ``gelu(a)`` for backward (``fastbert.ops`` then allocates the
+    ``act`` output): fp32/fp64, whose GELU is aten's. Backward then costs two multiplies and
+    aten's ``gelu_backward`` (the unfused torch sequence's work, without its concatenation)
+    instead of recomputing GELU. fp16/bf16 run the reference's fp32 math, which keeps nothing."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def geglu_fwd(x, bias, y, *, approximate, act=None):
     """Backend entry point: ``y = gelu(a) * g``; fp32/fp64: aten's GELU (accuracy as ``gelu_fwd``)
-    into ``y``, then the gate multiplied in place; fp16/bf16: the reference (see ``gelu_fwd``)."""
+    into ``act`` (``[rows, n]``, kept for backward; see :func:`geglu_saves_activation`) or ``y``,
+    then multiplied by the gate; fp16/bf16: the reference (see ``gelu_fwd``)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_fwd(x, bias, y, approximate=approximate)
     n = y.shape[-1]
-    a, g = x[:, :n], x[:, n:]
-    if bias is not None:
-        a, g = a + bias[:n].to(x.dtype), g + bias[n:].to(x.dtype)
-    torch._C._nn.gelu(a, approximate=approximate, out=y)
-    y.mul_(g)
+    z = x if bias is None else torch.add(x, bias.to(x.dtype))  # one contiguous add, not two strided ones
+    a, g = z[:, :n], z[:, n:]
+    if act is None:
+        torch._C._nn.gelu(a, approximate=approximate, out=y)
+        y.mul_(g)
+    else:
+        torch._C._nn.gelu(a, approximate=approximate, out=act)
+        torch.mul(act, g, out=y)
 
 
-def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
-    """Backend entry point: ``da = gelu'(a) * (dy * g)`` (aten's ``gelu_backward``), ``dg = dy * gelu(a)``,
-    written into the two halves of ``dx``."""
+def geglu_bwd(dy, x, bias, dx, dbias, *, approximate, act=None):
+    """Backend entry point: ``da = gelu'(a) * (dy * g)`` (aten's ``gelu_backward``), ``dg = dy * gelu(a)``
+    with ``gelu(a)`` the forward's ``act`` (recomputed when None), written into the two halves of ``dx``."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
     n = dy.shape[-1]
-    a, g = x[:, :n], x[:, n:]
-    if bias is not None:
-        a, g = a + bias[:n].to(x.dtype), g + bias[n:].to(x.dtype)
+    z = x if bias is None else torch.add(x, bias.to(x.dtype))
+    a, g = z[:, :n], z[:, n:]
     da, dg = dx[:, :n], dx[:, n:]
     torch.mul(dy, g, out=da)
     torch.ops.aten.gelu_backward.grad_input(da, a, approximate=approximate, grad_input=da)  # elementwise
     # aten's GELU with a strided out= writes elsewhere (caught by the poisoned-output tests)
-    torch.mul(F.gelu(a, approximate=approximate), dy, out=dg)
+    torch.mul(F.gelu(a, approximate=approximate) if act is None else act, dy, out=dg)
     if dbias is not None:
         dbias.copy_(dx.sum(0, dtype=dbias.dtype))

@@ -25,64 +25,90 @@ ILL_CONDITIONED = 16.0
 BWD_ILL_CONDITIONED = 1.0
 
 
-def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
-    """Indices of the rows aten's forward cannot be trusted with, or None (the common case: one
-    [rows] product and its max, no [rows, hidden] work; the nonzero only when some row exceeds
-    ``threshold``). Skipped while capturing a CUDA graph (the max is a host sync); on a GPU
-    Triton or CUDA normally runs LayerNorm anyway."""
+_INF = float("inf")
+
+
+def _worst_ratio(mean, rstd):
+    """``max_rows |mean| * rstd`` as a Python float (NaN when a row's statistics are NaN), or None
+    while capturing a CUDA graph (the read is a host sync; on a GPU Triton or CUDA normally runs
+    LayerNorm anyway). Two ``[rows]`` ops (a product and its max-norm, which propagates NaN) and
+    one read: no ``[rows, hidden]`` work."""
     if mean.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    ratio = mean.abs().mul_(rstd)
-    top = float(ratio.max()) if ratio.numel() else 0.0
-    if not (top > threshold or top != top):  # NaN propagates through max: then look row by row
+    return torch.linalg.vector_norm(mean * rstd, _INF).item() if mean.numel() else 0.0
+
+
+def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
+    """Indices of the rows aten cannot be trusted with, or None (the common case: the
+    :func:`_worst_ratio` of these statistics is at most ``threshold``; then no row is looked at).
+    NaN propagates through the max: then the rows are looked at one by one."""
+    worst = _worst_ratio(mean, rstd)
+    if worst is None:
         return None
-    idx = (ratio > threshold).nonzero().view(-1)
+    if not (worst > threshold or worst != worst):
+        return None
+    idx = (mean.abs().mul_(rstd) > threshold).nonzero().view(-1)
     return idx if idx.numel() else None
 
 
 def _aten_params(weight, bias, dtype):
     """weight/bias in one dtype aten's CPU kernels accept: x's dtype for fp32/fp64, fp32 for
-    fp16/bf16 (aten's mixed-dtype mode). Exact casts of ``[hidden]`` vectors."""
+    fp16/bf16 (aten's mixed-dtype mode). Exact casts of ``[hidden]`` vectors (none when the dtype
+    already fits: the common case)."""
     pdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    return tuple(None if t is None else t.to(pdt) for t in (weight, bias))
+    return tuple(t if t is None or t.dtype == pdt else t.to(pdt) for t in (weight, bias))
+
+
+def _pre_norm_sum(x, residual, x_bias, dropout_p, seed):
+    """``h = dropout(x + x_bias) + residual`` as a fresh ``[rows, hidden]`` tensor: fp16/bf16 in
+    fp32 rounded once to x's dtype, as the kernels and the reference store h; fp32/fp64 with
+    aten's ops in the same order of operations."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return composite.add_dropout_residual(x, residual, x_bias, dropout_p, seed)
+    h = x
+    if x_bias is not None:
+        h = h + x_bias.to(x.dtype)
+    if dropout_p > 0.0:
+        keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
+        h = torch.mul(h, keep).mul_(dropout_scale(dropout_p))
+    if residual is not None:
+        h = h + residual if h is x else h.add_(residual)
+    return h
+
+
+def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout_p, seed, fused):
+    """:func:`layer_norm_fwd` returning its outputs ``(y, mean, rstd, h)`` instead of writing
+    preallocated ones (``h`` None unless ``fused``): aten's functional ``native_layer_norm``
+    allocates exactly what it returns, so this saves the ``out=`` call's overhead and, for
+    fp16/bf16, three copies. Fresh tensors, aliasing no input and each other. ``fastbert.ops``
+    calls it where the backend module has it.
+
+    Rows that are ill-conditioned for aten (:data:`ILL_CONDITIONED`) are recomputed by the
+    reference; finding them reads one number per call (see :func:`_worst_ratio`).
+    """
+    h = _pre_norm_sum(x, residual, x_bias, dropout_p, seed) if fused else x
+    w, b = _aten_params(weight, bias, x.dtype)
+    y, mean, rstd = torch.native_layer_norm(h, (x.shape[-1],), w, b, eps)
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean, rstd = mean.view(-1), rstd.view(-1)
+    if mean.dtype != stat:
+        mean, rstd = mean.to(stat), rstd.to(stat)
+    idx = _ill_conditioned_rows(mean, rstd)
+    if idx is not None:
+        y[idx], mean[idx], rstd[idx] = composite.layer_norm_math(h[idx], weight, bias, eps)
+    return y, mean, rstd, (h if fused else None)
 
 
 def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed):
-    """Backend entry point: ``h = dropout(x + x_bias) + residual``, ``y = LN(h)``.
-
-    Computes straight into the preallocated ``h`` (and, for fp32/fp64, ``y``/``mean``/``rstd`` via
-    ``native_layer_norm.out``): no temporaries and no copies, in the same order of operations.
-    Rows that are ill-conditioned for aten (:data:`ILL_CONDITIONED`) are then recomputed by the
-    reference.
-    """
-    hh = x
-    if h is not None and x.dtype in (torch.float16, torch.bfloat16):
-        # In fp32, rounded once to x's dtype, as the kernels and the reference store h.
-        h.copy_(composite.add_dropout_residual(x, residual, x_bias, dropout_p, seed))
-        hh = h
-    elif h is not None:
-        if x_bias is not None:
-            hh = torch.add(hh, x_bias.to(x.dtype), out=h)
-        if dropout_p > 0.0:
-            keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
-            hh = torch.mul(hh, keep, out=h).mul_(dropout_scale(dropout_p))
-        if residual is not None:
-            hh = torch.add(hh, residual, out=h)
-        if hh is not h:
-            h.copy_(hh)
-        hh = h
-    w, b = _aten_params(weight, bias, x.dtype)
-    if mean.dtype == x.dtype:  # fp32/fp64: aten's statistics already have the contract's dtype
-        torch.ops.aten.native_layer_norm.out(hh, (x.shape[-1],), w, b, eps, out0=y,
-                                             out1=mean.view(-1, 1), out2=rstd.view(-1, 1))
-    else:
-        yy, m, r = torch.native_layer_norm(hh, (x.shape[-1],), w, b, eps)
-        y.copy_(yy)
-        mean.copy_(m.view(-1))
-        rstd.copy_(r.view(-1))
-    idx = _ill_conditioned_rows(mean, rstd)
-    if idx is not None:
-        y[idx], mean[idx], rstd[idx] = composite.layer_norm_math(hh[idx], weight, bias, eps)
+    """Backend entry point: ``h = dropout(x + x_bias) + residual``, ``y = LN(h)``, written into the
+    preallocated outputs (see :func:`layer_norm_fwd_functional`, which computes them)."""
+    yy, m, r, hh = layer_norm_fwd_functional(x, weight, bias, residual, x_bias, eps=eps,
+                                                dropout_p=dropout_p, seed=seed, fused=h is not None)
+    y.copy_(yy)
+    mean.copy_(m)
+    rstd.copy_(r)
+    if h is not None:
+        h.copy_(hh)
 
 
 def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
@@ -100,31 +126,45 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     kernels compute them), rounded once into dx / dresidual. Rows of 1 or 2
     elements, whose exact dh is 0, take the reference's form (aten's leaves rstd * |g| * 2^-24).
     """
+    dxx, dw, db, dres, dxb = layer_norm_bwd_functional(
+        dy, h, weight, mean, rstd, need_dweight=dweight is not None, need_dbias=dbias is not None,
+        need_dresidual=dresidual is not None, need_dx_bias=dx_bias is not None, dropout_p=dropout_p,
+        seed=seed)
+    for src, dst in ((dxx, dx), (dw, dweight), (db, dbias), (dres, dresidual), (dxb, dx_bias)):
+        if dst is not None:
+            dst.copy_(src)
+
+
+def layer_norm_bwd_functional(dy, h, weight, mean, rstd, *, need_dweight, need_dbias, need_dresidual,
+                              need_dx_bias, dropout_p, seed):
+    """:func:`layer_norm_bwd` returning ``(dx, dweight, dbias, dresidual, dx_bias)`` (None where not
+    needed) instead of writing preallocated outputs: no copies out of aten's results. ``dresidual``
+    may be the same tensor as ``dx`` (without dropout both are dh): a caller that needs distinct
+    outputs (a custom op) clones it. The math and its stability are :func:`layer_norm_bwd`'s."""
     hidden = h.shape[-1]
-    if hidden <= 2:  # y is constant in h (+-1 or 0): dh is 0, which aten's expanded form misses
-        return composite.layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias,
-                                        dropout_p=dropout_p, seed=seed)
     stat = mean.dtype  # fp32, fp64 for fp64 h
-    w = None if weight is None else weight.to(stat)
+    if hidden <= 2:  # y is constant in h (+-1 or 0): dh is 0, which aten's expanded form misses
+        vec = lambda need: torch.empty(hidden, dtype=stat, device=h.device) if need else None  # noqa: E731
+        out = (torch.empty_like(h), vec(need_dweight), vec(need_dbias),
+               torch.empty_like(h) if need_dresidual else None, vec(need_dx_bias))
+        composite.layer_norm_bwd(dy, h, weight, mean, rstd, *out, dropout_p=dropout_p, seed=seed)
+        return out
+    w = weight if weight is None or weight.dtype == stat else weight.to(stat)
+    mask = [True, need_dweight, False]
     if h.dtype == stat and _ill_conditioned_rows(mean, rstd, BWD_ILL_CONDITIONED) is None:
         # The common case: no row with |mean| > its spread; aten's form loses nothing there.
         dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            dy, h, (hidden,), mean.view(-1, 1), rstd.view(-1, 1), w, None, [True, dweight is not None, False])
+            dy, h, (hidden,), mean.view(-1, 1), rstd.view(-1, 1), w, None, mask)
     else:
         centred = torch.sub(h.to(stat), mean.view(-1, 1))
         dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
             dy.to(stat), centred, (hidden,), torch.zeros_like(mean).view(-1, 1), rstd.view(-1, 1), w, None,
-            [True, dweight is not None, False])
-    if dweight is not None:
-        dweight.copy_(dw)
-    if dbias is not None:
-        dbias.copy_(dy.sum(0, dtype=stat))
-    if dresidual is not None:
-        dresidual.copy_(dh)
+            mask)
+    db = dy.sum(0, dtype=stat) if need_dbias else None
+    dres = dh.to(h.dtype) if need_dresidual else None  # h's dtype: dh itself for fp32 / fp64
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], hidden, device=h.device)
-        dh = torch.mul(dh, keep, out=dx if dx.dtype == dh.dtype else None).mul_(dropout_scale(dropout_p))
-    if dh is not dx:
-        dx.copy_(dh)
-    if dx_bias is not None:
-        dx_bias.copy_(dh.sum(0))
+        dh = torch.mul(dh, keep).mul_(dropout_scale(dropout_p))
+    dx = dres if dres is not None and dropout_p == 0.0 else dh.to(h.dtype)
+    dxb = dh.sum(0) if need_dx_bias else None
+    return dx, (dw if need_dweight else None), db, dres, dxb
