@@ -19,6 +19,17 @@ using bind::dtype;
 using bind::mut_ptr;
 using bind::ptr;
 
+// The fields the forward and backward parameters share: the row count, dropout and the planted fault.
+template <class Params>
+void set_rows_dropout_fault(Params& p, long long rows, const bind::Dropout& drop, int fault_injection) {
+  p.rows = rows;
+  p.seed = drop.seed;
+  p.dropout = drop.on;
+  p.keep_threshold = drop.threshold;
+  p.keep_scale = drop.scale;
+  p.fault = bind::check_fault_injection(fault_injection);
+}
+
 void layer_norm_fwd_py(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
                        std::uintptr_t x_bias, std::uintptr_t y, std::uintptr_t mean, std::uintptr_t rstd,
                        std::uintptr_t h, std::uintptr_t seed, long long rows, long long hidden, int dtype_code,
@@ -43,13 +54,8 @@ void layer_norm_fwd_py(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t b
   const bool fused = residual || x_bias || drop.on;
   p.h = mut_ptr("h", h, p.dtype, fused);
   FB_CHECK_ARG(fused || h == 0, "h: expected 0 (None) when nothing is fused, got a pointer");
-  p.rows = rows;
   p.eps = static_cast<float>(eps);
-  p.seed = drop.seed;
-  p.dropout = drop.on;
-  p.keep_threshold = drop.threshold;
-  p.keep_scale = drop.scale;
-  p.fault = bind::check_fault_injection(fault_injection);
+  set_rows_dropout_fault(p, rows, drop, fault_injection);
   bind::launch(layer_norm_fwd, p, device, stream);
 }
 
@@ -78,12 +84,7 @@ void layer_norm_bwd_py(std::uintptr_t dy, std::uintptr_t h, std::uintptr_t weigh
   p.workspace = bind::workspace(workspace, workspace_bytes,
                                 layer_norm_bwd_workspace_bytes(rows, p.hidden, columns, dx_bias != 0),
                                 "layer_norm_bwd_workspace_bytes");
-  p.rows = rows;
-  p.seed = drop.seed;
-  p.dropout = drop.on;
-  p.keep_threshold = drop.threshold;
-  p.keep_scale = drop.scale;
-  p.fault = bind::check_fault_injection(fault_injection);
+  set_rows_dropout_fault(p, rows, drop, fault_injection);
   bind::launch(layer_norm_bwd, p, device, stream);
 }
 
