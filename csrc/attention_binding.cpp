@@ -69,8 +69,7 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
   FB_CHECK_ARG(seqlen_q <= (1LL << 30) && seqlen_k <= (1LL << 30), "seqlen_q, seqlen_k: expected <= 2^30, got ",
                seqlen_q, ", ", seqlen_k);
   FB_CHECK_ARG(std::isfinite(softmax_scale), "softmax_scale: expected a finite value, got ", softmax_scale);
-  FB_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected 0 <= dropout_p < 1, got ", dropout_p);
-  FB_CHECK_ARG(dropout_p == 0.0 || seed != 0, "seed: expected a pointer to the int64 [2] seed when dropout_p > 0, got 0");
+  const bind::Dropout drop = bind::dropout(dropout_p, seed);
   const std::size_t elem = dtype_size(p.dtype);
   p.batch = static_cast<int>(batch);
   p.num_heads = static_cast<int>(num_heads);
@@ -95,16 +94,16 @@ AttnParams common_params(int dtype_code, long long batch, long long num_heads, l
   p.mask_stride_batch = mask_strides[0];
   p.mask_stride_key = mask_strides[1];
   p.bias_dtype = bind::dtype("bias_dtype", bias_dtype);
-  p.attn_bias = bind::ptr("attn_bias", attn_bias, dtype_size(p.bias_dtype), false);
+  p.attn_bias = bind::ptr("attn_bias", attn_bias, p.bias_dtype, false);
   for (int i = 0; i < 4; ++i) {
     FB_CHECK_ARG(bias_strides[i] >= 0, "attn_bias strides: expected >= 0, got ", bias_strides[i], " at dim ", i);
     p.bias_stride[i] = bias_strides[i];
   }
   FB_CHECK_ARG(p.cu_seqlens == nullptr || (p.attention_mask == nullptr && p.attn_bias == nullptr),
                "cu_seqlens: the varlen layout takes no attention_mask or attn_bias");
-  p.seed = static_cast<const int64_t*>(bind::ptr("seed", dropout_p > 0.0 ? seed : 0, 8, false));
-  p.dropout_threshold = bind::dropout_threshold(dropout_p);
-  p.dropout_scale = bind::dropout_scale(dropout_p);
+  p.seed = drop.seed;
+  p.dropout_threshold = drop.threshold;
+  p.dropout_scale = drop.scale;
   p.softmax_scale = static_cast<float>(softmax_scale);
   FB_CHECK_ARG(window_left >= -1 && window_right >= -1,
                "window: expected window_left, window_right >= 0 (or -1 = unbounded), got (", window_left, ", ",
@@ -130,8 +129,7 @@ void attention_fwd_py(std::uintptr_t q, Strides3 q_strides, std::uintptr_t k, St
                                window_left, window_right, fault_injection);
   const std::size_t elem = dtype_size(p.dtype);
   p.aligned16 = rows_aligned16(p.q, elem) && rows_aligned16(p.k, elem) && rows_aligned16(p.v, elem);
-  bind::DeviceGuard guard(device);
-  attention_fwd_launch(p, bind::stream(stream));
+  bind::launch(attention_fwd_launch, p, device, stream);
 }
 
 void attention_bwd_py(std::uintptr_t dout, Strides3 dout_strides, std::uintptr_t q, Strides3 q_strides,
@@ -160,8 +158,7 @@ void attention_bwd_py(std::uintptr_t dout, Strides3 dout_strides, std::uintptr_t
   }
   p.aligned16 = rows_aligned16(p.q, elem) && rows_aligned16(p.k, elem) && rows_aligned16(p.v, elem) &&
                 rows_aligned16(p.dout, elem);
-  bind::DeviceGuard guard(device);
-  attention_bwd_launch(p, bind::stream(stream));
+  bind::launch(attention_bwd_launch, p, device, stream);
 }
 
 }  // namespace

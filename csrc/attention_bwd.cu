@@ -45,11 +45,17 @@ struct BwdConfig {
   // (kBlockN bytes).
   static constexpr size_t kSmemBytes = kTileBytes * (2 * kBlockM + 2 * kBlockN) +
                                        sizeof(float) * (3 * kBlockM + kScratchFloats) + kBlockN;
+  // The dq kernel's __launch_bounds__ minimum of blocks per SM (0 = none given). fp32 at DP >= 128:
+  // 1. Shared memory (>= 108 KiB a block) already holds these blocks to 1 (sm_80) or 2 (sm_90) per
+  // SM, and 2 blocks of <= 128 threads fit at any count <= 255 registers, so the hint costs no
+  // occupancy; without it ptxas aimed at 3 blocks (168 registers) and spilled at sm_80 (4 bytes).
+  static constexpr int kDqMinBlocks = (!kTensorCores<T> && DP >= 128) ? 1 : 0;
 };
 
 // ---- dQ (and dbias) ----------------------------------------------------------------------------
 template <class T, int DP>
-__global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dq_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads, BwdConfig<T, DP>::kDqMinBlocks)
+    attention_bwd_dq_kernel(const AttnParams p) {
   using Cfg = BwdConfig<T, DP>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
   constexpr int NT = kBlockN / 8, DT = DP / 8;

@@ -2,7 +2,6 @@
 // backward's workspace query. Conventions: csrc/README.md, "Bindings".
 #include <pybind11/pybind11.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -18,27 +17,23 @@ namespace {
 
 using bind::dtype;
 using bind::mut_ptr;
-using bind::positive;
 using bind::ptr;
 
+// The arguments gelu_fwd and gelu_bwd share; `out` is y (forward) or dx (backward).
 GeluParams gelu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
                        const char* out_name, long long rows, long long hidden, int dtype_code, int bias_dtype,
                        const std::string& approximate, int fault_injection) {
-  positive("rows", rows);
-  positive("hidden", hidden);
-  FB_CHECK_ARG(hidden <= (1LL << 30), "hidden: expected <= 2^30, got ", hidden);
+  GeluParams p{};
+  p.hidden = bind::row_op_hidden(rows, hidden);
   FB_CHECK_ARG(approximate == "none" || approximate == "tanh", "approximate: expected 'none' or 'tanh', got '",
                approximate, "'");
-  GeluParams p{};
   p.dtype = dtype("dtype", dtype_code);
   p.bias_dtype = dtype("bias_dtype", bias_dtype);
-  const std::size_t a = dtype_size(p.dtype);
-  p.x = ptr("x", x, a, true);
-  p.bias = ptr("bias", bias, dtype_size(p.bias_dtype), false);
-  p.out = mut_ptr(out_name, out, a, true);
-  p.dy = dy ? ptr("dy", dy, a, true) : nullptr;
+  p.x = ptr("x", x, p.dtype, true);
+  p.bias = ptr("bias", bias, p.bias_dtype, false);
+  p.out = mut_ptr(out_name, out, p.dtype, true);
+  p.dy = dy ? ptr("dy", dy, p.dtype, true) : nullptr;
   p.rows = rows;
-  p.hidden = static_cast<int>(hidden);
   p.tanh_approx = approximate == "tanh";
   p.fault = bind::check_fault_injection(fault_injection);
   return p;
@@ -47,9 +42,9 @@ GeluParams gelu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias,
 void gelu_fwd_py(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y, long long rows, long long hidden,
                  int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
                  int fault_injection) {
-  GeluParams p = gelu_params(0, x, bias, y, "y", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
-  bind::DeviceGuard guard(device);
-  gelu_fwd(p, bind::stream(stream));
+  const GeluParams p =
+      gelu_params(0, x, bias, y, "y", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
+  bind::launch(gelu_fwd, p, device, stream);
 }
 
 void gelu_bwd_py(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t dx, std::uintptr_t dbias,
@@ -59,12 +54,9 @@ void gelu_bwd_py(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::
   FB_CHECK_ARG(dy != 0, "dy: expected a non-null pointer, got 0 (None)");
   GeluParams p = gelu_params(dy, x, bias, dx, "dx", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
   p.dbias = static_cast<float*>(mut_ptr("dbias", dbias, 4, false));
-  const long long need = gelu_bwd_workspace_bytes(rows, static_cast<int>(hidden), dbias != 0);
-  FB_CHECK_ARG(workspace_bytes >= need, "workspace_bytes: expected >= ", need, " (gelu_bwd_workspace_bytes), got ",
-               workspace_bytes);
-  p.workspace = static_cast<float*>(mut_ptr("workspace", workspace, 16, need > 0));
-  bind::DeviceGuard guard(device);
-  gelu_bwd(p, bind::stream(stream));
+  p.workspace = bind::workspace(workspace, workspace_bytes, gelu_bwd_workspace_bytes(rows, p.hidden, dbias != 0),
+                                "gelu_bwd_workspace_bytes");
+  bind::launch(gelu_bwd, p, device, stream);
 }
 
 }  // namespace
@@ -80,9 +72,7 @@ void register_gelu(py::module_& m) {
   m.def(
       "gelu_bwd_workspace_bytes",
       [](long long rows, long long hidden, bool need_dbias) {
-        positive("rows", rows);
-        positive("hidden", hidden);
-        return gelu_bwd_workspace_bytes(rows, static_cast<int>(hidden), need_dbias);
+        return gelu_bwd_workspace_bytes(rows, bind::row_op_hidden(rows, hidden), need_dbias);
       },
       py::kw_only(), "rows"_a, "hidden"_a, "need_dbias"_a, "Bytes of fp32 workspace gelu_bwd needs.");
 }

@@ -17,13 +17,17 @@ namespace {
 
 using bind::dtype;
 using bind::mut_ptr;
-using bind::positive;
 using bind::ptr;
 
-void check_dropout(double dropout_p, std::uintptr_t seed) {
-  FB_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected 0 <= dropout_p < 1, got ", dropout_p);
-  FB_CHECK_ARG(dropout_p == 0.0 || seed != 0, "seed: expected a pointer to the int64 [2] seed when dropout_p > 0, got 0");
-  FB_CHECK_ARG(seed % 8 == 0, "seed: expected a pointer aligned to 8 bytes, got 0x", std::hex, seed);
+// The fields the forward and backward parameters share: the row count, dropout and the planted fault.
+template <class Params>
+void set_rows_dropout_fault(Params& p, long long rows, const bind::Dropout& drop, int fault_injection) {
+  p.rows = rows;
+  p.seed = drop.seed;
+  p.dropout = drop.on;
+  p.keep_threshold = drop.threshold;
+  p.keep_scale = drop.scale;
+  p.fault = bind::check_fault_injection(fault_injection);
 }
 
 void layer_norm_fwd_py(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
@@ -31,38 +35,28 @@ void layer_norm_fwd_py(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t b
                        std::uintptr_t h, std::uintptr_t seed, long long rows, long long hidden, int dtype_code,
                        int weight_dtype, int bias_dtype, int x_bias_dtype, double eps, double dropout_p,
                        std::uintptr_t stream, int device, int fault_injection) {
-  positive("rows", rows);
-  positive("hidden", hidden);
-  FB_CHECK_ARG(hidden <= (1LL << 30), "hidden: expected <= 2^30, got ", hidden);
-  FB_CHECK_ARG(std::isfinite(eps) && eps >= 0.0, "eps: expected a finite value >= 0, got ", eps);
-  check_dropout(dropout_p, seed);
   LayerNormFwdParams p{};
+  p.hidden = bind::row_op_hidden(rows, hidden);
+  FB_CHECK_ARG(std::isfinite(eps) && eps >= 0.0, "eps: expected a finite value >= 0, got ", eps);
+  const bind::Dropout drop = bind::dropout(dropout_p, seed);
   p.dtype = dtype("dtype", dtype_code);
   p.weight_dtype = dtype("weight_dtype", weight_dtype);
   p.bias_dtype = dtype("bias_dtype", bias_dtype);
   p.x_bias_dtype = dtype("x_bias_dtype", x_bias_dtype);
-  const std::size_t a = dtype_size(p.dtype);
-  p.x = ptr("x", x, a, true);
-  p.weight = ptr("weight", weight, dtype_size(p.weight_dtype), false);
-  p.bias = ptr("bias", bias, dtype_size(p.bias_dtype), false);
-  p.residual = ptr("residual", residual, a, false);
-  p.x_bias = ptr("x_bias", x_bias, dtype_size(p.x_bias_dtype), false);
-  p.y = mut_ptr("y", y, a, true);
+  p.x = ptr("x", x, p.dtype, true);
+  p.weight = ptr("weight", weight, p.weight_dtype, false);
+  p.bias = ptr("bias", bias, p.bias_dtype, false);
+  p.residual = ptr("residual", residual, p.dtype, false);
+  p.x_bias = ptr("x_bias", x_bias, p.x_bias_dtype, false);
+  p.y = mut_ptr("y", y, p.dtype, true);
   p.mean = static_cast<float*>(mut_ptr("mean", mean, 4, true));
   p.rstd = static_cast<float*>(mut_ptr("rstd", rstd, 4, true));
-  const bool fused = residual || x_bias || dropout_p > 0.0;
-  p.h = mut_ptr("h", h, a, fused);
+  const bool fused = residual || x_bias || drop.on;
+  p.h = mut_ptr("h", h, p.dtype, fused);
   FB_CHECK_ARG(fused || h == 0, "h: expected 0 (None) when nothing is fused, got a pointer");
-  p.seed = reinterpret_cast<const int64_t*>(seed);
-  p.rows = rows;
-  p.hidden = static_cast<int>(hidden);
   p.eps = static_cast<float>(eps);
-  p.dropout = dropout_p > 0.0;
-  p.keep_threshold = bind::dropout_threshold(dropout_p);
-  p.keep_scale = bind::dropout_scale(dropout_p);
-  p.fault = bind::check_fault_injection(fault_injection);
-  bind::DeviceGuard guard(device);
-  layer_norm_fwd(p, bind::stream(stream));
+  set_rows_dropout_fault(p, rows, drop, fault_injection);
+  bind::launch(layer_norm_fwd, p, device, stream);
 }
 
 void layer_norm_bwd_py(std::uintptr_t dy, std::uintptr_t h, std::uintptr_t weight, std::uintptr_t mean,
@@ -71,38 +65,27 @@ void layer_norm_bwd_py(std::uintptr_t dy, std::uintptr_t h, std::uintptr_t weigh
                        std::uintptr_t workspace, long long workspace_bytes, long long rows, long long hidden,
                        int dtype_code, int weight_dtype, double dropout_p, std::uintptr_t stream, int device,
                        int fault_injection) {
-  positive("rows", rows);
-  positive("hidden", hidden);
-  FB_CHECK_ARG(hidden <= (1LL << 30), "hidden: expected <= 2^30, got ", hidden);
-  check_dropout(dropout_p, seed);
   LayerNormBwdParams p{};
+  p.hidden = bind::row_op_hidden(rows, hidden);
+  const bind::Dropout drop = bind::dropout(dropout_p, seed);
   p.dtype = dtype("dtype", dtype_code);
   p.weight_dtype = dtype("weight_dtype", weight_dtype);
-  const std::size_t a = dtype_size(p.dtype);
-  p.dy = ptr("dy", dy, a, true);
-  p.h = ptr("h", h, a, true);
-  p.weight = ptr("weight", weight, dtype_size(p.weight_dtype), false);
+  p.dy = ptr("dy", dy, p.dtype, true);
+  p.h = ptr("h", h, p.dtype, true);
+  p.weight = ptr("weight", weight, p.weight_dtype, false);
   p.mean = static_cast<const float*>(ptr("mean", mean, 4, true));
   p.rstd = static_cast<const float*>(ptr("rstd", rstd, 4, true));
-  p.dx = mut_ptr("dx", dx, a, true);
+  p.dx = mut_ptr("dx", dx, p.dtype, true);
   p.dweight = static_cast<float*>(mut_ptr("dweight", dweight, 4, false));
   p.dbias = static_cast<float*>(mut_ptr("dbias", dbias, 4, false));
-  p.dresidual = mut_ptr("dresidual", dresidual, a, false);
+  p.dresidual = mut_ptr("dresidual", dresidual, p.dtype, false);
   p.dx_bias = static_cast<float*>(mut_ptr("dx_bias", dx_bias, 4, false));
   const bool columns = dweight || dbias || dx_bias;
-  const long long need = layer_norm_bwd_workspace_bytes(rows, static_cast<int>(hidden), columns, dx_bias != 0);
-  FB_CHECK_ARG(workspace_bytes >= need, "workspace_bytes: expected >= ", need, " (layer_norm_bwd_workspace_bytes), got ",
-               workspace_bytes);
-  p.workspace = static_cast<float*>(mut_ptr("workspace", workspace, 16, need > 0));
-  p.seed = reinterpret_cast<const int64_t*>(seed);
-  p.rows = rows;
-  p.hidden = static_cast<int>(hidden);
-  p.dropout = dropout_p > 0.0;
-  p.keep_threshold = bind::dropout_threshold(dropout_p);
-  p.keep_scale = bind::dropout_scale(dropout_p);
-  p.fault = bind::check_fault_injection(fault_injection);
-  bind::DeviceGuard guard(device);
-  layer_norm_bwd(p, bind::stream(stream));
+  p.workspace = bind::workspace(workspace, workspace_bytes,
+                                layer_norm_bwd_workspace_bytes(rows, p.hidden, columns, dx_bias != 0),
+                                "layer_norm_bwd_workspace_bytes");
+  set_rows_dropout_fault(p, rows, drop, fault_injection);
+  bind::launch(layer_norm_bwd, p, device, stream);
 }
 
 }  // namespace
@@ -120,9 +103,7 @@ void register_layer_norm(py::module_& m) {
   m.def(
       "layer_norm_bwd_workspace_bytes",
       [](long long rows, long long hidden, bool need_columns, bool need_dx_bias) {
-        positive("rows", rows);
-        positive("hidden", hidden);
-        return layer_norm_bwd_workspace_bytes(rows, static_cast<int>(hidden), need_columns, need_dx_bias);
+        return layer_norm_bwd_workspace_bytes(rows, bind::row_op_hidden(rows, hidden), need_columns, need_dx_bias);
       },
       py::kw_only(), "rows"_a, "hidden"_a, "need_columns"_a, "need_dx_bias"_a,
       "Bytes of fp32 workspace layer_norm_bwd needs (0 when no column sum is asked for).");

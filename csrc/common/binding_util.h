@@ -30,6 +30,14 @@ inline void* mut_ptr(const char* name, std::uintptr_t value, std::size_t align, 
   return const_cast<void*>(ptr(name, value, align, required));
 }
 
+// A pointer to elements of `dtype`: aligned to its size.
+inline const void* ptr(const char* name, std::uintptr_t value, DType dtype, bool required) {
+  return ptr(name, value, dtype_size(dtype), required);
+}
+inline void* mut_ptr(const char* name, std::uintptr_t value, DType dtype, bool required) {
+  return mut_ptr(name, value, dtype_size(dtype), required);
+}
+
 inline void positive(const char* name, long long value) {
   FB_CHECK_ARG(value > 0, name, ": expected > 0, got ", value);
 }
@@ -43,6 +51,15 @@ inline DType dtype(const char* name, int code) {
   return static_cast<DType>(code);
 }
 
+// The sizes of a row-wise op (LayerNorm, GELU): rows, hidden > 0 and hidden <= 2^30; returns hidden
+// as the int the kernels index with.
+inline int row_op_hidden(long long rows, long long hidden) {
+  positive("rows", rows);
+  positive("hidden", hidden);
+  FB_CHECK_ARG(hidden <= (1LL << 30), "hidden: expected <= 2^30, got ", hidden);
+  return static_cast<int>(hidden);
+}
+
 // The 16-bit keep threshold for dropout_p, as _philox.dropout_threshold (spec v2): round(p * 2^16)
 // with ties to even (Python's round), capped at 2^16 - 1. An element is kept iff its u16 >= this.
 inline uint32_t dropout_threshold(double dropout_p) {
@@ -53,6 +70,30 @@ inline uint32_t dropout_threshold(double dropout_p) {
 // The scale of kept elements, as _philox.dropout_scale: 1 / (1 - rounded p) = 2^16 / (2^16 - t).
 inline float dropout_scale(double dropout_p) {
   return static_cast<float>(65536.0 / (65536.0 - static_cast<double>(dropout_threshold(dropout_p))));
+}
+
+// The dropout arguments of a fused op as its kernels take them.
+struct Dropout {
+  bool on;                // dropout_p > 0
+  uint32_t threshold;     // dropout_threshold(dropout_p)
+  float scale;            // dropout_scale(dropout_p)
+  const int64_t* seed;    // the int64 [2] Philox key words when on, else null
+};
+
+// `dropout_p` in [0, 1); `seed` (int64 [2], 8-byte aligned) required when dropout_p > 0.
+inline Dropout dropout(double dropout_p, std::uintptr_t seed) {
+  FB_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected 0 <= dropout_p < 1, got ", dropout_p);
+  FB_CHECK_ARG(dropout_p == 0.0 || seed != 0, "seed: expected a pointer to the int64 [2] seed when dropout_p > 0, got 0");
+  const void* key = ptr("seed", seed, 8, false);
+  const bool on = dropout_p > 0.0;
+  return {on, dropout_threshold(dropout_p), dropout_scale(dropout_p), on ? static_cast<const int64_t*>(key) : nullptr};
+}
+
+// A backward's fp32 workspace: `bytes` >= `need` (what the `query` entry point returns for the
+// call), 16-byte aligned, null only when nothing is needed.
+inline float* workspace(std::uintptr_t value, long long bytes, long long need, const char* query) {
+  FB_CHECK_ARG(bytes >= need, "workspace_bytes: expected >= ", need, " (", query, "), got ", bytes);
+  return static_cast<float*>(mut_ptr("workspace", value, 16, need > 0));
 }
 
 inline Stream stream(std::uintptr_t value) { return reinterpret_cast<Stream>(value); }
@@ -118,5 +159,13 @@ class DeviceGuard {
   int prev_ = -1;  // device only: the host build has no current device (clang: -Wunused-private-field)
 #endif
 };
+
+// Runs an op's entry point `fn(params, stream)` with `device` current (DeviceGuard) on the stream
+// passed from Python: the last step of every binding.
+template <class Params>
+void launch(void (*fn)(const Params&, Stream), const Params& params, int device, std::uintptr_t stream_value) {
+  DeviceGuard guard(device);
+  fn(params, stream(stream_value));
+}
 
 }  // namespace fb::bind

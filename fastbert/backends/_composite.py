@@ -4,24 +4,31 @@ Shared by two backends, which is why it lives here and not in either of them: th
 backend is these functions (the arbiter of every parity test), and the ``torch`` backend falls back
 to them where aten has no fused call (dropout's shared keep mask, fp16/bf16 GELU, ill-conditioned
 LayerNorm rows). See ``fastbert.backends.reference`` for the numerics and the sources.
+
+One module per op: attention here, LayerNorm in :mod:`._composite_layer_norm`, GELU and GeGLU in
+:mod:`._composite_gelu`, rotary in :mod:`._composite_rotary` (dtype helpers in
+:mod:`._composite_common`); every name is re-exported here, the one place both backends import.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastbert.backends._philox import attention_keep_mask, dropout_scale, rows_keep_mask
+from fastbert.backends._composite_common import acc_dtype, round_to
+from fastbert.backends._composite_gelu import (  # noqa: F401  (re-exported)
+    geglu_bwd, geglu_fwd, gelu_bwd, gelu_fwd, gelu_grad_math, gelu_math,
+)
+from fastbert.backends._composite_layer_norm import (  # noqa: F401  (re-exported)
+    add_dropout_residual, layer_norm_bwd, layer_norm_dh, layer_norm_fwd, layer_norm_math,
+)
+from fastbert.backends._composite_rotary import (  # noqa: F401  (re-exported)
+    rotary_bwd, rotary_fwd, rotary_math, rotate_half, rotate_pairs,
+)
+from fastbert.backends._philox import attention_keep_mask, dropout_scale
 
 # ----------------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------------
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype: fp32, or fp64 for fp64 inputs (the contract's numerics)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def window_mask(seqlen_q: int, seqlen_k: int, window, device=None) -> torch.Tensor:
@@ -64,12 +71,6 @@ def _masked_scores(q, k, v, attention_mask, attn_bias, softmax_scale, window=Non
     has_key = allowed.any(dim=-1, keepdim=True)  # [B, H, Lq, 1]
     scores = torch.where(has_key, torch.where(allowed, scores, float("-inf")), 0.0)
     return qh, kh, vh, scores, has_key
-
-
-def round_to(x, dtype):
-    """``x`` rounded to ``dtype`` and back: where the kernels feed a low-precision operand to a
-    matrix product (P before ``P @ V``, dS before ``dS @ K``), accumulating in fp32."""
-    return x.to(dtype).to(x.dtype)
 
 
 def attention_math(q, k, v, *, attention_mask=None, attn_bias=None, dropout_p=0.0, seed=None,
@@ -207,227 +208,3 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
     dv.copy_(grads[2])
     if dbias is not None:
         dbias.copy_(grads[3])
-
-
-# ----------------------------------------------------------------------------------------------
-# LayerNorm with BERT's add & norm: y = LN(dropout(x + x_bias) + residual)
-# ----------------------------------------------------------------------------------------------
-
-
-def _stat_dtype(t):
-    """LayerNorm's compute / statistics dtype: fp32, fp64 for fp64 input."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def add_dropout_residual(x, residual=None, x_bias=None, dropout_p=0.0, seed=None):
-    """``h = dropout(x + x_bias) + residual`` on ``[rows, hidden]`` (the pre-norm sum), computed in
-    fp32 (fp64 for fp64 x) and rounded once to x's dtype, as the kernels store it; the scale is
-    the multiplier ``1 / (1 - p)`` they use."""
-    if x_bias is None and residual is None and dropout_p == 0.0:
-        return x
-    h = x.to(_stat_dtype(x))
-    if x_bias is not None:
-        h = h + x_bias.to(h.dtype)
-    if dropout_p > 0.0:
-        keep = rows_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
-        h = h * keep * dropout_scale(dropout_p)
-    if residual is not None:
-        h = h + residual.to(h.dtype)
-    return h.to(x.dtype)
-
-
-def layer_norm_math(h, weight, bias, eps):
-    """LayerNorm over the last dim (Ba et al. 2016): ``(h - mean) / sqrt(var + eps) * w + b``.
-
-    Statistics in fp32 (fp64 for fp64 input) with the two-pass variance ``mean((h - mean)^2)``;
-    returns ``(y, mean, rstd)`` with y in h's dtype and mean/rstd ``[rows]`` in the statistics dtype.
-    """
-    stat_dtype = _stat_dtype(h)
-    hf = h.to(stat_dtype)
-    mean = hf.mean(dim=-1, keepdim=True)
-    var = ((hf - mean) ** 2).mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    y = (hf - mean) * rstd
-    if weight is not None:
-        y = y * weight.to(stat_dtype)
-    if bias is not None:
-        y = y + bias.to(stat_dtype)
-    return y.to(h.dtype), mean.squeeze(-1), rstd.squeeze(-1)
-
-
-def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed):
-    """Backend entry point: writes y, mean, rstd and (when fused) the pre-norm sum h."""
-    hh = add_dropout_residual(x, residual, x_bias, dropout_p, seed)
-    yy, m, r = layer_norm_math(hh, weight, bias, eps)
-    y.copy_(yy)
-    mean.copy_(m)
-    rstd.copy_(r)
-    if h is not None:
-        h.copy_(hh)
-
-
-def layer_norm_dh(dy, h, weight, mean, rstd):
-    """``(dh, xhat, dy)`` in the statistics dtype for rows of h with their saved mean / rstd:
-    ``dh = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``xhat = (h - mean) * rstd``,
-    ``g = dy * weight``. xhat is formed before it multiplies anything, so a row with a large mean
-    and a tiny variance loses nothing to cancellation."""
-    stat_dtype = _stat_dtype(h)
-    hf, dyf = h.to(stat_dtype), dy.to(stat_dtype)
-    r = rstd.to(stat_dtype)[:, None]
-    xhat = (hf - mean.to(stat_dtype)[:, None]) * r
-    g = dyf if weight is None else dyf * weight.to(stat_dtype)
-    dh = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    return dh, xhat, dyf
-
-
-def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_bias, *, dropout_p,
-                   seed):
-    """Backend entry point.
-
-    With xhat = (h - mean) * rstd and g = dy * weight (per row, n = hidden):
-      dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
-      dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)
-      dresidual = dh, dx = dh * keep * dropout_scale(p), dx_bias = sum_rows(dx)
-    """
-    dh, xhat, dyf = layer_norm_dh(dy, h, weight, mean, rstd)
-    if dweight is not None:
-        dweight.copy_((dyf * xhat).sum(0))
-    if dbias is not None:
-        dbias.copy_(dyf.sum(0))
-    if dresidual is not None:
-        dresidual.copy_(dh)
-    dxf = dh
-    if dropout_p > 0.0:
-        keep = rows_keep_mask(seed, dropout_p, h.shape[0], h.shape[1], device=h.device)
-        dxf = dh * keep * dropout_scale(dropout_p)
-    dx.copy_(dxf)
-    if dx_bias is not None:
-        dx_bias.copy_(dxf.sum(0))
-
-
-# ----------------------------------------------------------------------------------------------
-# GELU with bias
-# ----------------------------------------------------------------------------------------------
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def gelu_math(x, approximate="none"):
-    """GELU (Hendrycks & Gimpel 2016): ``x * Phi(x)`` exactly, or the tanh approximation
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``.
-
-    ``Phi(x) = 0.5 erfc(-x / sqrt(2))`` and ``0.5 (1 + tanh(u)) = sigmoid(2 u)``: the same values
-    without the cancellation of ``1 + erf`` / ``1 + tanh`` that loses every digit in fp32 for x < -4.
-    """
-    if approximate == "tanh":
-        return x * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
-    return 0.5 * x * torch.erfc(-x / math.sqrt(2.0))
-
-
-def gelu_fwd(x, bias, y, *, approximate):
-    """Backend entry point: ``y = gelu(x + bias)`` computed in fp32 (fp64 for fp64)."""
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)
-    y.copy_(gelu_math(z, approximate))
-
-
-def gelu_grad_math(z, approximate="none"):
-    """d gelu / dz: ``Phi(z) + z phi(z)`` exactly, or the derivative of the tanh form."""
-    if approximate == "tanh":  # with s = sigmoid(2u) = 0.5 (1 + tanh u): d/dz z s = s + 2 z s (1 - s) u'
-        s = torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z))
-        return s + 2.0 * z * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
-    cdf = 0.5 * torch.erfc(-z / math.sqrt(2.0))
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return cdf + z * pdf
-
-
-def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
-    """Backend entry point: dx = dy * gelu'(x + bias); dbias = sum_rows(dx) in fp32."""
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)
-    gz = dy.to(cdt) * gelu_grad_math(z, approximate)
-    dx.copy_(gz)
-    if dbias is not None:
-        dbias.copy_(gz.sum(0))
-
-
-# ----------------------------------------------------------------------------------------------
-# GeGLU: y = gelu(x[:, :n] + b[:n]) * (x[:, n:] + b[n:])  (Shazeer 2020, eq. 6 with GELU)
-# ----------------------------------------------------------------------------------------------
-
-
-def _geglu_halves(x, bias, cdt):
-    """``(a, g)``: the GELU input and the gate, each ``[rows, n]`` in ``cdt``, biases added."""
-    n = x.shape[-1] // 2
-    xf = x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)
-    return xf[:, :n], xf[:, n:]
-
-
-def geglu_fwd(x, bias, y, *, approximate):
-    """Backend entry point: ``y = gelu(a) * g`` with ``a, g = (x + bias)`` split in halves, in fp32
-    (fp64 for fp64)."""
-    a, g = _geglu_halves(x, bias, acc_dtype(x.dtype))
-    y.copy_(gelu_math(a, approximate) * g)
-
-
-def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
-    """Backend entry point. With ``y = gelu(a) * g``: ``da = dy * g * gelu'(a)``, ``dg = dy * gelu(a)``;
-    ``dx = [da, dg]``, ``dbias = sum_rows(dx)`` in fp32 (fp64 for fp64)."""
-    cdt = acc_dtype(x.dtype)
-    a, g = _geglu_halves(x, bias, cdt)
-    dyf = dy.to(cdt)
-    d = torch.cat((dyf * g * gelu_grad_math(a, approximate), dyf * gelu_math(a, approximate)), dim=-1)
-    dx.copy_(d)
-    if dbias is not None:
-        dbias.copy_(d.sum(0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Rotary position embeddings (RoPE; Su et al. 2021, eq. 34)
-# ----------------------------------------------------------------------------------------------
-
-
-def rotate_half(x):
-    """``[x1, x2] -> [-x2, x1]`` over the last dim (GPT-NeoX / ModernBERT layout: first half, second half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotate_pairs(x):
-    """``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)``: the RoPE paper's interleaved pairs."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-def rotary_math(x, cos, sin, positions, interleaved=False):
-    """``x * C + rot(x) * S`` on the first ``rotary_dim = 2 * cos.shape[1]`` features of each head,
-    the rest passed through; computed in fp32 (fp64 for fp64 x).
-
-    x ``[batch, seqlen, heads, head_dim]`` or ``[total, heads, head_dim]``; positions int
-    ``[batch, seqlen]`` / ``[total]``; cos/sin ``[max_positions, rotary_dim / 2]``. ``C`` / ``S`` are
-    the tables at each token's position widened to ``rotary_dim``: each frequency twice, as
-    ``[c, c]`` (rotate_half layout) or ``[c0, c0, c1, c1, ...]`` (interleaved).
-    """
-    cdt = acc_dtype(x.dtype)
-    r = 2 * cos.shape[-1]
-    c = cos.to(cdt)[positions].unsqueeze(-2)  # [..., 1, r/2]: the same rotation for every head
-    s = sin.to(cdt)[positions].unsqueeze(-2)
-    if interleaved:
-        big_c, big_s, rot = c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1), rotate_pairs
-    else:
-        big_c, big_s, rot = torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1), rotate_half
-    xr = x[..., :r].to(cdt)
-    return torch.cat((xr * big_c + rot(xr) * big_s, x[..., r:].to(cdt)), dim=-1)
-
-
-def rotary_fwd(q, k, cos, sin, q_out, k_out, *, positions, interleaved):
-    """Backend entry point: rotate q and k by each token's angles into q_out / k_out (which may be
-    q / k themselves: the rotation is computed out of place, then copied)."""
-    q_out.copy_(rotary_math(q, cos, sin, positions, interleaved))
-    k_out.copy_(rotary_math(k, cos, sin, positions, interleaved))
-
-
-def rotary_bwd(dq_out, dk_out, cos, sin, dq, dk, *, positions, interleaved):
-    """Backend entry point: the rotation is orthogonal, so the gradient is the inverse rotation
-    ``R(-theta) dy``: the forward with ``-sin``."""
-    rotary_fwd(dq_out, dk_out, cos, -sin, dq, dk, positions=positions, interleaved=interleaved)

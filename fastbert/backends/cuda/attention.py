@@ -28,10 +28,8 @@ HEAD_DIMS_DOC = "multiples of 8 up to 256"
 # Every attention feature; "tf32" is accepted and computed in IEEE fp32 (the plain fp32 path).
 FEATURES = ALL_FEATURES & frozenset({"attention_mask", "attn_bias", "attn_bias_grad", "varlen", "dropout",
                                      "deterministic", "tf32"}) | {WINDOW_FEATURE}
-# The binding's "no bound on this side" (csrc/attention_binding.cpp); it clamps larger bounds to the
-# sequence length, so any int fits once capped here.
+# The binding's "no bound on this side" (csrc/attention_binding.cpp).
 _UNBOUNDED = -1
-_MAX_BOUND = 1 << 62
 WRITES_LSE = True
 
 
@@ -57,12 +55,13 @@ def _bias_args(attn_bias) -> dict:
 
 
 def _window_args(window) -> dict:
-    """``window`` (None or (left, right) ints >= 0, checked by ``fastbert.ops``) as the binding's
-    ``window_left`` / ``window_right`` (-1 = unbounded)."""
+    """``window`` (None or (left, right) ints >= 0, checked and clamped to the sequence lengths by
+    ``fastbert.ops``) as the binding's ``window_left`` / ``window_right`` (-1 = unbounded). The
+    binding clamps any int64 bound to the sequence again, for direct calls."""
     if window is None:
         return dict(window_left=_UNBOUNDED, window_right=_UNBOUNDED)
     left, right = window
-    return dict(window_left=min(int(left), _MAX_BOUND), window_right=min(int(right), _MAX_BOUND))
+    return dict(window_left=int(left), window_right=int(right))
 
 
 def _common(q, k, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,

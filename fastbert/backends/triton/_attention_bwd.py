@@ -27,7 +27,7 @@ import triton.language as tl
 
 from fastbert.backends.triton._attention_common import (BWD_NO_SPEC, FWD_NO_SPEC, LOG2E, _dot, _key_ok,
                                                         _program, _scores, _window_range, attention_config,
-                                                        launch_args, lse_strides, strides)
+                                                        kernel_args, launch_args, lse_strides, strides)
 from fastbert.backends.triton._philox import philox_keep_tile, philox_seed
 
 
@@ -228,9 +228,6 @@ def bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta, *, attention
     args, bh, seqlen_q, seqlen_k, varlen = launch_args(q, k, attention_mask, attn_bias, cu_seqlens,
                                                        max_seqlen, dropout_p, seed, allow_tf32, window)
     head_dim = q.shape[-1]
-    tensors = dict(Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, **strides("q", q, varlen),
-                   **strides("k", k, varlen, "bnh"), **strides("v", v, varlen, "bnh"),
-                   **strides("do", dout, varlen), **lse_strides(lse, varlen), stride_lp=lse.stride(0))
     launches = []
 
     block_m, _, warps, _ = attention_config("dq", head_dim, q.dtype)
@@ -240,18 +237,15 @@ def bwd_launches(dout, q, k, v, out, lse, dq, dk, dv, dbias, delta, *, attention
                BLOCK_D=args["BLOCK_D"], num_warps=warps, num_stages=1)
     launches.append((_attn_bwd_preprocess_kernel, (bh, triton.cdiv(seqlen_q, block_m)), pre))
 
-    block_m, block_n, warps, stages = attention_config("dkdv", head_dim, q.dtype)
+    grads = dict(DOut=dout, Delta=delta, **strides("do", dout, varlen))  # what both gradient kernels read
     store_dbias = dbias is not None
     db_strides = dbias.stride()[:3] if store_dbias else (0, 0, 0)
-    dkdv = dict(**tensors, **args, DK=dk, DV=dv, DBias=dbias if store_dbias else delta,
-                **strides("dk", dk, varlen, "bnh"), **strides("dv", dv, varlen, "bnh"),
-                stride_db=db_strides[0], stride_dh=db_strides[1], stride_dm=db_strides[2],
-                softmax_scale=float(softmax_scale), STORE_DBIAS=store_dbias, BLOCK_M=block_m,
-                BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    launches.append((_attn_bwd_dkdv_kernel, (bh, triton.cdiv(seqlen_k, block_n)), dkdv))
+    dkdv = kernel_args("dkdv", args, q, k, v, lse, varlen, softmax_scale, **grads, DK=dk, DV=dv,
+                       DBias=dbias if store_dbias else delta, **strides("dk", dk, varlen, "bnh"),
+                       **strides("dv", dv, varlen, "bnh"), stride_db=db_strides[0], stride_dh=db_strides[1],
+                       stride_dm=db_strides[2], STORE_DBIAS=store_dbias)
+    launches.append((_attn_bwd_dkdv_kernel, (bh, triton.cdiv(seqlen_k, dkdv["BLOCK_N"])), dkdv))
 
-    block_m, block_n, warps, stages = attention_config("dq", head_dim, q.dtype)
-    dqk = dict(**tensors, **args, DQ=dq, **strides("dq", dq, varlen), softmax_scale=float(softmax_scale),
-               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    launches.append((_attn_bwd_dq_kernel, (bh, triton.cdiv(seqlen_q, block_m)), dqk))
+    dqk = kernel_args("dq", args, q, k, v, lse, varlen, softmax_scale, **grads, DQ=dq, **strides("dq", dq, varlen))
+    launches.append((_attn_bwd_dq_kernel, (bh, triton.cdiv(seqlen_q, dqk["BLOCK_M"])), dqk))
     return launches

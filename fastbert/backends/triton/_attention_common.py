@@ -203,7 +203,7 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype,
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch arguments shared by the forward and backward launchers
+# Launch arguments: one builder for the forward and backward launchers
 # ----------------------------------------------------------------------------------------------
 
 
@@ -248,6 +248,18 @@ def launch_args(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )
     return args, batch * num_heads, seqlen_q, seqlen_k, varlen
+
+
+def kernel_args(kind: str, shared: dict, q, k, v, lse, varlen: bool, softmax_scale, **extra) -> dict:
+    """The keyword arguments of one forward / dK-dV / dQ launch (``kind`` as in
+    :func:`attention_config`): ``shared`` (from :func:`launch_args`), q, k, v and lse with their
+    strides, the softmax scale, the config table's tiles, warps and stages, and the kernel's own
+    ``extra`` tensors and strides. One builder for every launcher and the AOT compile."""
+    block_m, block_n, warps, stages = attention_config(kind, q.shape[-1], q.dtype)
+    return dict(Q=q, K=k, V=v, Lse=lse, **shared, **strides("q", q, varlen), **strides("k", k, varlen, "bnh"),
+                **strides("v", v, varlen, "bnh"), **lse_strides(lse, varlen), stride_lp=lse.stride(0),
+                softmax_scale=float(softmax_scale), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                num_stages=stages, **extra)
 
 
 def strides(prefix: str, x: torch.Tensor, varlen: bool, names=("b", "m", "h")) -> dict:

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from fastbert.backends.triton._attention_common import (FWD_NO_SPEC, LN2, LOG2E, _dot, _key_ok, _program,
-                                                        _scores, _window_range, attention_config, launch_args,
-                                                        lse_strides, strides)
+                                                        _scores, _window_range, kernel_args, launch_args,
+                                                        strides)
 from fastbert.backends.triton._philox import philox_keep_tile, philox_seed
 
 
@@ -111,10 +111,5 @@ def fwd_launch(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_
     """``(grid, kwargs)`` of the forward kernel launch (shared by the launcher and the AOT compile)."""
     args, bh, seqlen_q, _, varlen = launch_args(q, k, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                                                 dropout_p, seed, allow_tf32, window)
-    block_m, block_n, warps, stages = attention_config("fwd", q.shape[-1], q.dtype)
-    kw = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **args, **strides("q", q, varlen),
-              **strides("k", k, varlen, "bnh"), **strides("v", v, varlen, "bnh"),
-              **strides("o", out, varlen), **lse_strides(lse, varlen), stride_lp=lse.stride(0),
-              softmax_scale=float(softmax_scale), BLOCK_M=block_m, BLOCK_N=block_n,
-              num_warps=warps, num_stages=stages)
-    return (bh, triton.cdiv(seqlen_q, block_m)), kw
+    kw = kernel_args("fwd", args, q, k, v, lse, varlen, softmax_scale, Out=out, **strides("o", out, varlen))
+    return (bh, triton.cdiv(seqlen_q, kw["BLOCK_M"])), kw
