@@ -192,6 +192,9 @@ def _print_build(out: _Plain, build, prefix: str = "", ptxas: bool = False) -> N
 
 
 def _cmd_env(args) -> int:
+    if args.head_dim < 1:
+        print(f"fastbert env: --head-dim: expected a positive int, got {args.head_dim}", file=sys.stderr)
+        return 2
     try:
         info = collect_env(args.device, args.dtype, args.head_dim)
     except ValueError as exc:

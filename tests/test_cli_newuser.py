@@ -1,5 +1,7 @@
-"""``fastbert env`` fits the terminal: the CUDA build's one-line summaries (``_C: available=...``,
-200 characters with the shipped build's fields) fold to the width instead of running past it."""
+"""What a new user meets on the command line: ``fastbert env`` fits the terminal (the CUDA build's
+one-line summaries, ``_C: available=...``, 200 characters with the shipped build's fields, fold to
+the width instead of running past it), and bad arguments are refused naming the flag, the expected
+and the actual value instead of running something else."""
 
 import importlib.util
 import re
@@ -36,3 +38,18 @@ def test_env_build_lines_fold_to_the_terminal(capsys, monkeypatch, columns, plai
     first = build.index("_C: available=True")
     if len(f"_C: {_C_FIELDS}") > columns:
         assert build[first:].splitlines()[1].startswith("    "), build
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["env", "--head-dim", "0"], "--head-dim: expected a positive int, got 0"),
+    (["bench", "--quick", "--op", "gelu", "--backend", "trition"],
+     "--backend: expected names from ['cuda', 'cuda-host', 'reference', 'torch', 'triton'], got 'trition'"),
+])
+def test_bad_arguments_name_the_flag(capsys, argv, message):
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # the bench runner exits with its message
+        rc, err = 2, str(exc.code)
+    else:
+        err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
