@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if importlib.util.find_spec("fastbert") is None:  # run from a checkout without installing; else the
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # install (it has the built _C)
 
 DATA = Path(__file__).resolve().parent / "data"
 # module -> pip package this script needs beyond fastbert (all in the demo extra)

@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if importlib.util.find_spec("fastbert") is None:  # run from a checkout without installing; else the
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # install (it has the built _C)
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = (DATA / "corpus_en.txt", DATA / "corpus_pt.txt")
