@@ -135,13 +135,18 @@ def print_env(info: dict, out: _Plain, ptxas: bool = False) -> None:
                     f"attention head_dim={call['head_dim']}, no optional features)")
     if info.get("build") is not None:
         out.heading("Build")
-        width = shutil.get_terminal_size().columns
-        for line in _build_info.render(info["build"]).splitlines():  # folded to the terminal's width
-            indent = " " * (len(line) - len(line.lstrip()))
-            out.line(textwrap.fill(line, width=width, subsequent_indent=indent + "    ", break_on_hyphens=False))
+        for line in _build_info.render(info["build"]).splitlines():
+            _folded(out, line)
     if info["cuda_build"] is not None:
         out.heading("CUDA build")
         _print_build(out, info["cuda_build"], ptxas=ptxas)
+
+
+def _folded(out: _Plain, line: str) -> None:
+    """Print ``line`` folded to the terminal's width, continuation lines indented 4 more."""
+    indent = " " * (len(line) - len(line.lstrip()))
+    out.line(textwrap.fill(line, width=shutil.get_terminal_size().columns,
+                           subsequent_indent=indent + "    ", break_on_hyphens=False))
 
 
 def _records(value) -> bool:
@@ -171,22 +176,25 @@ def _print_records(out: _Plain, title: str, records: list[dict], ptxas: bool) ->
 def _print_build(out: _Plain, build, prefix: str = "", ptxas: bool = False) -> None:
     """Print a build report: scalars as ``key: value``, lists of records as tables."""
     if not isinstance(build, dict):
-        out.line(f"{prefix}{build}")
+        _folded(out, f"{prefix}{build}")
         return
     for key, value in build.items():
         if _records(value):
             _print_records(out, f"{prefix}{key}", value, ptxas)
         elif isinstance(value, dict):
             scalars = {k: v for k, v in value.items() if not _records(v)}
-            out.line(f"{prefix}{key}: " + ", ".join(f"{k}={v}" for k, v in scalars.items()))
+            _folded(out, f"{prefix}{key}: " + ", ".join(f"{k}={v}" for k, v in scalars.items()))
             tables = {k: v for k, v in value.items() if k not in scalars}
             if tables:
                 _print_build(out, tables, prefix=f"{prefix}{key}.", ptxas=ptxas)
         else:
-            out.line(f"{prefix}{key}: {value}")
+            _folded(out, f"{prefix}{key}: {value}")
 
 
 def _cmd_env(args) -> int:
+    if args.head_dim < 1:
+        print(f"fastbert env: --head-dim: expected a positive int, got {args.head_dim}", file=sys.stderr)
+        return 2
     try:
         info = collect_env(args.device, args.dtype, args.head_dim)
     except ValueError as exc:

@@ -107,6 +107,12 @@ def options_from(args) -> Options:
     for m in args.mode:
         if m not in ("infer", "train"):
             raise SystemExit(f"fastbert bench: --mode: expected infer and/or train, got {m!r}")
+    from fastbert.backends import all_backends
+
+    known = all_backends()
+    for b in args.backend or ():
+        if b not in known:
+            raise SystemExit(f"fastbert bench: --backend: expected names from {sorted(known)}, got {b!r}")
     if not 0.0 < args.fill <= 1.0:
         raise SystemExit(f"fastbert bench: --fill: expected 0 < fill <= 1, got {args.fill}")
     return Options(ops=ops, device=device, dtype=dtype, quick=args.quick, models=tuple(args.model),
