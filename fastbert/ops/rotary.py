@@ -10,7 +10,7 @@ from torch import Tensor
 from fastbert.backends import CallInfo
 from fastbert.ops._common import check, check_tensor, new_empty, no_autocast, value_checks_enabled
 from fastbert.ops._dispatch import backend_module, resolve
-from fastbert.ops.attention import _check_cu_seqlens_values
+from fastbert.ops._attention_checks import _check_cu_seqlens_values
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
