@@ -17,21 +17,29 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
 
 
-def _act_shape(x: Tensor, backend: str) -> tuple:
-    """The saved activation ``gelu(a)`` ``(rows, n)`` for a backend whose compute module declares
+def _act_shape(x: Tensor, bias: Optional[Tensor], backend: str) -> tuple:
+    """What the forward keeps for backward, for a backend whose compute module declares
     ``geglu_saves_activation(dtype)`` for x's dtype (its backward then multiplies instead of
-    recomputing GELU: the torch backend on CPU, where GELU costs several times a multiply), else
-    ``(0,)`` (a fused kernel recomputes it for free). Decided from the backend name and dtype
-    alone, so the fake implementation gives the same shape."""
+    recomputing GELU: the torch backend on CPU, where GELU costs several times a multiply):
+    ``gelu(a)`` ``(rows, n)``; with a bias, one flat buffer ``(rows * 3n,)`` holding ``gelu(a)``
+    then ``z = x + bias`` (``(rows, 2n)``), so backward neither re-adds the bias nor needs x (the
+    unfused sequence keeps the same 3n per row). Else ``(0,)`` (a fused kernel recomputes for
+    free). Decided from the backend name, dtype and bias alone, so the fake gives the same shape."""
     saves = getattr(backend_module(backend, "geglu"), "geglu_saves_activation", None)
     if saves is not None and saves(x.dtype):
-        return (x.shape[0], x.shape[1] // 2)
+        rows, n = x.shape[0], x.shape[1] // 2
+        return (rows, n) if bias is None else (rows * 3 * n,)
     return (0,)
+
+
+def _keeps_z(act: Tensor) -> bool:
+    """Whether a saved activation holds ``z = x + bias`` too (the flat layout of :func:`_act_shape`)."""
+    return act.dim() == 1 and act.numel() > 0
 
 
 def _geglu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> tuple[Tensor, Tensor]:
     y = new_empty((x.shape[0], x.shape[1] // 2), x.dtype, x.device)
-    act = new_empty(_act_shape(x, backend), x.dtype, x.device)
+    act = new_empty(_act_shape(x, bias, backend), x.dtype, x.device)
     if y.numel():
         with no_autocast(x.device.type):
             backend_module(backend, "geglu").geglu_fwd(x, bias, y, approximate=approximate,
@@ -44,14 +52,15 @@ _geglu_fwd = torch.library.custom_op("fastbert::geglu_fwd", mutates_args=())(_ge
 
 @_geglu_fwd.register_fake
 def _(x, bias, approximate, backend):
-    return x.new_empty((x.shape[0], x.shape[1] // 2)), x.new_empty(_act_shape(x, backend))
+    return x.new_empty((x.shape[0], x.shape[1] // 2)), x.new_empty(_act_shape(x, bias, backend))
 
 
 def _geglu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: Tensor, need_dbias: bool,
                     approximate: str, backend: str) -> tuple[Tensor, Tensor]:
-    dx = new_empty(x.shape, x.dtype, x.device)
-    dbias = new_empty((x.shape[-1],) if need_dbias else (0,), _acc(x), x.device)
-    if x.numel():
+    shape = (dy.shape[0], 2 * dy.shape[1])  # x's (x itself is an empty placeholder when act keeps z)
+    dx = new_empty(shape, x.dtype, x.device)
+    dbias = new_empty((shape[-1],) if need_dbias else (0,), _acc(x), x.device)
+    if dx.numel():
         with no_autocast(x.device.type):
             backend_module(backend, "geglu").geglu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
                                                        approximate=approximate,
@@ -66,12 +75,15 @@ _geglu_bwd = torch.library.custom_op("fastbert::geglu_bwd", mutates_args=())(_ge
 
 @_geglu_bwd.register_fake
 def _(dy, x, bias, act, need_dbias, approximate, backend):
-    return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=_acc(x))
+    shape = (dy.shape[0], 2 * dy.shape[1])
+    return x.new_empty(shape), x.new_empty((shape[-1],) if need_dbias else (0,), dtype=_acc(x))
 
 
 def _setup_context(ctx, inputs, output):
     x, bias, approximate, backend = inputs
-    ctx.save_for_backward(x, bias, output[1])
+    act = output[1]
+    # act holding z makes x unneeded: keep an empty placeholder of its dtype, not x's memory
+    ctx.save_for_backward(x.new_empty((0,)) if _keeps_z(act) else x, bias, act)
     ctx.args = (approximate, backend)
 
 

@@ -75,6 +75,11 @@ def geglu_saves_activation(dtype):
     return dtype in (torch.float32, torch.float64)
 
 
+def _split_act(act, rows, n):
+    """``(gelu(a) [rows, n], z [rows, 2n])``: contiguous views of ops' flat ``[rows * 3n]`` buffer."""
+    return act[: rows * n].view(rows, n), act[rows * n:].view(rows, 2 * n)
+
+
 def geglu_fwd(x, bias, y, *, approximate, act=None):
     """Backend entry point: ``y = gelu(a) * g``; fp32/fp64: aten's GELU (accuracy as ``gelu_fwd``)
     into ``act`` (``[rows, n]``, kept for backward; see :func:`geglu_saves_activation`) or ``y``,
@@ -82,7 +87,11 @@ def geglu_fwd(x, bias, y, *, approximate, act=None):
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_fwd(x, bias, y, approximate=approximate)
     n = y.shape[-1]
-    z = x if bias is None else torch.add(x, bias.to(x.dtype))  # one contiguous add, not two strided ones
+    if act is not None and act.dim() == 1:  # act = [gelu(a) | z] (ops' flat layout with a bias)
+        act, z = _split_act(act, x.shape[0], n)
+        torch.add(x, bias.to(x.dtype), out=z)
+    else:
+        z = x if bias is None else torch.add(x, bias.to(x.dtype))  # one contiguous add, not two strided ones
     a, g = z[:, :n], z[:, n:]
     if act is None:
         torch._C._nn.gelu(a, approximate=approximate, out=y)
@@ -98,7 +107,10 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate, act=None):
     if x.dtype in (torch.float16, torch.bfloat16):
         return composite.geglu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
     n = dy.shape[-1]
-    z = x if bias is None else torch.add(x, bias.to(x.dtype))
+    if act is not None and act.dim() == 1:  # the forward's z: no second bias add (x is a placeholder)
+        act, z = _split_act(act, dy.shape[0], n)
+    else:
+        z = x if bias is None else torch.add(x, bias.to(x.dtype))
     a, g = z[:, :n], z[:, n:]
     da, dg = dx[:, :n], dx[:, n:]
     torch.mul(dy, g, out=da)
