@@ -186,3 +186,30 @@ def test_one_no_gpu_wording():
         pytest.skip(f"fastbert._C does not load here: {reason}")
     assert env.explain_reason(reason, driver=False) == NO_GPU
     assert env.explain_reason(reason, driver=True) == reason  # a driver exists: the runtime's own words
+
+
+def test_patched_model_rejects_a_wrong_shape_all_ones_mask():
+    """An all-ones mask is 'no padding' only once its shape is (batch, seqlen): a (2, 10) mask on a
+    (2, 20) batch is an error, not silently ignored (found by a break-it pass)."""
+    import transformers
+
+    from fastbert.integrations.transformers import patch
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=48)
+    model = patch(transformers.BertModel(cfg).eval())
+    ids = torch.randint(1, 50, (2, 20))
+    with pytest.raises(ValueError, match=r"attention_mask: expected shape \(batch, seqlen\) = \(2, 20\), got \(2, 10\)"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 10, dtype=torch.long))
+    model(input_ids=ids, attention_mask=torch.ones(2, 20, dtype=torch.long))  # the right shape still runs
+
+
+def test_rotary_flag_type_error_names_the_type():
+    import numpy as np
+
+    from fastbert.ops import rotary
+
+    q = torch.randn(1, 4, 2, 8)
+    cos, sin = torch.randn(4, 4), torch.randn(4, 4)
+    with pytest.raises(TypeError, match=r"interleaved: expected a bool \(Python True or False\), got .* of type numpy\.bool"):
+        rotary(q, q.clone(), cos, sin, interleaved=np.bool_(True))

@@ -280,8 +280,12 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Opti
     head_dim, rotary_dim = q.shape[-1], 2 * cos.shape[1]
     check(0 < rotary_dim <= head_dim, ValueError,
           f"cos, sin: expected 1 <= rotary_dim / 2 = cos.shape[1] <= head_dim / 2 = {head_dim / 2}, got {cos.shape[1]}")
-    check(isinstance(interleaved, bool), TypeError, f"interleaved: expected a bool, got {type(interleaved).__name__}")
-    check(isinstance(inplace, bool), TypeError, f"inplace: expected a bool, got {type(inplace).__name__}")
+    check(isinstance(interleaved, bool), TypeError,
+          f"interleaved: expected a bool (Python True or False), got {interleaved!r} of type "
+          f"{type(interleaved).__module__}.{type(interleaved).__qualname__}")
+    check(isinstance(inplace, bool), TypeError,
+          f"inplace: expected a bool (Python True or False), got {inplace!r} of type "
+          f"{type(inplace).__module__}.{type(inplace).__qualname__}")
     if inplace:
         _check_inplace(q, k)
     positions = _positions(q, position_ids, cu_seqlens, cos.shape[0])

@@ -70,8 +70,11 @@ def run_encoder(owner: nn.Module, hidden_states: Tensor, attention_mask: Optiona
     if packed_batch is not None and attention_mask is None:  # padding-free: the sequences' own boundaries
         packed = dict(indices=torch.arange(seqlen, device=hidden_states.device),
                       cu_seqlens=packed_batch[0], max_seqlen=packed_batch[1])
-    elif attention_mask is not None and not compiling and bool(attention_mask.all()):
-        attention_mask = None  # no padding: skip the pack / unpack
+    elif attention_mask is not None and not compiling:
+        # the shape first: an all-ones mask of the wrong shape must not pass as "no padding"
+        attention_mask = padding_mask(attention_mask, batch, seqlen, hidden_states.device)
+        if bool(attention_mask.all()):
+            attention_mask = None  # no padding: skip the pack / unpack
     block_kwargs = dict(block_kwargs or {})
     if position_ids is not None:
         if attention_mask is not None and not compiling:  # each real token's own position, packed
