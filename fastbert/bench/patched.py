@@ -143,6 +143,12 @@ def bench_infer(plan: TimingPlan, layers: int, batch: int, seqlen: int, fills, s
     overrides of the BERT-base shape, for tests)."""
     config = config or {}
     plain, patched = (m.eval() for m in _bert_pair("BertModel", layers, seed, **config))
+    return _infer_rows("BertModel inference", plain, patched, plan, layers, batch, seqlen, fills, seed)
+
+
+def _infer_rows(benchmark: str, plain, patched, plan: TimingPlan, layers: int, batch: int, seqlen: int,
+                fills, seed: int) -> list[dict]:
+    """No-grad forwards of ``plain`` vs ``patched`` side by side, one result row per fill."""
     results = []
     for fill in fills:
         inputs, lengths = _batch(batch, seqlen, fill, seed, plain.config.vocab_size)
@@ -153,7 +159,7 @@ def bench_infer(plan: TimingPlan, layers: int, batch: int, seqlen: int, fills, s
                     m(**inputs)
             return call
         res = _timed({"transformers sdpa": forward(plain), "patch()": forward(patched)}, plan, sum(lengths))
-        results.append(dict(benchmark="BertModel inference", fill=sum(lengths) / (batch * seqlen),
+        results.append(dict(benchmark=benchmark, fill=sum(lengths) / (batch * seqlen),
                             batch=batch, seqlen=seqlen, layers=layers, **res))
     return results
 
@@ -194,19 +200,7 @@ def bench_modernbert(plan: TimingPlan, layers: int, batch: int, seqlen: int, fil
         models.append(transformers.ModernBertModel._from_config(cfg, attn_implementation="sdpa").eval())
     models[1].load_state_dict(models[0].state_dict())
     plain, patched = models[0], patch(models[1])
-    results = []
-    for fill in fills:
-        inputs, lengths = _batch(batch, seqlen, fill, seed, plain.config.vocab_size)
-
-        def forward(m):
-            def call():
-                with torch.no_grad():
-                    m(**inputs)
-            return call
-        res = _timed({"transformers sdpa": forward(plain), "patch()": forward(patched)}, plan, sum(lengths))
-        results.append(dict(benchmark="ModernBertModel inference", fill=sum(lengths) / (batch * seqlen),
-                            batch=batch, seqlen=seqlen, layers=layers, **res))
-    return results
+    return _infer_rows("ModernBertModel inference", plain, patched, plan, layers, batch, seqlen, fills, seed)
 
 
 def minilm_path() -> Optional[str]:
