@@ -49,17 +49,20 @@ FB_DEVICE PhiloxWords row_words(int col, long long row, PhiloxKey key) {
                     key);
 }
 
-// Chunk c of a row of dy and h for the backward, with g = dy * weight (dy without a weight) in g.
-template <class T>
-FB_DEVICE void load_g_h(const LayerNormBwdParams& p, const T* dy, const T* h, int c, int ncols, bool vec,
-                        float (&g)[Vec<T>::kSize], float (&v)[Vec<T>::kSize]) {
+// Backward, chunk c of a row: h into v, then f(g, v[j]) for each column c * K + j < ncols, with
+// g = dy * weight (dy without a weight). Both passes of the rows kernel.
+template <class T, class F>
+FB_DEVICE void for_each_g(const LayerNormBwdParams& p, const T* dy, const T* h, int c, int ncols, bool vec,
+                          float (&v)[Vec<T>::kSize], F&& f) {
   constexpr int K = Vec<T>::kSize;
-  load_chunk(dy, c, ncols, vec, g);
+  float d[K];
+  load_chunk(dy, c, ncols, vec, d);
   load_chunk(h, c, ncols, vec, v);
-  if (p.weight) {
 #pragma unroll
-    for (int j = 0; j < K; ++j)
-      if (c * K + j < ncols) g[j] *= load_float(p.weight, p.weight_dtype, c * K + j);
+  for (int j = 0; j < K; ++j) {
+    const int col = c * K + j;
+    if (col >= ncols) break;
+    f(p.weight ? d[j] * load_float(p.weight, p.weight_dtype, col) : d[j], v[j]);
   }
 }
 
@@ -146,14 +149,11 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
 
   Pair s{0.0f, 0.0f};
   for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
-    float g[K], v[K];
-    load_g_h(p, dy, h, c, ncols, vec, g, v);
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      if (c * K + j >= ncols) break;
-      s.a += g[j];
-      s.b += g[j] * ((v[j] - mean) * rstd);
-    }
+    float v[K];
+    for_each_g(p, dy, h, c, ncols, vec, v, [&](float g, float hv) {
+      s.a += g;
+      s.b += g * ((hv - mean) * rstd);
+    });
   }
   s = block_allreduce(s, [](Pair u, Pair w) { return Pair{u.a + w.a, u.b + w.b}; }, scratch, p.fault);
   const float inv_n = 1.0f / static_cast<float>(p.hidden);
@@ -166,13 +166,9 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
   T* dx = static_cast<T*>(p.dx) + off;
   T* dres = p.dresidual ? static_cast<T*>(p.dresidual) + off : nullptr;
   for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
-    float g[K], v[K];
-    load_g_h(p, dy, h, c, ncols, vec, g, v);
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      if (c * K + j >= ncols) break;
-      v[j] = rstd * (g[j] - mean_g - (v[j] - mean) * rstd * mean_gx);
-    }
+    float v[K];
+    for_each_g(p, dy, h, c, ncols, vec, v,
+               [&](float g, float& hv) { hv = rstd * (g - mean_g - (hv - mean) * rstd * mean_gx); });
     if (dres) store_chunk(dres, c, ncols, vec, v);
     if (p.dropout) {
       const PhiloxWords dw = row_words(c * K, row, key);
