@@ -16,10 +16,6 @@
 
 #include "attention.h"
 #include "common/binding_util.h"
-#include "common/registry.h"
-
-namespace py = pybind11;
-using namespace py::literals;
 
 namespace fb {
 namespace {

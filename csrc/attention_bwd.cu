@@ -87,21 +87,10 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads, BwdConfig<T, DP>::
   // tile n+1 runs. cp.async groups go Q+dO, V, K, V, K, ... (empty past the end), so
   // wait_group<1> ("all but the newest done") always means "the tile about to be read has landed".
   const auto load_v = [&](int n0) {
-    if (n0 < keys.hi)
-      load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
-                                               KeyRows{p, b, n0, seq.seqlen_k});
-    cp_async_commit();
+    load_key_step<T, kBlockN, DP, Cfg::kThreads>(sV, nullptr, p.v, p, b, h, seq, n0, keys.hi);
   };
   const auto load_k = [&](int n0) {
-    if (n0 < keys.hi) {
-      load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
-                                               KeyRows{p, b, n0, seq.seqlen_k});
-      for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
-        sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
-    }
-    cp_async_commit();
+    load_key_step<T, kBlockN, DP, Cfg::kThreads>(sK, sKeyOk, p.k, p, b, h, seq, n0, keys.hi);
   };
   load_tile<T, kBlockM, DP, Cfg::kThreads>(sQ, row_ptr<const T>(p.q, b, h, seq.q_row0 + m0), p.q.stride_seq,
                                            nrows, p.head_dim, p.aligned16);
@@ -350,15 +339,6 @@ void launch_bwd(const AttnParams& p, Stream stream) {
   }
 }
 
-template <class T>
-void launch_bwd_dtype(const AttnParams& p, Stream stream) {
-  switch (head_dim_bucket(p.head_dim)) {
-    case 64: return launch_bwd<T, 64>(p, stream);
-    case 128: return launch_bwd<T, 128>(p, stream);
-    default: return launch_bwd<T, 256>(p, stream);
-  }
-}
-
 }  // namespace
 }  // namespace fb::attn
 
@@ -366,7 +346,9 @@ namespace fb {
 
 void attention_bwd_launch(const AttnParams& p, Stream stream) {
   if (p.batch <= 0 || p.max_seqlen_q <= 0 || p.max_seqlen_k <= 0) return;
-  FB_DTYPE_SWITCH(p.dtype, T, attn::launch_bwd_dtype<T>(p, stream));
+  FB_DTYPE_SWITCH(p.dtype, T, attn::with_head_dim_bucket(p.head_dim, [&](auto dp) {
+    attn::launch_bwd<T, decltype(dp)::value>(p, stream);
+  }));
 }
 
 }  // namespace fb

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -56,6 +57,16 @@ constexpr int kLds = DP + 16 / static_cast<int>(sizeof(T));
 // and shared memory, not tensor-core work.
 inline int head_dim_bucket(int head_dim) {
   return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
+}
+
+// f(std::integral_constant<int, DP>{}) for head_dim's bucket DP: the launch of each kernel template.
+template <class F>
+void with_head_dim_bucket(int head_dim, F&& f) {
+  switch (head_dim_bucket(head_dim)) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 256>{});
+  }
 }
 
 // Where sequence b starts (token row of its first element) and how long it is.
@@ -237,6 +248,24 @@ struct KeyRows {
   int b, n0, seqlen_k;
   FB_DEVICE bool operator()(int r) const { return key_allowed(p, b, n0 + r, seqlen_k); }
 };
+
+// One cp.async group of a key loop (committed also when n0 >= hi, empty, so the groups stay
+// counted): rows n0.. of t (K or V) of head h of sequence b into the shared tile s, masked keys as
+// zero rows, and, unless `flags` is nullptr (decided at compile time), key_allowed of those keys
+// into flags[0, ROWS).
+template <class T, int ROWS, int DP, int NTHREADS, class Flags>
+FB_DEVICE void load_key_step(T* s, Flags flags, const AttnTensor& t, const AttnParams& p, int b, int h,
+                             const SeqInfo& seq, int n0, int hi) {
+  if (n0 < hi) {
+    load_tile<T, ROWS, DP, NTHREADS>(s, row_ptr<const T>(t, b, h, seq.k_row0 + n0), t.stride_seq, seq.seqlen_k - n0,
+                                     p.head_dim, p.aligned16, KeyRows{p, b, n0, seq.seqlen_k});
+    if constexpr (!std::is_same_v<Flags, std::nullptr_t>) {
+      for (int c = static_cast<int>(thread_rank()); c < ROWS; c += NTHREADS)
+        flags[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
+    }
+  }
+  cp_async_commit();
+}
 
 // ---- Sliding window (attention.h: query i sees key j iff i - window_left <= j <= i + window_right)
 // Every operand below is a position or window bound in [0, 2^30 + 2 * tile), so the differences

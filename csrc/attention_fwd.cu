@@ -80,21 +80,10 @@ __global__ void __launch_bounds__(FwdConfig<T, DP>::kThreads) attention_fwd_kern
   // in the fixed order K, V, K, V, ... (empty at the end), so "all but the newest group done"
   // (wait_group<1>) always means "the tile about to be read has landed".
   const auto load_k = [&](int n0) {
-    if (n0 < keys.hi) {
-      load_tile<T, kBlockN, DP, Cfg::kThreads>(sK, row_ptr<const T>(p.k, b, h, seq.k_row0 + n0), p.k.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
-                                               KeyRows{p, b, n0, seq.seqlen_k});
-      for (int c = static_cast<int>(thread_rank()); c < kBlockN; c += Cfg::kThreads)
-        sKeyOk[c] = key_allowed(p, b, n0 + c, seq.seqlen_k) ? 1 : 0;
-    }
-    cp_async_commit();
+    load_key_step<T, kBlockN, DP, Cfg::kThreads>(sK, sKeyOk, p.k, p, b, h, seq, n0, keys.hi);
   };
   const auto load_v = [&](int n0) {
-    if (n0 < keys.hi)
-      load_tile<T, kBlockN, DP, Cfg::kThreads>(sV, row_ptr<const T>(p.v, b, h, seq.k_row0 + n0), p.v.stride_seq,
-                                               seq.seqlen_k - n0, p.head_dim, p.aligned16,
-                                               KeyRows{p, b, n0, seq.seqlen_k});
-    cp_async_commit();
+    load_key_step<T, kBlockN, DP, Cfg::kThreads>(sV, nullptr, p.v, p, b, h, seq, n0, keys.hi);
   };
   load_k(keys.lo);  // groups so far: Q, K(lo), V(lo)
   load_v(keys.lo);
@@ -210,15 +199,6 @@ void launch_fwd(const AttnParams& p, Stream stream) {
   launch(attention_fwd_kernel<T, DP>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p);
 }
 
-template <class T>
-void launch_fwd_dtype(const AttnParams& p, Stream stream) {
-  switch (head_dim_bucket(p.head_dim)) {
-    case 64: return launch_fwd<T, 64>(p, stream);
-    case 128: return launch_fwd<T, 128>(p, stream);
-    default: return launch_fwd<T, 256>(p, stream);
-  }
-}
-
 }  // namespace
 }  // namespace fb::attn
 
@@ -226,7 +206,9 @@ namespace fb {
 
 void attention_fwd_launch(const AttnParams& p, Stream stream) {
   if (p.max_seqlen_q <= 0 || p.batch <= 0) return;
-  FB_DTYPE_SWITCH(p.dtype, T, attn::launch_fwd_dtype<T>(p, stream));
+  FB_DTYPE_SWITCH(p.dtype, T, attn::with_head_dim_bucket(p.head_dim, [&](auto dp) {
+    attn::launch_fwd<T, decltype(dp)::value>(p, stream);
+  }));
 }
 
 }  // namespace fb

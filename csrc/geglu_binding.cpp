@@ -1,55 +1,33 @@
 // pybind11 entry points of the GeGLU kernels (csrc/geglu.h): geglu_fwd, geglu_bwd and the
 // backward's workspace query. Conventions: csrc/README.md, "Bindings".
-#include <pybind11/pybind11.h>
-
 #include <cstdint>
 #include <string>
 
 #include "common/binding_util.h"
-#include "common/registry.h"
 #include "geglu.h"
-
-namespace py = pybind11;
-using namespace py::literals;
 
 namespace fb {
 namespace {
 
-using bind::dtype;
-using bind::mut_ptr;
-using bind::positive;
-using bind::ptr;
-
-// `half` = n, the width of y (x is [rows, 2n]).
+// The arguments geglu_fwd and geglu_bwd share; `half` = n, the width of y (x is [rows, 2n]).
 GegluParams geglu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
                          const char* out_name, long long rows, long long half, int dtype_code, int bias_dtype,
                          const std::string& approximate, int fault_injection) {
   positive("rows", rows);
   positive("half", half);
   FB_CHECK_ARG(half <= (1LL << 29), "half: expected <= 2^29 (x's width 2 * half <= 2^30), got ", half);
-  FB_CHECK_ARG(approximate == "none" || approximate == "tanh", "approximate: expected 'none' or 'tanh', got '",
-               approximate, "'");
   GegluParams p{};
-  p.dtype = dtype("dtype", dtype_code);
-  p.bias_dtype = dtype("bias_dtype", bias_dtype);
-  const std::size_t a = dtype_size(p.dtype);
-  p.x = ptr("x", x, a, true);
-  p.bias = ptr("bias", bias, dtype_size(p.bias_dtype), false);
-  p.out = mut_ptr(out_name, out, a, true);
-  p.dy = dy ? ptr("dy", dy, a, true) : nullptr;
-  p.rows = rows;
   p.half = static_cast<int>(half);
-  p.tanh_approx = approximate == "tanh";
-  p.fault = bind::check_fault_injection(fault_injection);
+  bind::activation_args(p, dy, x, bias, out, out_name, rows, dtype_code, bias_dtype, approximate, fault_injection);
   return p;
 }
 
 void geglu_fwd_py(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y, long long rows, long long half,
                   int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
                   int fault_injection) {
-  GegluParams p = geglu_params(0, x, bias, y, "y", rows, half, dtype_code, bias_dtype, approximate, fault_injection);
-  bind::DeviceGuard guard(device);
-  geglu_fwd(p, bind::stream(stream));
+  const GegluParams p =
+      geglu_params(0, x, bias, y, "y", rows, half, dtype_code, bias_dtype, approximate, fault_injection);
+  bind::launch(geglu_fwd, p, device, stream);
 }
 
 void geglu_bwd_py(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t dx, std::uintptr_t dbias,
@@ -60,12 +38,9 @@ void geglu_bwd_py(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std:
   GegluParams p = geglu_params(dy, x, bias, dx, "dx", rows, half, dtype_code, bias_dtype, approximate,
                                fault_injection);
   p.dbias = static_cast<float*>(mut_ptr("dbias", dbias, 4, false));
-  const long long need = geglu_bwd_workspace_bytes(rows, static_cast<int>(half), dbias != 0);
-  FB_CHECK_ARG(workspace_bytes >= need, "workspace_bytes: expected >= ", need, " (geglu_bwd_workspace_bytes), got ",
-               workspace_bytes);
-  p.workspace = static_cast<float*>(mut_ptr("workspace", workspace, 16, need > 0));
-  bind::DeviceGuard guard(device);
-  geglu_bwd(p, bind::stream(stream));
+  p.workspace = bind::workspace(workspace, workspace_bytes, geglu_bwd_workspace_bytes(rows, p.half, dbias != 0),
+                                "geglu_bwd_workspace_bytes");
+  bind::launch(geglu_bwd, p, device, stream);
 }
 
 }  // namespace

@@ -1,23 +1,13 @@
 // pybind11 entry points of the bias-GELU kernels (csrc/gelu.h): gelu_fwd, gelu_bwd and the
 // backward's workspace query. Conventions: csrc/README.md, "Bindings".
-#include <pybind11/pybind11.h>
-
 #include <cstdint>
 #include <string>
 
 #include "common/binding_util.h"
-#include "common/registry.h"
 #include "gelu.h"
-
-namespace py = pybind11;
-using namespace py::literals;
 
 namespace fb {
 namespace {
-
-using bind::dtype;
-using bind::mut_ptr;
-using bind::ptr;
 
 // The arguments gelu_fwd and gelu_bwd share; `out` is y (forward) or dx (backward).
 GeluParams gelu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
@@ -25,17 +15,7 @@ GeluParams gelu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias,
                        const std::string& approximate, int fault_injection) {
   GeluParams p{};
   p.hidden = bind::row_op_hidden(rows, hidden);
-  FB_CHECK_ARG(approximate == "none" || approximate == "tanh", "approximate: expected 'none' or 'tanh', got '",
-               approximate, "'");
-  p.dtype = dtype("dtype", dtype_code);
-  p.bias_dtype = dtype("bias_dtype", bias_dtype);
-  p.x = ptr("x", x, p.dtype, true);
-  p.bias = ptr("bias", bias, p.bias_dtype, false);
-  p.out = mut_ptr(out_name, out, p.dtype, true);
-  p.dy = dy ? ptr("dy", dy, p.dtype, true) : nullptr;
-  p.rows = rows;
-  p.tanh_approx = approximate == "tanh";
-  p.fault = bind::check_fault_injection(fault_injection);
+  bind::activation_args(p, dy, x, bias, out, out_name, rows, dtype_code, bias_dtype, approximate, fault_injection);
   return p;
 }
 

@@ -5,9 +5,7 @@
 // stored in x's dtype and the statistics are taken of that stored value, so backward (which
 // reads h) sees exactly the h the forward normalised.
 #include <climits>
-#include <initializer_list>
 
-#include "common/fault.h"
 #include "common/launch.cuh"
 #include "common/philox.cuh"
 #include "common/platform.cuh"
@@ -51,12 +49,29 @@ FB_DEVICE PhiloxWords row_words(int col, long long row, PhiloxKey key) {
                     key);
 }
 
+// Backward, chunk c of a row: h into v, then f(g, v[j]) for each column c * K + j < ncols, with
+// g = dy * weight (dy without a weight). Both passes of the rows kernel.
+template <class T, class F>
+FB_DEVICE void for_each_g(const LayerNormBwdParams& p, const T* dy, const T* h, int c, int ncols, bool vec,
+                          float (&v)[Vec<T>::kSize], F&& f) {
+  constexpr int K = Vec<T>::kSize;
+  float d[K];
+  load_chunk(dy, c, ncols, vec, d);
+  load_chunk(h, c, ncols, vec, v);
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const int col = c * K + j;
+    if (col >= ncols) break;
+    f(p.weight ? d[j] * load_float(p.weight, p.weight_dtype, col) : d[j], v[j]);
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(512) layer_norm_fwd_kernel(LayerNormFwdParams p, bool vec) {
   constexpr int K = Vec<T>::kSize;
   __shared__ Welford scratch[32];
   const long long row = blockIdx.x;
-  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;  // fault 1: the last column is lost
+  const int ncols = live_cols(p.hidden, p.fault);  // fault 1: the last column is lost
   const int nchunks = (ncols + K - 1) / K;
   const long long off = row * p.hidden;
   const T* x = static_cast<const T*>(p.x) + off;
@@ -124,7 +139,7 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
   constexpr int K = Vec<T>::kSize;
   __shared__ Pair scratch[32];
   const long long row = blockIdx.x;
-  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;
+  const int ncols = live_cols(p.hidden, p.fault);
   const int nchunks = (ncols + K - 1) / K;
   const long long off = row * p.hidden;
   const T* dy = static_cast<const T*>(p.dy) + off;
@@ -134,17 +149,11 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
 
   Pair s{0.0f, 0.0f};
   for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
-    float d[K], v[K];
-    load_chunk(dy, c, ncols, vec, d);
-    load_chunk(h, c, ncols, vec, v);
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      const int col = c * K + j;
-      if (col >= ncols) break;
-      const float g = p.weight ? d[j] * load_float(p.weight, p.weight_dtype, col) : d[j];
+    float v[K];
+    for_each_g(p, dy, h, c, ncols, vec, v, [&](float g, float hv) {
       s.a += g;
-      s.b += g * ((v[j] - mean) * rstd);
-    }
+      s.b += g * ((hv - mean) * rstd);
+    });
   }
   s = block_allreduce(s, [](Pair u, Pair w) { return Pair{u.a + w.a, u.b + w.b}; }, scratch, p.fault);
   const float inv_n = 1.0f / static_cast<float>(p.hidden);
@@ -157,16 +166,9 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
   T* dx = static_cast<T*>(p.dx) + off;
   T* dres = p.dresidual ? static_cast<T*>(p.dresidual) + off : nullptr;
   for (int c = static_cast<int>(thread_rank()); c < nchunks; c += static_cast<int>(block_size())) {
-    float d[K], v[K];
-    load_chunk(dy, c, ncols, vec, d);
-    load_chunk(h, c, ncols, vec, v);
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      const int col = c * K + j;
-      if (col >= ncols) break;
-      const float g = p.weight ? d[j] * load_float(p.weight, p.weight_dtype, col) : d[j];
-      v[j] = rstd * (g - mean_g - (v[j] - mean) * rstd * mean_gx);
-    }
+    float v[K];
+    for_each_g(p, dy, h, c, ncols, vec, v,
+               [&](float g, float& hv) { hv = rstd * (g - mean_g - (hv - mean) * rstd * mean_gx); });
     if (dres) store_chunk(dres, c, ncols, vec, v);
     if (p.dropout) {
       const PhiloxWords dw = row_words(c * K, row, key);
@@ -183,13 +185,10 @@ __global__ void __launch_bounds__(512) layer_norm_bwd_rows_kernel(LayerNormBwdPa
 template <class T>
 __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwdParams p, bool vec) {
   constexpr int K = Vec<T>::kSize;
-  const int ncols = FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden;
+  const int ncols = live_cols(p.hidden, p.fault);
   const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (c * K >= ncols) return;  // no barriers in this kernel
-  const int splits = static_cast<int>(gridDim.y);
-  const long long per_split = (p.rows + splits - 1) / splits;
-  const long long r0 = blockIdx.y * per_split;
-  const long long r1 = r0 + per_split < p.rows ? r0 + per_split : p.rows;
+  const RowSplit split = split_rows(p.rows);
   const float* stats = p.row_stats;
   const PhiloxKey key = p.dropout ? philox_key(p.seed) : PhiloxKey{0u, 0u};
   float w[K];
@@ -199,7 +198,7 @@ __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwd
     w[j] = p.weight && col < ncols ? load_float(p.weight, p.weight_dtype, col) : 1.0f;
   }
   float sw[K] = {}, sb[K] = {}, sx[K] = {};
-  for (long long r = r0; r < r1; ++r) {
+  for (long long r = split.r0; r < split.r1; ++r) {
     float d[K], v[K];
     load_chunk(static_cast<const T*>(p.dy) + r * p.hidden, c, ncols, vec, d);
     load_chunk(static_cast<const T*>(p.h) + r * p.hidden, c, ncols, vec, v);
@@ -219,7 +218,7 @@ __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwd
     }
   }
   float* part = p.workspace + static_cast<long long>(blockIdx.y) * p.hidden;
-  const long long plane = static_cast<long long>(splits) * p.hidden;
+  const long long plane = static_cast<long long>(gridDim.y) * p.hidden;  // one plane per output
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     const int col = c * K + j;
@@ -231,16 +230,8 @@ __global__ void __launch_bounds__(64) layer_norm_bwd_columns_kernel(LayerNormBwd
 }
 
 template <class T>
-bool use_vec(int hidden, std::initializer_list<const void*> ptrs) {
-  if (hidden % Vec<T>::kSize != 0) return false;
-  for (const void* q : ptrs)
-    if (q && !is_aligned16(q)) return false;
-  return true;
-}
-
-template <class T>
 void fwd(const LayerNormFwdParams& p, Stream stream) {
-  const bool vec = !FB_FAULT(p.fault != 0) && use_vec<T>(p.hidden, {p.x, p.residual, p.y, p.h});
+  const bool vec = use_vec<T>(p.hidden, p.fault, {p.x, p.residual, p.y, p.h});
   launch(layer_norm_fwd_kernel<T>, dim3(static_cast<unsigned>(p.rows)),
          dim3(row_block_threads(p.hidden, Vec<T>::kSize)), 0, stream, p, vec);
 }
@@ -249,15 +240,14 @@ template <class T>
 void bwd(LayerNormBwdParams p, Stream stream) {
   constexpr int K = Vec<T>::kSize;
   p.row_stats = p.dx_bias ? p.workspace + 3LL * column_splits(p.rows) * p.hidden : nullptr;
-  const bool vec = !FB_FAULT(p.fault != 0) && use_vec<T>(p.hidden, {p.dy, p.h, p.dx, p.dresidual});
+  const bool vec = use_vec<T>(p.hidden, p.fault, {p.dy, p.h, p.dx, p.dresidual});
   launch(layer_norm_bwd_rows_kernel<T>, dim3(static_cast<unsigned>(p.rows)), dim3(row_block_threads(p.hidden, K)),
          0, stream, p, vec);
   if (!p.dweight && !p.dbias && !p.dx_bias) return;
   const int splits = column_splits(p.rows);
   const int nchunks = (p.hidden + K - 1) / K;
   launch(layer_norm_bwd_columns_kernel<T>, dim3((nchunks + 63) / 64, splits), dim3(64), 0, stream, p, vec);
-  ColumnSumParams cs{p.workspace, {p.dweight, p.dbias, p.dx_bias}, splits, p.hidden,
-                     FB_FAULT(p.fault == 1) ? p.hidden - 1 : p.hidden};
+  ColumnSumParams cs{p.workspace, {p.dweight, p.dbias, p.dx_bias}, splits, p.hidden, live_cols(p.hidden, p.fault)};
   launch_column_sum(cs, stream);
 }
 

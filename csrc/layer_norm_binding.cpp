@@ -1,23 +1,13 @@
 // pybind11 entry points of the LayerNorm kernels (csrc/layer_norm.h): layer_norm_fwd, layer_norm_bwd
 // and the backward's workspace query. Conventions: csrc/README.md, "Bindings".
-#include <pybind11/pybind11.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "common/binding_util.h"
-#include "common/registry.h"
 #include "layer_norm.h"
-
-namespace py = pybind11;
-using namespace py::literals;
 
 namespace fb {
 namespace {
-
-using bind::dtype;
-using bind::mut_ptr;
-using bind::ptr;
 
 // The fields the forward and backward parameters share: the row count, dropout and the planted fault.
 template <class Params>

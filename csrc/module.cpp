@@ -2,14 +2,11 @@
 // (the device check's GPU self-test), one source: version(), build_info(), device_count(), then the
 // entry points of every binding file linked in (common/registry.h). A private, raw-pointer API:
 // see csrc/README.md ("Bindings") for its conventions.
-#include <pybind11/pybind11.h>
-
 #include <string>
 #include <vector>
 
 #include "common/binding_util.h"
 #include "common/fault.h"
-#include "common/registry.h"
 
 #ifndef FASTBERT_EXT_NAME
 #error "FASTBERT_EXT_NAME (_C, _C_host or _C_harness) is set by CMakeLists.txt"
@@ -20,8 +17,6 @@
 #ifndef FASTBERT_CUDA_ARCHS
 #define FASTBERT_CUDA_ARCHS ""
 #endif
-
-namespace py = pybind11;
 
 namespace fb {
 

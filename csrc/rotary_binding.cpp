@@ -1,6 +1,5 @@
 // pybind11 entry points of the rotary kernels (csrc/rotary.h): rotary_fwd (rotate by theta) and
 // rotary_bwd (by -theta: the gradient), one kernel. Conventions: csrc/README.md, "Bindings".
-#include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
@@ -8,20 +7,10 @@
 #include <string>
 
 #include "common/binding_util.h"
-#include "common/registry.h"
 #include "rotary.h"
-
-namespace py = pybind11;
-using namespace py::literals;
 
 namespace fb {
 namespace {
-
-using bind::dtype;
-using bind::mut_ptr;
-using bind::non_negative;
-using bind::positive;
-using bind::ptr;
 
 using Strides = std::array<long long, 3>;
 
@@ -29,6 +18,7 @@ using Strides = std::array<long long, 3>;
 struct Names {
   const char *q, *k, *q_out, *k_out;
 };
+constexpr Names kForward{"q", "k", "q_out", "k_out"}, kBackward{"dq_out", "dk_out", "dq", "dk"};
 
 RotaryTensor tensor(const char* x_name, const char* out_name, std::uintptr_t x, std::uintptr_t out, int heads,
                     const Strides& x_stride, const Strides& out_stride, std::size_t align) {
@@ -46,13 +36,16 @@ RotaryTensor tensor(const char* x_name, const char* out_name, std::uintptr_t x, 
   return t;
 }
 
-void rotary_py(const Names& n, bool inverse, std::uintptr_t q, std::uintptr_t k, std::uintptr_t cos,
-               std::uintptr_t sin, std::uintptr_t positions, std::uintptr_t q_out, std::uintptr_t k_out,
-               long long batch, long long seqlen, long long q_heads, long long k_heads, long long head_dim,
-               long long rotary_dim, const Strides& q_strides, const Strides& k_strides,
-               const Strides& q_out_strides, const Strides& k_out_strides,
+// rotary_fwd (kInverse false) and rotary_bwd (true: rotate by -theta), one signature; the
+// backward's q, k, q_out, k_out are the Python arguments dq_out, dk_out, dq, dk (register_rotary).
+template <bool kInverse>
+void rotary_py(std::uintptr_t q, std::uintptr_t k, std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t positions,
+               std::uintptr_t q_out, std::uintptr_t k_out, long long batch, long long seqlen, long long q_heads,
+               long long k_heads, long long head_dim, long long rotary_dim, const Strides& q_strides,
+               const Strides& k_strides, const Strides& q_out_strides, const Strides& k_out_strides,
                const std::array<long long, 2>& positions_strides, int dtype_code, bool interleaved,
                std::uintptr_t stream, int device, int fault_injection) {
+  const Names& n = kInverse ? kBackward : kForward;
   positive("batch", batch);
   positive("seqlen", seqlen);
   non_negative("q_heads", q_heads);
@@ -81,50 +74,27 @@ void rotary_py(const Names& n, bool inverse, std::uintptr_t q, std::uintptr_t k,
   p.head_dim = static_cast<int>(head_dim);
   p.rotary_dim = static_cast<int>(rotary_dim);
   p.interleaved = interleaved;
-  p.inverse = inverse;
+  p.inverse = kInverse;
   p.fault = bind::check_fault_injection(fault_injection);
-  bind::DeviceGuard guard(device);
-  rotary(p, bind::stream(stream));
+  bind::launch(rotary, p, device, stream);
 }
 
 }  // namespace
 
 void register_rotary(py::module_& m) {
-  m.def(
-      "rotary_fwd",
-      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t positions,
-         std::uintptr_t q_out, std::uintptr_t k_out, long long batch, long long seqlen, long long q_heads,
-         long long k_heads, long long head_dim, long long rotary_dim, const Strides& q_strides,
-         const Strides& k_strides, const Strides& q_out_strides, const Strides& k_out_strides,
-         const std::array<long long, 2>& positions_strides, int dtype_code, bool interleaved, std::uintptr_t stream,
-         int device, int fault_injection) {
-        rotary_py({"q", "k", "q_out", "k_out"}, false, q, k, cos, sin, positions, q_out, k_out, batch, seqlen,
-                  q_heads, k_heads, head_dim, rotary_dim, q_strides, k_strides, q_out_strides, k_out_strides,
-                  positions_strides, dtype_code, interleaved, stream, device, fault_injection);
-      },
-      py::kw_only(), "q"_a, "k"_a, "cos"_a, "sin"_a, "positions"_a, "q_out"_a, "k_out"_a, "batch"_a, "seqlen"_a,
-      "q_heads"_a, "k_heads"_a, "head_dim"_a, "rotary_dim"_a, "q_strides"_a, "k_strides"_a, "q_out_strides"_a,
-      "k_out_strides"_a, "positions_strides"_a, "dtype"_a, "interleaved"_a = false, "stream"_a = 0, "device"_a,
-      "fault_injection"_a = 0,
-      "q_out, k_out = R(theta) q, R(theta) k on the first rotary_dim features (fp32 math); strides in elements "
-      "(batch, seq, head); the outputs may alias the inputs.");
-  m.def(
-      "rotary_bwd",
-      [](std::uintptr_t dq_out, std::uintptr_t dk_out, std::uintptr_t cos, std::uintptr_t sin,
-         std::uintptr_t positions, std::uintptr_t dq, std::uintptr_t dk, long long batch, long long seqlen,
-         long long q_heads, long long k_heads, long long head_dim, long long rotary_dim, const Strides& dq_out_strides,
-         const Strides& dk_out_strides, const Strides& dq_strides, const Strides& dk_strides,
-         const std::array<long long, 2>& positions_strides, int dtype_code, bool interleaved, std::uintptr_t stream,
-         int device, int fault_injection) {
-        rotary_py({"dq_out", "dk_out", "dq", "dk"}, true, dq_out, dk_out, cos, sin, positions, dq, dk, batch, seqlen,
-                  q_heads, k_heads, head_dim, rotary_dim, dq_out_strides, dk_out_strides, dq_strides, dk_strides,
-                  positions_strides, dtype_code, interleaved, stream, device, fault_injection);
-      },
-      py::kw_only(), "dq_out"_a, "dk_out"_a, "cos"_a, "sin"_a, "positions"_a, "dq"_a, "dk"_a, "batch"_a,
-      "seqlen"_a, "q_heads"_a, "k_heads"_a, "head_dim"_a, "rotary_dim"_a, "dq_out_strides"_a, "dk_out_strides"_a,
-      "dq_strides"_a, "dk_strides"_a, "positions_strides"_a, "dtype"_a, "interleaved"_a = false, "stream"_a = 0,
-      "device"_a, "fault_injection"_a = 0,
-      "dq, dk = R(-theta) dq_out, R(-theta) dk_out (the gradient of rotary_fwd); the outputs may alias the inputs.");
+  m.def("rotary_fwd", &rotary_py<false>,
+        py::kw_only(), "q"_a, "k"_a, "cos"_a, "sin"_a, "positions"_a, "q_out"_a, "k_out"_a, "batch"_a, "seqlen"_a,
+        "q_heads"_a, "k_heads"_a, "head_dim"_a, "rotary_dim"_a, "q_strides"_a, "k_strides"_a, "q_out_strides"_a,
+        "k_out_strides"_a, "positions_strides"_a, "dtype"_a, "interleaved"_a = false, "stream"_a = 0, "device"_a,
+        "fault_injection"_a = 0,
+        "q_out, k_out = R(theta) q, R(theta) k on the first rotary_dim features (fp32 math); strides in elements "
+        "(batch, seq, head); the outputs may alias the inputs.");
+  m.def("rotary_bwd", &rotary_py<true>,
+        py::kw_only(), "dq_out"_a, "dk_out"_a, "cos"_a, "sin"_a, "positions"_a, "dq"_a, "dk"_a, "batch"_a,
+        "seqlen"_a, "q_heads"_a, "k_heads"_a, "head_dim"_a, "rotary_dim"_a, "dq_out_strides"_a, "dk_out_strides"_a,
+        "dq_strides"_a, "dk_strides"_a, "positions_strides"_a, "dtype"_a, "interleaved"_a = false, "stream"_a = 0,
+        "device"_a, "fault_injection"_a = 0,
+        "dq, dk = R(-theta) dq_out, R(-theta) dk_out (the gradient of rotary_fwd); the outputs may alias the inputs.");
 }
 
 FB_REGISTER_BINDING(rotary, register_rotary);

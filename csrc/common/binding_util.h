@@ -5,7 +5,12 @@
 // raw-pointer API can: null pointers, alignment, sizes > 0, strides >= 0 (fb::ArgError ->
 // ValueError), selects the pointers' device (DeviceGuard) and launches on the given stream. It
 // never allocates and never synchronises.
+//
+// It is also every binding file's preamble: pybind11 (as `py`, with its "name"_a literals), the
+// binding registry, and the checks below unqualified inside namespace fb (the end of this file).
 #pragma once
+
+#include <pybind11/pybind11.h>
 
 #include <cmath>
 #include <cstdint>
@@ -13,8 +18,8 @@
 
 #include "dtype.h"
 #include "error.h"
-
 #include "fault.h"
+#include "registry.h"
 #include "stream.h"
 
 namespace fb::bind {
@@ -160,6 +165,26 @@ class DeviceGuard {
 #endif
 };
 
+// The arguments the bias + activation ops' forward and backward share (bias-GELU, GeGLU; their
+// Params have dy, x, bias, out, rows, dtype, bias_dtype, tanh_approx and fault): `out` is y
+// (forward) or dx (backward), `dy` is 0 in the forward. The caller checks the sizes first.
+template <class Params>
+void activation_args(Params& p, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
+                     const char* out_name, long long rows, int dtype_code, int bias_dtype,
+                     const std::string& approximate, int fault_injection) {
+  FB_CHECK_ARG(approximate == "none" || approximate == "tanh", "approximate: expected 'none' or 'tanh', got '",
+               approximate, "'");
+  p.dtype = dtype("dtype", dtype_code);
+  p.bias_dtype = dtype("bias_dtype", bias_dtype);
+  p.x = ptr("x", x, p.dtype, true);
+  p.bias = ptr("bias", bias, p.bias_dtype, false);
+  p.out = mut_ptr(out_name, out, p.dtype, true);
+  p.dy = dy ? ptr("dy", dy, p.dtype, true) : nullptr;
+  p.rows = rows;
+  p.tanh_approx = approximate == "tanh";
+  p.fault = check_fault_injection(fault_injection);
+}
+
 // Runs an op's entry point `fn(params, stream)` with `device` current (DeviceGuard) on the stream
 // passed from Python: the last step of every binding.
 template <class Params>
@@ -169,3 +194,15 @@ void launch(void (*fn)(const Params&, Stream), const Params& params, int device,
 }
 
 }  // namespace fb::bind
+
+// The preamble of the binding files (<op>_binding.cpp, module.cpp, harness/harness_binding.cpp).
+namespace py = pybind11;
+using namespace pybind11::literals;  // NOLINT(google-build-using-namespace): "x"_a in the m.def lists
+
+namespace fb {
+using bind::dtype;
+using bind::mut_ptr;
+using bind::non_negative;
+using bind::positive;
+using bind::ptr;
+}  // namespace fb

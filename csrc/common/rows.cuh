@@ -1,4 +1,4 @@
-// Row/column access helpers shared by the LayerNorm and GELU kernels (both builds).
+// Row/column access helpers shared by the LayerNorm, bias-GELU and GeGLU kernels (both builds).
 //
 // A row of `hidden` elements is cut into 16-byte chunks of K = 16 / sizeof(T) elements. `vec`
 // (decided on the host: every pointer 16-byte aligned and hidden % K == 0) selects 16-byte
@@ -6,11 +6,39 @@
 // (the scalar tail).
 #pragma once
 
+#include <initializer_list>
+
+#include "fault.h"
 #include "launch.cuh"
 #include "platform.cuh"
 #include "vec.cuh"
 
 namespace fb {
+
+// The columns a kernel touches of a row of `width`: all of them, or all but the last under planted
+// fault 1 (common/fault.h; the harness must catch the lost column).
+FB_HOST_DEVICE int live_cols(int width, int fault) { return FB_FAULT(fault == 1) ? width - 1 : width; }
+
+// Host side: whether a launch takes the 16-byte path: no planted fault, `width` a multiple of K and
+// every non-null pointer 16-byte aligned.
+template <class T>
+bool use_vec(int width, int fault, std::initializer_list<const void*> ptrs) {
+  if (FB_FAULT(fault != 0) || width % Vec<T>::kSize != 0) return false;
+  for (const void* q : ptrs)
+    if (q && !is_aligned16(q)) return false;
+  return true;
+}
+
+// Calls f(row, chunk) for every (row, 16-byte chunk of the first ncols columns) pair of `rows`
+// rows, in a grid-stride loop over a 1-D grid (the elementwise forward kernels).
+template <int K, class F>
+FB_DEVICE void for_each_row_chunk(long long rows, int ncols, F&& f) {
+  const long long nchunks = (ncols + K - 1) / K;
+  const long long total = rows * nchunks;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
+    f(i / nchunks, static_cast<int>(i % nchunks));
+}
 
 template <class T>
 FB_DEVICE void load_chunk(const T* row, int chunk, int ncols, bool vec, float (&out)[Vec<T>::kSize]) {
@@ -40,6 +68,18 @@ FB_DEVICE void store_chunk(T* row, int chunk, int ncols, bool vec, const float (
     for (int j = 0; j < K; ++j)
       if (col0 + j < ncols) row[col0 + j] = from_float<T>(in[j]);
   }
+}
+
+// Deterministic column sums, first stage: the rows [r0, r1) of this block's split (blockIdx.y of
+// gridDim.y equal splits of `rows`; the last may be short or empty).
+struct RowSplit {
+  long long r0, r1;
+};
+FB_DEVICE RowSplit split_rows(long long rows) {
+  const int splits = static_cast<int>(gridDim.y);
+  const long long per_split = (rows + splits - 1) / splits;
+  const long long r0 = blockIdx.y * per_split;
+  return RowSplit{r0, r0 + per_split < rows ? r0 + per_split : rows};
 }
 
 // Deterministic column sums, second stage: out_k[col] = sum over splits of

@@ -1,21 +1,15 @@
 // pybind11 entry point of the execution-model self-test kernels (harness.cu): _harness. Linked only
 // into the harness modules (fastbert._C_host, fastbert._C_harness; CMakeLists.txt), never into
 // fastbert._C.
-#include <pybind11/pybind11.h>
-
 #include <cstddef>
 #include <cstdint>
 
 #include "common/binding_util.h"
-#include "common/registry.h"
 #include "common/stream.h"
 
 #ifndef FASTBERT_HARNESS
 #error "the harness is built only into the harness modules (FASTBERT_HARNESS, CMakeLists.txt)"
 #endif
-
-namespace py = pybind11;
-using namespace py::literals;
 
 namespace fb {
 

@@ -21,6 +21,20 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 
+namespace fb::host {
+// The bits of a float and back (std::memcpy: the defined way to reinterpret them).
+inline uint32_t float_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+inline float bits_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+}  // namespace fb::host
+
 inline float __half2float(__half h) {
   const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
   uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu, bits;
@@ -37,22 +51,17 @@ inline float __half2float(__half h) {
   } else {
     bits = sign | (exp + 112u) << 23 | man << 13;
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return fb::host::bits_float(bits);
 }
 
 inline __half __float2half_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  const uint32_t x = fb::host::float_bits(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u))};
   if (ax >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
   if (ax < 0x38800000u) {  // subnormal half (or zero): scale by 2^24 and round to an integer
-    float a;
-    std::memcpy(&a, &ax, 4);
-    const float scaled = a * 16777216.0f;
+    const float scaled = fb::host::bits_float(ax) * 16777216.0f;
     const uint32_t m = static_cast<uint32_t>(__builtin_rintf(scaled));
     return {static_cast<uint16_t>(sign | m)};
   }
@@ -61,15 +70,11 @@ inline __half __float2half_rn(float f) {
 }
 
 inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t bits = static_cast<uint32_t>(b.bits) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return fb::host::bits_float(static_cast<uint32_t>(b.bits) << 16);
 }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  uint32_t x = fb::host::float_bits(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((x >> 16) | 0x40u)};  // nan
   x += 0x7fffu + ((x >> 16) & 1u);
   return {static_cast<uint16_t>(x >> 16)};
