@@ -23,11 +23,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from _cases import require_backend
-from _cases_attention import attention_binding_kwargs
+from _cases_attention import assert_host_binding_rejects
 from _tolerance import assert_close_to_ref, attention_floor_eps
 
 from fastbert.backends import get_backend
-from fastbert.backends.cuda._ext import load_extension
 from fastbert.backends.reference import attention_math, attention_math_bwd
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -282,11 +281,4 @@ def test_cuda_host_unbounded_window_is_bit_identical_to_none():
     (dict(window_right=-5), "window: expected window_left, window_right >= 0"),
 ])
 def test_cuda_host_binding_rejects_a_bad_window(override, message):
-    ext = load_extension("_C_host")
-    if isinstance(ext, str) or not hasattr(ext, "attention_fwd"):
-        pytest.skip("fastbert._C_host with attention is not built")
-    kw, keep = attention_binding_kwargs()
-    kw.update(override)
-    with pytest.raises(ValueError, match=message):
-        ext.attention_fwd(**kw)
-    del keep
+    assert_host_binding_rejects(override, message)
