@@ -1,6 +1,7 @@
 """What the per-op case lists (``_cases_attention``, ``_cases_layer_norm``, ``_cases_gelu``) share:
 dtype names, the fp64 master-input draw, the run-three-times parity check (STYLE.md's tolerance
-rule) and the skip for a backend that cannot run an op here.
+rule; ``check_rounded_runs`` for suites whose reference runs on the inputs rounded to the case's
+dtype) and the skip for a backend that cannot run an op here.
 
 Every backend's parity test of an op runs the op's one case list: forward and backward through
 ``fastbert.ops`` with the backend under test (outputs poisoned by the caller's ``poison``
@@ -37,6 +38,19 @@ def check_runs(case, run, inputs: dict, backend: str, device, floor_eps=None) ->
         kw = {} if floor_eps is None else {"floor_eps": floor_eps(name, hi)}
         assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=f"{case} {name}", **kw)
     return got
+
+
+def check_rounded_runs(run, backend: str, dtype: torch.dtype, out_dtype=None) -> None:
+    """``run(backend, cast) -> {name: tensor}`` takes its inputs rounded to ``dtype`` and computes
+    in ``cast``: ``backend`` in ``dtype`` vs the reference on the same rounded inputs in fp64 and in
+    ``dtype``; each output in ``out_dtype`` (default: the low-precision reference's dtype) and
+    within the tolerance rule."""
+    got = run(backend, dtype)
+    hi = run("reference", torch.float64)
+    lo = run("reference", dtype)
+    for name in got:
+        assert got[name].dtype == (lo[name].dtype if out_dtype is None else out_dtype), name
+        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=name)
 
 
 def require_backend(backend: str, op: str) -> None:

@@ -9,13 +9,15 @@ Axes, each value at least once: fp32/fp16/bf16; head_dim 8/32/40/64/80/96/128/25
 padded lanes); seqlen 1/17/33/97 with seqlen_q != seqlen_k; attention_mask; attn_bias
 [1,1,Lq,Lk] / [B,1,1,Lk] / [B,H,Lq,Lk]; dropout (the reference's Philox mask); varlen with an
 empty sequence; empty rows (a fully masked sequence, -inf bias rows); strided q/k/v views of a
-packed QKV tensor, 16-byte aligned (cp.async path) and not (element loads).
+packed QKV tensor, 16-byte aligned (cp.async path) and not (element loads). Also the keywords of
+a valid call of the host build's ``attention_fwd`` binding and the check that it rejects an override.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from _cases import BF16, F16, F32, F64, check_runs, randn
 from _tolerance import attention_floor_eps
@@ -200,3 +202,31 @@ def check_attention_case(case: AttentionCase, backend: str, device, flash_floor:
     if case.mask is True:  # the fully masked last sequence: exact zeros, not just small numbers
         assert torch.equal(got["out"][-1].cpu(), torch.zeros_like(got["out"][-1].cpu())), f"{case}: empty rows"
         assert torch.equal(got["dq"][-1].cpu(), torch.zeros_like(got["dq"][-1].cpu())), f"{case}: empty-row dq"
+
+
+def attention_binding_kwargs() -> tuple:
+    """``(kw, keep)``: the keywords of a valid ``attention_fwd`` call of the host build's binding on
+    tiny CPU tensors (the binding tests override one entry); hold ``keep`` (the tensors) until the call."""
+    q = torch.randn(1, 4, 1, 8)
+    out, lse = torch.empty_like(q), torch.empty(2, 1, 1, 4)
+    kw = dict(q=q.data_ptr(), q_strides=(32, 8, 8), k=q.data_ptr(), k_strides=(32, 8, 8), v=q.data_ptr(),
+              v_strides=(32, 8, 8), out=out.data_ptr(), out_strides=(32, 8, 8), lse=lse.data_ptr(),
+              lse_strides=(4, 4, 4), cu_seqlens=0, attention_mask=0, mask_strides=(0, 0), attn_bias=0, bias_dtype=0,
+              bias_strides=(0, 0, 0, 0), seed=0, batch=1, num_heads=1, head_dim=8, seqlen_q=4, seqlen_k=4, dtype=0,
+              dropout_p=0.0, softmax_scale=0.5, stream=0, device=-1)
+    return kw, (q, out, lse)
+
+
+def assert_host_binding_rejects(override: dict, pattern: str) -> None:
+    """The host build's ``attention_fwd`` binding raises ValueError matching ``pattern`` on the valid
+    call of ``attention_binding_kwargs`` with ``override``; skips where it is not built."""
+    from fastbert.backends.cuda import load_extension
+
+    ext = load_extension("_C_host")
+    if isinstance(ext, str) or not hasattr(ext, "attention_fwd"):
+        pytest.skip("fastbert._C_host with attention is not built")
+    kw, keep = attention_binding_kwargs()
+    kw.update(override)
+    with pytest.raises(ValueError, match=pattern):
+        ext.attention_fwd(**kw)
+    del keep

@@ -1,5 +1,6 @@
 """The ONE list of bias-GELU parity cases, run by every backend's parity test (``torch`` in
-test_gelu.py, ``cuda-host`` on the CPU and ``cuda`` on a GPU in test_cuda_gelu.py).
+test_gelu.py, ``cuda-host`` on the CPU and ``cuda`` on a GPU in test_cuda_gelu.py), and the case
+type, inputs and check that GeGLU's cases (``GegluCase``, test_cuda_geglu.py) share with them.
 
 Each case runs y = GELU(x + bias) forward and backward through ``fastbert.ops.gelu`` and compares
 y, dx and dbias with the reference in fp64 and in the case's dtype (``_cases.check_runs``). Every
@@ -10,23 +11,34 @@ or fp32; hidden 24 / 96 / 384 / 1023 / 1536 / 3072 (vector path and scalar tails
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from _cases import BF16, F16, F32, check_runs, randn
 
-from fastbert.ops import gelu
+import fastbert.ops
 
 
 @dataclass(frozen=True)
 class GeluCase:
     rows: int
-    hidden: int
+    hidden: int  # y's width
     dtype: torch.dtype
     bias: str = "x"  # "x" (x's dtype) | "fp32" | "none"
     approximate: str = "none"
+    op: ClassVar[str] = "gelu"  # the fastbert.ops function
+    gate: ClassVar[int] = 1  # x and bias are gate * hidden wide
 
     def __str__(self) -> str:
-        return f"{self.rows}x{self.hidden}-{str(self.dtype)[6:]}-bias_{self.bias}-{self.approximate}"
+        width = self.hidden if self.gate == 1 else f"{self.gate}*{self.hidden}"
+        return f"{self.rows}x{width}-{str(self.dtype)[6:]}-bias_{self.bias}-{self.approximate}"
+
+
+class GegluCase(GeluCase):
+    """A GeGLU case: ``hidden`` is the half width n (y is [rows, n]; x and bias are 2n wide)."""
+
+    op = "geglu"
+    gate = 2
 
 
 GELU_CASES = (
@@ -45,9 +57,10 @@ GELU_CASES = (
 
 def gelu_inputs(case: GeluCase, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed + case.rows * 104729 + case.hidden)
-    t = {"x": randn(g, case.rows, case.hidden, scale=3.0)}  # covers both tails
+    width = case.gate * case.hidden
+    t = {"x": randn(g, case.rows, width, scale=3.0)}  # both GELU tails (GeGLU: gates of either sign)
     if case.bias != "none":
-        t["bias"] = randn(g, case.hidden, scale=0.5)
+        t["bias"] = randn(g, width, scale=0.5)
     t["dy"] = randn(g, case.rows, case.hidden)
     return t
 
@@ -60,11 +73,12 @@ def _run(case: GeluCase, inputs: dict, backend: str, device, dtype) -> dict:
         bias = inputs["bias"].to(device=device, dtype=torch.float32 if case.bias == "fp32" and dtype != torch.float64
                                  else dtype).requires_grad_()
         leaves.append(bias)
-    y = gelu(x, bias=bias, approximate=case.approximate, backend=backend)
+    y = getattr(fastbert.ops, case.op)(x, bias=bias, approximate=case.approximate, backend=backend)
     grads = torch.autograd.grad(y, leaves, inputs["dy"].to(device=device, dtype=y.dtype))
     return dict(zip(("y", "dx", "dbias"), (y, *grads)))
 
 
 def check_gelu_case(case: GeluCase, backend: str, device) -> None:
-    """Output and every gradient of ``case`` on ``backend`` vs the reference (fp64 and low precision)."""
+    """Output and every gradient of ``case`` (GELU or GeGLU) on ``backend`` vs the reference (fp64 and
+    low precision)."""
     check_runs(case, lambda inputs, b, dev, dt: _run(case, inputs, b, dev, dt), gelu_inputs(case), backend, device)

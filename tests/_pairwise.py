@@ -1,11 +1,14 @@
 """Pairwise-covering parameter grids (STYLE.md: every pair of axis values at least once by default,
-the full product behind ``-m slow``): the suite's one generator."""
+the full product behind ``-m slow``): the suite's one generator, and the three tests of a parity
+suite on such a grid (``parity_tests``)."""
 
 from __future__ import annotations
 
 import collections
 import itertools
 from typing import Callable
+
+import pytest
 
 Feasible = Callable[[dict], bool]
 
@@ -72,3 +75,24 @@ def covers_every_pair(cases: list[dict], axes: dict[str, tuple], feasible: Feasi
         return all((a, repr(va), b, repr(vb)) in seen for a, b in itertools.combinations(names, 2)
                    for va in axes[a] for vb in axes[b])
     return all(_pairs(c, names) <= seen for c in full_product(axes, feasible))
+
+
+def parity_tests(cases: list[dict], axes: dict[str, tuple], check: Callable[[dict], None],
+                 ids: Callable[[dict], str]) -> tuple:
+    """``(test_grid_covers_every_pair, test_parity_pairwise, test_parity_full)`` for a module to bind
+    under those names: ``cases`` (``pairwise(axes)``) cover every pair of ``axes``, and ``check(case)``
+    (outputs poisoned) on ``cases`` by default and on the full product behind ``slow``."""
+
+    def test_grid_covers_every_pair():
+        assert covers_every_pair(cases, axes)
+
+    @pytest.mark.parametrize("case", cases, ids=ids)
+    def test_parity_pairwise(case, poison):
+        check(case)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("case", full_product(axes), ids=ids)
+    def test_parity_full(case, poison):
+        check(case)
+
+    return test_grid_covers_every_pair, test_parity_pairwise, test_parity_full

@@ -205,12 +205,12 @@ def test_fastbert_bench_quick_smoke(ops, tmp_path, capsys):
 def test_quick_sizes_give_every_plot_more_than_one_point(device):
     """Without size options every op's plot has two x points or more, and along the
     batch x seqlen axis the padded tokens per batch stay fixed (rates compare)."""
-    from fastbert.bench import attention, encoder, layer_norm
-    from fastbert.bench.core import Options
+    from fastbert.bench import attention, encoder
+    from fastbert.bench.core import Options, row_sizes
 
     for quick in (True, False):
         opts = Options(device=device, quick=quick)
-        assert len(layer_norm.row_sizes(opts)) >= 2
+        assert len(row_sizes(opts)) >= 2
         for op in (attention, encoder):
             pairs = op.sizes(opts)
             assert len(pairs) >= 2 and len({s * b for s, b in pairs}) == 1, (op.__name__, quick, pairs)

@@ -13,11 +13,10 @@ import random
 import pytest
 import torch
 from _cases import CUDA_BACKENDS, require_backend
-from _cases_attention import ATTENTION_CASES, AttentionCase, check_attention_case
+from _cases_attention import ATTENTION_CASES, AttentionCase, assert_host_binding_rejects, check_attention_case
 from _cuda_graph import assert_replay_matches_eager
 
 from fastbert.backends import get_backend
-from fastbert.backends.cuda import load_extension
 from fastbert.backends._philox import attention_keep_mask
 
 
@@ -104,18 +103,6 @@ def test_cuda_host_planted_key_bound_bug_is_caught(case, monkeypatch):
         check_attention_case(case, "cuda-host", "cpu")
 
 
-def _binding_kwargs() -> tuple:
-    """A valid attention_fwd call on tiny CPU tensors (host build), with overrides."""
-    q = torch.randn(1, 4, 1, 8)
-    out, lse = torch.empty_like(q), torch.empty(2, 1, 1, 4)
-    kw = dict(q=q.data_ptr(), q_strides=(32, 8, 8), k=q.data_ptr(), k_strides=(32, 8, 8), v=q.data_ptr(),
-              v_strides=(32, 8, 8), out=out.data_ptr(), out_strides=(32, 8, 8), lse=lse.data_ptr(),
-              lse_strides=(4, 4, 4), cu_seqlens=0, attention_mask=0, mask_strides=(0, 0), attn_bias=0, bias_dtype=0,
-              bias_strides=(0, 0, 0, 0), seed=0, batch=1, num_heads=1, head_dim=8, seqlen_q=4, seqlen_k=4, dtype=0,
-              dropout_p=0.0, softmax_scale=0.5, stream=0, device=-1)
-    return kw, (q, out, lse)
-
-
 @pytest.mark.parametrize("override,message", [
     (dict(q=0), "q: expected a non-null pointer"),
     (dict(out=0), "out: expected a non-null pointer"),
@@ -129,14 +116,7 @@ def _binding_kwargs() -> tuple:
     (dict(dtype=5), "dtype: expected a dtype code"),
 ])
 def test_cuda_host_binding_rejects_bad_arguments(override, message):
-    ext = load_extension("_C_host")
-    if isinstance(ext, str) or not hasattr(ext, "attention_fwd"):
-        pytest.skip("fastbert._C_host with attention is not built")
-    kw, keep = _binding_kwargs()
-    kw.update(override)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        ext.attention_fwd(**kw)
-    del keep
+    assert_host_binding_rejects(override, message.replace("[", r"\[").replace("]", r"\]"))
 
 
 @pytest.mark.gpu

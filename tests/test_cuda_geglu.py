@@ -13,26 +13,14 @@ The full product is behind ``slow``.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
-from _cases import BF16, CUDA_BACKENDS, F16, F32, check_runs, randn, require_backend
+from _cases import BF16, CUDA_BACKENDS, F16, F32, require_backend
+from _cases_gelu import GegluCase, check_gelu_case
 from _cuda_graph import assert_replay_matches_eager
 
 from fastbert.ops import geglu
-
-
-@dataclass(frozen=True)
-class GegluCase:
-    rows: int
-    half: int  # n: y's width; x is [rows, 2n]
-    dtype: torch.dtype
-    bias: str = "x"  # "x" (x's dtype) | "fp32" | "none"
-    approximate: str = "none"
-
-    def __str__(self) -> str:
-        return f"{self.rows}x2*{self.half}-{str(self.dtype)[6:]}-bias_{self.bias}-{self.approximate}"
 
 
 GEGLU_CASES = (
@@ -53,38 +41,11 @@ SLOW_CASES = tuple(GegluCase(rows, half, dtype, bias, approximate) for rows, hal
                                      ("none", "tanh")))
 
 
-def geglu_inputs(case: GegluCase, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed + case.rows * 104729 + case.half)
-    t = {"x": randn(g, case.rows, 2 * case.half, scale=3.0)}  # both GELU tails and gates of either sign
-    if case.bias != "none":
-        t["bias"] = randn(g, 2 * case.half, scale=0.5)
-    t["dy"] = randn(g, case.rows, case.half)
-    return t
-
-
-def _run(case: GegluCase, inputs: dict, backend: str, device, dtype) -> dict:
-    x = inputs["x"].to(device=device, dtype=dtype).requires_grad_()
-    leaves = [x]
-    bias = None
-    if "bias" in inputs:
-        bdt = torch.float32 if case.bias == "fp32" and dtype != torch.float64 else dtype
-        bias = inputs["bias"].to(device=device, dtype=bdt).requires_grad_()
-        leaves.append(bias)
-    y = geglu(x, bias=bias, approximate=case.approximate, backend=backend)
-    grads = torch.autograd.grad(y, leaves, inputs["dy"].to(device=device, dtype=y.dtype))
-    return dict(zip(("y", "dx", "dbias"), (y, *grads)))
-
-
-def check_geglu_case(case: GegluCase, backend: str, device) -> None:
-    """Output and every gradient of ``case`` on ``backend`` vs the reference (fp64 and low precision)."""
-    check_runs(case, lambda inputs, b, dev, dt: _run(case, inputs, b, dev, dt), geglu_inputs(case), backend, device)
-
-
 @pytest.mark.parametrize("backend,device", CUDA_BACKENDS)
 @pytest.mark.parametrize("case", GEGLU_CASES, ids=str)
 def test_cuda_geglu_matches_reference(case, backend, device, poison):
     require_backend(backend, "geglu")
-    check_geglu_case(case, backend, device)
+    check_gelu_case(case, backend, device)
 
 
 @pytest.mark.slow
@@ -92,7 +53,7 @@ def test_cuda_geglu_matches_reference(case, backend, device, poison):
 @pytest.mark.parametrize("case", SLOW_CASES, ids=str)
 def test_cuda_geglu_matches_reference_full_grid(case, backend, device, poison):
     require_backend(backend, "geglu")
-    check_geglu_case(case, backend, device)
+    check_gelu_case(case, backend, device)
 
 
 def test_cuda_geglu_planted_fault_fails_the_check(monkeypatch, poison):
@@ -101,7 +62,7 @@ def test_cuda_geglu_planted_fault_fails_the_check(monkeypatch, poison):
     monkeypatch.setenv("FASTBERT_CUDA_FAULT", "1")
     for case in (GEGLU_CASES[1], GEGLU_CASES[6]):  # the 16-byte path's shape and a scalar one
         with pytest.raises(AssertionError):
-            check_geglu_case(case, "cuda-host", "cpu")
+            check_gelu_case(case, "cuda-host", "cpu")
 
 
 def test_cuda_geglu_binding_checks_its_arguments():

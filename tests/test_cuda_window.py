@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from _cases import require_backend
+from _cases_attention import assert_host_binding_rejects
 from _tolerance import assert_close_to_ref, attention_floor_eps
 
 from fastbert.backends import get_backend
-from fastbert.backends.cuda._ext import load_extension
 from fastbert.backends.reference import attention_math, attention_math_bwd
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -281,16 +281,4 @@ def test_cuda_host_unbounded_window_is_bit_identical_to_none():
     (dict(window_right=-5), "window: expected window_left, window_right >= 0"),
 ])
 def test_cuda_host_binding_rejects_a_bad_window(override, message):
-    ext = load_extension("_C_host")
-    if isinstance(ext, str) or not hasattr(ext, "attention_fwd"):
-        pytest.skip("fastbert._C_host with attention is not built")
-    q = torch.randn(1, 4, 1, 8)
-    out, lse = torch.empty_like(q), torch.empty(2, 1, 1, 4)
-    kw = dict(q=q.data_ptr(), q_strides=(32, 8, 8), k=q.data_ptr(), k_strides=(32, 8, 8), v=q.data_ptr(),
-              v_strides=(32, 8, 8), out=out.data_ptr(), out_strides=(32, 8, 8), lse=lse.data_ptr(),
-              lse_strides=(4, 4, 4), cu_seqlens=0, attention_mask=0, mask_strides=(0, 0), attn_bias=0, bias_dtype=0,
-              bias_strides=(0, 0, 0, 0), seed=0, batch=1, num_heads=1, head_dim=8, seqlen_q=4, seqlen_k=4, dtype=0,
-              dropout_p=0.0, softmax_scale=0.5, stream=0, device=-1)
-    kw.update(override)
-    with pytest.raises(ValueError, match=message):
-        ext.attention_fwd(**kw)
+    assert_host_binding_rejects(override, message)

@@ -48,6 +48,15 @@ def _small_config(**kwargs) -> BertConfig:
     return BertConfig(**base)
 
 
+def _twin_models():
+    """``(ref, model)``: two eval BertModels of ``_small_config`` with the same random weights (seed 0)."""
+    torch.manual_seed(0)
+    ref = BertModel(_small_config()).eval()
+    model = BertModel(_small_config()).eval()
+    model.load_state_dict(ref.state_dict())
+    return ref, model
+
+
 def _random_batch(batch=3, seqlen=11, vocab=120, seed=0):
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, vocab, (batch, seqlen), generator=g)
@@ -246,10 +255,7 @@ def test_patch_forces_backend(monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(where, op, spy)
-    torch.manual_seed(0)
-    ref = BertModel(_small_config()).eval()
-    model = BertModel(_small_config()).eval()
-    model.load_state_dict(ref.state_dict())
+    ref, model = _twin_models()
     patch(model, backend="reference")
     b = _random_batch()
     with torch.no_grad():
@@ -335,10 +341,7 @@ def test_save_pretrained_loads_in_plain_transformers(tmp_path):
 
 
 def test_unpatch_restores_original_forwards():
-    torch.manual_seed(0)
-    ref = BertModel(_small_config()).eval()
-    model = BertModel(_small_config()).eval()
-    model.load_state_dict(ref.state_dict())
+    ref, model = _twin_models()
     assert patch(model) is model and patch(model) is model  # idempotent
     assert unpatch(model) is model
     assert not is_patched(model)
@@ -454,10 +457,7 @@ def test_dense_bias_fusion_follows_the_backend_capability(monkeypatch, backend, 
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(nn_bert, op, spy)
-    torch.manual_seed(0)
-    ref = BertModel(_small_config()).eval()
-    model = BertModel(_small_config()).eval()
-    model.load_state_dict(ref.state_dict())
+    ref, model = _twin_models()
     patch(model, backend=backend)
     b = _random_batch()
     with torch.no_grad():

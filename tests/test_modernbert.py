@@ -7,30 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_modernbert import HEADS, LENGTHS, SEQLEN, TOL, batch, save_checkpoint, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
 import fastbert.models as fm  # noqa: E402
-
-TOL = dict(atol=1e-4, rtol=1e-4)
-LENGTHS = (21, 13, 9, 1)  # the window is 8 keys wide (4 each side): every length but 1 exceeds it
-SEQLEN = 21
-
-
-def tiny_config(biases: bool = False, **kw) -> "transformers.ModernBertConfig":
-    """4 layers: global, local, local, global (layer_types from global_attn_every_n_layers=3)."""
-    return transformers.ModernBertConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, norm_bias=biases, attention_bias=biases,
-        mlp_bias=biases, classifier_bias=biases, num_labels=3, global_rope_theta=160_000.0,
-        local_rope_theta=10_000.0, **kw)
-
-
-HEADS = {"model": ("ModernBertModel", {}), "mlm": ("ModernBertForMaskedLM", {}),
-         "seq": ("ModernBertForSequenceClassification", {}),
-         "seq_mean": ("ModernBertForSequenceClassification", {"classifier_pooling": "mean"}),
-         "tok": ("ModernBertForTokenClassification", {})}
 
 
 @pytest.fixture(scope="module")
@@ -38,29 +19,10 @@ def checkpoints(tmp_path_factory):
     """``{(head, biases): path}`` of random-weight checkpoints written by transformers."""
     out = {}
     for biases in (False, True):
-        for head, (cls, extra) in HEADS.items():
+        for head in HEADS:
             torch.manual_seed(hash((head, biases)) % 1000)
-            model = getattr(transformers, cls)(tiny_config(biases, **extra))
-            with torch.no_grad():  # random norms and biases, so a missed weight or bias shows
-                for name, p in model.named_parameters():
-                    if "norm" in name or name.endswith("bias"):
-                        p.add_(0.2 * torch.randn_like(p))
-            path = tmp_path_factory.mktemp(f"{head}_{biases}")
-            model.save_pretrained(path)
-            out[head, biases] = path
+            out[head, biases] = save_checkpoint(tmp_path_factory, head, biases)
     return out
-
-
-def batch(left: bool = False):
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, 97, (len(LENGTHS), SEQLEN), generator=g)
-    mask = torch.zeros(len(LENGTHS), SEQLEN, dtype=torch.long)
-    for i, n in enumerate(LENGTHS):
-        if left:
-            mask[i, SEQLEN - n:] = 1
-        else:
-            mask[i, :n] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def load_pair(path, cls, **fb_kw):

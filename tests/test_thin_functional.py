@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _custom_op_path import output_and_grads
 from _tolerance import assert_close_to_ref
-from torch.overrides import TorchFunctionMode
 
 import fastbert.backends.torch.gelu as torch_gelu
 import fastbert.ops as ops
-
-
-class _Passthrough(TorchFunctionMode):
-    """Changes nothing but sends every op through its registered custom op."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 def _grads(fn, leaves, dy_seed=1):
@@ -88,14 +81,8 @@ def test_eager_and_custom_op_paths_agree(op):
     fn, inputs = fns[op]
 
     def run(traced, create_graph):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        if traced:
-            with _Passthrough():
-                y = fn(*leaves)
-        else:
-            y = fn(*leaves)
-        dy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
-        return [y, *torch.autograd.grad(y, leaves, dy, create_graph=create_graph)]
+        return output_and_grads(fn, inputs, lambda y: torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape),
+                                traced, create_graph)
 
     want = run(True, False)
     for got in (run(False, False), run(False, True)):

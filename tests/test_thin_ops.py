@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from _custom_op_path import output_and_grads
 
 import fastbert.ops as ops
 from fastbert.backends import _REGISTRY, BackendSpec, OpCaps
 from fastbert.ops._dispatch import record_dispatch
-
-
-class _Passthrough(TorchFunctionMode):
-    """A mode that changes nothing but makes the ops take the custom-op path."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 def _cases():
@@ -44,14 +37,7 @@ def test_eager_path_matches_custom_op_path(op, poison):
     fn, inputs = _cases()[op]
 
     def run(mode):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        if mode:
-            with _Passthrough():
-                y = fn(*leaves)
-        else:
-            y = fn(*leaves)
-        grads = torch.autograd.grad(y, leaves, torch.ones_like(y) * 0.7 + torch.arange(y.shape[-1]) / 10)
-        return (y,) + grads
+        return output_and_grads(fn, inputs, lambda y: torch.ones_like(y) * 0.7 + torch.arange(y.shape[-1]) / 10, mode)
 
     tol = dict(atol=1e-5, rtol=1e-5)  # attention: flash backward (eager) vs composite (custom op)
     for a, b in zip(run(False), run(True)):

@@ -6,19 +6,16 @@ the same entry point in the side environment ``.venv-triton36`` when it exists (
 """
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
+from _aot import ROOT, SIDE_PYTHON, aot_env, check_aot_table
 
 pytest.importorskip("triton")
 
 from fastbert.backends.triton._aot import parse_ptxas_spills, parse_resource_usage  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SIDE_PYTHON = ROOT / ".venv-triton36" / "bin" / "python"
 EXPECTED_KERNELS = ("_philox_words_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_gelu_fwd_kernel",
                     "_gelu_bwd_kernel")
 # This area's kernel modules (the attention kernels are gated by their own tests).
@@ -27,8 +24,7 @@ MODULES = ("fastbert.backends.triton._philox", "fastbert.backends.triton.layer_n
 
 
 def _run_aot(python, tmp_path, *args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = aot_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = tmp_path / "aot.json"
     proc = subprocess.run([str(python), "-m", "fastbert.backends.triton._aot", "--json", str(out), *args],
@@ -69,14 +65,7 @@ ptxas info    : Function properties for b
 
 def _check_table(table, version_prefix):
     assert table["triton"].startswith(version_prefix)
-    assert not table["failures"], table["failures"]
-    kernels = {(k["kernel"], k["arch"]) for k in table["kernels"]}
-    for name in EXPECTED_KERNELS:
-        for arch in (80, 90):
-            assert (name, arch) in kernels, f"{name} not compiled for sm_{arch}"
-    for k in table["kernels"]:
-        assert k["spill_stores"] is not None, f"no ptxas spill statistics for {k['label']}"
-        assert k["spill_stores"] + k["spill_loads"] <= k["spill_budget"], k
+    check_aot_table(table, EXPECTED_KERNELS)
 
 
 def test_aot_compile_kernels(tmp_path):

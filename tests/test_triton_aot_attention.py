@@ -16,17 +16,14 @@ the full matrix only (``-m slow``: about 500 compiles, too slow for CI's time bu
 """
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
+from _aot import ROOT, SIDE_PYTHON, aot_env, check_aot_table
 
 pytest.importorskip("triton")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SIDE_PYTHON = ROOT / ".venv-triton36" / "bin" / "python"
 MODULE = "fastbert.backends.triton.attention"
 KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 PYTHONS = [pytest.param(sys.executable, id="triton-ci"),
@@ -37,8 +34,7 @@ PYTHONS = [pytest.param(sys.executable, id="triton-ci"),
 def _run_aot(python, tmp_path, *args) -> dict:
     """The AOT entry point for the attention module, one subprocess per arch, run concurrently
     (each compile is single-threaded); returns the merged resource table."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = aot_env()
     procs = []
     for arch in (80, 90):
         out = tmp_path / f"aot{arch}.json"
@@ -63,14 +59,8 @@ def _head_dim(label: str) -> int:
 
 
 def _check(table) -> None:
-    assert not table["failures"], table["failures"]
-    compiled = {(k["kernel"], k["arch"]) for k in table["kernels"]}
-    for kernel in KERNELS:
-        for arch in (80, 90):
-            assert (kernel, arch) in compiled, f"{kernel} not compiled for sm_{arch}"
+    check_aot_table(table, KERNELS)
     for k in table["kernels"]:
-        assert k["spill_stores"] is not None, f"no ptxas spill statistics for {k['label']}"
-        assert k["spill_stores"] + k["spill_loads"] <= k["spill_budget"], k
         if "float16" in k["label"] and _head_dim(k["label"]) <= 128:  # fp16 and bf16
             assert k["spill_budget"] == 0, f"{k['label']}: fp16/bf16 up to head_dim 128 must not spill"
 

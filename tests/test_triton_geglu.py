@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _pairwise import covers_every_pair, full_product, pairwise
-from _tolerance import assert_close_to_ref
+from _cases import check_rounded_runs
+from _pairwise import pairwise, parity_tests
 
 pytest.importorskip("triton")
 
@@ -51,27 +51,10 @@ def _run(backend, case, cast, seed=0):
 
 
 def _check(case):
-    got = _run("triton", case, case["dtype"])
-    hi = _run("reference", case, torch.float64)
-    lo = _run("reference", case, case["dtype"])
-    for name in got:
-        assert got[name].dtype == lo[name].dtype, name
-        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=name)
+    check_rounded_runs(lambda backend, cast: _run(backend, case, cast), "triton", case["dtype"])
 
 
-def test_grid_covers_every_pair():
-    assert covers_every_pair(CASES, AXES)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_parity_pairwise(case, poison):
-    _check(case)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", full_product(AXES), ids=_case_id)
-def test_parity_full(case, poison):
-    _check(case)
+test_grid_covers_every_pair, test_parity_pairwise, test_parity_full = parity_tests(CASES, AXES, _check, _case_id)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _pairwise import covers_every_pair, full_product, pairwise
-from _tolerance import assert_close_to_ref
+from _cases import check_rounded_runs
+from _pairwise import pairwise, parity_tests
 
 pytest.importorskip("triton")
 
@@ -81,29 +81,11 @@ def _run(backend, inputs, dtype, cast):
 
 
 def _check(case):
-    inputs = _inputs(case)
-    dtype = case["dtype"]
-    got = _run("triton", inputs, dtype, dtype)
-    hi = _run("reference", inputs, dtype, torch.float64)
-    lo = _run("reference", inputs, dtype, dtype)
-    for name in got:
-        assert got[name].dtype == dtype, name
-        assert_close_to_ref(got[name].cpu(), hi[name].cpu(), lo[name].cpu(), name=name)
+    inputs, dtype = _inputs(case), case["dtype"]
+    check_rounded_runs(lambda backend, cast: _run(backend, inputs, dtype, cast), "triton", dtype, out_dtype=dtype)
 
 
-def test_grid_covers_every_pair():
-    assert covers_every_pair(CASES, AXES)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_parity_pairwise(case, poison):
-    _check(case)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", full_product(AXES), ids=_case_id)
-def test_parity_full(case, poison):
-    _check(case)
+test_grid_covers_every_pair, test_parity_pairwise, test_parity_full = parity_tests(CASES, AXES, _check, _case_id)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

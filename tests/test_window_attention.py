@@ -133,6 +133,18 @@ def _run(case: Case, t: dict, backend: str, dtype) -> dict:
     return dict(zip(["out", "dq", "dk", "dv", "dbias"], [out.detach()] + list(grads)))
 
 
+def _check(case: Case, backend: str, label: str = "") -> None:
+    """out and every gradient of ``case`` on ``backend`` vs the reference in fp64 and in the case's
+    dtype (the tolerance rule, floor 16 eps)."""
+    t = _inputs(case)
+    got = _run(case, t, backend, case.dtype)
+    hi = _run(case, t, "reference", F64)
+    lo = _run(case, t, "reference", case.dtype)
+    assert set(got) == set(hi)
+    for name in hi:
+        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{label}{case} {name}", floor_eps=16.0)
+
+
 def _supported(backend: str, case: Case) -> str | None:
     caps = get_backend(backend).caps["attention"]
     if case.dtype not in caps.dtypes:
@@ -158,13 +170,7 @@ def test_backend_matches_reference(backend, case, poison):
     reason = _supported(backend, case)
     if reason is not None:
         pytest.skip(reason)
-    t = _inputs(case)
-    got = _run(case, t, backend, case.dtype)
-    hi = _run(case, t, "reference", F64)
-    lo = _run(case, t, "reference", case.dtype)
-    assert set(got) == set(hi)
-    for name in hi:
-        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{backend} {case} {name}", floor_eps=16.0)
+    _check(case, backend, label=f"{backend} ")
 
 
 SMALL_BLOCK_CASES = [c for c in CASES if c.name in ("sym-mask-bias", "zero-bias-dropout", "right-only-q>k-empty-rows",
@@ -179,12 +185,7 @@ def test_torch_blockwise_small_blocks(case, monkeypatch, poison):
     from fastbert.backends.torch import _window as tb
 
     monkeypatch.setattr(tb, "WINDOW_BLOCK", 5)
-    t = _inputs(case)
-    got = _run(case, t, "torch", case.dtype)
-    hi = _run(case, t, "reference", F64)
-    lo = _run(case, t, "reference", case.dtype)
-    for name in hi:
-        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}", floor_eps=16.0)
+    _check(case, "torch")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.layout == "varlen"], ids=str)
@@ -194,12 +195,7 @@ def test_torch_varlen_repadded_path(case, monkeypatch, poison):
     from fastbert.backends.torch import _window as tb
 
     monkeypatch.setattr(tb, "_varlen_per_sequence", lambda q: False)
-    t = _inputs(case)
-    got = _run(case, t, "torch", case.dtype)
-    hi = _run(case, t, "reference", F64)
-    lo = _run(case, t, "reference", case.dtype)
-    for name in hi:
-        assert_close_to_ref(got[name], hi[name], lo[name], name=f"{case} {name}", floor_eps=16.0)
+    _check(case, "torch")
 
 
 @pytest.mark.parametrize("seqlen,window", [(8192, (64, 64)), (1000, (0, 0)), (777, (300, 5)), (50, (64, 64))])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fastbert.backends import CallInfo
 from fastbert.backends.reference import attention_math, attention_varlen_math
 from fastbert.bench.core import (MODEL_SHAPES, Case, Impl, Options, Prepared, cu_seqlens_of,
-                                 fastbert_backends, optional_import, padding_mask,
+                                 fastbert_backends, optional_import, padding_mask, prepare_timed,
                                  sdpa_backend_name, variable_lengths)
 from fastbert.bench.formulas import attention_flops
 
@@ -107,27 +107,6 @@ class _Inputs:
         return torch.autograd.grad(out, (q, k, v), dout)
 
 
-def _timed(fwd, leaves, dout, direction, select):
-    """A :class:`Prepared` for ``fwd()`` (direction "fwd") or its backward through ``leaves``.
-
-    ``select`` maps the implementation's layout to the varlen layout for the check.
-    """
-    if direction == "fwd":  # the inputs do not require grad: no autograd graph is recorded
-        return Prepared(run=fwd, result=lambda: select(fwd()))
-    out = fwd()
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        out.backward(dout, retain_graph=True)
-
-    def result():
-        run()
-        return tuple(select(t.grad) for t in leaves)
-
-    return Prepared(run=run, result=result)
-
-
 def _fastbert(inp: _Inputs, backend: str, direction: str) -> Prepared:
     from fastbert.ops import attention
 
@@ -139,7 +118,7 @@ def _fastbert(inp: _Inputs, backend: str, direction: str) -> Prepared:
     def fwd():
         return attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, backend=backend)
 
-    return _timed(fwd, (q, k, v), dout, direction, lambda t: t)
+    return prepare_timed(fwd, (q, k, v), dout, direction)
 
 
 def _padded(inp: _Inputs, kind: str, direction: str) -> Prepared:
@@ -163,7 +142,7 @@ def _padded(inp: _Inputs, kind: str, direction: str) -> Prepared:
         def fwd():
             return fn(q, k, v, attention_mask=mask, softmax_scale=scale)[0]
 
-    prepared = _timed(fwd, (q, k, v), dout, direction, lambda t: t[mask])
+    prepared = prepare_timed(fwd, (q, k, v), dout, direction, lambda t: t[mask])
     prepared.info.update(info)
     return prepared
 
@@ -179,7 +158,7 @@ def _flash_attn(inp: _Inputs, direction: str) -> Prepared:
     def fwd():
         return flash_attn_varlen_func(q, k, v, cu, cu, L, L, softmax_scale=inp.softmax_scale)
 
-    return _timed(fwd, (q, k, v), dout, direction, lambda t: t)
+    return prepare_timed(fwd, (q, k, v), dout, direction)
 
 
 def _xformers(inp: _Inputs, direction: str) -> Prepared:
@@ -194,7 +173,7 @@ def _xformers(inp: _Inputs, direction: str) -> Prepared:
         return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
                                                scale=inp.softmax_scale)[0]
 
-    return _timed(fwd, (q, k, v), dout, direction, lambda t: t)
+    return prepare_timed(fwd, (q, k, v), dout, direction)
 
 
 def cases(opts: Options) -> list[Case]:

@@ -9,6 +9,7 @@ timed call and whose ``result()`` is checked against the reference once before t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -79,6 +80,42 @@ class Prepared:
     run: Callable[[], object]
     result: Callable[[], object]
     info: dict = field(default_factory=dict)  # e.g. {"sdpa_backend": "FLASH_ATTENTION"}
+
+
+class RowInputs:
+    """The inputs of a memory-bound case, ``rows`` x ``hidden`` in ``dtype`` on ``device``, drawn from
+    ``seed`` on first use: a subclass gives ``draw(g)`` (CPU fp32 tensors from the generator ``g``)
+    and ``reference(direction, dtype, composite)``."""
+
+    def __init__(self, rows, hidden, dtype, device, seed):
+        self.rows, self.hidden, self.dtype, self.device, self.seed = rows, hidden, dtype, device, seed
+
+    @cached_property
+    def tensors(self) -> list:
+        return [t.to(self.device, self.dtype) for t in self.draw(torch.Generator().manual_seed(self.seed))]
+
+
+def prepare_timed(fwd: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], dout: torch.Tensor,
+                  direction: str, select: Callable = lambda t: t) -> Prepared:
+    """A :class:`Prepared` for ``fwd()`` (direction "fwd") or its backward through ``leaves`` (which
+    require grad for "bwd"): the backward of one recorded forward, replayed, gradients reset first.
+
+    ``select`` maps each checked tensor to the layout the case's reference uses.
+    """
+    if direction == "fwd":  # the inputs do not require grad: no autograd graph is recorded
+        return Prepared(run=fwd, result=lambda: select(fwd()))
+    out = fwd()
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        out.backward(dout, retain_graph=True)
+
+    def result():
+        run()
+        return tuple(select(t.grad) for t in leaves)
+
+    return Prepared(run=run, result=result)
 
 
 @dataclass
@@ -301,3 +338,47 @@ def elementwise_impls(call, opts: Options, prepare: Callable, fastbert_fn: Calla
                       prepare=lambda: prepare(torch.compile(eager_fn, dynamic=False)),
                       skip=None if opts.compile else "torch.compile competitors are off (--quick or --no-compile)"))
     return impls
+
+
+def row_sizes(opts: Options) -> tuple[int, ...]:
+    """Row counts (tokens) to sweep for a memory-bound op."""
+    if opts.rows:
+        return opts.rows
+    if opts.device != "cpu":
+        return (8192, 65536) if opts.quick else (2048, 8192, 32768, 131072)
+    return (256, 1024) if opts.quick else (1024, 4096, 16384)
+
+
+def elementwise_cases(opts: Options, op: str, features: frozenset, width_of: Callable, inputs: type,
+                      prepare: Callable, fastbert_fn: Callable, eager_fn: Callable, reference_fn: Callable,
+                      work: Callable, params: dict) -> list[Case]:
+    """Every case of a memory-bound op ``op`` (called with ``features``): ``opts``' model shapes
+    (width ``width_of(shape)``) x :func:`row_sizes` x directions.
+
+    ``inputs`` is the :class:`RowInputs` subclass of the op, whose ``reference(direction, dtype, fn)``
+    runs ``fn`` (``reference_fn`` in fp64 on the CPU / fp32 on a GPU, and ``eager_fn`` in the case's
+    dtype: the reference pair); ``prepare(inputs, fn, direction)`` builds a :class:`Prepared`;
+    ``work(rows, width, dtype, direction)`` is the byte formula; ``params`` joins each case's
+    ``model``, ``rows`` and ``hidden``.
+    """
+    from fastbert.backends import CallInfo
+
+    out = []
+    hi = torch.float32 if opts.device != "cpu" else torch.float64
+    for model in opts.models:
+        hidden = width_of(MODEL_SHAPES[model])
+        for rows in row_sizes(opts):
+            inp = inputs(rows, hidden, opts.dtype, opts.device, opts.seed)
+            for direction in opts.directions:
+                call = CallInfo(op, torch.device(opts.device).type, opts.dtype, None, features)
+                impls = elementwise_impls(call, opts, lambda fn, d=direction, i=inp: prepare(i, fn, d),
+                                          fastbert_fn, eager_fn)
+                out.append(Case(
+                    op=op, direction=direction, label=f"{model} rows{rows} hidden{hidden}",
+                    params=dict(model=model, rows=rows, hidden=hidden, **params),
+                    x=rows, x_name="rows (tokens)", dtype=opts.dtype, device=opts.device,
+                    work=work(rows, hidden, opts.dtype, direction),
+                    reference=lambda i=inp, d=direction: (i.reference(d, hi, reference_fn),
+                                                          i.reference(d, i.dtype, eager_fn)),
+                    impls=impls))
+    return out

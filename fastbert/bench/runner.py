@@ -26,7 +26,7 @@ import torch
 import fastbert
 from fastbert import env as fastbert_env
 from fastbert.bench import attention, encoder, gelu, layer_norm
-from fastbert.bench.core import MODEL_SHAPES, Case, Options
+from fastbert.bench.core import MODEL_SHAPES, Case, Options, row_sizes
 from fastbert.bench.report import CHECK_LEGEND, table_lines, write_json, write_plots
 from fastbert.bench.timing import TimingPlan, measure, measure_interleaved
 
@@ -299,7 +299,7 @@ def describe(opts: Options, plan: TimingPlan, interleave: bool = False) -> list[
                 extra = f", layers {','.join(str(encoder.num_layers(opts, m)) for m in opts.models)}, modes {','.join(opts.encoder_modes)}"
             lines.append(f"{op}: (seqlen, batch) {szs}{extra}")
         else:
-            lines.append(f"{op}: rows {list(layer_norm.row_sizes(opts))}, directions {','.join(opts.directions)}")
+            lines.append(f"{op}: rows {list(row_sizes(opts))}, directions {','.join(opts.directions)}")
     if not opts.compile:
         lines.append("torch.compile competitors: off")
     lines.append(CHECK_LEGEND)
