@@ -104,14 +104,14 @@ def test_strided_and_expanded_bias(backend, poison):
 
 def test_torch_backend_fp32_tail_accuracy_is_the_documented_one():
     """Item 9: fp32 on the torch backend is aten's GELU, documented in backends/torch/gelu.py's gelu_fwd:
-    absolute error below 2^-22 * max(1, |z|) everywhere, forward and gradient, while the reference
+    absolute error below 2^-21 * max(1, |z|) everywhere (AVX2 and AVX512), forward and gradient, while the reference
     keeps relative precision in the negative tail (gelu(-6) = -5.9e-9, not -0)."""
     z = torch.linspace(-20, 20, 20001)
     for approximate in ("none", "tanh"):
         exact = F.gelu(z.double(), approximate=approximate)
         zs = z.clone().requires_grad_()
         y = gelu(zs[None], approximate=approximate, backend="torch")[0]
-        bound = 2.0**-22 * z.double().abs().clamp(min=1)
+        bound = 2.0**-21 * z.double().abs().clamp(min=1)
         assert ((y.double() - exact).abs() <= bound).all()
         g, = torch.autograd.grad(y.sum(), zs)
         ze = z.double().requires_grad_()

@@ -111,7 +111,7 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
     ``gelu(+inf) = +inf`` and ``gelu(-inf) = NaN`` (``-inf * 0``) on every backend. Accuracy: the
     reference, Triton and CUDA keep relative precision in the negative tail (erfc / sigmoid forms);
     the torch backend's fp32 path is aten's ``F.gelu``, whose error is absolute, below
-    ``2^-22 * max(1, |z|)`` (``gelu(-6)`` is -0 there; see ``fastbert.backends.torch.gelu_fwd``).
+    ``2^-21 * max(1, |z|)`` (``gelu(-6)`` is -0 there; see ``fastbert.backends.torch.gelu_fwd``).
 
     Args:
         x: ``(..., hidden)``; fp16, bf16, fp32 or fp64; any strides. Empty in, empty out.
