@@ -122,3 +122,16 @@ def test_torch_backend_fp32_tail_accuracy_is_the_documented_one():
                                           rel=1e-6)
     assert ref[1].item() == float("inf")
 
+
+
+def test_torch_backend_fp32_posinf_is_the_documented_one():
+    """fp32 erf GELU of +inf on the torch backend: +inf, or NaN exactly where aten's vectorised
+    kernel gives NaN (AVX512; documented in backends/torch/gelu.py's gelu_fwd); tanh and fp64: +inf."""
+    from fastbert.backends.torch.gelu import aten_erf_gelu_nan_at_posinf
+
+    x = torch.full((2, 64), float("inf"))
+    y = gelu(x, backend="torch")
+    assert (y.isnan() if aten_erf_gelu_nan_at_posinf() else y == float("inf")).all()
+    assert (gelu(x, approximate="tanh", backend="torch") == float("inf")).all()
+    assert (gelu(x.double(), backend="torch") == float("inf")).all()
+    assert (gelu(x, backend="reference") == float("inf")).all()

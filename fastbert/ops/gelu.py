@@ -108,7 +108,8 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
 
     ``approximate="none"``: ``z * Phi(z) = 0.5 z (1 + erf(z / sqrt(2)))`` (BERT's ``gelu``);
     ``"tanh"``: ``0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3)))`` (``gelu_new``).
-    ``gelu(+inf) = +inf`` and ``gelu(-inf) = NaN`` (``-inf * 0``) on every backend. Accuracy: the
+    ``gelu(+inf) = +inf`` and ``gelu(-inf) = NaN`` (``-inf * 0``) on every backend (except the
+    torch backend's fp32 erf GELU on CPUs whose aten kernel gives NaN for +inf: AVX512). Accuracy: the
     reference, Triton and CUDA keep relative precision in the negative tail (erfc / sigmoid forms);
     the torch backend's fp32 path is aten's ``F.gelu``, whose error is absolute, below
     ``2^-21 * max(1, |z|)`` (``gelu(-6)`` is -0 there; see ``fastbert.backends.torch.gelu_fwd``).
