@@ -84,7 +84,8 @@ def _rows(t0, start, length, TILE: tl.constexpr):
     sequence: ``(offs, tok, ok)``, positions in the sequence, token indices in the layout (int64)
     and which rows are inside the sequence (``length`` long)."""
     offs = t0 + tl.arange(0, TILE)
-    return offs, (start + offs).to(tl.int64), offs < length
+    ok = offs < length
+    return offs, (start + offs).to(tl.int64), ok
 
 
 @triton.jit
@@ -96,13 +97,15 @@ def _key_tile(t0, start, len_k, d_ok, mask_base, stride_mn, key_lo, key_hi, BLOC
     program can see; ``kv_ok`` [BLOCK_N, BLOCK_D] the same on the head_dim lanes ``d_ok``. K and V
     rows are loaded under it (zeros elsewhere), so such a key has no influence on anything,
     whatever its K and V rows hold (NaN, Inf): masking by replacement, free at load time."""
-    offs_n, tok_n, key_ok = _rows(t0, start, len_k, BLOCK_N)
+    offs_n = t0 + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < len_k
     if HAS_WINDOW:
         key_ok = key_ok & (offs_n >= key_lo) & (offs_n < key_hi)
     if HAS_MASK:
         keym = tl.load(mask_base + offs_n * stride_mn, mask=key_ok, other=0)
         key_ok = key_ok & (keym != 0)
-    return offs_n, tok_n, key_ok, key_ok[:, None] & d_ok[None, :]
+    kv_ok = key_ok[:, None] & d_ok[None, :]
+    return offs_n, (start + offs_n).to(tl.int64), key_ok, kv_ok
 
 
 @triton.jit
