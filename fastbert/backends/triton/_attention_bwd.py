@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastbert.backends.triton._attention_common import (BWD_NO_SPEC, FWD_NO_SPEC, LOG2E, _dot, _key_ok,
-                                                        _program, _scores, _window_range, attention_config,
+from fastbert.backends.triton._attention_common import (BWD_NO_SPEC, FWD_NO_SPEC, LOG2E, _dot, _key_tile,
+                                                        _program, _rows, _scores, _window_range, attention_config,
                                                         kernel_args, launch_args, lse_strides, strides)
 from fastbert.backends.triton._philox import philox_keep_tile, philox_seed
 
@@ -64,15 +64,14 @@ def _attn_bwd_preprocess_kernel(
     _, _, b64, h64, start, len_q, _ = _program(CuSeqlens, num_heads, seqlen_q, seqlen_q, VARLEN)
     if pid_m * BLOCK_M >= len_q:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, tok_m, row_ok = _rows(pid_m * BLOCK_M, start, len_q, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    tok_m = (start + offs_m).to(tl.int64)
-    ok = (offs_m < len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + tok_m[:, None] * stride_om + offs_d[None, :],
                 mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + tok_m[:, None] * stride_dom + offs_d[None, :],
                  mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + tok_m, tl.sum(o * do, 1), mask=offs_m < len_q)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + tok_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=BWD_NO_SPEC)
@@ -100,15 +99,12 @@ def _attn_bwd_dkdv_kernel(
     if pid_n * BLOCK_N >= len_k:
         return
     dtype = Q.dtype.element_ty
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     mask_base = Mask + b64 * stride_mb
     # With a window, a key past the last query's window (j > len_q - 1 + right) is seen by no one.
-    key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, 0, len_q + window_right, HAS_MASK, HAS_WINDOW)
-    kv_ok = key_ok[:, None] & d_ok[None, :]
-    tok_n = (start + offs_n).to(tl.int64)
+    offs_n, tok_n, key_ok, kv_ok = _key_tile(pid_n * BLOCK_N, start, len_k, d_ok, mask_base, stride_mn, 0,
+                                             len_q + window_right, BLOCK_N, HAS_MASK, HAS_WINDOW)
     k = tl.load(K + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :],
                 mask=kv_ok, other=0.0)
     v = tl.load(V + b64 * stride_vb + h64 * stride_vh + tok_n[:, None] * stride_vn + offs_d[None, :],
@@ -126,9 +122,7 @@ def _attn_bwd_dkdv_kernel(
     m_start, _, q_hi = _window_range(pid_n * BLOCK_N, len_k, len_q, window_right, window_left,
                                      BLOCK_N, BLOCK_M, HAS_WINDOW)
     for start_m in range(m_start, q_hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < len_q
-        tok_m = (start + offs_m).to(tl.int64)
+        offs_m, tok_m, row_ok = _rows(start_m, start, len_q, BLOCK_M)
         q_ok = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
         do = tl.load(do_base + tok_m[:, None] * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
@@ -178,13 +172,10 @@ def _attn_bwd_dq_kernel(
     if pid_m * BLOCK_M >= len_q:
         return
     dtype = Q.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m, tok_m, row_ok = _rows(pid_m * BLOCK_M, start, len_q, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < len_q
     q_ok = row_ok[:, None] & d_ok[None, :]
-    tok_m = (start + offs_m).to(tl.int64)
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qm + offs_d[None, :],
                 mask=q_ok, other=0.0)
     do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + tok_m[:, None] * stride_dom + offs_d[None, :],
@@ -201,10 +192,8 @@ def _attn_bwd_dq_kernel(
     n_start, key_lo, key_hi = _window_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right,
                                             BLOCK_M, BLOCK_N, HAS_WINDOW)
     for start_n in range(n_start, key_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, key_lo, key_hi, HAS_MASK, HAS_WINDOW)
-        kv_ok = key_ok[:, None] & d_ok[None, :]
-        tok_n = (start + offs_n).to(tl.int64)
+        offs_n, tok_n, key_ok, kv_ok = _key_tile(start_n, start, len_k, d_ok, mask_base, stride_mn, key_lo, key_hi,
+                                                 BLOCK_N, HAS_MASK, HAS_WINDOW)
         k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,

@@ -79,19 +79,33 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _key_ok(offs_n, len_k, mask_base, stride_mn, key_lo, key_hi, HAS_MASK: tl.constexpr,
-            HAS_WINDOW: tl.constexpr):
-    """[BLOCK_N] bool: the key is inside the sequence, not masked by attention_mask and (with a
-    window) inside ``[key_lo, key_hi)``, the keys some query row of the program can see. K and V
+def _rows(t0, start, length, TILE: tl.constexpr):
+    """The ``TILE`` rows of one axis (queries or keys) from position ``t0`` of the program's
+    sequence: ``(offs, tok, ok)``, positions in the sequence, token indices in the layout (int64)
+    and which rows are inside the sequence (``length`` long)."""
+    offs = t0 + tl.arange(0, TILE)
+    ok = offs < length
+    return offs, (start + offs).to(tl.int64), ok
+
+
+@triton.jit
+def _key_tile(t0, start, len_k, d_ok, mask_base, stride_mn, key_lo, key_hi, BLOCK_N: tl.constexpr,
+              HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The ``BLOCK_N`` keys from position ``t0``: ``(offs_n, tok_n, key_ok, kv_ok)``, as
+    :func:`_rows`, with ``key_ok`` [BLOCK_N]: the key is inside the sequence, not masked by
+    attention_mask and (with a window) inside ``[key_lo, key_hi)``, the keys some query row of the
+    program can see; ``kv_ok`` [BLOCK_N, BLOCK_D] the same on the head_dim lanes ``d_ok``. K and V
     rows are loaded under it (zeros elsewhere), so such a key has no influence on anything,
     whatever its K and V rows hold (NaN, Inf): masking by replacement, free at load time."""
-    ok = offs_n < len_k
+    offs_n = t0 + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < len_k
     if HAS_WINDOW:
-        ok = ok & (offs_n >= key_lo) & (offs_n < key_hi)
+        key_ok = key_ok & (offs_n >= key_lo) & (offs_n < key_hi)
     if HAS_MASK:
-        keym = tl.load(mask_base + offs_n * stride_mn, mask=ok, other=0)
-        ok = ok & (keym != 0)
-    return ok
+        keym = tl.load(mask_base + offs_n * stride_mn, mask=key_ok, other=0)
+        key_ok = key_ok & (keym != 0)
+    kv_ok = key_ok[:, None] & d_ok[None, :]
+    return offs_n, (start + offs_n).to(tl.int64), key_ok, kv_ok
 
 
 @triton.jit

@@ -22,8 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastbert.backends.triton._attention_common import (FWD_NO_SPEC, LN2, LOG2E, _dot, _key_ok, _program,
-                                                        _scores, _window_range, kernel_args, launch_args,
+from fastbert.backends.triton._attention_common import (FWD_NO_SPEC, LN2, LOG2E, _dot, _key_tile, _program,
+                                                        _rows, _scores, _window_range, kernel_args, launch_args,
                                                         strides)
 from fastbert.backends.triton._philox import philox_keep_tile, philox_seed
 
@@ -53,12 +53,9 @@ def _attn_fwd_kernel(
     if pid_m * BLOCK_M >= len_q:
         return
     dtype = Q.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m, tok_m, row_ok = _rows(pid_m * BLOCK_M, start, len_q, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < len_q
-    tok_m = (start + offs_m).to(tl.int64)  # token index of each query row in the layout
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
@@ -74,10 +71,8 @@ def _attn_fwd_kernel(
     n_start, key_lo, key_hi = _window_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right,
                                             BLOCK_M, BLOCK_N, HAS_WINDOW)
     for start_n in range(n_start, key_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        key_ok = _key_ok(offs_n, len_k, mask_base, stride_mn, key_lo, key_hi, HAS_MASK, HAS_WINDOW)
-        kv_ok = key_ok[:, None] & d_ok[None, :]
-        tok_n = (start + offs_n).to(tl.int64)
+        offs_n, tok_n, key_ok, kv_ok = _key_tile(start_n, start, len_k, d_ok, mask_base, stride_mn, key_lo, key_hi,
+                                                 BLOCK_N, HAS_MASK, HAS_WINDOW)
         k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, key_ok, offs_m, offs_n, len_q, len_k, bias_base, stride_bm, stride_bn,
                     softmax_scale, window_left, window_right, HAS_BIAS, HAS_WINDOW, PRECISION, UPCAST)

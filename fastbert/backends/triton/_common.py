@@ -7,7 +7,9 @@
   parameter of those kernels) and CPU tests stay fast.
 - :func:`cast_rne`: an fp32 -> fp16/bf16 store cast that rounds like compiled Triton under the
   interpreter too.
+- :func:`_tile_rows`: the int64 row indices of a row tile (the row-wise kernels' prologue).
 - :func:`device_ctx`: launches run on the tensors' GPU, not the current one.
+- :func:`row_programs`: how many row programs a backward with per-program partial sums runs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ def cast_rne(v, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def _tile_rows(tile, BLOCK_M: tl.constexpr):
+    """Row indices of row tile ``tile`` as int64, so ``row * hidden`` cannot overflow int32 (the row
+    index itself fits in int32: fewer than 2**31 rows)."""
+    return (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+
+
+def row_programs(device, num_tiles: int, col_blocks: int = 1) -> int:
+    """Row programs per column block of a backward that keeps fp32 partial sums per program: enough
+    to fill the GPU (4 per SM over the ``col_blocks`` column blocks), 8 on the CPU, never more than
+    there are row tiles."""
+    if getattr(device, "type", None) == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(num_tiles, triton.cdiv(4 * sms, col_blocks)))
+    return max(1, min(num_tiles, 8))
 
 
 def device_ctx(t: torch.Tensor):

@@ -3,14 +3,12 @@ dweight, dbias, dx_bias; the derivation in :mod:`.layer_norm`) and its launch ar
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from fastbert.backends.triton._common import cast_rne
-from fastbert.backends.triton._layer_norm_common import (Config, _dropout_args, _keep, _offsets, _tile_rows,
+from fastbert.backends.triton._common import _tile_rows, cast_rne
+from fastbert.backends.triton._layer_norm_common import (Config, _chunk, _dropout_args, _dropout_key, _keep,
                                                          bwd_config)
-from fastbert.backends.triton._philox import philox_seed
 
 @triton.jit
 def _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT: tl.constexpr):
@@ -38,6 +36,31 @@ def _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, col0, mask, k0, k1, t
     return dx
 
 
+@triton.jit
+def _store_partial(p, v, col_mask, ACCUMULATE: tl.constexpr):
+    """Store ``v`` at ``p`` (ACCUMULATE: ``*p + v``)."""
+    if ACCUMULATE:
+        v = tl.load(p, mask=col_mask, other=0.0) + v
+    tl.store(p, v, mask=col_mask)
+
+
+@triton.jit
+def _store_partials(part_ptr, hidden, cols, col_mask, dw, db, dxb, NEED_DWEIGHT: tl.constexpr,
+                    NEED_DBIAS: tl.constexpr, NEED_DXBIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write (ACCUMULATE: add to) this program's partial column sums of dweight, dbias and dx_bias
+    at ``cols``: row ``program_id`` of the three ``[P, hidden]`` slots of the workspace. Only the
+    sums asked for are touched (the others are dead code, removed by the compiler)."""
+    if NEED_DWEIGHT or NEED_DBIAS or NEED_DXBIAS:
+        row = part_ptr + tl.program_id(0).to(tl.int64) * hidden + cols
+        slot = tl.num_programs(0).to(tl.int64) * hidden  # between the three slots
+        if NEED_DWEIGHT:
+            _store_partial(row, dw, col_mask, ACCUMULATE)
+        if NEED_DBIAS:
+            _store_partial(row + slot, db, col_mask, ACCUMULATE)
+        if NEED_DXBIAS:
+            _store_partial(row + 2 * slot, dxb, col_mask, ACCUMULATE)
+
+
 @triton.jit(do_not_specialize=["rows", "num_tiles"])
 def _layer_norm_bwd_kernel(
     dy_ptr,     # [rows, hidden] upstream gradient (contiguous)
@@ -56,13 +79,7 @@ def _layer_norm_bwd_kernel(
 ):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
-    if NEED_DWEIGHT or NEED_DBIAS or NEED_DXBIAS:
-        part_stride = num_progs.to(tl.int64) * hidden  # between the three partial-sum slots
-        part_row = part_ptr + pid.to(tl.int64) * hidden
-    k0 = 0
-    k1 = 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_seed(seed_ptr)
+    k0, k1 = _dropout_key(seed_ptr, HAS_DROPOUT)
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK_N)
         col_mask = cols < hidden
@@ -72,8 +89,7 @@ def _layer_norm_bwd_kernel(
         for tile in range(pid, num_tiles, num_progs):
             row_idx = _tile_rows(tile, BLOCK_M)
             row_mask = row_idx < rows
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = _offsets(row_idx, cols, hidden)
+            _, _, mask, offs = _chunk(row_idx, row_mask, 0, hidden, BLOCK_N)
             mean = tl.load(mean_ptr + row_idx, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptr + row_idx, mask=row_mask, other=0.0)
             dy, xhat, g = _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT)
@@ -88,25 +104,16 @@ def _layer_norm_bwd_kernel(
                 acc_db += tl.sum(dy, axis=0)
             if NEED_DXBIAS:
                 acc_dxb += tl.sum(tl.where(mask, dx, 0.0), axis=0)
-        if NEED_DWEIGHT:
-            tl.store(part_row + cols, acc_dw, mask=col_mask)
-        if NEED_DBIAS:
-            tl.store(part_row + part_stride + cols, acc_db, mask=col_mask)
-        if NEED_DXBIAS:
-            tl.store(part_row + 2 * part_stride + cols, acc_dxb, mask=col_mask)
+        _store_partials(part_ptr, hidden, cols, col_mask, acc_dw, acc_db, acc_dxb, NEED_DWEIGHT, NEED_DBIAS,
+                        NEED_DXBIAS, False)
     else:
         # Wide rows, one row per tile: partial sums live in this program's workspace row and are
         # updated chunk by chunk (load, add, store; barriers order the same program's accesses).
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < hidden
             zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if NEED_DWEIGHT:
-                tl.store(part_row + cols, zero, mask=col_mask)
-            if NEED_DBIAS:
-                tl.store(part_row + part_stride + cols, zero, mask=col_mask)
-            if NEED_DXBIAS:
-                tl.store(part_row + 2 * part_stride + cols, zero, mask=col_mask)
+            _store_partials(part_ptr, hidden, cols, cols < hidden, zero, zero, zero, NEED_DWEIGHT, NEED_DBIAS,
+                            NEED_DXBIAS, False)
         tl.debug_barrier()
         for tile in range(pid, num_tiles, num_progs):
             row_idx = _tile_rows(tile, BLOCK_M)
@@ -116,43 +123,21 @@ def _layer_norm_bwd_kernel(
             c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
             c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
             for c in range(NUM_CHUNKS):
-                cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_mask = cols < hidden
-                mask = row_mask[:, None] & col_mask[None, :]
-                offs = _offsets(row_idx, cols, hidden)
+                cols, col_mask, mask, offs = _chunk(row_idx, row_mask, c, hidden, BLOCK_N)
                 dy, xhat, g = _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT)
                 c1 += tl.sum(g, axis=1)
                 c2 += tl.sum(g * xhat, axis=1)
             c1 = c1 / hidden
             c2 = c2 / hidden
             for c in range(NUM_CHUNKS):
-                cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_mask = cols < hidden
-                mask = row_mask[:, None] & col_mask[None, :]
-                offs = _offsets(row_idx, cols, hidden)
+                cols, col_mask, mask, offs = _chunk(row_idx, row_mask, c, hidden, BLOCK_N)
                 dy, xhat, g = _bwd_tile(dy_ptr, h_ptr, w_ptr, offs, cols, mask, col_mask, mean, rstd, HAS_WEIGHT)
                 dh = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
                 dx = _bwd_inputs(dh, dx_ptr, dres_ptr, offs, row_idx, cols, c * BLOCK_N, mask, k0, k1, threshold, scale,
                                  HAS_DRESIDUAL, HAS_DROPOUT)
-                if NEED_DWEIGHT:
-                    p = part_row + cols
-                    tl.store(p, tl.load(p, mask=col_mask, other=0.0) + tl.sum(dy * xhat, axis=0), mask=col_mask)
-                if NEED_DBIAS:
-                    p = part_row + part_stride + cols
-                    tl.store(p, tl.load(p, mask=col_mask, other=0.0) + tl.sum(dy, axis=0), mask=col_mask)
-                if NEED_DXBIAS:
-                    p = part_row + 2 * part_stride + cols
-                    tl.store(p, tl.load(p, mask=col_mask, other=0.0) + tl.sum(tl.where(mask, dx, 0.0), axis=0),
-                             mask=col_mask)
+                _store_partials(part_ptr, hidden, cols, col_mask, tl.sum(dy * xhat, axis=0), tl.sum(dy, axis=0),
+                                tl.sum(tl.where(mask, dx, 0.0), axis=0), NEED_DWEIGHT, NEED_DBIAS, NEED_DXBIAS, True)
                 tl.debug_barrier()
-
-
-def _num_programs(device, num_tiles: int) -> int:
-    """Backward programs: enough to fill the GPU (4 per SM), never more than there are row tiles."""
-    if getattr(device, "type", None) == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(num_tiles, 4 * sms))
-    return max(1, min(num_tiles, 8))
 
 
 def bwd_launch(dy, h, weight, mean, rstd, seed, dx, dresidual, partials, *, rows: int, hidden: int,

@@ -1,6 +1,7 @@
 """Pieces shared by the Triton LayerNorm kernels (forward in ``_layer_norm_fwd``, backward in
-``_layer_norm_bwd``, entry points and the math in ``layer_norm``): the tile heuristic, int64 row
-offsets, the dropout keep mask of a tile (Philox scheme v2) and the dropout launch arguments."""
+``_layer_norm_bwd``, entry points and the math in ``layer_norm``): the tile heuristic, int64
+element offsets and column chunks, the dropout key and keep mask of a tile (Philox scheme v2) and the
+dropout launch arguments."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import triton.language as tl
 
 from fastbert.backends._philox import dropout_scale, dropout_threshold
 from fastbert.backends.triton._common import TILE_SCALE
-from fastbert.backends.triton._philox import philox_keep_cols, philox_keep_tile
+from fastbert.backends.triton._philox import philox_keep_cols, philox_keep_tile, philox_seed
 
 # A row up to this many elements (rounded up to a power of two) is held in registers in one block;
 # wider rows are walked in chunks of CHUNK_N.
@@ -55,16 +56,29 @@ def bwd_config(hidden: int, block_n: int | None = None) -> Config:
 
 
 @triton.jit
-def _tile_rows(tile, BLOCK_M: tl.constexpr):
-    """Row indices of row tile ``tile`` as int64, so ``row * hidden`` cannot overflow int32 (the row
-    index itself fits in int32: fewer than 2**31 rows)."""
-    return (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-
-
-@triton.jit
 def _offsets(row_idx, cols, hidden):
     """Element offsets ``row * hidden + col`` of a tile, int64 (row_idx is int64)."""
     return row_idx[:, None] * hidden + cols[None, :]
+
+
+@triton.jit
+def _chunk(row_idx, row_mask, c, hidden, BLOCK_N: tl.constexpr):
+    """Column chunk ``c`` (columns ``c * BLOCK_N + arange(BLOCK_N)``) of the rows ``row_idx``
+    (in bounds where ``row_mask``): ``(cols, col_mask, mask, offs)``, the columns, which are in
+    the row, which elements of the tile are, and the tile's int64 element offsets."""
+    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden
+    mask = row_mask[:, None] & col_mask[None, :]
+    return cols, col_mask, mask, _offsets(row_idx, cols, hidden)
+
+
+@triton.jit
+def _dropout_key(seed_ptr, HAS_DROPOUT: tl.constexpr):
+    """The Philox key words ``(k0, k1)`` when HAS_DROPOUT, else ``(0, 0)`` (never read)."""
+    if HAS_DROPOUT:
+        return philox_seed(seed_ptr)
+    else:
+        return 0, 0
 
 
 @triton.jit

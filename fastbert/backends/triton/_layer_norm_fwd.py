@@ -6,10 +6,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastbert.backends.triton._common import cast_rne
-from fastbert.backends.triton._layer_norm_common import (Config, _dropout_args, _keep, _offsets, _tile_rows,
+from fastbert.backends.triton._common import _tile_rows, cast_rne
+from fastbert.backends.triton._layer_norm_common import (Config, _chunk, _dropout_args, _dropout_key, _keep,
                                                          fwd_config)
-from fastbert.backends.triton._philox import philox_seed
 
 @triton.jit
 def _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, rows, cols, col0, mask, col_mask, k0, k1, threshold, scale,
@@ -33,6 +32,17 @@ def _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, rows, cols, col0, mask, col_m
     return v
 
 
+@triton.jit
+def _store_y(y_ptr, w_ptr, b_ptr, xhat, offs, cols, mask, col_mask, HAS_WEIGHT: tl.constexpr,
+             HAS_BIAS: tl.constexpr):
+    """Store ``y = xhat * weight + bias`` (fp32 ``xhat``, the normalised tile) in y's dtype."""
+    if HAS_WEIGHT:
+        xhat = xhat * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        xhat = xhat + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, cast_rne(xhat, y_ptr.dtype.element_ty), mask=mask)
+
+
 # The row count is not specialized: a new batch shape never recompiles.
 @triton.jit(do_not_specialize=["rows"])
 def _layer_norm_fwd_kernel(
@@ -53,36 +63,22 @@ def _layer_norm_fwd_kernel(
 ):
     row_idx = _tile_rows(tl.program_id(0), BLOCK_M)
     row_mask = row_idx < rows
-    k0 = 0
-    k1 = 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_seed(seed_ptr)
+    k0, k1 = _dropout_key(seed_ptr, HAS_DROPOUT)
     if NUM_CHUNKS == 1:
-        cols = tl.arange(0, BLOCK_N)
-        col_mask = cols < hidden
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = _offsets(row_idx, cols, hidden)
+        cols, col_mask, mask, offs = _chunk(row_idx, row_mask, 0, hidden, BLOCK_N)
         v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, 0, mask, col_mask, k0, k1, threshold,
                       scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, STORE_H)
         mean = tl.sum(v, axis=1) / hidden
         d = tl.where(mask, v - mean[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / hidden
         rstd = 1.0 / tl.sqrt_rn(var + eps)
-        out = d * rstd[:, None]
-        if HAS_WEIGHT:
-            out = out * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            out = out + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs, cast_rne(out, y_ptr.dtype.element_ty), mask=mask)
+        _store_y(y_ptr, w_ptr, b_ptr, d * rstd[:, None], offs, cols, mask, col_mask, HAS_WEIGHT, HAS_BIAS)
     else:
         # Pass 1: per-chunk (count, mean, M2), merged pairwise (Chan et al.); h stored here.
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
-            cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < hidden
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = _offsets(row_idx, cols, hidden)
+            cols, col_mask, mask, offs = _chunk(row_idx, row_mask, c, hidden, BLOCK_N)
             v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, c * BLOCK_N, mask, col_mask, k0, k1,
                           threshold, scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, STORE_H)
             n_a = c * BLOCK_N * 1.0  # elements merged so far (earlier chunks are full)
@@ -95,18 +91,11 @@ def _layer_norm_fwd_kernel(
         rstd = 1.0 / tl.sqrt_rn(m2 / hidden + eps)
         # Pass 2: recompute h (bit-identical, including the dropout mask) and normalise.
         for c in range(NUM_CHUNKS):
-            cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < hidden
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = _offsets(row_idx, cols, hidden)
+            cols, col_mask, mask, offs = _chunk(row_idx, row_mask, c, hidden, BLOCK_N)
             v = _pre_norm(x_ptr, xb_ptr, res_ptr, h_ptr, offs, row_idx, cols, c * BLOCK_N, mask, col_mask, k0, k1,
                           threshold, scale, HAS_XBIAS, HAS_DROPOUT, HAS_RESIDUAL, False)
-            out = (v - mean[:, None]) * rstd[:, None]
-            if HAS_WEIGHT:
-                out = out * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_BIAS:
-                out = out + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs, cast_rne(out, y_ptr.dtype.element_ty), mask=mask)
+            _store_y(y_ptr, w_ptr, b_ptr, (v - mean[:, None]) * rstd[:, None], offs, cols, mask, col_mask,
+                     HAS_WEIGHT, HAS_BIAS)
     tl.store(mean_ptr + row_idx, mean, mask=row_mask)
     tl.store(rstd_ptr + row_idx, rstd, mask=row_mask)
 

@@ -24,9 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.backends import workspace
-from fastbert.backends.triton._common import cast_rne, device_ctx
-from fastbert.backends.triton.gelu import _gelu_and_grad, config
+from fastbert.backends.triton._common import _tile_rows, cast_rne, device_ctx
+from fastbert.backends.triton.gelu import _col_block, _gelu_and_grad, config, run_bwd, tile_launch
 
 
 @triton.jit
@@ -49,9 +48,8 @@ def _geglu_fwd_kernel(
     rows, n,
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row_idx = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n
+    row_idx = _tile_rows(tl.program_id(0), BLOCK_M)
+    cols, col_mask = _col_block(n, BLOCK_N)
     mask = (row_idx < rows)[:, None] & col_mask[None, :]
     a, g, _ = _load_halves(x_ptr, b_ptr, row_idx, cols, n, mask, col_mask, HAS_BIAS)
     ga, _ = _gelu_and_grad(a, APPROX_TANH, False)
@@ -70,12 +68,11 @@ def _geglu_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n
+    cols, col_mask = _col_block(n, BLOCK_N)
     acc_a = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        row_idx = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_idx = _tile_rows(tile, BLOCK_M)
         mask = (row_idx < rows)[:, None] & col_mask[None, :]
         a, g, offs = _load_halves(x_ptr, b_ptr, row_idx, cols, n, mask, col_mask, HAS_BIAS)
         dy = tl.load(dy_ptr + row_idx[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -96,10 +93,7 @@ def _geglu_bwd_kernel(
 def fwd_launch(x, bias, y, *, rows: int, n: int, approximate: str):
     """``(grid, kwargs)`` of the forward launch (shared by the launcher and ``aot_variants``); the
     tile is GELU's for a row of ``n`` (two loads per output element)."""
-    block_m, block_n, num_warps = config(n)
-    kwargs = dict(x_ptr=x, b_ptr=bias, y_ptr=y, rows=rows, n=n, HAS_BIAS=bias is not None,
-                  APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-    return (triton.cdiv(rows, block_m), triton.cdiv(n, block_n)), kwargs
+    return tile_launch(config(n), bias, rows=rows, width=n, approximate=approximate, x_ptr=x, y_ptr=y, n=n)
 
 
 def bwd_config(n: int) -> tuple[int, int, int]:
@@ -112,12 +106,8 @@ def bwd_config(n: int) -> tuple[int, int, int]:
 
 def bwd_launch(dy, x, bias, dx, partials, *, rows: int, n: int, approximate: str, num_programs: int):
     """``(grid, kwargs)`` of the backward launch; ``partials`` is ``[num_programs, 2n]`` fp32 or None."""
-    block_m, block_n, num_warps = bwd_config(n)
-    kwargs = dict(dy_ptr=dy, x_ptr=x, b_ptr=bias, dx_ptr=dx, part_ptr=partials, rows=rows, n=n,
-                  num_tiles=triton.cdiv(rows, block_m), HAS_BIAS=bias is not None,
-                  NEED_DBIAS=partials is not None, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
-                  BLOCK_N=block_n, num_warps=num_warps)
-    return (num_programs, triton.cdiv(n, block_n)), kwargs
+    return tile_launch(bwd_config(n), bias, rows=rows, width=n, approximate=approximate, num_programs=num_programs,
+                       dy_ptr=dy, x_ptr=x, dx_ptr=dx, part_ptr=partials, n=n)
 
 
 def geglu_fwd(x, bias, y, *, approximate):
@@ -136,21 +126,9 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate):
     Workspace: ``[P, 2n]`` fp32 partial sums of dbias (P row programs: up to 4 per SM over the
     column blocks on a GPU, 8 on the CPU).
     """
-    rows, n = dy.shape
-    block_m, block_n, _ = bwd_config(n)
-    num_tiles = triton.cdiv(rows, block_m)
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        progs = max(1, min(num_tiles, triton.cdiv(4 * sms, triton.cdiv(n, block_n))))
-    else:
-        progs = max(1, min(num_tiles, 8))
-    partials = workspace((progs, 2 * n), torch.float32, x.device) if dbias is not None else None
-    grid, kwargs = bwd_launch(dy, x, bias, dx, partials, rows=rows, n=n, approximate=approximate,
-                              num_programs=progs)
-    with device_ctx(x):
-        _geglu_bwd_kernel[grid](**kwargs)
-    if dbias is not None:
-        torch.sum(partials, dim=0, out=dbias)  # fixed-order reduction: deterministic
+    n = dy.shape[1]
+    run_bwd(_geglu_bwd_kernel, bwd_launch, bwd_config(n), dy, x, bias, dx, dbias, width=n, part_width=2 * n, n=n,
+            approximate=approximate)
 
 
 def aot_variants(full: bool = False):

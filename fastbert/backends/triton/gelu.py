@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fastbert.backends import workspace
-from fastbert.backends.triton._common import TILE_SCALE, cast_rne, device_ctx
+from fastbert.backends.triton._common import TILE_SCALE, _tile_rows, cast_rne, device_ctx, row_programs
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -72,6 +72,14 @@ def _gelu_and_grad(z, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
 
 
 @triton.jit
+def _col_block(width, BLOCK_N: tl.constexpr):
+    """``(cols, col_mask)``: the columns of this program's column block (grid axis 1) and which of
+    them are inside a row of ``width``."""
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return cols, cols < width
+
+
+@triton.jit
 def _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS: tl.constexpr):
     z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -87,9 +95,8 @@ def _gelu_fwd_kernel(
     rows, hidden,
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row_idx = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < hidden
+    row_idx = _tile_rows(tl.program_id(0), BLOCK_M)
+    cols, col_mask = _col_block(hidden, BLOCK_N)
     mask = (row_idx < rows)[:, None] & col_mask[None, :]
     offs = row_idx[:, None] * hidden + cols[None, :]
     z = _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS)
@@ -109,11 +116,10 @@ def _gelu_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < hidden
+    cols, col_mask = _col_block(hidden, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        row_idx = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_idx = _tile_rows(tile, BLOCK_M)
         mask = (row_idx < rows)[:, None] & col_mask[None, :]
         offs = row_idx[:, None] * hidden + cols[None, :]
         z = _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS)
@@ -133,22 +139,47 @@ def config(hidden: int) -> tuple[int, int, int]:
     return block_m, block_n, 8 if block_m * block_n >= 4096 else 4
 
 
+def tile_launch(cfg, bias, *, rows: int, width: int, approximate: str, num_programs: int | None = None, **args):
+    """``(grid, kwargs)`` of a launch of GELU's or GeGLU's kernels, which take the same arguments
+    but for the row width's name (``hidden`` / ``n``, in ``args`` with the tensors): the tile
+    ``cfg = (BLOCK_M, BLOCK_N, num_warps)`` over ``rows`` x ``width`` output columns. Forward (one
+    program per row tile) when ``num_programs`` is None; else backward: ``num_programs`` row
+    programs per column block walking the row tiles, dbias partial sums when ``part_ptr`` is set."""
+    block_m, block_n, num_warps = cfg
+    kwargs = dict(args, b_ptr=bias, rows=rows, HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+                  BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    if num_programs is None:
+        return (triton.cdiv(rows, block_m), triton.cdiv(width, block_n)), kwargs
+    kwargs.update(num_tiles=triton.cdiv(rows, block_m), NEED_DBIAS=args["part_ptr"] is not None)
+    return (num_programs, triton.cdiv(width, block_n)), kwargs
+
+
 def fwd_launch(x, bias, y, *, rows: int, hidden: int, approximate: str):
     """``(grid, kwargs)`` of the forward launch (shared by the launcher and ``aot_variants``)."""
-    block_m, block_n, num_warps = config(hidden)
-    kwargs = dict(x_ptr=x, b_ptr=bias, y_ptr=y, rows=rows, hidden=hidden, HAS_BIAS=bias is not None,
-                  APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-    return (triton.cdiv(rows, block_m), triton.cdiv(hidden, block_n)), kwargs
+    return tile_launch(config(hidden), bias, rows=rows, width=hidden, approximate=approximate, x_ptr=x, y_ptr=y,
+                       hidden=hidden)
 
 
 def bwd_launch(dy, x, bias, dx, partials, *, rows: int, hidden: int, approximate: str, num_programs: int):
     """``(grid, kwargs)`` of the backward launch; ``partials`` is ``[num_programs, hidden]`` fp32 or None."""
-    block_m, block_n, num_warps = config(hidden)
-    kwargs = dict(dy_ptr=dy, x_ptr=x, b_ptr=bias, dx_ptr=dx, part_ptr=partials, rows=rows, hidden=hidden,
-                  num_tiles=triton.cdiv(rows, block_m), HAS_BIAS=bias is not None,
-                  NEED_DBIAS=partials is not None, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
-                  BLOCK_N=block_n, num_warps=num_warps)
-    return (num_programs, triton.cdiv(hidden, block_n)), kwargs
+    return tile_launch(config(hidden), bias, rows=rows, width=hidden, approximate=approximate,
+                       num_programs=num_programs, dy_ptr=dy, x_ptr=x, dx_ptr=dx, part_ptr=partials, hidden=hidden)
+
+
+def run_bwd(kernel, launch, cfg, dy, x, bias, dx, dbias, *, width: int, part_width: int, **args):
+    """Run GELU's or GeGLU's backward ``kernel``: :func:`row_programs` row programs per column block
+    of the tile ``cfg`` over ``width`` columns; when ``dbias`` is asked for, their fp32 partial sums
+    in a ``[P, part_width]`` workspace, summed into ``dbias`` in a fixed order (deterministic).
+    ``launch`` is the kernel's ``bwd_launch``, given the tensors, the workspace and ``args``."""
+    rows = dy.shape[0]
+    block_m, block_n, _ = cfg
+    progs = row_programs(x.device, triton.cdiv(rows, block_m), triton.cdiv(width, block_n))
+    partials = workspace((progs, part_width), torch.float32, x.device) if dbias is not None else None
+    grid, kwargs = launch(dy, x, bias, dx, partials, rows=rows, num_programs=progs, **args)
+    with device_ctx(x):
+        kernel[grid](**kwargs)
+    if dbias is not None:
+        torch.sum(partials, dim=0, out=dbias)  # fixed-order reduction: deterministic
 
 
 def gelu_fwd(x, bias, y, *, approximate):
@@ -165,21 +196,9 @@ def gelu_bwd(dy, x, bias, dx, dbias, *, approximate):
     Workspace: ``[P, hidden]`` fp32 partial sums of dbias (P row programs: up to 4 per SM over the
     column blocks on a GPU).
     """
-    rows, hidden = x.shape
-    block_m, block_n, _ = config(hidden)
-    num_tiles = triton.cdiv(rows, block_m)
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        progs = max(1, min(num_tiles, triton.cdiv(4 * sms, triton.cdiv(hidden, block_n))))
-    else:
-        progs = max(1, min(num_tiles, 8))
-    partials = workspace((progs, hidden), torch.float32, x.device) if dbias is not None else None
-    grid, kwargs = bwd_launch(dy, x, bias, dx, partials, rows=rows, hidden=hidden, approximate=approximate,
-                              num_programs=progs)
-    with device_ctx(x):
-        _gelu_bwd_kernel[grid](**kwargs)
-    if dbias is not None:
-        torch.sum(partials, dim=0, out=dbias)  # fixed-order reduction: deterministic
+    hidden = x.shape[1]
+    run_bwd(_gelu_bwd_kernel, bwd_launch, config(hidden), dy, x, bias, dx, dbias, width=hidden, part_width=hidden,
+            hidden=hidden, approximate=approximate)
 
 
 def aot_variants(full: bool = False):

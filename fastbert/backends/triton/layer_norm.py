@@ -47,12 +47,11 @@ import torch
 import triton
 
 from fastbert.backends import workspace
-from fastbert.backends.triton._common import device_ctx
+from fastbert.backends.triton._common import _tile_rows, device_ctx, row_programs  # noqa: F401
 # The kernels, launchers and configs are re-exported here, where tests and the AOT compile have
 # always found them.
-from fastbert.backends.triton._layer_norm_bwd import _layer_norm_bwd_kernel, _num_programs, bwd_launch
-from fastbert.backends.triton._layer_norm_common import (Config, _offsets, _tile_rows,  # noqa: F401
-                                                         bwd_config, fwd_config)
+from fastbert.backends.triton._layer_norm_bwd import _layer_norm_bwd_kernel, bwd_launch
+from fastbert.backends.triton._layer_norm_common import Config, _offsets, bwd_config, fwd_config  # noqa: F401
 from fastbert.backends.triton._layer_norm_fwd import _layer_norm_fwd_kernel, fwd_launch
 
 
@@ -79,7 +78,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
     rows, hidden = h.shape
     cfg = config or bwd_config(hidden)
     num_tiles = triton.cdiv(rows, cfg.block_m)
-    progs = _num_programs(h.device, num_tiles)
+    progs = row_programs(h.device, num_tiles)
     sums = (dweight, dbias, dx_bias)
     partials = None
     if any(t is not None for t in sums):
