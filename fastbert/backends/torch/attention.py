@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.backends import _composite as composite
+from fastbert.backends import workspace
 from fastbert.backends._composite import attention_math, pad_varlen
 from fastbert.backends.torch import _masked
 from fastbert.backends.torch._varlen_dropout import varlen_dropout_bwd, varlen_dropout_fwd
@@ -263,9 +264,10 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
         o, lse = parts[0][1:]
         out = o.transpose(1, 2)
         return (out if out.is_contiguous() else out.contiguous()), lse.unsqueeze(0)
-    out = _masked.scatter([(g, o) for g, o, _ in parts], p, q.new_empty(q.shape))
-    lse = _masked.scatter([(g, l) for g, _, l in parts], p, q.new_empty((batch, q.shape[2], q.shape[1]),
-                                                                        dtype=torch.float32), fill=float("inf"))
+    # assembled from several calls: allocated by the ops layer's allocator (poisoned under the test switch)
+    out = _masked.scatter([(g, o) for g, o, _ in parts], p, workspace(q.shape, q.dtype, q.device))
+    lse = _masked.scatter([(g, l) for g, _, l in parts], p, workspace((batch, q.shape[2], q.shape[1]), torch.float32,
+                                                                     q.device), fill=float("inf"))
     return out, lse.unsqueeze(0)
 
 
@@ -293,7 +295,7 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
         grads = [g.transpose(1, 2) for g in parts[0][1:]]
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     else:
-        grads = [_masked.scatter([(part[0], part[1 + i]) for part in parts], p, t.new_empty(t.shape))
+        grads = [_masked.scatter([(part[0], part[1 + i]) for part in parts], p, workspace(t.shape, t.dtype, t.device))
                  for i, t in enumerate((q, k, v))]
     _masked.zero_masked_rows(p, grads[1], grads[2])
     return tuple(grads)
