@@ -68,7 +68,7 @@ def test_plan_groups_and_fallback():
     assert [(g.start, g.stop, g.span) for g in p.groups] == [(0, 5, 40)] and p.groups[0].bias is not None
     assert p.one_call(5) and not p.empty
     p = _masked.plan(torch.ones(5, SEQLEN, dtype=torch.bool), k, v)
-    assert p.groups[0].bias is None and p.masked_rows is None
+    assert p.groups[0].bias is None and p.groups[0].span == SEQLEN
     p = _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v)
     assert p.empty == [1] and [(g.start, g.stop) for g in p.groups] == [(0, 1), (2, 5)]
     assert p.groups[1].span == 40 and p.groups[0].span == 16
@@ -77,3 +77,16 @@ def test_plan_groups_and_fallback():
     k[0, 10] = 0.0
     v[0, 20] = float("nan")  # masked but outside every span that sequence 0 meets
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
+
+
+def test_backward_reuses_the_forward_plan_only_for_the_same_inputs():
+    """The forward's plan rides on its lse; backward takes it only for the same mask, k, v."""
+    from fastbert.backends.torch.attention import _saved_plan, attention_fwd_functional
+
+    mask = _lengths_mask([40, 9])
+    q, k, v = (torch.randn(2, SEQLEN, HEADS, HD) for _ in range(3))
+    kw = dict(attn_bias=None, cu_seqlens=None, max_seqlen=0, dropout_p=0.0, seed=None, softmax_scale=0.25)
+    _, lse = attention_fwd_functional(q, k, v, attention_mask=mask, **kw)
+    assert _saved_plan(lse, mask, k, v) is lse._fastbert_plan[1]
+    k[1, 12] = float("nan")  # in place, inside sequence 1's span [0, 16): a fresh plan, which gives up
+    assert _saved_plan(lse, mask, k, v) is None

@@ -41,13 +41,12 @@ class Group(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """The calls of one masked attention: ``groups``, the ``empty`` sequences (every key masked)
-    and the masked rows inside the spans as ``(batch index, key index)`` tensors (their dK, dV are
-    zeroed) or None."""
+    """The calls of one masked attention: ``groups`` and the ``empty`` sequences (every key
+    masked). Masked keys inside a span get exact zero dK and dV from aten (``P = exp(-inf) = 0``;
+    a non-finite q or dout gives NaN there, as it does in the reference)."""
 
     groups: list
     empty: list
-    masked_rows: Optional[tuple]
 
     def one_call(self, batch: int) -> bool:
         """Whether one call covers every sequence (its out and lse are the outputs; its dK and dV
@@ -78,41 +77,34 @@ def _merge(spans: list) -> list:
     return groups
 
 
-def _masked_sum(attention_mask, k, v, bi, ji, ends, span_of) -> float:
-    """The sum of k's and v's masked rows ``(bi, ji)`` inside the spans: under right padding (the
-    valid keys of every sequence a prefix) a sum over each sequence's rows ``[end, span)``, read in
-    place (a gather of half the rows at 50% fill costs fresh pages); else one gather."""
-    if ends == attention_mask.sum(1).tolist():
-        parts = [t[b, ends[b]:span_of[b]].sum(dtype=torch.float32)
-                 for b in range(len(ends)) if ends[b] < span_of[b] for t in (k, v)]
-        return float(torch.stack(parts).sum())
-    return float(k[bi, ji].sum(dtype=torch.float32) + v[bi, ji].sum(dtype=torch.float32))
-
-
 def plan(attention_mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[Plan]:
     """The grouped calls for bool ``attention_mask`` ``[batch, seqlen_k]`` over ``k``, ``v``
     ``[batch, seqlen_k, num_heads, head_dim]`` (CPU), or None when a masked key inside a span has a
     non-finite K or V entry (the caller runs the exact valid keys instead)."""
     batch, seqlen_k = attention_mask.shape
     if bool(attention_mask.all()):
-        return Plan([Group(0, batch, seqlen_k, None)], [], None)
+        return Plan([Group(0, batch, seqlen_k, None)], [])
     ends = (attention_mask * torch.arange(1, seqlen_k + 1)).amax(1).tolist()  # last valid key + 1
     spans = [min(seqlen_k, -(-e // KEY_BLOCK) * KEY_BLOCK) for e in ends]
     groups = _merge(spans)
     span_of = [0] * batch
     for start, stop, span in groups:
         span_of[start:stop] = [span] * (stop - start)
-    top = max(span_of)
-    inside = ~attention_mask[:, :top]  # the masked keys that meet a product
-    if min(span_of) < top:
-        inside = inside & (torch.arange(top) < torch.tensor(span_of)[:, None])
-    bi, ji = inside.nonzero(as_tuple=True)
-    masked = set()
-    if bi.numel():
-        # finite sum <=> every entry finite (NaN and +-inf propagate; an overflow only gives up)
-        if not math.isfinite(_masked_sum(attention_mask, k, v, bi, ji, ends, span_of)):
-            return None
+    if ends == attention_mask.sum(1).tolist():
+        # right padding (each sequence's valid keys a prefix): the masked keys inside a span are
+        # its rows [end, span), read in place (a gather of half the rows at 50% fill costs fresh pages)
+        rows = [(b, ends[b], span_of[b]) for b in range(batch) if ends[b] < span_of[b]]
+        parts = [t[b, lo:hi].sum(dtype=torch.float32) for b, lo, hi in rows for t in (k, v)]
+        masked = {b for b, _, _ in rows}
+    else:
+        top = max(span_of)
+        inside = ~attention_mask[:, :top] & (torch.arange(top) < torch.tensor(span_of)[:, None])
+        bi, ji = inside.nonzero(as_tuple=True)
+        parts = [t[bi, ji].sum(dtype=torch.float32) for t in (k, v)] if bi.numel() else []
         masked = set(bi.tolist())
+    # finite sum <=> every entry finite (NaN and +-inf propagate; an overflow only gives up)
+    if parts and not math.isfinite(float(torch.stack(parts).sum())):
+        return None
     out = []
     for start, stop, span in groups:
         bias = None
@@ -120,7 +112,7 @@ def plan(attention_mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opti
             keep = attention_mask[start:stop, None, None, :span]
             bias = torch.zeros(keep.shape, dtype=k.dtype).masked_fill_(~keep, float("-inf"))
         out.append(Group(start, stop, span, bias))
-    return Plan(out, [b for b, e in enumerate(ends) if e == 0], (bi, ji) if bi.numel() else None)
+    return Plan(out, [b for b, e in enumerate(ends) if e == 0])
 
 
 def forward(qh, kh, vh, p: Plan, softmax_scale):
@@ -164,11 +156,3 @@ def scatter(parts, p: Plan, dst, fill=0.0):
     for b in p.empty:
         dst[b] = fill
     return dst
-
-
-def zero_masked_rows(p: Plan, *grads):
-    """Exact zero dK / dV ``[B, L, H, d]`` on the masked keys inside the spans (aten's are 0 there
-    unless dout holds a non-finite value: ``0 * nan``)."""
-    if p.masked_rows is not None:
-        for t in grads:
-            t[p.masked_rows] = 0.0

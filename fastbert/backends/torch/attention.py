@@ -113,7 +113,6 @@ def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softm
         parts = _masked.backward(doh, qh, kh, vh, oh, lse[0], p, softmax_scale)
         for i, dst in enumerate((dq, dk, dv)):
             _masked.scatter([(part[0], part[1 + i]) for part in parts], p, dst)
-        _masked.zero_masked_rows(p, dk, dv)
         return
     for b, (n, idx) in enumerate(_valid_keys(attention_mask)):
         if n < k.shape[1]:
@@ -263,17 +262,41 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     if p.one_call(batch):
         o, lse = parts[0][1:]
         out = o.transpose(1, 2)
-        return (out if out.is_contiguous() else out.contiguous()), lse.unsqueeze(0)
+        return (out if out.is_contiguous() else out.contiguous()), _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
     # assembled from several calls: allocated by the ops layer's allocator (poisoned under the test switch)
     out = _masked.scatter([(g, o) for g, o, _ in parts], p, workspace(q.shape, q.dtype, q.device))
     lse = _masked.scatter([(g, l) for g, _, l in parts], p, workspace((batch, q.shape[2], q.shape[1]), torch.float32,
                                                                      q.device), fill=float("inf"))
-    return out, lse.unsqueeze(0)
+    return out, _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
 
 
 def _whole(q, k):
     """The plan of an unmasked call: one group, every key."""
-    return _masked.Plan([_masked.Group(0, q.shape[0], k.shape[1], None)], [], None)
+    return _masked.Plan([_masked.Group(0, q.shape[0], k.shape[1], None)], [])
+
+
+def _plan_key(attention_mask, k, v):
+    """What a plan was made from: storage and version of mask, k, v (None: not tracked, inference tensors)."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.shape, t.stride()) for t in (attention_mask, k, v))
+    except RuntimeError:
+        return None
+
+
+def _keep_plan(lse, p, attention_mask, k, v):
+    """``lse`` carrying the forward's plan for :func:`attention_bwd_functional` (autograd hands
+    backward the same tensor object), which reuses it only for the same unmodified mask, k, v."""
+    if attention_mask is not None:
+        lse._fastbert_plan = (_plan_key(attention_mask, k, v), p)
+    return lse
+
+
+def _saved_plan(lse, attention_mask, k, v):
+    """The plan :func:`_keep_plan` left on ``lse`` for this mask, k, v; else a fresh one (or None)."""
+    saved = getattr(lse, "_fastbert_plan", None)
+    if saved is not None and saved[0] is not None and saved[0] == _plan_key(attention_mask, k, v):
+        return saved[1]
+    return _masked.plan(attention_mask, k, v)
 
 
 def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
@@ -281,12 +304,12 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
                              window=None):
     """Backward of :func:`attention_fwd_functional`: ``(dq, dk, dv)`` from aten's CPU flash backward
     on the same plan, fresh tensors in ``[B, L, H, d]`` (views of aten's gradients where one call
-    covers every sequence and key; masked keys get exact zeros), or None for any call the
+    covers every sequence and key; masked keys get exact zeros, see ``_masked.Plan``), or None for any call the
     functional forward did not take (its one-plane ``lse`` marks them)."""
     if (lse.dim() == 0 or lse.shape[0] != 1 or attn_bias is not None
             or cu_seqlens is not None or dropout_p != 0.0 or window is not None or need_dbias):
         return None
-    p = _whole(q, k) if attention_mask is None else _masked.plan(attention_mask, k, v)
+    p = _whole(q, k) if attention_mask is None else _saved_plan(lse, attention_mask, k, v)
     if p is None:
         return None
     parts = _masked.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -297,7 +320,6 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
     else:
         grads = [_masked.scatter([(part[0], part[1 + i]) for part in parts], p, workspace(t.shape, t.dtype, t.device))
                  for i, t in enumerate((q, k, v))]
-    _masked.zero_masked_rows(p, grads[1], grads[2])
     return tuple(grads)
 
 
