@@ -28,6 +28,10 @@ KEY_BLOCK = 16  # key lengths aten's CPU flash kernel runs at full speed are mul
 # groups' outputs into one tensor COPY_COST per sequence (fresh pages: the backward's three
 # gradients cost about 30% of the flash backward), so one call over the batch is the usual plan.
 SEQ_COST, CALL_COST, COPY_COST = 48, 24, 64
+# aten reduces up to this many elements on the calling thread (its grain size); a larger sum opens
+# a parallel region, which costs up to a scheduler period (milliseconds) on a loaded machine, so
+# the masked rows are summed in chunks of at most this size
+_SERIAL = 32768
 
 
 class Group(NamedTuple):
@@ -94,7 +98,9 @@ def plan(attention_mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opti
         # right padding (each sequence's valid keys a prefix): the masked keys inside a span are
         # its rows [end, span), read in place (a gather of half the rows at 50% fill costs fresh pages)
         rows = [(b, ends[b], span_of[b]) for b in range(batch) if ends[b] < span_of[b]]
-        parts = [t[b, lo:hi].sum(dtype=torch.float32) for b, lo, hi in rows for t in (k, v)]
+        step = max(1, _SERIAL // k[0, 0].numel())  # rows per serial sum
+        parts = [t[b, j:min(j + step, hi)].sum(dtype=torch.float32)
+                 for b, lo, hi in rows for j in range(lo, hi, step) for t in (k, v)]
         masked = {b for b, _, _ in rows}
     else:
         top = max(span_of)
