@@ -105,8 +105,8 @@ def _flash_padded(qh, kh, vh, attention_mask, softmax_scale, out, lse):
 
 def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softmax_scale):
     """Backward of :func:`_flash_padded` from its saved ``out`` and ``lse``: aten's CPU flash
-    backward per sequence on its valid keys (no recomputed forward, no padded keys); masked keys
-    get exact zero dK and dV, empty rows zero gradients."""
+    backward on the same plan (grouped key spans, else per sequence on its exact valid keys; no
+    recomputed forward); masked keys get exact zero dK and dV, empty rows zero gradients."""
     qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))  # [B, H, L, d] views
     p = _whole(q, k) if attention_mask is None else _masked.plan(attention_mask, k, v)
     if p is not None:
@@ -136,12 +136,12 @@ def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softm
 def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out, lse=None):
     """SDPA on ``[batch, seqlen, num_heads, head_dim]`` into ``out``, empty rows returning zeros.
 
-    Keys masked by ``attention_mask`` have no influence whatever K and V hold there (NaN, Inf):
-    on CPU each sequence runs on its valid keys only (a view when they are a prefix, a gather of
-    that sequence's keys otherwise; reading the mask is free there), which also skips the padded
-    keys' work; elsewhere the masked K and V rows are replaced by zeros. The bias is read in its
-    compact shape (see :func:`_compact_bias`). With a non-empty ``lse`` (see
-    :func:`writes_lse_for`) aten's CPU flash attention runs and writes it too.
+    Keys masked by ``attention_mask`` have no influence whatever K and V hold there (NaN, Inf).
+    With a non-empty ``lse`` (see :func:`writes_lse_for`) aten's CPU flash attention runs on the
+    plan of ``_masked`` (in-place key spans, see :func:`_flash_padded`) and writes it too. Else, on
+    CPU each sequence runs on its valid keys only (a view when they are a prefix, a gather of that
+    sequence's keys otherwise; reading the mask is free there); elsewhere the masked K and V rows
+    are replaced by zeros. The bias is read in its compact shape (see :func:`_compact_bias`).
     """
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d] views
     if lse is not None and lse.numel():
@@ -350,9 +350,9 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
                   deterministic=False, window=None):
-    """Backend entry point: per sequence through SDPA's CPU backward where the forward ran per
-    sequence (padded: from the forward's saved ``lse``, see :func:`writes_lse_for`); otherwise the
-    reference's composite backward (recompute P with matmuls)."""
+    """Backend entry point: aten's CPU flash backward where the forward ran it (padded: from the
+    forward's saved ``lse`` on the same plan, see :func:`writes_lse_for`; varlen: per run of
+    equal-length sequences); otherwise the reference's composite backward (recompute P with matmuls)."""
     if window is not None and _window_covers_all(window, *_window_bounds(q, k, cu_seqlens, max_seqlen)):
         window = None  # as forward
     if window is not None:
