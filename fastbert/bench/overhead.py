@@ -49,7 +49,8 @@ def _mask(batch: int, seqlen: int, fill: float) -> torch.Tensor:
     """Right-padded bool mask, lengths spread evenly around ``fill`` (the first sequence full)."""
     if fill >= 1.0:
         return torch.ones(batch, seqlen, dtype=torch.bool)
-    lengths = torch.linspace(1.0, 2 * fill - 1 / seqlen, batch).mul(seqlen).clamp(1, seqlen).long()
+    # from seqlen down to (2 fill - 1) seqlen: mean ~fill (fill 0.5: 128 .. 1 at seqlen 128)
+    lengths = torch.linspace(1.0, 2 * fill - 1 + 1 / seqlen, batch).mul(seqlen).clamp(1, seqlen).long()
     return torch.arange(seqlen)[None, :] < lengths[:, None]
 
 

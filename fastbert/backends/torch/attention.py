@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.backends import _composite as composite
+from fastbert.backends import workspace
 from fastbert.backends._composite import attention_math, pad_varlen
+from fastbert.backends.torch import _masked
 from fastbert.backends.torch._varlen_dropout import varlen_dropout_bwd, varlen_dropout_fwd
 from fastbert.backends.torch._window import (_window_attention_bwd, _window_attention_fwd, _window_bounds,
                                              _window_covers_all)
@@ -78,17 +80,19 @@ def _keys_of(t, b, n, idx):
     return t[b:b + 1, :, :n] if idx is None else t[b:b + 1].index_select(2, idx)
 
 
-def _flash_padded(qh, kh, vh, keys, softmax_scale, out, lse):
-    """aten's CPU flash attention per sequence on its valid keys (``keys`` from
-    :func:`_valid_keys`; None = the whole batch in one call), writing ``out`` ``[B, Lq, H, d]``
-    and ``lse``'s two planes (m = logsumexp, log l = 0; empty rows +inf, 0)."""
+def _flash_padded(qh, kh, vh, attention_mask, softmax_scale, out, lse):
+    """aten's CPU flash attention writing ``out`` ``[B, Lq, H, d]`` and ``lse``'s two planes (m =
+    logsumexp, log l = 0; empty rows +inf, 0): grouped on in-place key spans (see
+    ``_masked``), else per sequence on its exact valid keys (a masked key not finite)."""
     lse[1].zero_()
-    if keys is None:
-        o, l = _flash_cpu(qh, kh, vh, 0.0, False, scale=softmax_scale)
-        out.copy_(o.transpose(1, 2))
-        lse[0].copy_(l)
+    p = (_whole(qh, kh.transpose(1, 2)) if attention_mask is None
+         else _masked.plan(attention_mask, kh.transpose(1, 2), vh.transpose(1, 2)))
+    if p is not None:
+        parts = _masked.forward(qh, kh, vh, p, softmax_scale)
+        _masked.scatter([(g, o) for g, o, _ in parts], p, out)
+        _masked.scatter([(g, l) for g, _, l in parts], p, lse[0], fill=float("inf"))
         return
-    for b, (n, idx) in enumerate(keys):
+    for b, (n, idx) in enumerate(_valid_keys(attention_mask)):
         if n == 0:  # every key masked: empty rows
             out[b].zero_()
             lse[0, b].fill_(float("inf"))
@@ -101,16 +105,16 @@ def _flash_padded(qh, kh, vh, keys, softmax_scale, out, lse):
 
 def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softmax_scale):
     """Backward of :func:`_flash_padded` from its saved ``out`` and ``lse``: aten's CPU flash
-    backward per sequence on its valid keys (no recomputed forward, no padded keys); masked keys
-    get exact zero dK and dV, empty rows zero gradients."""
+    backward on the same plan (grouped key spans, else per sequence on its exact valid keys; no
+    recomputed forward); masked keys get exact zero dK and dV, empty rows zero gradients."""
     qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))  # [B, H, L, d] views
-    keys = None if attention_mask is None else _valid_keys(attention_mask)
-    if keys is None:
-        grads = _flash_cpu_bwd(doh, qh, kh, vh, oh, lse[0], 0.0, False, scale=softmax_scale)
-        for g, dst in zip(grads, (dq, dk, dv)):
-            dst.copy_(g.transpose(1, 2))
+    p = _whole(q, k) if attention_mask is None else _masked.plan(attention_mask, k, v)
+    if p is not None:
+        parts = _masked.backward(doh, qh, kh, vh, oh, lse[0], p, softmax_scale)
+        for i, dst in enumerate((dq, dk, dv)):
+            _masked.scatter([(part[0], part[1 + i]) for part in parts], p, dst)
         return
-    for b, (n, idx) in enumerate(keys):
+    for b, (n, idx) in enumerate(_valid_keys(attention_mask)):
         if n < k.shape[1]:
             dk[b].zero_()
             dv[b].zero_()
@@ -132,17 +136,16 @@ def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softm
 def _sdpa(q, k, v, attention_mask, attn_bias, softmax_scale, out, lse=None):
     """SDPA on ``[batch, seqlen, num_heads, head_dim]`` into ``out``, empty rows returning zeros.
 
-    Keys masked by ``attention_mask`` have no influence whatever K and V hold there (NaN, Inf):
-    on CPU each sequence runs on its valid keys only (a view when they are a prefix, a gather of
-    that sequence's keys otherwise; reading the mask is free there), which also skips the padded
-    keys' work; elsewhere the masked K and V rows are replaced by zeros. The bias is read in its
-    compact shape (see :func:`_compact_bias`). With a non-empty ``lse`` (see
-    :func:`writes_lse_for`) aten's CPU flash attention runs and writes it too.
+    Keys masked by ``attention_mask`` have no influence whatever K and V hold there (NaN, Inf).
+    With a non-empty ``lse`` (see :func:`writes_lse_for`) aten's CPU flash attention runs on the
+    plan of ``_masked`` (in-place key spans, see :func:`_flash_padded`) and writes it too. Else, on
+    CPU each sequence runs on its valid keys only (a view when they are a prefix, a gather of that
+    sequence's keys otherwise; reading the mask is free there); elsewhere the masked K and V rows
+    are replaced by zeros. The bias is read in its compact shape (see :func:`_compact_bias`).
     """
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d] views
     if lse is not None and lse.numel():
-        keys = None if attention_mask is None else _valid_keys(attention_mask)
-        return _flash_padded(qh, kh, vh, keys, softmax_scale, out, lse)
+        return _flash_padded(qh, kh, vh, attention_mask, softmax_scale, out, lse)
     bias = _compact_bias(attn_bias, q)
     if attention_mask is None:
         return out.copy_(_sdpa_heads_first(qh, kh, vh, bias, softmax_scale).transpose(1, 2))
@@ -240,33 +243,84 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
                              softmax_scale, allow_tf32=False, deterministic=False, window=None):
     """:func:`attention_fwd` returning ``(out, lse)`` (fresh tensors) for the calls that have a
     functional form, else None (``fastbert.ops`` then allocates and calls :func:`attention_fwd`):
-    padded CPU attention without a mask, bias, dropout or window, where :func:`writes_lse_for` holds.
-    aten's CPU flash attention already lays its output out as ``[B, L, H, d]``, so ``out`` is a
-    view of it (no copy), and ``lse`` is its logsumexp as one plane ``[1, B, H, L]`` (the second
-    plane, log l, is 0: flash's logsumexp is exact), which only :func:`attention_bwd_functional`
-    reads. Called on the eager path only (the custom op keeps fixed output shapes)."""
-    if (attention_mask is not None or attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
+    padded CPU attention without a bias, dropout or window, where :func:`writes_lse_for` holds, with
+    no mask or a mask the grouped in-place plan takes (``_masked``: masked keys inside the spans
+    finite). aten's CPU flash attention already lays its output out as ``[B, L, H, d]``, so where
+    one call covers the batch ``out`` is a view of it (no copy), and ``lse`` is its logsumexp as
+    one plane ``[1, B, H, L]`` (the second plane, log l, is 0: flash's logsumexp is exact; empty
+    rows +inf), which only :func:`attention_bwd_functional` reads. Called on the eager path only
+    (the custom op keeps fixed output shapes)."""
+    if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
             or window is not None or q.device.type != "cpu"
             or not writes_lse_for(device_type="cpu", dtype=q.dtype, varlen=False, dropout_p=0.0, has_bias=False)):
         return None
-    o, lse = _flash_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=softmax_scale)
-    out = o.transpose(1, 2)
-    return (out if out.is_contiguous() else out.contiguous()), lse.unsqueeze(0)
+    batch = q.shape[0]
+    p = _whole(q, k) if attention_mask is None else _masked.plan(attention_mask, k, v)
+    if p is None:
+        return None
+    parts = _masked.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, softmax_scale)
+    if p.one_call(batch):
+        o, lse = parts[0][1:]
+        out = o.transpose(1, 2)
+        return (out if out.is_contiguous() else out.contiguous()), _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
+    # assembled from several calls: allocated by the ops layer's allocator (poisoned under the test switch)
+    out = _masked.scatter([(g, o) for g, o, _ in parts], p, workspace(q.shape, q.dtype, q.device))
+    lse = _masked.scatter([(g, l) for g, _, l in parts], p, workspace((batch, q.shape[2], q.shape[1]), torch.float32,
+                                                                     q.device), fill=float("inf"))
+    return out, _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
+
+
+def _whole(q, k):
+    """The plan of an unmasked call: one group, every key."""
+    return _masked.Plan([_masked.Group(0, q.shape[0], k.shape[1], None)], [])
+
+
+def _plan_key(attention_mask, k, v):
+    """What a plan was made from: storage and version of mask, k, v (None: not tracked, inference tensors)."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.shape, t.stride()) for t in (attention_mask, k, v))
+    except RuntimeError:
+        return None
+
+
+def _keep_plan(lse, p, attention_mask, k, v):
+    """``lse`` carrying the forward's plan for :func:`attention_bwd_functional` (autograd hands
+    backward the same tensor object), which reuses it only for the same unmodified mask, k, v."""
+    if attention_mask is not None:
+        lse._fastbert_plan = (_plan_key(attention_mask, k, v), p)
+    return lse
+
+
+def _saved_plan(lse, attention_mask, k, v):
+    """The plan :func:`_keep_plan` left on ``lse`` for this mask, k, v; else a fresh one (or None)."""
+    saved = getattr(lse, "_fastbert_plan", None)
+    if saved is not None and saved[0] is not None and saved[0] == _plan_key(attention_mask, k, v):
+        return saved[1]
+    return _masked.plan(attention_mask, k, v)
 
 
 def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                              dropout_p, seed, softmax_scale, need_dbias, allow_tf32=False, deterministic=False,
                              window=None):
-    """Backward of :func:`attention_fwd_functional`: ``(dq, dk, dv)`` from aten's CPU flash backward,
-    fresh tensors in ``[B, L, H, d]`` (views of aten's gradients, no copies), or None for any call
-    the functional forward did not take (its one-plane ``lse`` marks them)."""
-    if (lse.dim() == 0 or lse.shape[0] != 1 or attention_mask is not None or attn_bias is not None
+    """Backward of :func:`attention_fwd_functional`: ``(dq, dk, dv)`` from aten's CPU flash backward
+    on the same plan, fresh tensors in ``[B, L, H, d]`` (views of aten's gradients where one call
+    covers every sequence and key; masked keys get exact zeros, see ``_masked.Plan``), or None for any call the
+    functional forward did not take (its one-plane ``lse`` marks them)."""
+    if (lse.dim() == 0 or lse.shape[0] != 1 or attn_bias is not None
             or cu_seqlens is not None or dropout_p != 0.0 or window is not None or need_dbias):
         return None
-    grads = _flash_cpu_bwd(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                           out.transpose(1, 2), lse[0], 0.0, False, scale=softmax_scale)
-    return tuple(g.transpose(1, 2) if g.transpose(1, 2).is_contiguous() else g.transpose(1, 2).contiguous()
-                 for g in grads)
+    p = _whole(q, k) if attention_mask is None else _saved_plan(lse, attention_mask, k, v)
+    if p is None:
+        return None
+    parts = _masked.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             out.transpose(1, 2), lse[0], p, softmax_scale)
+    if p.one_call(q.shape[0]) and p.groups[0].span == k.shape[1]:
+        grads = [g.transpose(1, 2) for g in parts[0][1:]]
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    else:
+        grads = [_masked.scatter([(part[0], part[1 + i]) for part in parts], p, workspace(t.shape, t.dtype, t.device))
+                 for i, t in enumerate((q, k, v))]
+    return tuple(grads)
 
 
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
@@ -296,9 +350,9 @@ def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, m
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask, attn_bias,
                   cu_seqlens, max_seqlen, dropout_p, seed, softmax_scale, allow_tf32=False,
                   deterministic=False, window=None):
-    """Backend entry point: per sequence through SDPA's CPU backward where the forward ran per
-    sequence (padded: from the forward's saved ``lse``, see :func:`writes_lse_for`); otherwise the
-    reference's composite backward (recompute P with matmuls)."""
+    """Backend entry point: aten's CPU flash backward where the forward ran it (padded: from the
+    forward's saved ``lse`` on the same plan, see :func:`writes_lse_for`; varlen: per run of
+    equal-length sequences); otherwise the reference's composite backward (recompute P with matmuls)."""
     if window is not None and _window_covers_all(window, *_window_bounds(q, k, cu_seqlens, max_seqlen)):
         window = None  # as forward
     if window is not None:

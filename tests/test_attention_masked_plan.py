@@ -1,0 +1,92 @@
+"""The torch backend's masked padded path (``fastbert.backends.torch._masked``): aten's CPU flash
+attention on key spans rounded up to 16, masked keys inside a span excluded by an additive -inf
+mask (read in place), split into groups where that pays, the exact per-sequence path where a
+masked key is not finite. Forward and gradients against the fp64 reference, outputs poisoned,
+masked K/V rows holding garbage, dK/dV exactly zero on masked keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tolerance import assert_close_to_ref
+
+from fastbert.backends.torch import _masked
+from fastbert.ops import attention
+
+SEQLEN, HEADS, HD = 40, 3, 16
+
+
+def _lengths_mask(lengths, seqlen=SEQLEN):
+    return torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]
+
+
+MASKS = {
+    "ragged": lambda: _lengths_mask([40, 39, 17, 1, 33]),  # one call, span 40
+    "empty seq": lambda: _lengths_mask([5, 0, 40, 16]),  # groups around an empty sequence
+    "short": lambda: _lengths_mask([3, 9, 14]),  # span 16 < seqlen: dK/dV beyond it are zeros
+    "all ones": lambda: torch.ones(3, SEQLEN, dtype=torch.bool),
+    "left padded": lambda: _lengths_mask([40, 30, 7]).flip(1),
+    "holes": lambda: torch.rand(4, SEQLEN, generator=torch.Generator().manual_seed(3)) < 0.6,
+}
+
+
+def _inputs(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dy = (torch.randn(batch, SEQLEN, HEADS, HD, generator=g, dtype=torch.float64) for _ in range(4))
+    return q, k, v, dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("garbage", [None, "nan", "huge"])
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_masked_plan_matches_reference(mask_name, garbage, dtype, poison):
+    mask = MASKS[mask_name]()
+    q, k, v, dy = _inputs(mask.shape[0], seed=len(mask_name))
+    if garbage is not None:  # masked K/V rows: NaN takes the exact path, finite garbage the in-place one
+        bad = float("nan") if garbage == "nan" else 1e4
+        k, v = (torch.where(mask[:, :, None, None], t, bad) for t in (k, v))
+
+    def run(backend, cast):
+        leaves = [t.to(cast).requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, attention_mask=mask, backend=backend)
+        return [out] + list(torch.autograd.grad(out, leaves, dy.to(cast)))
+
+    got = run("torch", dtype)
+    clean = [torch.where(mask[:, :, None, None], t, 0.0) for t in (k, v)]  # the reference on clean rows
+    k, v = clean
+    hi, lo = run("reference", torch.float64), run("reference", dtype)
+    for name, g_, h, l in zip(["out", "dq", "dk", "dv"], got, hi, lo):
+        assert_close_to_ref(g_, h, l, name=name, floor_eps=8.0)  # as the unmasked flash path (test_thin_functional)
+    for g_ in got[2:]:  # masked keys: exact zeros
+        assert g_[~mask].eq(0).all()
+
+
+def test_plan_groups_and_fallback():
+    k = torch.randn(5, SEQLEN, HEADS, HD)
+    v = torch.randn(5, SEQLEN, HEADS, HD)
+    p = _masked.plan(_lengths_mask([40, 39, 17, 1, 33]), k, v)
+    assert [(g.start, g.stop, g.span) for g in p.groups] == [(0, 5, 40)] and p.groups[0].bias is not None
+    assert p.one_call(5) and not p.empty
+    p = _masked.plan(torch.ones(5, SEQLEN, dtype=torch.bool), k, v)
+    assert p.groups[0].bias is None and p.groups[0].span == SEQLEN
+    p = _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v)
+    assert p.empty == [1] and [(g.start, g.stop) for g in p.groups] == [(0, 1), (2, 5)]
+    assert p.groups[1].span == 40 and p.groups[0].span == 16
+    k[0, 10] = float("inf")  # a masked key inside sequence 0's span [0, 16)
+    assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is None
+    k[0, 10] = 0.0
+    v[0, 20] = float("nan")  # masked but outside every span that sequence 0 meets
+    assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
+
+
+def test_backward_reuses_the_forward_plan_only_for_the_same_inputs():
+    """The forward's plan rides on its lse; backward takes it only for the same mask, k, v."""
+    from fastbert.backends.torch.attention import _saved_plan, attention_fwd_functional
+
+    mask = _lengths_mask([40, 9])
+    q, k, v = (torch.randn(2, SEQLEN, HEADS, HD) for _ in range(3))
+    kw = dict(attn_bias=None, cu_seqlens=None, max_seqlen=0, dropout_p=0.0, seed=None, softmax_scale=0.25)
+    _, lse = attention_fwd_functional(q, k, v, attention_mask=mask, **kw)
+    assert _saved_plan(lse, mask, k, v) is lse._fastbert_plan[1]
+    k[1, 12] = float("nan")  # in place, inside sequence 1's span [0, 16): a fresh plan, which gives up
+    assert _saved_plan(lse, mask, k, v) is None
