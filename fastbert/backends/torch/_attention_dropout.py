@@ -12,8 +12,9 @@ dtype before their products — but with fewer passes over the ``[heads, L, L]``
 what the step spends its time on: no key mask (none is needed within a run), no logsumexp (the
 varlen path writes no statistics), the scale folded into the matrix products' ``alpha`` where the
 dtype is the accumulation dtype (fp32/fp64: no rounding in between), ``D`` from O rather than
-from the planes, and the keep mask multiplied in as floats. The forward also keeps P for the
-backward (:class:`SavedProbs`) so that the backward need not recompute ``Q K^T`` and the softmax.
+from the planes, the keep mask multiplied in as floats, and dS in two passes from P and P * keep.
+The forward also keeps P and P * keep for the backward (:class:`SavedProbs`), so the backward
+recomputes neither ``Q K^T``, the softmax nor the mask.
 """
 
 from __future__ import annotations
@@ -44,48 +45,49 @@ def _keep_float(keep, acc):
     return keep.reshape(n * h, lq, lk).to(acc)
 
 
+def _probs(qh, kh, softmax_scale):
+    """P = softmax(scale * Q K^T) ``[nH, Lq, Lk]`` in the accumulation dtype."""
+    return torch.softmax(torch.baddbmm(qh.new_empty(()), qh, kh.transpose(1, 2), beta=0.0, alpha=softmax_scale),
+                         dim=-1)
+
+
 def dropout_attention_fwd(q, k, v, out, keep, *, dropout_scale: float, softmax_scale: float):
     """``out`` ``[n, L, H, d]`` for q/k/v ``[n, L, H, d]`` and ``keep`` bool ``[n, H, L, L]``;
-    returns ``(P, Z01)``: the softmax fp32 (fp64) ``[n * H, L, L]`` and the 0/1 keep mask in that
-    dtype, for :func:`dropout_attention_bwd`."""
+    returns ``(P, P * keep)`` (fp32; fp64 for fp64 inputs; ``[n * H, L, L]``, the dropout scale
+    not applied), what :func:`dropout_attention_bwd` needs."""
     acc = acc_dtype(q.dtype)
-    exact = q.dtype == acc  # products in q's dtype: the scales fold into alpha without a rounding between
     qh, kh, vh = (_heads(t, acc) for t in (q, k, v))
-    scores = torch.baddbmm(qh.new_empty(()), qh, kh.transpose(1, 2), beta=0.0, alpha=softmax_scale)  # [nH, L, L]
-    probs = torch.softmax(scores, dim=-1)
-    z01 = _keep_float(keep, acc)
-    dropped = probs * z01
-    if exact:
+    probs = _probs(qh, kh, softmax_scale)
+    dropped = probs * _keep_float(keep, acc)  # P * keep
+    if q.dtype == acc:  # products in q's dtype: the scale folds into alpha, no rounding between
         o = torch.baddbmm(vh.new_empty(()), dropped, vh, beta=0.0, alpha=dropout_scale)
     else:
-        o = round_to(dropped.mul_(dropout_scale), q.dtype) @ vh
+        o = round_to(dropped * dropout_scale, q.dtype) @ vh
     _store(out, o)
-    return probs, z01
+    return probs, dropped
 
 
 def dropout_attention_bwd(dout, q, k, v, out, dq, dk, dv, keep, *, dropout_scale: float, softmax_scale: float,
                           saved=None):
-    """Writes dq, dk, dv ``[n, L, H, d]``; ``saved``: :func:`dropout_attention_fwd`'s ``(P, Z01)``
-    for these inputs, or None to recompute them."""
+    """Writes dq, dk, dv ``[n, L, H, d]``; ``saved``: :func:`dropout_attention_fwd`'s ``(P, P * keep)``
+    for these inputs, or None to recompute them from q, k and ``keep``."""
     acc = acc_dtype(q.dtype)
-    exact = q.dtype == acc
     qh, kh, vh, doh = (_heads(t, acc) for t in (q, k, v, dout))
     if saved is None:
-        scores = torch.baddbmm(qh.new_empty(()), qh, kh.transpose(1, 2), beta=0.0, alpha=softmax_scale)
-        probs, z01 = torch.softmax(scores, dim=-1), _keep_float(keep, acc)
-    else:
-        probs, z01 = saved
-    # D = rowsum(dO * O) = rowsum(dP * P), from the [nH, L, d] tensors rather than the [nH, L, L] planes
+        probs = _probs(qh, kh, softmax_scale)
+        saved = probs, probs * _keep_float(keep, acc)
+    probs, dropped = saved
+    # D = rowsum(dO * O) = rowsum(dP * P), from the [nH, L, d] tensors rather than the [nH, L, L] planes.
     delta = (doh * _heads(out, acc)).sum(-1, keepdim=True)  # [nH, L, 1]
-    dp = torch.bmm(doh, vh.transpose(1, 2)).mul_(z01)  # dO V^T * keep: [nH, L, L]
-    if exact:
-        dv_ = torch.baddbmm(vh.new_empty(()), (probs * z01).transpose(1, 2), doh, beta=0.0, alpha=dropout_scale)
-        # dS / dropout_scale = P * (dO V^T * keep - D / dropout_scale); dropout_scale rides in alpha
-        ds = dp.sub_(delta.div_(dropout_scale)).mul_(probs)
+    # dS = P * (dO V^T * keep * s - D) = s * ((dO V^T) * (P * keep) - P * D / s), s = dropout_scale:
+    # two passes over the planes, s applied with the products below.
+    ds = torch.bmm(doh, vh.transpose(1, 2)).mul_(dropped).addcmul_(probs, delta, value=-1.0 / dropout_scale)
+    if q.dtype == acc:
+        dv_ = torch.baddbmm(vh.new_empty(()), dropped.transpose(1, 2), doh, beta=0.0, alpha=dropout_scale)
         alpha = softmax_scale * dropout_scale
-    else:
-        dv_ = round_to((probs * z01).mul_(dropout_scale), q.dtype).transpose(1, 2) @ doh
-        ds = round_to(dp.mul_(dropout_scale).sub_(delta).mul_(probs), q.dtype)
+    else:  # P * Z and dS rounded to q's dtype before their products, as the kernels do
+        dv_ = round_to(dropped * dropout_scale, q.dtype).transpose(1, 2) @ doh
+        ds = round_to(ds.mul_(dropout_scale), q.dtype)
         alpha = softmax_scale
     dq_ = torch.baddbmm(qh.new_empty(()), ds, kh, beta=0.0, alpha=alpha)
     dk_ = torch.baddbmm(kh.new_empty(()), ds.transpose(1, 2), qh, beta=0.0, alpha=alpha)
@@ -94,9 +96,9 @@ def dropout_attention_bwd(dout, q, k, v, out, dq, dk, dv, keep, *, dropout_scale
 
 
 class SavedProbs:
-    """The softmax of the last dropout forwards, for their backwards (P costs a ``Q K^T`` and a
-    softmax to recompute; ``[heads, L, L]`` fp32 per sequence is ~2 MB per BERT-base layer at
-    8 x 128 and 50% fill). An entry is keyed by the call's inputs — q, k, v by address, shape,
+    """P and P * keep of the last dropout forwards, for their backwards (they cost a ``Q K^T``,
+    a softmax and the mask to recompute; two ``[heads, L, L]`` fp32 planes per sequence, ~4.5 MB
+    per BERT-base layer at 8 x 128 and 50% fill). An entry is keyed by the call's inputs — q, k, v by address, shape,
     strides, dtype and version counter (the entry holds them, so no other tensor can take their
     memory while it lives), the seed, p, the scale and the layout — so a backward finds exactly
     its forward's P or nothing (then recomputes). Taken out when found; oldest first out beyond
@@ -148,6 +150,6 @@ class SavedProbs:
         self._bytes = 0
 
 
-# 128 MiB holds the P of a BERT-base step at 8 x 128 (~30 MB) several times; past it the oldest
+# 128 MiB holds what a BERT-base step at 8 x 128 saves (12 layers, ~55 MB) twice; past it the oldest
 # layers' backwards recompute (the last forwards are the first backwards).
 SAVED = SavedProbs(128 << 20)

@@ -1,8 +1,9 @@
 """Varlen attention with dropout on the CPU, one run of equal-length sequences at a time.
 
-SDPA cannot take the shared Philox keep mask, so dropout runs the reference's composite math
-(``fastbert.backends._composite.attention_math``: fp32 scores, softmax and products, P rounded to
-q's dtype before ``P @ V``). Padding every sequence to ``max_seqlen`` first would spend about 3/4
+SDPA cannot take the shared Philox keep mask, so dropout runs the contract's composite math
+(fp32 scores, softmax and products, P rounded to q's dtype before ``P @ V``), streamlined for a
+block without key masks in :mod:`._attention_dropout`, which also keeps the forward's softmax for
+the backward. Padding every sequence to ``max_seqlen`` first would spend about 3/4
 of that work on padding at 50% fill (and the padded rows' masks); here each run of consecutive
 sequences of equal length is a ``[n, len, H, d]`` view of the packed rows, computed without a key
 mask and with the dropout counters of its own sequences (``first_sequence``), so the masks are the
@@ -10,8 +11,6 @@ same bits as the padded and every other backend's. Reading ``cu_seqlens`` is fre
 """
 
 from __future__ import annotations
-
-import torch
 
 from fastbert.backends._philox import attention_keep_mask, dropout_scale
 from fastbert.backends.torch._attention_dropout import SAVED, dropout_attention_bwd, dropout_attention_fwd
