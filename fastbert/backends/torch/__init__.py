@@ -4,8 +4,9 @@ The fast default on CPU and the fallback everywhere. Varlen attention runs one s
 on CPU (no padding at all; reading ``cu_seqlens`` is a free host sync there) and is re-padded only
 inside attention elsewhere. The contract's entry points write the preallocated outputs; the
 ``_functional`` twins below return aten's own results, saving the copies. With dropout, attention needs the shared
-Philox keep mask, which SDPA cannot take, so it runs the reference's composite math instead, and
-backward is that composite's backward. ``lse`` is written only where ``fastbert.ops`` asks for it
+Philox keep mask, which SDPA cannot take, so it runs composite math instead: varlen on the CPU a
+streamlined form per run of equal-length sequences (``_attention_dropout.py``: fewer passes, the
+forward's softmax kept for the backward), elsewhere the reference's composite and its backward. ``lse`` is written only where ``fastbert.ops`` asks for it
 (:func:`writes_lse_for`: padded CPU attention without dropout or bias, on the eager path): aten's
 CPU flash attention, whose logsumexp lets backward run aten's flash backward without recomputing
 the forward.

@@ -366,7 +366,7 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, *, attention_mask,
             and attn_bias is None):
         return _sdpa_per_sequence_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, softmax_scale)
     if cu_seqlens is not None and q.device.type == "cpu" and attn_bias is None:  # dropout: no padding
-        return varlen_dropout_bwd(dout, q, k, v, dq, dk, dv, cu_seqlens, dropout_p=dropout_p, seed=seed,
+        return varlen_dropout_bwd(dout, q, k, v, out, dq, dk, dv, cu_seqlens, dropout_p=dropout_p, seed=seed,
                                   softmax_scale=softmax_scale)
     composite.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, dbias, attention_mask=attention_mask,
                             attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
