@@ -23,3 +23,19 @@ def test_two_ndims_and_one_ndim_keep_their_wording():
         ops.rotary(x, x, torch.randn(4, 4), torch.randn(4, 4))
     with pytest.raises(ValueError, match=r"^bias: expected 1 dims, got 2"):
         ops.gelu(x, bias=x)
+
+
+def test_bad_fastbert_backend_names_the_variable_and_the_valid_names(monkeypatch):
+    monkeypatch.setenv("FASTBERT_BACKEND", "foo")
+    with pytest.raises(ValueError, match=r"^FASTBERT_BACKEND \(environment variable\): expected one of "
+                                         r"\[.*'reference'.*'torch'.*\] or 'auto', got 'foo'$"):
+        ops.gelu(torch.randn(4, 8))
+    monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+    ops.gelu(torch.randn(4, 8))  # 'auto' is one of the valid names
+
+
+@pytest.mark.parametrize("bad", ["foo", 3, ["torch"]])
+def test_bad_backend_argument_names_the_argument(bad):
+    with pytest.raises(ValueError, match=r"^backend: expected one of \[.*'torch'.*\] or 'auto', got " +
+                       repr(bad).replace("[", r"\[").replace("]", r"\]") + "$"):
+        ops.gelu(torch.randn(4, 8), backend=bad)
