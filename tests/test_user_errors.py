@@ -39,3 +39,32 @@ def test_bad_backend_argument_names_the_argument(bad):
     with pytest.raises(ValueError, match=r"^backend: expected one of \[.*'torch'.*\] or 'auto', got " +
                        repr(bad).replace("[", r"\[").replace("]", r"\]") + "$"):
         ops.gelu(torch.randn(4, 8), backend=bad)
+
+
+@pytest.mark.parametrize("window", [[2, 3], (2, 3), torch.Size([2, 3]), range(2, 4)], ids=["list", "tuple", "Size", "range"])
+def test_window_takes_any_length_two_sequence(window):
+    """Lists come from JSON configs; PyTorch's pair arguments take any sequence too."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 9, 2, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(ops.attention(q, k, v, window=window), ops.attention(q, k, v, window=(2, 3)))
+    assert not torch.allclose(ops.attention(q, k, v, window=window), ops.attention(q, k, v))
+
+
+@pytest.mark.parametrize("bad", [b"ab", "ab", torch.tensor([1, 2]), {1: 2, 3: 4}, [1, 2, 3]])
+def test_window_that_is_no_pair_says_the_type(bad):
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(TypeError, match=r"^window: expected None or a \(left, right\) pair of two ints >= 0 \(a tuple, "
+                       rf"list or other length-2 sequence\), got .* of type {type(bad).__name__}$"):
+        ops.attention(q, q, q, window=bad)
+
+
+def test_three_dim_q_without_cu_seqlens_hints_at_varlen():
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match=r"^q: expected 4 dims, got 3 \(shape \(10, 2, 8\)\); a 3-D q \(total_tokens, "
+                       r"num_heads, head_dim\) is the varlen \(unpadded\) layout: pass cu_seqlens .* and max_seqlen"):
+        ops.attention(q, q, q)
+    q4 = torch.randn(1, 10, 2, 8)
+    with pytest.raises(ValueError, match=r"^q: expected 3 dims, got 4 .*; with cu_seqlens q is the varlen layout"):
+        ops.attention(q4, q4, q4, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^q: expected 4 dims, got 2 .*; q is \(batch, seqlen_q, num_heads, head_dim\)"):
+        ops.attention(q[0], q[0], q[0])
