@@ -68,3 +68,35 @@ def test_three_dim_q_without_cu_seqlens_hints_at_varlen():
         ops.attention(q4, q4, q4, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"^q: expected 4 dims, got 2 .*; q is \(batch, seqlen_q, num_heads, head_dim\)"):
         ops.attention(q[0], q[0], q[0])
+
+
+def test_env_lists_the_cpu_extension_built_or_why_not(monkeypatch):
+    """``fastbert env`` reports fastbert._C_cpu next to _C and _C_host: its version when it loads,
+    the build manifest's reason when it was not built."""
+    import sys
+
+    import fastbert
+    from fastbert import _build_info, env
+
+    info = env.collect_env("cpu")
+    assert set(env.EXTENSIONS) == {"_C", "_C_host", "_C_cpu"}
+    for name in env.EXTENSIONS:
+        assert f"fastbert.{name}" in info["versions"]
+    manifest = {"present": True, "schema": _build_info.SCHEMA, "modules": {
+        "_C_cpu": {"status": "skipped", "reason": "FASTBERT_BUILD_CPU=0: not building fastbert._C_cpu"}}}
+    monkeypatch.setattr(_build_info, "read_manifest", lambda path=None: manifest)
+    monkeypatch.setitem(sys.modules, "fastbert._C_cpu", None)  # as if not built
+    versions = env.collect_env("cpu")["versions"]
+    assert versions["fastbert._C_cpu"] is None
+    assert versions["fastbert._C_cpu (why not)"] == (
+        "not built (skipped): FASTBERT_BUILD_CPU=0: not building fastbert._C_cpu")
+
+    class Old:  # built for another fastbert
+        @staticmethod
+        def version():
+            return "0.0.1"
+
+    monkeypatch.setitem(sys.modules, "fastbert._C_cpu", Old)
+    versions = env.collect_env("cpu")["versions"]
+    assert versions["fastbert._C_cpu"] == "0.0.1"
+    assert versions["fastbert._C_cpu (why not)"] == f"built for fastbert 0.0.1, this is {fastbert.__version__}: rebuild"
