@@ -102,3 +102,32 @@ def test_env_lists_the_cpu_extension_built_or_why_not(monkeypatch):
     assert versions["fastbert._C_cpu"] == "0.0.1"
     assert versions["fastbert._C_cpu (why not)"] == f"built for fastbert 0.0.1, this is {fastbert.__version__}: rebuild"
 
+
+def test_gelu_and_layer_norm_plot_titles_say_the_hidden_size(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from fastbert.bench import report
+
+    titles = []
+    real = Axes.set_title
+    def spy(ax, text, *args, **kwargs):
+        titles.append(text)
+        return real(ax, text, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_title", spy)
+
+    def case(op, direction, model, hidden, rows):
+        result = {"impl": "fastbert-torch", "status": "ok", "rate": 2.0, "median_s": 1.0, "q25_s": 0.9,
+                  "q75_s": 1.1, "rate_unit": "GB/s"}
+        params = {"model": model, "rows": rows} if hidden is None else {"model": model, "rows": rows, "hidden": hidden}
+        return {"op": op, "direction": direction, "params": params, "x": rows, "x_name": "rows (tokens)",
+                "results": [result]}
+
+    cases = [case("gelu", "fwd", "bert-base", 3072, r) for r in (64, 128)]
+    for model, hidden in (("bert-base", 768), ("bert-large", 1024)):
+        cases += [case("layer_norm", "bwd", model, hidden, r) for r in (64, 128)]
+    cases += [case("attention", "fwd", "bert-base", None, r) for r in (64, 128)]
+    paths, why = report.write_plots(str(tmp_path), cases, "t", combined=False)
+    assert len(paths) == 3, why
+    assert sorted(titles) == ["attention fwd", "gelu fwd, hidden 3072", "layer_norm bwd, hidden 768 / 1024"]
