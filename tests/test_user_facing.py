@@ -131,3 +131,30 @@ def test_gelu_and_layer_norm_plot_titles_say_the_hidden_size(tmp_path, monkeypat
     paths, why = report.write_plots(str(tmp_path), cases, "t", combined=False)
     assert len(paths) == 3, why
     assert sorted(titles) == ["attention fwd", "gelu fwd, hidden 3072", "layer_norm bwd, hidden 768 / 1024"]
+
+
+@pytest.mark.parametrize("env, reasons", [
+    ({"FASTBERT_BUILD_HOST": "0", "FASTBERT_BUILD_CPU": "0"},
+     {"_C_host": "FASTBERT_BUILD_HOST=0: not building fastbert._C_host",
+      "_C_cpu": "FASTBERT_BUILD_CPU=0: not building fastbert._C_cpu"}),
+    ({"PATH": "/nonexistent", "CXX": ""},  # no C++ compiler on PATH
+     {"_C_host": "no C++ compiler: not building fastbert._C_host (the 'cuda-host' test backend)",
+      "_C_cpu": "no C++ compiler: not building fastbert._C_cpu (the torch backend uses torch ops instead)"})],
+    ids=["switched-off", "no-compiler"])
+def test_setup_says_why_each_cpp_module_is_skipped(tmp_path, env, reasons):
+    """setup.py plans _C_host and _C_cpu by one rule (switch, then compiler); the manifest says why not."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    run_env.update(FASTBERT_BUILD_CUDA="0", PYTHONPATH=str(root), **env)
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
+                         env=run_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    modules = json.loads((tmp_path / "fastbert" / "_build_manifest.json").read_text())["modules"]
+    for name, why in reasons.items():
+        assert modules[name] == {"status": "skipped", "reason": why}, modules
