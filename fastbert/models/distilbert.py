@@ -123,14 +123,12 @@ class DistilBertForMultipleChoice(MultipleChoiceTask, _DistilBertHead):
 
 
 class DistilBertForTokenClassification(TokenClassificationTask, _DistilBertHead):
-    """transformers' ``DistilBertForTokenClassification``: logits ``(batch, seqlen, num_labels)``."""
+    """transformers' ``DistilBertForTokenClassification``: logits ``(batch, seqlen, num_labels)``;
+    its dropout is ``config.dropout``."""
 
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, unpad)
-        self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
+    @staticmethod
+    def _head_dropout(config) -> float:
+        return config.dropout
 
 
 class DistilBertForQuestionAnswering(QuestionAnsweringTask, _DistilBertHead):
@@ -141,10 +139,10 @@ class DistilBertForQuestionAnswering(QuestionAnsweringTask, _DistilBertHead):
     """
 
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
         if config.num_labels != 2:
             raise ValueError(f"num_labels: DistilBertForQuestionAnswering expects 2, got {config.num_labels}")
-        self._build(config, unpad)
-        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
-        self.dropout = nn.Dropout(config.qa_dropout)
-        self._fastbert_init(backend)
+        super().__init__(config, unpad=unpad, backend=backend)
+
+    @staticmethod
+    def _head_dropout(config) -> float:
+        return config.qa_dropout
