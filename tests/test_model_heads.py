@@ -49,3 +49,26 @@ def test_distilbert_qa_still_checks_num_labels():
     config = tiny_config(transformers, "distilbert", num_labels=3)
     with pytest.raises(ValueError, match="num_labels: DistilBertForQuestionAnswering expects 2, got 3"):
         models.DistilBertForQuestionAnswering(config)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "modernbert"])
+def test_base_model_tuple_output_is_the_dict_fields(model_type):
+    """``base_output``: return_dict=False gives the non-None fields of the dict output, in order."""
+    if model_type == "modernbert":
+        from tests.test_modernbert import tiny_config as modernbert_config
+
+        config, cls = modernbert_config(), models.ModernBertModel
+    else:
+        config = tiny_config(transformers, model_type)
+        cls = getattr(models, FAMILIES[model_type][1] + "Model")
+    model = cls(config).eval()
+    ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        d = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        t = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=False)
+    fields = [v for v in d.values() if v is not None]
+    assert isinstance(t, tuple) and len(t) == len(fields) == (3 if model_type == "bert" else 2)  # + pooler_output
+    torch.testing.assert_close(t[0], d.last_hidden_state)
+    assert len(t[-1]) == config.num_hidden_layers + 1

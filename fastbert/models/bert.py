@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, return_dict_of
+from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, base_output
 from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
                                    SequenceClassificationTask, TaskModel, TokenClassificationTask,
                                    classifier_dropout, task_output, token_logits)
@@ -178,10 +178,8 @@ class BertModel(EncoderModelMixin, BertPreTrainedModel):
                           output_attentions, output_hidden_states, indices=indices, cu_seqlens=cu_seqlens,
                           max_seqlen=max_seqlen)
         pooled = self.pooler(enc.last_hidden_state) if self.pooler is not None else None
-        out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=enc.last_hidden_state,
-                                                           pooler_output=pooled, hidden_states=enc.hidden_states,
-                                                           attentions=enc.attentions)
-        return out if return_dict_of(self.config, return_dict) else out.to_tuple()
+        return base_output(self.config, enc, return_dict, BaseModelOutputWithPoolingAndCrossAttentions,
+                           pooler_output=pooled)
 
 
 _MLM_TIES = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",

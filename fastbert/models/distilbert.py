@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from transformers import DistilBertConfig
-from transformers.modeling_outputs import BaseModelOutput
 
-from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, return_dict_of
+from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, base_output
 from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
                                    SequenceClassificationTask, TokenClassificationTask)
 from fastbert.models.electra import _act
@@ -50,9 +49,7 @@ class DistilBertModel(EncoderModelMixin, DistilBertPreTrainedModel):
                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None):
         enc = self.encode(input_ids, attention_mask, None, position_ids, inputs_embeds, output_attentions,
                           output_hidden_states, indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        out = BaseModelOutput(last_hidden_state=enc.last_hidden_state, hidden_states=enc.hidden_states,
-                              attentions=enc.attentions)
-        return out if return_dict_of(self.config, return_dict) else out.to_tuple()
+        return base_output(self.config, enc, return_dict)
 
 
 class _DistilBertHead(DistilBertPreTrainedModel):
