@@ -158,3 +158,12 @@ def test_setup_says_why_each_cpp_module_is_skipped(tmp_path, env, reasons):
     modules = json.loads((tmp_path / "fastbert" / "_build_manifest.json").read_text())["modules"]
     for name, why in reasons.items():
         assert modules[name] == {"status": "skipped", "reason": why}, modules
+
+
+@pytest.mark.parametrize("op", ["gelu", "geglu", "layer_norm"])
+def test_meta_tensor_names_the_device(op):
+    """A meta tensor (no values) reads the dispatch error naming the device, not autocast's
+    'unknown device type'."""
+    with pytest.raises(RuntimeError, match=rf"^fastbert.ops.{op}: no backend can run this call:\n  - torch: device 'meta'"):
+        getattr(ops, op)(torch.randn(4, 8, device="meta"))
+

@@ -141,9 +141,13 @@ def deterministic() -> bool:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype for ``device_type`` when autocast is on there, else None."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    """The autocast dtype for ``device_type`` when autocast is on there, else None (also for a
+    device autocast does not know, such as ``meta``: dispatch then names the device)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        pass
     return None
 
 
