@@ -167,3 +167,33 @@ def test_meta_tensor_names_the_device(op):
     with pytest.raises(RuntimeError, match=rf"^fastbert.ops.{op}: no backend can run this call:\n  - torch: device 'meta'"):
         getattr(ops, op)(torch.randn(4, 8, device="meta"))
 
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ("8", TypeError, r"expected an int or a 1-element shape .* got '8' of type str"),
+    (8.0, TypeError, r"got 8.0 of type float"), (True, TypeError, r"got True of type bool"),
+    ((8.0,), TypeError, r"got \(8.0,\) of type tuple"), (-1, ValueError, r"expected a size >= 0, got -1"),
+    ((2, 3), ValueError, r"normalises the last dim only")])
+def test_nn_layer_norm_bad_shape_names_the_argument(bad, exc, match):
+    import fastbert.nn as fnn
+
+    with pytest.raises(exc, match=r"^normalized_shape: .*" + match):
+        fnn.LayerNorm(bad)
+
+
+def test_nn_layer_norm_takes_what_torch_takes():
+    import numpy as np
+
+    import fastbert.nn as fnn
+
+    for shape in (8, (8,), [8], torch.Size([8]), np.int64(8)):
+        m = fnn.LayerNorm(shape)
+        assert m.normalized_shape == torch.nn.LayerNorm(shape).normalized_shape == (8,)
+        assert all(type(n) is int for n in m.normalized_shape)
+
+
+def test_nn_gelu_checks_approximate_when_built():
+    import fastbert.nn as fnn
+
+    with pytest.raises(ValueError, match=r"^approximate: expected one of \('none', 'tanh'\), got 'bogus'$"):
+        fnn.GELU("bogus")
+    assert fnn.GELU("tanh").approximate == "tanh"
