@@ -197,3 +197,24 @@ def test_nn_gelu_checks_approximate_when_built():
     with pytest.raises(ValueError, match=r"^approximate: expected one of \('none', 'tanh'\), got 'bogus'$"):
         fnn.GELU("bogus")
     assert fnn.GELU("tanh").approximate == "tanh"
+
+
+def test_model_inputs_of_the_wrong_shape_name_the_argument():
+    transformers = pytest.importorskip("transformers")
+    import fastbert.models as models
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                     intermediate_size=40, max_position_embeddings=16)
+    model = models.BertModel(config).eval()
+    ids = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"^token_type_ids: expected shape \(batch or 1, seqlen\) = \(2 or 1, 7\), "
+                                         r"got \(2, 6\)$"):
+        model(input_ids=ids, token_type_ids=torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^position_ids: expected shape .* got \(3, 7\)$"):
+        model(input_ids=ids, position_ids=torch.arange(7).expand(3, 7))
+    with pytest.raises(ValueError, match=r"^inputs_embeds: expected \(batch, seqlen, 32\), got shape \(2, 7, 31\)$"):
+        model(inputs_embeds=torch.randn(2, 7, 31))
+    with torch.no_grad():  # the shapes transformers takes still run: (1, seqlen) and (seqlen,) positions
+        a = model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(model(input_ids=ids, position_ids=torch.arange(7)[None]).last_hidden_state, a)
+        torch.testing.assert_close(model(input_ids=ids, position_ids=torch.arange(7)).last_hidden_state, a)
