@@ -110,20 +110,15 @@ def _plan() -> tuple[list[Extension], dict, dict]:
             skip("_C", f"NOT building the CUDA extension fastbert._C: {info}; the 'cuda' backend will be unavailable")
     else:
         skip("_C", "FASTBERT_BUILD_CUDA=0: not building fastbert._C")
-    if _enabled("FASTBERT_BUILD_HOST"):
-        if _has_cxx():
-            exts.append(Extension("fastbert._C_host", sources=[]))
+    # The C++-only modules: each needs its switch on and a C++ compiler.
+    for name, switch, without in (("_C_host", "FASTBERT_BUILD_HOST", "the 'cuda-host' test backend"),
+                                  ("_C_cpu", "FASTBERT_BUILD_CPU", "the torch backend uses torch ops instead")):
+        if not _enabled(switch):
+            skip(name, f"{switch}=0: not building fastbert.{name}")
+        elif _has_cxx():
+            exts.append(Extension(f"fastbert.{name}", sources=[]))
         else:
-            skip("_C_host", "no C++ compiler: not building fastbert._C_host (the 'cuda-host' test backend)")
-    else:
-        skip("_C_host", "FASTBERT_BUILD_HOST=0: not building fastbert._C_host")
-    if _enabled("FASTBERT_BUILD_CPU"):
-        if _has_cxx():
-            exts.append(Extension("fastbert._C_cpu", sources=[]))
-        else:
-            skip("_C_cpu", "no C++ compiler: not building fastbert._C_cpu (the torch backend uses torch ops instead)")
-    else:
-        skip("_C_cpu", "FASTBERT_BUILD_CPU=0: not building fastbert._C_cpu")
+            skip(name, f"no C++ compiler: not building fastbert.{name} ({without})")
     return exts, opts, modules
 
 

@@ -59,7 +59,7 @@ def read_manifest(path: str | Path | None = None) -> dict:
 
 
 def module_status(name: str, manifest: dict | None = None) -> tuple[str, str | None]:
-    """``(status, reason)`` of module ``name`` (``"_C"`` / ``"_C_host"``): ``"built"``,
+    """``(status, reason)`` of module ``name`` (one of :data:`MODULES`): ``"built"``,
     ``"failed"`` or ``"skipped"`` as recorded, or ``"unknown"`` without a manifest."""
     manifest = read_manifest() if manifest is None else manifest
     if not manifest.get("present"):

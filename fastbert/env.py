@@ -100,10 +100,31 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _extension_versions() -> dict:
-    """``{"fastbert._C": version or None, ...}`` plus ``"... (why not)"`` for a broken build."""
+# The compiled extensions: the CUDA kernels, their CPU host build (the cuda-host test backend)
+# and the torch backend's compiled CPU dropout-mask generator.
+EXTENSIONS = ("_C", "_C_host", "_C_cpu")
+
+
+def _extension_version(ext) -> str | None:
+    """An extension's version: ``__version__``, ``version()`` or ``build_info()["version"]``."""
+    version = getattr(ext, "__version__", None)
+    for attr in ("version", "build_info"):
+        if version is None and callable(getattr(ext, attr, None)):
+            try:
+                got = getattr(ext, attr)()
+                version = got.get("version") if isinstance(got, dict) else got
+            except Exception:
+                version = None
+    return None if version is None else str(version)
+
+
+def _extension_versions(manifest: dict) -> dict:
+    """``{"fastbert._C": version or None, ...}`` for every one of :data:`EXTENSIONS`, plus
+    ``"fastbert._C (why not)"`` when one does not load: the build manifest's reason when it was not
+    built, the import error when it was built but is broken, the version when it is another
+    fastbert's."""
     versions: dict = {}
-    for ext_name in ("_C", "_C_host"):  # the CUDA extension and its CPU host build, when built
+    for ext_name in EXTENSIONS:
         key = f"fastbert.{ext_name}"
         try:
             ext = importlib.import_module(key)
@@ -111,14 +132,14 @@ def _extension_versions() -> dict:
             versions[key] = None
             if not (isinstance(exc, ModuleNotFoundError) and exc.name == key):  # built but broken
                 versions[f"{key} (why not)"] = f"{type(exc).__name__}: {exc}"
+            else:
+                status, reason = _build_info.module_status(ext_name, manifest)
+                versions[f"{key} (why not)"] = f"not built ({status}): {reason or 'no reason recorded'}"
             continue
-        version = getattr(ext, "__version__", None)
-        if version is None and callable(getattr(ext, "build_info", None)):
-            try:
-                version = ext.build_info().get("version")
-            except Exception:
-                version = None
+        version = _extension_version(ext)
         versions[key] = version or "unknown"
+        if version is not None and version != fastbert.__version__:
+            versions[f"{key} (why not)"] = f"built for fastbert {version}, this is {fastbert.__version__}: rebuild"
     return versions
 
 
@@ -141,7 +162,8 @@ def collect_env(device: str | None = None, dtype: str = "float32", head_dim: int
     """What ``fastbert env`` reports, as a JSON-serialisable dict.
 
     Keys: ``versions`` (python, torch, triton, transformers, tokenizers, fastbert, and the
-    extensions fastbert._C / fastbert._C_host; None = not installed), ``device`` (default device,
+    extensions fastbert._C / fastbert._C_host / fastbert._C_cpu; None = not installed, with a
+    ``"fastbert._C_cpu (why not)"`` entry saying why), ``device`` (default device,
     CPU name and torch threads, torch's CUDA version, whether an NVIDIA driver is installed, GPU
     name, compute capability and count when a GPU is visible), ``environment`` (the variables
     that change dispatch), ``call`` (the call each backend was asked about: device, dtype,
@@ -159,10 +181,12 @@ def collect_env(device: str | None = None, dtype: str = "float32", head_dim: int
     device = device or default_device()
     torch_dtype = dtype_from_name(dtype)
     driver = nvidia_driver_found()
+    # What `pip install` built, and why anything was not (setup.py's build manifest).
+    build = _build_info.read_manifest()
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "triton": _version_of("triton"), "transformers": _version_of("transformers"),
                 "tokenizers": _version_of("tokenizers"), "fastbert": fastbert.__version__,
-                **_extension_versions()}
+                **_extension_versions(build)}
     dev = {"default": device, "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(),
            "cuda_available": torch.cuda.is_available(), "torch_cuda_version": torch.version.cuda,
            "nvidia_driver": driver}
@@ -191,8 +215,6 @@ def collect_env(device: str | None = None, dtype: str = "float32", head_dim: int
         except Exception as exc:
             auto[op] = f"error: {exc}"
 
-    # What `pip install` built, and why anything was not (setup.py's build manifest).
-    build = _build_info.read_manifest()
     return {"versions": versions, "device": dev,
             "environment": {k: os.environ.get(k) for k in ENV_VARS},
             "call": {"device": device, "dtype": str(torch_dtype).replace("torch.", ""),

@@ -213,12 +213,13 @@ def register_backend(spec: BackendSpec) -> None:
     _REGISTRY[spec.name] = spec
 
 
-def get_backend(name: str) -> BackendSpec:
-    """The registered backend called ``name``; ValueError listing the known names otherwise."""
+def get_backend(name: str, arg: str = "backend") -> BackendSpec:
+    """The registered backend called ``name``; ValueError listing the known names otherwise, named
+    ``arg`` (where the name came from: ``backend`` or the ``FASTBERT_BACKEND`` variable)."""
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"backend: expected one of {sorted(_REGISTRY)}, got {name!r}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable value (a list)
+        raise ValueError(f"{arg}: expected one of {sorted(_REGISTRY)} or 'auto', got {name!r}") from None
 
 
 def check_backend(name, arg: str = "backend"):

@@ -118,6 +118,15 @@ def _panels(cases: list[dict]) -> dict:
     return {k: v for k, v in panels.items() if v}
 
 
+def panel_title(key: tuple, cases: list[dict]) -> str:
+    """``"<op> <direction>"``, plus the hidden size when the cases have one (GELU, LayerNorm: the
+    x axis is rows, so the plot would not say the width otherwise): ``"gelu fwd, hidden 3072"``,
+    ``"layer_norm bwd, hidden 768 / 1024"`` over several models."""
+    hidden = sorted({c["params"]["hidden"] for c in cases
+                     if (c["op"], c["direction"]) == key and c["params"].get("hidden") is not None})
+    return f"{key[0]} {key[1]}" + (f", hidden {' / '.join(map(str, hidden))}" if hidden else "")
+
+
 def write_plots(out_dir: str, cases: list[dict], title: str, combined: bool) -> tuple[list[str], str]:
     """PNG plots of rate vs size: one file per op (a panel per direction), or one file in all.
 
@@ -165,7 +174,7 @@ def write_plots(out_dir: str, cases: list[dict], title: str, combined: bool) -> 
                 ax.minorticks_off()
             ax.set_xlabel(x_name)
             ax.set_ylabel(f"{unit} (median; bars: IQR of the samples)")
-            ax.set_title(f"{key[0]} {key[1]}")
+            ax.set_title(panel_title(key, cases))
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(keys):]:

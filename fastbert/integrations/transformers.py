@@ -107,7 +107,10 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     activation otherwise. Submodule names, parameters, state_dict keys, ``output_attentions``,
     gradient checkpointing and ``save_pretrained`` keep working (transformers does not write the
     attention implementation into ``config.json``, so the checkpoint loads in plain
-    transformers). Patching a patched model is a no-op.
+    transformers). Patching a patched model is a no-op. The attention implementation is set
+    through transformers' ``set_attn_implementation``, i.e. on ``model.config``: another model
+    built from the same config object (``BertModel(config)`` twice) runs fastbert's attention too
+    (its other blocks stay Hugging Face's); give each model its own config to keep one plain.
 
     Args:
         model: a transformers ``PreTrainedModel`` of the BERT family or ModernBERT.

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import logging
 
 from fastbert.models._names import class_for
@@ -193,3 +194,12 @@ class EncoderModelMixin:
 def return_dict_of(config, return_dict: Optional[bool]) -> bool:
     """``return_dict`` of a call, else the config's (transformers' rule)."""
     return getattr(config, "return_dict", True) if return_dict is None else return_dict
+
+
+def base_output(config, enc, return_dict: Optional[bool], out_cls=BaseModelOutput, **fields):
+    """A base model's output: ``out_cls`` of the encoder output ``enc`` (last_hidden_state,
+    hidden_states, attentions; ``fields``: BERT's pooler_output), or its non-None fields as a tuple
+    when ``return_dict`` (else the config's) is False."""
+    out = out_cls(last_hidden_state=enc.last_hidden_state, hidden_states=enc.hidden_states,
+                  attentions=enc.attentions, **fields)
+    return out if return_dict_of(config, return_dict) else out.to_tuple()

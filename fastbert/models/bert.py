@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, return_dict_of
+from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, base_output
 from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
-                                   SequenceClassificationTask, TaskModel, TokenClassificationTask, task_output,
-                                   token_logits)
+                                   SequenceClassificationTask, TaskModel, TokenClassificationTask,
+                                   classifier_dropout, task_output, token_logits)
 from fastbert.nn import BertLayer, Embeddings, Encoder, LayerNorm, OpsModule
 from fastbert.nn.bert import _dense_act
 from fastbert.nn.modules import resolve_activation
@@ -47,11 +47,6 @@ def bert_embeddings(config, *, width: Optional[int] = None, position_padding_idx
                       type_vocab_size=config.type_vocab_size, pad_token_id=config.pad_token_id,
                       layer_norm_eps=config.layer_norm_eps, dropout_p=config.hidden_dropout_prob,
                       position_padding_idx=position_padding_idx)
-
-
-def classifier_dropout(config) -> float:
-    """The head's dropout probability: ``classifier_dropout``, else ``hidden_dropout_prob``."""
-    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
 
 
 class BertPooler(nn.Module):
@@ -183,10 +178,8 @@ class BertModel(EncoderModelMixin, BertPreTrainedModel):
                           output_attentions, output_hidden_states, indices=indices, cu_seqlens=cu_seqlens,
                           max_seqlen=max_seqlen)
         pooled = self.pooler(enc.last_hidden_state) if self.pooler is not None else None
-        out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=enc.last_hidden_state,
-                                                           pooler_output=pooled, hidden_states=enc.hidden_states,
-                                                           attentions=enc.attentions)
-        return out if return_dict_of(self.config, return_dict) else out.to_tuple()
+        return base_output(self.config, enc, return_dict, BaseModelOutputWithPoolingAndCrossAttentions,
+                           pooler_output=pooled)
 
 
 _MLM_TIES = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -196,7 +189,7 @@ _MLM_TIES = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.
 class _BertHead(BertPreTrainedModel):
     """A task model: ``self.bert`` plus head modules named as transformers'."""
 
-    def _build(self, config, add_pooling_layer: bool, unpad: bool) -> None:
+    def _build(self, config, add_pooling_layer: bool = False, unpad: bool = True) -> None:
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=add_pooling_layer, unpad=unpad)
 
@@ -303,21 +296,8 @@ class BertForMultipleChoice(MultipleChoiceTask, _BertHead):
 
 
 class BertForTokenClassification(TokenClassificationTask, _BertHead):
-    """``classifier(dropout(h))`` per token; no pooler."""
-
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, False, unpad)
-        self.dropout = nn.Dropout(classifier_dropout(config))
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
+    """``classifier(dropout(h))`` per token; no pooler (built by :class:`TokenClassificationTask`)."""
 
 
 class BertForQuestionAnswering(QuestionAnsweringTask, _BertHead):
-    """``qa_outputs(h)`` -> start / end logits; no pooler."""
-
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, False, unpad)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
+    """``qa_outputs(h)`` -> start / end logits; no pooler (built by :class:`QuestionAnsweringTask`)."""

@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from transformers import DistilBertConfig
-from transformers.modeling_outputs import BaseModelOutput
 
-from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, return_dict_of
+from fastbert.models._base import EncoderModelMixin, FastbertPreTrainedModel, base_output
 from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
                                    SequenceClassificationTask, TokenClassificationTask)
 from fastbert.models.electra import _act
@@ -50,9 +49,7 @@ class DistilBertModel(EncoderModelMixin, DistilBertPreTrainedModel):
                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None):
         enc = self.encode(input_ids, attention_mask, None, position_ids, inputs_embeds, output_attentions,
                           output_hidden_states, indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        out = BaseModelOutput(last_hidden_state=enc.last_hidden_state, hidden_states=enc.hidden_states,
-                              attentions=enc.attentions)
-        return out if return_dict_of(self.config, return_dict) else out.to_tuple()
+        return base_output(self.config, enc, return_dict)
 
 
 class _DistilBertHead(DistilBertPreTrainedModel):
@@ -123,14 +120,12 @@ class DistilBertForMultipleChoice(MultipleChoiceTask, _DistilBertHead):
 
 
 class DistilBertForTokenClassification(TokenClassificationTask, _DistilBertHead):
-    """transformers' ``DistilBertForTokenClassification``: logits ``(batch, seqlen, num_labels)``."""
+    """transformers' ``DistilBertForTokenClassification``: logits ``(batch, seqlen, num_labels)``;
+    its dropout is ``config.dropout``."""
 
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, unpad)
-        self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
+    @staticmethod
+    def _head_dropout(config) -> float:
+        return config.dropout
 
 
 class DistilBertForQuestionAnswering(QuestionAnsweringTask, _DistilBertHead):
@@ -141,10 +136,10 @@ class DistilBertForQuestionAnswering(QuestionAnsweringTask, _DistilBertHead):
     """
 
     def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
         if config.num_labels != 2:
             raise ValueError(f"num_labels: DistilBertForQuestionAnswering expects 2, got {config.num_labels}")
-        self._build(config, unpad)
-        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
-        self.dropout = nn.Dropout(config.qa_dropout)
-        self._fastbert_init(backend)
+        super().__init__(config, unpad=unpad, backend=backend)
+
+    @staticmethod
+    def _head_dropout(config) -> float:
+        return config.qa_dropout

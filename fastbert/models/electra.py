@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transformers import ElectraConfig
 
 from fastbert.models._base import FastbertPreTrainedModel
-from fastbert.models.bert import BertModel, bert_embeddings, classifier_dropout
+from fastbert.models.bert import BertModel, bert_embeddings
 from fastbert.models.roberta import RobertaClassificationHead
 from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
                                    SequenceClassificationTask, TaskModel, TokenClassificationTask, task_output,
@@ -189,19 +189,6 @@ class ElectraForMultipleChoice(MultipleChoiceTask, _ElectraHead):
 class ElectraForTokenClassification(TokenClassificationTask, _ElectraHead):
     """transformers' ``ElectraForTokenClassification``: logits ``(batch, seqlen, num_labels)`` (0 at padding when unpadded)."""
 
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, unpad)
-        self.dropout = nn.Dropout(classifier_dropout(config))
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
-
 
 class ElectraForQuestionAnswering(QuestionAnsweringTask, _ElectraHead):
     """transformers' ``ElectraForQuestionAnswering``: start / end logits ``(batch, seqlen)``."""
-
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, unpad)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.modeling_outputs import (MaskedLMOutput, MultipleChoiceModelOutput, NextSentencePredictorOutput,
                                            QuestionAnsweringModelOutput, SequenceClassifierOutput,
                                            TokenClassifierOutput)
@@ -42,6 +42,11 @@ from transformers.models.electra.modeling_electra import ElectraForPreTrainingOu
 from fastbert.models._base import return_dict_of
 from fastbert.nn import EncoderOutput
 from fastbert.nn.padding import pad_input
+
+
+def classifier_dropout(config) -> float:
+    """The head's dropout probability: ``classifier_dropout``, else ``hidden_dropout_prob``."""
+    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
 
 
 def token_logits(head: Callable[[Tensor], Tensor], enc: EncoderOutput, labels: Optional[Tensor] = None,
@@ -199,7 +204,19 @@ class SequenceClassificationTask(TaskModel):
 
 class TokenClassificationTask(TaskModel):
     """``forward(..., labels=None)`` -> ``TokenClassifierOutput``; logits ``(batch, seqlen, num_labels)``
-    (0 at padding when unpadded). Head: ``classifier(dropout(h))`` in every family."""
+    (0 at padding when unpadded). Head: ``classifier(dropout(h))`` in every family, built here with
+    transformers' names; a family changes only the dropout probability (``_head_dropout``)."""
+
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
+        super().__init__(config)
+        self._build(config, unpad=unpad)
+        self.dropout = nn.Dropout(self._head_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self._fastbert_init(backend)
+
+    @staticmethod
+    def _head_dropout(config) -> float:
+        return classifier_dropout(config)
 
     def _head(self, hidden):
         return self.classifier(self.dropout(hidden))
@@ -217,7 +234,20 @@ class QuestionAnsweringTask(TaskModel):
     """``forward(..., start_positions=None, end_positions=None)`` -> ``QuestionAnsweringModelOutput``;
     start/end logits ``(batch, seqlen)``. Unpadded, they are 0 at padding: mask padding (as SQuAD
     post-processing restricts to context tokens anyway) before an argmax. Head: ``qa_outputs``
-    (after ``dropout`` where the family has one: DistilBERT)."""
+    (after ``dropout`` where the family has one: DistilBERT's ``_head_dropout``), built here."""
+
+    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
+        super().__init__(config)
+        self._build(config, unpad=unpad)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        p = self._head_dropout(config)
+        if p is not None:
+            self.dropout = nn.Dropout(p)
+        self._fastbert_init(backend)
+
+    @staticmethod
+    def _head_dropout(config) -> Optional[float]:
+        return None  # BERT's families: no dropout before qa_outputs
 
     def _head(self, hidden):
         drop = getattr(self, "dropout", None)

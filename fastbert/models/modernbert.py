@@ -23,9 +23,8 @@ import torch
 from torch import Tensor, nn
 from transformers import ModernBertConfig
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput
 
-from fastbert.models._base import FastbertPreTrainedModel, check_input_ids, return_dict_of
+from fastbert.models._base import FastbertPreTrainedModel, base_output, check_input_ids
 from fastbert.models.heads import task_output, token_logits
 from fastbert.nn import Encoder, LayerNorm
 from fastbert.nn.modernbert import (ModernBertAttention, ModernBertEmbeddings, ModernBertMLP,
@@ -153,9 +152,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
         """
         enc = self.encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
                           output_hidden_states, indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        out = BaseModelOutput(last_hidden_state=enc.last_hidden_state, hidden_states=enc.hidden_states,
-                              attentions=enc.attentions)
-        return out if return_dict_of(self.config, return_dict) else out.to_tuple()
+        return base_output(self.config, enc, return_dict)
 
 
 class _ModernBertHead(ModernBertPreTrainedModel):

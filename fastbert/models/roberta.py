@@ -81,7 +81,7 @@ class _RobertaHead:
 
     _base_class = RobertaModel
 
-    def _build(self, config, add_pooling_layer: bool, unpad: bool) -> None:
+    def _build(self, config, add_pooling_layer: bool = False, unpad: bool = True) -> None:
         self.num_labels = config.num_labels
         self.roberta = self._base_class(config, add_pooling_layer=add_pooling_layer, unpad=unpad)
 
@@ -140,22 +140,9 @@ class RobertaForMultipleChoice(MultipleChoiceTask, _RobertaHead, RobertaPreTrain
 class RobertaForTokenClassification(TokenClassificationTask, _RobertaHead, RobertaPreTrainedModel):
     """transformers' ``RobertaForTokenClassification``: logits ``(batch, seqlen, num_labels)`` (0 at padding when unpadded)."""
 
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, False, unpad)
-        self.dropout = nn.Dropout(classifier_dropout(config))
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
-
 
 class RobertaForQuestionAnswering(QuestionAnsweringTask, _RobertaHead, RobertaPreTrainedModel):
     """transformers' ``RobertaForQuestionAnswering``: start / end logits ``(batch, seqlen)``."""
-
-    def __init__(self, config, *, unpad: bool = True, backend: Optional[str] = None):
-        super().__init__(config)
-        self._build(config, False, unpad)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
-        self._fastbert_init(backend)
 
 
 # ---- XLM-RoBERTa and CamemBERT: the same modules on their own config classes ----------------------

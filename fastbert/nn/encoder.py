@@ -72,7 +72,9 @@ class Embeddings(OpsModule, nn.Module):
 
     Raises:
         ValueError: ids out of their table's range (CPU tensors, or FASTBERT_CHECK_INPUTS=1),
-            seqlen beyond the position table, token_type_ids given without token types.
+            seqlen beyond the position table, token_type_ids given without token types, a
+            token_type_ids / position_ids shape other than ``(batch or 1, seqlen)`` (or
+            ``(seqlen,)``), an inputs_embeds width other than ``hidden_size``.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int, *,
@@ -120,9 +122,16 @@ class Embeddings(OpsModule, nn.Module):
         if token_type_ids is not None and not has_types:
             raise ValueError("token_type_ids: this model has no token type embeddings (type_vocab_size 0 or "
                              "DistilBERT); pass None")
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim:
+            raise ValueError(f"inputs_embeds: expected (batch, seqlen, {self.word_embeddings.embedding_dim}), got "
+                             f"shape {tuple(inputs_embeds.shape)}")
         for name, ids, emb in (("input_ids", input_ids, self.word_embeddings),
                                ("token_type_ids", token_type_ids, getattr(self, "token_type_embeddings", None)),
                                ("position_ids", position_ids, self.position_embeddings)):
+            if ids is not None and name != "input_ids" and not (
+                    ids.dim() in (1, 2) and ids.shape[-1] == seqlen and (ids.dim() == 1 or ids.shape[0] in (1, batch))):
+                raise ValueError(f"{name}: expected shape (batch or 1, seqlen) = ({batch} or 1, {seqlen}), got "
+                                 f"{tuple(ids.shape)}")
             if ids is not None and ids.numel() and value_checks_enabled(ids):
                 lo, hi = ids.min().item(), ids.max().item()
                 if lo < 0 or hi >= emb.num_embeddings:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbert.ops import check_backend, gelu, layer_norm
+from fastbert.ops.gelu import APPROXIMATE
 
 
 class OpsModule:
@@ -43,6 +44,11 @@ def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     return model
 
 
+def _is_int(n) -> bool:
+    """An int or a numpy integer (torch takes ``numbers.Integral``), not a bool."""
+    return hasattr(type(n), "__index__") and not isinstance(n, bool) and not isinstance(n, torch.Tensor)
+
+
 class LayerNorm(OpsModule, nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm`` over the last dimension (Ba et al. 2016, eqs. 3-4).
 
@@ -52,15 +58,23 @@ class LayerNorm(OpsModule, nn.LayerNorm):
 
     Raises:
         ValueError: ``normalized_shape`` has more than one dim (fastbert normalises the last dim
-            only), or the input's last dim differs from it.
+            only) or is negative, or the input's last dim differs from it.
+        TypeError: ``normalized_shape`` is not an int or a 1-element tuple / list of one.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, backend: Optional[str] = None):
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        shape = (normalized_shape,) if _is_int(normalized_shape) else (
+            tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else None)  # torch.Size is a tuple
+        if shape is None or not all(map(_is_int, shape)):
+            raise TypeError(f"normalized_shape: expected an int or a 1-element shape (tuple, list, torch.Size) of "
+                            f"an int, got {normalized_shape!r} of type {type(normalized_shape).__name__}")
         if len(shape) != 1:
             raise ValueError(f"normalized_shape: fastbert.nn.LayerNorm normalises the last dim only; expected "
                              f"an int or a 1-element shape, got {normalized_shape!r}")
+        if shape[0].__index__() < 0:
+            raise ValueError(f"normalized_shape: expected a size >= 0, got {normalized_shape!r}")
+        shape = (shape[0].__index__(),)
         super().__init__(shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
                          dtype=dtype)
         self.backend = backend
@@ -76,9 +90,15 @@ class GELU(OpsModule, nn.GELU):
     """Drop-in for ``torch.nn.GELU(approximate="none" | "tanh")`` (Hendrycks & Gimpel 2016).
 
     Input ``(..., hidden)``, output the same shape and dtype; computed in fp32.
+
+    Raises:
+        ValueError: ``approximate`` is not ``"none"`` or ``"tanh"`` (here, not at the first forward,
+            where ``torch.nn.GELU`` would raise).
     """
 
     def __init__(self, approximate: str = "none", *, backend: Optional[str] = None):
+        if approximate not in APPROXIMATE:
+            raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
         super().__init__(approximate=approximate)
         self.backend = backend
 

@@ -4,6 +4,7 @@ the models' entry points)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -19,18 +20,23 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
     for every key once ``left >= seqlen_q - 1``, ``j <= i + right`` once ``right >= seqlen_k - 1``,
     so the clamp changes nothing and keeps kernels' index arithmetic in int32.
 
-    An entry is anything with ``__index__`` that is not a bool: a Python int, a numpy integer, a
-    0-d integer tensor (read once with ``int()``: a host sync for a CUDA tensor).
+    ``window`` is any length-2 sequence: a tuple, a list (what a JSON config such as Hugging
+    Face's gives, and what PyTorch's own pair arguments such as ``kernel_size`` take), a
+    ``torch.Size``; not a str or bytes, a tensor or an array. An entry is anything with
+    ``__index__`` that is not a bool: a Python int, a numpy integer, a 0-d integer tensor (read
+    once with ``int()``: a host sync for a CUDA tensor).
 
     Raises:
-        TypeError: not None and not a 2-tuple / 2-list, or an entry that is not an integer (the
+        TypeError: not None and not a length-2 sequence, or an entry that is not an integer (the
             error names the entry: ``window[0]`` / ``window[1]``).
         ValueError: a negative entry.
     """
     if window is None:
         return None
-    if not (isinstance(window, (tuple, list)) and len(window) == 2):
-        raise TypeError(f"window: expected None or a (left, right) tuple of two ints >= 0, got {window!r}")
+    if not (isinstance(window, (tuple, list)) or (  # the common cases first: what torch.compile traces
+            isinstance(window, Sequence) and not isinstance(window, (str, bytes, bytearray)))) or len(window) != 2:
+        raise TypeError(f"window: expected None or a (left, right) pair of two ints >= 0 (a tuple, list or other "
+                        f"length-2 sequence), got {window!r} of type {type(window).__name__}")
     ints = []
     for i, w in enumerate(window):
         if isinstance(w, int) and not isinstance(w, bool):  # the common case, and what torch.compile traces
@@ -44,7 +50,7 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
                 raise TypeError
             ints.append(int(index(w)))
         except (TypeError, RuntimeError):
-            raise TypeError(f"window: expected None or a (left, right) tuple of two ints >= 0 (Python or numpy "
+            raise TypeError(f"window: expected None or a (left, right) pair of two ints >= 0 (Python or numpy "
                             f"ints, 0-d integer tensors); window[{i}] is {w!r} of type {type(w).__name__}, "
                             f"got {window!r}") from None
     left, right = ints
@@ -55,6 +61,22 @@ def check_window(window, bound_q: Optional[int] = None, bound_k: Optional[int] =
     if isinstance(bound_k, int):
         right = min(right, max(bound_k, 0))
     return left, right
+
+
+def layout_error(exc: ValueError, q, varlen: bool) -> ValueError:
+    """``exc`` (q's ndim check failed) with a hint at the layout q's ndim belongs to: a 3-D q is
+    the varlen (unpadded) layout, which needs ``cu_seqlens``; a 4-D q is the padded one."""
+    if q.dim() == 3 and not varlen:
+        hint = ("a 3-D q (total_tokens, num_heads, head_dim) is the varlen (unpadded) layout: pass "
+                "cu_seqlens ((batch + 1,) int32) and max_seqlen; the padded layout is 4-D "
+                "(batch, seqlen, num_heads, head_dim)")
+    elif q.dim() == 4 and varlen:
+        hint = ("with cu_seqlens q is the varlen layout (total_tokens, num_heads, head_dim); a padded "
+                "4-D q takes attention_mask instead of cu_seqlens")
+    else:
+        hint = ("q is (batch, seqlen_q, num_heads, head_dim), or with cu_seqlens "
+                "(total_tokens, num_heads, head_dim)")
+    return ValueError(f"{exc}; {hint}")
 
 
 def _check_max_seqlen(max_seqlen, total_tokens: int) -> None:

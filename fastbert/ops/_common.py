@@ -58,12 +58,19 @@ def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None) -> None:
     if ndim is not None:
         allowed = ndim if isinstance(ndim, tuple) else (ndim,)
         if t.dim() not in allowed:
-            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dims, got {t.dim()} "
+            raise ValueError(f"{name}: expected {_ndims_text(allowed)} dims, got {t.dim()} "
                              f"(shape {tuple(t.shape)})")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
+
+
+def _ndims_text(allowed: tuple) -> str:
+    """``"4"``, ``"3 or 4"``, or ``"1 to 8"`` for three or more consecutive ndims."""
+    if len(allowed) > 2 and tuple(allowed) == tuple(range(allowed[0], allowed[0] + len(allowed))):
+        return f"{allowed[0]} to {allowed[-1]}"
+    return " or ".join(map(str, allowed))
 
 
 def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
@@ -134,9 +141,13 @@ def deterministic() -> bool:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype for ``device_type`` when autocast is on there, else None."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    """The autocast dtype for ``device_type`` when autocast is on there, else None (also for a
+    device autocast does not know, such as ``meta``: dispatch then names the device)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        pass
     return None
 
 

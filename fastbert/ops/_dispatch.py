@@ -74,7 +74,10 @@ def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None,
         return resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
     key = (op, device, dtype, head_dim, features, backend, os.environ.get("FASTBERT_BACKEND"),
            tuple(map(id, _REGISTRY.values())))
-    name = _RESOLVED.get(key)
+    try:
+        name = _RESOLVED.get(key)
+    except TypeError:  # an unhashable backend= (a list): _resolve's error names it
+        return _resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
     if name is None:
         name = _resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
         _RESOLVED[key] = name
@@ -86,7 +89,7 @@ def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None,
 def _resolve(call: CallInfo, backend: str | None) -> str:
     forced = backend or os.environ.get("FASTBERT_BACKEND") or None
     if forced is not None and forced != "auto":
-        spec = get_backend(forced)
+        spec = get_backend(forced, "backend" if backend else "FASTBERT_BACKEND (environment variable)")
         reasons = spec.reasons(call)
         if reasons:
             source = "backend=" if backend else "FASTBERT_BACKEND="

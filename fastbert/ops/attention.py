@@ -13,7 +13,7 @@ from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype,
                                   check_dropout_p, check_tensor, deterministic, draw_seed, new_empty,
                                   no_autocast, value_checks_enabled)
 from fastbert.ops._attention_checks import (_check_cu_seqlens_values, _check_max_seqlen, check_window,
-                                           padding_mask)
+                                           layout_error, padding_mask)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -248,7 +248,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         backend: force a backend (``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"``, ...);
             else ``FASTBERT_BACKEND``, else automatic.
         window: local (sliding-window) attention ``(left, right)``, two ints >= 0 counted in keys,
-            inclusive; None (the default) = global. Query row ``i`` sees key ``j`` iff
+            inclusive, as a tuple, a list (a JSON config's) or any length-2 sequence; None (the
+            default) = global. Query row ``i`` sees key ``j`` iff
             ``i - left <= j <= i + right`` (and ``j`` is not masked / lies in its sequence), with
             ``i`` and ``j`` indices within the sequence: along seqlen_q / seqlen_k in the padded
             layout, offsets from the sequence's ``cu_seqlens`` start in varlen. Aligned top-left
@@ -277,7 +278,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
 
     Raises:
         TypeError: a non-tensor, a non-float dtype, dtypes that differ, non-int32 cu_seqlens, a
-            non-int ``max_seqlen``, a ``window`` that is not None or a pair of ints.
+            non-int ``max_seqlen``, a ``window`` that is not None or a length-2 sequence of ints.
         ValueError: a device other than cpu / cuda (meta tensors), wrong ndim, mismatched
             batch/heads/head_dim/seqlen, a mask or bias of the wrong shape, ``attention_mask`` or
             ``attn_bias`` together with ``cu_seqlens``, ``max_seqlen`` outside
@@ -289,7 +290,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     """
     varlen = cu_seqlens is not None
     ndim = 3 if varlen else 4
-    check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
+    try:
+        check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
+    except ValueError as exc:  # the wrong ndim: say which layout q's ndim is
+        raise layout_error(exc, q, varlen) from None
     if q.device.type not in _DEVICE_TYPES:
         raise ValueError(f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
                          "have no values to attend; under torch.compile fake tensors take the fake implementation)")
