@@ -81,6 +81,11 @@ def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call (its argument parsing) when t has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def as_float(name: str, value) -> float:
     """A Python float from an int/float argument.
 
@@ -133,19 +138,34 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype for ``device_type`` when autocast is on there, else None."""
+_any_autocast = torch._C._is_any_autocast_enabled  # one C call; Dynamo folds it like is_autocast_enabled
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+def _device_type(device) -> str:
+    return device if isinstance(device, str) else device.device.type
+
+
+def autocast_dtype(device) -> torch.dtype | None:
+    """The autocast dtype for ``device`` (a device type, or a tensor whose device is read only when
+    some autocast is on) when autocast is on there, else None."""
+    if not _any_autocast():  # the common case: no device read, no per-device query
+        return None
+    device_type = _device_type(device)
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
 
-def no_autocast(device_type: str):
-    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops (a no-op
-    context, which costs nothing, when autocast is off already: the common case)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+def no_autocast(device):
+    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops (a reused
+    no-op context, which costs nothing, when autocast is off already: the common case).
+    ``device``: a device type, or a tensor (its device is read only when some autocast is on)."""
+    if _any_autocast():
+        device_type = _device_type(device)
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type=device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +173,7 @@ def no_autocast(device_type: str):
 # ----------------------------------------------------------------------------------------------
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def eager_direct(*tensors) -> bool:
@@ -162,30 +183,33 @@ def eager_direct(*tensors) -> bool:
     (schema binding, autograd wrapper, redispatch), more than the op itself at small shapes.
     Plain eager calls (plain tensors, no torch-function / dispatch mode, no functorch transform,
     not compiling) run the same implementation through :class:`_EagerOp` instead; everything
-    else (``torch.compile``, fake tensors, ``make_fx``, ``opcheck``, vmap) goes through the
-    registered custom op, so its fake and autograd registrations stay what tracing sees.
+    else (``torch.compile``, fake tensors, ``make_fx``, ``opcheck``, vmap, a functorch wrapper
+    that outlived its transform) goes through the registered custom op, so its fake and autograd
+    registrations stay what tracing sees.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     for t in tensors:  # a loop, not all(<genexpr>): this runs on every call
-        if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
+        if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or _is_wrapped(t)):
             return False
     return True
 
 
 class EagerOp:
     """One custom op's pieces for the eager fast path: the forward implementation (the function
-    the custom op was made from), its ``setup_context`` and ``backward`` (which take ``bwd=``, the
-    backward op to call), the backward's custom op and implementation, and which outputs carry no
-    gradient."""
+    the custom op was made from, or an eager variant that may return None for an unused output),
+    its ``setup_context`` and ``backward`` (which take ``bwd=``, the backward op to call), the
+    backward's custom op and implementation (the eager one may return None for a gradient not
+    asked for), and whether the forward returns a tuple whose outputs after the first carry no
+    gradient (``stats``)."""
 
-    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, nondiff=()):
+    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False):
         self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
         self.setup_context, self.backward = setup_context, backward
         self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
-        self.nondiff = nondiff
+        self.stats = stats
 
     def __call__(self, *inputs, diff=()):
         """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient."""
@@ -194,7 +218,7 @@ class EagerOp:
         if torch.is_grad_enabled():
             for t in diff:
                 if t is not None and t.requires_grad:
-                    return _EagerFunction.apply(*inputs, self)
+                    return _apply(*inputs, self)
         return self.fwd_impl(*inputs)
 
 
@@ -204,13 +228,13 @@ class _EagerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        *inputs, op = args
+        op = args[-1]
+        inputs = args[:-1]
         outputs = op.fwd_impl(*inputs)
         op.setup_context(ctx, inputs, outputs)
         ctx.eager_op = op
-        ctx.num_inputs = len(inputs)
-        if op.nondiff:
-            ctx.mark_non_differentiable(*(outputs[i] for i in op.nondiff))
+        if op.stats:
+            ctx.mark_non_differentiable(*[t for t in outputs[1:] if t is not None])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs
         return outputs
 
@@ -218,7 +242,12 @@ class _EagerFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         op = ctx.eager_op
         if grads[0] is None:  # no gradient reached the one differentiable output: none flows back
-            return (None,) * (ctx.num_inputs + 1)
+            return (None,) * len(ctx.needs_input_grad)
         # create_graph=True: the custom op (as the registered autograd would call it)
         bwd = op.bwd_op if torch.is_grad_enabled() else op.bwd_impl
-        return tuple(op.backward(ctx, *grads, bwd=bwd)) + (None,)
+        return (*op.backward(ctx, *grads, bwd=bwd), None)
+
+
+# Function.apply without its Python wrapper: eager_direct already excluded what that wrapper
+# handles (functorch transforms, dead functorch wrappers), and the wrapper costs microseconds.
+_apply = super(torch.autograd.Function, _EagerFunction).apply

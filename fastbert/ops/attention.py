@@ -89,7 +89,7 @@ def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max
     if optional_lse and q.numel() and k.numel():  # the eager path: a backend may return fresh outputs
         functional = getattr(backend_module(backend, "attention"), "attention_fwd_functional", None)
         if functional is not None:
-            with no_autocast(q.device.type):
+            with no_autocast(q):
                 res = functional(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
                                  softmax_scale=softmax_scale, allow_tf32=allow_tf32,
@@ -105,7 +105,7 @@ def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max
             lse[0].fill_(float("inf"))
             lse[1].zero_()
         return out, lse
-    with no_autocast(q.device.type):
+    with no_autocast(q):
         backend_module(backend, "attention").attention_fwd(
             q, k, v, out, lse, attention_mask=attention_mask, attn_bias=_bias4d(attn_bias, q, k),
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
@@ -133,7 +133,7 @@ def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     if lse.numel() and not bias_requires_grad:  # statistics from the eager path's forward
         functional = getattr(backend_module(backend, "attention"), "attention_bwd_functional", None)
         if functional is not None:
-            with no_autocast(q.device.type):
+            with no_autocast(q):
                 res = functional(dout.contiguous(), q, k, v, out, lse, attention_mask=attention_mask,
                                  attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                  dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, need_dbias=False,
@@ -153,7 +153,7 @@ def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         for t in (dq, dk, dv) + ((dbias_full,) if bias_requires_grad else ()):
             t.zero_()
     else:
-        with no_autocast(q.device.type):
+        with no_autocast(q):
             backend_module(backend, "attention").attention_bwd(
                 dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dbias_full,
                 attention_mask=attention_mask, attn_bias=bias4d, cu_seqlens=cu_seqlens,
@@ -197,7 +197,7 @@ def _backward(ctx, dout, dlse, bwd=None):
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_attention_fwd, _attention_fwd_eager, _setup_context, _backward, _attention_bwd,
-                 _attention_bwd_impl, nondiff=(1,))
+                 _attention_bwd_impl, stats=True)
 
 
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -344,7 +344,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
                 raise ValueError(f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
                                  f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    ac = autocast_dtype(q.device.type)
+    ac = autocast_dtype(q)
     if ac is not None:  # attention runs in the autocast dtype
         # attn_bias keeps its dtype: it is added in fp32 (an fp32 -1e5 bias would be -inf in fp16).
         q, k, v = q.to(ac), k.to(ac), v.to(ac)

@@ -41,7 +41,7 @@ def _geglu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend
     y = new_empty((x.shape[0], x.shape[1] // 2), x.dtype, x.device)
     act = new_empty(_act_shape(x, bias, backend), x.dtype, x.device)
     if y.numel():
-        with no_autocast(x.device.type):
+        with no_autocast(x):
             backend_module(backend, "geglu").geglu_fwd(x, bias, y, approximate=approximate,
                                                        **({"act": act} if act.numel() else {}))
     return y, act
@@ -61,7 +61,7 @@ def _geglu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: Tensor, 
     dx = new_empty(shape, x.dtype, x.device)
     dbias = new_empty((shape[-1],) if need_dbias else (0,), _acc(x), x.device)
     if dx.numel():
-        with no_autocast(x.device.type):
+        with no_autocast(x):
             backend_module(backend, "geglu").geglu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
                                                        approximate=approximate,
                                                        **({"act": act} if act.numel() else {}))
@@ -97,7 +97,7 @@ def _backward(ctx, dy, dact, bwd=None):
 
 _geglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_geglu_fwd, _geglu_fwd_impl, _setup_context, _backward, _geglu_bwd, _geglu_bwd_impl,
-                 nondiff=(1,))
+                 stats=True)
 
 
 def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
