@@ -130,7 +130,7 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 def allow_tf32(t: torch.Tensor) -> bool:
     """Whether fp32 matmuls may use TF32, from torch's matmul precision setting (IEEE by default)."""
-    return t.dtype == torch.float32 and t.device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    return t.dtype == torch.float32 and t.is_cuda and torch.get_float32_matmul_precision() != "highest"
 
 
 def deterministic() -> bool:

@@ -60,7 +60,9 @@ def _(x, bias, approximate, backend):
 def _gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
               backend: str) -> tuple[Tensor, Tensor]:
     dx, dbias = _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend)
-    return dx, (x.new_empty((0,)) if dbias is None else dbias)  # a custom op returns tensors only
+    if dbias is None:  # a custom op returns tensors only: an empty one, of the fake's dtype
+        dbias = x.new_empty((0,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return dx, dbias
 
 
 def _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend):
