@@ -143,7 +143,10 @@ _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def _device_type(device) -> str:
-    return device if isinstance(device, str) else device.device.type
+    """The device type of a device type string, a tensor or a torch.device."""
+    if isinstance(device, str):
+        return device
+    return device.device.type if isinstance(device, torch.Tensor) else device.type
 
 
 def autocast_dtype(device) -> torch.dtype | None:
