@@ -93,3 +93,51 @@ def test_environment_written_directly_is_seen_by_the_next_call():
         os.environ.pop("FASTBERT_BACKEND", None)
         if old is not None:
             os.environ["FASTBERT_BACKEND"] = old
+
+
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    """A mode that changes nothing but makes the ops take the custom-op path."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_nd_inputs_flattened_inside_the_node_match_the_custom_op_path(poison):
+    """N-D x (and residual) are flattened inside the eager autograd node, not by two autograd
+    views: outputs, shapes and gradients equal the custom-op path's, 1-D and 3-D, with and without
+    gradients."""
+    g = torch.Generator().manual_seed(7)
+    x3 = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(16, generator=g, dtype=torch.float64)
+    res = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
+    cases = [
+        (lambda x, b, r: ops.layer_norm(x, b, b, residual=r, x_bias=b), (x3, b, res)),
+        (lambda x, b: ops.layer_norm(x, b, None), (x3[0, 0], b)),
+        (lambda x, b: ops.gelu(x, bias=b), (x3, b)),
+        (lambda x: ops.gelu(x), (x3[:, 1],)),
+        (lambda x, b: ops.geglu(x, bias=b), (x3, b)),
+    ]
+    for fn, inputs in cases:
+        def run(traced):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            if traced:
+                with _Passthrough():
+                    y = fn(*leaves)
+            else:
+                y = fn(*leaves)
+            dy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
+            return [y, *torch.autograd.grad(y, leaves, dy)]
+
+        want, got = run(True), run(False)
+        for a, c in zip(got, want, strict=True):
+            assert a.shape == c.shape
+            torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(fn(*inputs), want[0], atol=1e-12, rtol=1e-12)
+
+
+def test_nd_eager_call_adds_no_view_nodes():
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    for y in (ops.gelu(x), ops.layer_norm(x, residual=x.detach()), ops.geglu(x)):
+        assert type(y.grad_fn).__name__ == "_EagerFunctionBackward", y.grad_fn
+        assert type(y.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"  # x itself, no view of it

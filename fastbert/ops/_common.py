@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -205,50 +206,79 @@ class EagerOp:
     the custom op was made from, or an eager variant that may return None for an unused output),
     its ``setup_context`` and ``backward`` (which take ``bwd=``, the backward op to call), the
     backward's custom op and implementation (the eager one may return None for a gradient not
-    asked for), and whether the forward returns a tuple whose outputs after the first carry no
-    gradient (``stats``)."""
+    asked for), whether the forward returns a tuple whose outputs after the first carry no
+    gradient (``stats``), and the positions of the inputs that are ``(rows, last dim)`` views of
+    the caller's N-D tensors (``flat``; see :meth:`__call__`'s ``shape``)."""
 
-    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False):
+    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,)):
         self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
         self.setup_context, self.backward = setup_context, backward
         self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
-        self.stats = stats
+        self.stats, self.flat = stats, flat
 
-    def __call__(self, *inputs, diff=()):
-        """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient."""
+    def __call__(self, *inputs, diff=(), shape=None):
+        """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient.
+
+        ``shape``: None, or the N-D shape of the ``flat`` inputs, which the op sees flattened to
+        ``(rows, shape[-1])``; the first output is viewed back to ``shape[:-1] + (its last dim,)``.
+        On the eager path with gradients the flattening happens inside the autograd node, so
+        neither view is an autograd node of its own (two fewer per call, forward and backward)."""
         if not eager_direct(*inputs):
-            return self.fwd_op(*inputs)
+            return self._unflatten(self.fwd_op(*self._flatten(inputs, shape)), shape)
         if torch.is_grad_enabled():
             for t in diff:
                 if t is not None and t.requires_grad:
-                    return _apply(*inputs, self)
-        return self.fwd_impl(*inputs)
+                    return _apply(*inputs, self, shape)
+        if shape is None:
+            return self.fwd_impl(*inputs)
+        return self._unflatten(self.fwd_impl(*self._flatten(inputs, shape)), shape)
+
+    def _flatten(self, inputs, shape):
+        if shape is None:
+            return inputs
+        rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
+        return tuple(t.reshape(rows, shape[-1]) if i in self.flat and t is not None else t
+                     for i, t in enumerate(inputs))
+
+    def _unflatten(self, outputs, shape):
+        if shape is None:
+            return outputs
+        if isinstance(outputs, torch.Tensor):
+            return outputs.view(shape[:-1] + outputs.shape[-1:])
+        return (outputs[0].view(shape[:-1] + outputs[0].shape[-1:]),) + tuple(outputs[1:])
 
 
 class _EagerFunction(torch.autograd.Function):
     """The autograd node of :class:`EagerOp`: the custom op's own setup_context and backward.
-    The op rides last so ``ctx.needs_input_grad`` keeps the custom op's input positions."""
+    The op and the N-D shape ride last so ``ctx.needs_input_grad`` keeps the custom op's input
+    positions."""
 
     @staticmethod
     def forward(ctx, *args):
-        op = args[-1]
-        inputs = args[:-1]
+        op, shape = args[-2], args[-1]
+        inputs = op._flatten(args[:-2], shape)
         outputs = op.fwd_impl(*inputs)
         op.setup_context(ctx, inputs, outputs)
-        ctx.eager_op = op
+        ctx.eager_op, ctx.shape = op, shape
         if op.stats:
             ctx.mark_non_differentiable(*[t for t in outputs[1:] if t is not None])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs
-        return outputs
+        return op._unflatten(outputs, shape)
 
     @staticmethod
     def backward(ctx, *grads):
-        op = ctx.eager_op
+        op, shape = ctx.eager_op, ctx.shape
         if grads[0] is None:  # no gradient reached the one differentiable output: none flows back
             return (None,) * len(ctx.needs_input_grad)
+        if shape is not None:
+            g = grads[0]
+            grads = (g.reshape(math.prod(shape[:-1]), g.shape[-1]),) + grads[1:]
         # create_graph=True: the custom op (as the registered autograd would call it)
         bwd = op.bwd_op if torch.is_grad_enabled() else op.bwd_impl
-        return (*op.backward(ctx, *grads, bwd=bwd), None)
+        out = op.backward(ctx, *grads, bwd=bwd)
+        if shape is not None:
+            out = tuple(g.view(shape) if i in op.flat and g is not None else g for i, g in enumerate(out))
+        return (*out, None, None)
 
 
 # Function.apply without its Python wrapper: eager_direct already excluded what that wrapper

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -135,10 +134,6 @@ def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none"
     if width % 2:
         raise ValueError(f"x: expected an even last dim (GELU half, gate half), got {width}")
     name = resolve_call("geglu", x.device.type, x.dtype, None, _BIAS if bias is not None else (), backend)
-    if x.dim() == 2:  # (rows, 2n) already: no reshape there and back (two autograd views)
-        x2 = x.contiguous()
-        return _eager(x2, bias, approximate, name, diff=(x2, bias))[0]
-    shape = x.shape
-    x2 = x.reshape(math.prod(shape[:-1]), width).contiguous()
-    y = _eager(x2, bias, approximate, name, diff=(x2, bias))[0]
-    return y.view(shape[:-1] + (width // 2,))
+    x = x.contiguous()
+    # N-D x: seen as (rows, 2n) inside the op (see EagerOp), y viewed back to (..., n)
+    return _eager(x, bias, approximate, name, diff=(x, bias), shape=None if x.dim() == 2 else x.shape)[0]

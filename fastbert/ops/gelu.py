@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -137,13 +136,7 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         RuntimeError when a forced backend cannot run the call.
     """
     x, bias = check_gelu_inputs(x, bias, approximate)
-    hidden = x.shape[-1]
     name = resolve_call("gelu", x.device.type, x.dtype, None, _BIAS if bias is not None else (), backend)
-    if x.dim() == 2:  # (rows, hidden) already: no reshape there and back (two autograd views)
-        x2 = x.contiguous()
-        return _eager(x2, bias, approximate, name, diff=(x2, bias))
-    shape = x.shape
-    # (rows, hidden), not reshape(-1, hidden): that is ambiguous for hidden == 0.
-    x2 = x.reshape(math.prod(shape[:-1]), hidden).contiguous()
-    y = _eager(x2, bias, approximate, name, diff=(x2, bias))
-    return y.view(shape)
+    x = x.contiguous()
+    # N-D x: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
+    return _eager(x, bias, approximate, name, diff=(x, bias), shape=None if x.dim() == 2 else x.shape)

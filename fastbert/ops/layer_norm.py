@@ -144,7 +144,7 @@ def _backward(ctx, dy, dmean, drstd, dh, bwd=None):
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_run, _setup_context, _backward, _layer_norm_bwd,
-                 _layer_norm_bwd_run, stats=True)
+                 _layer_norm_bwd_run, stats=True, flat=(0, 3))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
@@ -201,22 +201,16 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
             residual = residual.to(x.dtype)
         if residual.dtype != x.dtype:
             raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
-    flat = x.dim() == 2  # (rows, hidden) already: no reshape there and back (BERT's unpadded tokens)
-    if flat:
-        x2 = x.contiguous()
-        res2 = None if residual is None else residual.contiguous()
-    else:
-        shape = x.shape
-        rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
-        x2 = x.reshape(rows, hidden).contiguous()
-        res2 = None if residual is None else residual.reshape(rows, hidden).contiguous()
+    x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous()
     features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
                          + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
     name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    y = _eager(x2, weight, bias, res2, x_bias, seed, float(eps), dropout_p, name,
-               diff=(x2, weight, bias, res2, x_bias))[0]
-    return y if flat else y.view(shape)
+    # N-D x and residual: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
+    return _eager(x, weight, bias, residual, x_bias, seed, float(eps), dropout_p, name,
+                  diff=(x, weight, bias, residual, x_bias), shape=None if x.dim() == 2 else x.shape)[0]
 
 
 # The dispatch features of each combination of (weight, bias, residual, x_bias, dropout), by bit:
