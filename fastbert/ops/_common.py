@@ -237,15 +237,19 @@ class EagerOp:
         if shape is None:
             return inputs
         rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
+        if self.flat == (0,):  # x only: no loop
+            return (inputs[0].reshape(rows, shape[-1]),) + inputs[1:]
         return tuple(t.reshape(rows, shape[-1]) if i in self.flat and t is not None else t
                      for i, t in enumerate(inputs))
 
     def _unflatten(self, outputs, shape):
         if shape is None:
             return outputs
-        if isinstance(outputs, torch.Tensor):
-            return outputs.view(shape[:-1] + outputs.shape[-1:])
-        return (outputs[0].view(shape[:-1] + outputs[0].shape[-1:]),) + tuple(outputs[1:])
+        single = isinstance(outputs, torch.Tensor)
+        y = outputs if single else outputs[0]
+        last = y.shape[-1]
+        y = y.view(shape) if last == shape[-1] else y.view(shape[:-1] + (last,))
+        return y if single else (y,) + tuple(outputs[1:])
 
 
 class _EagerFunction(torch.autograd.Function):
