@@ -5,6 +5,7 @@ asked for stay None; FASTBERT_BACKEND written straight into os.environ is seen b
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import fastbert.ops as ops
 from fastbert.ops._common import autocast_dtype, eager_direct, no_autocast
 from fastbert.ops._dispatch import record_dispatch
+from test_thin_ops import _Passthrough
 
 
 def test_dead_functorch_wrapper_takes_the_custom_op_and_matches():
@@ -95,13 +97,6 @@ def test_environment_written_directly_is_seen_by_the_next_call():
             os.environ["FASTBERT_BACKEND"] = old
 
 
-class _Passthrough(torch.overrides.TorchFunctionMode):
-    """A mode that changes nothing but makes the ops take the custom-op path."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 def test_nd_inputs_flattened_inside_the_node_match_the_custom_op_path(poison):
     """N-D x (and residual) are flattened inside the eager autograd node, not by two autograd
     views: outputs, shapes and gradients equal the custom-op path's, 1-D and 3-D, with and without
@@ -118,17 +113,13 @@ def test_nd_inputs_flattened_inside_the_node_match_the_custom_op_path(poison):
         (lambda x, b: ops.geglu(x, bias=b), (x3, b)),
     ]
     for fn, inputs in cases:
-        def run(traced):
+        def run(mode):  # the custom-op path under a pass-through mode, else the eager path
             leaves = [t.clone().requires_grad_() for t in inputs]
-            if traced:
-                with _Passthrough():
-                    y = fn(*leaves)
-            else:
+            with mode:
                 y = fn(*leaves)
-            dy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
-            return [y, *torch.autograd.grad(y, leaves, dy)]
+            return [y, *torch.autograd.grad(y, leaves, torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))]
 
-        want, got = run(True), run(False)
+        want, got = run(_Passthrough()), run(contextlib.nullcontext())
         for a, c in zip(got, want, strict=True):
             assert a.shape == c.shape
             torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-12)
