@@ -114,7 +114,7 @@ def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *
         ValueError: wrong ndim or shape, or values other than 0 and 1.
     """
     check_tensor("attention_mask", attention_mask, ndim=2, device=device)
-    if tuple(attention_mask.shape) != (batch, seqlen):
+    if attention_mask.shape != (batch, seqlen):  # torch.Size is a tuple: no conversion
         raise ValueError(f"attention_mask: expected shape (batch, {seqlen_name}) = {(batch, seqlen)}, "
                          f"got {tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:

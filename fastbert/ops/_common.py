@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -88,6 +89,11 @@ def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call (its argument parsing) when t has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def as_float(name: str, value) -> float:
     """A Python float from an int/float argument.
 
@@ -132,7 +138,7 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 def allow_tf32(t: torch.Tensor) -> bool:
     """Whether fp32 matmuls may use TF32, from torch's matmul precision setting (IEEE by default)."""
-    return t.dtype == torch.float32 and t.device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    return t.dtype == torch.float32 and t.is_cuda and torch.get_float32_matmul_precision() != "highest"
 
 
 def deterministic() -> bool:
@@ -140,9 +146,24 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype for ``device_type`` when autocast is on there, else None (also for a
-    device autocast does not know, such as ``meta``: dispatch then names the device)."""
+_any_autocast = torch._C._is_any_autocast_enabled  # one C call; Dynamo folds it like is_autocast_enabled
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+def _device_type(device) -> str:
+    """The device type of a device type string, a tensor or a torch.device."""
+    if isinstance(device, str):
+        return device
+    return device.device.type if isinstance(device, torch.Tensor) else device.type
+
+
+def autocast_dtype(device) -> torch.dtype | None:
+    """The autocast dtype for ``device`` (a device type, or a tensor whose device is read only when
+    some autocast is on) when autocast is on there, else None (also for a device autocast does not
+    know, such as ``meta``: dispatch then names the device)."""
+    if not _any_autocast():  # the common case: no device read, no per-device query
+        return None
+    device_type = _device_type(device)
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
@@ -151,12 +172,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def no_autocast(device_type: str):
-    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops (a no-op
-    context, which costs nothing, when autocast is off already: the common case)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+def no_autocast(device):
+    """Backends compute in the dtypes ops/ chose: autocast off inside the custom ops (a reused
+    no-op context, which costs nothing, when autocast is off already: the common case).
+    ``device``: a device type, or a tensor (its device is read only when some autocast is on)."""
+    if _any_autocast():
+        device_type = _device_type(device)
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type=device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +188,7 @@ def no_autocast(device_type: str):
 # ----------------------------------------------------------------------------------------------
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def eager_direct(*tensors) -> bool:
@@ -173,63 +198,104 @@ def eager_direct(*tensors) -> bool:
     (schema binding, autograd wrapper, redispatch), more than the op itself at small shapes.
     Plain eager calls (plain tensors, no torch-function / dispatch mode, no functorch transform,
     not compiling) run the same implementation through :class:`_EagerOp` instead; everything
-    else (``torch.compile``, fake tensors, ``make_fx``, ``opcheck``, vmap) goes through the
-    registered custom op, so its fake and autograd registrations stay what tracing sees.
+    else (``torch.compile``, fake tensors, ``make_fx``, ``opcheck``, vmap, a functorch wrapper
+    that outlived its transform) goes through the registered custom op, so its fake and autograd
+    registrations stay what tracing sees.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     for t in tensors:  # a loop, not all(<genexpr>): this runs on every call
-        if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
+        if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or _is_wrapped(t)):
             return False
     return True
 
 
 class EagerOp:
     """One custom op's pieces for the eager fast path: the forward implementation (the function
-    the custom op was made from), its ``setup_context`` and ``backward`` (which take ``bwd=``, the
-    backward op to call), the backward's custom op and implementation, and which outputs carry no
-    gradient."""
+    the custom op was made from, or an eager variant that may return None for an unused output),
+    its ``setup_context`` and ``backward`` (which take ``bwd=``, the backward op to call), the
+    backward's custom op and implementation (the eager one may return None for a gradient not
+    asked for), whether the forward returns a tuple whose outputs after the first carry no
+    gradient (``stats``), and the positions of the inputs that are ``(rows, last dim)`` views of
+    the caller's N-D tensors (``flat``; see :meth:`__call__`'s ``shape``)."""
 
-    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, nondiff=()):
+    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,)):
         self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
         self.setup_context, self.backward = setup_context, backward
         self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
-        self.nondiff = nondiff
+        self.stats, self.flat = stats, flat
 
-    def __call__(self, *inputs, diff=()):
-        """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient."""
+    def __call__(self, *inputs, diff=(), shape=None):
+        """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient.
+
+        ``shape``: None, or the N-D shape of the ``flat`` inputs, which the op sees flattened to
+        ``(rows, shape[-1])``; the first output is viewed back to ``shape[:-1] + (its last dim,)``.
+        On the eager path with gradients the flattening happens inside the autograd node, so
+        neither view is an autograd node of its own (two fewer per call, forward and backward)."""
         if not eager_direct(*inputs):
-            return self.fwd_op(*inputs)
+            return self._unflatten(self.fwd_op(*self._flatten(inputs, shape)), shape)
         if torch.is_grad_enabled():
             for t in diff:
                 if t is not None and t.requires_grad:
-                    return _EagerFunction.apply(*inputs, self)
-        return self.fwd_impl(*inputs)
+                    return _apply(*inputs, self, shape)
+        if shape is None:
+            return self.fwd_impl(*inputs)
+        return self._unflatten(self.fwd_impl(*self._flatten(inputs, shape)), shape)
+
+    def _flatten(self, inputs, shape):
+        if shape is None:
+            return inputs
+        rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
+        if self.flat == (0,):  # x only: no loop
+            return (inputs[0].reshape(rows, shape[-1]),) + inputs[1:]
+        return tuple(t.reshape(rows, shape[-1]) if i in self.flat and t is not None else t
+                     for i, t in enumerate(inputs))
+
+    def _unflatten(self, outputs, shape):
+        if shape is None:
+            return outputs
+        single = isinstance(outputs, torch.Tensor)
+        y = outputs if single else outputs[0]
+        last = y.shape[-1]
+        y = y.view(shape) if last == shape[-1] else y.view(shape[:-1] + (last,))
+        return y if single else (y,) + tuple(outputs[1:])
 
 
 class _EagerFunction(torch.autograd.Function):
     """The autograd node of :class:`EagerOp`: the custom op's own setup_context and backward.
-    The op rides last so ``ctx.needs_input_grad`` keeps the custom op's input positions."""
+    The op and the N-D shape ride last so ``ctx.needs_input_grad`` keeps the custom op's input
+    positions."""
 
     @staticmethod
     def forward(ctx, *args):
-        *inputs, op = args
+        op, shape = args[-2], args[-1]
+        inputs = op._flatten(args[:-2], shape)
         outputs = op.fwd_impl(*inputs)
         op.setup_context(ctx, inputs, outputs)
-        ctx.eager_op = op
-        ctx.num_inputs = len(inputs)
-        if op.nondiff:
-            ctx.mark_non_differentiable(*(outputs[i] for i in op.nondiff))
+        ctx.eager_op, ctx.shape = op, shape
+        if op.stats:
+            ctx.mark_non_differentiable(*[t for t in outputs[1:] if t is not None])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs
-        return outputs
+        return op._unflatten(outputs, shape)
 
     @staticmethod
     def backward(ctx, *grads):
-        op = ctx.eager_op
+        op, shape = ctx.eager_op, ctx.shape
         if grads[0] is None:  # no gradient reached the one differentiable output: none flows back
-            return (None,) * (ctx.num_inputs + 1)
+            return (None,) * len(ctx.needs_input_grad)
+        if shape is not None:
+            g = grads[0]
+            grads = (g.reshape(math.prod(shape[:-1]), g.shape[-1]),) + grads[1:]
         # create_graph=True: the custom op (as the registered autograd would call it)
         bwd = op.bwd_op if torch.is_grad_enabled() else op.bwd_impl
-        return tuple(op.backward(ctx, *grads, bwd=bwd)) + (None,)
+        out = op.backward(ctx, *grads, bwd=bwd)
+        if shape is not None:
+            out = tuple(g.view(shape) if i in op.flat and g is not None else g for i, g in enumerate(out))
+        return (*out, None, None)
+
+
+# Function.apply without its Python wrapper: eager_direct already excluded what that wrapper
+# handles (functorch transforms, dead functorch wrappers), and the wrapper costs microseconds.
+_apply = super(torch.autograd.Function, _EagerFunction).apply

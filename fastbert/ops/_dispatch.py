@@ -61,6 +61,19 @@ def resolve(call: CallInfo, backend: str | None = None) -> str:
 
 
 _RESOLVED: dict = {}  # (op, device, dtype, head_dim, features, backend=, env, registry) -> name
+_ENV_NAME = "FASTBERT_BACKEND"
+_ENV_KEY = os.environ.encodekey(_ENV_NAME) if hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend():
+    """``FASTBERT_BACKEND`` as a cache key: its raw (encoded) value from ``os.environ``'s own dict,
+    one dict lookup (``os.environ.get`` encodes the name and, when it is unset, raises and
+    catches a KeyError: a microsecond per call). The same value ``os.environ`` holds, so
+    ``monkeypatch.setenv`` and ``os.environ[...] = ...`` are seen at once."""
+    data = getattr(os.environ, "_data", None)
+    if _ENV_KEY is not None and type(data) is dict:
+        return data.get(_ENV_KEY)
+    return os.environ.get(_ENV_NAME)
 
 
 def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None, features: tuple,
@@ -72,8 +85,7 @@ def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None,
     the plain path)."""
     if torch.compiler.is_compiling():
         return resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
-    key = (op, device, dtype, head_dim, features, backend, os.environ.get("FASTBERT_BACKEND"),
-           tuple(map(id, _REGISTRY.values())))
+    key = (op, device, dtype, head_dim, features, backend, _env_backend(), tuple(map(id, _REGISTRY.values())))
     try:
         name = _RESOLVED.get(key)
     except TypeError:  # an unhashable backend= (a list): _resolve's error names it
@@ -132,7 +144,7 @@ def fuses_dense_bias(x: torch.Tensor, backend: str | None = None) -> bool:
     ``addmm`` adds the bias inside the GEMM. Decided once per (device, dtype, backend,
     ``FASTBERT_BACKEND``) and remembered; modules call this instead of checking devices.
     """
-    key = (x.device.type, x.dtype, backend, os.environ.get("FASTBERT_BACKEND"))
+    key = (x.device.type, x.dtype, backend, _env_backend())
     hit = _FUSES_DENSE_BIAS.get(key)
     if hit is None:
         call = CallInfo(op="layer_norm", device=x.device.type, dtype=x.dtype,

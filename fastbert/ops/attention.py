@@ -89,7 +89,7 @@ def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max
     if optional_lse and q.numel() and k.numel():  # the eager path: a backend may return fresh outputs
         functional = getattr(backend_module(backend, "attention"), "attention_fwd_functional", None)
         if functional is not None:
-            with no_autocast(q.device.type):
+            with no_autocast(q):
                 res = functional(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
                                  softmax_scale=softmax_scale, allow_tf32=allow_tf32,
@@ -105,7 +105,7 @@ def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max
             lse[0].fill_(float("inf"))
             lse[1].zero_()
         return out, lse
-    with no_autocast(q.device.type):
+    with no_autocast(q):
         backend_module(backend, "attention").attention_fwd(
             q, k, v, out, lse, attention_mask=attention_mask, attn_bias=_bias4d(attn_bias, q, k),
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed,
@@ -130,17 +130,28 @@ def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                    dropout_p: float, softmax_scale: float, allow_tf32: bool, deterministic: bool,
                    bias_requires_grad: bool, backend: str, window_left: int = -1,
                    window_right: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dbias = _attention_bwd_run(dout, q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed,
+                                           max_seqlen, dropout_p, softmax_scale, allow_tf32, deterministic,
+                                           bias_requires_grad, backend, window_left, window_right)
+    return dq, dk, dv, (q.new_empty((0,)) if dbias is None else dbias)  # a custom op returns tensors only
+
+
+def _attention_bwd_run(dout, q, k, v, out, lse, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                       softmax_scale, allow_tf32, deterministic, bias_requires_grad, backend, window_left=-1,
+                       window_right=-1):
+    """``(dq, dk, dv, dbias)``, dbias None unless ``bias_requires_grad`` (the eager path's backward:
+    no placeholder)."""
     if lse.numel() and not bias_requires_grad:  # statistics from the eager path's forward
         functional = getattr(backend_module(backend, "attention"), "attention_bwd_functional", None)
         if functional is not None:
-            with no_autocast(q.device.type):
+            with no_autocast(q):
                 res = functional(dout.contiguous(), q, k, v, out, lse, attention_mask=attention_mask,
                                  attn_bias=attn_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                  dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, need_dbias=False,
                                  allow_tf32=allow_tf32, deterministic=deterministic,
                                  **_window_kw(window_left, window_right))
             if res is not None:
-                return res + (q.new_empty((0,)),)
+                return res + (None,)
     dq = new_empty(q.shape, q.dtype, q.device)
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)
@@ -153,7 +164,7 @@ def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         for t in (dq, dk, dv) + ((dbias_full,) if bias_requires_grad else ()):
             t.zero_()
     else:
-        with no_autocast(q.device.type):
+        with no_autocast(q):
             backend_module(backend, "attention").attention_bwd(
                 dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dbias_full,
                 attention_mask=attention_mask, attn_bias=bias4d, cu_seqlens=cu_seqlens,
@@ -161,7 +172,7 @@ def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                 allow_tf32=allow_tf32, deterministic=deterministic,
                 **_window_kw(window_left, window_right))
     if not bias_requires_grad:
-        return dq, dk, dv, q.new_empty((0,))
+        return dq, dk, dv, None
     dbias = dbias_full.sum_to_size(attn_bias.shape if attn_bias.dim() == 4 else
                                    (1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
     return dq, dk, dv, dbias.reshape(attn_bias.shape).to(attn_bias.dtype)
@@ -192,15 +203,17 @@ def _backward(ctx, dout, dlse, bwd=None):
     dq, dk, dv, dbias = (bwd or _attention_bwd)(dout, q, k, v, out, lse, attention_mask, attn_bias,
                                        cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale, tf32,
                                        det, bias_grad, backend, window_left, window_right)
-    return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 10
+    return dq, dk, dv, None, (dbias if bias_grad else None), *_NONES10
 
 
+_NONES10 = (None,) * 10
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_attention_fwd, _attention_fwd_eager, _setup_context, _backward, _attention_bwd,
-                 _attention_bwd_impl, nondiff=(1,))
+                 _attention_bwd_run, stats=True)
 
 
 _DEVICE_TYPES = ("cpu", "cuda")
+_NO_WINDOW = (-1, -1)  # the custom ops' window_left, window_right for global attention
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tensor] = None,
@@ -294,11 +307,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
     except ValueError as exc:  # the wrong ndim: say which layout q's ndim is
         raise layout_error(exc, q, varlen) from None
-    if q.device.type not in _DEVICE_TYPES:
-        raise ValueError(f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {q.device} (meta tensors "
+    device = q.device  # read once: each .device builds a torch.device
+    dev_type = device.type
+    if dev_type not in _DEVICE_TYPES:
+        raise ValueError(f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {device} (meta tensors "
                          "have no values to attend; under torch.compile fake tensors take the fake implementation)")
-    check_tensor("k", k, ndim=ndim, device=q.device)
-    check_tensor("v", v, ndim=ndim, device=q.device)
+    check_tensor("k", k, ndim=ndim, device=device)
+    check_tensor("v", v, ndim=ndim, device=device)
     if not (k.dtype == q.dtype and v.dtype == q.dtype):
         raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
     hd = q.shape[-1]
@@ -316,7 +331,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             raise ValueError("attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")
         if attn_bias is not None:
             raise ValueError("attn_bias: not supported with cu_seqlens (use the padded layout)")
-        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
         if cu_seqlens.numel() < 1:
             raise ValueError("cu_seqlens: expected batch + 1 >= 1 entries, got 0")
         if k.shape[0] != q.shape[0]:
@@ -338,25 +353,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             raise ValueError("max_seqlen: only meaningful with cu_seqlens")
         batch, seqlen_k = q.shape[0], k.shape[1]
         if attention_mask is not None:
-            attention_mask = padding_mask(attention_mask, batch, seqlen_k, q.device, seqlen_name="seqlen_k")
+            attention_mask = padding_mask(attention_mask, batch, seqlen_k, device, seqlen_name="seqlen_k")
         if attn_bias is not None:
-            check_tensor("attn_bias", attn_bias, dtypes=_FLOAT_DTYPES, device=q.device)
+            check_tensor("attn_bias", attn_bias, dtypes=_FLOAT_DTYPES, device=device)
             full = (batch, q.shape[2], q.shape[1], seqlen_k)
             ok = attn_bias.dim() <= 4 and all(
                 s in (1, f) for s, f in zip(reversed(attn_bias.shape), reversed(full)))
             if not ok:
                 raise ValueError(f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
                                  f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    ac = autocast_dtype(q.device.type)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    ac = autocast_dtype(dev_type)
     if ac is not None:  # attention runs in the autocast dtype
         # attn_bias keeps its dtype: it is added in fp32 (an fp32 -1e5 bias would be -inf in fp16).
         q, k, v = q.to(ac), k.to(ac), v.to(ac)
     softmax_scale = 1.0 / math.sqrt(hd) if softmax_scale is None else as_float("softmax_scale", softmax_scale)
     if not softmax_scale - softmax_scale == 0.0:  # NaN or +-inf (math.isfinite does not trace)
         raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
-    bounds = (max_seqlen, max_seqlen) if varlen else (q.shape[1], k.shape[1])
-    window = check_window(window, *bounds)
+    if window is not None:
+        window = check_window(window, *((max_seqlen, max_seqlen) if varlen else (q.shape[1], k.shape[1])))
     features = ("window",) if window is not None else ()
     if attention_mask is not None:
         features += ("attention_mask",)
@@ -366,14 +386,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         features += ("varlen",)
     if dropout_p > 0.0:
         features += ("dropout",)
-    det, tf32 = deterministic(), allow_tf32(q)
+    det, tf32 = deterministic(), dev_type == "cuda" and allow_tf32(q)
     if det:
         features += ("deterministic",)
     if tf32:
         features += ("tf32",)
-    name = resolve_call("attention", q.device.type, q.dtype, hd, features, backend)
-    seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    name = resolve_call("attention", dev_type, q.dtype, hd, features, backend)
+    seed = draw_seed(device) if dropout_p > 0.0 else None
     out, _ = _eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, int(max_seqlen or 0),
                     dropout_p, float(softmax_scale), tf32, det, name,
-                    *(window if window is not None else (-1, -1)), diff=(q, k, v, attn_bias))
+                    *(window if window is not None else _NO_WINDOW), diff=(q, k, v, attn_bias))
     return out

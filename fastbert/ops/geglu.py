@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import EagerOp, new_empty, no_autocast
+from fastbert.ops._common import EagerOp, as_dtype, new_empty, no_autocast
 from fastbert.ops._dispatch import backend_module, resolve_call
-from fastbert.ops.gelu import check_gelu_inputs
+from fastbert.ops.gelu import _BIAS, check_gelu_inputs
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -41,7 +40,7 @@ def _geglu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend
     y = new_empty((x.shape[0], x.shape[1] // 2), x.dtype, x.device)
     act = new_empty(_act_shape(x, bias, backend), x.dtype, x.device)
     if y.numel():
-        with no_autocast(x.device.type):
+        with no_autocast(x):
             backend_module(backend, "geglu").geglu_fwd(x, bias, y, approximate=approximate,
                                                        **({"act": act} if act.numel() else {}))
     return y, act
@@ -57,15 +56,20 @@ def _(x, bias, approximate, backend):
 
 def _geglu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: Tensor, need_dbias: bool,
                     approximate: str, backend: str) -> tuple[Tensor, Tensor]:
+    dx, dbias = _geglu_bwd_run(dy, x, bias, act, need_dbias, approximate, backend)
+    return dx, (x.new_empty((0,), dtype=_acc(x)) if dbias is None else dbias)  # a custom op returns tensors only
+
+
+def _geglu_bwd_run(dy, x, bias, act, need_dbias, approximate, backend):
+    """``(dx, dbias)``, dbias None when not needed (the eager path's backward: no placeholder)."""
     shape = (dy.shape[0], 2 * dy.shape[1])  # x's (x itself is an empty placeholder when act keeps z)
     dx = new_empty(shape, x.dtype, x.device)
-    dbias = new_empty((shape[-1],) if need_dbias else (0,), _acc(x), x.device)
+    dbias = new_empty((shape[-1],), _acc(x), x.device) if need_dbias else None
     if dx.numel():
-        with no_autocast(x.device.type):
-            backend_module(backend, "geglu").geglu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None,
-                                                       approximate=approximate,
+        with no_autocast(x):
+            backend_module(backend, "geglu").geglu_bwd(dy.contiguous(), x, bias, dx, dbias, approximate=approximate,
                                                        **({"act": act} if act.numel() else {}))
-    else:
+    elif dbias is not None:
         dbias.zero_()
     return dx, dbias
 
@@ -92,12 +96,12 @@ def _backward(ctx, dy, dact, bwd=None):
     approximate, backend = ctx.args
     need_dbias = bias is not None and ctx.needs_input_grad[1]
     dx, dbias = (bwd or _geglu_bwd)(dy, x, bias, act, need_dbias, approximate, backend)
-    return dx, (dbias.to(bias.dtype) if need_dbias else None), None, None
+    return dx, (as_dtype(dbias, bias.dtype) if need_dbias else None), None, None
 
 
 _geglu_fwd.register_autograd(_backward, setup_context=_setup_context)
-_eager = EagerOp(_geglu_fwd, _geglu_fwd_impl, _setup_context, _backward, _geglu_bwd, _geglu_bwd_impl,
-                 nondiff=(1,))
+_eager = EagerOp(_geglu_fwd, _geglu_fwd_impl, _setup_context, _backward, _geglu_bwd, _geglu_bwd_run,
+                 stats=True)
 
 
 def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
@@ -129,8 +133,7 @@ def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none"
     width = x.shape[-1]
     if width % 2:
         raise ValueError(f"x: expected an even last dim (GELU half, gate half), got {width}")
-    name = resolve_call("geglu", x.device.type, x.dtype, None, ("bias",) if bias is not None else (), backend)
-    shape = x.shape
-    x2 = x.reshape(math.prod(shape[:-1]), width).contiguous()
-    y = _eager(x2, bias, approximate, name, diff=(x2, bias))[0]
-    return y.view(shape[:-1] + (width // 2,))
+    name = resolve_call("geglu", x.device.type, x.dtype, None, _BIAS if bias is not None else (), backend)
+    x = x.contiguous()
+    # N-D x: seen as (rows, 2n) inside the op (see EagerOp), y viewed back to (..., n)
+    return _eager(x, bias, approximate, name, diff=(x, bias), shape=None if x.dim() == 2 else x.shape)[0]

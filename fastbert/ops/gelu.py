@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, autocast_dtype, check_tensor, check_vector, new_empty,
-                                  no_autocast)
+from fastbert.ops._common import (EagerOp, as_dtype, autocast_dtype, check_tensor, check_vector,
+                                  new_empty, no_autocast)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 APPROXIMATE = ("none", "tanh")
+_BIAS = ("bias",)
 
 
 def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Optional[Tensor]]:
@@ -25,7 +25,7 @@ def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tens
     check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
     if approximate not in APPROXIMATE:
         raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
-    ac = autocast_dtype(x.device.type)
+    ac = autocast_dtype(x)
     if ac is not None:
         x = x.to(ac)
     if bias is not None:
@@ -39,11 +39,11 @@ def _gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str, backend:
     mod = backend_module(backend, "gelu")
     functional = getattr(mod, "gelu_fwd_functional", None)
     if functional is not None and x.numel():  # the backend allocates what it returns
-        with no_autocast(x.device.type):
+        with no_autocast(x):
             return functional(x, bias, approximate=approximate)
     y = new_empty(x.shape, x.dtype, x.device)
     if x.numel():
-        with no_autocast(x.device.type):
+        with no_autocast(x):
             mod.gelu_fwd(x, bias, y, approximate=approximate)
     return y
 
@@ -58,19 +58,26 @@ def _(x, bias, approximate, backend):
 
 def _gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
               backend: str) -> tuple[Tensor, Tensor]:
+    dx, dbias = _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend)
+    if dbias is None:  # a custom op returns tensors only: an empty one, of the fake's dtype
+        dbias = x.new_empty((0,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return dx, dbias
+
+
+def _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend):
+    """``(dx, dbias)``, dbias None when not needed (the eager path's backward: no placeholder)."""
     mod = backend_module(backend, "gelu")
     functional = getattr(mod, "gelu_bwd_functional", None)
     if functional is not None and x.numel():
-        with no_autocast(x.device.type):
-            dx, dbias = functional(dy.contiguous(), x, bias, need_dbias=need_dbias, approximate=approximate)
-        return dx, (x.new_empty((0,)) if dbias is None else dbias)
+        with no_autocast(x):
+            return functional(dy.contiguous(), x, bias, need_dbias=need_dbias, approximate=approximate)
     dx = new_empty(x.shape, x.dtype, x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
-    dbias = new_empty((x.shape[-1],) if need_dbias else (0,), acc, x.device)
+    dbias = new_empty((x.shape[-1],), acc, x.device) if need_dbias else None
     if x.numel():
-        with no_autocast(x.device.type):
-            mod.gelu_bwd(dy.contiguous(), x, bias, dx, dbias if need_dbias else None, approximate=approximate)
-    else:
+        with no_autocast(x):
+            mod.gelu_bwd(dy.contiguous(), x, bias, dx, dbias, approximate=approximate)
+    elif dbias is not None:
         dbias.zero_()
     return dx, dbias
 
@@ -95,11 +102,11 @@ def _backward(ctx, dy, bwd=None):
     approximate, backend = ctx.args
     need_dbias = bias is not None and ctx.needs_input_grad[1]
     dx, dbias = (bwd or _gelu_bwd)(dy, x, bias, need_dbias, approximate, backend)
-    return dx, (dbias.to(bias.dtype) if need_dbias else None), None, None
+    return dx, (as_dtype(dbias, bias.dtype) if need_dbias else None), None, None
 
 
 _gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
-_eager = EagerOp(_gelu_fwd, _gelu_fwd_impl, _setup_context, _backward, _gelu_bwd, _gelu_bwd_impl)
+_eager = EagerOp(_gelu_fwd, _gelu_fwd_impl, _setup_context, _backward, _gelu_bwd, _gelu_bwd_run)
 
 
 def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
@@ -130,10 +137,7 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         RuntimeError when a forced backend cannot run the call.
     """
     x, bias = check_gelu_inputs(x, bias, approximate)
-    hidden = x.shape[-1]
-    name = resolve_call("gelu", x.device.type, x.dtype, None, ("bias",) if bias is not None else (), backend)
-    shape = x.shape
-    # (rows, hidden), not reshape(-1, hidden): that is ambiguous for hidden == 0.
-    x2 = x.reshape(math.prod(shape[:-1]), hidden).contiguous()
-    y = _eager(x2, bias, approximate, name, diff=(x2, bias))
-    return y.view(shape)
+    name = resolve_call("gelu", x.device.type, x.dtype, None, _BIAS if bias is not None else (), backend)
+    x = x.contiguous()
+    # N-D x: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
+    return _eager(x, bias, approximate, name, diff=(x, bias), shape=None if x.dim() == 2 else x.shape)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, as_float, autocast_dtype, check_dropout_p,
+from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, check_dropout_p,
                                   check_tensor, check_vector, draw_seed, new_empty, no_autocast)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
@@ -25,23 +25,29 @@ def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                     residual: Optional[Tensor], x_bias: Optional[Tensor], seed: Optional[Tensor],
                     eps: float, dropout_p: float, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, rstd, h = _layer_norm_fwd_run(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend)
+    return y, mean, rstd, (x.new_empty((0,)) if h is None else h)  # a custom op returns tensors only
+
+
+def _layer_norm_fwd_run(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
+    """``(y, mean, rstd, h)``, h None when not fused (the eager path's forward: no placeholder)."""
     rows = x.shape[0]
     fused = residual is not None or x_bias is not None or dropout_p > 0.0
     mod = backend_module(backend, "layer_norm")
     functional = getattr(mod, "layer_norm_fwd_functional", None)
     if functional is not None and x.numel():
         # The backend allocates what it returns (fresh tensors): no out= buffers to fill and copy.
-        with no_autocast(x.device.type):
+        with no_autocast(x):
             y, mean, rstd, h = functional(x, weight, bias, residual, x_bias, eps=eps, dropout_p=dropout_p,
                                           seed=seed, fused=fused)
-        return y, mean, rstd, (h if fused else x.new_empty((0,)))
+        return y, mean, rstd, (h if fused else None)
     y = new_empty(x.shape, x.dtype, x.device)
     mean = new_empty((rows,), _stat_dtype(x), x.device)
     rstd = new_empty((rows,), _stat_dtype(x), x.device)
-    h = new_empty(x.shape if fused else (0,), x.dtype, x.device)
+    h = new_empty(x.shape, x.dtype, x.device) if fused else None
     if x.numel():
-        with no_autocast(x.device.type):
-            mod.layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h if fused else None, eps=eps,
+        with no_autocast(x):
+            mod.layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, eps=eps,
                                dropout_p=dropout_p, seed=seed)
     return y, mean, rstd, h
 
@@ -78,7 +84,7 @@ def _layer_norm_bwd_run(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight
     mod = backend_module(backend, "layer_norm")
     functional = getattr(mod, "layer_norm_bwd_functional", None)
     if functional is not None and h.numel():
-        with no_autocast(h.device.type):
+        with no_autocast(h):
             return functional(dy.contiguous(), h, weight, mean, rstd, need_dweight=need_dweight,
                               need_dbias=need_dbias, need_dresidual=need_dresidual, need_dx_bias=need_dx_bias,
                               dropout_p=dropout_p, seed=seed)
@@ -91,7 +97,7 @@ def _layer_norm_bwd_run(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight
     dres = new_empty(h.shape, h.dtype, dev) if need_dresidual else None
     dxb = new_empty((hidden,), acc, dev) if need_dx_bias else None
     if h.numel():
-        with no_autocast(dev.type):
+        with no_autocast(h):
             mod.layer_norm_bwd(dy.contiguous(), h, weight, mean, rstd, dx, dw, db, dres, dxb,
                                dropout_p=dropout_p, seed=seed)
     else:
@@ -118,26 +124,27 @@ def _setup_context(ctx, inputs, output):
     y, mean, rstd, h = output
     fused = residual is not None or x_bias is not None or dropout_p > 0.0
     ctx.save_for_backward(h if fused else x, weight, mean, rstd, seed)
-    ctx.args = (dropout_p, backend)
-    ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, x_bias))
-    ctx.has = (weight is not None, bias is not None, residual is not None, x_bias is not None)
+    # one attribute: (dropout_p, backend, dtype of weight, bias, x_bias or None, has residual)
+    ctx.args = (dropout_p, backend, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+                None if x_bias is None else x_bias.dtype, residual is not None)
 
 
 def _backward(ctx, dy, dmean, drstd, dh, bwd=None):
     h, weight, mean, rstd, seed = ctx.saved_tensors
-    dropout_p, backend = ctx.args
+    dropout_p, backend, w_dtype, b_dtype, xb_dtype, has_res = ctx.args
     nig = ctx.needs_input_grad
-    has_w, has_b, has_res, has_xb = ctx.has
-    need = (has_w and nig[1], has_b and nig[2], has_res and nig[3], has_xb and nig[4])
-    dx, dw, db, dres, dxb = (bwd or _layer_norm_bwd)(dy, h, weight, mean, rstd, seed, dropout_p, *need, backend)
+    nw, nb = w_dtype is not None and nig[1], b_dtype is not None and nig[2]
+    nres, nxb = has_res and nig[3], xb_dtype is not None and nig[4]
+    dx, dw, db, dres, dxb = (bwd or _layer_norm_bwd)(dy, h, weight, mean, rstd, seed, dropout_p, nw, nb, nres, nxb,
+                                                     backend)
     # Parameter gradients accumulate in fp32 and take their parameter's dtype.
-    dw, db, dxb = (g.to(dt) if n else None for g, dt, n in zip((dw, db, dxb), ctx.param_dtypes, need[:2] + need[3:]))
-    return dx, dw, db, (dres if need[2] else None), dxb, None, None, None, None
+    return (dx, as_dtype(dw, w_dtype) if nw else None, as_dtype(db, b_dtype) if nb else None,
+            dres if nres else None, as_dtype(dxb, xb_dtype) if nxb else None, None, None, None, None)
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
-_eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_impl, _setup_context, _backward, _layer_norm_bwd,
-                 _layer_norm_bwd_run, nondiff=(1, 2, 3))
+_eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_run, _setup_context, _backward, _layer_norm_bwd,
+                 _layer_norm_bwd_run, stats=True, flat=(0, 3))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
@@ -190,26 +197,20 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         check_tensor("residual", residual, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if autocast_dtype(x.device.type) is not None:  # under autocast the residual stream takes x's dtype
+        if autocast_dtype(x) is not None:  # under autocast the residual stream takes x's dtype
             residual = residual.to(x.dtype)
         if residual.dtype != x.dtype:
             raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
-    flat = x.dim() == 2  # (rows, hidden) already: no reshape there and back (BERT's unpadded tokens)
-    if flat:
-        x2 = x.contiguous()
-        res2 = None if residual is None else residual.contiguous()
-    else:
-        shape = x.shape
-        rows = math.prod(shape[:-1])  # not reshape(-1, hidden): that is ambiguous for hidden == 0
-        x2 = x.reshape(rows, hidden).contiguous()
-        res2 = None if residual is None else residual.reshape(rows, hidden).contiguous()
+    x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous()
     features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
                          + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
     name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    y = _eager(x2, weight, bias, res2, x_bias, seed, float(eps), dropout_p, name,
-               diff=(x2, weight, bias, res2, x_bias))[0]
-    return y if flat else y.view(shape)
+    # N-D x and residual: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
+    return _eager(x, weight, bias, residual, x_bias, seed, float(eps), dropout_p, name,
+                  diff=(x, weight, bias, residual, x_bias), shape=None if x.dim() == 2 else x.shape)[0]
 
 
 # The dispatch features of each combination of (weight, bias, residual, x_bias, dropout), by bit:
