@@ -150,21 +150,24 @@ def layer_norm_bwd_functional(dy, h, weight, mean, rstd, *, need_dweight, need_d
         composite.layer_norm_bwd(dy, h, weight, mean, rstd, *out, dropout_p=dropout_p, seed=seed)
         return out
     w = weight if weight is None or weight.dtype == stat else weight.to(stat)
-    mask = [True, need_dweight, False]
+    # dbias = sum_rows(dy) from aten's own pass over dy (its output mask), not a second one: aten
+    # only allocates dbias like its bias argument (never reads it), so w, or without a weight an
+    # empty [hidden] vector, stands in for the bias the backward is not given.
+    beta = (w if w is not None else torch.empty(hidden, dtype=stat, device=h.device)) if need_dbias else None
+    mask = [True, need_dweight, need_dbias]
     if h.dtype == stat and _ill_conditioned_rows(mean, rstd, BWD_ILL_CONDITIONED) is None:
         # The common case: no row with |mean| > its spread; aten's form loses nothing there.
-        dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            dy, h, (hidden,), mean.view(-1, 1), rstd.view(-1, 1), w, None, mask)
+        dh, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy, h, (hidden,), mean.view(-1, 1), rstd.view(-1, 1), w, beta, mask)
     else:
         centred = torch.sub(h.to(stat), mean.view(-1, 1))
-        dh, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            dy.to(stat), centred, (hidden,), torch.zeros_like(mean).view(-1, 1), rstd.view(-1, 1), w, None,
+        dh, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy.to(stat), centred, (hidden,), torch.zeros_like(mean).view(-1, 1), rstd.view(-1, 1), w, beta,
             mask)
-    db = dy.sum(0, dtype=stat) if need_dbias else None
     dres = dh.to(h.dtype) if need_dresidual else None  # h's dtype: dh itself for fp32 / fp64
     if dropout_p > 0.0:
         keep = rows_keep_mask(seed, dropout_p, h.shape[0], hidden, device=h.device)
         dh = torch.mul(dh, keep).mul_(dropout_scale(dropout_p))
     dx = dres if dres is not None and dropout_p == 0.0 else dh.to(h.dtype)
     dxb = dh.sum(0) if need_dx_bias else None
-    return dx, (dw if need_dweight else None), db, dres, dxb
+    return dx, (dw if need_dweight else None), (db if need_dbias else None), dres, dxb
