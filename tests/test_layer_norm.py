@@ -284,3 +284,22 @@ def test_torch_backend_dbias_from_aten_pass(dtype, params, shifted, poison):
     for t, hi, lo in zip(got, run("reference", torch.float64), run("reference", dtype)):
         assert t.dtype == lo.dtype and t.shape == lo.shape
         assert_close_to_ref(t, hi, lo)
+
+
+def test_torch_backend_worst_ratio_is_max_abs_and_propagates_nan():
+    """issue 16: the ill-conditioned-row check (now mul / abs_ / max) is ``max |mean| * rstd``, a
+    negative mean counted by its size, and NaN wherever a row's statistics are NaN."""
+    from fastbert.backends.torch.layer_norm import _ill_conditioned_rows, _worst_ratio
+
+    mean = torch.tensor([0.5, -40.0, 3.0, 20.0])
+    rstd = torch.tensor([1.0, 0.5, 1.0, 0.5])
+    assert _worst_ratio(mean, rstd) == 20.0
+    assert _worst_ratio(mean.double(), rstd.double()) == 20.0
+    assert _ill_conditioned_rows(mean, rstd).tolist() == [1]
+    assert _ill_conditioned_rows(mean, rstd, threshold=2.0).tolist() == [1, 2, 3]
+    for i in range(4):
+        m = mean.clone()
+        m[i] = float("nan")
+        w = _worst_ratio(m, rstd)
+        assert w != w
+    assert _worst_ratio(mean[:0], rstd[:0]) == 0.0
