@@ -25,6 +25,11 @@ ILL_CONDITIONED = 16.0
 BWD_ILL_CONDITIONED = 1.0
 
 
+# The overload itself: calling the packet (``torch.ops.aten.native_layer_norm_backward``) resolves
+# it on every call.
+_LN_BWD = torch.ops.aten.native_layer_norm_backward.default
+
+
 def _worst_ratio(mean, rstd):
     """``max_rows |mean| * rstd`` as a Python float (NaN when a row's statistics are NaN), or None
     while capturing a CUDA graph (the read is a host sync; on a GPU Triton or CUDA normally runs
@@ -158,12 +163,10 @@ def layer_norm_bwd_functional(dy, h, weight, mean, rstd, *, need_dweight, need_d
     # their data, so no [rows, 1] views are made for it.
     if h.dtype == stat and _ill_conditioned_rows(mean, rstd, BWD_ILL_CONDITIONED) is None:
         # The common case: no row with |mean| > its spread; aten's form loses nothing there.
-        dh, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dy, h, (hidden,), mean, rstd, w, beta, mask)
+        dh, dw, db = _LN_BWD(dy, h, (hidden,), mean, rstd, w, beta, mask)
     else:
-        centred = torch.sub(h.to(stat), mean.view(-1, 1))
-        dh, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dy.to(stat), centred, (hidden,), torch.zeros_like(mean), rstd, w, beta, mask)
+        centred = torch.sub(h, mean.view(-1, 1))  # in mean's dtype: fp16 / bf16 h promoted, no copy of h
+        dh, dw, db = _LN_BWD(dy.to(stat), centred, (hidden,), torch.zeros_like(mean), rstd, w, beta, mask)
     same = dh.dtype == h.dtype  # fp32 / fp64: dh is already dx and dresidual (no .to() call)
     dres = (dh if same else dh.to(h.dtype)) if need_dresidual else None
     if dropout_p > 0.0:
