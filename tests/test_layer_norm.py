@@ -254,3 +254,52 @@ def test_strided_and_expanded_parameters(backend, poison):
     ref = torch.autograd.grad(F.layer_norm(x + xbb.expand(64), (64,), wb[::2], bb.expand(64)), (x, wb, bb, xbb), dy)
     for a, r in zip(grads, ref):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("params", ["weight,bias", "bias", "weight"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_torch_backend_dbias_from_aten_pass(dtype, params, shifted, poison):
+    """issue 16: dbias comes out of aten's backward pass (its output mask, a stand-in bias vector
+    when there is no weight), on the direct and the centred path (``shifted``: one row's mean is 50
+    spreads); every gradient follows the tolerance rule and an absent one stays None."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(33, 96, generator=g, dtype=torch.float64)
+    if shifted:
+        x[3] += 50.0
+    w = 1 + 0.1 * torch.randn(96, generator=g, dtype=torch.float64)
+    b = torch.randn(96, generator=g, dtype=torch.float64)
+    dy = torch.randn(33, 96, generator=g, dtype=torch.float64)
+
+    def run(backend, dt):
+        xs = x.to(dt).requires_grad_()
+        ws = w.to(dt).requires_grad_() if "weight" in params else None
+        bs = b.to(dt).requires_grad_() if "bias" in params else None
+        leaves = [t for t in (xs, ws, bs) if t is not None]
+        y = layer_norm(xs, ws, bs, eps=1e-12, backend=backend)
+        return [y] + list(torch.autograd.grad(y, leaves, dy.to(dt)))
+
+    got = run("torch", dtype)
+    assert len(got) == 2 + params.count(",") + 1
+    for t, hi, lo in zip(got, run("reference", torch.float64), run("reference", dtype)):
+        assert t.dtype == lo.dtype and t.shape == lo.shape
+        assert_close_to_ref(t, hi, lo)
+
+
+def test_torch_backend_worst_ratio_is_max_abs_and_propagates_nan():
+    """issue 16: the ill-conditioned-row check (now mul / abs_ / max) is ``max |mean| * rstd``, a
+    negative mean counted by its size, and NaN wherever a row's statistics are NaN."""
+    from fastbert.backends.torch.layer_norm import _ill_conditioned_rows, _worst_ratio
+
+    mean = torch.tensor([0.5, -40.0, 3.0, 20.0])
+    rstd = torch.tensor([1.0, 0.5, 1.0, 0.5])
+    assert _worst_ratio(mean, rstd) == 20.0
+    assert _worst_ratio(mean.double(), rstd.double()) == 20.0
+    assert _ill_conditioned_rows(mean, rstd).tolist() == [1]
+    assert _ill_conditioned_rows(mean, rstd, threshold=2.0).tolist() == [1, 2, 3]
+    for i in range(4):
+        m = mean.clone()
+        m[i] = float("nan")
+        w = _worst_ratio(m, rstd)
+        assert w != w
+    assert _worst_ratio(mean[:0], rstd[:0]) == 0.0
