@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._hf_cases import FAMILIES, tiny_config
+from _hf_cases import FAMILIES, tiny_config
 
 transformers = pytest.importorskip("transformers")
 import fastbert.models as models  # noqa: E402
@@ -55,7 +55,7 @@ def test_distilbert_qa_still_checks_num_labels():
 def test_base_model_tuple_output_is_the_dict_fields(model_type):
     """``base_output``: return_dict=False gives the non-None fields of the dict output, in order."""
     if model_type == "modernbert":
-        from tests.test_modernbert import tiny_config as modernbert_config
+        from _tiny_modernbert import tiny_config as modernbert_config
 
         config, cls = modernbert_config(), models.ModernBertModel
     else:
