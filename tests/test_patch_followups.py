@@ -157,14 +157,14 @@ def test_window_accepts_numpy_and_0d_tensor_ints():
 ])
 def test_window_type_error_names_the_entry(window, where, got):
     q = torch.randn(1, 4, 1, 8)
-    with pytest.raises(TypeError, match=r"window: expected None or a \(left, right\) tuple") as info:
+    with pytest.raises(TypeError, match=r"window: expected None or a \(left, right\) pair") as info:
         fastbert.attention(q, q, q, window=window)
     assert f"{where.replace(chr(92), '')} is " in str(info.value) and got in str(info.value)
 
 
 def test_window_shape_and_sign_errors():
     q = torch.randn(1, 4, 1, 8)
-    with pytest.raises(TypeError, match=r"window: expected None or a \(left, right\) tuple"):
+    with pytest.raises(TypeError, match=r"window: expected None or a \(left, right\) pair"):
         fastbert.attention(q, q, q, window=(1, 2, 3))
     with pytest.raises(ValueError, match="left >= 0 and right >= 0"):
         fastbert.attention(q, q, q, window=(np.int64(-1), 2))
