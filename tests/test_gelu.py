@@ -11,6 +11,7 @@ from _cases_gelu import GELU_CASES, check_gelu_case
 from fastbert.ops import gelu
 
 CPU_BACKENDS = ("reference", "torch")
+_AVX512 = "AVX512" in torch.backends.cpu.get_cpu_capability()  # which of aten's CPU kernels run
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -104,14 +105,14 @@ def test_strided_and_expanded_bias(backend, poison):
 
 def test_torch_backend_fp32_tail_accuracy_is_the_documented_one():
     """Item 9: fp32 on the torch backend is aten's GELU, documented in backends/torch/gelu.py's gelu_fwd:
-    absolute error below 2^-21 * max(1, |z|) everywhere (AVX2 and AVX512), forward and gradient, while the reference
+    absolute error below 2^-22 * max(1, |z|) everywhere (2^-21 with aten's AVX512 kernels), forward and gradient, while the reference
     keeps relative precision in the negative tail (gelu(-6) = -5.9e-9, not -0)."""
     z = torch.linspace(-20, 20, 20001)
     for approximate in ("none", "tanh"):
         exact = F.gelu(z.double(), approximate=approximate)
         zs = z.clone().requires_grad_()
         y = gelu(zs[None], approximate=approximate, backend="torch")[0]
-        bound = 2.0**-21 * z.double().abs().clamp(min=1)
+        bound = (2.0**-21 if _AVX512 else 2.0**-22) * z.double().abs().clamp(min=1)
         assert ((y.double() - exact).abs() <= bound).all()
         g, = torch.autograd.grad(y.sum(), zs)
         ze = z.double().requires_grad_()
@@ -123,12 +124,13 @@ def test_torch_backend_fp32_tail_accuracy_is_the_documented_one():
     assert ref[1].item() == float("inf")
 
 
-
 def test_torch_backend_fp32_posinf_is_the_documented_one():
     """fp32 erf GELU of +inf on the torch backend: +inf, or NaN exactly where aten's vectorised
     kernel gives NaN (AVX512; documented in backends/torch/gelu.py's gelu_fwd); tanh and fp64: +inf."""
     from fastbert.backends.torch.gelu import aten_erf_gelu_nan_at_posinf
 
+    if not _AVX512:  # the probe may only widen the checks where aten's AVX512 kernels run
+        assert not aten_erf_gelu_nan_at_posinf()
     x = torch.full((2, 64), float("inf"))
     y = gelu(x, backend="torch")
     assert (y.isnan() if aten_erf_gelu_nan_at_posinf() else y == float("inf")).all()

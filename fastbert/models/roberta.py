@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from transformers import CamembertConfig, RobertaConfig, XLMRobertaConfig
 
-from fastbert.models.bert import BertModel, bert_embeddings, classifier_dropout
+from fastbert.models.bert import BertModel, bert_embeddings
 from fastbert.models._base import FastbertPreTrainedModel
-from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask,
+from fastbert.models.heads import (MaskedLMTask, MultipleChoiceTask, QuestionAnsweringTask, classifier_dropout,
                                    SequenceClassificationTask, TokenClassificationTask)
 from fastbert.nn import LayerNorm, OpsModule
 from fastbert.ops import gelu

@@ -99,7 +99,7 @@ def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None,
 
 
 def _resolve(call: CallInfo, backend: str | None) -> str:
-    forced = backend or os.environ.get("FASTBERT_BACKEND") or None
+    forced = backend or os.environ.get(_ENV_NAME) or None
     if forced is not None and forced != "auto":
         spec = get_backend(forced, "backend" if backend else "FASTBERT_BACKEND (environment variable)")
         reasons = spec.reasons(call)
