@@ -14,13 +14,18 @@ Two questions, forward and forward + backward, for every op:
 
 Wall clock at ``--threads`` (2 by default; ``--clock cpu``: the process's CPU time, which other
 jobs do not inflate, meant for ``--threads 1``), the two sides interleaved round by round
-(:func:`fastbert.bench.timing.measure_interleaved`, >= 7 rounds), medians and interquartile
-range, load average recorded before and after, and the median minor page faults per call of
-each side (shown when nonzero: the call touched fresh memory). glibc's malloc is set to keep and reuse freed
-memory (:func:`fastbert.bench.timing.steady_malloc`: no ``mmap`` per large block, no heap
-trimming) before anything is timed, so both sides are measured in the steady state instead of
-page-faulting on fresh 3-12 MiB blocks in some samples and not others; ``--default-malloc``
-leaves glibc's defaults. What was set is printed in the header and stored under ``malloc``.
+(:func:`fastbert.bench.timing.measure_interleaved`, 5 warm-up samples per side, >= 7 rounds),
+medians and interquartile range, load average recorded before and after, and each side's median
+minor page faults per call (shown when nonzero: the call touched fresh memory).
+
+glibc's malloc is set to keep and reuse freed memory before anything is timed
+(:func:`fastbert.bench.timing.steady_malloc`: no ``mmap`` per large block, no heap trimming), so
+both sides are measured in the steady state instead of page-faulting on fresh 3-12 MiB blocks in
+some runs and not others: with glibc's defaults, in about one run in eight a side re-faulted its
+whole output (768-6113 pages) on every call, and the ratio of that row swung with it (LayerNorm
+fwd 0.70-2.39x over four runs, 0.59-0.78x steady). Steady, only the first samples grow the heap,
+and the warm-up absorbs them. ``--default-malloc`` leaves glibc's defaults; what was set is
+printed in the header and stored under ``malloc``.
 
     python -m fastbert.bench.overhead [--quick] [--rounds 7] [--threads 2] [--clock wall|cpu]
                                       [--only NAME] [--default-malloc] [--json out.json]
@@ -174,7 +179,7 @@ def run(quick: bool = False, rounds: int = 7, threads: int = 2, reps: int = 200,
     JSON-able dict (times in seconds per call, minor page faults per call)."""
     malloc = steady_malloc(steady)
     torch.set_num_threads(threads)
-    plan = TimingPlan(warmup=1 if quick else 2, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock=clock)
+    plan = TimingPlan(warmup=1 if quick else 5, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock=clock)
     load_before = os.getloadavg()
     rows = []
     for case in cases(quick):
