@@ -2,7 +2,8 @@
 dropout 0.1 vs 0, and the integer instructions the GPU kernels spend on dropout (SASS counts).
 
     python benchmarks/dropout_cost.py masks [--old PATH/_philox.py] [--threads 1,2] [--quick]
-    python benchmarks/dropout_cost.py step [--layers 12] [--threads 2] [--rounds 7] [--quick]
+    python benchmarks/dropout_cost.py step [--layers 12] [--threads 2] [--rounds 7] [--warmup 2] [--quick]
+                                           [--clock wall|cpu] [--default-malloc] [--json OUT]
     python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--cuda-src TREE] [--json OUT]
 
 ``masks`` times ``attention_keep_mask`` (8x12x128x128, padded and varlen at ~50% fill) and
@@ -10,8 +11,16 @@ dropout 0.1 vs 0, and the integer instructions the GPU kernels spend on dropout 
 with the torch-op generator, and of another version of the module when ``--old`` names its file,
 in interleaved rounds (median, min-max). ``step``: fastbert's BertModel (BERT-base shape,
 unpadded, torch backend), batch 8 x 128 at ~50% fill, forward + backward + AdamW, dropout 0.1
-(compiled masks), dropout 0.1 with the torch-op masks, and 0.0, in interleaved rounds.
-``--quick``: a smoke run (3 rounds; step: 2 layers).
+(compiled masks), dropout 0.1 with the torch-op masks, and 0.0: a paired measurement. One model,
+optimizer and batch serve every side (only the modules' ``dropout_p`` and the mask generator
+switch); each round runs one step of each side, in an order rotated every round, after
+``--warmup`` untimed steps per side; before every step torch's RNG is reseeded and the keep-mask
+memo emptied, so every dropout side draws the same masks and generates them itself. The ratio is
+taken per round (the rounds' shared load cancels) and reported as median [q25, q75] (min-max) of
+the per-round ratios (``--clock cpu``: the process's CPU time, which other jobs do not inflate,
+for ``--threads 1`` on a loaded machine); glibc's malloc keeps freed memory
+(:func:`fastbert.bench.timing.steady_malloc`) unless ``--default-malloc``.
+``--quick``: a smoke run (3 rounds; step: 2 layers, 1 warm-up).
 ``sass``: compiles the Triton attention forward for sm_90 with and without dropout and counts
 integer SASS instructions with ``cuobjdump -sass`` (the difference is dropout's cost; divided by
 the elements each thread owns per key block it is the integer instructions per element); with
@@ -20,7 +29,7 @@ the elements each thread owns per key block it is the integer instructions per e
 compiles TREE/csrc/attention_fwd.cu (nvcc, sm_90a) with and without dropout, whose difference is
 dropout's integer instructions per kernel (the same tile in both trees: their ratio is per element).
 Run ``sass`` from two trees (this one and the previous version) to get the before/after ratio.
-Wall clock; check ``uptime`` first and report the load.
+Wall clock (``step --clock cpu``: CPU time); check ``uptime`` first and report the load.
 """
 
 from __future__ import annotations
@@ -89,55 +98,77 @@ def masks(args):
             print(f"threads={threads} {name}: " + "; ".join(f"{k} {_stats(v)}" for k, v in times.items()), flush=True)
 
 
+def _set_dropout(model, p: float) -> None:
+    """Every fastbert module's dropout probability (``dropout_p``) in ``model`` set to ``p``."""
+    for m in model.modules():
+        if hasattr(m, "dropout_p"):
+            m.dropout_p = p
+
+
 def step(args):
     import torch
 
+    from fastbert.backends import _philox
     from fastbert.bench.core import padding_mask, variable_lengths
+    from fastbert.bench.mlm import same_draws
+    from fastbert.bench.timing import TimingPlan, malloc_note, measure_interleaved, ratio_stats, steady_malloc
     from fastbert.models import BertConfig, BertModel, unpad_metadata
 
-    from fastbert.backends import _philox
-
+    malloc = steady_malloc(not args.default_malloc)
     torch.set_num_threads(args.threads)
-    layers, rounds = (2, 3) if args.quick else (args.layers, args.rounds)
+    layers, rounds, warmup = (2, 3, 1) if args.quick else (args.layers, args.rounds, args.warmup)
     batch, seqlen = 8, 128
     lengths = variable_lengths(batch, seqlen, 0.5, 0)
     mask = padding_mask(lengths, seqlen, "cpu").long()
     ids = torch.randint(1, 30522, (batch, seqlen), generator=torch.Generator().manual_seed(0)) * mask
     target = torch.randn(batch, seqlen, 768, generator=torch.Generator().manual_seed(1)) * mask[..., None]
     meta = unpad_metadata(mask)
-    steps = {}
-    compiled = not isinstance(_philox.compiled_generator(), str)
-    variants = [("dropout 0.1", 0.1, True), ("dropout 0.0", 0.0, True)]
-    if compiled:  # the same step with the torch-op generator: the compiled generator's gain
-        variants.insert(1, ("dropout 0.1 torch-op masks", 0.1, False))
+    # One model, one optimizer, one batch for every side: only dropout's p and the mask generator change.
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(num_hidden_layers=layers, hidden_dropout_prob=0.1,
+                                 attention_probs_dropout_prob=0.1), backend=args.backend).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    sides = [("dropout 0.1", 0.1, True), ("dropout 0.0", 0.0, True)]
+    if not isinstance(_philox.compiled_generator(), str):  # the torch-op generator: the compiled one's gain
+        sides.insert(1, ("dropout 0.1 torch-op masks", 0.1, False))
     else:
         print(f"compiled generator unavailable: {_philox.compiled_generator()}")
-    for name, p, use_compiled in variants:
-        torch.manual_seed(0)
-        model = BertModel(BertConfig(num_hidden_layers=layers, hidden_dropout_prob=p,
-                                     attention_probs_dropout_prob=p), backend=args.backend).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    same = same_draws(0)
 
-        def run(model=model, opt=opt, use_compiled=use_compiled):
-            _philox.USE_COMPILED = use_compiled
-            opt.zero_grad(set_to_none=True)
-            out = model(ids, attention_mask=mask, indices=meta[0], cu_seqlens=meta[1],
-                        max_seqlen=meta[2]).last_hidden_state
-            (out * target).sum().backward()
-            opt.step()
-        steps[name] = run
-    for fn in steps.values():
-        fn()
-    times = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    def setup(i):
+        _set_dropout(model, sides[i][1])
+        _philox.USE_COMPILED = sides[i][2]
+        same()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        out = model(ids, attention_mask=mask, indices=meta[0], cu_seqlens=meta[1],
+                    max_seqlen=meta[2]).last_hidden_state
+        (out * target).sum().backward()
+        opt.step()
+
+    plan = TimingPlan(warmup=warmup, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock=args.clock)
+    load_before = os.getloadavg()
+    stats = dict(zip([s[0] for s in sides], measure_interleaved([run] * len(sides), "cpu", plan, setup=setup)))
+    load_after = os.getloadavg()
     print(f"BERT-base-shaped step ({layers} layers), 8x128 fill {sum(lengths) / (batch * seqlen):.2f}, "
-          f"threads={args.threads}, backend={args.backend}, {rounds} interleaved rounds, load {os.getloadavg()}")
-    for k, v in times.items():
-        print(f"  {k}: {_stats(v)}")
+          f"threads={args.threads}, backend={args.backend}, {args.clock} clock, {warmup} warm-up + {rounds} "
+          f"interleaved rounds, "
+          f"load {load_before[0]:.1f} -> {load_after[0]:.1f}, malloc: {malloc_note(malloc)}")
+    res = dict(benchmark="dropout on/off BertModel training step", layers=layers, threads=args.threads,
+               backend=args.backend, clock=args.clock, rounds=rounds, warmup=warmup, malloc=malloc, loadavg_before=load_before,
+               loadavg_after=load_after, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), sides={},
+               ratios={})
+    for k, st in stats.items():
+        faults = f", minor page faults per step median {statistics.median(st.faults):g}" if st.faults else ""
+        print(f"  {k}: {_quartiles(st, 1e3, 'ms')}{faults}")
+        res["sides"][k] = dict(median_s=st.median, q25_s=st.quantile(0.25), q75_s=st.quantile(0.75),
+                               samples_s=st.samples, faults=st.faults)
+    for k in [k for k in stats if k != "dropout 0.0"]:
+        r = ratio_stats(stats[k], stats["dropout 0.0"])
+        print(f"  ratio {k} / dropout 0.0 per round: {_quartiles(r, 1, 'x', 3)} (goal <= 1.10)")
+        res["ratios"][f"{k} / dropout 0.0"] = dict(median=r.median, q25=r.quantile(0.25), q75=r.quantile(0.75),
+                                                  per_round=r.samples)
     # Mask generation inside the dropout step (time spent in the generators: cache misses).
     spent = []
     for name in ("_attention_keep_mask", "_varlen_keep_mask", "_rows_keep_mask"):
@@ -150,15 +181,24 @@ def step(args):
             finally:
                 spent.append(time.perf_counter() - t0)
         setattr(_philox, name, timed)
+    setup(0)
     t0 = time.perf_counter()
-    steps["dropout 0.1"]()
+    run()
     total = time.perf_counter() - t0
     print(f"  one more dropout-0.1 step: {1e3 * total:.1f} ms, of which mask generation {1e3 * sum(spent):.1f} ms "
           f"({len(spent)} masks, {100 * sum(spent) / total:.1f}%)")
-    for k in [k for k in times if k != "dropout 0.0"]:
-        ratios = [a / b for a, b in zip(times[k], times["dropout 0.0"])]
-        print(f"  ratio {k} / dropout 0.0 per round: median {statistics.median(ratios):.3f} "
-              f"[{min(ratios):.3f}-{max(ratios):.3f}]")
+    res["mask_generation"] = dict(step_s=total, masks_s=sum(spent), masks=len(spent))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+def _quartiles(st, scale: float, unit: str, digits: int = 1) -> str:
+    """``median unit [q25, q75] (min-max)`` of a :class:`~fastbert.bench.timing.Stats`."""
+    f = f"{{:.{digits}f}}"
+    q = [f.format(scale * v) for v in (st.median, st.quantile(0.25), st.quantile(0.75), min(st.samples),
+                                       max(st.samples))]
+    return f"{q[0]} {unit} [{q[1]}, {q[2]}] (min-max {q[3]}-{q[4]})"
 
 
 # Integer-pipe SASS opcodes (address and loop arithmetic included; they are the same with and
@@ -288,8 +328,13 @@ def main():
     s.add_argument("--layers", type=int, default=12)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    s.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time (with --threads 1 on a loaded machine)")
     s.add_argument("--backend", default="torch")
     s.add_argument("--quick", action="store_true")
+    s.add_argument("--default-malloc", action="store_true", help="leave glibc's mmap / trim thresholds alone")
+    s.add_argument("--json", help="write the result here")
     a = sub.add_parser("sass")
     a.add_argument("--cuda-module")
     a.add_argument("--json")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import importlib.util
 import os
 import platform
 import re
+import sys
 
 import torch
 
@@ -100,47 +102,59 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-# The compiled extensions: the CUDA kernels, their CPU host build (the cuda-host test backend)
-# and the torch backend's compiled CPU dropout-mask generator.
-EXTENSIONS = ("_C", "_C_host", "_C_cpu")
+# The compiled extensions fastbert env reports: every module setup.py builds by default (the CUDA
+# kernels, their CPU host build for the cuda-host test backend, the torch backend's compiled
+# dropout-mask generator); the device check's harness only when the manifest lists it.
+EXTENSIONS = tuple(m for m in _build_info.MODULES if m not in _build_info.ON_REQUEST)
 
 
-def _extension_version(ext) -> str | None:
-    """An extension's version: ``__version__``, ``version()`` or ``build_info()["version"]``."""
-    version = getattr(ext, "__version__", None)
-    for attr in ("version", "build_info"):
-        if version is None and callable(getattr(ext, attr, None)):
-            try:
-                got = getattr(ext, attr)()
-                version = got.get("version") if isinstance(got, dict) else got
-            except Exception:
-                version = None
-    return None if version is None else str(version)
+def _load(name: str):
+    """Extension ``name`` as fastbert itself loads it (the module, or a str saying why it cannot be
+    used: not importable, or built for another fastbert), from its one loader: the torch backend's
+    :func:`~fastbert.backends._philox.compiled_generator` for ``_C_cpu``, the CUDA backend's
+    :func:`~fastbert.backends.cuda._ext.load_extension` for the others."""
+    if name == "_C_cpu":
+        from fastbert.backends._philox import compiled_generator
+
+        return compiled_generator()
+    from fastbert.backends.cuda._ext import load_extension
+
+    return load_extension(name)
 
 
 def _extension_versions(manifest: dict) -> dict:
     """``{"fastbert._C": version or None, ...}`` for every one of :data:`EXTENSIONS`, plus
-    ``"fastbert._C (why not)"`` when one does not load: the build manifest's reason when it was not
-    built, the import error when it was built but is broken, the version when it is another
-    fastbert's."""
+    ``"fastbert._C (why not)"`` when fastbert cannot use one: the build manifest's reason when it
+    was not built, else its loader's reason (broken, or built for another fastbert; then the
+    version is the one it was built for)."""
     versions: dict = {}
     for ext_name in EXTENSIONS:
         key = f"fastbert.{ext_name}"
         try:
-            ext = importlib.import_module(key)
-        except Exception as exc:
-            versions[key] = None
-            if not (isinstance(exc, ModuleNotFoundError) and exc.name == key):  # built but broken
-                versions[f"{key} (why not)"] = f"{type(exc).__name__}: {exc}"
-            else:
-                status, reason = _build_info.module_status(ext_name, manifest)
-                versions[f"{key} (why not)"] = f"not built ({status}): {reason or 'no reason recorded'}"
+            ext = _load(ext_name)
+        except Exception as exc:  # the loaders catch ImportError; anything else is reported, never fatal here
+            ext = f"fastbert.{ext_name} failed to load: {type(exc).__name__}: {exc}"
+        if not isinstance(ext, str):
+            versions[key] = str(ext.version())
             continue
-        version = _extension_version(ext)
-        versions[key] = version or "unknown"
-        if version is not None and version != fastbert.__version__:
-            versions[f"{key} (why not)"] = f"built for fastbert {version}, this is {fastbert.__version__}: rebuild"
+        imported = sys.modules.get(key)  # imported, then refused: built for another fastbert
+        try:
+            versions[key] = str(imported.version()) if callable(getattr(imported, "version", None)) else None
+        except Exception:
+            versions[key] = None
+        if imported is None and not _module_file_found(key):  # not built: the manifest says why
+            status, reason = _build_info.module_status(ext_name, manifest)
+            ext = f"not built ({status}): {reason or 'no reason recorded'}"
+        versions[f"{key} (why not)"] = ext
     return versions
+
+
+def _module_file_found(name: str) -> bool:
+    """Whether module ``name`` exists on disk (a broken build is found, an absent one is not)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _cuda_build(driver: bool):

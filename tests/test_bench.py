@@ -237,3 +237,36 @@ def test_cpu_clock_ignores_time_spent_waiting():
     wall = measure(nap, "cpu", TimingPlan(warmup=0, min_reps=2, max_reps=2, min_time_s=0.0))
     cpu = measure(nap, "cpu", TimingPlan(warmup=0, min_reps=2, max_reps=2, min_time_s=0.0, clock="cpu"))
     assert wall.median >= 0.02 and cpu.median < 0.01
+
+
+def test_interleaved_setup_runs_before_every_call_and_ratios_pair_rounds():
+    from fastbert.bench.timing import measure_interleaved, ratio_stats
+
+    calls = []
+    plan = TimingPlan(warmup=1, min_reps=4, max_reps=4, min_time_s=0.0)
+    stats = measure_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", plan,
+                                setup=lambda i: calls.append(f"setup {i}"))
+    # setup i before every call of fns[i], warm-up included; the order rotates every round
+    assert calls[0::2] == [f"setup {'ab'.index(c)}" for c in calls[1::2]]
+    assert "".join(calls[1::2]) == "ab" + "ab" "ba" "ab" "ba"
+    r = ratio_stats(Stats([2.0, 3.0, 4.0]), Stats([1.0, 1.0, 2.0]))
+    assert r.samples == [2.0, 3.0, 2.0] and r.median == 2.0
+    with pytest.raises(ValueError, match="equal length, got 2 and 1"):
+        ratio_stats(Stats([1.0, 2.0]), Stats([1.0]))
+    assert len(stats[0].samples) == len(stats[1].samples) == 4
+
+
+def test_steady_malloc_record(monkeypatch):
+    """Applied once (glibc here) and reported so; a preloaded allocator is named, not touched."""
+    from fastbert.bench import timing
+
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    rec = timing.steady_malloc()
+    if rec["allocator"] == "not glibc":
+        pytest.skip("no glibc in this process")
+    assert rec["mallopt"] is None and "jemalloc" in rec["why_not"]
+    monkeypatch.delenv("LD_PRELOAD")
+    rec = timing.steady_malloc()
+    assert rec["allocator"].startswith("glibc ") and rec["mallopt"] == timing.STEADY_MALLOPT
+    assert timing.steady_malloc(enable=False) == rec  # mallopt stays in force for the process
+    assert "steady (M_MMAP_MAX=0" in timing.malloc_note(rec)

@@ -41,3 +41,12 @@ def test_mlm_minilm_size_and_dropout_ratio():
     res = run(rounds=1, threads=1, layers=1, batch=2, seqlen=16, size="minilm")
     assert res["hidden"] == 384 and res["size"] == "minilm"
     assert res["dropout_on_vs_off"] > 0 and res["dropout_off"]["median_s"] > 0
+
+
+def test_overhead_records_the_malloc_setting(capsys):
+    """The steady-state malloc setting is applied before timing and stated in the table and JSON."""
+    res = overhead.run(quick=True, rounds=1, threads=1, reps=2, only="gelu 16x768")
+    assert set(res["malloc"]) >= {"allocator", "mallopt"}
+    if res["malloc"]["allocator"].startswith("glibc"):
+        assert res["malloc"]["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+    assert "malloc: " in overhead.format_rows(res).splitlines()[0]

@@ -471,3 +471,20 @@ def test_finetune_names_what_to_install(monkeypatch):
     monkeypatch.setitem(finetune.REQUIRES, "no_such_module_xyz", "no-such-package")
     with pytest.raises(SystemExit, match=r"needs no-such-package: pip install \"\.\[demo\]\""):
         finetune.check_requirements()
+
+
+def test_env_extension_versions_come_from_fastbert_own_loaders(monkeypatch):
+    """``fastbert env`` reports each extension as the code that uses it loads it: the list is the
+    build manifest's modules, the version check and its wording are the loader's."""
+    from fastbert import _build_info, env
+    from fastbert.backends.cuda import _ext
+
+    assert env.EXTENSIONS == tuple(m for m in _build_info.MODULES if m not in _build_info.ON_REQUEST)
+    old = types.ModuleType("fastbert._C_host")
+    old.version = lambda: "0.0.1"
+    monkeypatch.setitem(sys.modules, "fastbert._C_host", old)
+    monkeypatch.delitem(_ext._loaded, "_C_host", raising=False)  # load again (restored afterwards)
+    versions = env.collect_env("cpu")["versions"]
+    assert versions["fastbert._C_host"] == "0.0.1"
+    assert versions["fastbert._C_host (why not)"] == _ext.load_extension("_C_host")
+    assert "was built for fastbert 0.0.1" in versions["fastbert._C_host (why not)"]

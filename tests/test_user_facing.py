@@ -78,6 +78,7 @@ def test_env_lists_the_cpu_extension_built_or_why_not(monkeypatch):
 
     import fastbert
     from fastbert import _build_info, env
+    from fastbert.backends import _philox
 
     info = env.collect_env("cpu")
     assert set(env.EXTENSIONS) == {"_C", "_C_host", "_C_cpu"}
@@ -86,6 +87,7 @@ def test_env_lists_the_cpu_extension_built_or_why_not(monkeypatch):
     manifest = {"present": True, "schema": _build_info.SCHEMA, "modules": {
         "_C_cpu": {"status": "skipped", "reason": "FASTBERT_BUILD_CPU=0: not building fastbert._C_cpu"}}}
     monkeypatch.setattr(_build_info, "read_manifest", lambda path=None: manifest)
+    monkeypatch.setattr(_philox, "_CPU_EXT", None)  # env reports what the loader makes of it: load again
     monkeypatch.setitem(sys.modules, "fastbert._C_cpu", None)  # as if not built
     versions = env.collect_env("cpu")["versions"]
     assert versions["fastbert._C_cpu"] is None
@@ -97,10 +99,12 @@ def test_env_lists_the_cpu_extension_built_or_why_not(monkeypatch):
         def version():
             return "0.0.1"
 
+    monkeypatch.setattr(_philox, "_CPU_EXT", None)
     monkeypatch.setitem(sys.modules, "fastbert._C_cpu", Old)
     versions = env.collect_env("cpu")["versions"]
     assert versions["fastbert._C_cpu"] == "0.0.1"
-    assert versions["fastbert._C_cpu (why not)"] == f"built for fastbert 0.0.1, this is {fastbert.__version__}: rebuild"
+    assert versions["fastbert._C_cpu (why not)"] == (
+        f"fastbert._C_cpu was built for fastbert 0.0.1, this is {fastbert.__version__}: rebuild")
 
 
 def test_gelu_and_layer_norm_plot_titles_say_the_hidden_size(tmp_path, monkeypatch):

@@ -12,11 +12,23 @@ Two questions, forward and forward + backward, for every op:
 - Tiny shapes (16 x 768; attention batch 1 x seqlen 16): the time fastbert adds per call, in
   microseconds (goal <= ~30 us); each sample is a loop of ``--reps`` calls.
 
-Wall clock at ``--threads`` (2 by default), the two sides interleaved round by round
-(:func:`fastbert.bench.timing.measure_interleaved`, >= 7 rounds), medians and interquartile
-range, load average recorded before and after.
+Wall clock at ``--threads`` (2 by default; ``--clock cpu``: the process's CPU time, which other
+jobs do not inflate, meant for ``--threads 1``), the two sides interleaved round by round
+(:func:`fastbert.bench.timing.measure_interleaved`, 5 warm-up samples per side, >= 7 rounds),
+medians and interquartile range, load average recorded before and after, and each side's median
+minor page faults per call (shown when nonzero: the call touched fresh memory).
 
-    python -m fastbert.bench.overhead [--quick] [--rounds 7] [--threads 2] [--json out.json]
+glibc's malloc is set to keep and reuse freed memory before anything is timed
+(:func:`fastbert.bench.timing.steady_malloc`: no ``mmap`` per large block, no heap trimming), so
+both sides are measured in the steady state instead of page-faulting on fresh 3-12 MiB blocks in
+some runs and not others: with glibc's defaults, in about one run in eight a side re-faulted its
+whole output (768-6113 pages) on every call, and the ratio of that row swung with it (LayerNorm
+fwd 0.70-2.39x over four runs, 0.59-0.78x steady). Steady, only the first samples grow the heap,
+and the warm-up absorbs them. ``--default-malloc`` leaves glibc's defaults; what was set is
+printed in the header and stored under ``malloc``.
+
+    python -m fastbert.bench.overhead [--quick] [--rounds 7] [--threads 2] [--clock wall|cpu]
+                                      [--only NAME] [--default-malloc] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -33,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbert.ops as ops
-from fastbert.bench.timing import TimingPlan, measure_interleaved
+from fastbert.bench.timing import TimingPlan, malloc_note, measure_interleaved, steady_malloc
 
 
 @dataclass
@@ -159,10 +172,14 @@ def _timed(fn, leaves, backward: bool, reps: int):
     return fwd_bwd
 
 
-def run(quick: bool = False, rounds: int = 7, threads: int = 2, reps: int = 200, only: str | None = None) -> dict:
-    """Measure every case; returns a JSON-able dict (times in seconds per call)."""
+def run(quick: bool = False, rounds: int = 7, threads: int = 2, reps: int = 200, only: str | None = None,
+        steady: bool = True, clock: str = "wall") -> dict:
+    """Measure every case (``steady``: :func:`steady_malloc` first; ``clock``: ``"wall"`` or
+    ``"cpu"``, the process's CPU time, meant for ``threads=1`` on a loaded machine); returns a
+    JSON-able dict (times in seconds per call, minor page faults per call)."""
+    malloc = steady_malloc(steady)
     torch.set_num_threads(threads)
-    plan = TimingPlan(warmup=1 if quick else 2, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock="wall")
+    plan = TimingPlan(warmup=1 if quick else 5, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock=clock)
     load_before = os.getloadavg()
     rows = []
     for case in cases(quick):
@@ -176,26 +193,34 @@ def run(quick: bool = False, rounds: int = 7, threads: int = 2, reps: int = 200,
             row = dict(case=case.name, kind=case.kind, direction=direction, calls_per_sample=n,
                        fastbert_s=s_fb.median / n, torch_s=s_th.median / n,
                        fastbert_iqr_s=s_fb.iqr / n, torch_iqr_s=s_th.iqr / n,
-                       ratio=s_th.median / s_fb.median, added_us=(s_fb.median - s_th.median) / n * 1e6)
+                       ratio=s_th.median / s_fb.median, added_us=(s_fb.median - s_th.median) / n * 1e6,
+                       fastbert_faults=_faults_per_call(s_fb, n), torch_faults=_faults_per_call(s_th, n))
             rows.append(row)
     load_after = os.getloadavg()
     return dict(benchmark="fastbert.ops overhead vs plain torch", quick=quick, rounds=rounds, threads=threads,
-                clock="wall", loadavg_before=load_before, loadavg_after=load_after, torch=torch.__version__,
+                clock=clock, malloc=malloc, loadavg_before=load_before, loadavg_after=load_after, torch=torch.__version__,
                 cpu=platform.processor(), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows)
+
+
+def _faults_per_call(stats, calls_per_sample: int) -> float | None:
+    """Median minor page faults per call over the samples (None where they are not counted)."""
+    return statistics.median(stats.faults) / calls_per_sample if stats.faults else None
 
 
 def format_rows(res: dict) -> str:
     """The table: BERT-shape rows with their ratio (goal >= 0.9), tiny rows with the added us."""
-    lines = [f"{res['benchmark']}: {res['threads']} threads, {res['rounds']} rounds, load "
-             f"{res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}"
+    lines = [f"{res['benchmark']}: {res['threads']} threads, {res['clock']} clock, {res['rounds']} rounds, load "
+             f"{res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}, malloc: {malloc_note(res['malloc'])}"
              + (" (QUICK: smoke run, not a measurement)" if res["quick"] else "")]
     for r in res["rows"]:
         fb, th = r["fastbert_s"], r["torch_s"]
         unit, scale = ("ms", 1e3) if r["kind"] == "bert" else ("us", 1e6)
         verdict = (f"{r['ratio']:.2f}x torch" if r["kind"] == "bert" else f"+{r['added_us']:.1f} us/call")
+        faults = (f"  page faults/call {r['fastbert_faults']:g} vs {r['torch_faults']:g}"
+                  if r.get("fastbert_faults") or r.get("torch_faults") else "")
         lines.append(f"  {r['case']:42s} {r['direction']:8s} fastbert {fb * scale:9.2f} {unit} "
                      f"(iqr {r['fastbert_iqr_s'] * scale:.2f})  torch {th * scale:9.2f} {unit} "
-                     f"(iqr {r['torch_iqr_s'] * scale:.2f})  {verdict}")
+                     f"(iqr {r['torch_iqr_s'] * scale:.2f})  {verdict}{faults}")
     return "\n".join(lines)
 
 
@@ -207,10 +232,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=200, help="calls per sample at the tiny shapes")
     p.add_argument("--only", help="run only the cases whose name contains this")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time (use with --threads 1 on a loaded machine)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's mmap / trim thresholds at their defaults (see the module docstring)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     rounds, reps = (1, 5) if a.quick else (a.rounds, a.reps)
-    res = run(a.quick, rounds, a.threads, reps, a.only)
+    res = run(a.quick, rounds, a.threads, reps, a.only, steady=not a.default_malloc, clock=a.clock)
     print(format_rows(res))
     if a.json:
         with open(a.json, "w") as f:
