@@ -37,13 +37,13 @@ def _inputs(batch, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("garbage", [None, "nan", "huge"])
+@pytest.mark.parametrize("garbage", [None, "nan", "inf", "huge"])
 @pytest.mark.parametrize("mask_name", list(MASKS))
 def test_masked_plan_matches_reference(mask_name, garbage, dtype, poison):
     mask = MASKS[mask_name]()
     q, k, v, dy = _inputs(mask.shape[0], seed=len(mask_name))
-    if garbage is not None:  # masked K/V rows: NaN takes the exact path, finite garbage the in-place one
-        bad = float("nan") if garbage == "nan" else 1e4
+    if garbage is not None:  # masked K/V rows: NaN / inf take the exact path, finite garbage the in-place one
+        bad = {"nan": float("nan"), "inf": float("inf"), "huge": 1e4}[garbage]
         k, v = (torch.where(mask[:, :, None, None], t, bad) for t in (k, v))
 
     def run(backend, cast):
@@ -77,6 +77,20 @@ def test_plan_groups_and_fallback():
     k[0, 10] = 0.0
     v[0, 20] = float("nan")  # masked but outside every span that sequence 0 meets
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
+    k[4, 3] = float("nan")  # a valid key: the plan stands (the output is NaN there, as in the reference)
+    assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
+    assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]).flip(1), k, v) is None  # left padded: gathered rows
+
+
+def test_plan_checks_on_the_calling_thread_and_restores_the_thread_count():
+    k, v = torch.randn(2, SEQLEN, HEADS, HD), torch.randn(2, SEQLEN, HEADS, HD)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _masked.plan(_lengths_mask([40, 9]), k, v) is not None
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_backward_reuses_the_forward_plan_only_for_the_same_inputs():

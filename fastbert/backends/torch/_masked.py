@@ -5,11 +5,14 @@ length 15-40% slower (fp32, 12 x 64 heads, 128 queries: 127 keys cost 1.4x 128 k
 sequence runs on the keys up to its last valid one, rounded up to :data:`KEY_BLOCK`, and the
 masked keys inside that span are excluded by an additive ``-inf`` mask (aten's mask costs about
 nothing). That is exact only where those keys' K and V rows are finite (``x - inf = -inf``,
-``exp(-inf) = 0``, ``0 * v = 0``), so the plan reads them first (a gather of the masked rows inside
-the spans, free to ask on the CPU) and gives up where one is not; the caller then runs each
-sequence on its exact valid keys. Consecutive sequences with the same span run as one call, and
-neighbouring groups merge when the padded keys cost less than another call; empty sequences
-(every key masked) run nothing and return zeros.
+``exp(-inf) = 0``, ``0 * v = 0``), so the plan reads them first (one sum per sequence over its
+masked rows inside the span, in place, on the calling thread; free to ask on the CPU) and gives up
+where one is not; the caller then runs each sequence on its exact valid keys. Consecutive
+sequences with the same span run as one call, and neighbouring groups merge when the padded keys
+cost less than another call; empty sequences (every key masked) run nothing and return zeros.
+:func:`forward` and :func:`backward` run a plan and lay its results out for both callers: the
+eager path's fresh outputs (aten's own where one call covers the batch) and the custom op's
+preallocated ones.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+
+from fastbert.backends import workspace
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -28,10 +33,6 @@ KEY_BLOCK = 16  # key lengths aten's CPU flash kernel runs at full speed are mul
 # groups' outputs into one tensor COPY_COST per sequence (fresh pages: the backward's three
 # gradients cost about 30% of the flash backward), so one call over the batch is the usual plan.
 SEQ_COST, CALL_COST, COPY_COST = 48, 24, 64
-# aten reduces up to this many elements on the calling thread (its grain size); a larger sum opens
-# a parallel region, which costs up to a scheduler period (milliseconds) on a loaded machine, so
-# the masked rows are summed in chunks of at most this size
-_SERIAL = 32768
 
 
 class Group(NamedTuple):
@@ -86,79 +87,101 @@ def plan(attention_mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opti
     ``[batch, seqlen_k, num_heads, head_dim]`` (CPU), or None when a masked key inside a span has a
     non-finite K or V entry (the caller runs the exact valid keys instead)."""
     batch, seqlen_k = attention_mask.shape
-    if bool(attention_mask.all()):
+    counts = attention_mask.sum(1).tolist()
+    if all(n == seqlen_k for n in counts):
         return Plan([Group(0, batch, seqlen_k, None)], [])
     ends = (attention_mask * torch.arange(1, seqlen_k + 1)).amax(1).tolist()  # last valid key + 1
-    spans = [min(seqlen_k, -(-e // KEY_BLOCK) * KEY_BLOCK) for e in ends]
-    groups = _merge(spans)
+    groups = _merge([min(seqlen_k, -(-e // KEY_BLOCK) * KEY_BLOCK) for e in ends])
     span_of = [0] * batch
     for start, stop, span in groups:
         span_of[start:stop] = [span] * (stop - start)
-    if ends == attention_mask.sum(1).tolist():
-        # right padding (each sequence's valid keys a prefix): the masked keys inside a span are
-        # its rows [end, span), read in place (a gather of half the rows at 50% fill costs fresh pages)
-        rows = [(b, ends[b], span_of[b]) for b in range(batch) if ends[b] < span_of[b]]
-        step = max(1, _SERIAL // k[0, 0].numel())  # rows per serial sum
-        parts = [t[b, j:min(j + step, hi)].sum(dtype=torch.float32)
-                 for b, lo, hi in rows for j in range(lo, hi, step) for t in (k, v)]
-        masked = {b for b, _, _ in rows}
-    else:
-        top = max(span_of)
-        inside = ~attention_mask[:, :top] & (torch.arange(top) < torch.tensor(span_of)[:, None])
-        bi, ji = inside.nonzero(as_tuple=True)
-        parts = [t[bi, ji].sum(dtype=torch.float32) for t in (k, v)] if bi.numel() else []
-        masked = set(bi.tolist())
-    # finite sum <=> every entry finite (NaN and +-inf propagate; an overflow only gives up)
-    if parts and not math.isfinite(float(torch.stack(parts).sum())):
+    if not _masked_finite(attention_mask, k, v, ends, counts, span_of):
         return None
     out = []
     for start, stop, span in groups:
         bias = None
-        if any(b in masked for b in range(start, stop)):
+        if any(counts[b] < span for b in range(start, stop)):  # a masked key inside the span
             keep = attention_mask[start:stop, None, None, :span]
-            bias = torch.zeros(keep.shape, dtype=k.dtype).masked_fill_(~keep, float("-inf"))
+            bias = torch.full(keep.shape, float("-inf"), dtype=k.dtype).masked_fill_(keep, 0.0)
         out.append(Group(start, stop, span, bias))
     return Plan(out, [b for b, e in enumerate(ends) if e == 0])
 
 
-def forward(qh, kh, vh, p: Plan, softmax_scale):
-    """``[(group, out, lse)]``: aten's CPU flash attention per group on heads-first
-    ``[batch, num_heads, seqlen, head_dim]`` views (out heads-first ``[n, H, Lq, d]``, laid out
-    ``[n, Lq, H, d]`` in memory; lse ``[n, H, Lq]``, the logsumexp over the valid keys)."""
-    res = []
-    for g in p.groups:
-        rows = slice(g.start, g.stop)
-        o, lse = _flash_cpu(qh[rows], kh[rows, :, :g.span], vh[rows, :, :g.span], 0.0, False,
-                            attn_mask=g.bias, scale=softmax_scale)
-        res.append((g, o, lse))
-    return res
+def _masked_finite(attention_mask, k, v, ends, counts, span_of) -> bool:
+    """Whether the masked K and V rows inside the spans are finite: a finite sum <=> every entry
+    finite (NaN and +-inf propagate; an overflow only gives up). Under right padding (``ends ==
+    counts``: each sequence's valid keys a prefix) those rows are ``[end, span)``, summed in place
+    (one sum per sequence and tensor); else they are gathered. The sums run on the calling thread:
+    a parallel region costs up to a scheduler period (milliseconds) on a loaded machine, and one
+    thread already reads at memory speed."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)  # torch's intra-op setting, restored below
+    try:
+        if ends == counts:
+            parts = [t[b, e:s].sum(dtype=torch.float32) for b, (e, s) in enumerate(zip(ends, span_of)) if e < s
+                     for t in (k, v)]
+        else:
+            top = max(span_of)
+            inside = ~attention_mask[:, :top] & (torch.arange(top) < torch.tensor(span_of)[:, None])
+            bi, ji = inside.nonzero(as_tuple=True)
+            parts = [t[bi, ji].sum(dtype=torch.float32) for t in (k, v)]
+        return not parts or math.isfinite(float(torch.stack(parts).sum()))
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
-def backward(doh, qh, kh, vh, oh, lse, p: Plan, softmax_scale):
-    """``[(group, dq, dk, dv)]`` heads-first, dk / dv over the group's span; ``lse`` ``[B, H, Lq]``
-    the forward's logsumexp (over the valid keys, whatever grouping the forward ran)."""
-    res = []
-    for g in p.groups:
-        rows = slice(g.start, g.stop)
-        grads = _flash_cpu_bwd(doh[rows], qh[rows], kh[rows, :, :g.span], vh[rows, :, :g.span], oh[rows],
-                               lse[rows], 0.0, False, attn_mask=g.bias, scale=softmax_scale)
-        res.append((g,) + tuple(grads))
-    return res
-
-
-def scatter(parts, p: Plan, dst, fill=0.0):
-    """Write each ``(group, result)`` into ``dst``: heads-first ``[n, H, span, d]`` results into
-    ``[B, L, H, d]`` (zeros beyond the span), lse ``[n, H, Lq]`` into ``[B, H, Lq]``; ``fill`` for
-    the empty sequences."""
-    for g, t in parts:
-        rows = slice(g.start, g.stop)
-        if t.dim() == 3:  # lse [n, H, Lq]
-            dst[rows] = t
-            continue
-        span = t.shape[2]
-        dst[rows, :span] = t.transpose(1, 2)
-        if span < dst.shape[1]:
-            dst[rows, span:] = 0.0
+def forward(qh, kh, vh, p: Plan, softmax_scale, out=None, lse=None):
+    """aten's CPU flash attention on the plan's groups over heads-first ``[batch, num_heads, seqlen,
+    head_dim]`` views: ``(out, lse)``, out ``[B, Lq, H, d]`` and lse ``[B, H, Lq]`` (the logsumexp
+    over the valid keys; empty sequences zeros and +inf), written into ``out`` / ``lse`` when given,
+    else views of aten's own outputs where one call covers the batch, else fresh workspaces."""
+    batch, heads, seqlen_q, head_dim = qh.shape
+    res = [(g,) + tuple(_flash_cpu(qh[g.start:g.stop], kh[g.start:g.stop, :, :g.span],
+                                   vh[g.start:g.stop, :, :g.span], 0.0, False, attn_mask=g.bias,
+                                   scale=softmax_scale))
+           for g in p.groups]
+    if out is None and p.one_call(batch):
+        o = res[0][1].transpose(1, 2)  # aten lays its output out as [B, Lq, H, d]
+        return (o if o.is_contiguous() else o.contiguous()), res[0][2]
+    if out is None:
+        out = workspace((batch, seqlen_q, heads, head_dim), qh.dtype, qh.device)
+        lse = workspace((batch, heads, seqlen_q), torch.float32, qh.device)
+    for g, o, l in res:
+        out[g.start:g.stop] = o.transpose(1, 2)
+        lse[g.start:g.stop] = l
     for b in p.empty:
-        dst[b] = fill
-    return dst
+        out[b] = 0.0
+        lse[b] = float("inf")
+    return out, lse
+
+
+def backward(doh, qh, kh, vh, oh, lse, p: Plan, softmax_scale, grads=None):
+    """Backward of :func:`forward` from its ``lse`` ``[B, H, Lq]`` (over the valid keys, whatever
+    grouping the forward ran): ``(dq, dk, dv)`` ``[B, L, H, d]``, written into ``grads`` when given,
+    else views of aten's gradients where one call covers every sequence and key, else fresh
+    workspaces (each gradient its own where aten's covers it: dq of one call over the batch).
+    Keys beyond a span and empty sequences get zeros."""
+    res = [(g,) + tuple(_flash_cpu_bwd(doh[g.start:g.stop], qh[g.start:g.stop], kh[g.start:g.stop, :, :g.span],
+                                       vh[g.start:g.stop, :, :g.span], oh[g.start:g.stop], lse[g.start:g.stop],
+                                       0.0, False, attn_mask=g.bias, scale=softmax_scale))
+           for g in p.groups]
+    whole = grads is None and p.one_call(qh.shape[0])
+    out = []
+    for i, t in enumerate((qh, kh, vh)):
+        if whole and (i == 0 or p.groups[0].span == t.shape[2]):
+            gt = res[0][1 + i].transpose(1, 2)
+            out.append(gt if gt.is_contiguous() else gt.contiguous())
+            continue
+        dst = grads[i] if grads is not None else workspace(t.transpose(1, 2).shape, t.dtype, t.device)
+        for part in res:
+            g, gt = part[0], part[1 + i]
+            span = gt.shape[2]
+            dst[g.start:g.stop, :span] = gt.transpose(1, 2)
+            if span < dst.shape[1]:
+                dst[g.start:g.stop, span:] = 0.0
+        for b in p.empty:
+            dst[b] = 0.0
+        out.append(dst)
+    return tuple(out)

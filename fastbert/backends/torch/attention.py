@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.backends import _composite as composite
-from fastbert.backends import workspace
 from fastbert.backends._composite import attention_math, pad_varlen
 from fastbert.backends.torch import _masked
 from fastbert.backends.torch._varlen_dropout import varlen_dropout_bwd, varlen_dropout_fwd
@@ -88,9 +87,7 @@ def _flash_padded(qh, kh, vh, attention_mask, softmax_scale, out, lse):
     p = (_whole(qh, kh.transpose(1, 2)) if attention_mask is None
          else _masked.plan(attention_mask, kh.transpose(1, 2), vh.transpose(1, 2)))
     if p is not None:
-        parts = _masked.forward(qh, kh, vh, p, softmax_scale)
-        _masked.scatter([(g, o) for g, o, _ in parts], p, out)
-        _masked.scatter([(g, l) for g, _, l in parts], p, lse[0], fill=float("inf"))
+        _masked.forward(qh, kh, vh, p, softmax_scale, out, lse[0])
         return
     for b, (n, idx) in enumerate(_valid_keys(attention_mask)):
         if n == 0:  # every key masked: empty rows
@@ -110,9 +107,7 @@ def _flash_padded_bwd(dout, q, k, v, out, lse, dq, dk, dv, attention_mask, softm
     qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))  # [B, H, L, d] views
     p = _whole(q, k) if attention_mask is None else _masked.plan(attention_mask, k, v)
     if p is not None:
-        parts = _masked.backward(doh, qh, kh, vh, oh, lse[0], p, softmax_scale)
-        for i, dst in enumerate((dq, dk, dv)):
-            _masked.scatter([(part[0], part[1 + i]) for part in parts], p, dst)
+        _masked.backward(doh, qh, kh, vh, oh, lse[0], p, softmax_scale, (dq, dk, dv))
         return
     for b, (n, idx) in enumerate(_valid_keys(attention_mask)):
         if n < k.shape[1]:
@@ -254,19 +249,10 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
             or window is not None or q.device.type != "cpu"
             or not writes_lse_for(device_type="cpu", dtype=q.dtype, varlen=False, dropout_p=0.0, has_bias=False)):
         return None
-    batch = q.shape[0]
     p = _whole(q, k) if attention_mask is None else _masked.plan(attention_mask, k, v)
     if p is None:
         return None
-    parts = _masked.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, softmax_scale)
-    if p.one_call(batch):
-        o, lse = parts[0][1:]
-        out = o.transpose(1, 2)
-        return (out if out.is_contiguous() else out.contiguous()), _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
-    # assembled from several calls: allocated by the ops layer's allocator (poisoned under the test switch)
-    out = _masked.scatter([(g, o) for g, o, _ in parts], p, workspace(q.shape, q.dtype, q.device))
-    lse = _masked.scatter([(g, l) for g, _, l in parts], p, workspace((batch, q.shape[2], q.shape[1]), torch.float32,
-                                                                     q.device), fill=float("inf"))
+    out, lse = _masked.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, softmax_scale)
     return out, _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
 
 
@@ -312,15 +298,8 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
     p = _whole(q, k) if attention_mask is None else _saved_plan(lse, attention_mask, k, v)
     if p is None:
         return None
-    parts = _masked.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                             out.transpose(1, 2), lse[0], p, softmax_scale)
-    if p.one_call(q.shape[0]) and p.groups[0].span == k.shape[1]:
-        grads = [g.transpose(1, 2) for g in parts[0][1:]]
-        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    else:
-        grads = [_masked.scatter([(part[0], part[1 + i]) for part in parts], p, workspace(t.shape, t.dtype, t.device))
-                 for i, t in enumerate((q, k, v))]
-    return tuple(grads)
+    return _masked.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            out.transpose(1, 2), lse[0], p, softmax_scale)
 
 
 def attention_fwd(q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
