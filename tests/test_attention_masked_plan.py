@@ -82,7 +82,7 @@ def test_plan_groups_and_fallback():
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]).flip(1), k, v) is None  # left padded: gathered rows
 
 
-def test_plan_checks_on_the_calling_thread_and_restores_the_thread_count():
+def test_plan_leaves_the_thread_count_alone():
     k, v = torch.randn(2, SEQLEN, HEADS, HD), torch.randn(2, SEQLEN, HEADS, HD)
     before = torch.get_num_threads()
     try:

@@ -111,25 +111,17 @@ def _masked_finite(attention_mask, k, v, ends, counts, span_of) -> bool:
     """Whether the masked K and V rows inside the spans are finite: a finite sum <=> every entry
     finite (NaN and +-inf propagate; an overflow only gives up). Under right padding (``ends ==
     counts``: each sequence's valid keys a prefix) those rows are ``[end, span)``, summed in place
-    (one sum per sequence and tensor); else they are gathered. The sums run on the calling thread:
-    a parallel region costs up to a scheduler period (milliseconds) on a loaded machine, and one
-    thread already reads at memory speed."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)  # torch's intra-op setting, restored below
-    try:
-        if ends == counts:
-            parts = [t[b, e:s].sum(dtype=torch.float32) for b, (e, s) in enumerate(zip(ends, span_of)) if e < s
-                     for t in (k, v)]
-        else:
-            top = max(span_of)
-            inside = ~attention_mask[:, :top] & (torch.arange(top) < torch.tensor(span_of)[:, None])
-            bi, ji = inside.nonzero(as_tuple=True)
-            parts = [t[bi, ji].sum(dtype=torch.float32) for t in (k, v)]
-        return not parts or math.isfinite(float(torch.stack(parts).sum()))
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+    (one sum per sequence and tensor); else they are gathered. (torch's intra-op thread count is
+    left alone: it is process-wide state a library must not flip, even for a moment.)"""
+    if ends == counts:
+        parts = [t[b, e:s].sum(dtype=torch.float32) for b, (e, s) in enumerate(zip(ends, span_of)) if e < s
+                 for t in (k, v)]
+    else:
+        top = max(span_of)
+        inside = ~attention_mask[:, :top] & (torch.arange(top) < torch.tensor(span_of)[:, None])
+        bi, ji = inside.nonzero(as_tuple=True)
+        parts = [t[bi, ji].sum(dtype=torch.float32) for t in (k, v)]
+    return not parts or math.isfinite(float(torch.stack(parts).sum()))
 
 
 def forward(qh, kh, vh, p: Plan, softmax_scale, out=None, lse=None):
