@@ -303,3 +303,86 @@ def test_torch_backend_worst_ratio_is_max_abs_and_propagates_nan():
         w = _worst_ratio(m, rstd)
         assert w != w
     assert _worst_ratio(mean[:0], rstd[:0]) == 0.0
+
+
+# ---- issue 16: the eager paths of an unfused call ----------------------------------------------
+
+
+def _custom_op_vs_eager(fn, inputs):
+    from _custom_op_path import output_and_grads
+
+    dy_of = lambda y: torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)  # noqa: E731
+    return output_and_grads(fn, inputs, dy_of, True), output_and_grads(fn, inputs, dy_of, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(33, 96), (2, 3, 40), (40,)])
+def test_torch_backend_unfused_eager_gradients_equal_the_custom_op_bit_for_bit(dtype, shape, poison):
+    """Well-conditioned rows: the eager call's y carries aten's own backward node, the very
+    ``native_layer_norm_backward`` the custom op's backward makes there, so every output and gradient
+    is the custom-op path's bit for bit (fp32 weight with fp64 x included)."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    w = 1 + 0.1 * torch.randn(shape[-1], generator=g)
+    b = 0.1 * torch.randn(shape[-1], generator=g, dtype=dtype)
+    for fn, inputs in ((lambda x, w, b: layer_norm(x, w, b, eps=1e-12, backend="torch"), (x, w.to(dtype), b)),
+                       (lambda x, w: layer_norm(x, w, backend="torch"), (x, w)),
+                       (lambda x: layer_norm(x, backend="torch"), (x,))):
+        want, got = _custom_op_vs_eager(fn, inputs)
+        assert type(fn(*(t.requires_grad_() for t in inputs)).grad_fn).__name__ == "NativeLayerNormBackward0"
+        for a, c in zip(got, want, strict=True):
+            assert a.dtype == c.dtype and a.shape == c.shape
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("shift", [1.5, 8.0, 100.0])
+def test_torch_backend_unfused_rows_past_the_backward_threshold_take_fastbert_s_node(shift, poison):
+    """A row with |mean| * rstd > 1 (aten's backward loses accuracy there) takes fastbert's own node
+    and its centred backward; > 16 also the recomputed forward. N-D x, one shifted row: outputs
+    and gradients equal the custom-op path's and follow the tolerance rule against the reference."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 5, 64, generator=g)
+    x[1, 2] += shift
+    w = torch.randn(64, generator=g)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    assert type(layer_norm(xs, ws, eps=1e-12).grad_fn).__name__ == "_EagerFunctionBackward"
+    want, got = _custom_op_vs_eager(lambda x, w: layer_norm(x, w, eps=1e-12, backend="torch"), (x, w))
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+    dy = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    refs = []
+    for dt in (torch.float64, torch.float32):
+        leaves = [t.to(dt).requires_grad_() for t in (x, w)]
+        y = layer_norm(*leaves, eps=1e-12, backend="reference")
+        refs.append([y, *torch.autograd.grad(y, leaves, dy.to(dt))])
+    for name, t, hi, lo in zip(("y", "dx", "dweight"), got, *refs):
+        assert_close_to_ref(t, hi, lo, name=name)
+
+
+def test_torch_backend_unfused_no_grad_recomputes_ill_conditioned_rows_of_nd_x():
+    """Without gradients an unfused N-D call runs the functional forward on x as it is: an
+    ill-conditioned row (a constant one, with eps 1e-12) still returns exactly bias."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 3, 32, generator=g)
+    x[1, 1] = 100.0
+    b = torch.randn(32, generator=g)
+    with torch.no_grad():
+        y = layer_norm(x, None, b, eps=1e-12, backend="torch")
+    assert y.shape == x.shape and torch.equal(y[1, 1], b)
+    torch.testing.assert_close(y[0], F.layer_norm(x[0], (32,), None, b, eps=1e-12))
+
+
+def test_torch_backend_backward_reads_the_forward_s_worst_ratio():
+    """The forward's max |mean| * rstd rides on rstd to the backward (no second measure); statistics
+    without it are measured, and NaN statistics take the centred form."""
+    from fastbert.backends.torch import layer_norm as tln
+
+    x = torch.randn(4, 16)
+    _, mean, rstd, _ = tln.layer_norm_fwd_functional(x, None, None, None, None, eps=1e-5, dropout_p=0.0,
+                                                     seed=None, fused=False)
+    assert getattr(rstd, tln._WORST) == tln._worst_ratio(mean, rstd)
+    assert tln._aten_form_is_stable(mean, rstd)
+    setattr(rstd, tln._WORST, 2.0)  # the hint is what the backward reads
+    assert not tln._aten_form_is_stable(mean, rstd)
+    assert tln._aten_form_is_stable(mean.clone(), rstd.clone())  # no hint: measured
+    assert not tln._aten_form_is_stable(mean.clone().fill_(float("nan")), rstd.clone())

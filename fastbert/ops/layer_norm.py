@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, check_dropout_p,
-                                  check_tensor, check_vector, draw_seed, new_empty, no_autocast)
+                                  check_tensor, check_vector, draw_seed, eager_direct, new_empty,
+                                  no_autocast)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -147,6 +148,30 @@ _eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_run, _setup_context, _backward
                  _layer_norm_bwd_run, stats=True, flat=(0, 3))
 
 
+def _plain_eager(x, weight, bias, eps, backend):
+    """y of an unfused eager call straight from the backend's functional forward, or None (then
+    the caller runs the custom op, or its eager twin, as for any call).
+
+    Without gradients this is the forward the eager twin would run, minus its plumbing (x keeps
+    its leading dims: the functional forward takes them). With gradients, the backend is asked for
+    y with autograd recording (``autograd=True``): the torch backend returns one carrying aten's own
+    backward node where that is exactly the backward it would run itself (every row well-
+    conditioned: see ``fastbert.backends.torch.layer_norm``), and None otherwise. That spares the
+    Python autograd node and its Python backward: most of what an eager call with gradients added
+    at 16 x 768.
+    """
+    if not x.numel() or not eager_direct(x, weight, bias):
+        return None
+    functional = getattr(backend_module(backend, "layer_norm"), "layer_norm_fwd_functional", None)
+    if functional is None:
+        return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+    with no_autocast(x):
+        out = functional(x, weight, bias, None, None, eps=eps, dropout_p=0.0, seed=None, fused=False, autograd=grad)
+    return None if out is None else out[0]
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
                eps: float = 1e-5, residual: Optional[Tensor] = None, x_bias: Optional[Tensor] = None,
                dropout_p: float = 0.0, backend: Optional[str] = None) -> Tensor:
@@ -204,9 +229,14 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     x = x.contiguous()
     if residual is not None:
         residual = residual.contiguous()
+    fused = residual is not None or x_bias is not None or dropout_p > 0.0
     features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
                          + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
     name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
+    if not fused:
+        y = _plain_eager(x, weight, bias, eps, name)
+        if y is not None:
+            return y
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
     # N-D x and residual: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
     return _eager(x, weight, bias, residual, x_bias, seed, float(eps), dropout_p, name,

@@ -34,11 +34,19 @@ def _worst_ratio(mean, rstd):
     """``max_rows |mean| * rstd`` as a Python float (NaN when a row's statistics are NaN), or None
     while capturing a CUDA graph (the read is a host sync; on a GPU Triton or CUDA normally runs
     LayerNorm anyway). Three ``[rows]`` ops (a product, its in-place abs and the max, which
-    propagates NaN) and one read: no ``[rows, hidden]`` work. (Not ``vector_norm(., inf)``: its
-    CPU kernel took 6 us at 1024 rows where these take 3.6, 1 thread.)"""
+    propagates NaN) and one read: no ``[rows, hidden]`` work. Statistics of any shape (aten's
+    ``[rows, 1]`` as well). (Not ``vector_norm(., inf)``: its CPU kernel took 6 us at 1024 rows
+    where these take 3.6, 1 thread.)"""
     if mean.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     return torch.mul(mean, rstd).abs_().max().item() if mean.numel() else 0.0
+
+
+def _rows_above(mean, rstd, threshold):
+    """Indices of the ``[rows]`` statistics' rows with ``|mean| * rstd > threshold`` (NaN rows are
+    not), or None when there is none."""
+    idx = (mean.abs().mul_(rstd) > threshold).nonzero().view(-1)
+    return idx if idx.numel() else None
 
 
 def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
@@ -46,12 +54,17 @@ def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
     :func:`_worst_ratio` of these statistics is at most ``threshold``; then no row is looked at).
     NaN propagates through the max: then the rows are looked at one by one."""
     worst = _worst_ratio(mean, rstd)
-    if worst is None:
+    if worst is None or worst <= threshold:
         return None
-    if not (worst > threshold or worst != worst):
-        return None
-    idx = (mean.abs().mul_(rstd) > threshold).nonzero().view(-1)
-    return idx if idx.numel() else None
+    return _rows_above(mean, rstd, threshold)
+
+
+# The forward's :func:`_worst_ratio`, kept on the ``rstd`` it returns so the backward of the same
+# statistics reads it instead of recomputing it (a hint, not a requirement: a tensor without it,
+# such as one a traced graph made, is measured again). Autograd hands a saved tensor back to the
+# backward as the same Python object, attributes included; its version counter forbids changing
+# the values in between.
+_WORST = "_fastbert_worst_ratio"
 
 
 def _aten_params(weight, bias, dtype):
@@ -80,7 +93,7 @@ def _pre_norm_sum(x, residual, x_bias, dropout_p, seed):
     return h
 
 
-def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout_p, seed, fused):
+def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout_p, seed, fused, autograd=False):
     """:func:`layer_norm_fwd` returning its outputs ``(y, mean, rstd, h)`` instead of writing
     preallocated ones (``h`` None unless ``fused``): aten's functional ``native_layer_norm``
     allocates exactly what it returns, so this saves the ``out=`` call's overhead and, for
@@ -88,18 +101,42 @@ def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout
     calls it where the backend module has it.
 
     Rows that are ill-conditioned for aten (:data:`ILL_CONDITIONED`) are recomputed by the
-    reference; finding them reads one number per call (see :func:`_worst_ratio`).
+    reference; finding them reads one number per call (see :func:`_worst_ratio`), which rides on
+    ``rstd`` to the backward (:data:`_WORST`). Unfused calls take x with any leading dims
+    (``(..., hidden)``: y has x's shape, mean / rstd ``[rows]``).
+
+    ``autograd=True``: ``fastbert.ops``' eager path for an unfused call that needs gradients. The
+    forward then runs with autograd recording, so y carries aten's own backward node
+    (``native_layer_norm_backward``: the call :func:`layer_norm_bwd_functional` itself makes for
+    such rows, bit for bit, without the Python autograd node around it). Returned only when that
+    backward is the one this backend would run: x fp32 / fp64, ``hidden > 2`` and every row
+    well-conditioned for aten's backward (``max |mean| * rstd <=`` :data:`BWD_ILL_CONDITIONED`,
+    hence for its forward too); otherwise None (without computing anything for the first two), and
+    the caller runs its own autograd node (computing the forward again: rows past
+    :data:`BWD_ILL_CONDITIONED` pay aten's forward twice). mean / rstd are then aten's
+    ``(..., 1)`` statistics.
     """
+    hidden = x.shape[-1]
+    if autograd and (fused or hidden <= 2 or x.dtype not in (torch.float32, torch.float64)):
+        return None
     h = _pre_norm_sum(x, residual, x_bias, dropout_p, seed) if fused else x
     w, b = _aten_params(weight, bias, x.dtype)
-    y, mean, rstd = torch.native_layer_norm(h, (x.shape[-1],), w, b, eps)
+    y, mean, rstd = torch.native_layer_norm(h, (hidden,), w, b, eps)
+    if autograd:  # x fp32 / fp64: the statistics are in x's dtype already
+        worst = _worst_ratio(mean, rstd)
+        return (y, mean, rstd, None) if worst is not None and worst <= BWD_ILL_CONDITIONED else None
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     mean, rstd = mean.view(-1), rstd.view(-1)
     if mean.dtype != stat:
         mean, rstd = mean.to(stat), rstd.to(stat)
-    idx = _ill_conditioned_rows(mean, rstd)
-    if idx is not None:
-        y[idx], mean[idx], rstd[idx] = composite.layer_norm_math(h[idx], weight, bias, eps)
+    worst = _worst_ratio(mean, rstd)
+    if worst is not None:
+        if not worst <= ILL_CONDITIONED:  # NaN too: the rows are then looked at one by one
+            idx = _rows_above(mean, rstd, ILL_CONDITIONED)
+            if idx is not None:
+                y2 = y.view(-1, hidden)
+                y2[idx], mean[idx], rstd[idx] = composite.layer_norm_math(h.reshape(-1, hidden)[idx], weight, bias, eps)
+        setattr(rstd, _WORST, worst)
     return y, mean, rstd, (h if fused else None)
 
 
@@ -139,6 +176,17 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dx, dweight, dbias, dresidual, dx_
             dst.copy_(src)
 
 
+def _aten_form_is_stable(mean, rstd):
+    """Whether aten's expanded backward is stable for every row of these statistics: ``max |mean|
+    * rstd <=`` :data:`BWD_ILL_CONDITIONED`, from the forward's measure where it rides on ``rstd``
+    (:data:`_WORST`), else measured. True while capturing a CUDA graph (nothing can be read); False
+    for NaN statistics (the centred form serves every row)."""
+    worst = getattr(rstd, _WORST, None)
+    if worst is None:
+        worst = _worst_ratio(mean, rstd)
+    return worst is None or worst <= BWD_ILL_CONDITIONED
+
+
 def layer_norm_bwd_functional(dy, h, weight, mean, rstd, *, need_dweight, need_dbias, need_dresidual,
                               need_dx_bias, dropout_p, seed):
     """:func:`layer_norm_bwd` returning ``(dx, dweight, dbias, dresidual, dx_bias)`` (None where not
@@ -161,7 +209,7 @@ def layer_norm_bwd_functional(dy, h, weight, mean, rstd, *, need_dweight, need_d
     mask = [True, need_dweight, need_dbias]
     # mean / rstd go in as the [rows] vectors they are: aten's CPU backward reads them by row from
     # their data, so no [rows, 1] views are made for it.
-    if h.dtype == stat and _ill_conditioned_rows(mean, rstd, BWD_ILL_CONDITIONED) is None:
+    if h.dtype == stat and _aten_form_is_stable(mean, rstd):
         # The common case: no row with |mean| > its spread; aten's form loses nothing there.
         dh, dw, db = _LN_BWD(dy, h, (hidden,), mean, rstd, w, beta, mask)
     else:
