@@ -60,8 +60,8 @@ def writes_lse_for(*, device_type, dtype, varlen, dropout_p, has_bias, window=Fa
 _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # where aten's CPU flash logsumexp is kept
 
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # the overload: one Python hop less
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def _valid_keys(attention_mask):
@@ -256,7 +256,7 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     plane, log l, is 0: flash's logsumexp is exact; empty rows +inf). Called on the eager path
     only (the custom op keeps fixed output shapes)."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
-            or window is not None or q.dtype not in _FLASH_DTYPES or q.device.type != "cpu"):
+            or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
         return None  # (the calls writes_lse_for refuses)
     if attention_mask is None:  # one call over every sequence and key: no plan, no slices
         heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, d] views
