@@ -76,17 +76,10 @@ def _attention_fwd_eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, m
                          softmax_scale, allow_tf32, deterministic, backend, window_left=-1, window_right=-1):
     """The eager fast path's forward: also the statistics a backend writes only on request (see
     :func:`_lse_shape`). The custom op (what ``torch.compile`` traces) never asks for them, so
-    its fake and real outputs keep one shape whatever the backend module says."""
-    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
-                              softmax_scale, allow_tf32, deterministic, backend, window_left, window_right,
-                              optional_lse=True)
-
-
-def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
-                       softmax_scale, allow_tf32, deterministic, backend, window_left, window_right, *,
-                       optional_lse):
-    varlen = cu_seqlens is not None
-    if optional_lse and q.numel() and k.numel():  # the eager path: a backend may return fresh outputs
+    its fake and real outputs keep one shape whatever the backend module says. A backend's
+    ``attention_fwd_functional`` may return fresh outputs instead (tried first, here and not one
+    call further down: this runs on every eager call)."""
+    if q.numel() and k.numel():
         functional = getattr(backend_module(backend, "attention"), "attention_fwd_functional", None)
         if functional is not None:
             with no_autocast(q):
@@ -96,6 +89,15 @@ def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max
                                  deterministic=deterministic, **_window_kw(window_left, window_right))
             if res is not None:
                 return res
+    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                              softmax_scale, allow_tf32, deterministic, backend, window_left, window_right,
+                              optional_lse=True)
+
+
+def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                       softmax_scale, allow_tf32, deterministic, backend, window_left, window_right, *,
+                       optional_lse):
+    varlen = cu_seqlens is not None
     out = new_empty(q.shape, q.dtype, q.device)
     lse = new_empty(_lse_shape(q, varlen, backend, dropout_p, attn_bias, optional=optional_lse,
                                window=window_left >= 0), torch.float32, q.device)
