@@ -84,6 +84,17 @@ ANY_HEAD_DIM_CASES = tuple(
     for dtype in (F32, BF16, F16, F64)
 ) + tuple(AttentionCase(dtype, 24, layout="varlen", lengths=(5, 0, 11, 3)) for dtype in (F32, BF16, F64))
 
+# Padded calls without mask, bias or dropout (the torch backend's eager path: one aten flash call whose
+# statistics carry its heads-first views to the backward): seqlen_q != seqlen_k, strided QKV views
+# (aligned and not), batch 1 and one query, fp64 (which recomputes instead).
+UNMASKED_CASES = (
+    AttentionCase(F32, 64, 17, 33, batch=3, num_heads=3),
+    AttentionCase(BF16, 40, 33, 33, layout="packed"),
+    AttentionCase(F16, 80, 16, 16, batch=1, layout="unaligned"),
+    AttentionCase(F32, 26, 1, 97, batch=1, num_heads=1),
+    AttentionCase(F64, 32, 9, 9),
+)
+
 
 def attention_inputs(case: AttentionCase, seed: int = 0) -> dict:
     """fp64 master copies of the case's inputs (cast per run)."""

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _cases_attention import ANY_HEAD_DIM_CASES, ATTENTION_CASES, check_attention_case
+from _cases_attention import ANY_HEAD_DIM_CASES, ATTENTION_CASES, UNMASKED_CASES, check_attention_case
+from _custom_op_path import output_and_grads
 from _tolerance import EPS, assert_close_to_ref
 
 from fastbert.backends._philox import attention_keep_mask
@@ -93,12 +94,34 @@ def test_reference_gradcheck_fp64():
 
 # ---------------------------------------------------------------- the torch backend vs reference
 
-@pytest.mark.parametrize("case", ATTENTION_CASES + ANY_HEAD_DIM_CASES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES + ANY_HEAD_DIM_CASES + UNMASKED_CASES, ids=str)
 def test_torch_backend_matches_reference(case, poison):
     """The one case list (``_cases_attention``) and the fp64 / any-head_dim extras, with the
     kernels' FlashAttention-2 floor: the torch backend's padded and varlen backward without dropout
     or bias is aten's CPU flash backward (``D = rowsum(dO * O)`` cancels against ``dO V^T``)."""
     check_attention_case(case, "torch", "cpu", flash_floor=True)
+
+
+def test_unmasked_eager_backward_matches_custom_op_path_and_sees_inplace_edits(poison):
+    """The unmasked eager call's backward reads the forward's heads-first views of q, k, v and out
+    (carried by its statistics): the same output and gradients as the custom op's path (which
+    recomputes through the composite backward) on strided QKV views, and an in-place edit of q
+    after the forward still fails autograd's version check (the views are no way around it)."""
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 11, 3, 3, 16, generator=g)
+
+    def dy(y):
+        return torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+
+    eager, traced = (output_and_grads(lambda t: attention(*t.unbind(2)), [qkv], dy, mode) for mode in (False, True))
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    leaf = torch.randn(1, 8, 2, 16, generator=g, requires_grad=True)
+    q = leaf * 1.0
+    out = attention(q, leaf, leaf)
+    q.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

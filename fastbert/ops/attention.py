@@ -76,17 +76,10 @@ def _attention_fwd_eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, m
                          softmax_scale, allow_tf32, deterministic, backend, window_left=-1, window_right=-1):
     """The eager fast path's forward: also the statistics a backend writes only on request (see
     :func:`_lse_shape`). The custom op (what ``torch.compile`` traces) never asks for them, so
-    its fake and real outputs keep one shape whatever the backend module says."""
-    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
-                              softmax_scale, allow_tf32, deterministic, backend, window_left, window_right,
-                              optional_lse=True)
-
-
-def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
-                       softmax_scale, allow_tf32, deterministic, backend, window_left, window_right, *,
-                       optional_lse):
-    varlen = cu_seqlens is not None
-    if optional_lse and q.numel() and k.numel():  # the eager path: a backend may return fresh outputs
+    its fake and real outputs keep one shape whatever the backend module says. A backend's
+    ``attention_fwd_functional`` may return fresh outputs instead (tried first, here and not one
+    call further down: this runs on every eager call)."""
+    if q.numel() and k.numel():
         functional = getattr(backend_module(backend, "attention"), "attention_fwd_functional", None)
         if functional is not None:
             with no_autocast(q):
@@ -96,6 +89,15 @@ def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max
                                  deterministic=deterministic, **_window_kw(window_left, window_right))
             if res is not None:
                 return res
+    return _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                              softmax_scale, allow_tf32, deterministic, backend, window_left, window_right,
+                              optional_lse=True)
+
+
+def _attention_fwd_run(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p,
+                       softmax_scale, allow_tf32, deterministic, backend, window_left, window_right, *,
+                       optional_lse):
+    varlen = cu_seqlens is not None
     out = new_empty(q.shape, q.dtype, q.device)
     lse = new_empty(_lse_shape(q, varlen, backend, dropout_p, attn_bias, optional=optional_lse,
                                window=window_left >= 0), torch.float32, q.device)
@@ -308,23 +310,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     except ValueError as exc:  # the wrong ndim: say which layout q's ndim is
         raise layout_error(exc, q, varlen) from None
     device = q.device  # read once: each .device builds a torch.device
-    dev_type = device.type
+    dev_type = "cpu" if q.is_cpu else device.type  # (.type builds a str: ~1 us, is_cpu ~0.1)
     if dev_type not in _DEVICE_TYPES:
         raise ValueError(f"q: expected a tensor on one of {list(_DEVICE_TYPES)}, got device {device} (meta tensors "
                          "have no values to attend; under torch.compile fake tensors take the fake implementation)")
     check_tensor("k", k, ndim=ndim, device=device)
     check_tensor("v", v, ndim=ndim, device=device)
-    if not (k.dtype == q.dtype and v.dtype == q.dtype):
-        raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
-    hd = q.shape[-1]
-    if not (k.shape[-2] == q.shape[-2] and v.shape[-2] == q.shape[-2]):
-        raise ValueError(f"num_heads: expected q, k, v to agree, got q {q.shape[-2]}, k {k.shape[-2]}, v {v.shape[-2]}")
-    if not (k.shape[-1] == hd and v.shape[-1] == hd):
-        raise ValueError(f"head_dim: expected q, k, v to agree, got q {hd}, k {k.shape[-1]}, v {v.shape[-1]}")
+    dtype = q.dtype
+    if not (k.dtype == dtype and v.dtype == dtype):
+        raise TypeError(f"k, v: expected q's dtype {dtype}, got k {k.dtype} and v {v.dtype}")
+    qs, ks, vs = q.shape, k.shape, v.shape  # read once: each .shape builds a torch.Size
+    hd, heads = qs[-1], qs[-2]
+    if not (ks[-2] == heads and vs[-2] == heads):
+        raise ValueError(f"num_heads: expected q, k, v to agree, got q {heads}, k {ks[-2]}, v {vs[-2]}")
+    if not (ks[-1] == hd and vs[-1] == hd):
+        raise ValueError(f"head_dim: expected q, k, v to agree, got q {hd}, k {ks[-1]}, v {vs[-1]}")
     if hd <= 0:
         raise ValueError(f"head_dim: expected > 0, got {hd}")
-    if k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(f"k, v: expected the same leading shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if ks[0] != vs[0] or (not varlen and ks[1] != vs[1]):  # ks[:-2] != vs[:-2], without building Sizes
+        raise ValueError(f"k, v: expected the same leading shape, got k {tuple(ks)} and v {tuple(vs)}")
     dropout_p = check_dropout_p(dropout_p)
     if varlen:
         if attention_mask is not None:
@@ -334,39 +338,39 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
         if cu_seqlens.numel() < 1:
             raise ValueError("cu_seqlens: expected batch + 1 >= 1 entries, got 0")
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"k: varlen is self-attention, expected total_tokens {q.shape[0]}, got {k.shape[0]}")
+        if ks[0] != qs[0]:
+            raise ValueError(f"k: varlen is self-attention, expected total_tokens {qs[0]}, got {ks[0]}")
         if max_seqlen is not None:
-            _check_max_seqlen(max_seqlen, q.shape[0])
+            _check_max_seqlen(max_seqlen, qs[0])
         # Backends read cu_seqlens as a flat int32 array: one contiguous copy here serves them all
         # (a strided view is read through its strides by .tolist(), then as raw memory by a kernel).
         cu_seqlens = cu_seqlens.contiguous()
         if value_checks_enabled(cu_seqlens):
-            _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+            _check_cu_seqlens_values(cu_seqlens, qs[0], max_seqlen)
         if max_seqlen is None:
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             max_seqlen = int(lengths.max().item()) if lengths.numel() else 0  # one host sync
     else:
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"k: expected batch {q.shape[0]}, got {k.shape[0]}")
+        if ks[0] != qs[0]:
+            raise ValueError(f"k: expected batch {qs[0]}, got {ks[0]}")
         if max_seqlen is not None:
             raise ValueError("max_seqlen: only meaningful with cu_seqlens")
-        batch, seqlen_k = q.shape[0], k.shape[1]
+        batch, seqlen_k = qs[0], ks[1]
         if attention_mask is not None:
             attention_mask = padding_mask(attention_mask, batch, seqlen_k, device, seqlen_name="seqlen_k")
         if attn_bias is not None:
             check_tensor("attn_bias", attn_bias, dtypes=_FLOAT_DTYPES, device=device)
-            full = (batch, q.shape[2], q.shape[1], seqlen_k)
+            full = (batch, heads, qs[1], seqlen_k)
             ok = attn_bias.dim() <= 4 and all(
                 s in (1, f) for s, f in zip(reversed(attn_bias.shape), reversed(full)))
             if not ok:
                 raise ValueError(f"attn_bias: expected a shape broadcastable to (batch, num_heads, "
                                  f"seqlen_q, seqlen_k) = {full}, got {tuple(attn_bias.shape)}")
-    if q.stride(-1) != 1:
+    if q.stride()[-1] != 1:  # (stride() then [-1]: half the cost of stride(-1))
         q = q.contiguous()
-    if k.stride(-1) != 1:
+    if k.stride()[-1] != 1:
         k = k.contiguous()
-    if v.stride(-1) != 1:
+    if v.stride()[-1] != 1:
         v = v.contiguous()
     ac = autocast_dtype(dev_type)
     if ac is not None:  # attention runs in the autocast dtype
@@ -376,7 +380,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     if not softmax_scale - softmax_scale == 0.0:  # NaN or +-inf (math.isfinite does not trace)
         raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
     if window is not None:
-        window = check_window(window, *((max_seqlen, max_seqlen) if varlen else (q.shape[1], k.shape[1])))
+        window = check_window(window, *((max_seqlen, max_seqlen) if varlen else (qs[1], ks[1])))
     features = ("window",) if window is not None else ()
     if attention_mask is not None:
         features += ("attention_mask",)
@@ -391,7 +395,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         features += ("deterministic",)
     if tf32:
         features += ("tf32",)
-    name = resolve_call("attention", dev_type, q.dtype, hd, features, backend)
+    name = resolve_call("attention", dev_type, q.dtype, hd, features, backend)  # q.dtype: autocast may have cast q
     seed = draw_seed(device) if dropout_p > 0.0 else None
     out, _ = _eager(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, int(max_seqlen or 0),
                     dropout_p, float(softmax_scale), tf32, det, name,

@@ -53,11 +53,14 @@ def writes_lse_for(*, device_type, dtype, varlen, dropout_p, has_bias, window=Fa
     logsumexp would be rounded to the fp32 planes, so fp64 recomputes; a window runs its own blockwise
     path, which writes none.)"""
     return (device_type == "cpu" and not varlen and dropout_p == 0.0 and not has_bias and not window
-            and dtype in (torch.float32, torch.float16, torch.bfloat16))
+            and dtype in _FLASH_DTYPES)
 
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # where aten's CPU flash logsumexp is kept
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # the overload: one Python hop less
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def _valid_keys(attention_mask):
@@ -241,15 +244,25 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     padded CPU attention without a bias, dropout or window, where :func:`writes_lse_for` holds, with
     no mask or a mask the grouped in-place plan takes (``_masked``: masked keys inside the spans
     finite). aten's CPU flash attention already lays its output out as ``[B, L, H, d]``, so where
-    one call covers the batch ``out`` is a view of it (no copy), and ``lse`` is its logsumexp as
-    one plane ``[1, B, H, L]`` (the second plane, log l, is 0: flash's logsumexp is exact; empty
-    rows +inf), which only :func:`attention_bwd_functional` reads. Called on the eager path only
-    (the custom op keeps fixed output shapes)."""
+    one call covers the batch ``out`` is a view of it (no copy). ``lse``, which only
+    :func:`attention_bwd_functional` reads, is flash's logsumexp: without a mask its own ``[B, H, L]``
+    tensor carrying the call's heads-first views of q, k, v and out (so the backward transposes
+    none of them again); with a mask one plane ``[1, B, H, L]`` carrying the plan (the second
+    plane, log l, is 0: flash's logsumexp is exact; empty rows +inf). Called on the eager path
+    only (the custom op keeps fixed output shapes)."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
-            or window is not None or q.device.type != "cpu"
-            or not writes_lse_for(device_type="cpu", dtype=q.dtype, varlen=False, dropout_p=0.0, has_bias=False)):
-        return None
-    p = _whole(q, k) if attention_mask is None else _masked.plan(attention_mask, k, v)
+            or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
+        return None  # (the calls writes_lse_for refuses)
+    if attention_mask is None:  # one call over every sequence and key: no plan, no slices
+        heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, d] views
+        o, lse = _flash_cpu(*heads, 0.0, False, scale=softmax_scale)
+        out = o.transpose(1, 2)
+        if not out.is_contiguous():
+            out = out.contiguous()
+            o = out.transpose(1, 2)
+        lse._fastbert_heads = heads + (o,)  # the backward's views: it transposes none of them again
+        return out, lse
+    p = _masked.plan(attention_mask, k, v)
     if p is None:
         return None
     out, lse = _masked.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, softmax_scale)
@@ -291,11 +304,19 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
     """Backward of :func:`attention_fwd_functional`: ``(dq, dk, dv)`` from aten's CPU flash backward
     on the same plan, fresh tensors in ``[B, L, H, d]`` (views of aten's gradients where one call
     covers every sequence and key; masked keys get exact zeros, see ``_masked.Plan``), or None for any call the
-    functional forward did not take (its one-plane ``lse`` marks them)."""
-    if (lse.dim() == 0 or lse.shape[0] != 1 or attn_bias is not None
-            or cu_seqlens is not None or dropout_p != 0.0 or window is not None or need_dbias):
+    functional forward did not take (its ``lse``, with the views it carries or one plane, marks them).
+    ``lse`` must be the forward's of this call (its views are read in place of q, k, v and out)."""
+    if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0 or window is not None
+            or need_dbias):
         return None
-    p = _whole(q, k) if attention_mask is None else _saved_plan(lse, attention_mask, k, v)
+    heads = getattr(lse, "_fastbert_heads", None)
+    if heads is not None and attention_mask is None:  # the forward's one unmasked call
+        grads = _flash_cpu_bwd(dout.transpose(1, 2), *heads, lse, 0.0, False, scale=softmax_scale)
+        grads = [g.transpose(1, 2) for g in grads]
+        return tuple(g if g.is_contiguous() else g.contiguous() for g in grads)
+    if lse.dim() != 4 or lse.shape[0] != 1 or attention_mask is None:
+        return None
+    p = _saved_plan(lse, attention_mask, k, v)
     if p is None:
         return None
     return _masked.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
