@@ -218,14 +218,20 @@ class EagerOp:
     its ``setup_context`` and ``backward`` (which take ``bwd=``, the backward op to call), the
     backward's custom op and implementation (the eager one may return None for a gradient not
     asked for), whether the forward returns a tuple whose outputs after the first carry no
-    gradient (``stats``), and the positions of the inputs that are ``(rows, last dim)`` views of
-    the caller's N-D tensors (``flat``; see :meth:`__call__`'s ``shape``)."""
+    gradient (``stats``), the positions of the inputs that are ``(rows, last dim)`` views of
+    the caller's N-D tensors (``flat``; see :meth:`__call__`'s ``shape``), and ``native``: None, or
+    a function of the (N-D) inputs that returns the forward's outputs computed by differentiable
+    aten calls of the backend (its declared ``<op>_fwd_differentiable``), or None where the backend
+    has none for the call. With gradients the eager path runs it under torch's autograd: aten's
+    own backward nodes (C++, no Python node, the plain torch sequence's graph) instead of
+    :class:`_EagerFunction` and the backward op."""
 
-    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,)):
+    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,),
+                 native=None):
         self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
         self.setup_context, self.backward = setup_context, backward
         self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
-        self.stats, self.flat = stats, flat
+        self.stats, self.flat, self.native = stats, flat, native
 
     def __call__(self, *inputs, diff=(), shape=None):
         """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient.
@@ -239,6 +245,10 @@ class EagerOp:
         if torch.is_grad_enabled():
             for t in diff:
                 if t is not None and t.requires_grad:
+                    if self.native is not None:
+                        outputs = self.native(*inputs)
+                        if outputs is not None:
+                            return outputs
                     return _apply(*inputs, self, shape)
         if shape is None:
             return self.fwd_impl(*inputs)

@@ -56,12 +56,21 @@ def _(x, bias, approximate, backend):
     return torch.empty_like(x)
 
 
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype dbias accumulates and is returned in: fp64 for fp64 x, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def dbias_output(dbias: Optional[Tensor], x: Tensor) -> Tensor:
+    """A backward custom op's dbias output (GELU's and GeGLU's): ``dbias``, or where it is None
+    (not needed) an empty tensor of :func:`acc_dtype`, since a custom op returns tensors only."""
+    return x.new_empty((0,), dtype=acc_dtype(x)) if dbias is None else dbias
+
+
 def _gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
-              backend: str) -> tuple[Tensor, Tensor]:
+                   backend: str) -> tuple[Tensor, Tensor]:
     dx, dbias = _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend)
-    if dbias is None:  # a custom op returns tensors only: an empty one, of the fake's dtype
-        dbias = x.new_empty((0,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return dx, dbias
+    return dx, dbias_output(dbias, x)
 
 
 def _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend):
@@ -72,8 +81,7 @@ def _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend):
         with no_autocast(x):
             return functional(dy.contiguous(), x, bias, need_dbias=need_dbias, approximate=approximate)
     dx = new_empty(x.shape, x.dtype, x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
-    dbias = new_empty((x.shape[-1],), acc, x.device) if need_dbias else None
+    dbias = new_empty((x.shape[-1],), acc_dtype(x), x.device) if need_dbias else None
     if x.numel():
         with no_autocast(x):
             mod.gelu_bwd(dy.contiguous(), x, bias, dx, dbias, approximate=approximate)
@@ -87,8 +95,7 @@ _gelu_bwd = torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())(_gelu
 
 @_gelu_bwd.register_fake
 def _(dy, x, bias, need_dbias, approximate, backend):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=acc)
+    return torch.empty_like(x), dbias_output(x.new_empty((x.shape[-1],), dtype=acc_dtype(x)) if need_dbias else None, x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -105,8 +112,15 @@ def _backward(ctx, dy, bwd=None):
     return dx, (as_dtype(dbias, bias.dtype) if need_dbias else None), None, None
 
 
+def _native(x, bias, approximate, backend):
+    """y from the backend's ``gelu_fwd_differentiable`` (None where it has none for the call):
+    on the torch backend, fp32/fp64, the plain ``F.gelu(x + bias)`` graph (see EagerOp)."""
+    fn = getattr(backend_module(backend, "gelu"), "gelu_fwd_differentiable", None)
+    return None if fn is None else fn(x, bias, approximate=approximate)
+
+
 _gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
-_eager = EagerOp(_gelu_fwd, _gelu_fwd_impl, _setup_context, _backward, _gelu_bwd, _gelu_bwd_run)
+_eager = EagerOp(_gelu_fwd, _gelu_fwd_impl, _setup_context, _backward, _gelu_bwd, _gelu_bwd_run, native=_native)
 
 
 def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",

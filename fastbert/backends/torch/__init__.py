@@ -38,8 +38,9 @@ backend entry points, which ``fastbert.backends`` looks up by name.
 
 from fastbert.backends.torch.attention import (attention_bwd, attention_bwd_functional, attention_fwd,
                                               attention_fwd_functional, writes_lse_for)
-from fastbert.backends.torch.gelu import (geglu_bwd, geglu_fwd, geglu_saves_activation, gelu_bwd,
-                                         gelu_bwd_functional, gelu_fwd, gelu_fwd_functional)
+from fastbert.backends.torch.gelu import (geglu_bwd, geglu_fwd, geglu_fwd_differentiable, geglu_saves_activation,
+                                         gelu_bwd, gelu_bwd_functional, gelu_fwd, gelu_fwd_differentiable,
+                                         gelu_fwd_functional)
 from fastbert.backends.torch.layer_norm import (layer_norm_bwd, layer_norm_bwd_functional, layer_norm_fwd,
                                               layer_norm_fwd_functional)
 from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
@@ -47,5 +48,6 @@ from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
 __all__ = ["attention_fwd", "attention_bwd", "attention_fwd_functional", "attention_bwd_functional",
            "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_fwd_functional",
            "layer_norm_bwd_functional", "gelu_fwd", "gelu_bwd",
-           "gelu_fwd_functional", "gelu_bwd_functional", "geglu_fwd", "geglu_bwd", "geglu_saves_activation",
+           "gelu_fwd_functional", "gelu_bwd_functional", "gelu_fwd_differentiable", "geglu_fwd", "geglu_bwd",
+           "geglu_fwd_differentiable", "geglu_saves_activation",
            "rotary_fwd", "rotary_bwd"]

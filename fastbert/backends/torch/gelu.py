@@ -64,6 +64,18 @@ def gelu_fwd_functional(x, bias, *, approximate):
     return torch._C._nn.gelu_(torch.add(x, bias.to(x.dtype)), approximate=approximate)
 
 
+def gelu_fwd_differentiable(x, bias, *, approximate):
+    """:func:`gelu_fwd_functional`'s y through differentiable aten calls (the plain
+    ``F.gelu(x + bias)``), or None for fp16/bf16 (the reference's fp32 math, which has no aten
+    backward of that form). ``fastbert.ops``' eager path with gradients runs it under torch's
+    autograd: aten's C++ nodes then do :func:`gelu_bwd_functional`'s math (``gelu_backward``; dbias
+    the sum over rows in x's dtype, fp32/fp64) with no Python autograd node, keeping ``z = x + bias``
+    (not x) for backward, as the plain sequence does, instead of adding the bias again there."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return None
+    return torch._C._nn.gelu(x if bias is None else torch.add(x, bias.to(x.dtype)), approximate=approximate)
+
+
 def gelu_bwd_functional(dy, x, bias, *, need_dbias, approximate):
     """:func:`gelu_bwd` returning ``(dx, dbias or None)`` (fresh tensors; dbias fp32, fp64 for fp64)."""
     if x.dtype in (torch.float16, torch.bfloat16):
@@ -113,6 +125,17 @@ def geglu_fwd(x, bias, y, *, approximate, act=None):
     else:
         torch._C._nn.gelu(a, approximate=approximate, out=act)
         torch.mul(act, g, out=y)
+
+
+def geglu_fwd_differentiable(x, bias, *, approximate):
+    """y of :func:`geglu_fwd` through differentiable aten calls (the unfused
+    ``a, g = (x + bias).chunk(2, -1); F.gelu(a) * g``) for fastbert.ops' eager path with gradients
+    (as :func:`gelu_fwd_differentiable`: aten's backward nodes, which keep ``gelu(a)`` and ``z``), or
+    None for fp16/bf16. x: ``(..., 2n)``."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return None
+    a, g = (x if bias is None else torch.add(x, bias.to(x.dtype))).chunk(2, dim=-1)
+    return torch._C._nn.gelu(a, approximate=approximate) * g
 
 
 def geglu_bwd(dy, x, bias, dx, dbias, *, approximate, act=None):
