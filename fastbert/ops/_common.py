@@ -281,14 +281,14 @@ class _EagerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         op, shape = args[-2], args[-1]
-        inputs = op._flatten(args[:-2], shape)
+        inputs = args[:-2] if shape is None else op._flatten(args[:-2], shape)
         outputs = op.fwd_impl(*inputs)
         op.setup_context(ctx, inputs, outputs)
         ctx.eager_op, ctx.shape = op, shape
         if op.stats:
             ctx.mark_non_differentiable(*[t for t in outputs[1:] if t is not None])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs
-        return op._unflatten(outputs, shape)
+        return outputs if shape is None else op._unflatten(outputs, shape)
 
     @staticmethod
     def backward(ctx, *grads):

@@ -17,14 +17,24 @@ APPROXIMATE = ("none", "tanh")
 _BIAS = ("bias",)
 
 
+def check_approximate(approximate) -> str:
+    """Validate ``approximate`` (one of :data:`APPROXIMATE`); returns it.
+
+    Raises:
+        ValueError: naming the argument, the allowed values and the value given.
+    """
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    return approximate
+
+
 def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Optional[Tensor]]:
     """The validation GELU and GeGLU share: ``x`` a float tensor of 1 to 8 dims, ``approximate``
     one of :data:`APPROXIMATE`, ``bias`` None or a vector of x's last dim, x's dtype or fp32;
     under autocast both take the autocast dtype (GELU runs in it). Returns ``(x, bias)``, the bias
     contiguous."""
     check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
-    if approximate not in APPROXIMATE:
-        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    check_approximate(approximate)
     ac = autocast_dtype(x)
     if ac is not None:
         x = x.to(ac)
