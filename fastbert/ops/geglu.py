@@ -103,8 +103,15 @@ def _native(x, bias, approximate, backend):
     return None if y is None else (y, None)
 
 
+def _geglu_fwd_eager(x, bias, approximate, backend):
+    """The eager path's forward: :func:`_native` where the backend has it (without gradients too:
+    the unfused sequence's allocations, no ``act`` buffer nobody reads), else the custom op's."""
+    out = _native(x, bias, approximate, backend)
+    return _geglu_fwd_impl(x, bias, approximate, backend) if out is None else out
+
+
 _geglu_fwd.register_autograd(_backward, setup_context=_setup_context)
-_eager = EagerOp(_geglu_fwd, _geglu_fwd_impl, _setup_context, _backward, _geglu_bwd, _geglu_bwd_run,
+_eager = EagerOp(_geglu_fwd, _geglu_fwd_eager, _setup_context, _backward, _geglu_bwd, _geglu_bwd_run,
                  stats=True, native=_native)
 
 
