@@ -144,6 +144,8 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
     reference, Triton and CUDA keep relative precision in the negative tail (erfc / sigmoid forms);
     the torch backend's fp32 path is aten's ``F.gelu``, whose error is absolute, below
     ``2^-21 * max(1, |z|)`` (``gelu(-6)`` is -0 there; see ``fastbert.backends.torch.gelu_fwd``).
+    With gradients, an eager fp32/fp64 call on the torch backend records the plain
+    ``F.gelu(x + bias)`` graph (aten's backward; ``x + bias`` kept for it, as there).
 
     Args:
         x: ``(..., hidden)``; fp16, bf16, fp32 or fp64; any strides. Empty in, empty out.
