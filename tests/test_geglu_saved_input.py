@@ -6,6 +6,7 @@ the unfused ``(x + b).chunk(2)`` / ``gelu`` / ``mul`` sequence and does less wor
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -30,10 +31,13 @@ def _saved_numel(fn, inputs):
     return total[0], out
 
 
-@pytest.mark.parametrize("traced", [False, True], ids=["eager", "custom_op"])  # eager: aten's graph
+@pytest.mark.parametrize("path", ["eager", "eager_node", "custom_op"])  # eager: aten's graph (small x)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_bias_geglu_backward_uses_the_saved_z(dtype, approximate, traced, monkeypatch, poison):
+def test_bias_geglu_backward_uses_the_saved_z(dtype, approximate, path, monkeypatch, poison):
+    traced = path == "custom_op"
+    if path == "eager_node":  # x as if above the size where the eager path takes the fused node
+        monkeypatch.setattr(sys.modules["fastbert.ops.geglu"], "_NATIVE_MAX_NUMEL", 0)
     g = torch.Generator().manual_seed(11)
     rows, n = 7, 13  # odd sizes: the flat [gelu(a) | z] buffer's two views must not overlap
     x = torch.randn(rows, 2 * n, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
@@ -53,6 +57,7 @@ def test_bias_geglu_backward_uses_the_saved_z(dtype, approximate, traced, monkey
     monkeypatch.setattr(torch_gelu.torch, "add", no_add)
     dx, db = torch.autograd.grad(y, (x, b), dy)
     monkeypatch.setattr(torch_gelu.torch, "add", real_add)
+    assert (type(y.grad_fn).__name__ == "MulBackward0") == (path == "eager")
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(y.double(), ref, **tol)
     torch.testing.assert_close(dx.double(), want[0], **tol)

@@ -224,14 +224,17 @@ class EagerOp:
     aten calls of the backend (its declared ``<op>_fwd_differentiable``), or None where the backend
     has none for the call. With gradients the eager path runs it under torch's autograd: aten's
     own backward nodes (C++, no Python node, the plain torch sequence's graph) instead of
-    :class:`_EagerFunction` and the backward op."""
+    :class:`_EagerFunction` and the backward op. ``no_grad_impl``: the forward of eager calls
+    that record no gradient, where it differs from ``fwd_impl`` (the same arguments and outputs;
+    ``fwd_impl`` when None)."""
 
     def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,),
-                 native=None):
+                 native=None, no_grad_impl=None):
         self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
         self.setup_context, self.backward = setup_context, backward
         self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
         self.stats, self.flat, self.native = stats, flat, native
+        self.no_grad_impl = fwd_impl if no_grad_impl is None else no_grad_impl
 
     def __call__(self, *inputs, diff=(), shape=None):
         """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient.
@@ -251,8 +254,8 @@ class EagerOp:
                             return outputs
                     return _apply(*inputs, self, shape)
         if shape is None:
-            return self.fwd_impl(*inputs)
-        return self._unflatten(self.fwd_impl(*self._flatten(inputs, shape)), shape)
+            return self.no_grad_impl(*inputs)
+        return self._unflatten(self.no_grad_impl(*self._flatten(inputs, shape)), shape)
 
     def _flatten(self, inputs, shape):
         if shape is None:
