@@ -1,5 +1,6 @@
 """The two paths of a ``fastbert.ops`` call that the thin-ops tests compare: plain eager (each op's
-implementation through one autograd.Function) and traced (through the registered custom op, what
+implementation through one autograd.Function, or aten's own graph where the backend declares a
+differentiable forward: the torch backend's fp32/fp64 GELU and GeGLU) and traced (through the registered custom op, what
 ``torch.compile`` sees), here forced by a torch-function mode that changes nothing else."""
 
 from __future__ import annotations

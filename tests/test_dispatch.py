@@ -100,3 +100,33 @@ def test_compile_with_changing_float_arguments():
         want = f(x, q, p, eps, scale)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+
+
+def test_remembered_answers_follow_every_registry_change(monkeypatch):
+    """resolve_call and backend_module key on the registry's version: registering, replacing
+    (same name, new spec), writing the dict directly and removing a backend are all seen at once."""
+    from fastbert.backends import _REGISTRY
+    from fastbert.ops._dispatch import backend_module, resolve_call
+
+    def spec(dtypes):
+        return BackendSpec(name="_swap", module="fastbert.backends.reference",
+                           caps={"gelu": OpCaps(devices=("cpu",), dtypes=dtypes)})
+    v = _REGISTRY.version
+    register_backend(spec((torch.float16,)))
+    try:
+        assert _REGISTRY.version > v
+        with pytest.raises(RuntimeError, match="dtype torch.float32"):
+            resolve_call("gelu", "cpu", torch.float32, None, (), "_swap")
+        register_backend(spec((torch.float32,)))  # replaced under the same name
+        assert resolve_call("gelu", "cpu", torch.float32, None, (), "_swap") == "_swap"
+        assert backend_module("_swap", "gelu").__name__ == "fastbert.backends.reference"
+        monkeypatch.setitem(_REGISTRY, "_swap", spec((torch.float16,)))
+        with pytest.raises(RuntimeError, match="dtype torch.float32"):
+            resolve_call("gelu", "cpu", torch.float32, None, (), "_swap")
+        monkeypatch.undo()
+    finally:
+        _REGISTRY.pop("_swap", None)
+    with pytest.raises(ValueError, match="_swap"):
+        resolve_call("gelu", "cpu", torch.float32, None, (), "_swap")
+    with pytest.raises(ValueError, match="_swap"):
+        backend_module("_swap", "gelu")

@@ -5,8 +5,12 @@ the unfused ``(x + b).chunk(2)`` / ``gelu`` / ``mul`` sequence and does less wor
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 import torch
+from _custom_op_path import Passthrough
 
 import fastbert.backends.torch.gelu as torch_gelu
 import fastbert.ops as ops
@@ -27,9 +31,13 @@ def _saved_numel(fn, inputs):
     return total[0], out
 
 
+@pytest.mark.parametrize("path", ["eager", "eager_node", "custom_op"])  # eager: aten's graph (small x)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_bias_geglu_backward_uses_the_saved_z(dtype, approximate, monkeypatch, poison):
+def test_bias_geglu_backward_uses_the_saved_z(dtype, approximate, path, monkeypatch, poison):
+    traced = path == "custom_op"
+    if path == "eager_node":  # x as if above the size where the eager path takes the fused node
+        monkeypatch.setattr(sys.modules["fastbert.ops.geglu"], "_NATIVE_MAX_NUMEL", 0)
     g = torch.Generator().manual_seed(11)
     rows, n = 7, 13  # odd sizes: the flat [gelu(a) | z] buffer's two views must not overlap
     x = torch.randn(rows, 2 * n, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
@@ -40,7 +48,8 @@ def test_bias_geglu_backward_uses_the_saved_z(dtype, approximate, monkeypatch, p
     ref = torch.nn.functional.gelu(a, approximate=approximate) * gate
     want = torch.autograd.grad(ref, (x64, b64), dy.double())
 
-    y = ops.geglu(x, bias=b, approximate=approximate, backend="torch")
+    with Passthrough() if traced else contextlib.nullcontext():
+        y = ops.geglu(x, bias=b, approximate=approximate, backend="torch")
     real_add = torch.add
 
     def no_add(*args, **kw):
@@ -48,20 +57,26 @@ def test_bias_geglu_backward_uses_the_saved_z(dtype, approximate, monkeypatch, p
     monkeypatch.setattr(torch_gelu.torch, "add", no_add)
     dx, db = torch.autograd.grad(y, (x, b), dy)
     monkeypatch.setattr(torch_gelu.torch, "add", real_add)
+    assert (type(y.grad_fn).__name__ == "MulBackward0") == (path == "eager")
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(y.double(), ref, **tol)
     torch.testing.assert_close(dx.double(), want[0], **tol)
     torch.testing.assert_close(db.double(), want[1], **tol)
 
 
-def test_bias_geglu_saves_no_more_than_the_unfused_sequence():
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "custom_op"])
+def test_bias_geglu_saves_no_more_than_the_unfused_sequence(traced):
     x = torch.randn(64, 96, requires_grad=True)
     b = torch.randn(96, requires_grad=True)
 
     def unfused():
         a, gate = (x + b).chunk(2, dim=-1)
         return torch.nn.functional.gelu(a) * gate
-    fused, y = _saved_numel(lambda: ops.geglu(x, bias=b, backend="torch"), (b,))
+
+    def fused_call():
+        with Passthrough() if traced else contextlib.nullcontext():
+            return ops.geglu(x, bias=b, backend="torch")
+    fused, y = _saved_numel(fused_call, (b,))
     plain, ref = _saved_numel(unfused, (b,))
     torch.testing.assert_close(y, ref)
     assert fused <= plain, (fused, plain)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -110,6 +111,10 @@ def test_nd_inputs_flattened_inside_the_node_match_the_custom_op_path(poison):
         (lambda x, b: ops.gelu(x, bias=b), (x3, b)),
         (lambda x: ops.gelu(x), (x3[:, 1],)),
         (lambda x, b: ops.geglu(x, bias=b), (x3, b)),
+        # the torch backend's fp64 GELU / GeGLU records aten's graph: the reference's takes the node
+        (lambda x, b: ops.gelu(x, bias=b, backend="reference"), (x3, b)),
+        (lambda x: ops.gelu(x, backend="reference"), (x3[:, 1],)),
+        (lambda x, b: ops.geglu(x, bias=b, backend="reference"), (x3, b)),
     ]
     for fn, inputs in cases:
         def run(traced):  # the custom-op path under a pass-through mode, else the eager path
@@ -126,6 +131,34 @@ def test_nd_inputs_flattened_inside_the_node_match_the_custom_op_path(poison):
 
 def test_nd_eager_call_adds_no_view_nodes():
     x = torch.randn(2, 3, 8, requires_grad=True)
-    for y in (ops.gelu(x), ops.layer_norm(x, residual=x.detach()), ops.geglu(x)):
+    for y in (ops.gelu(x, backend="reference"), ops.layer_norm(x, residual=x.detach()),
+              ops.geglu(x, backend="reference"), ops.gelu(x.bfloat16())):
         assert type(y.grad_fn).__name__ == "_EagerFunctionBackward", y.grad_fn
-        assert type(y.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"  # x itself, no view of it
+        nxt = type(y.grad_fn.next_functions[0][0]).__name__
+        assert nxt == ("ToCopyBackward0" if y.dtype == torch.bfloat16 else "AccumulateGrad")  # no view of x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_torch_backend_gelu_records_the_plain_torch_graph(dtype, with_bias, poison):
+    """fp32/fp64 GELU and GeGLU on the torch backend, with gradients: aten's own backward nodes
+    (no Python node, ``z = x + bias`` kept rather than added again), the plain torch sequence's
+    graph; outputs and gradients bitwise the plain sequence's, N-D x included."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 8, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(8, generator=g, dtype=dtype, requires_grad=True) if with_bias else None
+    leaves = (x, b) if with_bias else (x,)
+    z = x if b is None else x + b
+
+    def unfused_geglu(z):
+        a, gate = z.chunk(2, dim=-1)
+        return F.gelu(a, approximate="tanh") * gate
+    for fn, ref, node in ((lambda: ops.gelu(x, bias=b), lambda: F.gelu(z), "GeluBackward0"),
+                          (lambda: ops.geglu(x, bias=b, approximate="tanh"), lambda: unfused_geglu(z),
+                           "MulBackward0")):
+        y, want = fn(), ref()
+        assert type(y.grad_fn).__name__ == node
+        dy = torch.randn(y.shape, generator=g, dtype=dtype)
+        assert torch.equal(y, want)
+        for a, c in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(want, leaves, dy, retain_graph=True)):
+            assert torch.equal(a, c)

@@ -178,7 +178,56 @@ class BackendSpec:
         return out
 
 
-_REGISTRY: dict[str, BackendSpec] = {}
+class _Registry(dict):
+    """The backends by name; ``version`` goes up on every change (``register_backend``, or a test
+    writing the dict directly, as ``monkeypatch.setitem`` does), so dispatch's remembered answers
+    key on one int instead of the registered specs' identities."""
+
+    version = 0
+
+    def _changed(self):
+        self.version += 1
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, *args):
+        try:
+            return super().pop(*args)
+        finally:
+            self._changed()
+
+    def popitem(self):
+        try:
+            return super().popitem()
+        finally:
+            self._changed()
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key, default=None):
+        try:
+            return super().setdefault(key, default)
+        finally:
+            self._changed()
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
+_REGISTRY: _Registry[str, BackendSpec] = _Registry()
 _workspace_allocator: Callable | None = None
 
 

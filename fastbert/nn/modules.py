@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbert.ops import check_backend, gelu, layer_norm
-from fastbert.ops.gelu import APPROXIMATE
+from fastbert.ops.gelu import check_approximate
 
 
 class OpsModule:
@@ -97,9 +97,7 @@ class GELU(OpsModule, nn.GELU):
     """
 
     def __init__(self, approximate: str = "none", *, backend: Optional[str] = None):
-        if approximate not in APPROXIMATE:
-            raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
-        super().__init__(approximate=approximate)
+        super().__init__(approximate=check_approximate(approximate))
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:

@@ -218,14 +218,23 @@ class EagerOp:
     its ``setup_context`` and ``backward`` (which take ``bwd=``, the backward op to call), the
     backward's custom op and implementation (the eager one may return None for a gradient not
     asked for), whether the forward returns a tuple whose outputs after the first carry no
-    gradient (``stats``), and the positions of the inputs that are ``(rows, last dim)`` views of
-    the caller's N-D tensors (``flat``; see :meth:`__call__`'s ``shape``)."""
+    gradient (``stats``), the positions of the inputs that are ``(rows, last dim)`` views of
+    the caller's N-D tensors (``flat``; see :meth:`__call__`'s ``shape``), and ``native``: None, or
+    a function of the (N-D) inputs that returns the forward's outputs computed by differentiable
+    aten calls of the backend (its declared ``<op>_fwd_differentiable``), or None where the backend
+    has none for the call. With gradients the eager path runs it under torch's autograd: aten's
+    own backward nodes (C++, no Python node, the plain torch sequence's graph) instead of
+    :class:`_EagerFunction` and the backward op. ``no_grad_impl``: the forward of eager calls
+    that record no gradient, where it differs from ``fwd_impl`` (the same arguments and outputs;
+    ``fwd_impl`` when None)."""
 
-    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,)):
+    def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,),
+                 native=None, no_grad_impl=None):
         self.fwd_op, self.fwd_impl = fwd_op, fwd_impl
         self.setup_context, self.backward = setup_context, backward
         self.bwd_op, self.bwd_impl = bwd_op, bwd_impl
-        self.stats, self.flat = stats, flat
+        self.stats, self.flat, self.native = stats, flat, native
+        self.no_grad_impl = fwd_impl if no_grad_impl is None else no_grad_impl
 
     def __call__(self, *inputs, diff=(), shape=None):
         """``fwd_op(*inputs)``; ``diff`` the tensor inputs that may need a gradient.
@@ -239,10 +248,14 @@ class EagerOp:
         if torch.is_grad_enabled():
             for t in diff:
                 if t is not None and t.requires_grad:
+                    if self.native is not None:
+                        outputs = self.native(*inputs)
+                        if outputs is not None:
+                            return outputs
                     return _apply(*inputs, self, shape)
         if shape is None:
-            return self.fwd_impl(*inputs)
-        return self._unflatten(self.fwd_impl(*self._flatten(inputs, shape)), shape)
+            return self.no_grad_impl(*inputs)
+        return self._unflatten(self.no_grad_impl(*self._flatten(inputs, shape)), shape)
 
     def _flatten(self, inputs, shape):
         if shape is None:
@@ -271,14 +284,14 @@ class _EagerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         op, shape = args[-2], args[-1]
-        inputs = op._flatten(args[:-2], shape)
+        inputs = args[:-2] if shape is None else op._flatten(args[:-2], shape)
         outputs = op.fwd_impl(*inputs)
         op.setup_context(ctx, inputs, outputs)
         ctx.eager_op, ctx.shape = op, shape
         if op.stats:
             ctx.mark_non_differentiable(*[t for t in outputs[1:] if t is not None])
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs
-        return op._unflatten(outputs, shape)
+        return outputs if shape is None else op._unflatten(outputs, shape)
 
     @staticmethod
     def backward(ctx, *grads):

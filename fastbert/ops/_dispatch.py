@@ -60,7 +60,7 @@ def resolve(call: CallInfo, backend: str | None = None) -> str:
     return name
 
 
-_RESOLVED: dict = {}  # (op, device, dtype, head_dim, features, backend=, env, registry) -> name
+_RESOLVED: dict = {}  # (op, device, dtype, head_dim, features, backend=, env, registry version) -> name
 _ENV_NAME = "FASTBERT_BACKEND"
 _ENV_KEY = os.environ.encodekey(_ENV_NAME) if hasattr(os.environ, "encodekey") else None
 
@@ -79,13 +79,13 @@ def _env_backend():
 def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None, features: tuple,
                  backend: str | None = None) -> str:
     """:func:`resolve` of ``CallInfo(op, device, dtype, head_dim, frozenset(features))``, the answer
-    remembered per key (with ``FASTBERT_BACKEND`` and the registered backends in the key), so a
+    remembered per key (with ``FASTBERT_BACKEND`` and the registry's version in the key), so a
     repeated call builds no ``CallInfo`` and walks no reasons. Refusals are not remembered: each
     raises with every reason, as :func:`resolve` does. Not cached while compiling (Dynamo traces
     the plain path)."""
     if torch.compiler.is_compiling():
         return resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
-    key = (op, device, dtype, head_dim, features, backend, _env_backend(), tuple(map(id, _REGISTRY.values())))
+    key = (op, device, dtype, head_dim, features, backend, _env_backend(), _REGISTRY.version)
     try:
         name = _RESOLVED.get(key)
     except TypeError:  # an unhashable backend= (a list): _resolve's error names it
@@ -125,11 +125,22 @@ def _resolve(call: CallInfo, backend: str | None) -> str:
     raise RuntimeError(f"fastbert.ops.{call.op}: no backend can run this call:\n  - " + "\n  - ".join(tried))
 
 
+_MODULES: dict = {}  # (name, op) -> compute module, valid for registry version _MODULES_AT[0]
+_MODULES_AT = [-1]
+
+
 def backend_module(name: str, op: str):
-    """The compute module of backend ``name`` for ``op`` (loaded once)."""
-    mod = get_backend(name).load(op)
-    if isinstance(mod, str):
-        raise RuntimeError(f"fastbert.ops.{op}: backend {name!r} is unavailable: {mod}")
+    """The compute module of backend ``name`` for ``op`` (loaded once; remembered per registry
+    version: forward and backward ask on every call)."""
+    if _MODULES_AT[0] != _REGISTRY.version:
+        _MODULES.clear()
+        _MODULES_AT[0] = _REGISTRY.version
+    mod = _MODULES.get((name, op))
+    if mod is None:
+        mod = get_backend(name).load(op)
+        if isinstance(mod, str):
+            raise RuntimeError(f"fastbert.ops.{op}: backend {name!r} is unavailable: {mod}")
+        _MODULES[(name, op)] = mod
     return mod
 
 

@@ -9,11 +9,7 @@ from torch import Tensor
 
 from fastbert.ops._common import EagerOp, as_dtype, new_empty, no_autocast
 from fastbert.ops._dispatch import backend_module, resolve_call
-from fastbert.ops.gelu import _BIAS, check_gelu_inputs
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
+from fastbert.ops.gelu import _BIAS, acc_dtype, check_gelu_inputs, dbias_output
 
 
 def _act_shape(x: Tensor, bias: Optional[Tensor], backend: str) -> tuple:
@@ -57,14 +53,14 @@ def _(x, bias, approximate, backend):
 def _geglu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: Tensor, need_dbias: bool,
                     approximate: str, backend: str) -> tuple[Tensor, Tensor]:
     dx, dbias = _geglu_bwd_run(dy, x, bias, act, need_dbias, approximate, backend)
-    return dx, (x.new_empty((0,), dtype=_acc(x)) if dbias is None else dbias)  # a custom op returns tensors only
+    return dx, dbias_output(dbias, x)
 
 
 def _geglu_bwd_run(dy, x, bias, act, need_dbias, approximate, backend):
     """``(dx, dbias)``, dbias None when not needed (the eager path's backward: no placeholder)."""
     shape = (dy.shape[0], 2 * dy.shape[1])  # x's (x itself is an empty placeholder when act keeps z)
     dx = new_empty(shape, x.dtype, x.device)
-    dbias = new_empty((shape[-1],), _acc(x), x.device) if need_dbias else None
+    dbias = new_empty((shape[-1],), acc_dtype(x), x.device) if need_dbias else None
     if dx.numel():
         with no_autocast(x):
             backend_module(backend, "geglu").geglu_bwd(dy.contiguous(), x, bias, dx, dbias, approximate=approximate,
@@ -80,7 +76,7 @@ _geglu_bwd = torch.library.custom_op("fastbert::geglu_bwd", mutates_args=())(_ge
 @_geglu_bwd.register_fake
 def _(dy, x, bias, act, need_dbias, approximate, backend):
     shape = (dy.shape[0], 2 * dy.shape[1])
-    return x.new_empty(shape), x.new_empty((shape[-1],) if need_dbias else (0,), dtype=_acc(x))
+    return x.new_empty(shape), dbias_output(x.new_empty((shape[-1],), dtype=acc_dtype(x)) if need_dbias else None, x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -99,9 +95,36 @@ def _backward(ctx, dy, dact, bwd=None):
     return dx, (as_dtype(dbias, bias.dtype) if need_dbias else None), None, None
 
 
+def _differentiable(x, bias, approximate, backend):
+    """``(y, None)`` from the backend's ``geglu_fwd_differentiable`` (None where it has none for the
+    call): on the torch backend, fp32/fp64, the unfused sequence's graph."""
+    fn = getattr(backend_module(backend, "geglu"), "geglu_fwd_differentiable", None)
+    y = None if fn is None else fn(x, bias, approximate=approximate)
+    return None if y is None else (y, None)
+
+
+# Up to this many elements of x, aten's graph (no Python node) wins with gradients; above it the
+# fused backward's writes into dx's two halves win (the unfused graph concatenates da and dg: one
+# more pass over dx). Measured fwd+bwd, width 2304, fp32, 1 thread (CPU time, under load):
+# aten's graph / fused node = 0.80 at 16 rows, 0.87 at 64, 1.14 at 256 and 1024.
+_NATIVE_MAX_NUMEL = 1 << 18
+
+
+def _native(x, bias, approximate, backend):
+    """EagerOp's ``native`` with gradients: :func:`_differentiable` for small x (see above)."""
+    return _differentiable(x, bias, approximate, backend) if x.numel() <= _NATIVE_MAX_NUMEL else None
+
+
+def _geglu_fwd_no_grad(x, bias, approximate, backend):
+    """The eager forward without gradients: :func:`_differentiable` where the backend has it (the
+    unfused sequence's allocations, no ``act`` buffer nobody reads), else the custom op's."""
+    out = _differentiable(x, bias, approximate, backend)
+    return _geglu_fwd_impl(x, bias, approximate, backend) if out is None else out
+
+
 _geglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_geglu_fwd, _geglu_fwd_impl, _setup_context, _backward, _geglu_bwd, _geglu_bwd_run,
-                 stats=True)
+                 stats=True, native=_native, no_grad_impl=_geglu_fwd_no_grad)
 
 
 def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",

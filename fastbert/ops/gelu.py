@@ -17,14 +17,24 @@ APPROXIMATE = ("none", "tanh")
 _BIAS = ("bias",)
 
 
+def check_approximate(approximate) -> str:
+    """Validate ``approximate`` (one of :data:`APPROXIMATE`); returns it.
+
+    Raises:
+        ValueError: naming the argument, the allowed values and the value given.
+    """
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    return approximate
+
+
 def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Optional[Tensor]]:
     """The validation GELU and GeGLU share: ``x`` a float tensor of 1 to 8 dims, ``approximate``
     one of :data:`APPROXIMATE`, ``bias`` None or a vector of x's last dim, x's dtype or fp32;
     under autocast both take the autocast dtype (GELU runs in it). Returns ``(x, bias)``, the bias
     contiguous."""
     check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
-    if approximate not in APPROXIMATE:
-        raise ValueError(f"approximate: expected one of {APPROXIMATE}, got {approximate!r}")
+    check_approximate(approximate)
     ac = autocast_dtype(x)
     if ac is not None:
         x = x.to(ac)
@@ -56,12 +66,21 @@ def _(x, bias, approximate, backend):
     return torch.empty_like(x)
 
 
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype dbias accumulates and is returned in: fp64 for fp64 x, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def dbias_output(dbias: Optional[Tensor], x: Tensor) -> Tensor:
+    """A backward custom op's dbias output (GELU's and GeGLU's): ``dbias``, or where it is None
+    (not needed) an empty tensor of :func:`acc_dtype`, since a custom op returns tensors only."""
+    return x.new_empty((0,), dtype=acc_dtype(x)) if dbias is None else dbias
+
+
 def _gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_dbias: bool, approximate: str,
-              backend: str) -> tuple[Tensor, Tensor]:
+                   backend: str) -> tuple[Tensor, Tensor]:
     dx, dbias = _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend)
-    if dbias is None:  # a custom op returns tensors only: an empty one, of the fake's dtype
-        dbias = x.new_empty((0,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return dx, dbias
+    return dx, dbias_output(dbias, x)
 
 
 def _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend):
@@ -72,8 +91,7 @@ def _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend):
         with no_autocast(x):
             return functional(dy.contiguous(), x, bias, need_dbias=need_dbias, approximate=approximate)
     dx = new_empty(x.shape, x.dtype, x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # dbias accumulator
-    dbias = new_empty((x.shape[-1],), acc, x.device) if need_dbias else None
+    dbias = new_empty((x.shape[-1],), acc_dtype(x), x.device) if need_dbias else None
     if x.numel():
         with no_autocast(x):
             mod.gelu_bwd(dy.contiguous(), x, bias, dx, dbias, approximate=approximate)
@@ -87,8 +105,7 @@ _gelu_bwd = torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())(_gelu
 
 @_gelu_bwd.register_fake
 def _(dy, x, bias, need_dbias, approximate, backend):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=acc)
+    return torch.empty_like(x), dbias_output(x.new_empty((x.shape[-1],), dtype=acc_dtype(x)) if need_dbias else None, x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -105,8 +122,15 @@ def _backward(ctx, dy, bwd=None):
     return dx, (as_dtype(dbias, bias.dtype) if need_dbias else None), None, None
 
 
+def _native(x, bias, approximate, backend):
+    """y from the backend's ``gelu_fwd_differentiable`` (None where it has none for the call):
+    on the torch backend, fp32/fp64, the plain ``F.gelu(x + bias)`` graph (see EagerOp)."""
+    fn = getattr(backend_module(backend, "gelu"), "gelu_fwd_differentiable", None)
+    return None if fn is None else fn(x, bias, approximate=approximate)
+
+
 _gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
-_eager = EagerOp(_gelu_fwd, _gelu_fwd_impl, _setup_context, _backward, _gelu_bwd, _gelu_bwd_run)
+_eager = EagerOp(_gelu_fwd, _gelu_fwd_impl, _setup_context, _backward, _gelu_bwd, _gelu_bwd_run, native=_native)
 
 
 def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
@@ -120,6 +144,8 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
     reference, Triton and CUDA keep relative precision in the negative tail (erfc / sigmoid forms);
     the torch backend's fp32 path is aten's ``F.gelu``, whose error is absolute, below
     ``2^-21 * max(1, |z|)`` (``gelu(-6)`` is -0 there; see ``fastbert.backends.torch.gelu_fwd``).
+    With gradients, an eager fp32/fp64 call on the torch backend records the plain
+    ``F.gelu(x + bias)`` graph (aten's backward; ``x + bias`` kept for it, as there).
 
     Args:
         x: ``(..., hidden)``; fp16, bf16, fp32 or fp64; any strides. Empty in, empty out.

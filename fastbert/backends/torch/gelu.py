@@ -18,6 +18,16 @@ def aten_erf_gelu_nan_at_posinf() -> bool:
     return bool(torch._C._nn.gelu(torch.full((64,), float("inf"))).isnan().any())
 
 
+def _as_x_dtype(bias, x):
+    """bias in x's dtype (an fp32 bias with fp64 x), without the ``.to`` call when it is already."""
+    return bias if bias.dtype == x.dtype else bias.to(x.dtype)
+
+
+def _plus_bias(x, bias):
+    """``z = x + bias`` (x itself for no bias): one contiguous add."""
+    return x if bias is None else torch.add(x, _as_x_dtype(bias, x))
+
+
 def gelu_fwd(x, bias, y, *, approximate):
     """Backend entry point: ``y = gelu(x + bias)``.
 
@@ -61,7 +71,19 @@ def gelu_fwd_functional(x, bias, *, approximate):
         return y
     if bias is None:
         return torch._C._nn.gelu(x, approximate=approximate)
-    return torch._C._nn.gelu_(torch.add(x, bias.to(x.dtype)), approximate=approximate)
+    return torch._C._nn.gelu_(_plus_bias(x, bias), approximate=approximate)
+
+
+def gelu_fwd_differentiable(x, bias, *, approximate):
+    """:func:`gelu_fwd_functional`'s y through differentiable aten calls (the plain
+    ``F.gelu(x + bias)``), or None for fp16/bf16 (the reference's fp32 math, which has no aten
+    backward of that form). ``fastbert.ops``' eager path with gradients runs it under torch's
+    autograd: aten's C++ nodes then do :func:`gelu_bwd_functional`'s math (``gelu_backward``; dbias
+    the sum over rows in x's dtype, fp32/fp64) with no Python autograd node, keeping ``z = x + bias``
+    (not x) for backward, as the plain sequence does, instead of adding the bias again there."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return None
+    return torch._C._nn.gelu(_plus_bias(x, bias), approximate=approximate)
 
 
 def gelu_bwd_functional(dy, x, bias, *, need_dbias, approximate):
@@ -71,7 +93,7 @@ def gelu_bwd_functional(dy, x, bias, *, need_dbias, approximate):
         dbias = torch.empty(x.shape[-1], dtype=torch.float32, device=x.device) if need_dbias else None
         composite.gelu_bwd(dy, x, bias, dx, dbias, approximate=approximate)
         return dx, dbias
-    z = x if bias is None else torch.add(x, bias.to(x.dtype))
+    z = _plus_bias(x, bias)
     dx = torch.ops.aten.gelu_backward.default(dy, z, approximate=approximate)
     return dx, (dx.sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) if need_dbias else None)
 
@@ -103,9 +125,9 @@ def geglu_fwd(x, bias, y, *, approximate, act=None):
     n = y.shape[-1]
     if act is not None and act.dim() == 1:  # act = [gelu(a) | z] (ops' flat layout with a bias)
         act, z = _split_act(act, x.shape[0], n)
-        torch.add(x, bias.to(x.dtype), out=z)
+        torch.add(x, _as_x_dtype(bias, x), out=z)
     else:
-        z = x if bias is None else torch.add(x, bias.to(x.dtype))  # one contiguous add, not two strided ones
+        z = _plus_bias(x, bias)  # one contiguous add, not two strided ones
     a, g = z[:, :n], z[:, n:]
     if act is None:
         torch._C._nn.gelu(a, approximate=approximate, out=y)
@@ -113,6 +135,17 @@ def geglu_fwd(x, bias, y, *, approximate, act=None):
     else:
         torch._C._nn.gelu(a, approximate=approximate, out=act)
         torch.mul(act, g, out=y)
+
+
+def geglu_fwd_differentiable(x, bias, *, approximate):
+    """y of :func:`geglu_fwd` through differentiable aten calls (the unfused
+    ``a, g = (x + bias).chunk(2, -1); F.gelu(a) * g``) for fastbert.ops' eager path with gradients
+    (as :func:`gelu_fwd_differentiable`: aten's backward nodes, which keep ``gelu(a)`` and ``z``), or
+    None for fp16/bf16. x: ``(..., 2n)``."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return None
+    a, g = _plus_bias(x, bias).chunk(2, dim=-1)
+    return torch._C._nn.gelu(a, approximate=approximate) * g
 
 
 def geglu_bwd(dy, x, bias, dx, dbias, *, approximate, act=None):
@@ -124,7 +157,7 @@ def geglu_bwd(dy, x, bias, dx, dbias, *, approximate, act=None):
     if act is not None and act.dim() == 1:  # the forward's z: no second bias add (x is a placeholder)
         act, z = _split_act(act, dy.shape[0], n)
     else:
-        z = x if bias is None else torch.add(x, bias.to(x.dtype))
+        z = _plus_bias(x, bias)
     a, g = z[:, :n], z[:, n:]
     da, dg = dx[:, :n], dx[:, n:]
     torch.mul(dy, g, out=da)
