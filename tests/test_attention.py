@@ -311,6 +311,11 @@ def test_additive_or_non_binary_mask_is_an_error():
         attention(q, q, q, attention_mask=(1 - mask.float()) * -10000.0)
     with pytest.raises(ValueError, match="attention_mask: expected 0/1"):
         attention(q, q, q, attention_mask=mask * 2)
+    # a fractional entry is named with its value and index, not hidden inside the [min, max] range
+    frac = mask.float()
+    frac[1, 2] = 0.5
+    with pytest.raises(ValueError, match=r"got 0\.5 at \[1, 2\] \(1 of 8 entries not 0/1"):
+        attention(q, q, q, attention_mask=frac)
     # 0/1 floats are a padding mask like any other
     torch.testing.assert_close(attention(q, q, q, attention_mask=mask.float()),
                                attention(q, q, q, attention_mask=mask.bool()))

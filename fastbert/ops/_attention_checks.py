@@ -122,8 +122,11 @@ def padding_mask(attention_mask: Tensor, batch: int, seqlen: int, device=None, *
     if value_checks_enabled(attention_mask) and attention_mask.numel():
         bad = (attention_mask != 0) & (attention_mask != 1)
         if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()  # the first offending entry, named exactly
+            value = attention_mask[tuple(where)].item()
             raise ValueError(
-                             "attention_mask: expected 0/1 or bool values (1 = attend, 0 = padding), got values "
-                             f"in [{attention_mask.min().item()}, {attention_mask.max().item()}]; an additive "
-                             "mask (0 / -10000 / -inf) belongs in attn_bias")
+                "attention_mask: expected 0/1 or bool values (1 = attend, 0 = padding), got "
+                f"{value} at {where} ({int(bad.sum())} of {bad.numel()} entries not 0/1; values in "
+                f"[{attention_mask.min().item()}, {attention_mask.max().item()}]); an additive "
+                "mask (0 / -10000 / -inf) belongs in attn_bias")
     return attention_mask != 0
