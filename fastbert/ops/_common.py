@@ -183,6 +183,17 @@ def no_autocast(device):
     return _NO_CONTEXT
 
 
+def no_double_backward(bwd_op, op: str) -> None:
+    """Give backward custom op ``bwd_op`` of ``fastbert.ops.<op>`` an autograd formula that raises
+    a clear error: a gradient taken with ``create_graph=True`` then exists (as for any op), and
+    only differentiating it again fails, naming the op, instead of torch's generic "no autograd
+    formula was registered" for an internal op name."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastbert.ops.{op}: double backward (differentiating a gradient taken with "
+                           "create_graph=True) is not supported; the first gradient is exact")
+    bwd_op.register_autograd(backward)
+
+
 # ----------------------------------------------------------------------------------------------
 # The eager fast path of a custom op
 # ----------------------------------------------------------------------------------------------

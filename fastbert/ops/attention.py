@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from fastbert.backends import get_backend
-from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype,
-                                  check_dropout_p, check_tensor, deterministic, draw_seed, new_empty,
-                                  no_autocast, value_checks_enabled)
+from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype, check_dropout_p,
+                                  check_tensor, deterministic, draw_seed, new_empty, no_autocast,
+                                  no_double_backward, value_checks_enabled)
 from fastbert.ops._attention_checks import (_check_cu_seqlens_values, _check_max_seqlen, check_window,
                                            layout_error, padding_mask)
 from fastbert.ops._dispatch import backend_module, resolve_call
@@ -181,6 +181,7 @@ def _attention_bwd_run(dout, q, k, v, out, lse, attention_mask, attn_bias, cu_se
 
 
 _attention_bwd = torch.library.custom_op("fastbert::attention_bwd", mutates_args=())(_attention_bwd_impl)
+no_double_backward(_attention_bwd, "attention")
 
 
 @_attention_bwd.register_fake

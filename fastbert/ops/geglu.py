@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import EagerOp, as_dtype, new_empty, no_autocast
+from fastbert.ops._common import EagerOp, as_dtype, new_empty, no_autocast, no_double_backward
 from fastbert.ops._dispatch import backend_module, resolve_call
 from fastbert.ops.gelu import _BIAS, acc_dtype, check_gelu_inputs, dbias_output
 
@@ -71,6 +71,7 @@ def _geglu_bwd_run(dy, x, bias, act, need_dbias, approximate, backend):
 
 
 _geglu_bwd = torch.library.custom_op("fastbert::geglu_bwd", mutates_args=())(_geglu_bwd_impl)
+no_double_backward(_geglu_bwd, "geglu")
 
 
 @_geglu_bwd.register_fake

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, as_dtype, autocast_dtype, check_tensor, check_vector,
-                                  new_empty, no_autocast)
+from fastbert.ops._common import (EagerOp, as_dtype, autocast_dtype, check_tensor, check_vector, new_empty,
+                                  no_autocast, no_double_backward)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -101,6 +101,7 @@ def _gelu_bwd_run(dy, x, bias, need_dbias, approximate, backend):
 
 
 _gelu_bwd = torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())(_gelu_bwd_impl)
+no_double_backward(_gelu_bwd, "gelu")
 
 
 @_gelu_bwd.register_fake

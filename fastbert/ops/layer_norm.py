@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, check_dropout_p,
-                                  check_tensor, check_vector, draw_seed, eager_direct, new_empty,
-                                  no_autocast)
+from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, check_dropout_p, check_tensor,
+                                  check_vector, draw_seed, eager_direct, new_empty, no_autocast,
+                                  no_double_backward)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -109,6 +109,7 @@ def _layer_norm_bwd_run(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight
 
 
 _layer_norm_bwd = torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())(_layer_norm_bwd_impl)
+no_double_backward(_layer_norm_bwd, "layer_norm")
 
 
 @_layer_norm_bwd.register_fake

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from fastbert.backends import CallInfo
-from fastbert.ops._common import check, check_tensor, new_empty, no_autocast, value_checks_enabled
+from fastbert.ops._common import (check, check_tensor, new_empty, no_autocast, no_double_backward,
+                                  value_checks_enabled)
 from fastbert.ops._dispatch import backend_module, resolve
 from fastbert.ops._attention_checks import _check_cu_seqlens_values
 
@@ -42,6 +43,9 @@ def _rotary_bwd(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor, positi
             backend_module(backend, "rotary").rotary_bwd(dq_out.contiguous(), dk_out.contiguous(), cos, sin, dq, dk,
                                                  positions=positions, interleaved=interleaved)
     return dq, dk
+
+
+no_double_backward(_rotary_bwd, "rotary")
 
 
 @_rotary_bwd.register_fake
