@@ -3,6 +3,7 @@ against the reference, empty rows, masks, dropout, varlen, validation errors, cu
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -489,3 +490,22 @@ def test_unclear_errors_name_the_argument(backend):
         attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=2**31, backend=backend)
     with pytest.raises(TypeError, match="max_seqlen: expected an int, got float"):
         attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=4.0, backend=backend)
+
+
+def test_unmasked_backward_survives_a_saved_tensor_hook_that_copies():
+    """Offloading / compressing hooks hand the backward copies of what the forward saved: nothing
+    the backward needs may ride on a saved tensor's Python attributes."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dy = (torch.randn(2, 9, 3, 8, generator=g) for _ in range(4))
+    want = None
+    for hook in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ctx = (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if hook
+               else contextlib.nullcontext())
+        with ctx:
+            out = attention(*leaves, backend="torch")
+        got = [out] + list(torch.autograd.grad(out, leaves, dy))
+        if want is None:
+            want = got
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

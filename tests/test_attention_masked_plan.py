@@ -37,14 +37,17 @@ def _inputs(batch, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("garbage", [None, "nan", "inf", "huge"])
+@pytest.mark.parametrize("garbage", [None, "nan", "inf", "huge", "overflow"])
 @pytest.mark.parametrize("mask_name", list(MASKS))
 def test_masked_plan_matches_reference(mask_name, garbage, dtype, poison):
     mask = MASKS[mask_name]()
     q, k, v, dy = _inputs(mask.shape[0], seed=len(mask_name))
     if garbage is not None:  # masked K/V rows: NaN / inf take the exact path, finite garbage the in-place one
-        bad = {"nan": float("nan"), "inf": float("inf"), "huge": 1e4}[garbage]
+        # ... except finite K so large its scores overflow to inf (uninitialised padding): exact path too
+        bad = {"nan": float("nan"), "inf": float("inf"), "huge": 1e4, "overflow": 1e38}[garbage]
         k, v = (torch.where(mask[:, :, None, None], t, bad) for t in (k, v))
+        if garbage == "overflow":  # in K alone (V's sum would overflow and give up by itself)
+            v = torch.where(mask[:, :, None, None], v, 1.0)
 
     def run(backend, cast):
         leaves = [t.to(cast).requires_grad_() for t in (q, k, v)]

@@ -5,9 +5,9 @@ length 15-40% slower (fp32, 12 x 64 heads, 128 queries: 127 keys cost 1.4x 128 k
 sequence runs on the keys up to its last valid one, rounded up to :data:`KEY_BLOCK`, and the
 masked keys inside that span are excluded by an additive ``-inf`` mask (aten's mask costs about
 nothing). That is exact only where those keys' K and V rows are finite (``x - inf = -inf``,
-``exp(-inf) = 0``, ``0 * v = 0``), so the plan reads them first (one sum per sequence over its
-masked rows inside the span, in place, on the calling thread; free to ask on the CPU) and gives up
-where one is not; the caller then runs each sequence on its exact valid keys. Consecutive
+``exp(-inf) = 0``, ``0 * v = 0``), so the plan reads them first (per sequence, its masked rows inside the span, in place
+under right padding, else gathered; free to ask on the CPU: V finite, K within a bound that keeps
+scores finite) and gives up where one is not; the caller then runs each sequence on its exact valid keys. Consecutive
 sequences with the same span run as one call, and neighbouring groups merge when the padded keys
 cost less than another call; empty sequences (every key masked) run nothing and return zeros.
 :func:`forward` and :func:`backward` run a plan and lay its results out for both callers: the
@@ -24,8 +24,8 @@ import torch
 
 from fastbert.backends import workspace
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # the overload: one Python hop less
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 KEY_BLOCK = 16  # key lengths aten's CPU flash kernel runs at full speed are multiples of this
 # Cost model, in units of one sequence meeting one key (fp32, 128 queries, 12 x 64 heads, measured
@@ -107,21 +107,34 @@ def plan(attention_mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opti
     return Plan(out, [b for b, e in enumerate(ends) if e == 0])
 
 
+# The largest |K| entry a masked key inside a span may hold: its score q . k * scale then stays
+# finite (-inf after the mask, so exp gives 0) for every |q| entry below ~1e19 (head_dim 256;
+# queries that large overflow on the valid keys too). Uninitialised padding can hold finite 1e30s,
+# whose scores would overflow to inf and turn inf - inf into NaN: those plans give up.
+MASKED_K_BOUND = 2.0 ** 60
+
+
 def _masked_finite(attention_mask, k, v, ends, counts, span_of) -> bool:
-    """Whether the masked K and V rows inside the spans are finite: a finite sum <=> every entry
-    finite (NaN and +-inf propagate; an overflow only gives up). Under right padding (``ends ==
-    counts``: each sequence's valid keys a prefix) those rows are ``[end, span)``, summed in place
-    (one sum per sequence and tensor); else they are gathered. (torch's intra-op thread count is
-    left alone: it is process-wide state a library must not flip, even for a moment.)"""
+    """Whether the masked K and V rows inside the spans cannot leak: every V entry finite (a finite
+    sum <=> every entry finite; NaN and +-inf propagate, an overflow only gives up) and every K
+    entry within :data:`MASKED_K_BOUND` (its min and max; NaN fails the comparison). Under right
+    padding (``ends == counts``: each sequence's valid keys a prefix) those rows are ``[end,
+    span)``, read in place (one reduction per sequence and tensor); else they are gathered."""
     if ends == counts:
-        parts = [t[b, e:s].sum(dtype=torch.float32) for b, (e, s) in enumerate(zip(ends, span_of)) if e < s
-                 for t in (k, v)]
+        rows = [(k[b, e:s], v[b, e:s]) for b, (e, s) in enumerate(zip(ends, span_of)) if e < s]
     else:
         top = max(span_of)
         inside = ~attention_mask[:, :top] & (torch.arange(top) < torch.tensor(span_of)[:, None])
         bi, ji = inside.nonzero(as_tuple=True)
-        parts = [t[bi, ji].sum(dtype=torch.float32) for t in (k, v)]
-    return not parts or math.isfinite(float(torch.stack(parts).sum()))
+        rows = [(k[bi, ji], v[bi, ji])] if bi.numel() else []
+    if not rows:
+        return True
+    k_ends = [x for kr, _ in rows for x in torch.aminmax(kr)]
+    v_sums = [vr.sum(dtype=torch.float32) for _, vr in rows]
+    k_abs = torch.stack(k_ends).float().abs().max()
+    v_sum = torch.stack(v_sums).sum()
+    k_abs, v_sum = torch.stack((k_abs, v_sum)).tolist()  # one read
+    return k_abs <= MASKED_K_BOUND and math.isfinite(v_sum)
 
 
 def forward(qh, kh, vh, p: Plan, softmax_scale, out=None, lse=None):

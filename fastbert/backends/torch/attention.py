@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fastbert.backends import _composite as composite
 from fastbert.backends._composite import attention_math, pad_varlen
 from fastbert.backends.torch import _masked
+from fastbert.backends.torch._masked import _flash_cpu, _flash_cpu_bwd
 from fastbert.backends.torch._varlen_dropout import varlen_dropout_bwd, varlen_dropout_fwd
 from fastbert.backends.torch._window import (_window_attention_bwd, _window_attention_fwd, _window_bounds,
                                              _window_covers_all)
@@ -59,8 +60,6 @@ def writes_lse_for(*, device_type, dtype, varlen, dropout_p, has_bias, window=Fa
 _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # where aten's CPU flash logsumexp is kept
 
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # the overload: one Python hop less
-_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def _valid_keys(attention_mask):
@@ -246,22 +245,16 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     finite). aten's CPU flash attention already lays its output out as ``[B, L, H, d]``, so where
     one call covers the batch ``out`` is a view of it (no copy). ``lse``, which only
     :func:`attention_bwd_functional` reads, is flash's logsumexp: without a mask its own ``[B, H, L]``
-    tensor carrying the call's heads-first views of q, k, v and out (so the backward transposes
-    none of them again); with a mask one plane ``[1, B, H, L]`` carrying the plan (the second
+    tensor (nothing rides on it: a saved-tensor hook that copies it loses nothing); with a mask one plane ``[1, B, H, L]`` carrying the plan (the second
     plane, log l, is 0: flash's logsumexp is exact; empty rows +inf). Called on the eager path
     only (the custom op keeps fixed output shapes)."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
             or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
         return None  # (the calls writes_lse_for refuses)
     if attention_mask is None:  # one call over every sequence and key: no plan, no slices
-        heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, d] views
-        o, lse = _flash_cpu(*heads, 0.0, False, scale=softmax_scale)
-        out = o.transpose(1, 2)
-        if not out.is_contiguous():
-            out = out.contiguous()
-            o = out.transpose(1, 2)
-        lse._fastbert_heads = heads + (o,)  # the backward's views: it transposes none of them again
-        return out, lse
+        o, lse = _flash_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+                            scale=softmax_scale)
+        return o.transpose(1, 2), lse  # aten lays o out as [B, L, H, d]: the transpose is contiguous
     p = _masked.plan(attention_mask, k, v)
     if p is None:
         return None
@@ -304,14 +297,14 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
     """Backward of :func:`attention_fwd_functional`: ``(dq, dk, dv)`` from aten's CPU flash backward
     on the same plan, fresh tensors in ``[B, L, H, d]`` (views of aten's gradients where one call
     covers every sequence and key; masked keys get exact zeros, see ``_masked.Plan``), or None for any call the
-    functional forward did not take (its ``lse``, with the views it carries or one plane, marks them).
-    ``lse`` must be the forward's of this call (its views are read in place of q, k, v and out)."""
+    functional forward did not take (its ``lse``, ``[B, H, L]`` or one plane, marks them).
+    ``lse`` must be the forward's of this call."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0 or window is not None
             or need_dbias):
         return None
-    heads = getattr(lse, "_fastbert_heads", None)
-    if heads is not None and attention_mask is None:  # the forward's one unmasked call
-        grads = _flash_cpu_bwd(dout.transpose(1, 2), *heads, lse, 0.0, False, scale=softmax_scale)
+    if attention_mask is None and lse.dim() == 3:  # the forward's one unmasked call (its [B, H, L] lse)
+        heads = (t.transpose(1, 2) for t in (dout, q, k, v, out))
+        grads = _flash_cpu_bwd(*heads, lse, 0.0, False, scale=softmax_scale)
         grads = [g.transpose(1, 2) for g in grads]
         return tuple(g if g.is_contiguous() else g.contiguous() for g in grads)
     if lse.dim() != 4 or lse.shape[0] != 1 or attention_mask is None:
