@@ -62,7 +62,6 @@ interfaces), ``encoder`` (the shared unpadded route and the mask check), ``bert`
 
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 from torch import nn
@@ -73,13 +72,12 @@ from fastbert.integrations._hf.attention import (ATTN_IMPLEMENTATION, _hf, atten
                                                  fastbert_attention_forward, fastbert_mask, packed_sequences,
                                                  register)
 from fastbert.integrations._hf.bert import HIDDEN_ACT_TO_APPROXIMATE
-from fastbert.integrations._hf.encoder import check_mask_hook
+from fastbert.integrations._hf.encoder import PatchedForward, check_mask_hook
 from fastbert.ops import check_backend
 
 # Instance attributes patch() sets (unpatch() deletes them where present).
 _PATCH_ATTRS = ("forward", "_fastbert_backend", "_fastbert_approximate", "_fastbert_encoder", "backend",
                 "approximate", "act_fn")
-_FORWARDS = _bert.FORWARDS + _modernbert.FORWARDS
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -155,17 +153,13 @@ def unpatch(model: nn.Module) -> nn.Module:
         if not any(a in m.__dict__ for a in ("_fastbert_backend", "_fastbert_encoder")):
             continue
         for attr in _PATCH_ATTRS:
-            if attr in m.__dict__ and (attr != "forward" or _is_fastbert_forward(m.__dict__[attr])):
+            if attr in m.__dict__ and (attr != "forward" or isinstance(m.__dict__[attr], PatchedForward)):
                 delattr(m, attr)
     if model.config._attn_implementation != state["attn_implementation"]:
         model.set_attn_implementation(state["attn_implementation"])
     state["hook"].remove()
     del model._fastbert_patch_state
     return model
-
-
-def _is_fastbert_forward(f) -> bool:
-    return isinstance(f, types.MethodType) and f.__func__ in _FORWARDS
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "HIDDEN_ACT_TO_APPROXIMATE", "attention_probs_forward",
