@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastbert.env import default_device, emulated_reason
+from fastbert.env import NO_GPU, default_device, emulated_reason
 
 PARITY_ATOL = 1e-4  # max abs difference to transformers.BertModel, fp32, real tokens (issue #2)
 
@@ -189,7 +189,8 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
 
     Raises:
         DemoError: a bad ``model`` directory or one fastbert cannot load, missing demo
-            dependencies, an unknown backend, or a forced backend that cannot run the model here.
+            dependencies, an unknown backend, ``device="cuda"`` where torch sees no GPU, or a
+            forced backend that cannot run the model here.
     """
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -211,6 +212,10 @@ def run_demo(model: str | os.PathLike | None = None, *, backend: str | None = No
     if backend is not None and backend != "auto" and backend not in all_backends():
         raise DemoError(f"--backend: expected one of {['auto', *all_backends()]}, got {backend!r}")
     device = device or default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+               else f"{NO_GPU} (torch {torch.__version__}, CUDA {torch.version.cuda})")
+        raise DemoError(f"--device: {device!r} requested, but {why}; use --device cpu")
 
     with _quiet(transformers):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -392,6 +392,21 @@ def test_demo_unknown_backend_is_a_clear_error(capsys):
 
 
 @needs_demo
+@pytest.mark.parametrize("build", ["cpu-only torch", "cuda torch, no GPU"])
+def test_demo_cuda_without_a_gpu_is_a_one_line_error(capsys, monkeypatch, build):
+    """``--device cuda`` where torch sees no GPU: exit 2 with one line saying why (it was torch's
+    'Torch not compiled with CUDA enabled' traceback from moving the model)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.setattr(torch.version, "cuda", None if build == "cpu-only torch" else "12.4")
+    assert main(["demo", "--device", "cuda", "--repeats", "0"]) == 2
+    err = capsys.readouterr().err
+    why = "is built without CUDA" if build == "cpu-only torch" else f"{NO_GPU} (torch "
+    assert err.startswith("fastbert demo: --device: 'cuda' requested, but ") and why in err, err
+    assert err.endswith("; use --device cpu\n") and err.count("\n") == 1, err
+
+
+@needs_demo
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["triton", "cuda-host"])
 def test_demo_emulated_backend(backend):

@@ -152,6 +152,67 @@ def test_precomputed_unpad_metadata_and_left_padding():
         model(batch["input_ids"], cu_seqlens=cu_seqlens)
 
 
+def _bad_metadata(case: str, mask: torch.Tensor):
+    """(indices, cu_seqlens, max_seqlen, attention_mask passed) that contradict ``mask`` (row lengths 11, 1, 6)."""
+    indices, cu, max_seqlen = unpad_metadata(mask)
+    if case == "stale":  # another batch's metadata: every token real
+        return (*unpad_metadata(torch.ones_like(mask)), mask)
+    if case == "rows swapped":  # the same total, other per-row lengths (1, 11, 6)
+        return (*unpad_metadata(mask[[1, 0, 2]]), mask)
+    if case == "right vs left padding":  # the same row lengths, positions of the other padding side
+        return (*unpad_metadata(mask.flip(-1)), mask)
+    if case == "cu_seqlens shape":
+        return indices, cu[:-1], max_seqlen, mask
+    if case == "cu_seqlens end":
+        return indices[:-1], cu, max_seqlen, None
+    if case == "rows without mask":  # indices of lengths (11, 1, 6), cu_seqlens of (1, 11, 6)
+        return indices, unpad_metadata(mask[[1, 0, 2]])[1], max_seqlen, None
+    assert case == "float indices"
+    return indices.float(), cu, max_seqlen, mask
+
+
+@pytest.mark.parametrize("case,match", [
+    ("stale", r"indices: expected attention_mask.sum\(\) = 18 real tokens, got 33"),
+    ("rows swapped", r"cu_seqlens: sequence 0 expected 11 tokens \(attention_mask\[0\].sum\(\)\), got 1"),
+    ("right vs left padding", r"indices: expected the real tokens of attention_mask, got position 11 = \(row 1, column 0\)"),
+    ("cu_seqlens shape", r"cu_seqlens: expected shape \(batch \+ 1,\) = \(4,\), got \(3,\)"),
+    ("cu_seqlens end", r"cu_seqlens: expected non-decreasing values from 0 to indices.numel\(\) = 17, got \[0, 11, 12, 18\]"),
+    ("rows without mask", r"indices: expected strictly increasing flat positions b \* seqlen \+ s \(seqlen = 11\)"),
+    ("float indices", r"indices: expected a 1-D integer tensor"),
+])
+def test_precomputed_metadata_that_contradicts_the_batch_is_a_named_error(case, match):
+    """Metadata that does not describe the batch (real tokens would attend to padding, silently) is
+    a ValueError naming the argument, expected and actual (CPU: values are read); metadata that
+    agrees with the mask gives the mask's own result."""
+    torch.manual_seed(1)
+    model = BertModel(small_config()).eval()
+    batch = random_batch()
+    mask = batch["attention_mask"].flip(-1)  # left padding: row 1's real token is column 10
+    indices, cu_seqlens, max_seqlen, passed_mask = _bad_metadata(case, mask)
+    with pytest.raises(ValueError, match=match):
+        model(batch["input_ids"], attention_mask=passed_mask, indices=indices, cu_seqlens=cu_seqlens,
+              max_seqlen=max_seqlen)
+    with torch.no_grad():
+        ref = model(batch["input_ids"], attention_mask=mask).last_hidden_state
+        ok = model(batch["input_ids"], attention_mask=mask, **dict(zip(("indices", "cu_seqlens", "max_seqlen"),
+                                                                       unpad_metadata(mask)))).last_hidden_state
+    assert torch.equal(ok, ref)
+
+
+@needs_transformers
+def test_modernbert_checks_precomputed_metadata_too():
+    import fastbert.models as fm
+    from _tiny_modernbert import tiny_config
+
+    model = fm.ModernBertModel(tiny_config()).eval()
+    ids = torch.randint(5, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    stale = unpad_metadata(torch.ones_like(mask))
+    with pytest.raises(ValueError, match=r"indices: expected attention_mask.sum\(\) = 22 real tokens, got 27"):
+        model(ids, attention_mask=mask, indices=stale[0], cu_seqlens=stale[1], max_seqlen=stale[2])
+
+
 def test_gradients_flow_unpadded_matches_padded():
     torch.manual_seed(2)
     model = BertModel(small_config()).train()  # dropout probabilities are 0 in small_config

@@ -213,3 +213,30 @@ def test_rotary_flag_type_error_names_the_type():
     cos, sin = torch.randn(4, 4), torch.randn(4, 4)
     with pytest.raises(TypeError, match=r"interleaved: expected a bool \(Python True or False\), got .* of type numpy\.bool"):
         rotary(q, q.clone(), cos, sin, interleaved=np.bool_(True))
+
+
+def test_output_attentions_on_the_config_after_patch_is_transformers_error(tmp_path):
+    """transformers allows ``config.output_attentions = True`` only with ``attn_implementation="eager"``
+    (by name, in its setter and in the validator ``save_pretrained`` runs; a registered
+    implementation cannot declare support), and patch() switches BERT to ``"fastbert"``. What the
+    README says: the call keyword works; the config flag set before patch() is honoured, but must be
+    set back to False before ``save_pretrained``; setting it after patch() raises transformers'
+    ValueError (this test pins it, so the README changes when transformers does)."""
+    ids, mask = ids_and_mask()
+    model = patch(transformers.BertModel(bert_config(attn_implementation="eager")).eval())
+    with pytest.raises(ValueError, match="output_attentions.*not supported.*set to fastbert"):
+        model.config.output_attentions = True
+    model.config.output_attentions = False  # False is always accepted
+    with torch.no_grad():
+        assert len(model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions) == 2
+    unpatch(model)
+    model.config.output_attentions = True  # eager again: transformers accepts it
+
+    before = patch(transformers.BertModel(bert_config(attn_implementation="eager", output_attentions=True)).eval())
+    with torch.no_grad():
+        assert len(before(input_ids=ids, attention_mask=mask).attentions) == 2
+    with pytest.raises(Exception, match="output_attentions.*not supported.*set to fastbert"):
+        before.save_pretrained(tmp_path / "flag")
+    before.config.output_attentions = False
+    before.save_pretrained(tmp_path / "saved")
+    transformers.BertModel.from_pretrained(tmp_path / "saved")  # plain transformers loads it

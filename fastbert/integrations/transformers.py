@@ -31,7 +31,9 @@ What runs where
   (:mod:`fastbert.nn.bert`), and the result is scattered back once, with zeros at padding
   positions (transformers computes padded rows; compare real tokens). A batch without padding
   runs as is. Hidden states and attentions (``output_*`` in the call or in the config) go to
-  transformers' output collector, as its hooks would. Decoders (causal masks, cross-attention,
+  transformers' output collector, as its hooks would. (transformers accepts
+  ``config.output_attentions = True`` only with ``attn_implementation="eager"``: after patch() set
+  it in the call; a config flag set before patch() works but must be False for ``save_pretrained``.) Decoders (causal masks, cross-attention,
   a cache) keep transformers' layer loop, over add & norm (``*SelfOutput``, ``*Output``) and
   intermediate blocks whose forwards are rerouted to the same fused ops. Module names,
   parameters and state_dict keys do not change.
@@ -62,7 +64,6 @@ interfaces), ``encoder`` (the shared unpadded route and the mask check), ``bert`
 
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 from torch import nn
@@ -73,13 +74,12 @@ from fastbert.integrations._hf.attention import (ATTN_IMPLEMENTATION, _hf, atten
                                                  fastbert_attention_forward, fastbert_mask, packed_sequences,
                                                  register)
 from fastbert.integrations._hf.bert import HIDDEN_ACT_TO_APPROXIMATE
-from fastbert.integrations._hf.encoder import check_mask_hook
+from fastbert.integrations._hf.encoder import PatchedForward, check_mask_hook
 from fastbert.ops import check_backend
 
 # Instance attributes patch() sets (unpatch() deletes them where present).
 _PATCH_ATTRS = ("forward", "_fastbert_backend", "_fastbert_approximate", "_fastbert_encoder", "backend",
                 "approximate", "act_fn")
-_FORWARDS = _bert.FORWARDS + _modernbert.FORWARDS
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -104,10 +104,11 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     dropout_p=...)``; the intermediate block runs ``gelu(dense_nobias(h), bias=dense.bias)`` when
     ``config.hidden_act`` maps to fastbert's GELU (``gelu``, ``gelu_python`` -> erf; ``gelu_new``,
     ``gelu_pytorch_tanh``, ``gelu_fast``, ``gelu_accurate`` -> tanh) and keeps Hugging Face's
-    activation otherwise. Submodule names, parameters, state_dict keys, ``output_attentions``,
-    gradient checkpointing and ``save_pretrained`` keep working (transformers does not write the
-    attention implementation into ``config.json``, so the checkpoint loads in plain
-    transformers). Patching a patched model is a no-op. The attention implementation is set
+    activation otherwise. Submodule names, parameters, state_dict keys, ``output_attentions``
+    (in the call; on the config within transformers' limits, see the module docstring),
+    gradient checkpointing, ``save_pretrained`` (transformers does not write the attention
+    implementation into ``config.json``, so the checkpoint loads in plain transformers) and
+    pickling (``torch.save`` / ``torch.load``, also in a fresh process) keep working. Patching a patched model is a no-op. The attention implementation is set
     through transformers' ``set_attn_implementation``, i.e. on ``model.config``: another model
     built from the same config object (``BertModel(config)`` twice) runs fastbert's attention too
     (its other blocks stay Hugging Face's); give each model its own config to keep one plain.
@@ -155,17 +156,13 @@ def unpatch(model: nn.Module) -> nn.Module:
         if not any(a in m.__dict__ for a in ("_fastbert_backend", "_fastbert_encoder")):
             continue
         for attr in _PATCH_ATTRS:
-            if attr in m.__dict__ and (attr != "forward" or _is_fastbert_forward(m.__dict__[attr])):
+            if attr in m.__dict__ and (attr != "forward" or isinstance(m.__dict__[attr], PatchedForward)):
                 delattr(m, attr)
     if model.config._attn_implementation != state["attn_implementation"]:
         model.set_attn_implementation(state["attn_implementation"])
     state["hook"].remove()
     del model._fastbert_patch_state
     return model
-
-
-def _is_fastbert_forward(f) -> bool:
-    return isinstance(f, types.MethodType) and f.__func__ in _FORWARDS
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "HIDDEN_ACT_TO_APPROXIMATE", "attention_probs_forward",

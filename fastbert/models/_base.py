@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from fastbert.models._names import class_for
 from fastbert.nn import Embeddings, set_backend
-from fastbert.ops import check_backend
+from fastbert.ops import check_backend, padding_mask, value_checks_enabled
 
 logger = logging.get_logger(__name__)
 
@@ -42,6 +42,69 @@ def check_input_ids(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]
             raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
     elif inputs_embeds.dim() != ndim + 1:
         raise ValueError(f"inputs_embeds: expected {ndim + 1} dims, got shape {tuple(inputs_embeds.shape)}")
+
+
+
+def check_packing_metadata(attention_mask: Optional[Tensor], indices: Optional[Tensor],
+                           cu_seqlens: Optional[Tensor], batch: int, seqlen: int) -> None:
+    """Precomputed packing metadata must describe this batch (``unpad_metadata(attention_mask)``).
+
+    Always: ``indices`` ``(total_tokens,)`` integer, ``cu_seqlens`` ``(batch + 1,)``. Where values
+    are read (CPU tensors or ``FASTBERT_CHECK_INPUTS=1``; never while compiling, no host sync on
+    CUDA): ``cu_seqlens`` non-decreasing from 0 to ``total_tokens``; ``indices`` strictly increasing
+    flat positions ``b * seqlen + s`` with ``b`` the sequence ``cu_seqlens`` puts them in; with an
+    ``attention_mask``, exactly its real tokens (else real tokens would attend to padding, silently).
+    The attention op checks ``max_seqlen``. One of indices / cu_seqlens alone: the encoder's error.
+
+    Raises:
+        ValueError: the argument that disagrees, with the expected and the actual value.
+    """
+    if indices is None or cu_seqlens is None:
+        return
+    if indices.dim() != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
+        raise ValueError(f"indices: expected a 1-D integer tensor (total_tokens,), got shape "
+                         f"{tuple(indices.shape)} {indices.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] != batch + 1:
+        raise ValueError(f"cu_seqlens: expected shape (batch + 1,) = ({batch + 1},), got {tuple(cu_seqlens.shape)}")
+    if not value_checks_enabled(indices, cu_seqlens, attention_mask):
+        return
+    total = indices.numel()
+    cu = cu_seqlens.long()
+    lengths = cu.diff()
+    if int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens: expected non-decreasing values from 0 to indices.numel() = {total}, "
+                         f"got {_head(cu)}")
+    real = None
+    if attention_mask is not None:
+        real = padding_mask(attention_mask, batch, seqlen, attention_mask.device)
+        counts = real.sum(dim=-1).to(lengths.device)
+        if int(counts.sum()) != total:
+            raise ValueError(f"indices: expected attention_mask.sum() = {int(counts.sum())} real tokens, got "
+                             f"{total} (metadata of another batch? pass unpad_metadata(attention_mask))")
+        bad = torch.nonzero(counts != lengths).flatten()
+        if bad.numel():
+            b = int(bad[0])
+            raise ValueError(f"cu_seqlens: sequence {b} expected {int(counts[b])} tokens (attention_mask[{b}].sum()), "
+                             f"got {int(lengths[b])}")
+    if total == 0:
+        return
+    rows = torch.repeat_interleave(torch.arange(batch, device=indices.device), lengths.to(indices.device))
+    if not (bool((torch.div(indices, seqlen, rounding_mode="floor") == rows).all())
+            and bool((indices[1:] > indices[:-1]).all())):
+        raise ValueError(f"indices: expected strictly increasing flat positions b * seqlen + s (seqlen = {seqlen}) "
+                         f"in the rows cu_seqlens gives each sequence, got {_head(indices)}")
+    if real is not None:
+        pad = torch.nonzero(~real.flatten()[indices.to(real.device)]).flatten()
+        if pad.numel():
+            i = int(indices[int(pad[0])])
+            raise ValueError(f"indices: expected the real tokens of attention_mask, got position {i} = "
+                             f"(row {i // seqlen}, column {i % seqlen}), which attention_mask marks padding")
+
+
+def _head(t: Tensor, n: int = 12) -> str:
+    """``t``'s first values for an error message."""
+    values = t[:n].tolist()
+    return f"{values}{' ...' if t.numel() > n else ''}"
 
 
 class FastbertPreTrainedModel(PreTrainedModel):
@@ -174,6 +237,7 @@ class EncoderModelMixin:
         """Run the model; returns :class:`fastbert.nn.EncoderOutput` (heads read its ``packed``)."""
         check_input_ids(input_ids, inputs_embeds)
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        check_packing_metadata(attention_mask, indices, cu_seqlens, *x.shape[:2])
         project = getattr(self, "embeddings_project", None)
         if project is not None:  # ELECTRA: embedding_size != hidden_size
             x = project(x)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import ModernBertConfig
 from transformers import initialization as init
 
-from fastbert.models._base import FastbertPreTrainedModel, base_output, check_input_ids
+from fastbert.models._base import FastbertPreTrainedModel, base_output, check_input_ids, check_packing_metadata
 from fastbert.models.heads import task_output, token_logits
 from fastbert.nn import Encoder, LayerNorm
 from fastbert.nn.modernbert import (ModernBertAttention, ModernBertEmbeddings, ModernBertMLP,
@@ -106,6 +106,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
         check_input_ids(input_ids, inputs_embeds)
         x = self.embeddings(input_ids, inputs_embeds)  # [batch, seqlen, hidden]
         batch, seqlen = x.shape[:2]
+        check_packing_metadata(attention_mask, indices, cu_seqlens, batch, seqlen)
         packed = cu_seqlens is not None or (self._unpad and attention_mask is not None)
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seqlen:

@@ -11,13 +11,12 @@ cross-attention, a cache) keep transformers' layer loop, over add & norm (``*Sel
 
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 from torch import Tensor, nn
 
 from fastbert.integrations._hf.attention import ATTN_IMPLEMENTATION, register
-from fastbert.integrations._hf.encoder import run_encoder
+from fastbert.integrations._hf.encoder import PatchedForward, run_encoder
 from fastbert.nn.bert import _dense_act, _dense_add_norm, self_attention
 from fastbert.nn.encoder import Encoder
 
@@ -183,9 +182,6 @@ def _is_encoder(m: nn.Module) -> bool:
                     and _is_add_norm(getattr(lay, "output", None) or nn.Module()) for lay in layers))
 
 
-FORWARDS = (_add_norm_forward, _intermediate_forward, _encoder_forward, _transformer_forward)
-
-
 def patch_bert(model: nn.Module, backend: Optional[str]) -> None:
     """Rewire the BERT-layout blocks of ``model`` in place (see :func:`fastbert.integrations.transformers.patch`).
 
@@ -210,14 +206,14 @@ def patch_bert(model: nn.Module, backend: Optional[str]) -> None:
         m._fastbert_backend = backend
     for m in add_norms:
         m._fastbert_backend = m.backend = backend
-        m.forward = types.MethodType(_add_norm_forward, m)
+        m.forward = PatchedForward(_add_norm_forward, m)
     if approximate is not None:
         for m in intermediates:
             m._fastbert_backend = m.backend = backend
             m._fastbert_approximate = m.approximate = approximate
             m.act_fn = None  # fastbert's GELU
-            m.forward = types.MethodType(_intermediate_forward, m)
+            m.forward = PatchedForward(_intermediate_forward, m)
     for m, block, forward in encoders:
         blocks = [block(layer, backend, approximate) for layer in m.layer]
         m.__dict__["_fastbert_encoder"] = Encoder(blocks)  # not a child: no new state_dict keys
-        m.forward = types.MethodType(forward, m)
+        m.forward = PatchedForward(forward, m)

@@ -1,5 +1,6 @@
 """The patch machinery every family shares: run a transformers model's layers through fastbert's
-unpadded :class:`fastbert.nn.Encoder`, and check the padding mask where the model is entered.
+unpadded :class:`fastbert.nn.Encoder`, check the padding mask where the model is entered, and the
+instance ``forward`` a patched module gets (:class:`PatchedForward`).
 
 A patched module holds its :class:`fastbert.nn.Encoder` in ``__dict__["_fastbert_encoder"]`` (not
 a child: no new state_dict keys, no shared ``train()``), built from blocks that read the
@@ -16,10 +17,31 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastbert.integrations._hf.attention import collector, packed_sequences, record
+from fastbert.integrations._hf.attention import collector, packed_sequences, record, register
 from fastbert.nn.encoder import Encoder
 from fastbert.nn.padding import unpad_metadata
 from fastbert.ops import padding_mask
+
+
+class PatchedForward(functools.partial):
+    """A patched module's instance ``forward``: ``PatchedForward(func, module)(*args, **kwargs)``
+    calls ``func(module, *args, **kwargs)``, as ``types.MethodType(func, module)`` would.
+
+    A bound method pickles as ``getattr(module, func.__name__)``, an attribute a patched module
+    does not have, so ``pickle`` / ``torch.load`` of a patched model failed. This pickles as
+    ``(func, module)`` (``func`` by its qualified name), and loading it re-registers fastbert's
+    attention with transformers: the model's config names ``attn_implementation="fastbert"``, and
+    a fresh process has not called :func:`register`. ``copy.deepcopy``, ``inspect.signature``
+    (the forward's own parameters) and ``torch.compile`` see the ``functools.partial`` it is.
+    """
+
+    def __reduce__(self):
+        return _load_forward, (self.func, self.args[0])
+
+
+def _load_forward(func: Callable, module: nn.Module) -> PatchedForward:
+    register()
+    return PatchedForward(func, module)
 
 
 def run_encoder(owner: nn.Module, hidden_states: Tensor, attention_mask: Optional[Tensor], kwargs: dict, *,

@@ -23,13 +23,12 @@ runs it.
 
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from fastbert.integrations._hf.encoder import run_encoder
+from fastbert.integrations._hf.encoder import PatchedForward, run_encoder
 from fastbert.nn.encoder import Encoder, PreNormLayer
 from fastbert.nn.modernbert import LAYER_TYPES, ModernBertAttention, ModernBertMLP, rope_theta
 from fastbert.nn.modules import OpsModule, resolve_activation
@@ -137,9 +136,6 @@ def _modernbert_forward(self, input_ids=None, attention_mask=None, position_ids=
                        inputs_embeds=inputs_embeds, **kwargs)
 
 
-FORWARDS = (_modernbert_forward,)
-
-
 def modernbert_models(model: nn.Module) -> list[nn.Module]:
     """The transformers ``ModernBertModel`` modules inside ``model`` (``model`` itself included)."""
     try:
@@ -167,4 +163,4 @@ def patch_modernbert(models: list[nn.Module], backend: Optional[str]) -> None:
         encoder = Encoder([_block(layer, m.config, i, backend) for i, layer in enumerate(m.layers)])
         encoder.final_norm = _Norm(m.final_norm, backend)
         m.__dict__["_fastbert_encoder"] = encoder  # not a child: no new state_dict keys
-        m.forward = types.MethodType(_modernbert_forward, m)
+        m.forward = PatchedForward(_modernbert_forward, m)
