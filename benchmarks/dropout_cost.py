@@ -99,8 +99,12 @@ def masks(args):
 
 
 def _set_dropout(model, p: float) -> None:
-    """Every fastbert module's dropout probability (``dropout_p``) in ``model`` set to ``p``."""
+    """Every fastbert module's dropout probability (``dropout_p``) in ``model`` set to ``p``; the
+    model holds no ``nn.Dropout`` (its ``p`` would not follow)."""
+    import torch
+
     for m in model.modules():
+        assert not isinstance(m, torch.nn.Dropout), f"an nn.Dropout in the model: {m}"
         if hasattr(m, "dropout_p"):
             m.dropout_p = p
 
@@ -114,7 +118,7 @@ def step(args):
     from fastbert.bench.timing import TimingPlan, malloc_note, measure_interleaved, ratio_stats, steady_malloc
     from fastbert.models import BertConfig, BertModel, unpad_metadata
 
-    malloc = steady_malloc(not args.default_malloc)
+    malloc = steady_malloc(False)  # what main() set (it cannot be undone: only the command line sets it)
     torch.set_num_threads(args.threads)
     layers, rounds, warmup = (2, 3, 1) if args.quick else (args.layers, args.rounds, args.warmup)
     batch, seqlen = 8, 128
@@ -169,22 +173,24 @@ def step(args):
         print(f"  ratio {k} / dropout 0.0 per round: {_quartiles(r, 1, 'x', 3)} (goal <= 1.10)")
         res["ratios"][f"{k} / dropout 0.0"] = dict(median=r.median, q25=r.quantile(0.25), q75=r.quantile(0.75),
                                                   per_round=r.samples)
-    # Mask generation inside the dropout step (time spent in the generators: cache misses).
+    # Mask generation inside the dropout step (time spent in the generators: cache misses), on the
+    # selected clock.
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     spent = []
     for name in ("_attention_keep_mask", "_varlen_keep_mask", "_rows_keep_mask"):
         fn = getattr(_philox, name)
 
         def timed(*a, _fn=fn, **k):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return _fn(*a, **k)
             finally:
-                spent.append(time.perf_counter() - t0)
+                spent.append(clock() - t0)
         setattr(_philox, name, timed)
     setup(0)
-    t0 = time.perf_counter()
+    t0 = clock()
     run()
-    total = time.perf_counter() - t0
+    total = clock() - t0
     print(f"  one more dropout-0.1 step: {1e3 * total:.1f} ms, of which mask generation {1e3 * sum(spent):.1f} ms "
           f"({len(spent)} masks, {100 * sum(spent) / total:.1f}%)")
     res["mask_generation"] = dict(step_s=total, masks_s=sum(spent), masks=len(spent))
@@ -341,6 +347,10 @@ def main():
     a.add_argument("--cuda-src", help="a tree whose csrc/attention_fwd.cu to compile with and without dropout")
     a.add_argument("--nvcc", default="nvcc")
     args = parser.parse_args()
+    if args.cmd == "step":
+        from fastbert.bench.timing import steady_malloc
+
+        steady_malloc(not args.default_malloc)  # process-wide and for good: here, not in step()
     {"masks": masks, "step": step, "sass": sass}[args.cmd](args)
 
 

@@ -104,7 +104,8 @@ def _cpu_name() -> str:
 
 # The compiled extensions fastbert env reports: every module setup.py builds by default (the CUDA
 # kernels, their CPU host build for the cuda-host test backend, the torch backend's compiled
-# dropout-mask generator); the device check's harness only when the manifest lists it.
+# dropout-mask generator). Never the on-request ones (the device check's harness, _C_harness): not
+# here even when the manifest lists it (its build status shows in the manifest lines of the report).
 EXTENSIONS = tuple(m for m in _build_info.MODULES if m not in _build_info.ON_REQUEST)
 
 

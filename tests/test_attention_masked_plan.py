@@ -82,18 +82,28 @@ def test_plan_groups_and_fallback():
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
     k[4, 3] = float("nan")  # a valid key: the plan stands (the output is NaN there, as in the reference)
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
-    assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]).flip(1), k, v) is None  # left padded: gathered rows
+    # Left padded: each sequence's span is the whole row, so its masked keys are inside it.
+    left = _lengths_mask([5, 0, 40, 16, 16]).flip(1)
+    k, v = torch.randn(5, SEQLEN, HEADS, HD), torch.randn(5, SEQLEN, HEADS, HD)
+    p = _masked.plan(left, k, v)
+    assert p is not None and p.empty == [1] and all(g.span == SEQLEN and g.bias is not None for g in p.groups)
+    k[4, 3] = float("nan")  # masked (sequence 4 holds positions 24..39)
+    assert _masked.plan(left, k, v) is None
+    k[4, 3] = 0.0
+    k[4, 30] = float("nan")  # a valid key: the plan stands
+    assert _masked.plan(left, k, v) is not None
 
 
-def test_plan_leaves_the_thread_count_alone():
+def test_plan_leaves_the_thread_count_alone(monkeypatch):
     k, v = torch.randn(2, SEQLEN, HEADS, HD), torch.randn(2, SEQLEN, HEADS, HD)
     before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert _masked.plan(_lengths_mask([40, 9]), k, v) is not None
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+
+    def refuse(n):
+        raise AssertionError(f"plan() called torch.set_num_threads({n})")
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    assert _masked.plan(_lengths_mask([40, 9]), k, v) is not None
+    assert _masked.plan(_lengths_mask([40, 9]).flip(1), k, v) is not None
+    assert torch.get_num_threads() == before
 
 
 def test_backward_reuses_the_forward_plan_only_for_the_same_inputs():

@@ -256,7 +256,19 @@ def test_interleaved_setup_runs_before_every_call_and_ratios_pair_rounds():
     assert len(stats[0].samples) == len(stats[1].samples) == 4
 
 
-def test_steady_malloc_record(monkeypatch):
+@pytest.fixture
+def mallopt_calls(monkeypatch):
+    """steady_malloc's mallopt stubbed with a recorder and its once-per-process record reset: the
+    real call cannot be undone and would change malloc for the rest of the test process."""
+    from fastbert.bench import timing
+
+    calls = []
+    monkeypatch.setattr(timing, "_mallopt", lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(timing, "_steady_record", None)
+    return calls
+
+
+def test_steady_malloc_record(monkeypatch, mallopt_calls):
     """Applied once (glibc here) and reported so; a preloaded allocator is named, not touched."""
     from fastbert.bench import timing
 
@@ -264,9 +276,54 @@ def test_steady_malloc_record(monkeypatch):
     rec = timing.steady_malloc()
     if rec["allocator"] == "not glibc":
         pytest.skip("no glibc in this process")
-    assert rec["mallopt"] is None and "jemalloc" in rec["why_not"]
+    assert rec["mallopt"] is None and "jemalloc" in rec["why_not"] and mallopt_calls == []
     monkeypatch.delenv("LD_PRELOAD")
+    assert timing.steady_malloc(enable=False)["mallopt"] is None and mallopt_calls == []
     rec = timing.steady_malloc()
     assert rec["allocator"].startswith("glibc ") and rec["mallopt"] == timing.STEADY_MALLOPT
+    assert mallopt_calls == [(timing._M_MMAP_MAX, 0), (timing._M_TRIM_THRESHOLD, 2**31 - 1)]
     assert timing.steady_malloc(enable=False) == rec  # mallopt stays in force for the process
+    assert timing.steady_malloc() == rec and len(mallopt_calls) == 2  # once per process
     assert "steady (M_MMAP_MAX=0" in timing.malloc_note(rec)
+
+
+_MALLOC_PROBE = """
+import ctypes
+from fastbert.bench import timing
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped_by(nbytes):  # bytes in mmapped blocks while a block of nbytes is held
+    p = libc.malloc(nbytes)
+    held = libc.mallinfo2().hblkhd
+    libc.free(p)
+    return held
+
+before = mapped_by(64 << 20)
+rec = timing.steady_malloc()
+print(before >= 64 << 20, mapped_by(64 << 20) < 64 << 20, rec["mallopt"] == timing.STEADY_MALLOPT)
+"""
+
+
+def test_steady_malloc_takes_effect_in_a_fresh_process():
+    """The real mallopt, in a subprocess (it cannot be undone): a 64 MiB block is mmapped with
+    glibc's defaults and comes from the heap once steady_malloc ran."""
+    import ctypes
+    import os
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("no glibc >= 2.33 (mallinfo2) in this process")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert out.split() == ["True", "True", "True"], out

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from fastbert.bench import overhead
+from fastbert.bench import overhead, timing
+
+
+@pytest.fixture(autouse=True)
+def mallopt_calls(monkeypatch):
+    """mallopt stubbed with a recorder (the real one cannot be undone in the test process) and
+    steady_malloc's once-per-process record reset."""
+    calls = []
+    monkeypatch.setattr(timing, "_mallopt", lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(timing, "_steady_record", None)
+    return calls
 
 
 def test_overhead_cases_cover_every_op_both_kinds():
@@ -15,10 +25,11 @@ def test_overhead_cases_cover_every_op_both_kinds():
     assert {c.kind for c in overhead.cases(quick=True)} == {"bert", "tiny"}
 
 
-def test_overhead_quick_run_reports_both_directions(capsys):
+def test_overhead_quick_run_reports_both_directions(capsys, monkeypatch):
     overhead.main(["--quick", "--threads", "1", "--only", "gelu 16x768"])
     out = capsys.readouterr().out
     assert "QUICK" in out and "us/call" in out
+    monkeypatch.setattr(timing, "_steady_record", None)
     res = overhead.run(quick=True, rounds=1, threads=1, reps=2, only="add&norm 16x768")
     assert [r["direction"] for r in res["rows"]] == ["fwd", "fwd+bwd"]
     assert all(r["fastbert_s"] > 0 and r["torch_s"] > 0 for r in res["rows"])
@@ -38,15 +49,22 @@ def test_overhead_attention_case_matches_sdpa():
 def test_mlm_minilm_size_and_dropout_ratio():
     from fastbert.bench.mlm import run
 
-    res = run(rounds=1, threads=1, layers=1, batch=2, seqlen=16, size="minilm")
+    res = run(rounds=1, threads=1, layers=1, batch=2, seqlen=16, size="minilm", warmup=1)
+    assert res["malloc"]["mallopt"] is None  # the library run leaves malloc alone
     assert res["hidden"] == 384 and res["size"] == "minilm"
     assert res["dropout_on_vs_off"] > 0 and res["dropout_off"]["median_s"] > 0
 
 
-def test_overhead_records_the_malloc_setting(capsys):
-    """The steady-state malloc setting is applied before timing and stated in the table and JSON."""
+def test_overhead_records_the_malloc_setting(capsys, monkeypatch, mallopt_calls):
+    """The library run leaves malloc alone by default; the command line applies the steady setting
+    before timing (``--default-malloc``: not); both state it in the table and JSON."""
     res = overhead.run(quick=True, rounds=1, threads=1, reps=2, only="gelu 16x768")
-    assert set(res["malloc"]) >= {"allocator", "mallopt"}
-    if res["malloc"]["allocator"].startswith("glibc"):
-        assert res["malloc"]["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+    assert mallopt_calls == [] and res["malloc"]["mallopt"] is None
     assert "malloc: " in overhead.format_rows(res).splitlines()[0]
+    overhead.main(["--quick", "--threads", "1", "--only", "gelu 16x768", "--default-malloc"])
+    assert mallopt_calls == [] and "defaults" in capsys.readouterr().out
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    overhead.main(["--quick", "--threads", "1", "--only", "gelu 16x768"])
+    out = capsys.readouterr().out
+    if timing.steady_malloc(False)["allocator"].startswith("glibc"):
+        assert len(mallopt_calls) == 2 and "steady (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2147483647)" in out

@@ -108,21 +108,22 @@ def test_remembered_answers_follow_every_registry_change(monkeypatch):
     from fastbert.backends import _REGISTRY
     from fastbert.ops._dispatch import backend_module, resolve_call
 
-    def spec(dtypes):
-        return BackendSpec(name="_swap", module="fastbert.backends.reference",
-                           caps={"gelu": OpCaps(devices=("cpu",), dtypes=dtypes)})
+    def spec(dtypes, module="fastbert.backends.reference"):
+        return BackendSpec(name="_swap", module=module, caps={"gelu": OpCaps(devices=("cpu",), dtypes=dtypes)})
     v = _REGISTRY.version
     register_backend(spec((torch.float16,)))
     try:
         assert _REGISTRY.version > v
         with pytest.raises(RuntimeError, match="dtype torch.float32"):
             resolve_call("gelu", "cpu", torch.float32, None, (), "_swap")
-        register_backend(spec((torch.float32,)))  # replaced under the same name
+        assert backend_module("_swap", "gelu").__name__ == "fastbert.backends.reference"  # remembered
+        register_backend(spec((torch.float32,), "fastbert.backends.torch"))  # replaced under the same name
         assert resolve_call("gelu", "cpu", torch.float32, None, (), "_swap") == "_swap"
-        assert backend_module("_swap", "gelu").__name__ == "fastbert.backends.reference"
+        assert backend_module("_swap", "gelu").__name__ == "fastbert.backends.torch"
         monkeypatch.setitem(_REGISTRY, "_swap", spec((torch.float16,)))
         with pytest.raises(RuntimeError, match="dtype torch.float32"):
             resolve_call("gelu", "cpu", torch.float32, None, (), "_swap")
+        assert backend_module("_swap", "gelu").__name__ == "fastbert.backends.reference"
         monkeypatch.undo()
     finally:
         _REGISTRY.pop("_swap", None)

@@ -345,7 +345,7 @@ def test_torch_backend_unfused_rows_past_the_backward_threshold_take_fastbert_s_
     x[1, 2] += shift
     w = torch.randn(64, generator=g)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    assert type(layer_norm(xs, ws, eps=1e-12).grad_fn).__name__ == "_EagerFunctionBackward"
+    assert type(layer_norm(xs, ws, eps=1e-12, backend="torch").grad_fn).__name__ == "_EagerFunctionBackward"
     want, got = _custom_op_vs_eager(lambda x, w: layer_norm(x, w, eps=1e-12, backend="torch"), (x, w))
     for a, c in zip(got, want, strict=True):
         torch.testing.assert_close(a, c, atol=0, rtol=0)
@@ -377,7 +377,7 @@ def test_torch_backend_backward_reads_the_forward_s_worst_ratio():
     without it are measured, and NaN statistics take the centred form."""
     from fastbert.backends.torch import layer_norm as tln
 
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(24))  # seeded: well conditioned
     _, mean, rstd, _ = tln.layer_norm_fwd_functional(x, None, None, None, None, eps=1e-5, dropout_p=0.0,
                                                      seed=None, fused=False)
     assert getattr(rstd, tln._WORST) == tln._worst_ratio(mean, rstd)

@@ -163,6 +163,11 @@ MASK_CACHE_BYTES = 64 << 20
 _MASK_CACHE: OrderedDict = OrderedDict()
 
 
+def clear_mask_cache() -> None:
+    """Forget every memoized CPU keep mask (benchmarks: each step generates its masks itself)."""
+    _MASK_CACHE.clear()
+
+
 def _memoized(kind: str, seed: torch.Tensor, dropout_p: float, shape: tuple, dev, build):
     """``build()`` or the mask it returned for the same key; never for CUDA seeds."""
     if seed.device.type != "cpu" or torch.device(dev).type != "cpu" or MASK_CACHE_BYTES <= 0:

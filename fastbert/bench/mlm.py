@@ -10,11 +10,13 @@ full-head model also runs with dropout off (``dropout_off``, interleaved with th
 ``dropout_on_vs_off`` is the median of the per-round ratios of its step with dropout 0.1 over that
 one (goal <= 1.10; ``dropout_on_vs_off_q25`` / ``_q75`` their quartiles). Before every timed or
 warm-up step torch's RNG is reseeded and the CPU keep-mask memo emptied (:func:`same_draws`), so
-every implementation draws the same dropout masks and generates them itself; glibc's malloc keeps
-freed memory (:func:`fastbert.bench.timing.steady_malloc`).
+every implementation draws the same dropout masks and generates them itself; the command line
+sets glibc's malloc to keep freed memory (:func:`fastbert.bench.timing.steady_malloc`;
+``--default-malloc`` leaves glibc's defaults), so only the first steps grow the heap (AdamW's
+state among them) and the ``--warmup`` untimed steps per implementation (2 by default) absorb them.
 
     python -m fastbert.bench.mlm [--size base|minilm] [--rounds 7] [--threads 2] [--layers N]
-                                 [--quick] [--json out.json]
+                                 [--warmup 2] [--quick] [--default-malloc] [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def same_draws(seed: int = 0):
 
     def setup(_i=None):
         torch.manual_seed(seed)
-        _philox._MASK_CACHE.clear()
+        _philox.clear_mask_cache()
     return setup
 
 
@@ -94,14 +96,16 @@ def _step_fn(model, inputs):
 
 
 def run(rounds: int = 7, threads: int = 2, layers: int | None = None, batch: int = 8, seqlen: int = 128,
-        fill: float = 0.5, seed: int = 0, size: str = "base") -> dict:
-    """Time the step of every implementation; returns a JSON-able dict (times in seconds)."""
-    malloc = steady_malloc()
+        fill: float = 0.5, seed: int = 0, size: str = "base", warmup: int = 2, steady: bool = False) -> dict:
+    """Time the step of every implementation after ``warmup`` untimed steps each (``steady``:
+    :func:`steady_malloc` first, process-wide and for good, so only the command line asks for it;
+    else the record says what is in force); returns a JSON-able dict (times in seconds)."""
+    malloc = steady_malloc(steady)
     torch.set_num_threads(threads)
     inputs, lengths = _batch(batch, seqlen, fill, seed)
     models, cfg = _models(layers, seed, size)
     names = list(models)
-    plan = TimingPlan(warmup=1, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock="wall")
+    plan = TimingPlan(warmup=warmup, min_reps=rounds, max_reps=rounds, min_time_s=0.0, clock="wall")
     load_before = os.getloadavg()
     stats = measure_interleaved([_step_fn(models[n], inputs) for n in names], "cpu", plan, setup=same_draws(seed))
     load_after = os.getloadavg()
@@ -119,7 +123,7 @@ def run(rounds: int = 7, threads: int = 2, layers: int | None = None, batch: int
                 seqlen=seqlen, fill=tokens / (batch * seqlen), layers=cfg.num_hidden_layers,
                 dropout_off=dropout_off, dropout_on_vs_off=on_vs_off.median,
                 dropout_on_vs_off_q25=on_vs_off.quantile(0.25), dropout_on_vs_off_q75=on_vs_off.quantile(0.75),
-                labelled=int((inputs["labels"] != -100).sum()), rounds=rounds, threads=threads,
+                labelled=int((inputs["labels"] != -100).sum()), rounds=rounds, warmup=warmup, threads=threads,
                 clock="wall", malloc=malloc, loadavg_before=load_before, loadavg_after=load_after,
                 torch=torch.__version__, transformers=transformers.__version__, cpu=platform.processor(),
                 time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows)
@@ -132,18 +136,22 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--size", choices=sorted(SIZES), default="base")
     p.add_argument("--layers", type=int, default=None, help="override the size's layer count")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 2 x 32, 1 round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 2 x 32, 1 round, 1 warm-up")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--fill", type=float, default=0.5)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's mmap / trim thresholds at their defaults (see the module docstring)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     if a.quick:
-        a.rounds, a.layers, a.batch, a.seqlen = 1, 1, 2, 32
-    res = run(a.rounds, a.threads, a.layers, a.batch, a.seqlen, a.fill, size=a.size)
+        a.rounds, a.layers, a.batch, a.seqlen, a.warmup = 1, 1, 2, 32, 1
+    res = run(a.rounds, a.threads, a.layers, a.batch, a.seqlen, a.fill, size=a.size, warmup=a.warmup,
+              steady=not a.default_malloc)
     print(f"{res['benchmark']}: {res['size']} (hidden {res['hidden']}) L{res['layers']} b{res['batch']} "
           f"s{res['seqlen']} fill {res['fill']:.2f}, "
-          f"{res['labelled']} labelled, {res['threads']} threads, {res['rounds']} rounds, load "
+          f"{res['labelled']} labelled, {res['threads']} threads, {res['warmup']} warm-up + {res['rounds']} rounds, load "
           f"{res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}, malloc: {malloc_note(res['malloc'])}")
     for name, r in res["rows"].items():
         print(f"  {name:28s} {r['median_s'] * 1e3:9.1f} ms  [{r['q25_s'] * 1e3:.1f}, {r['q75_s'] * 1e3:.1f}]  "

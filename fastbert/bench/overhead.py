@@ -173,8 +173,9 @@ def _timed(fn, leaves, backward: bool, reps: int):
 
 
 def run(quick: bool = False, rounds: int = 7, threads: int = 2, reps: int = 200, only: str | None = None,
-        steady: bool = True, clock: str = "wall") -> dict:
-    """Measure every case (``steady``: :func:`steady_malloc` first; ``clock``: ``"wall"`` or
+        steady: bool = False, clock: str = "wall") -> dict:
+    """Measure every case (``steady``: :func:`steady_malloc` first, process-wide and for good, so
+    only the command line asks for it; else the record says what is in force; ``clock``: ``"wall"`` or
     ``"cpu"``, the process's CPU time, meant for ``threads=1`` on a loaded machine); returns a
     JSON-able dict (times in seconds per call, minor page faults per call)."""
     malloc = steady_malloc(steady)

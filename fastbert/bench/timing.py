@@ -13,7 +13,8 @@ from 128 KiB up to 32 MiB) with a fresh ``mmap`` and unmaps it on free, and it r
 its heap to the system once more than a threshold is free there. Tensors of BERT shapes (1024 x
 3072 fp32 = 12 MiB) sit on those thresholds, so some calls page-fault on fresh memory and others
 reuse it, and which ones changes from run to run. :func:`steady_malloc` (called by the CPU
-harnesses at start) switches both off with ``mallopt`` (``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD``
+benchmarks' command lines at start, not by their library ``run`` functions unless asked: it cannot
+be undone in a process) switches both off with ``mallopt`` (``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD``
 at its maximum): after warm-up every call reuses memory, the steady state a training loop sees.
 It is process-wide, so every implementation timed in the process gets it; the record it returns
 goes into each result.
@@ -105,6 +106,11 @@ _PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _steady_record: dict | None = None  # set once applied: mallopt cannot be undone in a process
 
 
+def _mallopt(param: int, value: int) -> int:
+    """glibc's ``mallopt(param, value)`` (1 on success); one place for tests to stub."""
+    return ctypes.CDLL(None).mallopt(param, value)
+
+
 def steady_malloc(enable: bool = True) -> dict:
     """Make glibc's malloc keep and reuse freed memory (see the module docstring), once per
     process; returns what was done, for the result record: ``{"allocator": "glibc 2.36",
@@ -130,7 +136,7 @@ def steady_malloc(enable: bool = True) -> dict:
         return {"allocator": allocator, "mallopt": None, "why_not": "left at glibc's defaults (asked)"}
     codes = {"M_MMAP_MAX": _M_MMAP_MAX, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD}
     for name, value in STEADY_MALLOPT.items():
-        if libc.mallopt(codes[name], value) != 1:  # mallopt returns 1 on success
+        if _mallopt(codes[name], value) != 1:  # mallopt returns 1 on success
             return {"allocator": allocator, "mallopt": None, "why_not": f"mallopt({name}, {value}) failed"}
     _steady_record = {"allocator": allocator, "mallopt": dict(STEADY_MALLOPT)}
     return dict(_steady_record)
