@@ -106,7 +106,7 @@ no_double_backward(_gelu_bwd, "gelu")
 
 @_gelu_bwd.register_fake
 def _(dy, x, bias, need_dbias, approximate, backend):
-    return torch.empty_like(x), dbias_output(x.new_empty((x.shape[-1],), dtype=acc_dtype(x)) if need_dbias else None, x)
+    return torch.empty_like(x), x.new_empty((x.shape[-1],) if need_dbias else (0,), dtype=acc_dtype(x))
 
 
 def _setup_context(ctx, inputs, output):
