@@ -103,7 +103,7 @@ def test_compile_with_changing_float_arguments():
 
 
 def test_remembered_answers_follow_every_registry_change(monkeypatch):
-    """resolve_call and backend_module key on the registry's version: registering, replacing
+    """resolve_call and backend_module forget their answers on every registry change: registering, replacing
     (same name, new spec), writing the dict directly and removing a backend are all seen at once."""
     from fastbert.backends import _REGISTRY
     from fastbert.ops._dispatch import backend_module, resolve_call
@@ -131,3 +131,23 @@ def test_remembered_answers_follow_every_registry_change(monkeypatch):
         resolve_call("gelu", "cpu", torch.float32, None, (), "_swap")
     with pytest.raises(ValueError, match="_swap"):
         backend_module("_swap", "gelu")
+
+
+def test_dense_bias_decision_follows_a_replaced_backend():
+    """fuses_dense_bias remembers its answer per (device, dtype, backend, env) only until the
+    registry changes: a backend replaced under the same name with the other declaration is seen."""
+    from fastbert.backends import _REGISTRY
+    from fastbert.ops import fuses_dense_bias
+
+    def spec(fuses):
+        caps = {"layer_norm": OpCaps(devices=("cpu",), dtypes=(torch.float32,),
+                                     features=frozenset({"x_bias", "residual", "weight", "bias"}))}
+        return BackendSpec(name="_swap_bias", module="fastbert.backends.torch", caps=caps, fuses_dense_bias=fuses)
+    x = torch.randn(3)
+    try:
+        register_backend(spec(True))
+        assert fuses_dense_bias(x, "_swap_bias") is True
+        register_backend(spec(False))
+        assert fuses_dense_bias(x, "_swap_bias") is False
+    finally:
+        _REGISTRY.pop("_swap_bias", None)

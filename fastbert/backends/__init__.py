@@ -179,14 +179,27 @@ class BackendSpec:
 
 
 class _Registry(dict):
-    """The backends by name; ``version`` goes up on every change (``register_backend``, or a test
-    writing the dict directly, as ``monkeypatch.setitem`` does), so dispatch's remembered answers
-    key on one int instead of the registered specs' identities."""
+    """The backends by name. Every change (``register_backend``, or a test writing the dict
+    directly, as ``monkeypatch.setitem`` does) bumps ``version`` and empties the caches of
+    remembered answers that were registered with :meth:`invalidates` (dispatch's resolved
+    backends, loaded modules, dense-bias decisions): one hook, so no cache keys on the registered
+    specs' identities or checks a version of its own."""
 
     version = 0
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._caches: list = []
+
+    def invalidates(self, cache: dict) -> dict:
+        """Empty ``cache`` on every change of the registry from now on; returns it."""
+        self._caches.append(cache)
+        return cache
+
     def _changed(self):
         self.version += 1
+        for cache in self._caches:
+            cache.clear()
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)

@@ -60,7 +60,8 @@ def resolve(call: CallInfo, backend: str | None = None) -> str:
     return name
 
 
-_RESOLVED: dict = {}  # (op, device, dtype, head_dim, features, backend=, env, registry version) -> name
+# (op, device, dtype, head_dim, features, backend=, env) -> name; emptied when the registry changes
+_RESOLVED: dict = _REGISTRY.invalidates({})
 _ENV_NAME = "FASTBERT_BACKEND"
 _ENV_KEY = os.environ.encodekey(_ENV_NAME) if hasattr(os.environ, "encodekey") else None
 
@@ -79,13 +80,13 @@ def _env_backend():
 def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None, features: tuple,
                  backend: str | None = None) -> str:
     """:func:`resolve` of ``CallInfo(op, device, dtype, head_dim, frozenset(features))``, the answer
-    remembered per key (with ``FASTBERT_BACKEND`` and the registry's version in the key), so a
+    remembered per key (``FASTBERT_BACKEND`` in the key; forgotten when a backend is registered), so a
     repeated call builds no ``CallInfo`` and walks no reasons. Refusals are not remembered: each
     raises with every reason, as :func:`resolve` does. Not cached while compiling (Dynamo traces
     the plain path)."""
     if torch.compiler.is_compiling():
         return resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
-    key = (op, device, dtype, head_dim, features, backend, _env_backend(), _REGISTRY.version)
+    key = (op, device, dtype, head_dim, features, backend, _env_backend())
     try:
         name = _RESOLVED.get(key)
     except TypeError:  # an unhashable backend= (a list): _resolve's error names it
@@ -125,16 +126,12 @@ def _resolve(call: CallInfo, backend: str | None) -> str:
     raise RuntimeError(f"fastbert.ops.{call.op}: no backend can run this call:\n  - " + "\n  - ".join(tried))
 
 
-_MODULES: dict = {}  # (name, op) -> compute module, valid for registry version _MODULES_AT[0]
-_MODULES_AT = [-1]
+_MODULES: dict = _REGISTRY.invalidates({})  # (name, op) -> compute module
 
 
 def backend_module(name: str, op: str):
-    """The compute module of backend ``name`` for ``op`` (loaded once; remembered per registry
-    version: forward and backward ask on every call)."""
-    if _MODULES_AT[0] != _REGISTRY.version:
-        _MODULES.clear()
-        _MODULES_AT[0] = _REGISTRY.version
+    """The compute module of backend ``name`` for ``op`` (loaded once; remembered until the
+    registry changes: forward and backward ask on every call)."""
     mod = _MODULES.get((name, op))
     if mod is None:
         mod = get_backend(name).load(op)
@@ -144,7 +141,7 @@ def backend_module(name: str, op: str):
     return mod
 
 
-_FUSES_DENSE_BIAS: dict = {}
+_FUSES_DENSE_BIAS: dict = _REGISTRY.invalidates({})
 
 
 def fuses_dense_bias(x: torch.Tensor, backend: str | None = None) -> bool:
@@ -153,7 +150,8 @@ def fuses_dense_bias(x: torch.Tensor, backend: str | None = None) -> bool:
     The backend that would run ``layer_norm`` on ``x`` (same order as :func:`resolve`) declares
     it (``BackendSpec.fuses_dense_bias``): True for the kernel backends, False for torch, where
     ``addmm`` adds the bias inside the GEMM. Decided once per (device, dtype, backend,
-    ``FASTBERT_BACKEND``) and remembered; modules call this instead of checking devices.
+    ``FASTBERT_BACKEND``) and remembered until the registry changes; modules call this instead of
+    checking devices.
     """
     key = (x.device.type, x.dtype, backend, _env_backend())
     hit = _FUSES_DENSE_BIAS.get(key)
