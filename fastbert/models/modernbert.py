@@ -124,7 +124,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
             output_hidden_states=bool(cfg.output_hidden_states if output_hidden_states is None
                                       else output_hidden_states),
             final_norm=self.final_norm, layers=self.layers,
-            block_kwargs=dict(rotary=self.rotary_emb.tables(), position_ids=position_ids))
+            block_kwargs=dict(rotary=self.rotary_emb.tables(seqlen), position_ids=position_ids))
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,

@@ -72,8 +72,14 @@ class RotaryTables(nn.Module):
             self.register_buffer(f"{t}_cos", cos, persistent=False)
             self.register_buffer(f"{t}_sin", sin, persistent=False)
 
-    def tables(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{layer_type: (cos, sin)}``, the ``rotary`` block keyword."""
+    def tables(self, positions: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer_type: (cos, sin)}``, the ``rotary`` block keyword: the buffers, or, for a batch
+        longer than ``max_position_embeddings`` (``positions`` rows needed), tables computed for it,
+        as transformers' ModernBERT computes its angles per call for any length."""
+        if positions > self.max_positions:
+            device = getattr(self, f"{next(iter(self.theta))}_cos").device
+            return {t: tuple(x.to(device) for x in rope_tables(self.head_dim, base, positions))
+                    for t, base in self.theta.items()}
         return {t: (getattr(self, f"{t}_cos"), getattr(self, f"{t}_sin")) for t in self.theta}
 
     def fresh(self) -> dict[str, tuple[Tensor, Tensor]]:
