@@ -61,8 +61,10 @@ class PretrainConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     intermediate_size: int = 256
-    # BERT uses 0.1. On CPU the default is 0: fastbert's CPU backends draw dropout masks with a
-    # Philox generator written in torch integer ops, which costs more than the tiny model itself.
+    # BERT uses 0.1. On CPU the default stays 0, the setting the times and losses above were taken
+    # with. It was 0 for cost: the Philox masks were torch integer ops. They now come from the
+    # compiled fastbert._C_cpu generator: with it, --dropout 0.1 cost ~1-2% more process CPU time
+    # than 0 here (--steps 40, OMP_NUM_THREADS=1, two runs each, 2026-12-03).
     dropout: float = 0.1 if torch.cuda.is_available() else 0.0
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -221,8 +223,8 @@ HELP = {  # --help text per PretrainConfig field (the defaults are printed besid
     "hidden_size": "model width", "num_hidden_layers": "encoder layers",
     "num_attention_heads": "attention heads (hidden_size / heads = head_dim)",
     "intermediate_size": "feed-forward width",
-    "dropout": "hidden and attention dropout (BERT: 0.1; default 0 on CPU, where fastbert's Philox "
-               "dropout masks in torch integer ops cost more than this tiny model)",
+    "dropout": "hidden and attention dropout (BERT: 0.1; default 0 on CPU, the setting the docstring's "
+               "times were taken with; with fastbert._C_cpu built, 0.1 costs ~1-2%% more CPU time here)",
     "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay (not on biases and norms)",
     "warmup_steps": "linear warm-up steps, then linear decay to 0",
     "mlm_probability": "fraction of tokens selected for masked LM",

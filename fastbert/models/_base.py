@@ -45,6 +45,21 @@ def check_input_ids(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]
 
 
 
+def embeds_without_padding(inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor],
+                           packed: bool) -> Optional[Tensor]:
+    """``inputs_embeds`` with zeros at padding when the encoder runs packed (``packed``).
+
+    The packed encoder never reads padding rows, but the embeddings' LayerNorm runs on every
+    position before packing, and its backward multiplies the padding rows' zero gradient by their
+    values: a non-finite (or overflowing) padding embed made the LayerNorm weight, position and
+    token-type gradients NaN. The padded mode keeps them (it computes padding rows as transformers does).
+    """
+    if inputs_embeds is None or attention_mask is None or not packed:
+        return inputs_embeds
+    real = padding_mask(attention_mask, inputs_embeds.shape[0], inputs_embeds.shape[1], inputs_embeds.device)
+    return torch.where(real[..., None], inputs_embeds, 0)
+
+
 def check_packing_metadata(attention_mask: Optional[Tensor], indices: Optional[Tensor],
                            cu_seqlens: Optional[Tensor], batch: int, seqlen: int) -> None:
     """Precomputed packing metadata must describe this batch (``unpad_metadata(attention_mask)``).
@@ -236,6 +251,7 @@ class EncoderModelMixin:
                cu_seqlens=None, max_seqlen=None):
         """Run the model; returns :class:`fastbert.nn.EncoderOutput` (heads read its ``packed``)."""
         check_input_ids(input_ids, inputs_embeds)
+        inputs_embeds = embeds_without_padding(inputs_embeds, attention_mask, self._unpad or cu_seqlens is not None)
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         check_packing_metadata(attention_mask, indices, cu_seqlens, *x.shape[:2])
         project = getattr(self, "embeddings_project", None)

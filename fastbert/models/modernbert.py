@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from transformers import ModernBertConfig
 from transformers import initialization as init
 
-from fastbert.models._base import FastbertPreTrainedModel, base_output, check_input_ids, check_packing_metadata
+from fastbert.models._base import (FastbertPreTrainedModel, base_output, check_input_ids, check_packing_metadata,
+                                   embeds_without_padding)
 from fastbert.models.heads import task_output, token_logits
 from fastbert.nn import Encoder, LayerNorm
 from fastbert.nn.modernbert import (ModernBertAttention, ModernBertEmbeddings, ModernBertMLP,
@@ -104,6 +105,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
                max_seqlen=None):
         """Run the model; returns :class:`fastbert.nn.EncoderOutput` (heads read its ``packed``)."""
         check_input_ids(input_ids, inputs_embeds)
+        inputs_embeds = embeds_without_padding(inputs_embeds, attention_mask, self._unpad or cu_seqlens is not None)
         x = self.embeddings(input_ids, inputs_embeds)  # [batch, seqlen, hidden]
         batch, seqlen = x.shape[:2]
         check_packing_metadata(attention_mask, indices, cu_seqlens, batch, seqlen)
@@ -124,7 +126,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
             output_hidden_states=bool(cfg.output_hidden_states if output_hidden_states is None
                                       else output_hidden_states),
             final_norm=self.final_norm, layers=self.layers,
-            block_kwargs=dict(rotary=self.rotary_emb.tables(), position_ids=position_ids))
+            block_kwargs=dict(rotary=self.rotary_emb.tables(seqlen), position_ids=position_ids))
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,

@@ -53,6 +53,37 @@ class EncoderOutput(NamedTuple):
     attentions: Optional[tuple]
 
 
+def check_ids(name: str, ids: Optional[Tensor], table: nn.Embedding) -> None:
+    """Token / type / position ids that index ``table``: int64 or int32 (what ``nn.Embedding``
+    takes), values in ``[0, num_embeddings)`` (read for CPU tensors or with FASTBERT_CHECK_INPUTS=1).
+
+    Raises:
+        TypeError: another dtype (named, with the dtype). ValueError: values out of range.
+    """
+    if ids is None:
+        return
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected dtype torch.int64 or torch.int32, got {ids.dtype}")
+    if ids.numel() and value_checks_enabled(ids):
+        lo, hi = ids.min().item(), ids.max().item()
+        if lo < 0 or hi >= table.num_embeddings:
+            raise ValueError(f"{name}: expected values in [0, {table.num_embeddings - 1}], "
+                             f"got values in [{lo}, {hi}]")
+
+
+def embeds_as_table(inputs_embeds: Tensor, table: nn.Embedding) -> Tensor:
+    """``inputs_embeds`` in the word embeddings' dtype: transformers adds them to the (table-dtype)
+    position / type embeddings, so fp16 / bf16 embeds into an fp32 model run in fp32 there too;
+    the fused add & norm takes one dtype, so cast (differentiable) instead of failing in a GEMM.
+
+    Raises:
+        TypeError: a dtype that is not floating point (named, with the dtype).
+    """
+    if not inputs_embeds.is_floating_point():
+        raise TypeError(f"inputs_embeds: expected a floating-point dtype, got {inputs_embeds.dtype}")
+    return inputs_embeds.to(table.weight.dtype)
+
+
 class Embeddings(OpsModule, nn.Module):
     """``dropout(LayerNorm(word + position [+ token_type]))``; the sum is fused into the LayerNorm.
 
@@ -71,6 +102,8 @@ class Embeddings(OpsModule, nn.Module):
     models built on the meta device set them in ``_init_weights`` (:meth:`reset_buffers`).
 
     Raises:
+        TypeError: ids that are not int64 / int32, an inputs_embeds dtype that is not floating point
+            (another floating dtype is cast to the table's, :func:`embeds_as_table`).
         ValueError: ids out of their table's range (CPU tensors, or FASTBERT_CHECK_INPUTS=1),
             seqlen beyond the position table, token_type_ids given without token types, a
             token_type_ids / position_ids shape other than ``(batch or 1, seqlen)`` (or
@@ -132,13 +165,11 @@ class Embeddings(OpsModule, nn.Module):
                     ids.dim() in (1, 2) and ids.shape[-1] == seqlen and (ids.dim() == 1 or ids.shape[0] in (1, batch))):
                 raise ValueError(f"{name}: expected shape (batch or 1, seqlen) = ({batch} or 1, {seqlen}), got "
                                  f"{tuple(ids.shape)}")
-            if ids is not None and ids.numel() and value_checks_enabled(ids):
-                lo, hi = ids.min().item(), ids.max().item()
-                if lo < 0 or hi >= emb.num_embeddings:
-                    raise ValueError(f"{name}: expected values in [0, {emb.num_embeddings - 1}], "
-                                     f"got values in [{lo}, {hi}]")
+            check_ids(name, ids, emb)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
+        else:
+            inputs_embeds = embeds_as_table(inputs_embeds, self.word_embeddings)
         if position_ids is None:
             position_ids = self.positions(input_ids, seqlen)
         rest = self.position_embeddings(position_ids)

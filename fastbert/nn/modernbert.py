@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbert.nn.bert import _dense_act, attention_probs
-from fastbert.nn.encoder import PreNormLayer
+from fastbert.nn.encoder import PreNormLayer, check_ids, embeds_as_table
 from fastbert.nn.modules import LayerNorm, OpsModule, resolve_activation
 from fastbert.nn.padding import pad_input
 from fastbert.ops import attention, fuses_dense_bias, geglu, rotary
@@ -72,8 +72,14 @@ class RotaryTables(nn.Module):
             self.register_buffer(f"{t}_cos", cos, persistent=False)
             self.register_buffer(f"{t}_sin", sin, persistent=False)
 
-    def tables(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{layer_type: (cos, sin)}``, the ``rotary`` block keyword."""
+    def tables(self, positions: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer_type: (cos, sin)}``, the ``rotary`` block keyword: the buffers, or, for a batch
+        longer than ``max_position_embeddings`` (``positions`` rows needed), tables computed for it,
+        as transformers' ModernBERT computes its angles per call for any length."""
+        if positions > self.max_positions:
+            device = getattr(self, f"{next(iter(self.theta))}_cos").device
+            return {t: tuple(x.to(device) for x in rope_tables(self.head_dim, base, positions))
+                    for t, base in self.theta.items()}
         return {t: (getattr(self, f"{t}_cos"), getattr(self, f"{t}_sin")) for t in self.theta}
 
     def fresh(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -89,6 +95,10 @@ class ModernBertEmbeddings(OpsModule, nn.Module):
     """``dropout(norm(tok_embeddings(input_ids)))`` (no positions: rotary embeddings in attention).
 
     forward(input_ids=None, inputs_embeds=None) -> ``(batch, seqlen, hidden)``.
+
+    Raises:
+        TypeError, ValueError: input_ids of another dtype than int64 / int32 or out of the
+            vocabulary, inputs_embeds not floating point (:func:`fastbert.nn.encoder.check_ids`).
     """
 
     def __init__(self, config):
@@ -98,7 +108,11 @@ class ModernBertEmbeddings(OpsModule, nn.Module):
         self.dropout_p = float(config.embedding_dropout)
 
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None) -> Tensor:
-        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            check_ids("input_ids", input_ids, self.tok_embeddings)
+            x = self.tok_embeddings(input_ids)
+        else:
+            x = embeds_as_table(inputs_embeds, self.tok_embeddings)
         return F.dropout(self.norm(x), self.dropout_p, self.training)
 
 

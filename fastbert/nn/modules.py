@@ -53,8 +53,8 @@ class LayerNorm(OpsModule, nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm`` over the last dimension (Ba et al. 2016, eqs. 3-4).
 
     Args: as ``torch.nn.LayerNorm`` (``normalized_shape``, ``eps=1e-5``, ``elementwise_affine=True``,
-    ``bias=True``, ``device``, ``dtype``); plus keyword ``backend``. Input ``(..., hidden)``, output
-    the same shape and dtype (statistics in fp32).
+    ``bias=True``, ``device``, ``dtype``); plus keyword ``backend``. Input ``(..., hidden)`` with any
+    number of leading dims, output the same shape and dtype (statistics in fp32).
 
     Raises:
         ValueError: ``normalized_shape`` has more than one dim (fastbert normalises the last dim
@@ -83,13 +83,17 @@ class LayerNorm(OpsModule, nn.LayerNorm):
         if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
             raise ValueError(f"x: expected last dim {self.normalized_shape[0]} (normalized_shape), "
                              f"got shape {tuple(x.shape)}")
+        if x.dim() > 8:  # torch takes any number of leading dims; the op 1 to 8 (rows are independent)
+            return layer_norm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, eps=self.eps,
+                              backend=self.backend).reshape(x.shape)
         return layer_norm(x, self.weight, self.bias, eps=self.eps, backend=self.backend)
 
 
 class GELU(OpsModule, nn.GELU):
     """Drop-in for ``torch.nn.GELU(approximate="none" | "tanh")`` (Hendrycks & Gimpel 2016).
 
-    Input ``(..., hidden)``, output the same shape and dtype; computed in fp32.
+    Input any shape (as ``torch.nn.GELU``: a 0-d or 9+-d input runs flattened), output the same
+    shape and dtype; computed in fp32.
 
     Raises:
         ValueError: ``approximate`` is not ``"none"`` or ``"tanh"`` (here, not at the first forward,
@@ -101,6 +105,8 @@ class GELU(OpsModule, nn.GELU):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
+        if not 1 <= x.dim() <= 8:  # torch.nn.GELU takes any shape; the op takes 1 to 8 dims (elementwise)
+            return gelu(x.reshape(-1), approximate=self.approximate, backend=self.backend).reshape(x.shape)
         return gelu(x, approximate=self.approximate, backend=self.backend)
 
 
