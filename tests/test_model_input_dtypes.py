@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fastbert.models as models  # noqa: E402
-from tests._tiny_modernbert import tiny_config  # noqa: E402
+from _tiny_modernbert import tiny_config  # noqa: E402
 
 LENGTHS = (9, 5, 1)
 

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fastbert.models as models  # noqa: E402
-from tests._tiny_modernbert import TOL, tiny_config  # noqa: E402
+from _tiny_modernbert import TOL, tiny_config  # noqa: E402
 
 
 @pytest.mark.parametrize("unpad", [True, False])
