@@ -287,21 +287,28 @@ def test_torch_backend_dbias_from_aten_pass(dtype, params, shifted, poison):
 
 
 def test_torch_backend_worst_ratio_is_max_abs_and_propagates_nan():
-    """issue 16: the ill-conditioned-row check (now mul / abs_ / max) is ``max |mean| * rstd``, a
-    negative mean counted by its size, and NaN wherever a row's statistics are NaN."""
-    from fastbert.backends.torch.layer_norm import _ill_conditioned_rows, _worst_ratio
+    """issue 16: the ill-conditioned-row check (now mul / aminmax) is ``max |mean| * rstd``, a
+    negative mean counted by its size (at either end of the range), NaN wherever a row's statistics
+    are NaN; the rows past a threshold are those :func:`_rows_above` finds (NaN rows are not)."""
+    from fastbert.backends.torch.layer_norm import _rows_above, _worst_ratio
 
     mean = torch.tensor([0.5, -40.0, 3.0, 20.0])
     rstd = torch.tensor([1.0, 0.5, 1.0, 0.5])
     assert _worst_ratio(mean, rstd) == 20.0
+    assert _worst_ratio(-mean, rstd) == 20.0
+    assert _worst_ratio(mean[2:], rstd[2:]) == 10.0  # the maximum at the top end
+    assert _worst_ratio(-mean[2:], rstd[2:]) == 10.0  # ... and at the bottom one
     assert _worst_ratio(mean.double(), rstd.double()) == 20.0
-    assert _ill_conditioned_rows(mean, rstd).tolist() == [1]
-    assert _ill_conditioned_rows(mean, rstd, threshold=2.0).tolist() == [1, 2, 3]
+    assert _worst_ratio(mean.view(4, 1), rstd.view(4, 1)) == 20.0  # aten's (rows, 1) statistics
+    assert _rows_above(mean, rstd, 16.0).tolist() == [1]
+    assert _rows_above(mean, rstd, 2.0).tolist() == [1, 2, 3]
+    assert _rows_above(mean, rstd, 20.0) is None
     for i in range(4):
         m = mean.clone()
         m[i] = float("nan")
         w = _worst_ratio(m, rstd)
         assert w != w
+        assert _rows_above(m, rstd, 2.0).tolist() == [j for j in (1, 2, 3) if j != i]
     assert _worst_ratio(mean[:0], rstd[:0]) == 0.0
 
 

@@ -80,6 +80,9 @@ def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
     Every backend then reads it as a plain array: a strided or expanded (stride-0) view costs one
     copy of ``size`` elements here instead of a stride argument in every kernel.
     """
+    if (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == size
+            and (t.dtype == x.dtype or t.dtype == torch.float32) and t.device == x.device):
+        return t.contiguous()  # the common case: each fact read once, before any check builds a message
     check_tensor(name, t, ndim=1, device=x.device)
     if t.shape[0] != size:
         raise ValueError(f"{name}: expected shape ({size},), got {tuple(t.shape)}")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, check_dropout_p, check_tensor,
-                                  check_vector, draw_seed, eager_direct, new_empty, no_autocast,
+                                  check_vector, draw_seed, new_empty, no_autocast,
                                   no_double_backward)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
@@ -144,33 +144,40 @@ def _backward(ctx, dy, dmean, drstd, dh, bwd=None):
             dres if nres else None, as_dtype(dxb, xb_dtype) if nxb else None, None, None, None, None)
 
 
+def _differentiable(x, weight, bias, residual, x_bias, eps, backend, backward):
+    """y from the backend's ``layer_norm_fwd_differentiable`` (None where it has none, or none for
+    the call): on the torch backend, fp32/fp64, the plain ``F.layer_norm(x + x_bias + residual)``."""
+    fn = getattr(backend_module(backend, "layer_norm"), "layer_norm_fwd_differentiable", None)
+    if fn is None or not x.numel():
+        return None
+    with no_autocast(x):
+        return fn(x, weight, bias, residual, x_bias, eps=eps, backward=backward)
+
+
+def _native(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
+    """EagerOp's ``native`` (with gradients): aten's own graph of the call without dropout, or None
+    (then fastbert's node). With dropout fastbert's node stays: it saves the seed, where aten's
+    graph would keep a ``[rows, hidden]`` keep mask for backward."""
+    if dropout_p > 0.0:
+        return None
+    y = _differentiable(x, weight, bias, residual, x_bias, eps, backend, True)
+    return None if y is None else (y,)
+
+
+def _no_grad(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
+    """EagerOp's ``no_grad_impl``: the differentiable forward where the backend has it for the call
+    (y alone: no statistics, no pre-norm sum kept for a backward that will not run), else the
+    custom op's forward."""
+    if dropout_p == 0.0:
+        y = _differentiable(x, weight, bias, residual, x_bias, eps, backend, False)
+        if y is not None:
+            return (y,)
+    return _layer_norm_fwd_run(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend)
+
+
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_run, _setup_context, _backward, _layer_norm_bwd,
-                 _layer_norm_bwd_run, stats=True, flat=(0, 3))
-
-
-def _plain_eager(x, weight, bias, eps, backend):
-    """y of an unfused eager call straight from the backend's functional forward, or None (then
-    the caller runs the custom op, or its eager twin, as for any call).
-
-    Without gradients this is the forward the eager twin would run, minus its plumbing (x keeps
-    its leading dims: the functional forward takes them). With gradients, the backend is asked for
-    y with autograd recording (``autograd=True``): the torch backend returns one carrying aten's own
-    backward node where that is exactly the backward it would run itself (every row well-
-    conditioned: see ``fastbert.backends.torch.layer_norm``), and None otherwise. That spares the
-    Python autograd node and its Python backward: most of what an eager call with gradients added
-    at 16 x 768.
-    """
-    if not x.numel() or not eager_direct(x, weight, bias):
-        return None
-    functional = getattr(backend_module(backend, "layer_norm"), "layer_norm_fwd_functional", None)
-    if functional is None:
-        return None
-    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
-    with no_autocast(x):
-        out = functional(x, weight, bias, None, None, eps=eps, dropout_p=0.0, seed=None, fused=False, autograd=grad)
-    return None if out is None else out[0]
+                 _layer_norm_bwd_run, stats=True, flat=(0, 3), native=_native, no_grad_impl=_no_grad)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
@@ -208,11 +215,13 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     """
     check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
     hidden = x.shape[-1]
-    eps = as_float("eps", eps)
+    if type(eps) is not float:
+        eps = as_float("eps", eps)
     # A comparison, not math.isfinite: Dynamo passes a recompiled float symbolically (NaN fails it too).
     if not 0.0 <= eps < math.inf:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
-    dropout_p = check_dropout_p(dropout_p)
+    if type(dropout_p) is not float or dropout_p != 0.0:  # 0.0, the common case, is valid as it is
+        dropout_p = check_dropout_p(dropout_p)
     if weight is not None:
         weight = check_vector("weight", weight, size=hidden, x=x)
     if bias is not None:
@@ -230,17 +239,12 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     x = x.contiguous()
     if residual is not None:
         residual = residual.contiguous()
-    fused = residual is not None or x_bias is not None or dropout_p > 0.0
     features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
                          + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
     name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
-    if not fused:
-        y = _plain_eager(x, weight, bias, eps, name)
-        if y is not None:
-            return y
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
     # N-D x and residual: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
-    return _eager(x, weight, bias, residual, x_bias, seed, float(eps), dropout_p, name,
+    return _eager(x, weight, bias, residual, x_bias, seed, eps, dropout_p, name,
                   diff=(x, weight, bias, residual, x_bias), shape=None if x.dim() == 2 else x.shape)[0]
 
 

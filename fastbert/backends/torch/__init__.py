@@ -45,12 +45,12 @@ from fastbert.backends.torch.gelu import (geglu_bwd, geglu_fwd, geglu_fwd_differ
                                          gelu_bwd, gelu_bwd_functional, gelu_fwd, gelu_fwd_differentiable,
                                          gelu_fwd_functional)
 from fastbert.backends.torch.layer_norm import (layer_norm_bwd, layer_norm_bwd_functional, layer_norm_fwd,
-                                              layer_norm_fwd_functional)
+                                              layer_norm_fwd_differentiable, layer_norm_fwd_functional)
 from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
 
 __all__ = ["attention_fwd", "attention_bwd", "attention_fwd_functional", "attention_bwd_functional",
            "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_fwd_functional",
-           "layer_norm_bwd_functional", "gelu_fwd", "gelu_bwd",
+           "layer_norm_bwd_functional", "layer_norm_fwd_differentiable", "gelu_fwd", "gelu_bwd",
            "gelu_fwd_functional", "gelu_bwd_functional", "gelu_fwd_differentiable", "geglu_fwd", "geglu_bwd",
            "geglu_fwd_differentiable", "geglu_saves_activation",
            "rotary_fwd", "rotary_bwd"]
