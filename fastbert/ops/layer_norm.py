@@ -13,6 +13,8 @@ from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, c
                                   no_double_backward)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 
@@ -150,8 +152,10 @@ def _differentiable(x, weight, bias, residual, x_bias, eps, backend, backward):
     fn = getattr(backend_module(backend, "layer_norm"), "layer_norm_fwd_differentiable", None)
     if fn is None or not x.numel():
         return None
-    with no_autocast(x):
-        return fn(x, weight, bias, residual, x_bias, eps=eps, backward=backward)
+    if _any_autocast():  # then the backend runs with autocast off; else no context to enter and leave
+        with no_autocast(x):
+            return fn(x, weight, bias, residual, x_bias, eps=eps, backward=backward)
+    return fn(x, weight, bias, residual, x_bias, eps=eps, backward=backward)
 
 
 def _native(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
@@ -213,7 +217,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         TypeError / ValueError: naming the argument, expected and actual value (ndim, hidden size,
             dtype, device, dropout_p, eps). RuntimeError: a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
+    if not (isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPES and 0 < x.dim() <= _NDIMS[-1]):
+        check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)  # raises, naming what is wrong
     hidden = x.shape[-1]
     if type(eps) is not float:
         eps = as_float("eps", eps)
