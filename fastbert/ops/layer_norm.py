@@ -234,10 +234,11 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     if x_bias is not None:
         x_bias = check_vector("x_bias", x_bias, size=hidden, x=x)
     if residual is not None:
-        check_tensor("residual", residual, device=x.device)
+        if not (isinstance(residual, Tensor) and residual.is_cpu and x.is_cpu):  # on CPU: same device
+            check_tensor("residual", residual, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if autocast_dtype(x) is not None:  # under autocast the residual stream takes x's dtype
+        if _any_autocast() and autocast_dtype(x) is not None:  # under autocast the residual takes x's dtype
             residual = residual.to(x.dtype)
         if residual.dtype != x.dtype:
             raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
@@ -246,7 +247,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         residual = residual.contiguous()
     features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
                          + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
-    name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
+    # "cpu" without building a device object and its type string (x.device.type) on CPU
+    name = resolve_call("layer_norm", "cpu" if x.is_cpu else x.device.type, x.dtype, None, features, backend)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
     # N-D x and residual: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
     return _eager(x, weight, bias, residual, x_bias, seed, eps, dropout_p, name,
