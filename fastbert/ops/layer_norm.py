@@ -192,7 +192,11 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     LayerNorm over the last dim (Ba et al. 2016, eqs. 3-4): ``(h - mean) / sqrt(var + eps)`` with
     statistics in fp32 and the stable two-pass variance. An all-zero row normalises to zeros, so
     it returns ``bias`` (for eps > 0; with ``eps = 0`` a constant row is 0 / 0 = NaN on every
-    backend, as in torch). Empty in (no rows, or hidden 0), empty out.
+    backend, as in torch). Empty in (no rows, or hidden 0), empty out. With gradients, an eager
+    fp32/fp64 call without dropout on the torch backend records the plain torch sequence's graph
+    (``F.layer_norm(x + x_bias + residual)``: aten's backward, h and its statistics kept for it)
+    where every row is well-conditioned for aten's backward, fastbert's own node otherwise (and
+    with dropout, where it saves the seed rather than a mask).
 
     Args:
         x: ``(..., hidden)``; fp16, bf16, fp32 or fp64; any strides.

@@ -30,9 +30,9 @@ allocate exactly what they return: no out= buffers, no copies; at 16 x 768 the `
 ``native_layer_norm`` cost about twice the functional one). Their outputs are not poisoned by the
 test switch; they have no element left to forget (masked attention assembled from several calls
 allocates through ``fastbert.backends.workspace``, which is). ``gelu_fwd_differentiable`` / ``geglu_fwd_differentiable``
-(fp32/fp64; None otherwise) compute the forward with differentiable aten calls: ``fastbert.ops``'
-eager path with gradients records aten's own graph through them (the plain torch sequence's,
-no Python autograd node).
+/ ``layer_norm_fwd_differentiable`` (fp32/fp64; None otherwise; see ``fastbert.backends``) compute
+the forward with differentiable aten calls: ``fastbert.ops``' eager path with gradients records aten's
+own graph through them (the plain torch sequence's, no Python autograd node).
 
 Layout: one module per op (``attention.py``, with ``_window.py`` for the local window and
 ``_masked.py`` for the key-mask plan; ``layer_norm.py``; ``gelu.py`` for GELU and GeGLU; ``rotary.py``); this package exports each op's
