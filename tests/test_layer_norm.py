@@ -462,16 +462,21 @@ def test_torch_backend_add_norm_eager_records_aten_s_graph(dtype, params_fp32, s
         assert_close_to_ref(t, hi, lo, name=f"output {i}")
 
 
-@pytest.mark.parametrize("shift", [(5, 3.0), (5, 1e4), (0, "constant")])
+@pytest.mark.parametrize("shift", [(5, 3.0), (5, 1e4), (0, "constant"), (5, "fp64 spread 1e-2")])
 @pytest.mark.parametrize("fusion", ["residual", "both"])
 def test_torch_backend_add_norm_ill_conditioned_rows(shift, fusion, poison):
     """Rows past the backward's threshold (|mean| * rstd > 1) take fastbert's node; rows of mean 1e4
-    and spread ~1 (|mean| * rstd ~ 1e4) and a constant row (residual and x_bias cancelling x) also
-    its recomputed forward, with and without gradients: outputs and gradients equal the custom-op
-    path's and follow the tolerance rule against the fp64 reference; the constant row returns bias."""
+    and spread ~1 (|mean| * rstd ~ 1e4; fp64: spread 1e-2, ~1e6) and a constant row (residual and
+    x_bias cancelling x) also its recomputed forward, with and without gradients: outputs and
+    gradients equal the custom-op path's and follow the tolerance rule against the fp64 reference;
+    the constant row returns bias."""
     row, offset = shift
-    x, w, b, res, xb = _add_norm_inputs((2, 6, 64), torch.float32, True, seed=32,
-                                        shift=None if offset == "constant" else shift)
+    dtype = torch.float64 if offset == "fp64 spread 1e-2" else torch.float32
+    x, w, b, res, xb = _add_norm_inputs((2, 6, 64), dtype, dtype == torch.float32, seed=32,
+                                        shift=shift if isinstance(offset, float) else None)
+    if dtype == torch.float64:
+        x.view(-1, 64)[row] = 1e4 + 1e-2 * x.view(-1, 64)[row]
+        res.view(-1, 64)[row] *= 1e-2
     if offset == "constant":  # h = (x + x_bias) + residual = 7 exactly in row 0 (dyadic x_bias)
         xb = torch.randint(-8, 8, (64,), generator=torch.Generator().manual_seed(3)) / 8.0
         x.view(-1, 64)[0] = 7.0 - (xb if fusion == "both" else 0.0)
@@ -487,7 +492,7 @@ def test_torch_backend_add_norm_ill_conditioned_rows(shift, fusion, poison):
     assert torch.equal(y, want[0])
     if offset == "constant":
         assert torch.equal(y.view(-1, 64)[0], b)
-    dy = torch.linspace(-1, 1, y.numel()).view(y.shape)
+    dy = torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)
     names = ("y", "dx", "dweight", "dbias", "dresidual", "dx_bias")
     for name, t, hi, lo in zip(names, got, *_reference_outputs(inputs, fusion, dy)):
         assert_close_to_ref(t, hi, lo, name=name)
