@@ -287,21 +287,28 @@ def test_torch_backend_dbias_from_aten_pass(dtype, params, shifted, poison):
 
 
 def test_torch_backend_worst_ratio_is_max_abs_and_propagates_nan():
-    """issue 16: the ill-conditioned-row check (now mul / abs_ / max) is ``max |mean| * rstd``, a
-    negative mean counted by its size, and NaN wherever a row's statistics are NaN."""
-    from fastbert.backends.torch.layer_norm import _ill_conditioned_rows, _worst_ratio
+    """issue 16: the ill-conditioned-row check (now mul / aminmax) is ``max |mean| * rstd``, a
+    negative mean counted by its size (at either end of the range), NaN wherever a row's statistics
+    are NaN; the rows past a threshold are those :func:`_rows_above` finds (NaN rows are not)."""
+    from fastbert.backends.torch.layer_norm import _rows_above, _worst_ratio
 
     mean = torch.tensor([0.5, -40.0, 3.0, 20.0])
     rstd = torch.tensor([1.0, 0.5, 1.0, 0.5])
     assert _worst_ratio(mean, rstd) == 20.0
+    assert _worst_ratio(-mean, rstd) == 20.0
+    assert _worst_ratio(mean[2:], rstd[2:]) == 10.0  # the maximum at the top end
+    assert _worst_ratio(-mean[2:], rstd[2:]) == 10.0  # ... and at the bottom one
     assert _worst_ratio(mean.double(), rstd.double()) == 20.0
-    assert _ill_conditioned_rows(mean, rstd).tolist() == [1]
-    assert _ill_conditioned_rows(mean, rstd, threshold=2.0).tolist() == [1, 2, 3]
+    assert _worst_ratio(mean.view(4, 1), rstd.view(4, 1)) == 20.0  # aten's (rows, 1) statistics
+    assert _rows_above(mean, rstd, 16.0).tolist() == [1]
+    assert _rows_above(mean, rstd, 2.0).tolist() == [1, 2, 3]
+    assert _rows_above(mean, rstd, 20.0) is None
     for i in range(4):
         m = mean.clone()
         m[i] = float("nan")
         w = _worst_ratio(m, rstd)
         assert w != w
+        assert _rows_above(m, rstd, 2.0).tolist() == [j for j in (1, 2, 3) if j != i]
     assert _worst_ratio(mean[:0], rstd[:0]) == 0.0
 
 
@@ -386,3 +393,200 @@ def test_torch_backend_backward_reads_the_forward_s_worst_ratio():
     assert not tln._aten_form_is_stable(mean, rstd)
     assert tln._aten_form_is_stable(mean.clone(), rstd.clone())  # no hint: measured
     assert not tln._aten_form_is_stable(mean.clone().fill_(float("nan")), rstd.clone())
+
+
+# ---- issue 16: the eager paths of an add & norm ------------------------------------------------
+
+
+def _add_norm_inputs(shape, dtype, params_fp32, seed, shift=None):
+    """x, weight, bias, residual, x_bias (fresh random values; ``shift``: (row index, offset) added to
+    one row of x, which makes it ill-conditioned for large offsets)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    hidden = shape[-1]
+    pdt = torch.float32 if params_fp32 else dtype
+    x, res = r(*shape).to(dtype), r(*shape).to(dtype)
+    if shift is not None:
+        x.view(-1, hidden)[shift[0]] += shift[1]
+    return x, (1 + 0.1 * r(hidden)).to(pdt), (0.1 * r(hidden)).to(pdt), res, (0.1 * r(hidden)).to(pdt)
+
+
+def _add_norm_fn(fusion, dropout_p=0.0):
+    """ops.layer_norm on the torch backend taking (x, weight, bias[, residual][, x_bias])."""
+    def fn(x, w, b, *rest):
+        res = rest[0] if fusion in ("residual", "both") else None
+        xb = rest[-1] if fusion in ("x_bias", "both") else None
+        return layer_norm(x, w, b, eps=1e-12, residual=res, x_bias=xb, dropout_p=dropout_p, backend="torch")
+    return fn
+
+
+def _fusion_inputs(inputs, fusion):
+    x, w, b, res, xb = inputs
+    return {"residual": (x, w, b, res), "x_bias": (x, w, b, xb), "both": (x, w, b, res, xb)}[fusion]
+
+
+def _reference_outputs(fn_inputs, fusion, dy):
+    """[y, *grads] of the reference backend in fp64 and in the inputs' dtype."""
+    out = []
+    for dt in (torch.float64, fn_inputs[0].dtype):
+        leaves = [t.to(torch.float64 if dt == torch.float64 else t.dtype).requires_grad_() for t in fn_inputs]
+        x, w, b, *rest = leaves
+        res = rest[0] if fusion in ("residual", "both") else None
+        xb = rest[-1] if fusion in ("x_bias", "both") else None
+        y = layer_norm(x, w, b, eps=1e-12, residual=res, x_bias=xb, backend="reference")
+        out.append([y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))])
+    return out
+
+
+@pytest.mark.parametrize("dtype,params_fp32", [(torch.float32, True), (torch.float64, False), (torch.float64, True)])
+@pytest.mark.parametrize("shape", [(33, 96), (2, 3, 40)])
+@pytest.mark.parametrize("fusion", ["residual", "x_bias", "both"])
+def test_torch_backend_add_norm_eager_records_aten_s_graph(dtype, params_fp32, shape, fusion, poison):
+    """Without dropout, well-conditioned rows: the eager add & norm with gradients records aten's own
+    graph (the adds, then native_layer_norm: no Python node), whose y and gradients (x, weight, bias,
+    residual, x_bias; fp32 parameters with fp64 x too) equal the custom-op path's bit for bit and follow
+    the tolerance rule against the fp64 reference; without gradients y is the custom op's as well."""
+    inputs = _fusion_inputs(_add_norm_inputs(shape, dtype, params_fp32, seed=31), fusion)
+    fn = _add_norm_fn(fusion)
+    y = fn(*(t.clone().requires_grad_() for t in inputs))
+    assert type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
+    assert y.shape == inputs[0].shape and y.dtype == dtype
+    want, got = _custom_op_vs_eager(fn, inputs)
+    for a, c in zip(got, want, strict=True):
+        assert a.dtype == c.dtype and a.shape == c.shape
+        assert torch.equal(a, c)
+    with torch.no_grad():
+        assert torch.equal(fn(*inputs), want[0])
+    dy = torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)
+    for i, (t, hi, lo) in enumerate(zip(got, *_reference_outputs(inputs, fusion, dy), strict=True)):
+        assert_close_to_ref(t, hi, lo, name=f"output {i}")
+
+
+@pytest.mark.parametrize("shift", [(5, 3.0), (5, 1e4), (0, "constant"), (5, "fp64 spread 1e-2")])
+@pytest.mark.parametrize("fusion", ["residual", "both"])
+def test_torch_backend_add_norm_ill_conditioned_rows(shift, fusion, poison):
+    """Rows past the backward's threshold (|mean| * rstd > 1) take fastbert's node; rows of mean 1e4
+    and spread ~1 (|mean| * rstd ~ 1e4; fp64: spread 1e-2, ~1e6) and a constant row (residual and
+    x_bias cancelling x) also its recomputed forward, with and without gradients: outputs and
+    gradients equal the custom-op path's and follow the tolerance rule against the fp64 reference;
+    the constant row returns bias."""
+    row, offset = shift
+    dtype = torch.float64 if offset == "fp64 spread 1e-2" else torch.float32
+    x, w, b, res, xb = _add_norm_inputs((2, 6, 64), dtype, dtype == torch.float32, seed=32,
+                                        shift=shift if isinstance(offset, float) else None)
+    if dtype == torch.float64:
+        x.view(-1, 64)[row] = 1e4 + 1e-2 * x.view(-1, 64)[row]
+        res.view(-1, 64)[row] *= 1e-2
+    if offset == "constant":  # h = (x + x_bias) + residual = 7 exactly in row 0 (dyadic x_bias)
+        xb = torch.randint(-8, 8, (64,), generator=torch.Generator().manual_seed(3)) / 8.0
+        x.view(-1, 64)[0] = 7.0 - (xb if fusion == "both" else 0.0)
+        res.view(-1, 64)[0] = 0.0
+    inputs = _fusion_inputs((x, w, b, res, xb), fusion)
+    fn = _add_norm_fn(fusion)
+    assert type(fn(*(t.clone().requires_grad_() for t in inputs)).grad_fn).__name__ == "_EagerFunctionBackward"
+    want, got = _custom_op_vs_eager(fn, inputs)
+    for a, c in zip(got, want, strict=True):
+        assert torch.equal(a, c)
+    with torch.no_grad():
+        y = fn(*inputs)
+    assert torch.equal(y, want[0])
+    if offset == "constant":
+        assert torch.equal(y.view(-1, 64)[0], b)
+    dy = torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)
+    names = ("y", "dx", "dweight", "dbias", "dresidual", "dx_bias")
+    for name, t, hi, lo in zip(names, got, *_reference_outputs(inputs, fusion, dy)):
+        assert_close_to_ref(t, hi, lo, name=name)
+
+
+def test_torch_backend_add_norm_ill_conditioned_rows_no_grad_nd():
+    """Without gradients the add & norm recomputes the ill-conditioned rows of an N-D call in place
+    by the reference's math: rows of mean 1e4 and spread 1 and a constant pre-norm row (eps 1e-12,
+    which returns exactly bias) are the reference's bit for bit, the well-conditioned rows aten's;
+    y follows the tolerance rule."""
+    g = torch.Generator().manual_seed(33)
+    x = torch.randn(3, 4, 128, generator=g)
+    res = torch.randn(3, 4, 128, generator=g)
+    xb = torch.randint(-8, 8, (128,), generator=g) / 8.0  # dyadic: (7 - xb) + xb is 7 exactly
+    x[1] = 1e4 + x[1]
+    x[2, 3], res[2, 3] = 7.0 - xb, 0.0
+    w, b = 1 + 0.1 * torch.randn(128, generator=g), 0.1 * torch.randn(128, generator=g)
+    with torch.no_grad():
+        y = layer_norm(x, w, b, eps=1e-12, residual=res, x_bias=xb, backend="torch")
+        hi = layer_norm(x.double(), w, b, eps=1e-12, residual=res.double(), x_bias=xb.double(), backend="reference")
+        lo = layer_norm(x, w, b, eps=1e-12, residual=res, x_bias=xb, backend="reference")
+        aten = F.layer_norm(x + xb + res, (128,), w, b, eps=1e-12)
+    assert y.shape == x.shape
+    assert_close_to_ref(y, hi, lo)
+    assert torch.equal(y[2, 3], b)
+    assert torch.equal(y[1], lo[1]) and torch.equal(y[2, 3], lo[2, 3])
+    assert not torch.equal(aten[1], lo[1])  # what the recomputation changed
+    assert torch.equal(y[0], aten[0]) and torch.equal(y[2, :3], aten[2, :3])
+
+
+def test_torch_backend_add_norm_with_dropout_keeps_fastbert_s_node():
+    """With dropout the eager add & norm keeps fastbert's node, which saves the seed (no
+    ``[rows, hidden]`` keep mask), and its mask is the shared Philox one: y equals the reference's
+    under the same seed."""
+    x, w, b, res, xb = (t.requires_grad_() for t in _add_norm_inputs((8, 64), torch.float32, True, seed=34))
+    torch.manual_seed(5)
+    y = layer_norm(x, w, b, residual=res, x_bias=xb, dropout_p=0.25, backend="torch")
+    assert type(y.grad_fn).__name__ == "_EagerFunctionBackward"
+    saved = y.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved if t is not None) <= x.numel() + 2 * 64 + 2 * 8 + 2  # h, w, mean, rstd, seed
+    torch.manual_seed(5)
+    ref = layer_norm(x, w, b, residual=res, x_bias=xb, dropout_p=0.25, backend="reference")
+    assert_close_to_ref(y, ref.double(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_half_add_norm_stays_on_its_path(dtype, poison):
+    """fp16/bf16 add & norm keeps its fp32 pre-norm sum, rounded once (no aten graph of that form):
+    fastbert's node with gradients, the custom op's forward without, bit for bit."""
+    inputs = _fusion_inputs(_add_norm_inputs((2, 5, 96), dtype, True, seed=35), "both")
+    fn = _add_norm_fn("both")
+    assert type(fn(*(t.clone().requires_grad_() for t in inputs)).grad_fn).__name__ == "_EagerFunctionBackward"
+    want, got = _custom_op_vs_eager(fn, inputs)
+    for a, c in zip(got, want, strict=True):
+        assert torch.equal(a, c)
+    with torch.no_grad():
+        assert torch.equal(fn(*inputs), want[0])
+
+
+@pytest.mark.parametrize("shift", [None, (3, 1e4)])
+@pytest.mark.parametrize("fusion", ["none", "both"])
+def test_torch_backend_eager_paths_under_copying_saved_tensor_hooks(shift, fusion, poison):
+    """A saved-tensor hook that copies what autograd saves (offloading does) changes no gradient, on
+    aten's graph and on fastbert's node alike (the forward's worst-ratio hint does not survive the
+    copy: the backward measures again)."""
+    x, w, b, res, xb = _add_norm_inputs((2, 6, 64), torch.float32, True, seed=36, shift=shift)
+    inputs = (x, w, b) if fusion == "none" else (x, w, b, res, xb)
+    fn = (lambda x, w, b: layer_norm(x, w, b, eps=1e-12, backend="torch")) if fusion == "none" else _add_norm_fn(fusion)
+    dy_of = lambda y: torch.linspace(-1, 1, y.numel()).view(y.shape)  # noqa: E731
+    from _custom_op_path import output_and_grads
+
+    want = output_and_grads(fn, inputs, dy_of, False)
+    copies = []
+
+    def pack(t):
+        copies.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = output_and_grads(fn, inputs, dy_of, False)
+    assert copies  # the hook saw the saved tensors
+    for a, c in zip(got, want, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_compiled_add_norm_gradients_match_eager():
+    """torch.compile traces the custom op (its registered autograd): y and every gradient of the
+    compiled add & norm match the eager call, which records aten's graph."""
+    inputs = _fusion_inputs(_add_norm_inputs((4, 32), torch.float32, True, seed=37), "both")
+    fn = _add_norm_fn("both")
+    dy_of = lambda y: torch.linspace(-1, 1, y.numel()).view(y.shape)  # noqa: E731
+    from _custom_op_path import output_and_grads
+
+    eager = output_and_grads(fn, inputs, dy_of, False)
+    compiled = output_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True), inputs, dy_of, False)
+    for a, c in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-6)

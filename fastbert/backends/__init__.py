@@ -65,6 +65,26 @@ seed)``
     positions restarting per sequence). Features ``>= rotary_dim`` are copied. Backward is the
     inverse rotation (the forward with ``-sin``).
 
+Optional entry points, looked up by name where a module has them (``fastbert.ops`` falls back to the
+ones above otherwise):
+
+``<op>_fwd_functional`` / ``<op>_bwd_functional`` (same arguments, no outputs)
+    Return fresh outputs instead of writing preallocated ones (aten's functional calls allocate
+    exactly what they return). ``layer_norm_fwd_functional`` returns ``(y, mean, rstd, h)`` and may
+    leave a hint on ``rstd``: the Python float attribute ``_fastbert_worst_ratio``, the forward's
+    ``max |mean| * rstd``, which the same backend's ``layer_norm_bwd*`` reads instead of measuring it
+    again (autograd hands a saved tensor back as the same object; a tensor without it, as after a
+    saved-tensor hook that copies, is measured again).
+
+``<op>_fwd_differentiable`` (GELU, GeGLU, LayerNorm)
+    y through differentiable aten calls, or None where the backend computes the call another way.
+    ``fastbert.ops``' eager path with gradients runs it under torch's autograd (aten's own backward
+    nodes, no Python node: the plain torch sequence's graph); the result must equal the forward and
+    backward entry points' bit for bit. ``layer_norm_fwd_differentiable(x, weight, bias, residual,
+    x_bias, *, eps, backward)`` takes no dropout (ops keeps its own node there: it saves the seed,
+    not a mask) and x with any leading dims; ``backward=False`` is the eager forward without
+    gradients (y alone, none of the statistics).
+
 A backend that needs scratch memory (row sums, partial reductions) asks :func:`workspace` for it:
 the allocator is the one ``fastbert.ops`` uses for outputs, so the test switch that poisons every
 output with NaN poisons workspaces too, and allocation policy stays in one place.

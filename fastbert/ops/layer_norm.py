@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, check_dropout_p, check_tensor,
-                                  check_vector, draw_seed, eager_direct, new_empty, no_autocast,
+                                  check_vector, draw_seed, new_empty, no_autocast,
                                   no_double_backward)
 from fastbert.ops._dispatch import backend_module, resolve_call
+
+_any_autocast = torch._C._is_any_autocast_enabled
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
@@ -144,33 +146,42 @@ def _backward(ctx, dy, dmean, drstd, dh, bwd=None):
             dres if nres else None, as_dtype(dxb, xb_dtype) if nxb else None, None, None, None, None)
 
 
+def _differentiable(x, weight, bias, residual, x_bias, eps, backend, backward):
+    """y from the backend's ``layer_norm_fwd_differentiable`` (None where it has none, or none for
+    the call): on the torch backend, fp32/fp64, the plain ``F.layer_norm(x + x_bias + residual)``."""
+    fn = getattr(backend_module(backend, "layer_norm"), "layer_norm_fwd_differentiable", None)
+    if fn is None or not x.numel():
+        return None
+    if _any_autocast():  # then the backend runs with autocast off; else no context to enter and leave
+        with no_autocast(x):
+            return fn(x, weight, bias, residual, x_bias, eps=eps, backward=backward)
+    return fn(x, weight, bias, residual, x_bias, eps=eps, backward=backward)
+
+
+def _native(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
+    """EagerOp's ``native`` (with gradients): aten's own graph of the call without dropout, or None
+    (then fastbert's node). With dropout fastbert's node stays: it saves the seed, where aten's
+    graph would keep a ``[rows, hidden]`` keep mask for backward."""
+    if dropout_p > 0.0:
+        return None
+    y = _differentiable(x, weight, bias, residual, x_bias, eps, backend, True)
+    return None if y is None else (y,)
+
+
+def _no_grad(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
+    """EagerOp's ``no_grad_impl``: the differentiable forward where the backend has it for the call
+    (y alone: no statistics, no pre-norm sum kept for a backward that will not run), else the
+    custom op's forward."""
+    if dropout_p == 0.0:
+        y = _differentiable(x, weight, bias, residual, x_bias, eps, backend, False)
+        if y is not None:
+            return (y,)
+    return _layer_norm_fwd_run(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend)
+
+
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_layer_norm_fwd, _layer_norm_fwd_run, _setup_context, _backward, _layer_norm_bwd,
-                 _layer_norm_bwd_run, stats=True, flat=(0, 3))
-
-
-def _plain_eager(x, weight, bias, eps, backend):
-    """y of an unfused eager call straight from the backend's functional forward, or None (then
-    the caller runs the custom op, or its eager twin, as for any call).
-
-    Without gradients this is the forward the eager twin would run, minus its plumbing (x keeps
-    its leading dims: the functional forward takes them). With gradients, the backend is asked for
-    y with autograd recording (``autograd=True``): the torch backend returns one carrying aten's own
-    backward node where that is exactly the backward it would run itself (every row well-
-    conditioned: see ``fastbert.backends.torch.layer_norm``), and None otherwise. That spares the
-    Python autograd node and its Python backward: most of what an eager call with gradients added
-    at 16 x 768.
-    """
-    if not x.numel() or not eager_direct(x, weight, bias):
-        return None
-    functional = getattr(backend_module(backend, "layer_norm"), "layer_norm_fwd_functional", None)
-    if functional is None:
-        return None
-    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
-    with no_autocast(x):
-        out = functional(x, weight, bias, None, None, eps=eps, dropout_p=0.0, seed=None, fused=False, autograd=grad)
-    return None if out is None else out[0]
+                 _layer_norm_bwd_run, stats=True, flat=(0, 3), native=_native, no_grad_impl=_no_grad)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
@@ -181,7 +192,11 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     LayerNorm over the last dim (Ba et al. 2016, eqs. 3-4): ``(h - mean) / sqrt(var + eps)`` with
     statistics in fp32 and the stable two-pass variance. An all-zero row normalises to zeros, so
     it returns ``bias`` (for eps > 0; with ``eps = 0`` a constant row is 0 / 0 = NaN on every
-    backend, as in torch). Empty in (no rows, or hidden 0), empty out.
+    backend, as in torch). Empty in (no rows, or hidden 0), empty out. With gradients, an eager
+    fp32/fp64 call without dropout on the torch backend records the plain torch sequence's graph
+    (``F.layer_norm(x + x_bias + residual)``: aten's backward, h and its statistics kept for it)
+    where every row is well-conditioned for aten's backward, fastbert's own node otherwise (and
+    with dropout, where it saves the seed rather than a mask).
 
     Args:
         x: ``(..., hidden)``; fp16, bf16, fp32 or fp64; any strides.
@@ -206,13 +221,16 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         TypeError / ValueError: naming the argument, expected and actual value (ndim, hidden size,
             dtype, device, dropout_p, eps). RuntimeError: a forced backend cannot run the call.
     """
-    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
+    if not (isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPES and 0 < x.dim() <= _NDIMS[-1]):
+        check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)  # raises, naming what is wrong
     hidden = x.shape[-1]
-    eps = as_float("eps", eps)
+    if type(eps) is not float:
+        eps = as_float("eps", eps)
     # A comparison, not math.isfinite: Dynamo passes a recompiled float symbolically (NaN fails it too).
     if not 0.0 <= eps < math.inf:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
-    dropout_p = check_dropout_p(dropout_p)
+    if type(dropout_p) is not float or dropout_p != 0.0:  # 0.0, the common case, is valid as it is
+        dropout_p = check_dropout_p(dropout_p)
     if weight is not None:
         weight = check_vector("weight", weight, size=hidden, x=x)
     if bias is not None:
@@ -220,27 +238,24 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     if x_bias is not None:
         x_bias = check_vector("x_bias", x_bias, size=hidden, x=x)
     if residual is not None:
-        check_tensor("residual", residual, device=x.device)
+        if not (isinstance(residual, Tensor) and residual.is_cpu and x.is_cpu):  # on CPU: same device
+            check_tensor("residual", residual, device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if autocast_dtype(x) is not None:  # under autocast the residual stream takes x's dtype
+        if _any_autocast() and autocast_dtype(x) is not None:  # under autocast the residual takes x's dtype
             residual = residual.to(x.dtype)
         if residual.dtype != x.dtype:
             raise TypeError(f"residual: expected x's dtype {x.dtype}, got {residual.dtype}")
     x = x.contiguous()
     if residual is not None:
         residual = residual.contiguous()
-    fused = residual is not None or x_bias is not None or dropout_p > 0.0
     features = _FEATURES[(weight is not None) + 2 * (bias is not None) + 4 * (residual is not None)
                          + 8 * (x_bias is not None) + 16 * (dropout_p > 0.0)]
-    name = resolve_call("layer_norm", x.device.type, x.dtype, None, features, backend)
-    if not fused:
-        y = _plain_eager(x, weight, bias, eps, name)
-        if y is not None:
-            return y
+    # "cpu" without building a device object and its type string (x.device.type) on CPU
+    name = resolve_call("layer_norm", "cpu" if x.is_cpu else x.device.type, x.dtype, None, features, backend)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
     # N-D x and residual: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
-    return _eager(x, weight, bias, residual, x_bias, seed, float(eps), dropout_p, name,
+    return _eager(x, weight, bias, residual, x_bias, seed, eps, dropout_p, name,
                   diff=(x, weight, bias, residual, x_bias), shape=None if x.dim() == 2 else x.shape)[0]
 
 

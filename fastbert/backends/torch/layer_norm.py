@@ -33,13 +33,18 @@ _LN_BWD = torch.ops.aten.native_layer_norm_backward.default
 def _worst_ratio(mean, rstd):
     """``max_rows |mean| * rstd`` as a Python float (NaN when a row's statistics are NaN), or None
     while capturing a CUDA graph (the read is a host sync; on a GPU Triton or CUDA normally runs
-    LayerNorm anyway). Three ``[rows]`` ops (a product, its in-place abs and the max, which
-    propagates NaN) and one read: no ``[rows, hidden]`` work. Statistics of any shape (aten's
-    ``[rows, 1]`` as well). (Not ``vector_norm(., inf)``: its CPU kernel took 6 us at 1024 rows
-    where these take 3.6, 1 thread.)"""
+    LayerNorm anyway). Two ``[rows]`` ops (the product and its ``aminmax``, which makes both ends
+    NaN when any element is) and two reads: no ``[rows, hidden]`` work. Statistics of any shape
+    (aten's ``[rows, 1]`` as well). (Not ``abs_().max()``: one dispatched op more, 0.4-0.7 us at 16
+    and 1024 rows; not ``vector_norm(., inf)``: its CPU kernel took 6 us at 1024 rows where these
+    take 3.6, 1 thread.)"""
     if mean.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    return torch.mul(mean, rstd).abs_().max().item() if mean.numel() else 0.0
+    if not mean.numel():
+        return 0.0
+    lo, hi = torch.aminmax(torch.mul(mean, rstd))
+    lo, hi = -lo.item(), hi.item()
+    return hi if hi >= lo else lo  # NaN: both are, and so is the result
 
 
 def _rows_above(mean, rstd, threshold):
@@ -47,16 +52,6 @@ def _rows_above(mean, rstd, threshold):
     not), or None when there is none."""
     idx = (mean.abs().mul_(rstd) > threshold).nonzero().view(-1)
     return idx if idx.numel() else None
-
-
-def _ill_conditioned_rows(mean, rstd, threshold=ILL_CONDITIONED):
-    """Indices of the rows aten cannot be trusted with, or None (the common case: the
-    :func:`_worst_ratio` of these statistics is at most ``threshold``; then no row is looked at).
-    NaN propagates through the max: then the rows are looked at one by one."""
-    worst = _worst_ratio(mean, rstd)
-    if worst is None or worst <= threshold:
-        return None
-    return _rows_above(mean, rstd, threshold)
 
 
 # The forward's :func:`_worst_ratio`, kept on the ``rstd`` it returns so the backward of the same
@@ -93,7 +88,7 @@ def _pre_norm_sum(x, residual, x_bias, dropout_p, seed):
     return h
 
 
-def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout_p, seed, fused, autograd=False):
+def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout_p, seed, fused):
     """:func:`layer_norm_fwd` returning its outputs ``(y, mean, rstd, h)`` instead of writing
     preallocated ones (``h`` None unless ``fused``): aten's functional ``native_layer_norm``
     allocates exactly what it returns, so this saves the ``out=`` call's overhead and, for
@@ -104,27 +99,11 @@ def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout
     reference; finding them reads one number per call (see :func:`_worst_ratio`), which rides on
     ``rstd`` to the backward (:data:`_WORST`). Unfused calls take x with any leading dims
     (``(..., hidden)``: y has x's shape, mean / rstd ``[rows]``).
-
-    ``autograd=True``: ``fastbert.ops``' eager path for an unfused call that needs gradients. The
-    forward then runs with autograd recording, so y carries aten's own backward node
-    (``native_layer_norm_backward``: the call :func:`layer_norm_bwd_functional` itself makes for
-    such rows, bit for bit, without the Python autograd node around it). Returned only when that
-    backward is the one this backend would run: x fp32 / fp64, ``hidden > 2`` and every row
-    well-conditioned for aten's backward (``max |mean| * rstd <=`` :data:`BWD_ILL_CONDITIONED`,
-    hence for its forward too); otherwise None (without computing anything for the first two), and
-    the caller runs its own autograd node (computing the forward again: rows past
-    :data:`BWD_ILL_CONDITIONED` pay aten's forward twice). mean / rstd are then aten's
-    ``(..., 1)`` statistics.
     """
     hidden = x.shape[-1]
-    if autograd and (fused or hidden <= 2 or x.dtype not in (torch.float32, torch.float64)):
-        return None
     h = _pre_norm_sum(x, residual, x_bias, dropout_p, seed) if fused else x
     w, b = _aten_params(weight, bias, x.dtype)
     y, mean, rstd = torch.native_layer_norm(h, (hidden,), w, b, eps)
-    if autograd:  # x fp32 / fp64: the statistics are in x's dtype already
-        worst = _worst_ratio(mean, rstd)
-        return (y, mean, rstd, None) if worst is not None and worst <= BWD_ILL_CONDITIONED else None
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     mean, rstd = mean.view(-1), rstd.view(-1)
     if mean.dtype != stat:
@@ -132,12 +111,64 @@ def layer_norm_fwd_functional(x, weight, bias, residual, x_bias, *, eps, dropout
     worst = _worst_ratio(mean, rstd)
     if worst is not None:
         if not worst <= ILL_CONDITIONED:  # NaN too: the rows are then looked at one by one
-            idx = _rows_above(mean, rstd, ILL_CONDITIONED)
-            if idx is not None:
-                y2 = y.view(-1, hidden)
-                y2[idx], mean[idx], rstd[idx] = composite.layer_norm_math(h.reshape(-1, hidden)[idx], weight, bias, eps)
+            _recompute_rows(y, h, weight, bias, eps, mean, rstd)
         setattr(rstd, _WORST, worst)
     return y, mean, rstd, (h if fused else None)
+
+
+def _recompute_rows(y, h, weight, bias, eps, mean, rstd, stats=True):
+    """Overwrite the rows of y (and, with ``stats``, of the ``[rows]`` mean / rstd) whose statistics
+    say aten's one-pass forward cannot be trusted (``|mean| * rstd >`` :data:`ILL_CONDITIONED`) with
+    the reference's two-pass math; mean / rstd of any shape (aten's ``(..., 1)`` as well)."""
+    idx = _rows_above(mean.view(-1), rstd.view(-1), ILL_CONDITIONED)
+    if idx is not None:
+        hidden = h.shape[-1]
+        y2 = y.view(-1, hidden)
+        y2[idx], m, r = composite.layer_norm_math(h.reshape(-1, hidden)[idx], weight, bias, eps)
+        if stats:
+            mean[idx], rstd[idx] = m, r
+
+
+_ATEN_GRAPH_DTYPES = (torch.float32, torch.float64)
+
+
+def layer_norm_fwd_differentiable(x, weight, bias, residual, x_bias, *, eps, backward):
+    """y of an add & norm without dropout, ``LN(x + x_bias + residual)``, through differentiable
+    aten calls: the plain torch sequence ``F.layer_norm(x + x_bias + residual, ...)`` (adds, then
+    ``native_layer_norm``), x ``(..., hidden)`` fp32 / fp64 with any leading dims, residual like x;
+    None where this backend computes the call another way.
+
+    ``backward=True``: ``fastbert.ops``' eager path with gradients runs it under torch's autograd,
+    so y carries aten's own backward nodes (``native_layer_norm_backward``, the call
+    :func:`layer_norm_bwd_functional` itself makes for such rows, bit for bit; the adds' gradients
+    summed over rows for x_bias) with no Python autograd node and nothing saved but what the plain
+    sequence saves (h, its statistics, weight and bias). Returned only where that backward is this
+    backend's: ``hidden > 2`` and every row well-conditioned for aten's backward (``max |mean| * rstd
+    <=`` :data:`BWD_ILL_CONDITIONED`, hence for its forward too; measured from this forward's
+    statistics, so a call past it costs the caller a second forward).
+
+    ``backward=False`` (nothing is recorded: the eager forward without gradients): y with the
+    ill-conditioned rows recomputed as :func:`layer_norm_fwd_functional` does, without its
+    ``[rows]`` statistics (nobody reads them) or their conversions.
+
+    None, without computing anything, for fp16/bf16 x: their pre-norm sum is rounded once from fp32
+    (:func:`_pre_norm_sum`), which no aten graph of this form does.
+    """
+    hidden = x.shape[-1]
+    if x.dtype not in _ATEN_GRAPH_DTYPES or (backward and hidden <= 2):
+        return None
+    h = x if residual is None and x_bias is None else _pre_norm_sum(x, residual, x_bias, 0.0, None)
+    if weight is not None and weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y, mean, rstd = torch.native_layer_norm(h, (hidden,), weight, bias, eps)
+    worst = _worst_ratio(mean, rstd)
+    if backward:
+        return y if worst is not None and worst <= BWD_ILL_CONDITIONED else None
+    if worst is not None and not worst <= ILL_CONDITIONED:  # NaN too: the rows are looked at
+        _recompute_rows(y, h, weight, bias, eps, mean, rstd, stats=False)
+    return y
 
 
 def layer_norm_fwd(x, weight, bias, residual, x_bias, y, mean, rstd, h, *, eps, dropout_p, seed):
