@@ -30,9 +30,10 @@ allocate exactly what they return: no out= buffers, no copies; at 16 x 768 the `
 ``native_layer_norm`` cost about twice the functional one). Their outputs are not poisoned by the
 test switch; they have no element left to forget (masked attention assembled from several calls
 allocates through ``fastbert.backends.workspace``, which is). ``gelu_fwd_differentiable`` / ``geglu_fwd_differentiable``
-(fp32/fp64; None otherwise) compute the forward with differentiable aten calls: ``fastbert.ops``'
-eager path with gradients records aten's own graph through them (the plain torch sequence's,
-no Python autograd node).
+(fp32/fp64; None otherwise) and ``attention_fwd_differentiable`` (padded fp32/fp16/bf16 without
+bias or dropout, unmasked or a mask planned as one flash call; None otherwise) compute the forward
+with differentiable aten calls: ``fastbert.ops``' eager path with gradients records aten's own
+graph through them (the plain torch sequence's, no Python autograd node).
 
 Layout: one module per op (``attention.py``, with ``_window.py`` for the local window and
 ``_masked.py`` for the key-mask plan; ``layer_norm.py``; ``gelu.py`` for GELU and GeGLU; ``rotary.py``); this package exports each op's
@@ -40,7 +41,8 @@ backend entry points, which ``fastbert.backends`` looks up by name.
 """
 
 from fastbert.backends.torch.attention import (attention_bwd, attention_bwd_functional, attention_fwd,
-                                              attention_fwd_functional, writes_lse_for)
+                                              attention_fwd_differentiable, attention_fwd_functional,
+                                              writes_lse_for)
 from fastbert.backends.torch.gelu import (geglu_bwd, geglu_fwd, geglu_fwd_differentiable, geglu_saves_activation,
                                          gelu_bwd, gelu_bwd_functional, gelu_fwd, gelu_fwd_differentiable,
                                          gelu_fwd_functional)
@@ -49,6 +51,7 @@ from fastbert.backends.torch.layer_norm import (layer_norm_bwd, layer_norm_bwd_f
 from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
 
 __all__ = ["attention_fwd", "attention_bwd", "attention_fwd_functional", "attention_bwd_functional",
+           "attention_fwd_differentiable",
            "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_fwd_functional",
            "layer_norm_bwd_functional", "gelu_fwd", "gelu_bwd",
            "gelu_fwd_functional", "gelu_bwd_functional", "gelu_fwd_differentiable", "geglu_fwd", "geglu_bwd",

@@ -262,6 +262,49 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     return out, _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
 
 
+def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
+                                 softmax_scale, allow_tf32=False, deterministic=False, window=None):
+    """``out`` of :func:`attention_fwd_functional` through differentiable aten calls, or None:
+    ``fastbert.ops``' eager path with gradients runs it under torch's autograd, recording aten's own
+    graph (its flash node and transposes, what plain ``F.scaled_dot_product_attention`` records; no
+    Python autograd node, no Python backward). With gradients it is one flash call: no mask, or a
+    mask whose plan (``_masked``) is one call over the batch, on the keys ``[0, span)`` (a slice:
+    keys beyond it get zero gradients from its backward) with the additive 0 / ``-inf`` mask (masked
+    keys inside the span get exact zero dK, dV: ``P = 0``, as in :func:`_masked.backward`); the
+    plan's K/V check runs first, recording nothing. A plan of several groups returns None there
+    (their backward through aten's slices would fill a full-size zero gradient per group): the caller
+    then runs fastbert's own node. Without gradients (the eager no-grad forward) it also runs such
+    plans, on the forward's cost model (``_masked.FWD_COPY_COST``: one output to assemble), and
+    returns the assembled output. None also for a non-finite masked key, a bias, dropout, a window,
+    fp64, varlen. A second derivative fails as aten's flash backward has none (as plain SDPA's)."""
+    if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
+            or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
+        return None
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if attention_mask is None:
+        o, _ = _flash_cpu(qh, kh, vh, 0.0, False, scale=softmax_scale)
+        return o.transpose(1, 2)  # aten lays o out as [B, L, H, d]: the transpose is contiguous
+    grad = torch.is_grad_enabled()
+    p, check = _masked.mask_plan(attention_mask, k.dtype, _masked.COPY_COST if grad else _masked.FWD_COPY_COST)
+    one = p.one_call(q.shape[0])
+    if grad and not one:
+        return None
+    if check is not None:
+        torch._C._set_grad_enabled(False)  # the check reads k, v: record nothing for it
+        try:
+            if not _masked.masked_finite(k, v, check):
+                return None
+        finally:
+            torch._C._set_grad_enabled(grad)
+    if not one:
+        return _masked.forward(qh, kh, vh, p, softmax_scale, with_lse=False)[0]
+    g = p.groups[0]
+    if g.span < kh.shape[2]:
+        kh, vh = kh[:, :, :g.span], vh[:, :, :g.span]
+    o, _ = _flash_cpu(qh, kh, vh, 0.0, False, attn_mask=g.bias, scale=softmax_scale)
+    return o.transpose(1, 2)
+
+
 def _whole(q, k):
     """The plan of an unmasked call: one group, every key."""
     return _masked.Plan([_masked.Group(0, q.shape[0], k.shape[1], None)], [])
