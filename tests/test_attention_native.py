@@ -26,7 +26,8 @@ MASKS = {
     "right padded": lambda: _lengths_mask([40, 31, 17, 1, 33]),
     "left padded": lambda: _lengths_mask([40, 30, 7]).flip(1),
     "holes": lambda: torch.rand(4, SEQLEN, generator=torch.Generator().manual_seed(3)) < 0.6,
-    "spread": lambda: _lengths_mask([128, 120, 90, 70, 40, 33, 10, 1], 128),  # 4 groups on the forward's cost model
+    "spread": lambda: _lengths_mask([128, 120, 90, 70, 40, 33, 10, 1], 128),  # 4 groups, with or without backward
+    "two spans": lambda: _lengths_mask([128, 128, 100, 60], 128),  # 2 groups without backward, 1 call with
     "empty seq": lambda: _lengths_mask([5, 0, 40, 16]),
 }
 GARBAGE = {"nan": float("nan"), "inf": float("inf"), "huge": 1e4, "overflow": 1e38}
@@ -101,19 +102,24 @@ def test_gradients_record_aten_graph_only_for_one_call():
     assert "_EagerFunctionBackward" in names
 
 
-def test_no_grad_forward_runs_several_groups_where_gradients_run_one():
-    """The forward's cost model splits a spread batch into groups (less flash work on padded keys);
-    with gradients the same mask is one call (its backward's gradients need no assembly)."""
+def test_cost_models_split_spread_batches():
+    """Spread lengths run as groups (less flash work on padded keys), with or without backward; a
+    batch whose groups save less than assembling three gradients costs is one call with gradients
+    (aten's graph) and two groups without. The check covers exactly the masked rows inside the spans."""
     mask = MASKS["spread"]()
-    p_grad, _ = _masked.mask_plan(mask, torch.float32, _masked.COPY_COST)
-    p_fwd, check = _masked.mask_plan(mask, torch.float32, _masked.FWD_COPY_COST)
-    assert p_grad.one_call(mask.shape[0])
-    assert len(p_fwd.groups) > 1
-    assert sum((g.stop - g.start) * g.span for g in p_fwd.groups) < mask.numel()
-    # the check covers exactly the masked rows inside the forward's spans
-    span_of = {b: g.span for g in p_fwd.groups for b in range(g.start, g.stop)}
-    want = [(b, int(mask[b].sum()), span_of[b]) for b in range(mask.shape[0]) if mask[b].sum() < span_of[b]]
-    assert check.rows == want
+    for cost in (_masked.COPY_COST, _masked.FWD_COPY_COST):
+        p, check = _masked.mask_plan(mask, torch.float32, cost)
+        assert len(p.groups) == 4 and sum((g.stop - g.start) * g.span for g in p.groups) < mask.numel()
+        span_of = {b: g.span for g in p.groups for b in range(g.start, g.stop)}
+        want = [(b, int(mask[b].sum()), span_of[b]) for b in range(mask.shape[0]) if mask[b].sum() < span_of[b]]
+        assert check.rows == want
+    mask = MASKS["two spans"]()
+    assert _masked.mask_plan(mask, torch.float32, _masked.COPY_COST)[0].one_call(4)
+    assert [(g.start, g.stop, g.span) for g in _masked.mask_plan(mask, torch.float32, _masked.FWD_COPY_COST)[0].groups] \
+        == [(0, 3, 128), (3, 4, 64)]
+    q, k, v, _ = (t.float().requires_grad_() for t in _inputs(8, seed=3, seqlen=128))
+    assert "_EagerFunctionBackward" not in _graph_names(attention(q[:4], k[:4], v[:4], attention_mask=mask))
+    assert "_EagerFunctionBackward" in _graph_names(attention(q, k, v, attention_mask=MASKS["spread"]()))
 
 
 def test_plan_is_remembered_by_mask_values_and_replanned_after_an_inplace_edit(poison):
@@ -148,7 +154,7 @@ def test_one_call_masked_garbage_inside_span_is_bitwise_harmless():
         assert torch.equal(a, b), f"{name}: masked rows influenced the result"
 
 
-@pytest.mark.parametrize("mask_name", ["right padded", "left padded", None])
+@pytest.mark.parametrize("mask_name", ["right padded", "left padded", "spread", "empty seq", None])
 def test_aten_graph_survives_a_saved_tensor_hook_that_copies(mask_name):
     mask = None if mask_name is None else MASKS[mask_name]()
     q, k, v, dy = (t.float() for t in _inputs(5 if mask is None else mask.shape[0], seed=5))

@@ -30,14 +30,14 @@ _flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_back
 KEY_BLOCK = 16  # key lengths aten's CPU flash kernel runs at full speed are multiples of this
 # Cost model, in units of one sequence meeting one key (fp32, 128 queries, 12 x 64 heads, measured
 # on the CPU): a sequence costs SEQ_COST + span, a call CALL_COST more, and assembling several
-# groups' outputs into one tensor COPY_COST per sequence (fresh pages: the backward's three
-# gradients cost about 30% of the flash backward), so one call over the batch is the usual plan.
-SEQ_COST, CALL_COST, COPY_COST = 48, 24, 64
-# A forward without backward assembles one output, not three gradients too: copying one sequence's
-# [seqlen, heads, head_dim] output costs about 8 units (fp32 BERT shape, steady memory: ~40 us of
-# a ~5 us unit). At 50% fill (lengths 128 .. 1) that splits the batch into 4 groups of 2: 22% less
-# flash work, and fewer masked rows inside the spans to check.
-FWD_COPY_COST = 8
+# groups' outputs into one tensor COPY_COST per sequence with a backward (the output and three
+# gradients), FWD_COPY_COST without (one output: copying one sequence's [seqlen, heads, head_dim]
+# costs ~40 us, 8 units of ~5 us). At BERT's shape and 50% fill (lengths 128 .. 1) both split the
+# batch into 4 groups of 2 (22% less flash work; fewer masked rows inside the spans to check),
+# measured 1 thread, CPU time, load ~5: fwd 1.27x SDPA with the same mask (one call: 0.91x),
+# fwd+bwd 1.18x (one call: 0.97x; 1.10x with glibc's default malloc, whose fresh pages were what
+# an earlier COPY_COST of 64 priced in).
+SEQ_COST, CALL_COST, COPY_COST, FWD_COPY_COST = 48, 24, 24, 8
 
 
 class Group(NamedTuple):
