@@ -157,7 +157,8 @@ def test_one_call_masked_garbage_inside_span_is_bitwise_harmless():
 @pytest.mark.parametrize("mask_name", ["right padded", "left padded", "spread", "empty seq", None])
 def test_aten_graph_survives_a_saved_tensor_hook_that_copies(mask_name):
     mask = None if mask_name is None else MASKS[mask_name]()
-    q, k, v, dy = (t.float() for t in _inputs(5 if mask is None else mask.shape[0], seed=5))
+    shape = (5, SEQLEN) if mask is None else mask.shape
+    q, k, v, dy = (t.float() for t in _inputs(shape[0], seed=5, seqlen=shape[1]))
     want = None
     for hook in (False, True):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
