@@ -220,10 +220,11 @@ def _native(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dr
     fn = getattr(backend_module(backend, "attention"), "attention_fwd_differentiable", None)
     if fn is None or not (q.numel() and k.numel()):
         return None
+    window = None if window_left < 0 else (int(window_left), int(window_right))  # (as _window_kw, one call less)
     with no_autocast(q):
         out = fn(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
-                 allow_tf32=allow_tf32, deterministic=deterministic, **_window_kw(window_left, window_right))
+                 allow_tf32=allow_tf32, deterministic=deterministic, window=window)
     return None if out is None else (out, None)
 
 
@@ -355,7 +356,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         raise ValueError(f"head_dim: expected > 0, got {hd}")
     if ks[0] != vs[0] or (not varlen and ks[1] != vs[1]):  # ks[:-2] != vs[:-2], without building Sizes
         raise ValueError(f"k, v: expected the same leading shape, got k {tuple(ks)} and v {tuple(vs)}")
-    dropout_p = check_dropout_p(dropout_p)
+    if type(dropout_p) is not float or dropout_p != 0.0:  # (the default 0.0 needs no check: one call less)
+        dropout_p = check_dropout_p(dropout_p)
     if varlen:
         if attention_mask is not None:
             raise ValueError("attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")

@@ -24,7 +24,7 @@ import torch
 
 from fastbert.backends import workspace
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # the overload: one Python hop less
+_flash_cpu = torch._scaled_dot_product_flash_attention_for_cpu  # the C binding: no Python hop (an OpOverload has one)
 _flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 KEY_BLOCK = 16  # key lengths aten's CPU flash kernel runs at full speed are multiples of this
@@ -170,17 +170,19 @@ def masked_finite(k, v, check: _Check) -> bool:
     """Whether the masked K and V rows inside the spans cannot leak: every V entry finite (a finite
     sum <=> every entry finite; NaN and +-inf propagate, an overflow only gives up) and every K
     entry within :data:`MASKED_K_BOUND` (its min and max; NaN fails the comparison). Under right
-    padding those rows are read in place (one reduction per sequence and tensor); else gathered."""
+    padding those rows are read in place (one reduction per sequence and tensor); else gathered.
+    One host read of all the reductions (``stack`` promotes K's extremes to the sums' fp32)."""
     if check.rows is not None:
         rows = [(k[b, e:s], v[b, e:s]) for b, e, s in check.rows]
     else:
         rows = [(k[check.bi, check.ji], v[check.bi, check.ji])]
-    k_ends = [x for kr, _ in rows for x in torch.aminmax(kr)]
-    v_sums = [vr.sum(dtype=torch.float32) for _, vr in rows]
-    k_abs = torch.stack(k_ends).float().abs().max()
-    v_sum = torch.stack(v_sums).sum()
-    k_abs, v_sum = torch.stack((k_abs, v_sum)).tolist()  # one read
-    return k_abs <= MASKED_K_BOUND and math.isfinite(v_sum)
+    parts = []
+    for kr, vr in rows:
+        parts.extend(torch.aminmax(kr))
+        parts.append(vr.sum(dtype=torch.float32))
+    vals = torch.stack(parts).tolist()
+    return (all(abs(x) <= MASKED_K_BOUND for i, x in enumerate(vals) if i % 3 != 2)
+            and math.isfinite(sum(vals[2::3])))
 
 
 def forward(qh, kh, vh, p: Plan, softmax_scale, out=None, lse=None, with_lse=True):
