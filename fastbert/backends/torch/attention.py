@@ -245,9 +245,10 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     finite). aten's CPU flash attention already lays its output out as ``[B, L, H, d]``, so where
     one call covers the batch ``out`` is a view of it (no copy). ``lse``, which only
     :func:`attention_bwd_functional` reads, is flash's logsumexp: without a mask its own ``[B, H, L]``
-    tensor (nothing rides on it: a saved-tensor hook that copies it loses nothing); with a mask one plane ``[1, B, H, L]`` carrying the plan (the second
-    plane, log l, is 0: flash's logsumexp is exact; empty rows +inf). Called on the eager path
-    only (the custom op keeps fixed output shapes)."""
+    tensor; with a mask one plane ``[1, B, H, L]`` (the second plane, log l, is 0: flash's logsumexp
+    is exact; empty rows +inf), which also marks the calls whose plan passed its K/V check. Nothing
+    rides on it as a Python attribute (a saved-tensor hook that copies it loses nothing). Called on
+    the eager path only (the custom op keeps fixed output shapes)."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
             or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
         return None  # (the calls writes_lse_for refuses)
@@ -259,7 +260,7 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     if p is None:
         return None
     out, lse = _masked.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, softmax_scale)
-    return out, _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
+    return out, lse.unsqueeze(0)
 
 
 def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
@@ -310,30 +311,6 @@ def _whole(q, k):
     return _masked.Plan([_masked.Group(0, q.shape[0], k.shape[1], None)], [])
 
 
-def _plan_key(attention_mask, k, v):
-    """What a plan was made from: storage and version of mask, k, v (None: not tracked, inference tensors)."""
-    try:
-        return tuple((t.data_ptr(), t._version, t.shape, t.stride()) for t in (attention_mask, k, v))
-    except RuntimeError:
-        return None
-
-
-def _keep_plan(lse, p, attention_mask, k, v):
-    """``lse`` carrying the forward's plan for :func:`attention_bwd_functional` (autograd hands
-    backward the same tensor object), which reuses it only for the same unmodified mask, k, v."""
-    if attention_mask is not None:
-        lse._fastbert_plan = (_plan_key(attention_mask, k, v), p)
-    return lse
-
-
-def _saved_plan(lse, attention_mask, k, v):
-    """The plan :func:`_keep_plan` left on ``lse`` for this mask, k, v; else a fresh one (or None)."""
-    saved = getattr(lse, "_fastbert_plan", None)
-    if saved is not None and saved[0] is not None and saved[0] == _plan_key(attention_mask, k, v):
-        return saved[1]
-    return _masked.plan(attention_mask, k, v)
-
-
 def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
                              dropout_p, seed, softmax_scale, need_dbias, allow_tf32=False, deterministic=False,
                              window=None):
@@ -341,7 +318,11 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
     on the same plan, fresh tensors in ``[B, L, H, d]`` (views of aten's gradients where one call
     covers every sequence and key; masked keys get exact zeros, see ``_masked.Plan``), or None for any call the
     functional forward did not take (its ``lse``, ``[B, H, L]`` or one plane, marks them).
-    ``lse`` must be the forward's of this call."""
+    ``lse`` must be the forward's of this call, and q, k, v, the mask its inputs (autograd's saved
+    tensors: unmodified, or a saved-tensor hook's copies of them). A one-plane ``lse`` then means
+    the forward's plan passed its K/V check, so the plan is the mask's alone (``_masked.mask_plan``,
+    the same function and cost as the forward's: the same spans; remembered, not rebuilt), without
+    reading k and v again."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0 or window is not None
             or need_dbias):
         return None
@@ -352,9 +333,7 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
         return tuple(g if g.is_contiguous() else g.contiguous() for g in grads)
     if lse.dim() != 4 or lse.shape[0] != 1 or attention_mask is None:
         return None
-    p = _saved_plan(lse, attention_mask, k, v)
-    if p is None:
-        return None
+    p, _ = _masked.mask_plan(attention_mask, k.dtype)
     return _masked.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                             out.transpose(1, 2), lse[0], p, softmax_scale)
 
