@@ -318,6 +318,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     Numerics: scores, softmax and products accumulate in fp32 (fp64 for fp64 inputs); P is rounded
     to q's dtype before ``P @ V``.
 
+    Autograd: with gradients, an eager padded fp32/fp16/bf16 call on the torch backend (CPU) without
+    bias or dropout, unmasked or with a mask planned as one flash call, records aten's own graph
+    (its CPU flash node, as ``F.scaled_dot_product_attention`` does; the masked-row check runs
+    first); its second derivative then fails as aten's does. Other calls record fastbert's node.
+
     Raises:
         TypeError: a non-tensor, a non-float dtype, dtypes that differ, non-int32 cu_seqlens, a
             non-int ``max_seqlen``, a ``window`` that is not None or a length-2 sequence of ints.

@@ -11,11 +11,14 @@ forward's softmax kept for the backward), elsewhere the reference's composite an
 CPU flash attention, whose logsumexp lets backward run aten's flash backward without recomputing
 the forward.
 
-Padded attention with a mask (no bias, no dropout) runs aten's CPU flash attention once over the
-batch on the keys up to the last valid one rounded up to 16 (other key counts run 15-40% slower),
-the masked keys inside that span excluded by an additive ``-inf`` mask after a check that their K
-and V rows are finite (``_masked.py``); where one is not, each sequence runs on its exact valid
-keys (masked keys never meet a product, whatever they hold). An all-ones mask is the unmasked call.
+Padded attention with a mask (no bias, no dropout) runs aten's CPU flash attention on groups of
+consecutive sequences, each on the keys up to its last valid one rounded up to 16 (other key
+counts run 15-40% slower), one group for the batch where splitting saves less than assembling the
+outputs costs (``_masked.py``'s cost model, cheaper without a backward), the masked keys inside a
+span excluded by an additive ``-inf`` mask after a check that their K and V rows are finite; where
+one is not, each sequence runs on its exact valid keys (masked keys never meet a product, whatever
+they hold). The mask-derived plan is remembered per mask values (a BERT forward's layers share
+one); the K/V check runs on every call. An all-ones mask is the unmasked call.
 With a bias the padded path reads a broadcast ``attn_bias`` in its compact shape (SDPA broadcasts
 it in place: no ``[B, H, Lq, Lk]`` temporaries).
 

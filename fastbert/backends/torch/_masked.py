@@ -10,6 +10,8 @@ under right padding, else gathered; free to ask on the CPU: V finite, K within a
 scores finite) and gives up where one is not; the caller then runs each sequence on its exact valid keys. Consecutive
 sequences with the same span run as one call, and neighbouring groups merge when the padded keys
 cost less than another call; empty sequences (every key masked) run nothing and return zeros.
+The mask-derived part of a plan (groups, additive masks, which rows to check) is remembered per
+mask values (:func:`mask_plan`); the K/V check reads k and v on every call (:func:`masked_finite`).
 :func:`forward` and :func:`backward` run a plan and lay its results out for both callers: the
 eager path's fresh outputs (aten's own where one call covers the batch) and the custom op's
 preallocated ones.
