@@ -291,12 +291,16 @@ def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqle
     if grad and not one:
         return None
     if check is not None:
-        torch._C._set_grad_enabled(False)  # the check reads k, v: record nothing for it
-        try:
-            if not _masked.masked_finite(k, v, check):
-                return None
-        finally:
-            torch._C._set_grad_enabled(grad)
+        if grad:
+            torch._C._set_grad_enabled(False)  # the check reads k, v: record nothing for it
+            try:
+                ok = _masked.masked_finite(k, v, check)
+            finally:
+                torch._C._set_grad_enabled(True)
+        else:
+            ok = _masked.masked_finite(k, v, check)
+        if not ok:
+            return None
     if not one:
         return _masked.forward(qh, kh, vh, p, softmax_scale, with_lse=False)[0]
     g = p.groups[0]
