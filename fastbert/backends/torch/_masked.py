@@ -191,8 +191,10 @@ def forward(qh, kh, vh, p: Plan, softmax_scale, out=None, lse=None, with_lse=Tru
     """aten's CPU flash attention on the plan's groups over heads-first ``[batch, num_heads, seqlen,
     head_dim]`` views: ``(out, lse)``, out ``[B, Lq, H, d]`` and lse ``[B, H, Lq]`` (the logsumexp
     over the valid keys; empty sequences zeros and +inf), written into ``out`` / ``lse`` when given,
-    else views of aten's own outputs where one call covers the batch, else fresh workspaces (lse
-    None, not assembled, when ``with_lse`` is False and there are several groups)."""
+    else views of aten's own outputs where one call covers the batch, else the groups' outputs
+    concatenated in batch order (one ``cat``, one parallel region, not one copy per group: each
+    region is a barrier that a loaded machine's descheduled thread stretches); lse None when
+    ``with_lse`` is False and there are several groups."""
     batch, heads, seqlen_q, head_dim = qh.shape
     res = [(g,) + tuple(_flash_cpu(qh[g.start:g.stop], kh[g.start:g.stop, :, :g.span],
                                    vh[g.start:g.stop, :, :g.span], 0.0, False, attn_mask=g.bias,
@@ -201,17 +203,23 @@ def forward(qh, kh, vh, p: Plan, softmax_scale, out=None, lse=None, with_lse=Tru
     if out is None and p.one_call(batch):
         o = res[0][1].transpose(1, 2)  # aten lays its output out as [B, Lq, H, d]
         return (o if o.is_contiguous() else o.contiguous()), res[0][2]
-    if out is None:
-        out = workspace((batch, seqlen_q, heads, head_dim), qh.dtype, qh.device)
-        lse = workspace((batch, heads, seqlen_q), torch.float32, qh.device) if with_lse else None
+    if out is None:  # every sequence outside the groups is empty: zeros (and lse +inf) between them
+        outs, lses, b = [], [], 0
+        for g, o, l in res + [(Group(batch, batch, 0, None), None, None)]:
+            if g.start > b:
+                outs.append(qh.new_zeros((g.start - b, seqlen_q, heads, head_dim)))
+                lses.append(qh.new_full((g.start - b, heads, seqlen_q), float("inf"), dtype=torch.float32))
+            if o is not None:
+                outs.append(o.transpose(1, 2))  # contiguous: aten lays o out as [n, Lq, H, d]
+                lses.append(l)
+            b = g.stop
+        return torch.cat(outs), (torch.cat(lses) if with_lse else None)
     for g, o, l in res:
         out[g.start:g.stop] = o.transpose(1, 2)
-        if lse is not None:
-            lse[g.start:g.stop] = l
+        lse[g.start:g.stop] = l
     for b in p.empty:
         out[b] = 0.0
-        if lse is not None:
-            lse[b] = float("inf")
+        lse[b] = float("inf")
     return out, lse
 
 
