@@ -106,14 +106,22 @@ def test_plan_leaves_the_thread_count_alone(monkeypatch):
     assert torch.get_num_threads() == before
 
 
-def test_backward_reuses_the_forward_plan_only_for_the_same_inputs():
-    """The forward's plan rides on its lse; backward takes it only for the same mask, k, v."""
-    from fastbert.backends.torch.attention import _saved_plan, attention_fwd_functional
+def test_backward_plans_from_the_mask_and_autograd_guards_k():
+    """Backward takes the forward's plan from the mask alone (its K/V check passed in forward:
+    nothing rides on lse); an in-place edit of k after the forward fails autograd's version check
+    instead of meeting a stale check (the grouped plan, fastbert's node)."""
+    from fastbert.backends.torch.attention import attention_fwd_functional
 
     mask = _lengths_mask([40, 9])
     q, k, v = (torch.randn(2, SEQLEN, HEADS, HD) for _ in range(3))
     kw = dict(attn_bias=None, cu_seqlens=None, max_seqlen=0, dropout_p=0.0, seed=None, softmax_scale=0.25)
     _, lse = attention_fwd_functional(q, k, v, attention_mask=mask, **kw)
-    assert _saved_plan(lse, mask, k, v) is lse._fastbert_plan[1]
-    k[1, 12] = float("nan")  # in place, inside sequence 1's span [0, 16): a fresh plan, which gives up
-    assert _saved_plan(lse, mask, k, v) is None
+    assert lse.shape == (1, 2, HEADS, SEQLEN) and not hasattr(lse, "_fastbert_plan")
+    grouped = _lengths_mask([40, 0, 9])  # an empty sequence: groups, fastbert's node
+    assert len(_masked.mask_plan(grouped, torch.float32)[0].groups) == 2
+    leaf = torch.randn(3, SEQLEN, HEADS, HD, requires_grad=True)
+    kk = leaf * 1.0
+    out = attention(leaf, kk, leaf, attention_mask=grouped)
+    kk[2, 12] = float("nan")  # a masked key inside a span: the forward's check no longer holds
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -45,6 +45,13 @@ def test_overhead_attention_case_matches_sdpa():
         torch.testing.assert_close(fb(), th(), atol=1e-5, rtol=1e-5)
 
 
+def test_overhead_masks_have_their_fill():
+    """The tiny "mask 0.75" row is 12 of 16 keys (not all ones); BERT's 0.5 spreads 128 .. 1."""
+    assert overhead._mask(1, 16, 0.75).sum().item() == 12
+    assert overhead._mask(8, 128, 0.5).sum(1).tolist() == [128, 109, 91, 73, 55, 37, 19, 1]
+    assert overhead._mask(8, 128, 1.0).all()
+
+
 @pytest.mark.slow
 def test_mlm_minilm_size_and_dropout_ratio():
     from fastbert.bench.mlm import run

@@ -59,9 +59,13 @@ class Case:
 
 
 def _mask(batch: int, seqlen: int, fill: float) -> torch.Tensor:
-    """Right-padded bool mask, lengths spread evenly around ``fill`` (the first sequence full)."""
+    """Right-padded bool mask, lengths spread evenly around ``fill`` (the first sequence full); one
+    sequence is ``fill`` long (the spread would make it full: the tiny "mask 0.75" row measured an
+    all-ones mask before)."""
     if fill >= 1.0:
         return torch.ones(batch, seqlen, dtype=torch.bool)
+    if batch == 1:
+        return torch.arange(seqlen)[None, :] < max(1, round(fill * seqlen))
     # from seqlen down to (2 fill - 1) seqlen: mean ~fill (fill 0.5: 128 .. 1 at seqlen 128)
     lengths = torch.linspace(1.0, 2 * fill - 1 + 1 / seqlen, batch).mul(seqlen).clamp(1, seqlen).long()
     return torch.arange(seqlen)[None, :] < lengths[:, None]

@@ -210,9 +210,35 @@ def _backward(ctx, dout, dlse, bwd=None):
 
 
 _NONES10 = (None,) * 10
+
+
+def _native(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
+            allow_tf32, deterministic, backend, window_left=-1, window_right=-1):
+    """EagerOp's ``native`` with gradients: ``(out, None)`` from the backend's
+    ``attention_fwd_differentiable`` (None where it has none for the call): on the torch backend the
+    unmasked or one-call masked flash attention, recorded as aten's own graph (see EagerOp)."""
+    fn = getattr(backend_module(backend, "attention"), "attention_fwd_differentiable", None)
+    if fn is None or not (q.numel() and k.numel()):
+        return None
+    window = None if window_left < 0 else (int(window_left), int(window_right))  # (as _window_kw, one call less)
+    with no_autocast(q):
+        out = fn(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
+                 max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
+                 allow_tf32=allow_tf32, deterministic=deterministic, window=window)
+    return None if out is None else (out, None)
+
+
+def _attention_fwd_no_grad(*inputs):
+    """The eager forward without gradients: :func:`_native` where the backend has it for the call
+    (on the torch backend also masked plans of several groups, on the forward's cost model), else
+    :func:`_attention_fwd_eager`."""
+    res = _native(*inputs)
+    return _attention_fwd_eager(*inputs) if res is None else res
+
+
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _eager = EagerOp(_attention_fwd, _attention_fwd_eager, _setup_context, _backward, _attention_bwd,
-                 _attention_bwd_run, stats=True)
+                 _attention_bwd_run, stats=True, native=_native, no_grad_impl=_attention_fwd_no_grad)
 
 
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -292,6 +318,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     Numerics: scores, softmax and products accumulate in fp32 (fp64 for fp64 inputs); P is rounded
     to q's dtype before ``P @ V``.
 
+    Autograd: with gradients, an eager padded fp32/fp16/bf16 call on the torch backend (CPU) without
+    bias or dropout, unmasked or with a mask planned as one flash call, records aten's own graph
+    (its CPU flash node, as ``F.scaled_dot_product_attention`` does; the masked-row check runs
+    first); its second derivative then fails as aten's does. Other calls record fastbert's node.
+
     Raises:
         TypeError: a non-tensor, a non-float dtype, dtypes that differ, non-int32 cu_seqlens, a
             non-int ``max_seqlen``, a ``window`` that is not None or a length-2 sequence of ints.
@@ -330,7 +361,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         raise ValueError(f"head_dim: expected > 0, got {hd}")
     if ks[0] != vs[0] or (not varlen and ks[1] != vs[1]):  # ks[:-2] != vs[:-2], without building Sizes
         raise ValueError(f"k, v: expected the same leading shape, got k {tuple(ks)} and v {tuple(vs)}")
-    dropout_p = check_dropout_p(dropout_p)
+    if type(dropout_p) is not float or dropout_p != 0.0:  # (the default 0.0 needs no check: one call less)
+        dropout_p = check_dropout_p(dropout_p)
     if varlen:
         if attention_mask is not None:
             raise ValueError("attention_mask: must be None with cu_seqlens (the varlen layout has no padding)")

@@ -11,11 +11,14 @@ forward's softmax kept for the backward), elsewhere the reference's composite an
 CPU flash attention, whose logsumexp lets backward run aten's flash backward without recomputing
 the forward.
 
-Padded attention with a mask (no bias, no dropout) runs aten's CPU flash attention once over the
-batch on the keys up to the last valid one rounded up to 16 (other key counts run 15-40% slower),
-the masked keys inside that span excluded by an additive ``-inf`` mask after a check that their K
-and V rows are finite (``_masked.py``); where one is not, each sequence runs on its exact valid
-keys (masked keys never meet a product, whatever they hold). An all-ones mask is the unmasked call.
+Padded attention with a mask (no bias, no dropout) runs aten's CPU flash attention on groups of
+consecutive sequences, each on the keys up to its last valid one rounded up to 16 (other key
+counts run 15-40% slower), one group for the batch where splitting saves less than assembling the
+outputs costs (``_masked.py``'s cost model, cheaper without a backward), the masked keys inside a
+span excluded by an additive ``-inf`` mask after a check that their K and V rows are finite; where
+one is not, each sequence runs on its exact valid keys (masked keys never meet a product, whatever
+they hold). The mask-derived plan is remembered per mask values (a BERT forward's layers share
+one); the K/V check runs on every call. An all-ones mask is the unmasked call.
 With a bias the padded path reads a broadcast ``attn_bias`` in its compact shape (SDPA broadcasts
 it in place: no ``[B, H, Lq, Lk]`` temporaries).
 
@@ -30,9 +33,11 @@ allocate exactly what they return: no out= buffers, no copies; at 16 x 768 the `
 ``native_layer_norm`` cost about twice the functional one). Their outputs are not poisoned by the
 test switch; they have no element left to forget (masked attention assembled from several calls
 allocates through ``fastbert.backends.workspace``, which is). ``gelu_fwd_differentiable`` / ``geglu_fwd_differentiable``
-/ ``layer_norm_fwd_differentiable`` (fp32/fp64; None otherwise; see ``fastbert.backends``) compute
-the forward with differentiable aten calls: ``fastbert.ops``' eager path with gradients records aten's
-own graph through them (the plain torch sequence's, no Python autograd node).
+/ ``layer_norm_fwd_differentiable`` (fp32/fp64; None otherwise; see ``fastbert.backends``) and
+``attention_fwd_differentiable`` (padded fp32/fp16/bf16 without bias or dropout, unmasked or a mask
+planned as one flash call; None otherwise) compute the forward with differentiable aten calls:
+``fastbert.ops``' eager path with gradients records aten's own graph through them (the plain torch
+sequence's, no Python autograd node).
 
 Layout: one module per op (``attention.py``, with ``_window.py`` for the local window and
 ``_masked.py`` for the key-mask plan; ``layer_norm.py``; ``gelu.py`` for GELU and GeGLU; ``rotary.py``); this package exports each op's
@@ -40,7 +45,8 @@ backend entry points, which ``fastbert.backends`` looks up by name.
 """
 
 from fastbert.backends.torch.attention import (attention_bwd, attention_bwd_functional, attention_fwd,
-                                              attention_fwd_functional, writes_lse_for)
+                                              attention_fwd_differentiable, attention_fwd_functional,
+                                              writes_lse_for)
 from fastbert.backends.torch.gelu import (geglu_bwd, geglu_fwd, geglu_fwd_differentiable, geglu_saves_activation,
                                          gelu_bwd, gelu_bwd_functional, gelu_fwd, gelu_fwd_differentiable,
                                          gelu_fwd_functional)
@@ -49,6 +55,7 @@ from fastbert.backends.torch.layer_norm import (layer_norm_bwd, layer_norm_bwd_f
 from fastbert.backends.torch.rotary import rotary_bwd, rotary_fwd
 
 __all__ = ["attention_fwd", "attention_bwd", "attention_fwd_functional", "attention_bwd_functional",
+           "attention_fwd_differentiable",
            "writes_lse_for", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_fwd_functional",
            "layer_norm_bwd_functional", "layer_norm_fwd_differentiable", "gelu_fwd", "gelu_bwd",
            "gelu_fwd_functional", "gelu_bwd_functional", "gelu_fwd_differentiable", "geglu_fwd", "geglu_bwd",

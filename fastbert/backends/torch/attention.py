@@ -245,9 +245,10 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     finite). aten's CPU flash attention already lays its output out as ``[B, L, H, d]``, so where
     one call covers the batch ``out`` is a view of it (no copy). ``lse``, which only
     :func:`attention_bwd_functional` reads, is flash's logsumexp: without a mask its own ``[B, H, L]``
-    tensor (nothing rides on it: a saved-tensor hook that copies it loses nothing); with a mask one plane ``[1, B, H, L]`` carrying the plan (the second
-    plane, log l, is 0: flash's logsumexp is exact; empty rows +inf). Called on the eager path
-    only (the custom op keeps fixed output shapes)."""
+    tensor; with a mask one plane ``[1, B, H, L]`` (the second plane, log l, is 0: flash's logsumexp
+    is exact; empty rows +inf), which also marks the calls whose plan passed its K/V check. Nothing
+    rides on it as a Python attribute (a saved-tensor hook that copies it loses nothing). Called on
+    the eager path only (the custom op keeps fixed output shapes)."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
             or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
         return None  # (the calls writes_lse_for refuses)
@@ -259,36 +260,59 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
     if p is None:
         return None
     out, lse = _masked.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, softmax_scale)
-    return out, _keep_plan(lse.unsqueeze(0), p, attention_mask, k, v)
+    return out, lse.unsqueeze(0)
+
+
+def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
+                                 softmax_scale, allow_tf32=False, deterministic=False, window=None):
+    """``out`` of :func:`attention_fwd_functional` through differentiable aten calls, or None:
+    ``fastbert.ops``' eager path with gradients runs it under torch's autograd, recording aten's own
+    graph (its flash node and transposes, what plain ``F.scaled_dot_product_attention`` records; no
+    Python autograd node, no Python backward). With gradients it is one flash call: no mask, or a
+    mask whose plan (``_masked``) is one call over the batch, on the keys ``[0, span)`` (a slice:
+    keys beyond it get zero gradients from its backward) with the additive 0 / ``-inf`` mask (masked
+    keys inside the span get exact zero dK, dV: ``P = 0``, as in :func:`_masked.backward`); the
+    plan's K/V check runs first, recording nothing. A plan of several groups returns None there
+    (their backward through aten's slices would fill a full-size zero gradient per group): the caller
+    then runs fastbert's own node. Without gradients (the eager no-grad forward) it also runs such
+    plans, on the forward's cost model (``_masked.FWD_COPY_COST``: one output to assemble), and
+    returns the assembled output. None also for a non-finite masked key, a bias, dropout, a window,
+    fp64, varlen. A second derivative fails as aten's flash backward has none (as plain SDPA's)."""
+    if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
+            or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
+        return None
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if attention_mask is None:
+        o, _ = _flash_cpu(qh, kh, vh, 0.0, False, scale=softmax_scale)
+        return o.transpose(1, 2)  # aten lays o out as [B, L, H, d]: the transpose is contiguous
+    grad = torch.is_grad_enabled()
+    p, check = _masked.mask_plan(attention_mask, k.dtype, _masked.COPY_COST if grad else _masked.FWD_COPY_COST)
+    one = p.one_call(q.shape[0])
+    if grad and not one:
+        return None
+    if check is not None:
+        if grad:
+            torch._C._set_grad_enabled(False)  # the check reads k, v: record nothing for it
+            try:
+                ok = _masked.masked_finite(k, v, check)
+            finally:
+                torch._C._set_grad_enabled(True)
+        else:
+            ok = _masked.masked_finite(k, v, check)
+        if not ok:
+            return None
+    if not one:
+        return _masked.forward(qh, kh, vh, p, softmax_scale, with_lse=False)[0]
+    g = p.groups[0]
+    if g.span < kh.shape[2]:
+        kh, vh = kh[:, :, :g.span], vh[:, :, :g.span]
+    o, _ = _flash_cpu(qh, kh, vh, 0.0, False, attn_mask=g.bias, scale=softmax_scale)
+    return o.transpose(1, 2)
 
 
 def _whole(q, k):
     """The plan of an unmasked call: one group, every key."""
     return _masked.Plan([_masked.Group(0, q.shape[0], k.shape[1], None)], [])
-
-
-def _plan_key(attention_mask, k, v):
-    """What a plan was made from: storage and version of mask, k, v (None: not tracked, inference tensors)."""
-    try:
-        return tuple((t.data_ptr(), t._version, t.shape, t.stride()) for t in (attention_mask, k, v))
-    except RuntimeError:
-        return None
-
-
-def _keep_plan(lse, p, attention_mask, k, v):
-    """``lse`` carrying the forward's plan for :func:`attention_bwd_functional` (autograd hands
-    backward the same tensor object), which reuses it only for the same unmodified mask, k, v."""
-    if attention_mask is not None:
-        lse._fastbert_plan = (_plan_key(attention_mask, k, v), p)
-    return lse
-
-
-def _saved_plan(lse, attention_mask, k, v):
-    """The plan :func:`_keep_plan` left on ``lse`` for this mask, k, v; else a fresh one (or None)."""
-    saved = getattr(lse, "_fastbert_plan", None)
-    if saved is not None and saved[0] is not None and saved[0] == _plan_key(attention_mask, k, v):
-        return saved[1]
-    return _masked.plan(attention_mask, k, v)
 
 
 def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bias, cu_seqlens, max_seqlen,
@@ -298,7 +322,11 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
     on the same plan, fresh tensors in ``[B, L, H, d]`` (views of aten's gradients where one call
     covers every sequence and key; masked keys get exact zeros, see ``_masked.Plan``), or None for any call the
     functional forward did not take (its ``lse``, ``[B, H, L]`` or one plane, marks them).
-    ``lse`` must be the forward's of this call."""
+    ``lse`` must be the forward's of this call, and q, k, v, the mask its inputs (autograd's saved
+    tensors: unmodified, or a saved-tensor hook's copies of them). A one-plane ``lse`` then means
+    the forward's plan passed its K/V check, so the plan is the mask's alone (``_masked.mask_plan``,
+    the same function and cost as the forward's: the same spans; remembered, not rebuilt), without
+    reading k and v again."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0 or window is not None
             or need_dbias):
         return None
@@ -309,9 +337,7 @@ def attention_bwd_functional(dout, q, k, v, out, lse, *, attention_mask, attn_bi
         return tuple(g if g.is_contiguous() else g.contiguous() for g in grads)
     if lse.dim() != 4 or lse.shape[0] != 1 or attention_mask is None:
         return None
-    p = _saved_plan(lse, attention_mask, k, v)
-    if p is None:
-        return None
+    p, _ = _masked.mask_plan(attention_mask, k.dtype)
     return _masked.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                             out.transpose(1, 2), lse[0], p, softmax_scale)
 
