@@ -486,10 +486,31 @@ def test_unclear_errors_name_the_argument(backend):
         attention(qm, qm, qm, backend=backend)
     qv = torch.randn(4, 1, 16)
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"max_seqlen: expected an int in \[0, total_tokens\] = \[0, 4\], got 2147483648"):
-        attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=2**31, backend=backend)
+    with pytest.raises(ValueError, match=r"max_seqlen: expected an int >= 0, got -1"):
+        attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=-1, backend=backend)
     with pytest.raises(TypeError, match="max_seqlen: expected an int, got float"):
         attention(qv, qv, qv, cu_seqlens=cu, max_seqlen=4.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_max_seqlen_is_an_upper_bound(backend):
+    """As in FlashAttention's varlen API, max_seqlen bounds the lengths: any bound >= the longest
+    sequence (even above total_tokens: a fixed bound under torch.compile) gives the outputs and
+    gradients of the exact one (found by the new-user pass: 100 with 13 tokens raised)."""
+    _require(backend)
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32)
+    leaves = [torch.randn(13, 2, 16, generator=g, dtype=torch.float64 if backend == "reference" else torch.float32)
+              .requires_grad_() for _ in range(3)]
+    dout = torch.randn(13, 2, 16, generator=g, dtype=leaves[0].dtype)
+    results = []
+    for bound in (8, 11, 13, 100, 2**31):
+        out = attention(*leaves, cu_seqlens=cu, max_seqlen=bound, backend=backend)
+        grads = torch.autograd.grad(out, leaves, dout)
+        results.append((out.detach(),) + grads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
 def test_unmasked_backward_survives_a_saved_tensor_hook_that_copies():

@@ -79,13 +79,17 @@ def layout_error(exc: ValueError, q, varlen: bool) -> ValueError:
     return ValueError(f"{exc}; {hint}")
 
 
-def _check_max_seqlen(max_seqlen, total_tokens: int) -> None:
-    """Metadata check of a given ``max_seqlen``: an int in [0, total_tokens] (no sequence is longer
-    than all tokens together; a larger bound would only size grids and padding for nothing)."""
+def _check_max_seqlen(max_seqlen, total_tokens: int):
+    """Metadata check of a given ``max_seqlen``: an int >= 0, an upper bound on the sequence
+    lengths (as in FlashAttention's varlen API, so a fixed bound, e.g. the model's
+    ``max_position_embeddings``, serves every batch under ``torch.compile``). Returns it clamped to
+    ``total_tokens``: no sequence is longer than all tokens together, and a larger bound would only
+    size grids and padding for nothing."""
     if not (isinstance(max_seqlen, (int, torch.SymInt)) and not isinstance(max_seqlen, bool)):
         raise TypeError(f"max_seqlen: expected an int, got {type(max_seqlen).__name__}")
-    if not 0 <= max_seqlen <= total_tokens:  # message built only on failure: Dynamo cannot format SymInts
-        raise ValueError(f"max_seqlen: expected an int in [0, total_tokens] = [0, {total_tokens}], got {max_seqlen}")
+    if not 0 <= max_seqlen:  # message built only on failure: Dynamo cannot format SymInts
+        raise ValueError(f"max_seqlen: expected an int >= 0, got {max_seqlen}")
+    return total_tokens if max_seqlen > total_tokens else max_seqlen
 
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, total_tokens: int, max_seqlen: Optional[int]) -> None:

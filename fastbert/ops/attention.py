@@ -279,7 +279,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         cu_seqlens: ``(batch + 1,)`` int32 cumulative sequence lengths for the varlen layout
             (self-attention; zero-length sequences allowed); any strides (the kernels get a
             contiguous copy).
-        max_seqlen: longest sequence in ``cu_seqlens``, an int in ``[0, total_tokens]``; computed
+        max_seqlen: an upper bound on the sequence lengths in ``cu_seqlens`` (an int >= the
+            longest, as in FlashAttention; a bound above ``total_tokens`` is clamped to it); computed
             when None (one host sync).
         dropout_p: dropout on the attention probabilities, ``0 <= dropout_p < 1``, rounded to a
             multiple of ``2**-16`` (the mask's threshold resolution; ``p < 2**-17`` keeps every
@@ -328,8 +329,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
             non-int ``max_seqlen``, a ``window`` that is not None or a length-2 sequence of ints.
         ValueError: a device other than cpu / cuda (meta tensors), wrong ndim, mismatched
             batch/heads/head_dim/seqlen, a mask or bias of the wrong shape, ``attention_mask`` or
-            ``attn_bias`` together with ``cu_seqlens``, ``max_seqlen`` outside
-            ``[0, total_tokens]``, a bad ``dropout_p``, a negative ``window`` entry; for CPU
+            ``attn_bias`` together with ``cu_seqlens``, a negative ``max_seqlen`` (or, for
+            CPU tensors, one below the longest sequence), a bad ``dropout_p``, a negative ``window`` entry; for CPU
             tensors (or with ``FASTBERT_CHECK_INPUTS=1``) also
             ``cu_seqlens`` values that are not non-decreasing from 0 to ``total_tokens``. The fast
             GPU path trusts tensor values.
@@ -374,7 +375,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         if ks[0] != qs[0]:
             raise ValueError(f"k: varlen is self-attention, expected total_tokens {qs[0]}, got {ks[0]}")
         if max_seqlen is not None:
-            _check_max_seqlen(max_seqlen, qs[0])
+            max_seqlen = _check_max_seqlen(max_seqlen, qs[0])
         # Backends read cu_seqlens as a flat int32 array: one contiguous copy here serves them all
         # (a strided view is read through its strides by .tolist(), then as raw memory by a kernel).
         cu_seqlens = cu_seqlens.contiguous()
