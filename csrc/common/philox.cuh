@@ -94,7 +94,8 @@ FB_DEVICE uint32_t dropout_keep_bits(const PhiloxWords& w, uint32_t threshold) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const uint32_t word = philox_word(w, q);
-    bits |= (static_cast<uint32_t>((word << 16) >= t16) << (2 * q)) | (static_cast<uint32_t>(word >= t16) << (2 * q + 1));
+    bits |= static_cast<uint32_t>((word << 16) >= t16) << (2 * q);
+    bits |= static_cast<uint32_t>(word >= t16) << (2 * q + 1);
   }
   return bits;
 }
