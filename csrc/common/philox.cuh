@@ -50,7 +50,8 @@ FB_DEVICE PhiloxWords philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
 
 // N calls with one key, round by round: the key schedule is computed once for all of them and
 // the N independent chains interleave. ctr[n] is call n's counter (c0..c3) in, its words out;
-// each call's result equals philox4x32(ctr[n][0], .., ctr[n][3], key).
+// each call's result equals philox4x32(ctr[n][0], .., ctr[n][3], key). (philox4x32 keeps its own
+// rounds: written as philox4x32_n<1> it made the dQ kernel spill at fp16/bf16 d64, sm_90a.)
 template <int N>
 FB_DEVICE void philox4x32_n(uint32_t (&ctr)[N][4], PhiloxKey key) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
