@@ -4,7 +4,8 @@ dropout 0.1 vs 0, and the integer instructions the GPU kernels spend on dropout 
     python benchmarks/dropout_cost.py masks [--old PATH/_philox.py] [--threads 1,2] [--quick]
     python benchmarks/dropout_cost.py step [--layers 12] [--threads 2] [--rounds 7] [--warmup 2] [--quick]
                                            [--clock wall|cpu] [--default-malloc] [--json OUT]
-    python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--cuda-src TREE] [--json OUT]
+    python benchmarks/dropout_cost.py sass [--cuda-module fastbert/_C*.so] [--cuda-src TREE [--cuda-kernels fwd,bwd]
+                                           [--cuda-arch sm_90a]] [--skip-triton] [--json OUT]
 
 ``masks`` times ``attention_keep_mask`` (8x12x128x128, padded and varlen at ~50% fill) and
 ``rows_keep_mask`` (1024x768) of this tree with the compiled generator (``fastbert._C_cpu``) and
@@ -26,8 +27,11 @@ integer SASS instructions with ``cuobjdump -sass`` (the difference is dropout's 
 the elements each thread owns per key block it is the integer instructions per element); with
 ``--cuda-module`` it does the same for the CUDA forward kernels of a built ``fastbert._C``
 (dropout is a runtime flag there: both paths in one count), and with ``--cuda-src TREE`` it
-compiles TREE/csrc/attention_fwd.cu (nvcc, sm_90a) with and without dropout, whose difference is
-dropout's integer instructions per kernel (the same tile in both trees: their ratio is per element).
+compiles TREE/csrc/attention_fwd.cu (``--cuda-kernels bwd``: attention_bwd.cu, the dQ and dK/dV
+kernels; nvcc, ``--cuda-arch``, default sm_90a) with and without dropout, whose difference is
+dropout's integer instructions per kernel (the same tile in both trees: their ratio is per element;
+for the backward also per element of a thread's tile, and the Philox calls per element).
+``--skip-triton``: only the CUDA counts.
 Run ``sass`` from two trees (this one and the previous version) to get the before/after ratio.
 Wall clock (``step --clock cpu``: CPU time); check ``uptime`` first and report the load.
 """
@@ -243,7 +247,8 @@ def _kernel_sass(cubin: bytes) -> str:
         return subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def sass(args):
+def _triton_counts() -> dict:
+    """Dropout's integer SASS in the Triton attention forward (fp16, head_dim 64, sm_90)."""
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
@@ -265,6 +270,11 @@ def sass(args):
         out[f"triton fwd dropout={dropout}"] = dict(int_instructions=sum(counts.values()), by_op=counts)
     added = out["triton fwd dropout=True"]["int_instructions"] - out["triton fwd dropout=False"]["int_instructions"]
     out["triton dropout int instructions per element"] = added / elems_per_thread
+    return out
+
+
+def sass(args):
+    out = {} if args.skip_triton else _triton_counts()
     if args.cuda_module:
         text = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90a", args.cuda_module], capture_output=True,
                               text=True, check=True).stdout
@@ -274,52 +284,92 @@ def sass(args):
                 counts = _count_int(fn)
                 out[f"cuda sm_90a {name}"] = dict(int_instructions=sum(counts.values()), by_op=counts)
     if args.cuda_src:
-        out.update(_cuda_src_counts(args.cuda_src, args.nvcc))
+        for kind in args.cuda_kernels.split(","):
+            out.update(_cuda_src_counts(args.cuda_src, args.nvcc, kind, args.cuda_arch))
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
 
 
-def _fwd_kernels(cubin: str) -> dict:
-    """Integer SASS instructions of each attention_fwd_kernel instantiation in a cubin, by its
-    demangled template name."""
+# The CUDA attention kernels whose dropout the ``--cuda-src`` counts cover: source file, the line
+# that switches dropout on (replaced by ``= false`` so the compiler drops its code; in the backward
+# it opens both kernels), and the kernel names.
+_CUDA_SRC = {"fwd": ("attention_fwd.cu", ("attention_fwd_kernel",)),
+             "bwd": ("attention_bwd.cu", ("attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel"))}
+_DROPOUT_ON = "const bool dropout = p.seed != nullptr;"
+
+
+def _bwd_elements_per_thread(name: str) -> int | None:
+    """Score elements a thread of a backward kernel owns per walked tile (16 rows x kBlockN per
+    warp over 32 lanes), from the instantiation's ``<T, DP, ...>``; mirrors ``BwdConfig::kBlockN``
+    in csrc/attention_bwd.cu (tensor cores: 64 at DP <= 64, else 32; fp32: 32)."""
+    m = re.search(r"_kernel<(\w+), (\d+)", name)
+    if not m:
+        return None
+    block_n = 32 if m.group(1) == "float" else (64 if int(m.group(2)) <= 64 else 32)
+    return block_n * 16 // 32
+
+
+# The Philox round multipliers (M0, M1) as SASS immediates: 2 per round, 20 per call.
+_PHILOX_MULTIPLIERS = re.compile(r"0xd2511f53|0xcd9e8d57", re.I)
+
+
+def _src_kernels(cubin: str, names) -> dict:
+    """(integer SASS instructions, instructions multiplying by a Philox constant) of each
+    instantiation of the kernels ``names`` in a cubin, by demangled template name."""
     text = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
     out = {}
     for fn in re.split(r"\n\s*Function : ", text)[1:]:
         name = fn.split("\n", 1)[0].strip()
-        if "attention_fwd_kernel" in name:
+        if any(n in name for n in names):
             demangled = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
-            m = re.search(r"attention_fwd_kernel<[^>]*>", demangled)
-            out[m.group(0) if m else name] = sum(_count_int(fn).values())
+            m = re.search(r"attention_\w+_kernel<[^>]*>", demangled)
+            out[m.group(0) if m else name] = (sum(_count_int(fn).values()), len(_PHILOX_MULTIPLIERS.findall(fn)))
     return out
 
 
-def _cuda_src_counts(root: str, nvcc: str) -> dict:
-    """Dropout's integer SASS in the CUDA forward of the csrc/ tree under ``root``: compiles
-    csrc/attention_fwd.cu for sm_90a as it is and with dropout switched off (``const bool dropout
-    = false``, so the compiler drops its code), per instantiation; the difference is dropout's.
-    Both compiles share the tile, so a ratio of two trees' differences is per element."""
+def _cuda_src_counts(root: str, nvcc: str, kind: str = "fwd", arch: str = "sm_90a") -> dict:
+    """Dropout's integer SASS in the CUDA attention kernels (``kind`` fwd: the forward; bwd: dQ and
+    dK/dV) of the csrc/ tree under ``root``: compiles the kernel file for ``arch`` as it is and
+    with dropout switched off (``const bool dropout = false``, so the compiler drops its code), per
+    instantiation; the difference is dropout's. Both compiles share the tile, so a ratio of two
+    trees' differences is per element; for the backward the difference is also divided by the
+    elements a thread owns per walked tile (static counts: the tile loop is not unrolled, so its
+    body's dropout code runs once per tile). The difference also holds what switching dropout off
+    changes elsewhere (register allocation, scheduling: noisy for kernels at their register cap);
+    ``philox_multiplies`` (instructions multiplying by a round constant, 20 per call) counts the
+    calls themselves: ``philox_calls_per_element`` = multiplies / 20 / elements per thread."""
     import shutil
     import tempfile
 
+    file, names = _CUDA_SRC[kind]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dropout in (True, False):
             src = os.path.join(tmp, f"csrc{int(dropout)}")
             shutil.copytree(os.path.join(root, "csrc"), src)
-            fwd = os.path.join(src, "attention_fwd.cu")
-            text = open(fwd).read()
+            path = os.path.join(src, file)
+            text = open(path).read()
             if not dropout:
-                assert "const bool dropout = p.seed != nullptr;" in text, "the forward's dropout switch moved"
-                text = text.replace("const bool dropout = p.seed != nullptr;", "const bool dropout = false;")
-                open(fwd, "w").write(text)
-            cubin = os.path.join(tmp, f"fwd{int(dropout)}.cubin")
-            subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-arch=sm_90a", "-I", src, fwd, "-o", cubin],
+                assert _DROPOUT_ON in text, f"{file}: the dropout switch moved"
+                open(path, "w").write(text.replace(_DROPOUT_ON, "const bool dropout = false;"))
+            cubin = os.path.join(tmp, f"{kind}{int(dropout)}.cubin")
+            subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", f"-arch={arch}", "-I", src, path, "-o", cubin],
                            check=True)
-            res[dropout] = _fwd_kernels(cubin)
-    return {f"cuda src sm_90a {k}": dict(int_instructions=v, without_dropout=res[False][k],
-                                         dropout_int_instructions=v - res[False][k]) for k, v in res[True].items()}
+            res[dropout] = _src_kernels(cubin, names)
+    out = {}
+    for k, (v, mults) in res[True].items():
+        off = res[False][k][0]
+        entry = dict(int_instructions=v, without_dropout=off, dropout_int_instructions=v - off,
+                     philox_multiplies=mults)
+        per_thread = _bwd_elements_per_thread(k) if kind == "bwd" else None
+        if per_thread:
+            entry["elements_per_thread_per_tile"] = per_thread
+            entry["dropout_int_instructions_per_element"] = round((v - off) / per_thread, 2)
+            entry["philox_calls_per_element"] = round(mults / 20 / per_thread, 3)
+        out[f"cuda src {arch} {k}"] = entry
+    return out
 
 
 def main():
@@ -344,7 +394,10 @@ def main():
     a = sub.add_parser("sass")
     a.add_argument("--cuda-module")
     a.add_argument("--json")
-    a.add_argument("--cuda-src", help="a tree whose csrc/attention_fwd.cu to compile with and without dropout")
+    a.add_argument("--cuda-src", help="a tree whose csrc/attention_{fwd,bwd}.cu to compile with and without dropout")
+    a.add_argument("--cuda-kernels", default="fwd", help="with --cuda-src: fwd, bwd or fwd,bwd")
+    a.add_argument("--cuda-arch", default="sm_90a", help="with --cuda-src: the arch to compile for")
+    a.add_argument("--skip-triton", action="store_true", help="only the CUDA counts")
     a.add_argument("--nvcc", default="nvcc")
     args = parser.parse_args()
     if args.cmd == "step":

@@ -214,6 +214,42 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads, BwdConfig<T, DP>::
 // accumulators per warp would not fit in registers) one of them per launch.
 enum class KVOut : int { kBoth = 0, kDV = 1, kDK = 2 };
 
+// Dropout keep decisions of one query tile for a dkdv warp, one Philox call per (query, 8-key
+// group). A lane (g, t) holds keys kw + 8r + g (kw: the warp's first key, a multiple of 16; r = 0,
+// 1) and queries q0 + 8j + 2t + c, so the 8 keys of a call sit in the 8 lanes g = 0..7 of one t.
+// The warp draws each call once: lane L draws the calls of queries q0 + 8j + 2t + c (j = L / 4,
+// t = L % 4) and packs their keep bits into one word, byte 2r + c = the call of key group r,
+// bit g = key kw + 8r + g; the lanes holding the elements read word (j, t) from lane 4j + t
+// (dkdv_keep_bits). At NT = 8 that is 4 calls per lane; at NT = 4, 16 words, lanes L and L ^ 16
+// draw the r = 0 and r = 1 halves (2 calls each) and join them with one shuffle. A lane's calls
+// run together (philox4x32_n: one key schedule); calls past the sequence are drawn too (their
+// elements are masked; skipping them would diverge the warp and save no time).
+template <int NT>
+FB_DEVICE uint32_t dkdv_keep_word(const AttnParams& p, PhiloxKey key, int b, int h, int q0, int kw) {
+  static_assert(NT == 4 || NT == 8, "dkdv_keep_word: one word per lane needs 4 * NT in {16, 32}");
+  constexpr int kCalls = NT / 2;  // call n: key group r = r0 + n / 2, query offset c = n % 2
+  const int lane = static_cast<int>(lane_id());
+  const int t = lane & 3, j = (lane >> 2) & (NT - 1);
+  const int r0 = NT == 8 ? 0 : lane >> 4;
+  uint32_t ctr[kCalls][4];
+#pragma unroll
+  for (int n = 0; n < kCalls; ++n) dropout_counter(ctr[n], b, h, q0 + 8 * j + 2 * t + n % 2, kw + 8 * (r0 + n / 2));
+  philox4x32_n<kCalls>(ctr, key);
+  uint32_t word = 0;
+#pragma unroll
+  for (int n = 0; n < kCalls; ++n)  // byte 2r + c = n + 2 * r0
+    word |= dropout_keep_bits(PhiloxWords{ctr[n][0], ctr[n][1], ctr[n][2], ctr[n][3]}, p.dropout_threshold) << (8 * n);
+  if constexpr (NT == 4) word = (word << (16 * r0)) | shfl_xor(word << (16 * r0), 16);
+  return word;
+}
+
+// Lane (g, t)'s keep bits of column group j from dkdv_keep_word's words: bit 8e of the result is
+// element e (key row r = e / 2, query 8j + 2t + e % 2) of the lane's fragment s[j][e].
+FB_DEVICE uint32_t dkdv_keep_bits(uint32_t words, int j) {
+  const int lane = static_cast<int>(lane_id());
+  return shfl(words, 4 * j + (lane & 3)) >> (lane >> 2);
+}
+
 template <class T, int DP, KVOut kOut>
 __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv_kernel(const AttnParams p) {
   using Cfg = BwdConfig<T, DP>;
@@ -285,8 +321,11 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
     if constexpr (kDK) gemm_nt<T, NT, DP>(dp, sV + warp * 16 * kLd, sdO, p.head_dim);
 
     const bool edge = !window_covers(n0, n_last, m0, m0 + kBlockN - 1, p.window_right, p.window_left);
+    // One Philox call per (query, 8-key group) for the warp, shared by shuffles (dkdv_keep_word).
+    const uint32_t keep_words = dropout ? dkdv_keep_word<NT>(p, key, b, h, m0, n0 + warp * 16) : 0u;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
+      const uint32_t keep = dropout ? dkdv_keep_bits(keep_words, j) : 0u;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * t + (e & 1), r = e >> 1, i = m0 + col, kj = key_j[r];
@@ -296,7 +335,8 @@ __global__ void __launch_bounds__(BwdConfig<T, DP>::kThreads) attention_bwd_dkdv
           const float bias = (p.attn_bias != nullptr && kj < seq.seqlen_k) ? load_bias(p, b, h, i, kj) : 0.0f;
           if (bias != -INFINITY) pe = recompute_p<T>(x + bias, sLse[col]);
         }
-        const float z = (dropout && pe != 0.0f) ? dropout_factor(p, key, b, h, i, kj) : 1.0f;
+        // Masked elements (pe = 0) take z too: finite, it changes nothing there.
+        const float z = dropout ? (((keep >> (8 * e)) & 1u) ? p.dropout_scale : 0.0f) : 1.0f;
         s[j][e] = pe * z;                          // (P * Z)^T, for dV
         dp[j][e] = pe * (dp[j][e] * z - sD[col]);  // dS^T, for dK
       }

@@ -297,17 +297,19 @@ FB_DEVICE bool window_covers(int first, int last, int t0, int t1, int before, in
   return last - t0 <= before && t1 - first <= after;
 }
 
-// The Philox words of the 8-key group holding key j, for query i of head h of sequence b (the
-// shared scheme v2: counter (j / 8, i, h, b)).
-FB_DEVICE PhiloxWords dropout_words(PhiloxKey key, int b, int h, int i, int j) {
-  return philox4x32(static_cast<uint32_t>(j) >> 3, static_cast<uint32_t>(i), static_cast<uint32_t>(h),
-                    static_cast<uint32_t>(b), key);
+// The Philox counter of the 8-key group holding key j, for query i of head h of sequence b (the
+// shared scheme v2: (j / 8, i, h, b)), and the words of its call.
+FB_DEVICE void dropout_counter(uint32_t (&c)[4], int b, int h, int i, int j) {
+  c[0] = static_cast<uint32_t>(j) >> 3;
+  c[1] = static_cast<uint32_t>(i);
+  c[2] = static_cast<uint32_t>(h);
+  c[3] = static_cast<uint32_t>(b);
 }
 
-// Dropout multiplier of element (query i, key j): 0 or 1 / (1 - p), one call for this element
-// alone (for fragments whose 8-key groups are spread over lanes).
-FB_DEVICE float dropout_factor(const AttnParams& p, PhiloxKey key, int b, int h, int i, int j) {
-  return dropout_keep(dropout_words(key, b, h, i, j), j & 7, p.dropout_threshold) ? p.dropout_scale : 0.0f;
+FB_DEVICE PhiloxWords dropout_words(PhiloxKey key, int b, int h, int i, int j) {
+  uint32_t c[4];
+  dropout_counter(c, b, h, i, j);
+  return philox4x32(c[0], c[1], c[2], c[3], key);
 }
 
 // Store two adjacent elements (columns col, col+1 < head_dim) of an output row.

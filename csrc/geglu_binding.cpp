@@ -10,23 +10,22 @@ namespace fb {
 namespace {
 
 // The arguments geglu_fwd and geglu_bwd share; `half` = n, the width of y (x is [rows, 2n]).
-GegluParams geglu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
-                         const char* out_name, long long rows, long long half, int dtype_code, int bias_dtype,
+GegluParams geglu_params(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, const char* out_name,
+                         long long rows, long long half, int dtype_code, int bias_dtype,
                          const std::string& approximate, int fault_injection) {
   positive("rows", rows);
   positive("half", half);
   FB_CHECK_ARG(half <= (1LL << 29), "half: expected <= 2^29 (x's width 2 * half <= 2^30), got ", half);
   GegluParams p{};
   p.half = static_cast<int>(half);
-  bind::activation_args(p, dy, x, bias, out, out_name, rows, dtype_code, bias_dtype, approximate, fault_injection);
+  bind::activation_args(p, x, bias, out, out_name, rows, dtype_code, bias_dtype, approximate, fault_injection);
   return p;
 }
 
 void geglu_fwd_py(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y, long long rows, long long half,
                   int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
                   int fault_injection) {
-  const GegluParams p =
-      geglu_params(0, x, bias, y, "y", rows, half, dtype_code, bias_dtype, approximate, fault_injection);
+  const GegluParams p = geglu_params(x, bias, y, "y", rows, half, dtype_code, bias_dtype, approximate, fault_injection);
   bind::launch(geglu_fwd, p, device, stream);
 }
 
@@ -34,9 +33,8 @@ void geglu_bwd_py(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std:
                   std::uintptr_t workspace, long long workspace_bytes, long long rows, long long half,
                   int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
                   int fault_injection) {
-  FB_CHECK_ARG(dy != 0, "dy: expected a non-null pointer, got 0 (None)");
-  GegluParams p = geglu_params(dy, x, bias, dx, "dx", rows, half, dtype_code, bias_dtype, approximate,
-                               fault_injection);
+  GegluParams p = geglu_params(x, bias, dx, "dx", rows, half, dtype_code, bias_dtype, approximate, fault_injection);
+  bind::activation_dy(p, dy);
   p.dbias = static_cast<float*>(mut_ptr("dbias", dbias, 4, false));
   p.workspace = bind::workspace(workspace, workspace_bytes, geglu_bwd_workspace_bytes(rows, p.half, dbias != 0),
                                 "geglu_bwd_workspace_bytes");

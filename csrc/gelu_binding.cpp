@@ -10,20 +10,19 @@ namespace fb {
 namespace {
 
 // The arguments gelu_fwd and gelu_bwd share; `out` is y (forward) or dx (backward).
-GeluParams gelu_params(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
-                       const char* out_name, long long rows, long long hidden, int dtype_code, int bias_dtype,
+GeluParams gelu_params(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, const char* out_name,
+                       long long rows, long long hidden, int dtype_code, int bias_dtype,
                        const std::string& approximate, int fault_injection) {
   GeluParams p{};
   p.hidden = bind::row_op_hidden(rows, hidden);
-  bind::activation_args(p, dy, x, bias, out, out_name, rows, dtype_code, bias_dtype, approximate, fault_injection);
+  bind::activation_args(p, x, bias, out, out_name, rows, dtype_code, bias_dtype, approximate, fault_injection);
   return p;
 }
 
 void gelu_fwd_py(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y, long long rows, long long hidden,
                  int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
                  int fault_injection) {
-  const GeluParams p =
-      gelu_params(0, x, bias, y, "y", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
+  const GeluParams p = gelu_params(x, bias, y, "y", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
   bind::launch(gelu_fwd, p, device, stream);
 }
 
@@ -31,8 +30,8 @@ void gelu_bwd_py(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::
                  std::uintptr_t workspace, long long workspace_bytes, long long rows, long long hidden,
                  int dtype_code, int bias_dtype, const std::string& approximate, std::uintptr_t stream, int device,
                  int fault_injection) {
-  FB_CHECK_ARG(dy != 0, "dy: expected a non-null pointer, got 0 (None)");
-  GeluParams p = gelu_params(dy, x, bias, dx, "dx", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
+  GeluParams p = gelu_params(x, bias, dx, "dx", rows, hidden, dtype_code, bias_dtype, approximate, fault_injection);
+  bind::activation_dy(p, dy);
   p.dbias = static_cast<float*>(mut_ptr("dbias", dbias, 4, false));
   p.workspace = bind::workspace(workspace, workspace_bytes, gelu_bwd_workspace_bytes(rows, p.hidden, dbias != 0),
                                 "gelu_bwd_workspace_bytes");

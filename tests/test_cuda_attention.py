@@ -91,6 +91,75 @@ def test_cuda_dropout_mask_is_the_reference_mask():
     assert torch.equal(got, ref)
 
 
+def _dkdv_dropout_keep(backend: str, device: str, dtype, head_dim: int, layout: str, p: float = 0.3) -> tuple:
+    """The dK/dV kernel's keep mask, read off dV, and the reference's mask, both
+    ``[batch, heads, L, L]``, with a bool ``[batch, 1, 1, L]`` of the keys that carry it.
+
+    With q = 0 every allowed key has P = 1 / (allowed keys) in every row, and with dO one-hot on a
+    window of ``head_dim`` query rows (dO[w0 + c] = e_c, 0 elsewhere) dV[j, c] = P[w0 + c, j] *
+    keep[w0 + c, j] / (1 - p): dV != 0 is the mask of those rows, one backward per window. Layouts:
+    padded with an attention_mask, or varlen (several sequences, one empty)."""
+    mod = get_backend(backend).load("attention")
+    heads, L = 2, 150
+    gen = torch.Generator().manual_seed(3)
+    seed = torch.tensor([0x2468ACE0, 0x13579BDF], dtype=torch.int64, device=device)
+    lengths = (150, 0, 67, 129) if layout == "varlen" else None
+    batch = len(lengths) if lengths else 2
+    if lengths:
+        cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(batch)], dtype=torch.int32, device=device)
+        shape, kw = (sum(lengths), heads, head_dim), dict(attention_mask=None, cu_seqlens=cu, max_seqlen=L)
+        allowed = torch.arange(L).view(1, -1) < torch.tensor(lengths).view(-1, 1)
+    else:
+        allowed = torch.ones(batch, L, dtype=torch.bool)
+        allowed[1, torch.randperm(L, generator=gen)[:40]] = False
+        shape = (batch, L, heads, head_dim)
+        kw = dict(attention_mask=allowed.to(device=device, dtype=torch.uint8), cu_seqlens=None, max_seqlen=0)
+    q = torch.zeros(shape, device=device, dtype=dtype)
+    k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, heads, shape[0]) if lengths else (2, batch, heads, L), float("nan"), device=device)
+    common = dict(attn_bias=None, dropout_p=p, seed=seed, softmax_scale=1.0 / math.sqrt(head_dim), **kw)
+    mod.attention_fwd(q, k, v, out, lse, **common)
+    got = torch.zeros(batch, heads, L, L, dtype=torch.bool)  # [b, h, query, key]
+    for w0 in range(0, L, head_dim):
+        eye = torch.zeros(L, head_dim)
+        rows = min(head_dim, L - w0)
+        eye[w0:w0 + rows] = torch.eye(head_dim)[:rows]
+        if lengths:  # each sequence's rows w0.. of its own positions
+            dout = torch.cat([eye[:n] for n in lengths]).view(-1, 1, head_dim).expand(shape)
+        else:
+            dout = eye.view(1, L, 1, head_dim).expand(shape)
+        dout = dout.to(device=device, dtype=dtype).contiguous()
+        dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
+        mod.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, None, **common)
+        assert not (dq.isnan().any() or dk.isnan().any() or dv.isnan().any())
+        nz = (dv != 0).cpu()
+        if lengths:
+            for b, (s, n) in enumerate(zip(cu.tolist(), lengths)):  # dv [tokens, heads, c] -> [h, c, key]
+                got[b, :, w0:w0 + rows, :n] = nz[s:s + n, :, :rows].permute(1, 2, 0)
+        else:
+            got[:, :, w0:w0 + rows] = nz[:, :, :, :rows].permute(0, 2, 3, 1)
+    ref = attention_keep_mask(seed.cpu(), p, batch, heads, L, L, lengths=lengths)
+    return got, ref, allowed.view(batch, 1, 1, L)
+
+
+@pytest.mark.parametrize("dtype,head_dim,layout", [(torch.float16, 64, "padded"), (torch.bfloat16, 64, "varlen"),
+                                                   (torch.float32, 32, "padded"), (torch.float16, 128, "varlen")],
+                         ids=str)
+def test_cuda_host_dkdv_dropout_mask_is_the_reference_mask(dtype, head_dim, layout):
+    """The dK/dV kernel shares each Philox call's keep bits between the 8 lanes holding its keys
+    (shuffles): its mask, read off dV at every (query, key) of 150 x 150 (several 8-key groups, warps,
+    key blocks and query tiles; 64-query tiles at fp16 d=64, 32-query tiles otherwise), must equal the
+    reference's on every allowed key, so a word or bit read from the wrong lane fails here."""
+    require_backend("cuda-host", "attention")
+    got, ref, allowed = _dkdv_dropout_keep("cuda-host", "cpu", dtype, head_dim, layout)
+    if layout == "varlen":  # rows past a sequence's length carry nothing
+        allowed = allowed & allowed.transpose(-1, -2)
+    assert torch.equal(got & allowed, ref & allowed)
+    assert not (got & ~allowed).any()
+    assert 0.6 < ref[allowed.expand_as(ref)].float().mean() < 0.8
+
+
 @pytest.mark.parametrize("case", [AttentionCase(torch.float16, 64, 17, 17),
                                   AttentionCase(torch.float32, 40, 17, 33, batch=1)], ids=str)
 def test_cuda_host_planted_key_bound_bug_is_caught(case, monkeypatch):

@@ -177,4 +177,12 @@ def test_binding_checks_workspace_and_gelu_arguments():
         with pytest.raises(ValueError, match="dx: expected a pointer aligned to 2 bytes"):
             ext.gelu_bwd(dy=p, x=p, bias=0, dx=p + 1, dbias=0, workspace=0, workspace_bytes=0, rows=4, hidden=8,
                          dtype=1, device=dev)
+        # dy: required by the backward, x's dtype (checked once, in binding_util.h's activation_dy)
+        for dy, message in ((0, "dy: expected a non-null pointer"), (p + 1, "dy: expected a pointer aligned to 2")):
+            with pytest.raises(ValueError, match=message):
+                ext.gelu_bwd(dy=dy, x=p, bias=0, dx=p, dbias=0, workspace=0, workspace_bytes=0, rows=4, hidden=8,
+                             dtype=1, device=dev)
+            with pytest.raises(ValueError, match=message):
+                ext.geglu_bwd(dy=dy, x=p, bias=0, dx=p, dbias=0, workspace=0, workspace_bytes=0, rows=4, half=8,
+                              dtype=1, device=dev)
         assert (buf == 0).all()

@@ -166,12 +166,13 @@ class DeviceGuard {
 };
 
 // The arguments the bias + activation ops' forward and backward share (bias-GELU, GeGLU; their
-// Params have dy, x, bias, out, rows, dtype, bias_dtype, tanh_approx and fault): `out` is y
-// (forward) or dx (backward), `dy` is 0 in the forward. The caller checks the sizes first.
+// Params have x, bias, out, rows, dtype, bias_dtype, tanh_approx and fault): `out` is y
+// (forward) or dx (backward). The caller checks the sizes first; the backward then sets dy
+// (activation_dy), which the forward leaves null.
 template <class Params>
-void activation_args(Params& p, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
-                     const char* out_name, long long rows, int dtype_code, int bias_dtype,
-                     const std::string& approximate, int fault_injection) {
+void activation_args(Params& p, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, const char* out_name,
+                     long long rows, int dtype_code, int bias_dtype, const std::string& approximate,
+                     int fault_injection) {
   FB_CHECK_ARG(approximate == "none" || approximate == "tanh", "approximate: expected 'none' or 'tanh', got '",
                approximate, "'");
   p.dtype = dtype("dtype", dtype_code);
@@ -179,10 +180,15 @@ void activation_args(Params& p, std::uintptr_t dy, std::uintptr_t x, std::uintpt
   p.x = ptr("x", x, p.dtype, true);
   p.bias = ptr("bias", bias, p.bias_dtype, false);
   p.out = mut_ptr(out_name, out, p.dtype, true);
-  p.dy = dy ? ptr("dy", dy, p.dtype, true) : nullptr;
   p.rows = rows;
   p.tanh_approx = approximate == "tanh";
   p.fault = check_fault_injection(fault_injection);
+}
+
+// The backward's dy (required, x's dtype), checked once, after activation_args.
+template <class Params>
+void activation_dy(Params& p, std::uintptr_t dy) {
+  p.dy = ptr("dy", dy, p.dtype, true);
 }
 
 // Runs an op's entry point `fn(params, stream)` with `device` current (DeviceGuard) on the stream

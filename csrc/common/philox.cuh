@@ -48,6 +48,32 @@ FB_DEVICE PhiloxWords philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   return PhiloxWords{c0, c1, c2, c3};
 }
 
+// N calls with one key, round by round: the key schedule is computed once for all of them and
+// the N independent chains interleave. ctr[n] is call n's counter (c0..c3) in, its words out;
+// each call's result equals philox4x32(ctr[n][0], .., ctr[n][3], key). (philox4x32 keeps its own
+// rounds: written as philox4x32_n<1> it made the dQ kernel spill at fp16/bf16 d64, sm_90a.)
+template <int N>
+FB_DEVICE void philox4x32_n(uint32_t (&ctr)[N][4], PhiloxKey key) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  uint32_t k0 = key.k0, k1 = key.k1;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      uint32_t* c = ctr[n];
+      const uint32_t hi0 = umulhi(c[0], kM0), lo0 = c[0] * kM0;
+      const uint32_t hi1 = umulhi(c[2], kM1), lo1 = c[2] * kM1;
+      const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+      c[0] = n0;
+      c[1] = lo1;
+      c[2] = n2;
+      c[3] = lo0;
+    }
+    k0 += kW0;
+    k1 += kW1;
+  }
+}
+
 // Word q (0..3) of a call, by selects (a runtime q must not index a register array: that would
 // put the words in local memory).
 FB_DEVICE uint32_t philox_word(const PhiloxWords& w, int q) {
@@ -58,6 +84,21 @@ FB_DEVICE uint32_t philox_word(const PhiloxWords& w, int q) {
 FB_DEVICE bool dropout_keep(const PhiloxWords& w, int j, uint32_t threshold) {
   const uint32_t word = philox_word(w, j >> 1);
   return ((j & 1) ? (word >> 16) : (word & 0xffffu)) >= threshold;
+}
+
+// Keep decisions of all 8 columns of a call as bits, bit j = dropout_keep(w, j, threshold). A
+// half is compared without extracting it: with t16 = threshold << 16 (threshold < 2^16), the high
+// half of a word is >= threshold iff word >= t16, the low half iff (word << 16) >= t16.
+FB_DEVICE uint32_t dropout_keep_bits(const PhiloxWords& w, uint32_t threshold) {
+  const uint32_t t16 = threshold << 16;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t word = philox_word(w, q);
+    bits |= static_cast<uint32_t>((word << 16) >= t16) << (2 * q);
+    bits |= static_cast<uint32_t>(word >= t16) << (2 * q + 1);
+  }
+  return bits;
 }
 
 // Keep decisions of the column pair (2q, 2q + 1) of a group, from its word q: one call serves

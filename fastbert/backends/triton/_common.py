@@ -7,7 +7,8 @@
   parameter of those kernels) and CPU tests stay fast.
 - :func:`cast_rne`: an fp32 -> fp16/bf16 store cast that rounds like compiled Triton under the
   interpreter too.
-- :func:`_tile_rows`: the int64 row indices of a row tile (the row-wise kernels' prologue).
+- :func:`_tile_rows`: the int64 row indices of a row tile (the row-wise kernels' prologue);
+  :func:`_col_block`: the columns of a column block and which are inside the row.
 - :func:`device_ctx`: launches run on the tensors' GPU, not the current one.
 - :func:`row_programs`: how many row programs a backward with per-program partial sums runs.
 """
@@ -48,6 +49,15 @@ def _tile_rows(tile, BLOCK_M: tl.constexpr):
     """Row indices of row tile ``tile`` as int64, so ``row * hidden`` cannot overflow int32 (the row
     index itself fits in int32: fewer than 2**31 rows)."""
     return (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+
+
+@triton.jit
+def _col_block(c, width, BLOCK_N: tl.constexpr):
+    """``(cols, col_mask)``: the columns ``c * BLOCK_N + arange(BLOCK_N)`` of column block ``c`` and
+    which of them are inside a row of ``width`` (GELU / GeGLU: ``c`` = grid axis 1; LayerNorm's
+    ``_chunk``: its chunk loop)."""
+    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    return cols, cols < width
 
 
 def row_programs(device, num_tiles: int, col_blocks: int = 1) -> int:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from fastbert.backends._philox import dropout_scale, dropout_threshold
-from fastbert.backends.triton._common import TILE_SCALE
+from fastbert.backends.triton._common import TILE_SCALE, _col_block
 from fastbert.backends.triton._philox import philox_keep_cols, philox_keep_tile, philox_seed
 
 # A row up to this many elements (rounded up to a power of two) is held in registers in one block;
@@ -66,8 +66,7 @@ def _chunk(row_idx, row_mask, c, hidden, BLOCK_N: tl.constexpr):
     """Column chunk ``c`` (columns ``c * BLOCK_N + arange(BLOCK_N)``) of the rows ``row_idx``
     (in bounds where ``row_mask``): ``(cols, col_mask, mask, offs)``, the columns, which are in
     the row, which elements of the tile are, and the tile's int64 element offsets."""
-    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < hidden
+    cols, col_mask = _col_block(c, hidden, BLOCK_N)
     mask = row_mask[:, None] & col_mask[None, :]
     return cols, col_mask, mask, _offsets(row_idx, cols, hidden)
 

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.backends.triton._common import _tile_rows, cast_rne, device_ctx
-from fastbert.backends.triton.gelu import _col_block, _gelu_and_grad, config, run_bwd, tile_launch
+from fastbert.backends.triton._common import _col_block, _tile_rows, cast_rne, device_ctx
+from fastbert.backends.triton.gelu import _gelu_and_grad, config, run_bwd, tile_launch
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _geglu_fwd_kernel(
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row_idx = _tile_rows(tl.program_id(0), BLOCK_M)
-    cols, col_mask = _col_block(n, BLOCK_N)
+    cols, col_mask = _col_block(tl.program_id(1), n, BLOCK_N)
     mask = (row_idx < rows)[:, None] & col_mask[None, :]
     a, g, _ = _load_halves(x_ptr, b_ptr, row_idx, cols, n, mask, col_mask, HAS_BIAS)
     ga, _ = _gelu_and_grad(a, APPROX_TANH, False)
@@ -68,7 +68,7 @@ def _geglu_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols, col_mask = _col_block(n, BLOCK_N)
+    cols, col_mask = _col_block(tl.program_id(1), n, BLOCK_N)
     acc_a = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from fastbert.backends import workspace
-from fastbert.backends.triton._common import TILE_SCALE, _tile_rows, cast_rne, device_ctx, row_programs
+from fastbert.backends.triton._common import (TILE_SCALE, _col_block, _tile_rows, cast_rne, device_ctx,
+                                              row_programs)
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -72,14 +73,6 @@ def _gelu_and_grad(z, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
 
 
 @triton.jit
-def _col_block(width, BLOCK_N: tl.constexpr):
-    """``(cols, col_mask)``: the columns of this program's column block (grid axis 1) and which of
-    them are inside a row of ``width``."""
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return cols, cols < width
-
-
-@triton.jit
 def _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS: tl.constexpr):
     z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -96,7 +89,7 @@ def _gelu_fwd_kernel(
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row_idx = _tile_rows(tl.program_id(0), BLOCK_M)
-    cols, col_mask = _col_block(hidden, BLOCK_N)
+    cols, col_mask = _col_block(tl.program_id(1), hidden, BLOCK_N)
     mask = (row_idx < rows)[:, None] & col_mask[None, :]
     offs = row_idx[:, None] * hidden + cols[None, :]
     z = _load_z(x_ptr, b_ptr, offs, cols, mask, col_mask, HAS_BIAS)
@@ -116,7 +109,7 @@ def _gelu_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols, col_mask = _col_block(hidden, BLOCK_N)
+    cols, col_mask = _col_block(tl.program_id(1), hidden, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         row_idx = _tile_rows(tile, BLOCK_M)
