@@ -183,3 +183,36 @@ def test_aten_graph_sees_inplace_edits_of_k():
     kk.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_an_inference_call_leaves_a_plan_a_training_call_can_save():
+    """The remembered plan is built outside inference mode: an inference call that falls back
+    (non-finite masked K) left inference tensors (mask copy, bias) in the slot the gradient path
+    uses, and the next training call with the same mask values failed to save them for backward
+    (found in review)."""
+    mask = _lengths_mask([40, 31, 17])
+    q, k, v, dout = (t.float() for t in _inputs(3, seed=6))
+    _masked._LAST.clear()
+    with torch.inference_mode():
+        attention(q, torch.where(mask[:, :, None, None], k, float("nan")), v, attention_mask=mask)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, attention_mask=mask.clone())
+    got = torch.autograd.grad(out, leaves, dout)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attention(*ref, attention_mask=mask, backend="reference"), ref, dout.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_grad_mode_without_inputs_that_need_gradients_takes_the_forward_cost_model():
+    """A model evaluated without torch.no_grad() (grad mode on, no input requiring a gradient) runs
+    the eager forward without gradients, on the forward's cost model: ops says so (``backward=False``),
+    the backend does not read grad mode (found in review)."""
+    mask = MASKS["two spans"]()
+    q, k, v, _ = (t.float() for t in _inputs(4, seed=7, seqlen=128))
+    _masked._LAST.clear()
+    with torch.enable_grad():
+        got = attention(q, k, v, attention_mask=mask)
+    assert set(_masked._LAST) == {(_masked.FWD_COPY_COST, torch.float32)}
+    want = attention(q.double(), k.double(), v.double(), attention_mask=mask, backend="reference")
+    torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=2e-5)

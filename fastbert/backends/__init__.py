@@ -76,14 +76,17 @@ ones above otherwise):
     again (autograd hands a saved tensor back as the same object; a tensor without it, as after a
     saved-tensor hook that copies, is measured again).
 
-``<op>_fwd_differentiable`` (GELU, GeGLU, LayerNorm)
+``<op>_fwd_differentiable`` (GELU, GeGLU, LayerNorm, attention)
     y through differentiable aten calls, or None where the backend computes the call another way.
     ``fastbert.ops``' eager path with gradients runs it under torch's autograd (aten's own backward
     nodes, no Python node: the plain torch sequence's graph); the result must equal the forward and
     backward entry points' bit for bit. ``layer_norm_fwd_differentiable(x, weight, bias, residual,
     x_bias, *, eps, backward)`` takes no dropout (ops keeps its own node there: it saves the seed,
     not a mask) and x with any leading dims; ``backward=False`` is the eager forward without
-    gradients (y alone, none of the statistics).
+    gradients (y alone, none of the statistics). ``attention_fwd_differentiable(q, k, v, *,
+    attention_mask, ..., backward)`` returns ``out`` alone (no ``lse``: aten's node keeps its own),
+    None for calls it does not take; ``backward=False`` as for LayerNorm (it may then run plans
+    whose backward it could not record).
 
 A backend that needs scratch memory (row sums, partial reductions) asks :func:`workspace` for it:
 the allocator is the one ``fastbert.ops`` uses for outputs, so the test switch that poisons every

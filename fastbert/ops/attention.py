@@ -213,10 +213,11 @@ _NONES10 = (None,) * 10
 
 
 def _native(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale,
-            allow_tf32, deterministic, backend, window_left=-1, window_right=-1):
+            allow_tf32, deterministic, backend, window_left=-1, window_right=-1, backward=True):
     """EagerOp's ``native`` with gradients: ``(out, None)`` from the backend's
     ``attention_fwd_differentiable`` (None where it has none for the call): on the torch backend the
-    unmasked or one-call masked flash attention, recorded as aten's own graph (see EagerOp)."""
+    unmasked or one-call masked flash attention, recorded as aten's own graph (see EagerOp).
+    ``backward=False``: the eager forward without gradients (see :func:`_attention_fwd_no_grad`)."""
     fn = getattr(backend_module(backend, "attention"), "attention_fwd_differentiable", None)
     if fn is None or not (q.numel() and k.numel()):
         return None
@@ -224,7 +225,7 @@ def _native(q, k, v, attention_mask, attn_bias, cu_seqlens, seed, max_seqlen, dr
     with no_autocast(q):
         out = fn(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias, cu_seqlens=cu_seqlens,
                  max_seqlen=max_seqlen, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
-                 allow_tf32=allow_tf32, deterministic=deterministic, window=window)
+                 backward=backward, allow_tf32=allow_tf32, deterministic=deterministic, window=window)
     return None if out is None else (out, None)
 
 
@@ -232,7 +233,7 @@ def _attention_fwd_no_grad(*inputs):
     """The eager forward without gradients: :func:`_native` where the backend has it for the call
     (on the torch backend also masked plans of several groups, on the forward's cost model), else
     :func:`_attention_fwd_eager`."""
-    res = _native(*inputs)
+    res = _native(*inputs, backward=False)
     return _attention_fwd_eager(*inputs) if res is None else res
 
 

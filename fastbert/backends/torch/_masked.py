@@ -127,8 +127,12 @@ def mask_plan(attention_mask: torch.Tensor, dtype: torch.dtype, copy_cost: int =
     hit = _LAST.get(key)
     if hit is not None and hit[0].shape == attention_mask.shape and torch.equal(hit[0], attention_mask):
         return hit[1], hit[2]
-    p, check = _mask_plan(attention_mask, dtype, copy_cost)
-    _LAST[key] = (attention_mask.clone(), p, check)
+    # Built outside inference mode: an entry made by an inference call (a mask, bias or index
+    # tensor of inference mode) could not be saved for backward by a later training call's flash
+    # node with the same mask values.
+    with torch.inference_mode(False):
+        p, check = _mask_plan(attention_mask, dtype, copy_cost)
+        _LAST[key] = (attention_mask.clone(), p, check)
     return p, check
 
 

@@ -264,7 +264,7 @@ def attention_fwd_functional(q, k, v, *, attention_mask, attn_bias, cu_seqlens, 
 
 
 def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqlens, max_seqlen, dropout_p, seed,
-                                 softmax_scale, allow_tf32=False, deterministic=False, window=None):
+                                 softmax_scale, backward, allow_tf32=False, deterministic=False, window=None):
     """``out`` of :func:`attention_fwd_functional` through differentiable aten calls, or None:
     ``fastbert.ops``' eager path with gradients runs it under torch's autograd, recording aten's own
     graph (its flash node and transposes, what plain ``F.scaled_dot_product_attention`` records; no
@@ -276,7 +276,8 @@ def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqle
     (their backward through aten's slices would fill a full-size zero gradient per group): the caller
     then runs fastbert's own node. Without gradients (the eager no-grad forward) it also runs such
     plans, on the forward's cost model (``_masked.FWD_COPY_COST``: one output to assemble), and
-    returns the assembled output. None also for a non-finite masked key, a bias, dropout, a window,
+    returns the assembled output. ``backward``: whether the caller records gradients (ops decides;
+    False for the eager forward without gradients, also when grad mode is on but no input needs one). None also for a non-finite masked key, a bias, dropout, a window,
     fp64, varlen. A second derivative fails as aten's flash backward has none (as plain SDPA's)."""
     if (attn_bias is not None or cu_seqlens is not None or dropout_p != 0.0
             or window is not None or q.dtype not in _FLASH_DTYPES or not q.is_cpu):
@@ -285,7 +286,7 @@ def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqle
     if attention_mask is None:
         o, _ = _flash_cpu(qh, kh, vh, 0.0, False, scale=softmax_scale)
         return o.transpose(1, 2)  # aten lays o out as [B, L, H, d]: the transpose is contiguous
-    grad = torch.is_grad_enabled()
+    grad = backward
     p, check = _masked.mask_plan(attention_mask, k.dtype, _masked.COPY_COST if grad else _masked.FWD_COPY_COST)
     one = p.one_call(q.shape[0])
     if grad and not one:
