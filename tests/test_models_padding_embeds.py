@@ -54,3 +54,44 @@ def test_non_finite_padding_embeds_reach_no_gradient(kind, bad):
     for name, grad in grads.items():
         assert bool(torch.isfinite(grads_p[name]).all()), name
         torch.testing.assert_close(grads_p[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["bert", "modernbert"])
+def test_packing_metadata_without_a_mask_zeroes_padding_embeds_too(kind):
+    """Packing metadata (indices, cu_seqlens) without attention_mask is an accepted call: padding
+    is then every position indices leave out, and NaN there reaches no gradient either (found in
+    review: the zeroing read only the mask)."""
+    from fastbert.nn.padding import unpad_metadata
+    model = _model(kind)
+    seqlen = max(LENGTHS)
+    mask = (torch.arange(seqlen)[None] < torch.tensor(LENGTHS)[:, None]).long()
+    indices, cu_seqlens, max_seqlen = unpad_metadata(mask)[:3]
+    embeds = torch.randn(len(LENGTHS), seqlen, 32, generator=torch.Generator().manual_seed(4))
+    poisoned = torch.where(mask.bool()[..., None], embeds, float("nan"))
+    results = []
+    for e in (embeds, poisoned):
+        model.zero_grad()
+        leaf = e.clone().requires_grad_(True)
+        out = model(inputs_embeds=leaf, indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).last_hidden_state
+        out[mask.bool()].sum().backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert results[0].keys() == results[1].keys() and results[0]
+    for name, grad in results[0].items():
+        torch.testing.assert_close(results[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_without_gradients_padding_embeds_are_left_alone():
+    """No gradient, no zeroing (each row is normalised on its own): the real rows' outputs are
+    the same bits with NaN padding, and no [batch, seqlen, hidden] select is paid."""
+    model = _model("bert").eval()
+    seqlen = max(LENGTHS)
+    mask = (torch.arange(seqlen)[None] < torch.tensor(LENGTHS)[:, None]).long()
+    embeds = torch.randn(len(LENGTHS), seqlen, 32, generator=torch.Generator().manual_seed(5))
+    poisoned = torch.where(mask.bool()[..., None], embeds, float("nan"))
+    from fastbert.models import _base
+    with torch.no_grad():
+        assert _base.embeds_without_padding(poisoned, mask, True) is poisoned
+        out = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        out_p = model(inputs_embeds=poisoned, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out_p[real], out[real], rtol=0, atol=0)

@@ -46,17 +46,28 @@ def check_input_ids(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]
 
 
 def embeds_without_padding(inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor],
-                           packed: bool) -> Optional[Tensor]:
-    """``inputs_embeds`` with zeros at padding when the encoder runs packed (``packed``).
+                           packed: bool, indices: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``inputs_embeds`` with zeros at padding when the encoder runs packed (``packed``) and
+    gradients are recorded; padding is where ``attention_mask`` is 0, or, without a mask, every
+    position ``indices`` (the packed tokens' flat positions, checked before) leaves out.
 
     The packed encoder never reads padding rows, but the embeddings' LayerNorm runs on every
     position before packing, and its backward multiplies the padding rows' zero gradient by their
     values: a non-finite (or overflowing) padding embed made the LayerNorm weight, position and
-    token-type gradients NaN. The padded mode keeps them (it computes padding rows as transformers does).
+    token-type gradients NaN. Without gradients nothing is zeroed (each row is normalised on its
+    own: the real rows' outputs are the same bits either way). The padded mode keeps padding rows
+    (it computes them as transformers does).
     """
-    if inputs_embeds is None or attention_mask is None or not packed:
+    if inputs_embeds is None or not packed or not torch.is_grad_enabled():
         return inputs_embeds
-    real = padding_mask(attention_mask, inputs_embeds.shape[0], inputs_embeds.shape[1], inputs_embeds.device)
+    batch, seqlen = inputs_embeds.shape[:2]
+    if attention_mask is not None:
+        real = padding_mask(attention_mask, batch, seqlen, inputs_embeds.device)
+    elif indices is not None:
+        real = torch.zeros(batch * seqlen, dtype=torch.bool, device=inputs_embeds.device)
+        real = real.index_fill_(0, indices.to(device=real.device, dtype=torch.long), True).view(batch, seqlen)
+    else:
+        return inputs_embeds
     return torch.where(real[..., None], inputs_embeds, 0)
 
 
@@ -251,9 +262,11 @@ class EncoderModelMixin:
                cu_seqlens=None, max_seqlen=None):
         """Run the model; returns :class:`fastbert.nn.EncoderOutput` (heads read its ``packed``)."""
         check_input_ids(input_ids, inputs_embeds)
-        inputs_embeds = embeds_without_padding(inputs_embeds, attention_mask, self._unpad or cu_seqlens is not None)
+        check_packing_metadata(attention_mask, indices, cu_seqlens,
+                               *(input_ids if input_ids is not None else inputs_embeds).shape[:2])
+        inputs_embeds = embeds_without_padding(inputs_embeds, attention_mask, self._unpad or cu_seqlens is not None,
+                                               indices)
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        check_packing_metadata(attention_mask, indices, cu_seqlens, *x.shape[:2])
         project = getattr(self, "embeddings_project", None)
         if project is not None:  # ELECTRA: embedding_size != hidden_size
             x = project(x)

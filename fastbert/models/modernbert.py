@@ -105,10 +105,11 @@ class ModernBertModel(ModernBertPreTrainedModel):
                max_seqlen=None):
         """Run the model; returns :class:`fastbert.nn.EncoderOutput` (heads read its ``packed``)."""
         check_input_ids(input_ids, inputs_embeds)
-        inputs_embeds = embeds_without_padding(inputs_embeds, attention_mask, self._unpad or cu_seqlens is not None)
-        x = self.embeddings(input_ids, inputs_embeds)  # [batch, seqlen, hidden]
-        batch, seqlen = x.shape[:2]
+        batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         check_packing_metadata(attention_mask, indices, cu_seqlens, batch, seqlen)
+        inputs_embeds = embeds_without_padding(inputs_embeds, attention_mask, self._unpad or cu_seqlens is not None,
+                                               indices)
+        x = self.embeddings(input_ids, inputs_embeds)  # [batch, seqlen, hidden]
         packed = cu_seqlens is not None or (self._unpad and attention_mask is not None)
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seqlen:
