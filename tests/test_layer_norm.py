@@ -521,6 +521,13 @@ def test_torch_backend_add_norm_ill_conditioned_rows_no_grad_nd():
     assert torch.equal(y[1], lo[1]) and torch.equal(y[2, 3], lo[2, 3])
     assert not torch.equal(aten[1], lo[1])  # what the recomputation changed
     assert torch.equal(y[0], aten[0]) and torch.equal(y[2, :3], aten[2, :3])
+    # A NaN row makes the worst ratio NaN: the other rows are then looked at one by one, and the
+    # ill-conditioned ones are still recomputed (a "worst > threshold" test would skip them).
+    x[0, 0] = float("nan")
+    with torch.no_grad():
+        y = layer_norm(x, w, b, eps=1e-12, residual=res, x_bias=xb, backend="torch")
+    assert bool(y[0, 0].isnan().all()) and not bool(y[0, 1:].isnan().any())
+    assert torch.equal(y[1], lo[1]) and torch.equal(y[2, 3], b)
 
 
 def test_torch_backend_add_norm_with_dropout_keeps_fastbert_s_node():

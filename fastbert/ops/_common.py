@@ -241,12 +241,13 @@ class EagerOp:
     gradient (``stats``), the positions of the inputs that are ``(rows, last dim)`` views of
     the caller's N-D tensors (``flat``; see :meth:`__call__`'s ``shape``), and ``native``: None, or
     a function of the (N-D) inputs that returns the forward's outputs computed by differentiable
-    aten calls of the backend (its declared ``<op>_fwd_differentiable``), or None where the backend
-    has none for the call. With gradients the eager path runs it under torch's autograd: aten's
+    aten calls of the backend (its declared ``<op>_fwd_differentiable``; at least a tuple whose
+    first element is the op's one differentiable output, which is all callers read), or None
+    where the backend has none for the call. With gradients the eager path runs it under torch's autograd: aten's
     own backward nodes (C++, no Python node, the plain torch sequence's graph) instead of
     :class:`_EagerFunction` and the backward op. ``no_grad_impl``: the forward of eager calls
-    that record no gradient, where it differs from ``fwd_impl`` (the same arguments and outputs;
-    ``fwd_impl`` when None)."""
+    that record no gradient, where it differs from ``fwd_impl`` (the same arguments; its outputs
+    may stop after the first, as ``native``'s; ``fwd_impl`` when None)."""
 
     def __init__(self, fwd_op, fwd_impl, setup_context, backward, bwd_op, bwd_impl, stats=False, flat=(0,),
                  native=None, no_grad_impl=None):
