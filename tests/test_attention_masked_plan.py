@@ -74,10 +74,11 @@ def test_plan_groups_and_fallback():
     assert p.groups[0].bias is None and p.groups[0].span == SEQLEN
     p = _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v)
     assert p.empty == [1] and [(g.start, g.stop) for g in p.groups] == [(0, 1), (2, 5)]
-    assert p.groups[1].span == 40 and p.groups[0].span == 16
-    k[0, 10] = float("inf")  # a masked key inside sequence 0's span [0, 16)
+    assert p.groups[1].span == 40 and p.groups[0].span == 5 and p.groups[0].bias is None  # exact (EXACT_KEYS)
+    k[3, 20] = float("inf")  # a masked key inside sequence 3's span [0, 40)
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is None
-    k[0, 10] = 0.0
+    k[3, 20] = 0.0
+    k[0, 10] = float("inf")  # masked, outside sequence 0's exact span [0, 5): not read
     v[0, 20] = float("nan")  # masked but outside every span that sequence 0 meets
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
     k[4, 3] = float("nan")  # a valid key: the plan stands (the output is NaN there, as in the reference)
