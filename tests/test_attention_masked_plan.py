@@ -74,10 +74,11 @@ def test_plan_groups_and_fallback():
     assert p.groups[0].bias is None and p.groups[0].span == SEQLEN
     p = _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v)
     assert p.empty == [1] and [(g.start, g.stop) for g in p.groups] == [(0, 1), (2, 5)]
-    assert p.groups[1].span == 40 and p.groups[0].span == 16
-    k[0, 10] = float("inf")  # a masked key inside sequence 0's span [0, 16)
+    assert p.groups[1].span == 40 and p.groups[0].span == 5 and p.groups[0].bias is None  # exact (EXACT_KEYS)
+    k[3, 20] = float("inf")  # a masked key inside sequence 3's span [0, 40)
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is None
-    k[0, 10] = 0.0
+    k[3, 20] = 0.0
+    k[0, 10] = float("inf")  # masked, outside sequence 0's exact span [0, 5): not read
     v[0, 20] = float("nan")  # masked but outside every span that sequence 0 meets
     assert _masked.plan(_lengths_mask([5, 0, 40, 16, 16]), k, v) is not None
     k[4, 3] = float("nan")  # a valid key: the plan stands (the output is NaN there, as in the reference)
@@ -125,3 +126,38 @@ def test_backward_plans_from_the_mask_and_autograd_guards_k():
     kk[2, 12] = float("nan")  # a masked key inside a span: the forward's check no longer holds
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+
+@pytest.mark.parametrize("lengths, seqlen", [([12], 16), ([0, 20, 20], SEQLEN), ([5, 0, 40, 16], SEQLEN)])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 1e38])
+def test_preallocated_path_on_exact_spans_never_leaks(lengths, seqlen, garbage):
+    """The custom op's backend entry points (``attention_fwd`` / ``attention_bwd`` into NaN-filled
+    outputs, ``lse`` allocated: ``_flash_padded`` and its backward) on plans with exact key spans
+    (small groups of equal right-padded lengths: no mask, no check): garbage in masked K/V rows
+    reaches neither the output nor any gradient; masked keys' dK, dV and fully masked sequences
+    exact zeros; against the fp64 reference."""
+    from fastbert.backends.torch import attention as backend
+
+    mask = _lengths_mask(lengths, seqlen)
+    assert any(g.bias is None and g.span < seqlen for g in _masked.mask_plan(mask, torch.float32)[0].groups)
+    g = torch.Generator().manual_seed(len(lengths))
+    q, k, v, dy = (torch.randn(len(lengths), seqlen, HEADS, HD, generator=g, dtype=torch.float64) for _ in range(4))
+    keep = mask[:, :, None, None]
+    qf, kf, vf = (t.float() for t in (q, torch.where(keep, k, garbage), torch.where(keep, v, garbage)))
+    kw = dict(attention_mask=mask, attn_bias=None, cu_seqlens=None, max_seqlen=0, dropout_p=0.0, seed=None,
+              softmax_scale=HD ** -0.5)
+    out, lse = torch.full_like(qf, float("nan")), torch.full((2, len(lengths), HEADS, seqlen), float("nan"))
+    backend.attention_fwd(qf, kf, vf, out, lse, **kw)
+    grads = [torch.full_like(qf, float("nan")) for _ in range(3)]
+    backend.attention_bwd(dy.float(), qf, kf, vf, out, lse, *grads, None, **kw)
+    got = [out] + grads
+    ref = [t.requires_grad_() for t in (q, torch.where(keep, k, 0.0), torch.where(keep, v, 0.0))]
+    ro = attention(*ref, attention_mask=mask, backend="reference")
+    want = [ro] + list(torch.autograd.grad(ro, ref, dy))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=2e-5, msg=name)
+    for t in got[2:]:
+        assert t[~mask].eq(0).all()
+    for t in got[:2]:
+        assert t[~mask.any(1)].eq(0).all()

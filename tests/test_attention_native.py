@@ -29,6 +29,9 @@ MASKS = {
     "spread": lambda: _lengths_mask([128, 120, 90, 70, 40, 33, 10, 1], 128),  # 4 groups, with or without backward
     "two spans": lambda: _lengths_mask([128, 128, 100, 60], 128),  # 2 groups without backward, 1 call with
     "empty seq": lambda: _lengths_mask([5, 0, 40, 16]),
+    # Small groups of equal right-padded lengths: exact key spans (no mask, no K/V check)
+    "tiny exact": lambda: _lengths_mask([12], 16),  # the overhead benchmark's "mask 0.75"
+    "exact pair": lambda: _lengths_mask([0, 20, 20], 32),
 }
 GARBAGE = {"nan": float("nan"), "inf": float("inf"), "huge": 1e4, "overflow": 1e38}
 
@@ -116,7 +119,7 @@ def test_cost_models_split_spread_batches():
     mask = MASKS["two spans"]()
     assert _masked.mask_plan(mask, torch.float32, _masked.COPY_COST)[0].one_call(4)
     fwd, _ = _masked.mask_plan(mask, torch.float32, _masked.FWD_COPY_COST)
-    assert [(g.start, g.stop, g.span) for g in fwd.groups] == [(0, 3, 128), (3, 4, 64)]
+    assert [(g.start, g.stop, g.span) for g in fwd.groups] == [(0, 3, 128), (3, 4, 60)]  # 1 x 64 keys: exact
     q, k, v, _ = (t.float().requires_grad_() for t in _inputs(8, seed=3, seqlen=128))
     assert "_EagerFunctionBackward" not in _graph_names(attention(q[:4], k[:4], v[:4], attention_mask=mask))
     assert "_EagerFunctionBackward" in _graph_names(attention(q, k, v, attention_mask=MASKS["spread"]()))
@@ -216,3 +219,53 @@ def test_grad_mode_without_inputs_that_need_gradients_takes_the_forward_cost_mod
     assert set(_masked._LAST) == {(_masked.FWD_COPY_COST, torch.float32)}
     want = attention(q.double(), k.double(), v.double(), attention_mask=mask, backend="reference")
     torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("lengths, seqlen, want", [
+    ([12], 16, [(0, 1, 12)]), ([0, 20, 20], 32, [(1, 3, 20)]), ([50], 64, [(0, 1, 50)]),
+    ([40, 40], 64, None),  # 2 x 48 keys > EXACT_KEYS: rounded span, mask and check
+    ([20, 19], 32, None),  # unequal counts: rounded span
+])
+def test_small_equal_groups_run_on_exact_keys_without_mask_or_check(lengths, seqlen, want):
+    """A small group (n x span <= EXACT_KEYS) whose sequences hold the same valid key count under
+    right padding runs on exactly those keys: no additive mask, nothing for the K/V check to read
+    (it costs more there than flash loses off a multiple of KEY_BLOCK). Larger or unequal groups
+    keep the rounded span with its mask and check."""
+    mask = _lengths_mask(lengths, seqlen)
+    for cost in (_masked.COPY_COST, _masked.FWD_COPY_COST):
+        p, check = _masked.mask_plan(mask, torch.float32, cost)
+        if want is None:
+            assert all(g.span % _masked.KEY_BLOCK == 0 and g.bias is not None for g in p.groups)
+            assert check is not None
+            continue
+        assert [(g.start, g.stop, g.span) for g in p.groups] == want
+        assert all(g.bias is None for g in p.groups) and check is None
+        assert p.empty == [b for b, n in enumerate(lengths) if n == 0]
+
+
+@pytest.mark.parametrize("garbage", list(GARBAGE))
+def test_tiny_exact_span_at_bert_heads_never_leaks(garbage, poison):
+    """The benchmark's tiny shape itself (1 x 16, 12 valid keys, 12 x 64 heads, fp32) on the exact
+    span: output and gradients against fp64 with garbage in the masked K/V rows; masked keys' dK, dV
+    exact zeros; aten's graph (one flash call, no fastbert node)."""
+    mask = _lengths_mask([12], 16)
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dy = (torch.randn(1, 16, 12, 64, generator=g, dtype=torch.float64) for _ in range(4))
+    kd, vd = _poisoned_kv(mask, k, v, garbage)
+    leaves = [t.float().requires_grad_() for t in (q, kd, vd)]
+    out = attention(*leaves, attention_mask=mask)
+    assert "_EagerFunctionBackward" not in _graph_names(out)
+    got = [out] + list(torch.autograd.grad(out, leaves, dy.float()))
+    with torch.no_grad():
+        assert torch.equal(attention(*leaves, attention_mask=mask), out.detach())
+    clean = [torch.where(mask[:, :, None, None], t, 0.0) for t in (k, v)]
+    ref = [t.requires_grad_() for t in (q, *clean)]
+    ro = attention(*ref, attention_mask=mask, backend="reference")
+    hi = [ro] + list(torch.autograd.grad(ro, ref, dy))
+    lo_in = [t.detach().float().requires_grad_() for t in ref]
+    lo_out = attention(*lo_in, attention_mask=mask, backend="reference")
+    lo = [lo_out] + list(torch.autograd.grad(lo_out, lo_in, dy.float()))
+    for name, g_, h, l in zip(["out", "dq", "dk", "dv"], got, hi, lo):
+        assert_close_to_ref(g_, h, l, name=name, floor_eps=8.0)
+    for g_ in got[2:]:
+        assert g_[~mask].eq(0).all()
