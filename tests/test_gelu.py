@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from _cases_gelu import GELU_CASES, check_gelu_case
 
+import fastbert.ops
 from fastbert.ops import gelu
 
 CPU_BACKENDS = ("reference", "torch")
@@ -53,6 +56,43 @@ def test_bad_inputs_raise_naming_the_argument():
         gelu(x, bias=torch.zeros(3))
     with pytest.raises(TypeError, match="x: expected dtype"):
         gelu(x.int())
+
+
+@pytest.mark.parametrize("op", ["gelu", "geglu"])
+def test_x_checks_outside_the_fast_path_still_name_the_argument(op):
+    """check_gelu_inputs reads x's facts once and calls check_tensor only when one fails: each
+    failing fact still raises check_tensor's message (0 and 9 dims: the bounds of the fast test)."""
+    fn = getattr(fastbert.ops, op)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        fn([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"x: expected 1 to 8 dims, got 0"):
+        fn(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"x: expected 1 to 8 dims, got 9"):
+        fn(torch.zeros((1,) * 8 + (2,)))
+    with pytest.raises(TypeError, match="x: expected dtype .*, got torch.int64"):
+        fn(torch.zeros(2, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("op", ["gelu", "geglu"])
+def test_dispatch_sees_x_device_type(op, monkeypatch):
+    """The device type handed to dispatch: "cpu" from ``is_cpu`` for a CPU tensor, else read from
+    x.device (a meta tensor says "meta", not "cpu")."""
+    mod = importlib.import_module(f"fastbert.ops.{op}")
+    seen = []
+
+    def spy(op_name, device, *args):
+        seen.append(device)
+        raise _Stop
+
+    monkeypatch.setattr(mod, "resolve_call", spy)
+    for device in ("cpu", "meta"):
+        with pytest.raises(_Stop):
+            getattr(fastbert.ops, op)(torch.zeros(2, 4, device=device))
+    assert seen == ["cpu", "meta"]
+
+
+class _Stop(Exception):
+    pass
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

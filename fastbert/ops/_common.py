@@ -80,7 +80,7 @@ def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
     Every backend then reads it as a plain array: a strided or expanded (stride-0) view costs one
     copy of ``size`` elements here instead of a stride argument in every kernel.
     """
-    if (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == size
+    if (isinstance(t, torch.Tensor) and t.shape == (size,)  # one Size built, not dim() and shape[0]
             and (t.dtype == x.dtype or t.dtype == torch.float32)
             and (t.is_cpu and x.is_cpu or t.device == x.device)):  # is_cpu: no device objects built
         return t.contiguous()  # the common case: each fact read once, before any check builds a message
@@ -206,6 +206,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 # eager_direct's C calls bound once: each ``torch._C.<name>`` is two module lookups per call otherwise
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_is_compiling = torch.compiler.is_compiling  # the same function object: Dynamo still folds it
 _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 _Tensor = torch.Tensor
@@ -222,7 +223,7 @@ def eager_direct(*tensors) -> bool:
     that outlived its transform) goes through the registered custom op, so its fake and autograd
     registrations stay what tracing sees.
     """
-    if torch.compiler.is_compiling() or _dispatch_stack_len():
+    if _is_compiling() or _dispatch_stack_len():
         return False
     if _torch_function_mode_enabled() or _peek_interpreter_stack() is not None:
         return False

@@ -63,6 +63,7 @@ def resolve(call: CallInfo, backend: str | None = None) -> str:
 # (op, device, dtype, head_dim, features, backend=, env) -> name; emptied when the registry changes
 _RESOLVED: dict = _REGISTRY.invalidates({})
 _ENV_NAME = "FASTBERT_BACKEND"
+_is_compiling = torch.compiler.is_compiling  # bound once (two attribute lookups a call); Dynamo folds it
 _ENV_KEY = os.environ.encodekey(_ENV_NAME) if hasattr(os.environ, "encodekey") else None
 
 
@@ -84,7 +85,7 @@ def resolve_call(op: str, device: str, dtype: torch.dtype, head_dim: int | None,
     repeated call builds no ``CallInfo`` and walks no reasons. Refusals are not remembered: each
     raises with every reason, as :func:`resolve` does. Not cached while compiling (Dynamo traces
     the plain path)."""
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return resolve(CallInfo(op, device, dtype, head_dim, frozenset(features)), backend)
     key = (op, device, dtype, head_dim, features, backend, _env_backend())
     try:

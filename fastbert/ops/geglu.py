@@ -157,7 +157,8 @@ def geglu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none"
     width = x.shape[-1]
     if width % 2:
         raise ValueError(f"x: expected an even last dim (GELU half, gate half), got {width}")
-    name = resolve_call("geglu", x.device.type, x.dtype, None, _BIAS if bias is not None else (), backend)
+    dev = "cpu" if x.is_cpu else x.device.type  # x.device.type builds two objects: ~0.7 us on CPU
+    name = resolve_call("geglu", dev, x.dtype, None, _BIAS if bias is not None else (), backend)
     x = x.contiguous()
     # N-D x: seen as (rows, 2n) inside the op (see EagerOp), y viewed back to (..., n)
     return _eager(x, bias, approximate, name, diff=(x, bias), shape=None if x.dim() == 2 else x.shape)[0]

@@ -33,7 +33,8 @@ def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tens
     one of :data:`APPROXIMATE`, ``bias`` None or a vector of x's last dim, x's dtype or fp32;
     under autocast both take the autocast dtype (GELU runs in it). Returns ``(x, bias)``, the bias
     contiguous."""
-    check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)
+    if not (isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPES and 0 < x.dim() <= _NDIMS[-1]):
+        check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)  # raises, naming what is wrong
     check_approximate(approximate)
     ac = autocast_dtype(x)
     if ac is not None:
@@ -164,7 +165,8 @@ def gelu(x: Tensor, *, bias: Optional[Tensor] = None, approximate: str = "none",
         RuntimeError when a forced backend cannot run the call.
     """
     x, bias = check_gelu_inputs(x, bias, approximate)
-    name = resolve_call("gelu", x.device.type, x.dtype, None, _BIAS if bias is not None else (), backend)
+    dev = "cpu" if x.is_cpu else x.device.type  # x.device.type builds two objects: ~0.7 us on CPU
+    name = resolve_call("gelu", dev, x.dtype, None, _BIAS if bias is not None else (), backend)
     x = x.contiguous()
     # N-D x: seen as (rows, hidden) inside the op (see EagerOp), y viewed back to x's shape
     return _eager(x, bias, approximate, name, diff=(x, bias), shape=None if x.dim() == 2 else x.shape)
