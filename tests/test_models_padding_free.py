@@ -1,6 +1,6 @@
 """What the README says of padding-free batches (``DataCollatorWithFlattening``) and fastbert's own
 models: no ``cu_seq_lens_q`` keyword, and restarting ``position_ids`` in one row are positions
-only (the packed sequences attend to each other, as in transformers' sdpa path); ``register()`` /
+only (the packed sequences attend to each other, as in transformers' sdpa path before 5.25); ``register()`` /
 ``patch()`` are the routes that keep them apart (tests/test_integrations_packed.py)."""
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ def test_fastbert_models_treat_a_packed_row_as_one_sequence_as_the_readme_says()
         packed = fb(ids, position_ids=pos).last_hidden_state[0]
         sdpa = hf(ids, position_ids=pos).last_hidden_state[0]
         alone = torch.cat([fb(torch.tensor([s])).last_hidden_state[0] for s in seqs])
-    torch.testing.assert_close(packed, sdpa, atol=1e-5, rtol=1e-5)  # transformers' sdpa path: one sequence
-    assert float((packed - alone).abs().max()) > 1e-3  # so not each sequence on its own
+    assert float((packed - alone).abs().max()) > 1e-3  # one sequence, not each on its own
+    if float((sdpa - alone).abs().max()) < 1e-4:
+        # transformers >= 5.25 keeps packed sequences apart without an attention_mask
+        # (create_bidirectional_mask reads restarting positions): the gap the README names
+        from packaging.version import Version
+        assert Version(transformers.__version__) >= Version("5.25")
+    else:  # before 5.25 transformers' sdpa path attends across them too: the same numbers
+        torch.testing.assert_close(packed, sdpa, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="cu_seq_lens_q"):
         fb(ids, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 5, 8, 14], dtype=torch.int32))
