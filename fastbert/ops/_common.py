@@ -74,6 +74,23 @@ def _ndims_text(allowed: tuple) -> str:
     return " or ".join(map(str, allowed))
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every op's inputs
+_X_NDIMS = tuple(range(1, 9))  # LayerNorm's and GELU's x: 1 to 8 dims
+
+
+def check_x(x) -> None:
+    """``x`` of LayerNorm / GELU / GeGLU: a float tensor of 1 to 8 dims. The common case is one
+    test reading each fact once; :func:`check_tensor` runs only to raise, naming what is wrong."""
+    if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and 0 < x.dim() <= _X_NDIMS[-1]):
+        check_tensor("x", x, ndim=_X_NDIMS, dtypes=FLOAT_DTYPES)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype statistics and parameter gradients accumulate in (LayerNorm's mean / rstd, dbias,
+    dweight): fp64 for fp64 x, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def check_vector(name: str, t, *, size: int, x: torch.Tensor) -> torch.Tensor:
     """A ``(size,)`` parameter of x's dtype or fp32 on x's device; returns it contiguous.
 

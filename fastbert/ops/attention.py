@@ -9,14 +9,13 @@ import torch
 from torch import Tensor
 
 from fastbert.backends import get_backend
-from fastbert.ops._common import (EagerOp, allow_tf32, as_float, autocast_dtype, check_dropout_p,
+from fastbert.ops._common import (FLOAT_DTYPES, EagerOp, allow_tf32, as_float, autocast_dtype, check_dropout_p,
                                   check_tensor, deterministic, draw_seed, new_empty, no_autocast,
                                   no_double_backward, value_checks_enabled)
 from fastbert.ops._attention_checks import (_check_cu_seqlens_values, _check_max_seqlen, check_window,
                                            layout_error, padding_mask)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _lse_shape(q: Tensor, varlen: bool, backend: str, dropout_p: float = 0.0,
@@ -340,7 +339,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
     varlen = cu_seqlens is not None
     ndim = 3 if varlen else 4
     try:
-        check_tensor("q", q, ndim=ndim, dtypes=_FLOAT_DTYPES)
+        check_tensor("q", q, ndim=ndim, dtypes=FLOAT_DTYPES)
     except ValueError as exc:  # the wrong ndim: say which layout q's ndim is
         raise layout_error(exc, q, varlen) from None
     device = q.device  # read once: each .device builds a torch.device
@@ -394,7 +393,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attention_mask: Optional[Tenso
         if attention_mask is not None:
             attention_mask = padding_mask(attention_mask, batch, seqlen_k, device, seqlen_name="seqlen_k")
         if attn_bias is not None:
-            check_tensor("attn_bias", attn_bias, dtypes=_FLOAT_DTYPES, device=device)
+            check_tensor("attn_bias", attn_bias, dtypes=FLOAT_DTYPES, device=device)
             full = (batch, heads, qs[1], seqlen_k)
             ok = attn_bias.dim() <= 4 and all(
                 s in (1, f) for s, f in zip(reversed(attn_bias.shape), reversed(full)))

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import EagerOp, as_dtype, new_empty, no_autocast, no_double_backward
+from fastbert.ops._common import EagerOp, acc_dtype, as_dtype, new_empty, no_autocast, no_double_backward
 from fastbert.ops._dispatch import backend_module, resolve_call
-from fastbert.ops.gelu import _BIAS, acc_dtype, check_gelu_inputs, dbias_output
+from fastbert.ops.gelu import _BIAS, check_gelu_inputs, dbias_output
 
 
 def _act_shape(x: Tensor, bias: Optional[Tensor], backend: str) -> tuple:

@@ -7,12 +7,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, as_dtype, autocast_dtype, check_tensor, check_vector, new_empty,
+from fastbert.ops._common import (EagerOp, acc_dtype, as_dtype, autocast_dtype, check_vector, check_x, new_empty,
                                   no_autocast, no_double_backward)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
 APPROXIMATE = ("none", "tanh")
 _BIAS = ("bias",)
 
@@ -33,8 +31,7 @@ def check_gelu_inputs(x, bias: Optional[Tensor], approximate: str) -> tuple[Tens
     one of :data:`APPROXIMATE`, ``bias`` None or a vector of x's last dim, x's dtype or fp32;
     under autocast both take the autocast dtype (GELU runs in it). Returns ``(x, bias)``, the bias
     contiguous."""
-    if not (isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPES and 0 < x.dim() <= _NDIMS[-1]):
-        check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)  # raises, naming what is wrong
+    check_x(x)
     check_approximate(approximate)
     ac = autocast_dtype(x)
     if ac is not None:
@@ -65,11 +62,6 @@ _gelu_fwd = torch.library.custom_op("fastbert::gelu_fwd", mutates_args=())(_gelu
 @_gelu_fwd.register_fake
 def _(x, bias, approximate, backend):
     return torch.empty_like(x)
-
-
-def acc_dtype(x: Tensor) -> torch.dtype:
-    """The dtype dbias accumulates and is returned in: fp64 for fp64 x, else fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def dbias_output(dbias: Optional[Tensor], x: Tensor) -> Tensor:

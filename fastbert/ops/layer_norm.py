@@ -8,20 +8,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbert.ops._common import (EagerOp, as_dtype, as_float, autocast_dtype, check_dropout_p, check_tensor,
-                                  check_vector, draw_seed, new_empty, no_autocast,
+from fastbert.ops._common import (EagerOp, acc_dtype, as_dtype, as_float, autocast_dtype, check_dropout_p,
+                                  check_tensor, check_vector, check_x, draw_seed, new_empty, no_autocast,
                                   no_double_backward)
 from fastbert.ops._dispatch import backend_module, resolve_call
 
 _any_autocast = torch._C._is_any_autocast_enabled
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NDIMS = tuple(range(1, 9))  # x: 1 to 8 dims
-
-
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    """Statistics and parameter-gradient accumulators: fp32, fp64 for fp64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -45,8 +37,8 @@ def _layer_norm_fwd_run(x, weight, bias, residual, x_bias, seed, eps, dropout_p,
                                           seed=seed, fused=fused)
         return y, mean, rstd, (h if fused else None)
     y = new_empty(x.shape, x.dtype, x.device)
-    mean = new_empty((rows,), _stat_dtype(x), x.device)
-    rstd = new_empty((rows,), _stat_dtype(x), x.device)
+    mean = new_empty((rows,), acc_dtype(x), x.device)
+    rstd = new_empty((rows,), acc_dtype(x), x.device)
     h = new_empty(x.shape, x.dtype, x.device) if fused else None
     if x.numel():
         with no_autocast(x):
@@ -62,8 +54,8 @@ _layer_norm_fwd = torch.library.custom_op("fastbert::layer_norm_fwd", mutates_ar
 def _(x, weight, bias, residual, x_bias, seed, eps, dropout_p, backend):
     fused = residual is not None or x_bias is not None or dropout_p > 0.0
     rows = x.shape[0]
-    return (torch.empty_like(x), x.new_empty((rows,), dtype=_stat_dtype(x)),
-            x.new_empty((rows,), dtype=_stat_dtype(x)), x.new_empty(x.shape if fused else (0,)))
+    return (torch.empty_like(x), x.new_empty((rows,), dtype=acc_dtype(x)),
+            x.new_empty((rows,), dtype=acc_dtype(x)), x.new_empty(x.shape if fused else (0,)))
 
 
 def _layer_norm_bwd_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
@@ -94,7 +86,7 @@ def _layer_norm_bwd_run(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight
     hidden = h.shape[-1]
     dev = h.device
     dx = new_empty(h.shape, h.dtype, dev)
-    acc = _stat_dtype(h)
+    acc = acc_dtype(h)
     dw = new_empty((hidden,), acc, dev) if need_dweight else None
     db = new_empty((hidden,), acc, dev) if need_dbias else None
     dres = new_empty(h.shape, h.dtype, dev) if need_dresidual else None
@@ -118,7 +110,7 @@ no_double_backward(_layer_norm_bwd, "layer_norm")
 def _(dy, h, weight, mean, rstd, seed, dropout_p, need_dweight, need_dbias, need_dresidual,
       need_dx_bias, backend):
     hidden = h.shape[-1]
-    vec = lambda need: h.new_empty((hidden,) if need else (0,), dtype=_stat_dtype(h))  # noqa: E731
+    vec = lambda need: h.new_empty((hidden,) if need else (0,), dtype=acc_dtype(h))  # noqa: E731
     return (torch.empty_like(h), vec(need_dweight), vec(need_dbias),
             torch.empty_like(h) if need_dresidual else h.new_empty((0,)), vec(need_dx_bias))
 
@@ -221,8 +213,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         TypeError / ValueError: naming the argument, expected and actual value (ndim, hidden size,
             dtype, device, dropout_p, eps). RuntimeError: a forced backend cannot run the call.
     """
-    if not (isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPES and 0 < x.dim() <= _NDIMS[-1]):
-        check_tensor("x", x, ndim=_NDIMS, dtypes=_FLOAT_DTYPES)  # raises, naming what is wrong
+    check_x(x)
     hidden = x.shape[-1]
     if type(eps) is not float:
         eps = as_float("eps", eps)

@@ -8,12 +8,11 @@ import torch
 from torch import Tensor
 
 from fastbert.backends import CallInfo
-from fastbert.ops._common import (check, check_tensor, new_empty, no_autocast, no_double_backward,
+from fastbert.ops._common import (FLOAT_DTYPES, check, check_tensor, new_empty, no_autocast, no_double_backward,
                                   value_checks_enabled)
 from fastbert.ops._dispatch import backend_module, resolve
 from fastbert.ops._attention_checks import _check_cu_seqlens_values
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -271,13 +270,13 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, position_ids: Opti
             tensor values); with ``inplace=True``, a q / k it cannot write (see ``inplace``).
         RuntimeError: a forced backend cannot take the call.
     """
-    check_tensor("q", q, ndim=(3, 4), dtypes=_FLOAT_DTYPES)
+    check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=q.dim(), dtypes=(q.dtype,), device=q.device)
     check(k.shape[:-2] == q.shape[:-2] and k.shape[-1] == q.shape[-1], ValueError,
           f"k: expected q's leading dims and head_dim {tuple(q.shape[:-2])}, {q.shape[-1]} (num_heads may "
           f"differ), got shape {tuple(k.shape)} for q {tuple(q.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):
-        check_tensor(name, t, ndim=2, dtypes=_FLOAT_DTYPES, device=q.device)
+        check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
         check(not (t.requires_grad and torch.is_grad_enabled()), ValueError,
               f"{name}: the rotary tables get no gradient; pass them detached (got requires_grad=True)")
     check(sin.shape == cos.shape, ValueError, f"sin: expected cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")

@@ -149,7 +149,7 @@ def mask_plan(attention_mask: torch.Tensor, dtype: torch.dtype, copy_cost: int =
 
 def _mask_plan(attention_mask, dtype, copy_cost):
     """``(plan, check)`` from the mask alone: the plan, and the masked rows inside its spans that
-    :func:`_masked_finite` must read (None: there are none)."""
+    :func:`masked_finite` must read (None: there are none)."""
     batch, seqlen_k = attention_mask.shape
     counts = attention_mask.sum(1).tolist()
     if all(n == seqlen_k for n in counts):

@@ -61,7 +61,6 @@ _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # where aten's C
 
 
 
-
 def _valid_keys(attention_mask):
     """Per sequence of a bool ``[batch, seqlen_k]`` mask (read on the CPU, free there): ``(n, idx)``
     with ``n`` its number of valid keys and ``idx`` None when they are the prefix ``[0, n)`` (right
@@ -286,13 +285,12 @@ def attention_fwd_differentiable(q, k, v, *, attention_mask, attn_bias, cu_seqle
     if attention_mask is None:
         o, _ = _flash_cpu(qh, kh, vh, 0.0, False, scale=softmax_scale)
         return o.transpose(1, 2)  # aten lays o out as [B, L, H, d]: the transpose is contiguous
-    grad = backward
-    p, check = _masked.mask_plan(attention_mask, k.dtype, _masked.COPY_COST if grad else _masked.FWD_COPY_COST)
+    p, check = _masked.mask_plan(attention_mask, k.dtype, _masked.COPY_COST if backward else _masked.FWD_COPY_COST)
     one = p.one_call(q.shape[0])
-    if grad and not one:
+    if backward and not one:
         return None
     if check is not None:
-        if grad:
+        if backward:
             torch._C._set_grad_enabled(False)  # the check reads k, v: record nothing for it
             try:
                 ok = _masked.masked_finite(k, v, check)
