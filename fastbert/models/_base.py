@@ -44,7 +44,6 @@ def check_input_ids(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]
         raise ValueError(f"inputs_embeds: expected {ndim + 1} dims, got shape {tuple(inputs_embeds.shape)}")
 
 
-
 def embeds_without_padding(inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor],
                            packed: bool, indices: Optional[Tensor] = None) -> Optional[Tensor]:
     """``inputs_embeds`` with zeros at padding when the encoder runs packed (``packed``) and
